@@ -1,0 +1,33 @@
+"""Ops of the RWKV-4 model, each with a plain reference of the same signature beside it.
+
+The rule deciding which implementation runs lives here and only here:
+  * WKV over a sequence: Triton on CUDA tensors, the vectorized numpy loop on CPU.
+  * WKV single token (decode): the in-place numpy step on CPU, the sequence kernel with T=1 on CUDA.
+  * linear: numpy/OpenBLAS for float32 on CPU, torch elsewhere.
+`backend=` forces one ("reference", "cpu", "triton").
+"""
+from .linear import linear, linear_reference
+from .wkv_cpu import wkv_cpu, wkv_cpu_step
+from .wkv_reference import P_INIT, new_wkv_state, wkv_reference
+
+
+def wkv(w, u, k, v, state=None, backend=None):
+    """WKV over [B, T, C]; see `wkv_reference` for shapes and numerics. Returns y float32, state."""
+    backend = backend or ("triton" if k.is_cuda else "cpu")
+    if backend == "triton":
+        from .wkv_triton import wkv_triton
+        return wkv_triton(w, u, k, v, state)
+    if backend == "cpu":
+        return wkv_cpu(w, u, k, v, state)
+    if backend == "reference":
+        return wkv_reference(w, u, k, v, state)
+    raise ValueError(f"unknown WKV backend {backend!r}: use 'cpu', 'triton' or 'reference'")
+
+
+def wkv_step(w, u, k, v, a, b, p):
+    """One decode token: k, v, a, b, p [B, C]; updates (a, b, p) in place and returns y [B, C] float32."""
+    if k.device.type == "cpu" and k.dtype == a.dtype == v.dtype == w.dtype == u.dtype:
+        return wkv_cpu_step(w, u, k, v, a, b, p)
+    y, (a2, b2, p2) = wkv(w, u, k[:, None], v[:, None], (a, b, p))
+    a.copy_(a2), b.copy_(b2), p.copy_(p2)
+    return y[:, 0]

@@ -1,0 +1,230 @@
+"""The RWKV-4 model: weights in inference form and a functional forward.
+
+    logits, state = model.forward(tokens [B, T], state)
+
+T == 1 is token mode (one decode step per stream); T > 1 is sequence mode (matrix-matrix
+products and one WKV scan over time). Both update `state` in place and return it, so a prompt
+can be fed in chunks with the state carried.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+from .config import RWKVConfig
+from .state import State
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def as_dtype(dtype):
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: use one of float32, float16, bfloat16")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Block:
+    """One layer in inference form: time_* squeezed to [C], decay stored as w = -exp(time_decay)."""
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    att_mix_k: torch.Tensor
+    att_mix_v: torch.Tensor
+    att_mix_r: torch.Tensor
+    att_w: torch.Tensor      # float32 log-decay per step: -exp(time_decay)
+    att_u: torch.Tensor      # float32 bonus for the current token: time_first
+    att_key: torch.Tensor    # [C, C] (out, in)
+    att_value: torch.Tensor
+    att_receptance: torch.Tensor
+    att_output: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    ffn_mix_k: torch.Tensor
+    ffn_mix_r: torch.Tensor
+    ffn_key: torch.Tensor    # [F, C]
+    ffn_value: torch.Tensor  # [C, F]
+    ffn_receptance: torch.Tensor
+
+
+def to_inference_form(sd, cfg: RWKVConfig, device, dtype):
+    """The one place raw checkpoint tensors become what the forward reads.
+
+    Float32 tensors already on the target device are used as they are (memory-mapped files
+    stay memory-mapped); others are converted once.
+    """
+    def cast(t, dt=dtype):
+        return t.to(device=device, dtype=dt)
+
+    def vec(t, dt=dtype):
+        return cast(t.reshape(-1), dt)
+
+    eps = cfg.layer_norm_eps
+    # ln0 is applied to the embedding table once here instead of to x at every step.
+    emb = F.layer_norm(sd["emb.weight"].float(), (cfg.n_embd,), sd["blocks.0.ln0.weight"].float(),
+                       sd["blocks.0.ln0.bias"].float(), eps)
+    blocks = []
+    for i in range(cfg.n_layer):
+        g = lambda name: sd[f"blocks.{i}.{name}"]
+        blocks.append(Block(
+            ln1_w=vec(g("ln1.weight")), ln1_b=vec(g("ln1.bias")),
+            att_mix_k=vec(g("att.time_mix_k")), att_mix_v=vec(g("att.time_mix_v")),
+            att_mix_r=vec(g("att.time_mix_r")),
+            att_w=-torch.exp(vec(g("att.time_decay"), torch.float32)),
+            att_u=vec(g("att.time_first"), torch.float32),
+            att_key=cast(g("att.key.weight")), att_value=cast(g("att.value.weight")),
+            att_receptance=cast(g("att.receptance.weight")), att_output=cast(g("att.output.weight")),
+            ln2_w=vec(g("ln2.weight")), ln2_b=vec(g("ln2.bias")),
+            ffn_mix_k=vec(g("ffn.time_mix_k")), ffn_mix_r=vec(g("ffn.time_mix_r")),
+            ffn_key=cast(g("ffn.key.weight")), ffn_value=cast(g("ffn.value.weight")),
+            ffn_receptance=cast(g("ffn.receptance.weight")),
+        ))
+    return dict(emb=cast(emb), blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
+                ln_out_b=vec(sd["ln_out.bias"]), head=cast(sd["head.weight"]))
+
+
+class RWKV:
+    """An RWKV-4 model ready for inference. Build it with `rwkv_engine.load`."""
+
+    def __init__(self, cfg: RWKVConfig, sd, device="cpu", dtype="float32", source="", synthetic=False,
+                 tokenizer=None):
+        self.config = cfg
+        self.device = torch.device(device)
+        self.dtype = as_dtype(dtype)
+        self.source = str(source)
+        self.synthetic = synthetic
+        self.tokenizer = tokenizer
+        w = to_inference_form(sd, cfg, self.device, self.dtype)
+        self.emb, self.blocks, self.head = w["emb"], w["blocks"], w["head"]
+        self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]
+
+    # -- facts the benchmark and the generation loop read -----------------------------------
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    @property
+    def n_params(self):
+        return self.config.n_params
+
+    @property
+    def weight_bytes_per_token(self):
+        return self.config.weight_bytes_per_token(self.head.element_size())
+
+    def state_bytes(self, batch_size=1):
+        return State.zeros(self.config.n_layer, batch_size, self.config.n_embd, "meta", self.dtype).nbytes
+
+    def new_state(self, batch_size=1, max_len=None):
+        """A fresh state for `batch_size` streams (`max_len` is accepted and unused: no cache grows)."""
+        return State.zeros(self.config.n_layer, batch_size, self.config.n_embd, self.device, self.dtype)
+
+    def __repr__(self):
+        c = self.config
+        src = "synthetic weights" if self.synthetic else self.source
+        return f"RWKV({c.name or 'rwkv-4'}: {c.n_layer} layers, n_embd {c.n_embd}, {self.dtype}, {self.device}, {src})"
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens, state=None, all_logits=False):
+        """tokens: LongTensor [B, T] (or [T] / list for one stream).
+        Returns logits float32 [B, V] for the last position ([B, T, V] with all_logits) and the
+        state, which is updated in place (clone it first to keep the old one)."""
+        tokens = self._check_tokens(tokens)
+        B, T = tokens.shape
+        if state is None:
+            state = self.new_state(B)
+        elif not isinstance(state, State):
+            raise ValueError(f"state must be a rwkv_engine.State, got {type(state).__name__}")
+        elif state.att_x.shape != (self.config.n_layer, B, self.config.n_embd):
+            raise ValueError(f"state has shape {list(state.att_x.shape)}, expected "
+                             f"{[self.config.n_layer, B, self.config.n_embd]} for {B} streams")
+        x = self.emb[tokens]                                          # (B, T, C)
+        step = self._token_block if T == 1 else self._sequence_block
+        for i, blk in enumerate(self.blocks):
+            x = step(x, blk, state, i)
+        if not all_logits:
+            x = x[:, -1:]
+        x = F.layer_norm(x, (x.shape[-1],), self.ln_out_w, self.ln_out_b, self.config.layer_norm_eps)
+        logits = kernels.linear(x, self.head).float()                 # (B, T or 1, V)
+        return (logits if all_logits else logits[:, 0]), state
+
+    __call__ = forward
+
+    def _check_tokens(self, tokens):
+        if isinstance(tokens, (list, tuple)):
+            tokens = torch.tensor(tokens, dtype=torch.long)
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be a LongTensor [B, T] or a list of ints, got {getattr(tokens, 'dtype', type(tokens))}")
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
+            raise ValueError(f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} out of range [0, {self.vocab_size})")
+        return tokens.to(self.device, torch.long)
+
+    def _ln(self, x, w, b):
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.config.layer_norm_eps)
+
+    def _token_block(self, x, blk: Block, s: State, i):
+        """One token per stream: x (B, 1, C)."""
+        x = x[:, 0]                                                   # (B, C)
+        xx = self._ln(x, blk.ln1_w, blk.ln1_b)
+        sx = s.att_x[i]
+        kx = xx * blk.att_mix_k + sx * (1 - blk.att_mix_k)
+        vx = xx * blk.att_mix_v + sx * (1 - blk.att_mix_v)
+        rx = xx * blk.att_mix_r + sx * (1 - blk.att_mix_r)
+        s.att_x[i] = xx
+        r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
+        k = kernels.linear(kx, blk.att_key).float()
+        v = kernels.linear(vx, blk.att_value).float()
+        y = kernels.wkv_step(blk.att_w, blk.att_u, k, v, s.att_a[i], s.att_b[i], s.att_p[i])
+        x = x + kernels.linear(r * y.to(x.dtype), blk.att_output)
+
+        xx = self._ln(x, blk.ln2_w, blk.ln2_b)
+        sx = s.ffn_x[i]
+        kx = xx * blk.ffn_mix_k + sx * (1 - blk.ffn_mix_k)
+        rx = xx * blk.ffn_mix_r + sx * (1 - blk.ffn_mix_r)
+        s.ffn_x[i] = xx
+        r = torch.sigmoid(kernels.linear(rx, blk.ffn_receptance))
+        k = torch.square(torch.relu(kernels.linear(kx, blk.ffn_key)))
+        x = x + r * kernels.linear(k, blk.ffn_value)
+        return x[:, None]
+
+    def _sequence_block(self, x, blk: Block, s: State, i):
+        """T tokens per stream: x (B, T, C); the token shift takes position -1 from the state."""
+        xx = self._ln(x, blk.ln1_w, blk.ln1_b)
+        sx = torch.cat([s.att_x[i][:, None], xx[:, :-1]], dim=1)     # (B, T, C) shifted by one
+        kx = xx * blk.att_mix_k + sx * (1 - blk.att_mix_k)
+        vx = xx * blk.att_mix_v + sx * (1 - blk.att_mix_v)
+        rx = xx * blk.att_mix_r + sx * (1 - blk.att_mix_r)
+        s.att_x[i] = xx[:, -1]
+        r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
+        k = kernels.linear(kx, blk.att_key).float()
+        v = kernels.linear(vx, blk.att_value).float()
+        y, (a, b, p) = kernels.wkv(blk.att_w, blk.att_u, k, v, (s.att_a[i], s.att_b[i], s.att_p[i]))
+        s.att_a[i], s.att_b[i], s.att_p[i] = a, b, p
+        x = x + kernels.linear(r * y.to(x.dtype), blk.att_output)
+
+        xx = self._ln(x, blk.ln2_w, blk.ln2_b)
+        sx = torch.cat([s.ffn_x[i][:, None], xx[:, :-1]], dim=1)
+        kx = xx * blk.ffn_mix_k + sx * (1 - blk.ffn_mix_k)
+        rx = xx * blk.ffn_mix_r + sx * (1 - blk.ffn_mix_r)
+        s.ffn_x[i] = xx[:, -1]
+        r = torch.sigmoid(kernels.linear(rx, blk.ffn_receptance))
+        k = torch.square(torch.relu(kernels.linear(kx, blk.ffn_key)))
+        return x + r * kernels.linear(k, blk.ffn_value)
+
+    # -- generation (the loop shared with the baselines) --------------------------------------
+    def generate(self, prompt, max_new_tokens=64, **kwargs):
+        from .generation import generate
+        return generate(self, prompt, max_new_tokens, **kwargs)
+
+    def stream(self, prompt, max_new_tokens=64, **kwargs):
+        from .generation import stream
+        return stream(self, prompt, max_new_tokens, **kwargs)

@@ -1,0 +1,72 @@
+"""One sampler shared by the RWKV engine and every baseline (gpt-fast `logits_to_probs` / `sample`)."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen from logits. temperature 0 means greedy (argmax)."""
+    temperature: float = 1.0
+    top_k: int = 0                  # 0: no top-k cut
+    top_p: float = 1.0              # 1.0: no nucleus cut
+    repetition_penalty: float = 1.0  # CTRL-style: divide positive logits (multiply negative) of seen tokens
+    presence_penalty: float = 0.0    # subtract once for every token already generated
+    frequency_penalty: float = 0.0   # subtract per occurrence of a token already generated
+
+    def __post_init__(self):
+        checks = [
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an int >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("presence_penalty", self.presence_penalty == self.presence_penalty, "a number"),
+            ("frequency_penalty", self.frequency_penalty == self.frequency_penalty, "a number"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: must be {rule}")
+
+    @property
+    def greedy(self):
+        return self.temperature == 0
+
+
+def apply_penalties(logits, counts, params):
+    """Penalise tokens already generated. logits: [B, V] float32; counts: [B, V] occurrences so far."""
+    if params.repetition_penalty != 1.0:
+        seen = counts > 0
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty,
+                                logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.presence_penalty or params.frequency_penalty:
+        logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+    return logits
+
+
+def logits_to_probs(logits, params):
+    """[B, V] logits -> [B, V] probabilities after temperature, top-k and top-p."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(logits, params, counts=None, generator=None):
+    """Choose one token per row. logits: [B, V] float32 -> LongTensor [B]."""
+    logits = logits.float()
+    if counts is not None:
+        logits = apply_penalties(logits, counts, params)
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    probs = logits_to_probs(logits, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,96 @@
+"""The recurrent state of an RWKV-4 model for B independent streams."""
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from kernels.wkv_reference import P_INIT
+
+
+@dataclass
+class State:
+    """Per layer: the token-shift inputs of attention and FFN, and the WKV numerator, denominator
+    and running max (a, b, p; always float32). Every field is (n_layer, B, C)."""
+    att_x: torch.Tensor
+    att_a: torch.Tensor
+    att_b: torch.Tensor
+    att_p: torch.Tensor
+    ffn_x: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n_layer, batch_size, n_embd, device="cpu", dtype=torch.float32):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        shape = (n_layer, batch_size, n_embd)
+        f32 = dict(device=device, dtype=torch.float32)
+        return cls(att_x=torch.zeros(shape, device=device, dtype=dtype),
+                   att_a=torch.zeros(shape, **f32), att_b=torch.zeros(shape, **f32),
+                   att_p=torch.full(shape, P_INIT, **f32),
+                   ffn_x=torch.zeros(shape, device=device, dtype=dtype))
+
+    def tensors(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def batch_size(self):
+        return self.att_x.shape[1]
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def clone(self):
+        """An independent copy (fork a conversation)."""
+        return State(**{k: v.clone() for k, v in self.tensors().items()})
+
+    def select(self, streams):
+        """A new state holding the given streams (an index or list of indices), in that order."""
+        idx = [streams] if isinstance(streams, int) else list(streams)
+        for i in idx:
+            if not -self.batch_size <= i < self.batch_size:
+                raise IndexError(f"stream {i} out of range for a state of {self.batch_size} streams")
+        return State(**{k: v[:, idx].clone() for k, v in self.tensors().items()})
+
+    @staticmethod
+    def cat(states):
+        """Stack the streams of several states into one batch."""
+        return State(**{k: torch.cat([getattr(s, k) for s in states], dim=1) for k in states[0].tensors()})
+
+    def reset(self, streams=None):
+        """Reset the given streams (default all) to the empty state, in place."""
+        sel = slice(None) if streams is None else ([streams] if isinstance(streams, int) else list(streams))
+        for name, t in self.tensors().items():
+            t[:, sel] = P_INIT if name == "att_p" else 0.0
+        return self
+
+    def to(self, device=None, dtype=None):
+        """Move; `dtype` applies to the token-shift tensors only (a, b, p stay float32)."""
+        out = {}
+        for k, v in self.tensors().items():
+            out[k] = v.to(device=device, dtype=dtype if k in ("att_x", "ffn_x") and dtype else v.dtype)
+        return State(**out)
+
+    def save(self, path):
+        """Write to a safetensors file, bit-exact."""
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous().cpu() for k, v in self.tensors().items()}, str(path),
+                  metadata={"format": "rwkv_engine.State"})
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such state file")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{path}: not a saved state ({str(e).splitlines()[0]})") from None
+        names = [f.name for f in fields(cls)]
+        if sorted(tensors) != sorted(names):
+            raise ValueError(f"{path}: state keys {sorted(tensors)} != expected {names}")
+        shapes = {tuple(t.shape) for t in tensors.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+            raise ValueError(f"{path}: state tensors must all be (n_layer, B, C), got {sorted(shapes)}")
+        return cls(**tensors)

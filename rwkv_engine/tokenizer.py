@@ -1,0 +1,31 @@
+"""The GPT-NeoX-20B tokenizer (RWKV-4-Pile and Pythia), shipped with the package."""
+from functools import lru_cache
+from importlib import resources
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class Tokenizer:
+    """encode(str) -> list[int], decode(list[int]) -> str over a `tokenizers` tokenizer.json."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._tok = _HFTokenizer.from_file(self.path)
+
+    @property
+    def vocab_size(self):
+        return self._tok.get_vocab_size()
+
+    def encode(self, text):
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a str, got {type(text).__name__}")
+        return self._tok.encode(text).ids
+
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+@lru_cache(maxsize=None)
+def tokenizer():
+    """The GPT-NeoX-20B tokenizer: 50277 ids, <|endoftext|> = 0."""
+    return Tokenizer(resources.files("rwkv_engine") / "data" / "20B_tokenizer.json")
