@@ -32,7 +32,9 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is available")
     name = None
-    if isinstance(name_or_path, str) and not Path(name_or_path).exists():
+    looks_like_path = isinstance(name_or_path, Path) or "/" in str(name_or_path) or \
+        str(name_or_path).endswith((".pth", ".safetensors", ".bin"))
+    if not looks_like_path and not Path(name_or_path).exists():
         get_config(name_or_path)                         # unknown names fail here, with the list
         name = name_or_path
     path = checkpoint if checkpoint is not None else (None if name else name_or_path)

@@ -51,6 +51,8 @@ def prompt_to_ids(prompt, tokenizer, vocab_size):
             raise ValueError(f"prompts tokenize to different lengths {[len(r) for r in rows]}: batch prompts must be equally long")
         ids = torch.tensor(rows, dtype=torch.long)
     else:
+        if isinstance(prompt, (list, tuple)) and len(prompt) == 0:
+            raise ValueError("empty prompt: give at least one token")
         ids = torch.as_tensor(prompt)
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")

@@ -1,0 +1,54 @@
+import os
+
+# Triton kernels run in Triton's CPU interpreter unless told otherwise (TRITON_INTERPRET=0 on a GPU
+# machine). Must be set before triton decorates any kernel, i.e. before kernels.wkv_triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# The official `rwkv` package (a test-only reference) reads these at import time.
+os.environ.setdefault("RWKV_JIT_ON", "1")
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long cases, excluded from the default run (-m 'not slow'); "
+                                       "a faster test covers the same property")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Synthetic checkpoints written by tests go to a per-session directory, unless the user
+    points RWKV_ENGINE_CACHE somewhere on purpose (e.g. to reuse a 169m checkpoint)."""
+    if not os.environ.get("RWKV_ENGINE_CACHE"):
+        os.environ["RWKV_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("rwkv_engine_cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from rwkv_engine.config import RWKVConfig
+    return RWKVConfig(n_layer=3, n_embd=96, vocab_size=1000, name="")
+
+
+@pytest.fixture(scope="session")
+def tiny_pth(tmp_path_factory, tiny_cfg):
+    """A small fp32 BlinkDL-format checkpoint with decays pushed to trained models' extremes."""
+    from rwkv_engine.checkpoint import synthetic_state_dict
+    sd = synthetic_state_dict(tiny_cfg, seed=1)
+    C = tiny_cfg.n_embd
+    sd["blocks.1.att.time_decay"] = torch.linspace(-8, 10, C)        # w from -3e-4 to -2.2e4
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save(sd, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_pth):
+    import rwkv_engine
+    return rwkv_engine.load(str(tiny_pth))

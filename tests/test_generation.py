@@ -1,0 +1,144 @@
+"""The shared sampler and generation loop, and the tokenizer."""
+import pytest
+import torch
+
+import rwkv_engine
+from rwkv_engine import SamplingParams, sample
+from rwkv_engine.generation import generate, stream
+
+DRAGON = ("\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, previously "
+          "unexplored valley, in Tibet. Even more surprising to the researchers was the fact that the "
+          "dragons spoke perfect Chinese.")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return rwkv_engine.load("rwkv-4-tiny")                   # full 20B vocab, so text works
+
+
+def test_tokenizer_facts():
+    tok = rwkv_engine.tokenizer()
+    assert tok.vocab_size == 50277
+    assert tok.encode("<|endoftext|>") == [0]
+    assert len(tok.encode(DRAGON)) == 41                      # as the paper's benchmark prompt
+    assert tok.decode(tok.encode(DRAGON)) == DRAGON
+
+
+def test_greedy_generation_is_the_argmax_chain(model):
+    res = generate(model, [1, 2, 3], max_new_tokens=8, temperature=0)
+    logits, state = model.forward([1, 2, 3])
+    expect = []
+    for _ in range(8):
+        expect.append(int(logits.argmax()))
+        logits, state = model.forward([[expect[-1]]], state)
+    assert res.tokens[0] == expect
+    assert res.prompt_tokens == 3 and len(res.step_s) == 7 and res.prefill_s > 0
+
+
+def test_same_seed_same_text_and_different_seed_differs(model):
+    a = generate(model, DRAGON, max_new_tokens=20, seed=123)
+    b = generate(model, DRAGON, max_new_tokens=20, seed=123)
+    c = generate(model, DRAGON, max_new_tokens=20, seed=124)
+    assert a.text == b.text and a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_stream_yields_what_generate_returns(model):
+    pieces = [step.text[0] for step in stream(model, DRAGON, max_new_tokens=15, seed=5)]
+    res = generate(model, DRAGON, max_new_tokens=15, seed=5)
+    assert "".join(pieces) == res.text[0]
+    assert rwkv_engine.tokenizer().decode(res.tokens[0]) == res.text[0]
+
+
+def test_stop_token_and_stop_string(model):
+    free = generate(model, [5], max_new_tokens=10, temperature=0)
+    stop_at = free.tokens[0][4]
+    res = generate(model, [5], max_new_tokens=10, temperature=0, stop_tokens=[stop_at])
+    assert res.tokens[0] == free.tokens[0][:free.tokens[0].index(stop_at)]
+    assert res.stop_reason == ["stop_token"]
+    text = free.text[0]
+    needle = text[len(text) // 2: len(text) // 2 + 3]
+    res = generate(model, [5], max_new_tokens=10, temperature=0, stop_strings=[needle])
+    assert res.text[0] == text[: text.find(needle)] and res.stop_reason == ["stop_string"]
+
+
+def test_batched_generation_equals_streams_alone(model):
+    prompts = torch.tensor([[10, 11, 12], [20, 21, 22]])
+    both = generate(model, prompts, max_new_tokens=6, temperature=0)
+    for i in range(2):
+        assert generate(model, prompts[i], max_new_tokens=6, temperature=0).tokens[0] == both.tokens[i]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(4, 100)
+    greedy = logits.argmax(-1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, SamplingParams(top_k=1), generator=g), greedy)
+    assert torch.equal(sample(logits, SamplingParams(top_p=1e-6), generator=g), greedy)
+
+
+def test_temperature_and_top_k_restrict_the_support():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, SamplingParams(top_k=2), generator=g)) for _ in range(200)}
+    assert draws == {3, 4}
+    draws = {int(sample(logits, SamplingParams(temperature=100.0), generator=g)) for _ in range(400)}
+    assert draws == {0, 1, 2, 3, 4}                          # near-uniform at high temperature
+
+
+def test_penalties_change_the_greedy_choice():
+    logits = torch.tensor([[5.0, 4.0, -1.0]])
+    counts = torch.tensor([[2.0, 0.0, 0.0]])
+    assert int(sample(logits, SamplingParams(temperature=0), counts)) == 0
+    assert int(sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), counts)) == 1
+    assert int(sample(logits, SamplingParams(temperature=0, presence_penalty=1.5), counts)) == 1
+    assert int(sample(logits, SamplingParams(temperature=0, frequency_penalty=0.4), counts)) == 0
+    assert int(sample(logits, SamplingParams(temperature=0, frequency_penalty=0.6), counts)) == 1
+
+
+def test_repetition_penalty_in_the_loop_avoids_repeats(model):
+    res = generate(model, [7], max_new_tokens=30, temperature=0, repetition_penalty=1e6)
+    assert len(set(res.tokens[0])) == 30
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature=-1"),
+    (dict(top_p=0), "top_p=0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k=-2), "top_k=-2"),
+    (dict(repetition_penalty=0), "repetition_penalty=0"),
+])
+def test_invalid_sampling_parameters(model, kwargs, message):
+    with pytest.raises(ValueError, match=f"invalid sampling parameter {message}"):
+        generate(model, [1], max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ([], {}, "empty prompt"),
+    ("", {}, "empty prompt"),
+    ([60000], {}, "token id 60000 out of range"),
+    ([1], dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (["a", "a b c"], {}, "batch prompts must be equally long"),
+])
+def test_invalid_generation_inputs(model, prompt, kwargs, message):
+    kwargs.setdefault("max_new_tokens", 3)
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, **kwargs)
+
+
+def test_generation_continues_from_a_given_state(model):
+    ids = rwkv_engine.tokenizer().encode(DRAGON)
+    full = generate(model, ids, max_new_tokens=5, temperature=0)
+    _, state = model.forward(ids[:-1])
+    cont = generate(model, ids[-1:], max_new_tokens=5, temperature=0, state=state)
+    assert cont.tokens == full.tokens
+
+
+def test_multinomial_draws_follow_the_distribution():
+    from rwkv_engine.sampling import multinomial
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3]])
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([multinomial(probs, g) for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=5).float() / 4000
+    assert freq[0] == 0 and freq[2] == 0                     # zero-probability tokens never drawn
+    torch.testing.assert_close(freq, probs[0], atol=0.03, rtol=0)

@@ -1,0 +1,128 @@
+"""Invariants of the forward pass and the state."""
+import pytest
+import torch
+
+import rwkv_engine
+from rwkv_engine import State
+
+
+def ids(B, T, vocab=1000, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sequence_mode_equals_token_mode(tiny_model):
+    x = ids(2, 33)
+    seq, s_seq = tiny_model.forward(x, all_logits=True)
+    state = tiny_model.new_state(2)
+    steps = []
+    for t in range(33):
+        logits, state = tiny_model.forward(x[:, t:t + 1], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), seq, rtol=1e-5, atol=1e-5)
+    for a, b in zip(state.tensors().values(), s_seq.tensors().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prompt_with_carried_state_equals_one_call(tiny_model):
+    x = ids(1, 50, seed=1)
+    whole, s_whole = tiny_model.forward(x)
+    state = tiny_model.new_state(1)
+    for lo, hi in [(0, 17), (17, 18), (18, 50)]:
+        logits, state = tiny_model.forward(x[:, lo:hi], state)
+    torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.att_p, s_whole.att_p, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_streams_equal_streams_run_alone(tiny_model):
+    x = ids(3, 12, seed=2)
+    batched, state = tiny_model.forward(x)
+    nxt = torch.tensor([[5], [6], [7]])
+    batched2, _ = tiny_model.forward(nxt, state)
+    for i in range(3):
+        alone, s = tiny_model.forward(x[i:i + 1])
+        alone2, _ = tiny_model.forward(nxt[i:i + 1], s)
+        torch.testing.assert_close(batched[i], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched2[i], alone2[0], rtol=1e-5, atol=1e-5)
+
+
+def test_logits_shapes_and_list_input(tiny_model):
+    logits, state = tiny_model.forward([1, 2, 3])
+    assert logits.shape == (1, 1000) and logits.dtype == torch.float32
+    all_logits, _ = tiny_model.forward(ids(2, 4), all_logits=True)
+    assert all_logits.shape == (2, 4, 1000)
+    assert isinstance(state, State) and state.att_a.dtype == torch.float32
+
+
+def test_state_save_load_round_trip_is_bit_exact(tiny_model, tmp_path):
+    _, state = tiny_model.forward(ids(2, 9))
+    state.save(tmp_path / "s.safetensors")
+    loaded = State.load(tmp_path / "s.safetensors")
+    for k, v in state.tensors().items():
+        assert torch.equal(v, getattr(loaded, k)) and v.dtype == getattr(loaded, k).dtype
+    a, _ = tiny_model.forward(torch.tensor([[4], [4]]), state)
+    b, _ = tiny_model.forward(torch.tensor([[4], [4]]), loaded)
+    assert torch.equal(a, b)
+
+
+def test_state_clone_select_reset(tiny_model):
+    _, state = tiny_model.forward(ids(3, 6, seed=4))
+    fork = state.clone()
+    tiny_model.forward(torch.tensor([[1], [2], [3]]), state)          # advances state in place
+    assert not torch.equal(fork.att_a, state.att_a)
+    one = fork.select(1)
+    assert one.batch_size == 1 and torch.equal(one.att_x[:, 0], fork.att_x[:, 1])
+    fork.reset(0)
+    fresh = tiny_model.new_state(1)
+    for k, v in fork.tensors().items():
+        assert torch.equal(v[:, 0], getattr(fresh, k)[:, 0])
+        assert not torch.equal(v[:, 1], getattr(fresh, k)[:, 0])          # stream 1 untouched
+    assert State.cat([one, one]).batch_size == 2
+    with pytest.raises(IndexError, match="stream 5 out of range"):
+        fork.select(5)
+
+
+def test_state_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="state keys"):
+        State.load(tmp_path / "other.safetensors")
+    (tmp_path / "junk").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="not a saved state"):
+        State.load(tmp_path / "junk")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([[1000]]), "token id 1000 out of range"),
+    (torch.tensor([[-1]]), "token id -1 out of range"),
+    (torch.zeros(1, 0, dtype=torch.long), "shape \\[B, T\\] with B, T >= 1"),
+    (torch.tensor([[1.5]]), "tokens must be a LongTensor"),
+])
+def test_bad_tokens(tiny_model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.forward(bad)
+
+
+def test_state_of_wrong_batch_is_rejected(tiny_model):
+    with pytest.raises(ValueError, match="expected \\[3, 2, 96\\] for 2 streams"):
+        tiny_model.forward(ids(2, 3), tiny_model.new_state(1))
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model name 'rwkv-4-pile-999m'"):
+        rwkv_engine.load("rwkv-4-pile-999m")
+
+
+def test_registered_name_loads_synthetic_weights_and_says_so():
+    m = rwkv_engine.load("rwkv-4-tiny")
+    assert m.synthetic and "synthetic" in repr(m)
+    again = rwkv_engine.load("rwkv-4-tiny")                            # reused from the cache
+    assert again.source == m.source
+    assert torch.equal(again.head, m.head)
+
+
+def test_16bit_weights_on_cpu_stay_close_to_fp32(tiny_pth, tiny_model):
+    x = ids(1, 20, seed=5)
+    ref, _ = tiny_model.forward(x)
+    bf, _ = rwkv_engine.load(str(tiny_pth), dtype="bfloat16").forward(x)
+    assert bf.dtype == torch.float32
+    assert float((bf - ref).abs().max()) < 0.1 * float(ref.abs().max())
