@@ -24,10 +24,14 @@ def wkv(w, u, k, v, state=None, backend=None):
     raise ValueError(f"unknown WKV backend {backend!r}: use 'cpu', 'triton' or 'reference'")
 
 
-def wkv_step(w, u, k, v, a, b, p):
+def wkv_step(w, u, k, v, a, b, p, backend=None):
     """One decode token: k, v, a, b, p [B, C]; updates (a, b, p) in place and returns y [B, C] float32."""
-    if k.device.type == "cpu" and k.dtype == a.dtype == v.dtype == w.dtype == u.dtype:
-        return wkv_cpu_step(w, u, k, v, a, b, p)
-    y, (a2, b2, p2) = wkv(w, u, k[:, None], v[:, None], (a, b, p))
+    backend = backend or ("triton" if k.is_cuda else "cpu")
+    if backend == "triton":
+        from .wkv_triton import wkv_triton_step
+        return wkv_triton_step(w, u, k, v, (a, b, p), out_state=(a, b, p))[0]
+    if backend == "cpu":
+        return wkv_cpu_step(w, u, k.float(), v.float(), a, b, p)
+    y, (a2, b2, p2) = wkv(w, u, k[:, None], v[:, None], (a, b, p), backend=backend)
     a.copy_(a2), b.copy_(b2), p.copy_(p2)
     return y[:, 0]

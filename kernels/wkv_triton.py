@@ -17,7 +17,7 @@ how the tests run without a GPU).
 """
 import torch
 
-from .wkv_reference import P_INIT
+from .wkv_reference import P_INIT, new_wkv_state
 
 try:
     import triton
@@ -68,14 +68,16 @@ if triton is not None:
         v_ptrs = v_ptr + pid_b * stride_v_b + offs_c * stride_v_c
         y_ptrs = y_ptr + pid_b * stride_y_b + offs_c
         # Loads run one step ahead: step t+1's k, v are requested before step t's math, so their
-        # memory latency overlaps the exp()s instead of stalling every iteration.
-        kt = tl.load(k_ptrs, mask=mask_c & (T > 0), other=0.0).to(tl.float32)
-        vt = tl.load(v_ptrs, mask=mask_c & (T > 0), other=0.0).to(tl.float32)
+        # memory latency overlaps the exp()s instead of stalling every iteration. On the last step
+        # the look-ahead load is masked off (channel limit 0). The launcher ensures T >= 1.
+        kt = tl.load(k_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptrs, mask=mask_c, other=0.0).to(tl.float32)
         for t in range(T):
             k_ptrs += stride_k_t
             v_ptrs += stride_v_t
-            k_next = tl.load(k_ptrs, mask=mask_c & (t + 1 < T), other=0.0).to(tl.float32)
-            v_next = tl.load(v_ptrs, mask=mask_c & (t + 1 < T), other=0.0).to(tl.float32)
+            mask_next = offs_c < tl.where(t + 1 < T, C, 0)
+            k_next = tl.load(k_ptrs, mask=mask_next, other=0.0).to(tl.float32)
+            v_next = tl.load(v_ptrs, mask=mask_next, other=0.0).to(tl.float32)
 
             # y_t = (e^p a + e^{u+k} v) / (e^p b + e^{u+k}); numerator and denominator are both
             # scaled by e^{-q}, q = max(p, u + k), so every exp() argument is <= 0.
@@ -158,15 +160,26 @@ def _check_inputs(w, u, k, v, state):
 
 def _launch_config(C, interpreted):
     """(BLOCK_C, num_warps). On a GPU one channel per thread, up to 4 warps per program; in the
-    interpreter each program costs Python overhead per op, so use fewer, wider programs."""
+    interpreter every program pays Python overhead per op and step, so use few, wide programs."""
     if interpreted:
-        return min(256, triton.next_power_of_2(C)), 1
+        return min(1024, triton.next_power_of_2(C)), 1
     block_c = max(16, min(128, triton.next_power_of_2(C)))
     return block_c, max(1, block_c // 32)
 
 
-def _wkv_forward(w, u, k, v, state=None, block_c=None, num_warps=None):
-    """Check, allocate, launch. block_c / num_warps override the default config (benchmarks)."""
+def _check_out_state(out_state, B, C, device):
+    if not isinstance(out_state, (tuple, list)) or len(out_state) != 3:
+        raise ValueError("wkv_triton: out_state must be a tuple (a, b, p) or None")
+    for name, x in zip(("out_state.a", "out_state.b", "out_state.p"), out_state):
+        if not isinstance(x, torch.Tensor) or x.shape != (B, C) or x.dtype != torch.float32 \
+                or not x.is_contiguous() or x.device != device:
+            raise ValueError(f"wkv_triton: {name} must be a contiguous float32 [B, C] = ({B}, {C}) "
+                             f"tensor on {device}")
+
+
+def _wkv_forward(w, u, k, v, state=None, out_state=None, block_c=None, num_warps=None):
+    """Check, allocate, launch. out_state: where to write the new state (may be `state` itself);
+    block_c / num_warps override the default launch config (benchmarks, tests)."""
     if triton is None:
         raise RuntimeError(f"wkv_triton needs the triton package, which failed to import: {_TRITON_IMPORT_ERROR}")
     B, T, C = _check_inputs(w, u, k, v, state)
@@ -181,12 +194,18 @@ def _wkv_forward(w, u, k, v, state=None, block_c=None, num_warps=None):
     w, u = (x.detach().to(f32).contiguous() for x in (w, u))
     k, v = k.detach(), v.detach()                  # any strides: passed to the kernel as they are
     y = torch.empty(B, T, C, device=k.device, dtype=f32)
-    a, b, p = (torch.empty(B, C, device=k.device, dtype=f32) for _ in range(3))
+    if out_state is None:
+        a, b, p = (torch.empty(B, C, device=k.device, dtype=f32) for _ in range(3))
+    else:
+        _check_out_state(out_state, B, C, k.device)
+        a, b, p = out_state     # in place is safe: each element is read once, then written at the end
     if state is None:
         a0 = b0 = p0 = a                           # unread: HAS_INITIAL_STATE=False
     else:
         a0, b0, p0 = (x.detach().to(f32).contiguous() for x in state)
-    if B == 0 or C == 0:
+    if B == 0 or C == 0 or T == 0:              # nothing to launch: the state passes through
+        for dst, src in zip((a, b, p), new_wkv_state(B, C, k.device) if state is None else (a0, b0, p0)):
+            dst.copy_(src)
         return y, (a, b, p)
 
     default_block_c, default_warps = _launch_config(C, interpreted)
@@ -223,15 +242,17 @@ def wkv_triton(w, u, k, v, state=None):
     return _wkv_forward(w, u, k, v, state)
 
 
-def wkv_triton_step(w, u, k, v, state=None):
+def wkv_triton_step(w, u, k, v, state=None, out_state=None):
     """One token of WKV: the sequence kernel with T = 1 (no separate kernel to keep in sync).
 
     w, u: [C]. k, v: [B, C]. state: (a, b, p), each [B, C], or None.
+    out_state: optional (a, b, p) contiguous float32 [B, C] tensors to write the new state into;
+    passing `state` itself updates it in place (what a decode loop wants: no allocation).
     Returns y [B, C] float32 and the new state, as `wkv_triton` on k[:, None], v[:, None].
     """
     for name, x in (("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"wkv_triton_step: {name} must be [B, C], got {shape}")
-    y, state = _wkv_forward(w, u, k.unsqueeze(1), v.unsqueeze(1), state)
+    y, state = _wkv_forward(w, u, k.unsqueeze(1), v.unsqueeze(1), state, out_state=out_state)
     return y.squeeze(1), state

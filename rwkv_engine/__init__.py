@@ -20,13 +20,15 @@ __all__ = ["load", "RWKV", "State", "RWKVConfig", "MODELS", "tokenizer", "Tokeni
            "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic"]
 
 
-def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0):
+def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None):
     """Load an RWKV-4 model.
 
     name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m") or a checkpoint path
     (BlinkDL .pth, .safetensors, or a Hugging Face RwkvForCausalLM directory).
     A registered name without `checkpoint` uses a synthetic checkpoint (same shapes, generated
     once into the cache dir, loaded through the same loader), and the model says so.
+    dtype: float32 (default, as the paper), float16 or bfloat16 weights; the WKV state is float32.
+    rescale_every: halve the residual every N layers (default 6 for float16, off otherwise).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -48,4 +50,5 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0):
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, reg.ctx_len,
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == 50277 else None
-    return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok)
+    return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
+                rescale_every=rescale_every)

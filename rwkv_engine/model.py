@@ -51,11 +51,14 @@ class Block:
     ffn_receptance: torch.Tensor
 
 
-def to_inference_form(sd, cfg: RWKVConfig, device, dtype):
+def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0):
     """The one place raw checkpoint tensors become what the forward reads.
 
     Float32 tensors already on the target device are used as they are (memory-mapped files
-    stay memory-mapped); others are converted once.
+    stay memory-mapped); others are converted once. With `rescale_every` R > 0, the output
+    matrices of layer i are divided by 2^(i // R) and the forward halves x after every R-th layer:
+    the residual stream then stays inside float16's range (max 65504) on long inputs, and the
+    final LayerNorm makes the logits independent of the scale.
     """
     def cast(t, dt=dtype):
         return t.to(device=device, dtype=dt)
@@ -70,6 +73,8 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype):
     blocks = []
     for i in range(cfg.n_layer):
         g = lambda name: sd[f"blocks.{i}.{name}"]
+        scale = 2 ** (i // rescale_every) if rescale_every else 1
+        out = lambda name: cast(g(name).float() / scale) if scale != 1 else cast(g(name))
         blocks.append(Block(
             ln1_w=vec(g("ln1.weight")), ln1_b=vec(g("ln1.bias")),
             att_mix_k=vec(g("att.time_mix_k")), att_mix_v=vec(g("att.time_mix_v")),
@@ -77,10 +82,10 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype):
             att_w=-torch.exp(vec(g("att.time_decay"), torch.float32)),
             att_u=vec(g("att.time_first"), torch.float32),
             att_key=cast(g("att.key.weight")), att_value=cast(g("att.value.weight")),
-            att_receptance=cast(g("att.receptance.weight")), att_output=cast(g("att.output.weight")),
+            att_receptance=cast(g("att.receptance.weight")), att_output=out("att.output.weight"),
             ln2_w=vec(g("ln2.weight")), ln2_b=vec(g("ln2.bias")),
             ffn_mix_k=vec(g("ffn.time_mix_k")), ffn_mix_r=vec(g("ffn.time_mix_r")),
-            ffn_key=cast(g("ffn.key.weight")), ffn_value=cast(g("ffn.value.weight")),
+            ffn_key=cast(g("ffn.key.weight")), ffn_value=out("ffn.value.weight"),
             ffn_receptance=cast(g("ffn.receptance.weight")),
         ))
     return dict(emb=cast(emb), blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
@@ -91,14 +96,19 @@ class RWKV:
     """An RWKV-4 model ready for inference. Build it with `rwkv_engine.load`."""
 
     def __init__(self, cfg: RWKVConfig, sd, device="cpu", dtype="float32", source="", synthetic=False,
-                 tokenizer=None):
+                 tokenizer=None, rescale_every=None, wkv_backend=None):
         self.config = cfg
         self.device = torch.device(device)
         self.dtype = as_dtype(dtype)
         self.source = str(source)
         self.synthetic = synthetic
         self.tokenizer = tokenizer
-        w = to_inference_form(sd, cfg, self.device, self.dtype)
+        # float16 needs the residual rescaled (the official packages use 6 as well); others do not
+        if rescale_every is None:
+            rescale_every = 6 if self.dtype == torch.float16 else 0
+        self.rescale_every = rescale_every
+        self.wkv_backend = wkv_backend          # None: chosen by device in kernels.wkv
+        w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every)
         self.emb, self.blocks, self.head = w["emb"], w["blocks"], w["head"]
         self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]
 
@@ -146,6 +156,8 @@ class RWKV:
         step = self._token_block if T == 1 else self._sequence_block
         for i, blk in enumerate(self.blocks):
             x = step(x, blk, state, i)
+            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                x = x / 2
         if not all_logits:
             x = x[:, -1:]
         x = F.layer_norm(x, (x.shape[-1],), self.ln_out_w, self.ln_out_b, self.config.layer_norm_eps)
@@ -183,7 +195,7 @@ class RWKV:
         r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
         k = kernels.linear(kx, blk.att_key).float()
         v = kernels.linear(vx, blk.att_value).float()
-        y = kernels.wkv_step(blk.att_w, blk.att_u, k, v, s.att_a[i], s.att_b[i], s.att_p[i])
+        y = kernels.wkv_step(blk.att_w, blk.att_u, k, v, s.att_a[i], s.att_b[i], s.att_p[i], self.wkv_backend)
         x = x + kernels.linear(r * y.to(x.dtype), blk.att_output)
 
         xx = self._ln(x, blk.ln2_w, blk.ln2_b)
@@ -207,7 +219,8 @@ class RWKV:
         r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
         k = kernels.linear(kx, blk.att_key).float()
         v = kernels.linear(vx, blk.att_value).float()
-        y, (a, b, p) = kernels.wkv(blk.att_w, blk.att_u, k, v, (s.att_a[i], s.att_b[i], s.att_p[i]))
+        y, (a, b, p) = kernels.wkv(blk.att_w, blk.att_u, k, v, (s.att_a[i], s.att_b[i], s.att_p[i]),
+                                   self.wkv_backend)
         s.att_a[i], s.att_b[i], s.att_p[i] = a, b, p
         x = x + kernels.linear(r * y.to(x.dtype), blk.att_output)
 

@@ -126,3 +126,40 @@ def test_16bit_weights_on_cpu_stay_close_to_fp32(tiny_pth, tiny_model):
     bf, _ = rwkv_engine.load(str(tiny_pth), dtype="bfloat16").forward(x)
     assert bf.dtype == torch.float32
     assert float((bf - ref).abs().max()) < 0.1 * float(ref.abs().max())
+
+
+def test_float16_rescaling_keeps_a_growing_residual_finite():
+    """Output matrices scaled up make the residual stream exceed float16's 65504: without the
+    rescale the logits overflow; halving x every 2 layers (weights scaled to match) keeps them
+    finite and equal to the float32 model's, since the final LayerNorm removes the scale."""
+    from rwkv_engine.checkpoint import synthetic_state_dict
+    from rwkv_engine.config import RWKVConfig
+    from rwkv_engine.model import RWKV
+    cfg = RWKVConfig(n_layer=12, n_embd=32, vocab_size=100)
+    sd = {k: (v * 1e4 if k.endswith(("ffn.value.weight", "att.output.weight")) else v)
+          for k, v in synthetic_state_dict(cfg, seed=2).items()}
+    x = ids(1, 200, vocab=100)
+    ref, _ = RWKV(cfg, sd).forward(x, all_logits=True)
+    plain, _ = RWKV(cfg, sd, dtype="float16", rescale_every=0).forward(x, all_logits=True)
+    assert not torch.isfinite(plain).all()
+    scaled, _ = RWKV(cfg, sd, dtype="float16", rescale_every=2).forward(x, all_logits=True)
+    assert torch.isfinite(scaled).all()
+    assert float((scaled - ref).abs().max()) < 0.05
+    assert RWKV(cfg, sd, dtype="float16").rescale_every == 6 and RWKV(cfg, sd).rescale_every == 0
+
+
+def test_engine_with_triton_wkv_matches_cpu_path(tiny_pth, tiny_model):
+    """The engine's CUDA code path (Triton WKV for sequences and decode steps, state updated in
+    place) run here through Triton's interpreter on CPU tensors."""
+    pytest.importorskip("triton")
+    triton_model = rwkv_engine.load(str(tiny_pth))
+    triton_model.wkv_backend = "triton"
+    x = ids(2, 12, seed=9)
+    ref, s_ref = tiny_model.forward(x)
+    got, s_got = triton_model.forward(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for _ in range(3):
+        ref, s_ref = tiny_model.forward(torch.tensor([[3], [4]]), s_ref)
+        got, s_got = triton_model.forward(torch.tensor([[3], [4]]), s_got)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_got.att_p, s_ref.att_p, rtol=1e-5, atol=1e-5)
