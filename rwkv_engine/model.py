@@ -188,9 +188,9 @@ class RWKV:
         x = x[:, 0]                                                   # (B, C)
         xx = self._ln(x, blk.ln1_w, blk.ln1_b)
         sx = s.att_x[i]
-        kx = xx * blk.att_mix_k + sx * (1 - blk.att_mix_k)
-        vx = xx * blk.att_mix_v + sx * (1 - blk.att_mix_v)
-        rx = xx * blk.att_mix_r + sx * (1 - blk.att_mix_r)
+        kx = torch.lerp(sx, xx, blk.att_mix_k)
+        vx = torch.lerp(sx, xx, blk.att_mix_v)
+        rx = torch.lerp(sx, xx, blk.att_mix_r)
         s.att_x[i] = xx
         r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
         k = kernels.linear(kx, blk.att_key).float()
@@ -200,8 +200,8 @@ class RWKV:
 
         xx = self._ln(x, blk.ln2_w, blk.ln2_b)
         sx = s.ffn_x[i]
-        kx = xx * blk.ffn_mix_k + sx * (1 - blk.ffn_mix_k)
-        rx = xx * blk.ffn_mix_r + sx * (1 - blk.ffn_mix_r)
+        kx = torch.lerp(sx, xx, blk.ffn_mix_k)
+        rx = torch.lerp(sx, xx, blk.ffn_mix_r)
         s.ffn_x[i] = xx
         r = torch.sigmoid(kernels.linear(rx, blk.ffn_receptance))
         k = torch.square(torch.relu(kernels.linear(kx, blk.ffn_key)))
@@ -212,9 +212,9 @@ class RWKV:
         """T tokens per stream: x (B, T, C); the token shift takes position -1 from the state."""
         xx = self._ln(x, blk.ln1_w, blk.ln1_b)
         sx = torch.cat([s.att_x[i][:, None], xx[:, :-1]], dim=1)     # (B, T, C) shifted by one
-        kx = xx * blk.att_mix_k + sx * (1 - blk.att_mix_k)
-        vx = xx * blk.att_mix_v + sx * (1 - blk.att_mix_v)
-        rx = xx * blk.att_mix_r + sx * (1 - blk.att_mix_r)
+        kx = torch.lerp(sx, xx, blk.att_mix_k)
+        vx = torch.lerp(sx, xx, blk.att_mix_v)
+        rx = torch.lerp(sx, xx, blk.att_mix_r)
         s.att_x[i] = xx[:, -1]
         r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
         k = kernels.linear(kx, blk.att_key).float()
@@ -226,8 +226,8 @@ class RWKV:
 
         xx = self._ln(x, blk.ln2_w, blk.ln2_b)
         sx = torch.cat([s.ffn_x[i][:, None], xx[:, :-1]], dim=1)
-        kx = xx * blk.ffn_mix_k + sx * (1 - blk.ffn_mix_k)
-        rx = xx * blk.ffn_mix_r + sx * (1 - blk.ffn_mix_r)
+        kx = torch.lerp(sx, xx, blk.ffn_mix_k)
+        rx = torch.lerp(sx, xx, blk.ffn_mix_r)
         s.ffn_x[i] = xx[:, -1]
         r = torch.sigmoid(kernels.linear(rx, blk.ffn_receptance))
         k = torch.square(torch.relu(kernels.linear(kx, blk.ffn_key)))
