@@ -3,10 +3,13 @@
 The rule deciding which implementation runs lives here and only here:
   * WKV over a sequence: Triton on CUDA tensors, the vectorized numpy loop on CPU.
   * WKV single token (decode): the in-place numpy step on CPU, the sequence kernel with T=1 on CUDA.
-  * linear: numpy/OpenBLAS for float32 on CPU, torch elsewhere.
+  * linear: on CPU float32 the C matrix-vector kernel for decode-sized inputs, numpy/OpenBLAS
+    GEMM for prompts; torch elsewhere (see `linear.py`). `linear_group` batches independent
+    decode products into one parallel region.
 `backend=` forces one ("reference", "cpu", "triton").
 """
-from .linear import linear, linear_reference
+from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
+from .linear import linear, linear_accumulate_, linear_group, linear_reference
 from .wkv_cpu import wkv_cpu, wkv_cpu_step
 from .wkv_reference import P_INIT, new_wkv_state, wkv_reference
 

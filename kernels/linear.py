@@ -1,12 +1,19 @@
-"""y = x W^T for the model's matrices, on the fastest BLAS for the device.
+"""y = x W^T for the model's matrices, on the fastest path for the device and shape.
 
-On this project's reference CPU (AMD Zen 3) numpy's OpenBLAS runs fp32 matrix-vector products
-~1.5-2x faster than torch's MKL path (which does not pick its AVX2 kernels on AMD), and fp32
-GEMMs ~1.3x faster. Both share the tensors' memory, so nothing is copied.
+CPU float32, the rule:
+  * a few rows (decode: B x 1 tokens, up to DECODE_ROWS): the C kernel in `cpu_c`, which streams
+    the weights once with AVX2 on torch's own OpenMP threads;
+  * more rows (a prompt): numpy's OpenBLAS GEMM. On this project's reference CPU (AMD Zen 3) it
+    runs ~1.3-2x faster than torch's MKL path, which does not pick its AVX2 kernels on AMD.
+Everything else (CUDA, 16-bit weights) goes to torch. All paths share the tensors' memory.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import cpu_c
+
+DECODE_ROWS = 8
 
 
 def linear_reference(x, weight):
@@ -24,8 +31,38 @@ def linear_cpu(x, weight):
     return torch.from_numpy(y).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _is_cpu_f32(x, weight):
+    return x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+
+
+def _decode_kernel_fits(x, weight):
+    return x.numel() // x.shape[-1] <= DECODE_ROWS and weight.is_contiguous() and cpu_c.available()
+
+
 def linear(x, weight):
-    """The dispatch rule: numpy/OpenBLAS for float32 on CPU, torch everywhere else."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return linear_cpu(x, weight)
-    return F.linear(x, weight)
+    """The dispatch rule for one product (see the module docstring)."""
+    if not _is_cpu_f32(x, weight):
+        return F.linear(x, weight)
+    if _decode_kernel_fits(x, weight):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        return cpu_c.matvec_group([(x2, weight)])[0].reshape(*x.shape[:-1], weight.shape[0])
+    return linear_cpu(x, weight)
+
+
+def linear_group(*pairs):
+    """Several independent products [(x, W), ...] -> tuple of outputs. On the CPU decode path they
+    run in one parallel region (threads woken once per group instead of once per matrix)."""
+    if all(_is_cpu_f32(x, w) and _decode_kernel_fits(x, w) for x, w in pairs) and \
+            len({x.numel() // x.shape[-1] for x, _ in pairs}) == 1:
+        flat = [(x.reshape(-1, x.shape[-1]).contiguous(), w) for x, w in pairs]
+        outs = cpu_c.matvec_group(flat)
+        return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, (x, w) in zip(outs, pairs))
+    return tuple(linear(x, w) for x, w in pairs)
+
+
+def linear_accumulate_(x, weight, out):
+    """out += x W^T, in place (the residual add fused into the decode product)."""
+    if _is_cpu_f32(x, weight) and _decode_kernel_fits(x, weight) and out.is_contiguous() and x.dim() == 2:
+        cpu_c.matvec_group([(x.contiguous(), weight)], out=[out], accumulate=True)
+        return out
+    return out.add_(linear(x, weight))

@@ -152,12 +152,15 @@ class RWKV:
         elif state.att_x.shape != (self.config.n_layer, B, self.config.n_embd):
             raise ValueError(f"state has shape {list(state.att_x.shape)}, expected "
                              f"{[self.config.n_layer, B, self.config.n_embd]} for {B} streams")
-        x = self.emb[tokens]                                          # (B, T, C)
+        # token mode works on x (B, C) in place; sequence mode on x (B, T, C)
+        x = self.emb[tokens[:, 0]] if T == 1 else self.emb[tokens]
         step = self._token_block if T == 1 else self._sequence_block
         for i, blk in enumerate(self.blocks):
             x = step(x, blk, state, i)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2
+        if T == 1:
+            x = x[:, None]
         if not all_logits:
             x = x[:, -1:]
         x = F.layer_norm(x, (x.shape[-1],), self.ln_out_w, self.ln_out_b, self.config.layer_norm_eps)
@@ -184,29 +187,20 @@ class RWKV:
         return F.layer_norm(x, (x.shape[-1],), w, b, self.config.layer_norm_eps)
 
     def _token_block(self, x, blk: Block, s: State, i):
-        """One token per stream: x (B, 1, C)."""
-        x = x[:, 0]                                                   # (B, C)
-        xx = self._ln(x, blk.ln1_w, blk.ln1_b)
-        sx = s.att_x[i]
-        kx = torch.lerp(sx, xx, blk.att_mix_k)
-        vx = torch.lerp(sx, xx, blk.att_mix_v)
-        rx = torch.lerp(sx, xx, blk.att_mix_r)
-        s.att_x[i] = xx
-        r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
-        k = kernels.linear(kx, blk.att_key).float()
-        v = kernels.linear(vx, blk.att_value).float()
-        y = kernels.wkv_step(blk.att_w, blk.att_u, k, v, s.att_a[i], s.att_b[i], s.att_p[i], self.wkv_backend)
-        x = x + kernels.linear(r * y.to(x.dtype), blk.att_output)
+        """One token per stream: x (B, C), updated in place. The element-wise work runs as a few
+        fused ops (kernels.fused) between the grouped decode products."""
+        eps = self.config.layer_norm_eps
+        kx, vx, rx = kernels.ln_shift_mix(x, blk.ln1_w, blk.ln1_b, eps, s.att_x[i],
+                                          (blk.att_mix_k, blk.att_mix_v, blk.att_mix_r))
+        r, k, v = kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
+        rwkv = kernels.wkv_step_gated(blk.att_w, blk.att_u, r, k.float(), v.float(),
+                                      s.att_a[i], s.att_b[i], s.att_p[i]).to(x.dtype)
+        kernels.linear_accumulate_(rwkv, blk.att_output, x)          # x += rwkv W_o^T
 
-        xx = self._ln(x, blk.ln2_w, blk.ln2_b)
-        sx = s.ffn_x[i]
-        kx = torch.lerp(sx, xx, blk.ffn_mix_k)
-        rx = torch.lerp(sx, xx, blk.ffn_mix_r)
-        s.ffn_x[i] = xx
-        r = torch.sigmoid(kernels.linear(rx, blk.ffn_receptance))
-        k = torch.square(torch.relu(kernels.linear(kx, blk.ffn_key)))
-        x = x + r * kernels.linear(k, blk.ffn_value)
-        return x[:, None]
+        kx, rx = kernels.ln_shift_mix(x, blk.ln2_w, blk.ln2_b, eps, s.ffn_x[i], (blk.ffn_mix_k, blk.ffn_mix_r))
+        r, k = kernels.linear_group((rx, blk.ffn_receptance), (kx, blk.ffn_key))
+        kernels.add_gated_(x, r, kernels.linear(kernels.relu_square_(k), blk.ffn_value))
+        return x
 
     def _sequence_block(self, x, blk: Block, s: State, i):
         """T tokens per stream: x (B, T, C); the token shift takes position -1 from the state."""

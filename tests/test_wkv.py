@@ -100,3 +100,17 @@ def test_linear_cpu_matches_torch():
     torch.testing.assert_close(kernels.linear(x, W), kernels.linear_reference(x, W), rtol=1e-5, atol=1e-5)
     x1 = torch.randn(1, 1, 33)
     torch.testing.assert_close(kernels.linear(x1, W), kernels.linear_reference(x1, W), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,O,I", [(1, 768, 768), (1, 13, 37), (3, 7, 8), (8, 129, 250), (2, 4, 3)])
+def test_decode_matvec_kernel_matches_reference(B, O, I):
+    from kernels import cpu_c
+    if not cpu_c.available():
+        pytest.skip("no C compiler or no AVX2/FMA: the numpy path is used instead")
+    x, W = torch.randn(B, I), torch.randn(O, I)
+    W2, x2 = torch.randn(O + 5, I), torch.randn(B, I)
+    y, y2 = cpu_c.matvec_group([(x, W), (x2, W2)])
+    torch.testing.assert_close(y, x @ W.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y2, x2 @ W2.T, rtol=1e-5, atol=1e-4)
+    a, b = kernels.linear_group((x, W), (x2, W2))
+    assert torch.equal(a, y) and torch.equal(b, y2)
