@@ -1,0 +1,16 @@
+"""Benchmarks reproducing Appendix K of the RWKV paper (Figures 13/14) and checking this engine.
+
+    python -m bench.machine     this machine's read bandwidth and fp32 GEMM throughput (cached)
+    python -m bench.generate    time and peak memory (excluding parameters) of one model
+    python -m bench.sweep       every family x size that fits: Figures 13 and 14
+    python -m bench.seqlen      memory and per-token latency against position, up to 16k tokens
+    python -m bench.peers       the same checkpoint through our engine, BlinkDL's rwkv, transformers
+
+Every measurement runs in a fresh child process (`bench._run_one`); see `bench.memory` for how
+peak memory excluding parameters is measured.
+"""
+
+# The paper's prompt: a leading newline, then one paragraph (41 tokens with the 20B tokenizer).
+DRAGON_PROMPT = ("\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, "
+                 "previously unexplored valley, in Tibet. Even more surprising to the researchers was "
+                 "the fact that the dragons spoke perfect Chinese.")

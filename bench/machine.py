@@ -7,7 +7,7 @@ tokens/s <= bandwidth / weight_bytes_per_token. The bandwidth is the best of a f
 kernels over arrays far larger than the caches (CPU: torch sum and matrix-vector product on the
 requested threads, numpy sum on one; GPU: torch sum and matvec). GEMM is a square fp32 matmul
 (TF32 off on GPU). Results are cached as JSON in $RWKV_ENGINE_CACHE/machine/ keyed by hostname, CPU
-(or GPU) model and thread count; --refresh measures again.
+(or GPU) model and thread count ($BENCH_MACHINE_CACHE overrides the folder); --refresh measures again.
 """
 import argparse
 import hashlib
@@ -15,6 +15,8 @@ import json
 import os
 import platform
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,11 +24,15 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+REPO = Path(__file__).resolve().parent.parent
 CPU_ARRAY_BYTES = 1 << 30      # 1 GiB: far beyond any last-level cache
 GPU_ARRAY_BYTES = 4 << 30      # 4 GiB: far beyond the 50-60 MB L2 of an A100/H100/H200
 
 
 def cache_dir():
+    """$BENCH_MACHINE_CACHE, else $RWKV_ENGINE_CACHE/machine, else ~/.cache/rwkv_engine/machine."""
+    if os.environ.get("BENCH_MACHINE_CACHE"):
+        return Path(os.environ["BENCH_MACHINE_CACHE"])
     return Path(os.environ.get("RWKV_ENGINE_CACHE") or Path.home() / ".cache" / "rwkv_engine") / "machine"
 
 
@@ -128,16 +134,29 @@ def _ram_total():
     return psutil.virtual_memory().total
 
 
+def cache_path(device="cpu", threads=None):
+    return cache_dir() / f"{device}-{_key(device, threads or default_threads())}.json"
+
+
 def get(device="cpu", threads=None, refresh=False):
-    """The cached measurement for this machine, device and thread count (measured on first use)."""
+    """The cached measurement for this machine, device and thread count. On a miss it is measured
+    in a child process, so the caller never holds the 1-4 GB test arrays or a CUDA context."""
     threads = threads or default_threads()
-    path = cache_dir() / f"{device}-{_key(device, threads)}.json"
+    path = cache_path(device, threads)
     if not refresh and path.exists():
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             pass
+    cmd = [sys.executable, "-m", "bench.machine", "--device", device, "--threads", str(threads), "--refresh", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(path.read_text())
+
+
+def measure_and_cache(device="cpu", threads=None):
     result = measure(device, threads)
+    path = cache_path(device, result["threads"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=2))
@@ -156,16 +175,23 @@ def describe(m):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.machine", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.machine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     p.add_argument("--json", help="also write the measurement to this file")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.machine: error: --device cuda but no CUDA GPU is available\n")
-    m = get(args.device, args.threads, args.refresh)
-    print(describe(m))
+    cached = cache_path(args.device, args.threads)
+    if args.refresh or not cached.exists():
+        m = measure_and_cache(args.device, args.threads)
+    else:
+        m = json.loads(cached.read_text())
+    if not args.quiet:
+        print(describe(m))
     if args.json:
         Path(args.json).write_text(json.dumps(m, indent=2))
 

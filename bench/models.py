@@ -1,0 +1,198 @@
+"""One place that turns a model name into a loaded model (RWKV engine or a transformer baseline)
+and estimates, before loading anything, how much memory and time a run will need.
+
+Families and sizes come from the registries of `rwkv_engine` (config.MODELS) and `baselines`;
+nothing about shapes is repeated here.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import psutil
+
+RWKV = "rwkv"
+FAMILY_LABELS = {"rwkv": "RWKV-4", "pythia": "Pythia", "opt": "OPT", "gpt-neo": "GPT-Neo", "bloom": "Bloom"}
+MARGIN_BYTES = 512 << 20        # allocator slack, interpreter, libraries
+MARGIN_FRACTION = 0.10          # of the parameter bytes: conversion copies, fragmentation
+BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+def resolve(name):
+    """('rwkv' | 'baseline', registered name or checkpoint path); ValueError if neither."""
+    p = Path(name)
+    if p.exists():
+        if p.is_dir() and (p / "config.json").is_file():
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+            return ("rwkv" if model_type == "rwkv" else "baseline"), str(p)
+        return "rwkv", str(p)
+    from rwkv_engine.config import ALIASES, MODELS
+    key = name.lower()
+    if ALIASES.get(key, key) in MODELS:
+        return "rwkv", ALIASES.get(key, key)
+    from baselines.config import MODELS as BASELINES, canonical_name
+    if canonical_name(name) is not None:
+        return "baseline", canonical_name(name)
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(list(MODELS) + list(BASELINES))}")
+
+
+@lru_cache(maxsize=None)
+def config(name):
+    """The shape config of a registered name or checkpoint path (nothing is loaded for names)."""
+    kind, key = resolve(name)
+    if kind == "rwkv":
+        if Path(key).exists():
+            from rwkv_engine.checkpoint import read_checkpoint
+            return read_checkpoint(key)[1]
+        from rwkv_engine.config import get_config
+        return get_config(key)
+    if Path(key).exists():
+        from baselines import read_config
+        return read_config(key)
+    from baselines.config import MODELS
+    return MODELS[key]
+
+
+def family_of(name):
+    """'rwkv' or the baseline family ('pythia', 'opt', 'gpt-neo', 'bloom'); ValueError if unknown."""
+    kind, _ = resolve(name)
+    return RWKV if kind == "rwkv" else config(name).family
+
+
+def canonical(name):
+    return resolve(name)[1]
+
+
+def families(include_test=False):
+    """family -> registered model names, smallest first (test-only sizes left out unless asked)."""
+    from baselines.config import MODELS as BASELINES
+    from rwkv_engine.config import MODELS
+    out = {}
+    for name in list(MODELS) + list(BASELINES):
+        if include_test or not ("tiny" in name or "test" in name):
+            out.setdefault(family_of(name), []).append(name)
+    return {fam: sorted(names, key=n_params) for fam, names in out.items()}
+
+
+def n_params(name):
+    return int(config(name).n_params)
+
+
+def max_positions(name):
+    """Longest sequence a model can run (None: no limit; RWKV and Bloom/ALiBi)."""
+    if family_of(name) == RWKV:
+        return None
+    return config(name).max_positions
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load(name, device="cpu", dtype="float32", checkpoint=None, protocol="kv-cache"):
+    """Load `name` (optionally with real weights from `checkpoint`) through its own package."""
+    kind, key = resolve(name)
+    if kind == "rwkv":
+        import rwkv_engine
+        return rwkv_engine.load(key, device=device, dtype=dtype, checkpoint=checkpoint)
+    import baselines
+    return baselines.load(key, device=device, dtype=dtype, protocol=protocol, checkpoint=checkpoint)
+
+
+def synthetic_checkpoint_missing(name):
+    """Bytes of disk a first run must write for the synthetic checkpoint of a registered name
+    (0 when it is already cached, or `name` is a checkpoint path)."""
+    kind, key = resolve(name)
+    if Path(key).exists():
+        return 0
+    if kind == "rwkv":                               # rwkv_engine.write_synthetic: fp32 .pth
+        from rwkv_engine.checkpoint import cache_dir
+        cached = any((cache_dir() / "synthetic").glob(f"{config(name).name}-fp32-seed0.*"))
+        return 0 if cached else n_params(name) * 4
+    from baselines.loader import synthetic_dir       # baselines.write_synthetic: fp16 safetensors
+    return 0 if (synthetic_dir(key) / "model.safetensors").is_file() else n_params(name) * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates
+
+def runtime_bytes(name, tokens, prompt_tokens=41, protocol="kv-cache", dtype="float32"):
+    """Rough peak memory of generation beyond the parameters (state or KV cache + activations)."""
+    cfg = config(name)
+    b = BYTES[dtype]
+    T = prompt_tokens + tokens
+    if family_of(name) == RWKV:
+        C, F, V, L = cfg.n_embd, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
+        state = 5 * L * C * 4
+        prefill = prompt_tokens * (6 * C + 2 * F) * 4          # one layer's sequence-mode tensors
+        return state + prefill + 2 * V * 4
+    L, H, V, heads, ffn = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.ffn_dim
+    kv = 2 * L * T * H * b
+    if protocol == "paper":                                    # whole sequence every step, no cache
+        scores = 2 * heads * T * T * 4                         # one layer's scores and softmax
+        acts = T * (4 * H + 2 * ffn) * b                       # one layer's q, k, v, out, MLP
+        return kv + scores + acts + 2 * V * 4                  # kv: a fresh cache of T positions
+    prefill = prompt_tokens * (4 * H + 2 * ffn) * b + 2 * heads * prompt_tokens * T * 4
+    return kv + prefill + 2 * V * 4
+
+
+def estimate(name, tokens, prompt_tokens=41, protocol="kv-cache", dtype="float32"):
+    """{'params_bytes', 'runtime_bytes', 'margin_bytes', 'total_bytes'} for one run."""
+    params = n_params(name) * BYTES[dtype]
+    run = runtime_bytes(name, tokens, prompt_tokens, protocol, dtype)
+    margin = int(params * MARGIN_FRACTION) + MARGIN_BYTES
+    return {"params_bytes": params, "runtime_bytes": int(run), "margin_bytes": margin,
+            "total_bytes": int(params + run + margin)}
+
+
+@lru_cache(maxsize=None)
+def _gpu_free_bytes():
+    """Free GPU memory, asked in a child process so this one never holds a CUDA context."""
+    code = "import torch; print(torch.cuda.mem_get_info()[0])"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def available_bytes(device="cpu"):
+    """Memory a run may use now: free GPU memory, or available RAM (page cache counts as free)."""
+    return _gpu_free_bytes() if device == "cuda" else psutil.virtual_memory().available
+
+
+def fits(name, device="cpu", tokens=512, prompt_tokens=41, protocol="kv-cache", dtype="float32",
+         budget_bytes=None):
+    """(True, '') or (False, reason): does one run of `name` fit this machine?"""
+    est = estimate(name, tokens, prompt_tokens, protocol, dtype)
+    budget = available_bytes(device) if budget_bytes is None else budget_bytes
+    if est["total_bytes"] > budget:
+        return False, (f"needs ~{est['total_bytes'] / 1e9:.1f} GB ({est['params_bytes'] / 1e9:.1f} GB params"
+                       f" + {est['runtime_bytes'] / 1e9:.2f} GB runtime + margin), "
+                       f"{budget / 1e9:.1f} GB {'GPU' if device == 'cuda' else 'RAM'} available")
+    limit = max_positions(name)
+    if limit is not None and prompt_tokens + tokens > limit:
+        return False, f"{prompt_tokens}+{tokens} positions exceed its {limit} max positions"
+    need_disk = synthetic_checkpoint_missing(name)
+    if need_disk:
+        from rwkv_engine.checkpoint import cache_dir
+        d = cache_dir()
+        while not d.exists():
+            d = d.parent
+        free = shutil.disk_usage(d).free
+        if need_disk * 1.05 > free:
+            return False, f"its synthetic checkpoint needs {need_disk / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free"
+    return True, ""
+
+
+def estimate_seconds(name, tokens, machine, prompt_tokens=41, protocol="kv-cache", dtype="float32"):
+    """Roofline guess of one run's time: each step is bound by weight reads or by FLOPs."""
+    P = n_params(name)
+    bw = machine["read_bandwidth_GBps"] * 1e9
+    flops = machine["gemm_fp32_GFLOPs"] * 1e9
+    read = P * BYTES[dtype] / bw
+    total = 2 * P * prompt_tokens / flops
+    for step in range(tokens):
+        T = prompt_tokens + step if (protocol == "paper" and family_of(name) != RWKV) else 1
+        total += max(read, 2 * P * T / flops)
+    return total
