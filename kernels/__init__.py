@@ -1,16 +1,19 @@
 """Ops of the RWKV-4 model, each with a plain reference of the same signature beside it.
 
 The rule deciding which implementation runs lives here and only here:
-  * WKV over a sequence: Triton on CUDA tensors, the vectorized numpy loop on CPU.
-  * WKV single token (decode): the in-place numpy step on CPU, the sequence kernel with T=1 on CUDA.
-  * linear: on CPU float32 the C matrix-vector kernel for decode-sized inputs, numpy/OpenBLAS
-    GEMM for prompts; torch elsewhere (see `linear.py`). `linear_group` batches independent
-    decode products into one parallel region.
+  * WKV over a sequence: Triton on CUDA tensors; on CPU the C loop over time (channels split
+    over threads), or the vectorized numpy loop where no C compiler is available.
+  * WKV single token (decode): the fused gated C step on CPU (`fused.wkv_step_gated`), the
+    sequence kernel with T=1 on CUDA.
+  * linear: on CPU float32 the C matrix-vector kernel for decode-sized inputs, torch GEMM for
+    prompts; torch elsewhere (see `linear.py`). `linear_group` batches independent decode
+    products into one parallel region.
+  * the element-wise ops of a decode step (`fused.py`): C on CPU float32, torch elsewhere.
 `backend=` forces one ("reference", "cpu", "triton").
 """
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group, linear_reference
-from .wkv_cpu import wkv_cpu, wkv_cpu_step
+from .wkv_cpu import wkv_cpu, wkv_cpu_step, wkv_numpy
 from .wkv_reference import P_INIT, new_wkv_state, wkv_reference
 
 

@@ -60,7 +60,8 @@ def _library():
     lib.wkv_step_gated.argtypes = [_VP] * 9 + [_I64, _I64]
     lib.relu_square.argtypes = [_VP, _I64]
     lib.add_gated.argtypes = [_VP, _VP, _VP, _I64]
-    for f in (lib.matvec_group, lib.ln_shift_mix, lib.wkv_step_gated, lib.relu_square, lib.add_gated):
+    lib.wkv_seq.argtypes = [_VP] * 8 + [_I64] * 4
+    for f in (lib.matvec_group, lib.ln_shift_mix, lib.wkv_step_gated, lib.relu_square, lib.add_gated, lib.wkv_seq):
         f.restype = None
     return lib
 
@@ -112,3 +113,13 @@ def relu_square_(k):
 def add_gated_(x, r, v):
     _library().add_gated(x.data_ptr(), r.data_ptr(), v.data_ptr(), x.numel())
     return x
+
+
+def wkv_seq(w, u, k, v, state):
+    """WKV over [B, T, C] float32 contiguous k, v; returns y and a new state (inputs untouched)."""
+    B, T, C = k.shape
+    a, b, p = (t.clone() for t in state)
+    y = torch.empty(B, T, C)
+    _library().wkv_seq(w.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
+                       a.data_ptr(), b.data_ptr(), p.data_ptr(), B, T, C, torch.get_num_threads())
+    return y, (a, b, p)

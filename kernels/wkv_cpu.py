@@ -1,22 +1,35 @@
-"""Vectorized CPU WKV: a loop over time, each step one set of numpy ufuncs over all (B, C).
+"""CPU WKV, same signature and numerics as `wkv_reference` (running-max form, see that module).
 
-Same signature and numerics as `wkv_reference` (running-max form, see that module), but the
-per-step work runs on preallocated float32 buffers with `out=` so a step costs a few microseconds
-of dispatch instead of a dozen fresh torch tensors. Inputs and outputs are torch tensors sharing
-memory with the numpy views; nothing is copied except k and v when they are not float32.
+Two implementations: the C loop in `csrc/cpu_ops.c` (each thread owns a slice of the channels and
+walks time with the state in registers) and, where no C compiler is available, a numpy loop over
+time whose per-step work runs on preallocated float32 buffers with `out=` (a few microseconds of
+dispatch per step instead of a dozen fresh torch tensors).
 """
 import numpy as np
 import torch
 
+from . import cpu_c
 from .wkv_reference import new_wkv_state
 
 
 def wkv_cpu(w, u, k, v, state=None):
-    """WKV over a sequence on CPU in float32.
+    """WKV over a sequence on CPU in float32: the C loop (`cpu_c.wkv_seq`, channels split over
+    threads) where it is available, else the numpy loop below.
 
     w, u: [C] float32. k, v: [B, T, C]. state: (a, b, p) each [B, C] float32, or None.
     Returns y [B, T, C] float32 and a new state (a, b, p); the input state is not modified.
     """
+    B, T, C = k.shape
+    if state is None:
+        state = new_wkv_state(B, C)
+    if cpu_c.available():
+        f32 = [t.detach().to(torch.float32).contiguous() for t in (w, u, k, v)]
+        return cpu_c.wkv_seq(*f32, tuple(s.detach().to(torch.float32).contiguous() for s in state))
+    return wkv_numpy(w, u, k, v, state)
+
+
+def wkv_numpy(w, u, k, v, state):
+    """The numpy loop: one set of ufuncs over all (B, C) per time step."""
     B, T, C = k.shape
     if state is None:
         state = new_wkv_state(B, C)

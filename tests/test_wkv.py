@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import wkv_cpu, wkv_cpu_step, wkv_reference
+from kernels import wkv_cpu, wkv_cpu_step, wkv_numpy, wkv_reference
 
 
 def make_inputs(B, T, C, seed=0, k_scale=5.0):
@@ -25,11 +25,12 @@ def assert_state_close(s, ref, rtol):
     torch.testing.assert_close(b.double(), rb, rtol=rtol, atol=rtol * float(rb.abs().max()))
 
 
+@pytest.mark.parametrize("impl", [wkv_cpu, lambda w, u, k, v: wkv_numpy(w, u, k, v, None)], ids=["c", "numpy"])
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (1, 1, 768), (2, 7, 33), (3, 64, 96), (1, 1000, 64), (2, 4096, 16)])
-def test_wkv_cpu_matches_float64_reference(B, T, C):
+def test_wkv_cpu_matches_float64_reference(B, T, C, impl):
     w, u, k, v = make_inputs(B, T, C)
     y_ref, s_ref = wkv_reference(w.double(), u.double(), k.double(), v.double())
-    y, s = wkv_cpu(w, u, k, v)
+    y, s = impl(w, u, k, v)
     assert y.dtype == torch.float32 and y.shape == (B, T, C)
     # a and b are float32 running sums of up to T terms: worst-case rounding grows linearly in T
     # (a few float32 ulps per step; |v| ~ 1). The official implementations share this bound.

@@ -132,3 +132,30 @@ void relu_square(float *k, int64_t n) {
 void add_gated(float *x, const float *r, const float *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += v[i] / (1.0f + expf(-r[i]));
 }
+
+/* WKV over a sequence (running-max form, see kernels/wkv_reference.py): k, v, y [B, T, C];
+ * state a, b, p [B, C] updated in place. Channels are independent: split over threads. */
+void wkv_seq(const float *w, const float *u, const float *k, const float *v, float *y,
+             float *a, float *b, float *p, int64_t B, int64_t T, int64_t C, int64_t nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t bc = 0; bc < B * C; bc++) {
+        int64_t bi = bc / C, c = bc % C;
+        float aa = a[bc], bb = b[bc], pp = p[bc], ww = w[c], uu = u[c];
+        const float *kb = k + bi * T * C + c, *vb = v + bi * T * C + c;
+        float *yb = y + bi * T * C + c;
+        for (int64_t t = 0; t < T; t++) {
+            float kk = kb[t * C], vv = vb[t * C];
+            float uk = uu + kk;
+            float q = pp > uk ? pp : uk;
+            float e1 = expf(pp - q), e2 = expf(uk - q);
+            yb[t * C] = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+            float wp = pp + ww;
+            q = wp > kk ? wp : kk;
+            e1 = expf(wp - q); e2 = expf(kk - q);
+            aa = e1 * aa + e2 * vv;
+            bb = e1 * bb + e2;
+            pp = q;
+        }
+        a[bc] = aa; b[bc] = bb; p[bc] = pp;
+    }
+}

@@ -1,0 +1,83 @@
+"""Sequence mode vs token mode: the same prompt fed in one call and one token per call.
+
+    python -m bench.modes --model rwkv-4-pile-169m --prompt-tokens 512
+
+Sequence mode runs matrix-matrix products and one WKV scan over time; token mode is the decode
+step. Both start from a fresh state on the same random prompt ids (seeded); the time is the median
+of --repeats runs after one warm-up. With `--peer` also BlinkDL's `rwkv` package (`cpu fp32`,
+JIT on) on the same checkpoint and prompt, sequence mode (its whole prompt in one call).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _median_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="rwkv-4-pile-169m")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--peer", action="store_true", help="also time BlinkDL's rwkv package")
+    args = ap.parse_args(argv)
+    if args.prompt_tokens < 1:
+        ap.exit(2, "bench.modes: error: --prompt-tokens must be >= 1\n")
+    torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(args.threads)
+    import rwkv_engine
+    try:
+        model = rwkv_engine.load(args.model, checkpoint=args.checkpoint)
+    except ValueError as e:
+        ap.exit(2, f"bench.modes: error: {e}\n")
+    ids = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def sequence():
+        model.forward(ids, model.new_state(1))
+
+    def token():
+        state = model.new_state(1)
+        for t in range(ids.shape[1]):
+            model.forward(ids[:, t:t + 1], state)
+
+    seq_s = _median_time(sequence, args.repeats)
+    tok_s = _median_time(token, max(1, args.repeats // 3))
+    n = args.prompt_tokens
+    rows = [("ours, sequence mode", seq_s), ("ours, token mode", tok_s)]
+    if args.peer:
+        os.environ.setdefault("RWKV_JIT_ON", "1")
+        os.environ.setdefault("RWKV_CUDA_ON", "0")
+        try:
+            from rwkv.model import RWKV as Official
+        except ImportError:
+            print("peer skipped: the `rwkv` package is not installed", file=sys.stderr)
+        else:
+            off = Official(model=str(model.source)[:-len(".pth")], strategy="cpu fp32", verbose=False)
+            ids_list = ids[0].tolist()
+            rows.append(("rwkv package, sequence", _median_time(lambda: off.forward(ids_list, None), args.repeats)))
+    weights = "synthetic weights" if model.synthetic else model.source
+    print(f"{args.model} ({weights}), {n}-token prompt, {args.threads} threads, median of {args.repeats}")
+    print(f"{'mode':<26}{'time (s)':>10}{'tokens/s':>11}")
+    for name, s in rows:
+        print(f"{name:<26}{s:>10.3f}{n / s:>11.1f}")
+    print(f"sequence / token mode throughput: {tok_s / seq_s:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
