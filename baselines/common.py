@@ -193,17 +193,7 @@ class TransformerLM:
     __call__ = forward
 
     def check_tokens(self, tokens):
-        if isinstance(tokens, (list, tuple)):
-            tokens = torch.tensor(tokens, dtype=torch.long)
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be a LongTensor [B, T] or a list of ints, got {getattr(tokens, 'dtype', type(tokens))}")
-        if tokens.dim() == 1:
-            tokens = tokens[None]
-        if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}")
-        if bool(((tokens < 0) | (tokens >= self.vocab_size)).any()):            # one sync
-            generation.check_token_ids(tokens, self.vocab_size)
-        return tokens.to(self.device, torch.long)
+        return generation.as_token_batch(tokens, self.vocab_size, self.device)
 
     def _check_cache(self, cache, B, T):
         if not isinstance(cache, KVCache):

@@ -14,6 +14,8 @@ STYLE = {"rwkv": ("tab:red", "o"), "pythia": ("tab:blue", "s"), "opt": ("tab:gre
          "gpt-neo": ("tab:purple", "D"), "bloom": ("tab:orange", "v")}
 DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
 PARAMS = FuncFormatter(lambda x, _: f"{x / 1e9:g}B" if x >= 1e9 else f"{x / 1e6:g}M")
+# minor ticks of a log axis: label only 2x, 3x and 5x a power of ten, so the labels do not collide
+PARAMS_MINOR = FuncFormatter(lambda x, _: PARAMS(x) if f"{x:.0e}"[0] in "235" else "")
 PROTOCOL_LABELS = {"kv-cache": "transformers with KV cache", "paper": "paper protocol: transformers without KV cache"}
 
 
@@ -27,7 +29,7 @@ def _family_lines(ax, rows, y_of):
                     label=FAMILY_LABELS.get(fam, fam), lw=2 if fam == RWKV else 1.3)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(PARAMS)
-    ax.xaxis.set_minor_formatter(PARAMS)
+    ax.xaxis.set_minor_formatter(PARAMS_MINOR)
     ax.set_ylim(bottom=0)
     ax.grid(True, which="both", alpha=0.3)
 

@@ -67,6 +67,21 @@ def prompt_to_ids(prompt, tokenizer, vocab_size):
     return ids
 
 
+def as_token_batch(tokens, vocab_size, device):
+    """What model.forward accepts -> LongTensor [B, T] on `device`, validated (one-line errors)."""
+    if isinstance(tokens, (list, tuple)):
+        tokens = torch.tensor(tokens, dtype=torch.long)
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be a LongTensor [B, T] or a list of ints, got {getattr(tokens, 'dtype', type(tokens))}")
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}")
+    if bool(((tokens < 0) | (tokens >= vocab_size)).any()):            # one device sync
+        check_token_ids(tokens, vocab_size)
+    return tokens.to(device, torch.long)
+
+
 def check_token_ids(ids, vocab_size):
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import kernels
 
 from .config import RWKVConfig
+from .generation import as_token_batch
 from .state import State
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -170,18 +171,7 @@ class RWKV:
     __call__ = forward
 
     def _check_tokens(self, tokens):
-        if isinstance(tokens, (list, tuple)):
-            tokens = torch.tensor(tokens, dtype=torch.long)
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be a LongTensor [B, T] or a list of ints, got {getattr(tokens, 'dtype', type(tokens))}")
-        if tokens.dim() == 1:
-            tokens = tokens[None]
-        if tokens.dim() != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
-            raise ValueError(f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} out of range [0, {self.vocab_size})")
-        return tokens.to(self.device, torch.long)
+        return as_token_batch(tokens, self.vocab_size, self.device)
 
     def _ln(self, x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, self.config.layer_norm_eps)
