@@ -1,8 +1,11 @@
 """python -m rwkv_engine.serve --model NAME [options]: see `python -m rwkv_engine.serve --help`."""
 import argparse
 import logging
+import signal
 import socket
 import sys
+
+import uvicorn
 
 
 def parse_args(argv=None):
@@ -41,10 +44,23 @@ def bind(host, port):
     return sock
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: uvicorn stops accepting connections; the scheduler stops admitting, lets
+    in-flight requests run `grace_s` more seconds, then ends them (a stream gets a last chunk with
+    finish_reason "cancelled"), so every connection closes cleanly and the process exits 0."""
+
+    def __init__(self, config, scheduler, grace_s):
+        super().__init__(config)
+        self.scheduler, self.grace_s = scheduler, grace_s
+
+    def handle_exit(self, sig, frame):
+        if not self.should_exit:
+            self.scheduler.drain(self.grace_s)
+        super().handle_exit(sig, frame)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    import uvicorn
-
     import rwkv_engine
     from .api import Limits, create_app
     from .prefix_cache import PrefixCache
@@ -63,8 +79,10 @@ def main(argv=None):
     ready = lambda: print(f"rwkv_engine.serve: {model!r} ready at http://{host}:{port}", flush=True)
     app = create_app(scheduler, args.model, Limits(args.max_prompt_tokens, args.max_tokens), on_ready=ready)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    server = DrainingServer(config, scheduler, args.shutdown_timeout)
+    for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn re-raises the signal it shut down on
+        signal.signal(sig, lambda *_: None)           # after the graceful shutdown: make that a no-op
     server.run(sockets=[sock])
     return 0 if server.started else 1
 

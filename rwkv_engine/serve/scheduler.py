@@ -102,7 +102,8 @@ class Scheduler:
         self.waiting, self.prefilling, self.decoding = deque(), [], []
         self.batch_state: Optional[State] = None       # rows in the order of self.decoding
         self._cond = threading.Condition()
-        self._stopping = False
+        self._stopping = self._closed = self._cancel_requested = False
+        self._drain_timer = None
         self._thread = threading.Thread(target=self._run, name="rwkv-scheduler", daemon=True)
 
     # -- called from other threads --------------------------------------------------------------
@@ -113,7 +114,7 @@ class Scheduler:
     def submit(self, job: Job):
         """Queue a job (raises QueueFull or ShuttingDown). Events arrive through job.emit."""
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._closed:
                 raise ShuttingDown("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
@@ -128,8 +129,23 @@ class Scheduler:
         with self._cond:
             self._cond.notify()
 
+    def drain(self, grace_s):
+        """Stop admitting now; cancel whatever is still in flight after `grace_s` seconds."""
+        with self._cond:
+            self._closed = True
+        self._drain_timer = threading.Timer(grace_s, self._request_cancel_all)
+        self._drain_timer.daemon = True
+        self._drain_timer.start()
+
+    def _request_cancel_all(self):
+        with self._cond:
+            self._cancel_requested = True
+            self._cond.notify()
+
     def stop(self, timeout=30.0):
         """Stop admitting, cancel what is in flight, and join the thread."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -148,6 +164,9 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     break
+                if self._cancel_requested:
+                    for job in list(self.waiting) + self.prefilling + [s.job for s in self.decoding]:
+                        job.cancel()
                 self._admit()
             try:
                 self._prefill()
