@@ -16,7 +16,6 @@ measurement in a fresh process, same prompt, sampling and thread count) -- the s
 The server is started on a free port and always stopped (also on an error or Ctrl-C).
 Outputs: a table, JSON (--json) and a PNG plot (--plot).
 """
-import argparse
 import asyncio
 import json
 import os

@@ -157,11 +157,14 @@ class JobBuilder:
             raise ApiError(400, f"stop holds {len(stop)} strings; at most 4 are allowed", "stop")
         if stop and self.tokenizer is None:
             raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
-        sampling = SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0)
+        try:
+            sampling = SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=body.repetition_penalty or 1.0)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
         return Job(prompt=ids, max_tokens=max_tokens, sampling=sampling, n=n, seed=body.seed,
                    stop=tuple(stop) + tuple(extra_stop), stop_at_eos=not body.ignore_eos)
 
