@@ -213,3 +213,22 @@ def test_text_tracker_holds_back_and_cuts_stop_strings():
     for i in ids:
         plain.add(i)
     assert plain.delta() == "Hello world, héllo\n\nUser: more"
+
+
+def test_a_failing_job_ends_with_error_and_the_others_go_on(tiny_model, scheduler_factory):
+    class Failing(Recorder):
+        def forward(self, tokens, state):
+            if int(tokens[0, 0]) == 999:
+                raise RuntimeError("boom")
+            return self.model.forward(tokens, state)
+
+    s = scheduler_factory(model=Failing(tiny_model))
+    events = []
+    bad = job([999, 1, 2])
+    bad.emit = events.append
+    s.submit(bad)
+    (good,), _ = run(s, [job([1, 2, 3], max_tokens=5)])
+    assert len(good[0]) == 5
+    assert [(e.finish_reason, e.error) for e in events] == [("error", "RuntimeError: boom")]
+    with pytest.raises(ValueError, match="n <= max_batch"):
+        s.submit(Job(prompt=[1], max_tokens=1, n=s.max_batch + 1))

@@ -113,6 +113,9 @@ class Scheduler:
 
     def submit(self, job: Job):
         """Queue a job (raises QueueFull or ShuttingDown). Events arrive through job.emit."""
+        if not job.prompt or job.max_tokens < 1 or not 1 <= job.n <= self.max_batch:
+            raise ValueError(f"a job needs a prompt, max_tokens >= 1 and 1 <= n <= max_batch={self.max_batch}; "
+                             f"got {len(job.prompt)} prompt tokens, max_tokens={job.max_tokens}, n={job.n}")
         with self._cond:
             if self._stopping or self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -168,11 +171,7 @@ class Scheduler:
                     for job in list(self.waiting) + self.prefilling + [s.job for s in self.decoding]:
                         job.cancel()
                 self._admit()
-            try:
-                self._prefill()
-            except Exception as e:                        # noqa: BLE001 - one bad job, not the server
-                log.exception("prefill failed")
-                self._fail(self.prefilling.pop(0), e)
+            self._prefill()
             try:
                 self._decode()
             except Exception as e:                        # noqa: BLE001
@@ -202,17 +201,34 @@ class Scheduler:
             self._end_job(job, "cancelled")
         while self.prefilling and budget > 0:
             job = self.prefilling[0]
-            if job.state is None:
-                self._start_prefill(job)
-            if job.pos < len(job.prompt):
-                end = min(len(job.prompt), (job.pos // self.chunk + 1) * self.chunk)
-                if end - job.pos > budget and budget < self.chunk:
-                    break
-                budget -= end - job.pos
-                self._run_chunk(job, end)
-            if job.pos == len(job.prompt):
-                self.prefilling.pop(0)
-                self._start_streams(job)
+            try:
+                ran = self._prefill_job(job, budget)
+            except Exception as e:                        # noqa: BLE001 - one bad job, not the server
+                log.exception("prefill failed")
+                if job in self.prefilling:
+                    self.prefilling.remove(job)
+                self._fail(job, e)
+                continue
+            if ran is None:
+                break
+            budget -= ran
+
+    def _prefill_job(self, job, budget):
+        """Run the job's next chunk if it fits in `budget` (None if not); start its streams when
+        the prompt is done. Returns the number of tokens run."""
+        if job.state is None:
+            self._start_prefill(job)
+        ran = 0
+        if job.pos < len(job.prompt):
+            end = min(len(job.prompt), (job.pos // self.chunk + 1) * self.chunk)
+            if end - job.pos > budget and budget < self.chunk:
+                return None
+            ran = end - job.pos
+            self._run_chunk(job, end)
+        if job.pos == len(job.prompt):
+            self.prefilling.remove(job)
+            self._start_streams(job)
+        return ran
 
     def _start_prefill(self, job):
         hit = self.cache.lookup(job.prompt) if self.cache is not None else None
@@ -247,7 +263,7 @@ class Scheduler:
         for i in range(job.n):
             state = job.state if i == job.n - 1 else job.state.clone()
             s = Stream(job, i, state, self.model.vocab_size, self.tokenizer, self.model.device)
-            self._accept(s, job.logits)
+            self._accept_or_fail(s, job.logits)
             if not s.done:
                 joined.append(s)
         job.state = job.logits = None
@@ -271,8 +287,15 @@ class Scheduler:
         self.metrics.batch_size.set(len(self.decoding))
         self.metrics.decode_batch.observe(len(self.decoding))
         for row, s in enumerate(self.decoding):
-            self._accept(s, logits[row:row + 1])
+            self._accept_or_fail(s, logits[row:row + 1])
         self._retire()
+
+    def _accept_or_fail(self, s: Stream, logits):
+        try:
+            self._accept(s, logits)
+        except Exception as e:                            # noqa: BLE001 - e.g. non-finite logits: this stream only
+            log.exception("sampling failed")
+            self._finish(s, "error", error=f"{type(e).__name__}: {e}")
 
     def _accept(self, s: Stream, logits):
         """Sample one token for stream `s` from logits (1, V) and send what it adds."""
