@@ -177,7 +177,8 @@ class Scheduler:
             except Exception as e:                        # noqa: BLE001
                 log.exception("decode step failed")
                 for s in self.decoding:
-                    self._finish(s, "error", error=str(e))
+                    if not s.done:
+                        self._finish(s, "error", error=f"{type(e).__name__}: {e}")
                 self._retire()
         self._cancel_all()
 
