@@ -16,6 +16,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="checkpoint for a registered name (default: synthetic weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
+    p.add_argument("--weights", default=None, help="weight format, as rwkv_engine.load(weights=...) (e.g. int8)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
     p.add_argument("--max-batch", type=int, default=32, help="streams decoded together (default 32)")
@@ -68,9 +69,10 @@ def main(argv=None):
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        model = rwkv_engine.load(args.model, device=args.device, dtype=args.dtype, checkpoint=args.checkpoint)
+        extra = {"weights": args.weights} if args.weights else {}
+        model = rwkv_engine.load(args.model, device=args.device, dtype=args.dtype, checkpoint=args.checkpoint, **extra)
         sock = bind(args.host, args.port)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TypeError) as e:
         print(f"rwkv_engine.serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     cache = PrefixCache(int(args.prefix_cache_mb * 2**20), args.prefill_chunk) if args.prefix_cache_mb else None
