@@ -236,7 +236,10 @@ def test_sigterm_finishes_cleanly_with_exit_0(small_server):
             lines = r.iter_lines()
             assert next(l for l in lines if l.startswith("data:"))
             s.proc.send_signal(signal.SIGTERM)
-            assert s.http.post("/v1/completions", json=body()).status_code == 503  # admits no more
+            try:                                       # admits no more: 503, or no connection at all
+                assert s.http.post("/v1/completions", json=body()).status_code == 503
+            except httpx.TransportError:
+                pass
             rest = [l for l in lines if l]             # cancelled after the 1 s grace period
             assert rest[-1] == "data: [DONE]"
             assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
