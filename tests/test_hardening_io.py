@@ -376,3 +376,28 @@ def test_a_real_checkpoint_is_not_labelled_synthetic(tiny_pth, tmp_path):
     assert convert_main([str(tiny_pth), str(tmp_path / "r.safetensors")]) == 0
     assert not rwkv_engine.load(str(tmp_path / "r.safetensors")).synthetic
     assert not rwkv_engine.load(str(tiny_pth)).synthetic
+
+
+# ---------------------------------------------------------------------------------------------
+# 9.21 weights.md's download commands parse with the huggingface_hub CLI it names
+
+def test_weights_md_download_commands_parse_with_the_named_cli():
+    import re
+    import shlex
+    import warnings
+    from pathlib import Path
+    import huggingface_hub
+    from huggingface_hub.cli.hf import app
+    text = (Path(__file__).parents[1] / "weights.md").read_text()
+    assert not any(line.startswith("huggingface-cli") for line in text.splitlines())
+    named = tuple(int(x) for x in re.search(r"checked with (\d+)\.(\d+)", text).groups())
+    assert tuple(int(x) for x in huggingface_hub.__version__.split(".")[:2]) >= named
+    commands = [line for line in text.splitlines() if line.startswith("hf download ")]
+    assert len(commands) >= 3
+    for line in commands:
+        ctx = app.make_context("hf", shlex.split(line)[1:])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            name, sub, rest = app.resolve_command(ctx, [*ctx.protected_args, *ctx.args])
+        params = sub.make_context(name, rest).params                     # raises on an unknown option
+        assert name == "download" and params["local_dir"]
