@@ -1,7 +1,8 @@
 """Loading Hugging Face checkpoints of the four families, validating them, and writing synthetic ones.
 
 A checkpoint is a directory: config.json + model.safetensors | pytorch_model.bin | a sharded
-*.index.json. Tensors are read lazily (safetensors `safe_open`; `.bin` only through
+*.index.json, read through rwkv_engine.files (the readers, checks and atomic writes the engine uses
+too). Tensors are read lazily (safetensors `safe_open`; `.bin` only through
 `torch.load(weights_only=True, mmap=True)`), validated one by one (known key, shape, float dtype,
 finite) and cast to the model's dtype/device as they come, so nothing is held twice.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rwkv_engine import Tokenizer, tokenizer as neox_tokenizer
+from rwkv_engine.config import as_device
 from rwkv_engine.files import (CheckpointError, atomic_dir, dtype_problem, first_line, open_weights,
                                read_config_json, synthetic_path, value_problem, weight_files, write_safetensors)
 from rwkv_engine.model import as_dtype
@@ -114,9 +116,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, protocol=
     which must match the name's shapes. protocol: "kv-cache" (default) or "paper" (no cache, the
     whole sequence recomputed at every step, as the paper's Appendix K benchmark did).
     """
-    dtype, device = as_dtype(dtype), torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    dtype, device = as_dtype(dtype), as_device(device)
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     name = canonical_name(name_or_path) if isinstance(name_or_path, str) else None

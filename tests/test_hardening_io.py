@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,7 +338,7 @@ def test_hub_name_loads_the_registered_model(monkeypatch):
     monkeypatch.setitem(ALIASES, "rwkv-4-tiny-pile", "rwkv-4-tiny")
     model = rwkv_engine.load("RWKV/rwkv-4-tiny-pile")
     assert model.config.name == "rwkv-4-tiny" and model.synthetic
-    assert rwkv_engine.resolve("someone/rwkv-4-pile-169m") == (None, rwkv_engine.Path("someone/rwkv-4-pile-169m"))
+    assert rwkv_engine.resolve("someone/rwkv-4-pile-169m") == (None, Path("someone/rwkv-4-pile-169m"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +348,7 @@ def test_hub_name_loads_the_registered_model(monkeypatch):
                                               ("nonsense", "unknown device 'nonsense'")])
 def test_load_accepts_only_cpu_and_cuda(tiny_pth, device, message):
     one_line_error(ValueError, lambda: rwkv_engine.load(str(tiny_pth), device=device), message)
+    one_line_error(ValueError, lambda: baselines.load("pythia-160m", device=device), message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +387,6 @@ def test_weights_md_download_commands_parse_with_the_named_cli():
     import re
     import shlex
     import warnings
-    from pathlib import Path
     import huggingface_hub
     from huggingface_hub.cli.hf import app
     text = (Path(__file__).parents[1] / "weights.md").read_text()
