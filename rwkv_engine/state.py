@@ -80,7 +80,17 @@ class State:
         """Raise a one-line ValueError unless every field is a (n_layer, batch_size, n_embd) tensor on
         `device`, att_x/ffn_x of the model's `dtype` and att_a/b/p float32. Metadata only: cheap."""
         want = (n_layer, batch_size, n_embd)
-        device = torch.device(device)
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        try:                                                # the common case, in a few microseconds
+            if self.att_x.dtype == self.ffn_x.dtype == dtype and \
+                    self.att_a.dtype == self.att_b.dtype == self.att_p.dtype == torch.float32 and \
+                    self.att_x.shape == self.ffn_x.shape == self.att_a.shape == self.att_b.shape == \
+                    self.att_p.shape == want and \
+                    self.att_x.device == self.ffn_x.device == self.att_a.device == self.att_b.device == \
+                    self.att_p.device == device:
+                return self
+        except AttributeError:                              # not tensors: the loop below says which
+            pass
         for name, t in self.tensors().items():
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{source}.{name} is a {type(t).__name__}, expected a tensor")
