@@ -218,6 +218,9 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="c
     def randn(*shape, std=1.0):
         return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
+    def noise(n):                                    # float32 jitter, rounded only once
+        return torch.randn(n, generator=g, device=device) * 0.3
+
     ramp = torch.arange(C, dtype=torch.float32, device=device) / C
     sd = {"emb.weight": randn(V, C, std=0.1)}
     for i in range(L):
@@ -230,9 +233,9 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="c
             sd[b + ln + ".weight"] = (1 + randn(C, std=0.05)).to(dtype)
             sd[b + ln + ".bias"] = randn(C, std=0.02)
         decay = -6 + 13 * (torch.arange(C, device=device) / (C - 1)) ** (0.7 + 1.3 * r01)
-        sd[b + "att.time_decay"] = (decay + randn(C, std=0.3).float()).to(dtype)
+        sd[b + "att.time_decay"] = (decay + noise(C)).to(dtype)
         zigzag = 0.5 * ((torch.arange(C, device=device) + 1) % 3 - 1)
-        sd[b + "att.time_first"] = (math.log(0.3) + zigzag + randn(C, std=0.3).float()).to(dtype)
+        sd[b + "att.time_first"] = (math.log(0.3) + zigzag + noise(C)).to(dtype)
         for name, power in (("time_mix_k", r10), ("time_mix_v", r10 + 0.3 * r01), ("time_mix_r", 0.5 * r10)):
             sd[b + "att." + name] = (ramp ** power).reshape(1, 1, C).to(dtype)
         for name in ("key", "value", "receptance", "output"):

@@ -168,3 +168,15 @@ def test_dtype_and_value_problems():
     assert "NaN or Inf" in files.value_problem(torch.tensor([1.0, float("nan")]))
     assert "magnitude 3e+38" in files.value_problem(torch.tensor([0.0, 3e38]))
     assert "magnitude 7e+04" in files.value_problem(torch.tensor([-70000.0]), chunk=1)
+
+
+def test_synthetic_generator_takes_a_device_and_is_unchanged_on_cpu(tiny_cfg):
+    """bench.gpu_check draws the same recipe on the GPU through device=; on the CPU the values are the
+    ones every cached synthetic checkpoint holds (fixed reference values)."""
+    from rwkv_engine.checkpoint import synthetic_state_dict
+    a = synthetic_state_dict(tiny_cfg, seed=7)
+    b = synthetic_state_dict(tiny_cfg, seed=7, device="cpu")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(1000, 96, generator=g) * 0.1
+    assert torch.equal(a["emb.weight"], emb)
