@@ -17,6 +17,15 @@ def _need(d, *keys):
     raise ValueError(f"missing key {keys[0]!r}")
 
 
+def _check_number(key, value, low, high=math.inf, high_ok=False):
+    """value must be a real number with low < value < high (<= high with high_ok), else ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low < value and \
+        (value <= high if high_ok else value < high)
+    if not ok:
+        bound = f"in ({low:g}, {high:g}{']' if high_ok else ')'}" if math.isfinite(high) else f"> {low:g}"
+        raise ValueError(f"config {key} must be a number {bound}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class _Common:
     n_layer: int
@@ -46,6 +55,7 @@ class _Common:
                 raise ValueError(f"config {key} must be a positive int, got {getattr(self, key)!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"config n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        _check_number("layer_norm_eps", self.layer_norm_eps, low=0.0)
 
     @property
     def head_dim(self):
@@ -105,6 +115,11 @@ class GPTNeoXConfig(_Common):
     head: ClassVar[str] = "embed_out.weight"
     key_aliases: ClassVar[dict] = {"lm_head.weight": "embed_out.weight"}  # transformers 5 in memory
     position_limit: ClassVar[bool] = False  # rotary positions extrapolate (badly) but index no table
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_number("rotary_pct", self.rotary_pct, low=0.0, high=1.0, high_ok=True)
+        _check_number("rotary_base", self.rotary_base, low=0.0)
 
     @property
     def rotary_dims(self):
@@ -235,6 +250,8 @@ class GPTNeoConfig(_Common):
             object.__setattr__(self, "attention_layers", tuple(("global", "local")[i % 2] for i in range(self.n_layer)))
         object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
         super().__post_init__()
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"config window_size must be a positive int, got {self.window!r}")
         if len(self.attention_layers) != self.n_layer or set(self.attention_layers) - {"global", "local"}:
             raise ValueError(f"config attention_layers must give 'global'/'local' for each of {self.n_layer} layers")
 

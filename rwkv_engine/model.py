@@ -150,9 +150,8 @@ class RWKV:
             state = self.new_state(B)
         elif not isinstance(state, State):
             raise ValueError(f"state must be a rwkv_engine.State, got {type(state).__name__}")
-        elif state.att_x.shape != (self.config.n_layer, B, self.config.n_embd):
-            raise ValueError(f"state has shape {list(state.att_x.shape)}, expected "
-                             f"{[self.config.n_layer, B, self.config.n_embd]} for {B} streams")
+        else:
+            state.check(self.config.n_layer, B, self.config.n_embd, self.device, self.dtype)
         # token mode works on x (B, C) in place; sequence mode on x (B, T, C)
         x = self.emb[tokens[:, 0]] if T == 1 else self.emb[tokens]
         step = self._token_block if T == 1 else self._sequence_block
