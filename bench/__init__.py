@@ -10,7 +10,9 @@ Every measurement runs in a fresh child process (`bench._run_one`); see `bench.m
 peak memory excluding parameters is measured.
 """
 
-# The paper's prompt: a leading newline, then one paragraph (41 tokens with the 20B tokenizer).
+# The paper's prompt: a leading newline, then one paragraph: PROMPT_TOKENS tokens with the 20B
+# tokenizer (tests/test_bench.py checks the count); memory and time estimates use that length.
 DRAGON_PROMPT = ("\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, "
                  "previously unexplored valley, in Tibet. Even more surprising to the researchers was "
                  "the fact that the dragons spoke perfect Chinese.")
+PROMPT_TOKENS = 41
