@@ -6,8 +6,10 @@
     python -m bench.seqlen      memory and per-token latency against position, up to 16k tokens
     python -m bench.peers       the same checkpoint through our engine, BlinkDL's rwkv, transformers
 
-Every measurement runs in a fresh child process (`bench._run_one`); see `bench.memory` for how
-peak memory excluding parameters is measured.
+Every measurement runs in a fresh child process (`bench.runner`, which measures the implementations
+registered in `bench.runners`) that dies with its parent; see `bench.memory` for how peak memory
+excluding parameters is measured and `bench.cpuload` for how the machine's load during a run is
+recorded. `bench.cli` holds what the commands share (one-line errors, argument and path checks).
 """
 
 # The paper's prompt: a leading newline, then one paragraph: PROMPT_TOKENS tokens with the 20B

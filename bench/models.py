@@ -102,12 +102,23 @@ def load(name, device="cpu", dtype="float32", checkpoint=None, protocol="kv-cach
     """Load `name` (optionally with real weights from `checkpoint`) through its own package.
     weights: the weight format (see WEIGHT_BYTES); passed on only when given."""
     kind, key = resolve(name)
-    extra = {} if weights is None else {"weights": weights}
     if kind == "rwkv":
         import rwkv_engine
-        return rwkv_engine.load(key, device=device, dtype=dtype, checkpoint=checkpoint, **extra)
+        return _call(rwkv_engine.load, weights, key, device=device, dtype=dtype, checkpoint=checkpoint)
     import baselines
-    return baselines.load(key, device=device, dtype=dtype, protocol=protocol, checkpoint=checkpoint, **extra)
+    return _call(baselines.load, weights, key, device=device, dtype=dtype, protocol=protocol, checkpoint=checkpoint)
+
+
+def _call(loader, weights, *args, **kwargs):
+    """loader(*args, **kwargs), with weights=... only when a format is given (and a clear error
+    if this loader does not take one)."""
+    if weights is None:
+        return loader(*args, **kwargs)
+    import inspect
+    params = inspect.signature(loader).parameters
+    if "weights" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"--weights {weights}: {loader.__module__}.load takes no weight format in this version")
+    return loader(*args, weights=weights, **kwargs)
 
 
 def bytes_per_weight(dtype="float32", weights=None):

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench import PROMPT_TOKENS, models
-from bench.cli import OneLineParser, fail, fmt_bytes, positive_float, positive_int
+from bench.cli import OneLineParser, check_writable_dir, fail, fmt_bytes, positive_float, positive_int
 from bench.sweep import execute, read_rows, run_key
 
 DEFAULT_MODELS = ["rwkv-4-pile-169m", "pythia-160m", "opt-125m", "gpt-neo-125m", "bloom-560m"]
@@ -108,7 +108,8 @@ def main(argv=None):
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     try:
-        names = [models.canonical(n.strip()) for n in args.models.split(",") if n.strip()]
+        check_writable_dir(args.out, "--out")
+        names = list(dict.fromkeys(models.canonical(n.strip()) for n in args.models.split(",") if n.strip()))
         lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
     except ValueError as e:
         fail(prog, str(e))
