@@ -5,6 +5,8 @@
     python -m bench.sweep       every family x size that fits: Figures 13 and 14
     python -m bench.seqlen      memory and per-token latency against position, up to 16k tokens
     python -m bench.peers       the same checkpoint through our engine, BlinkDL's rwkv, transformers
+    python -m bench.modes       prompt throughput: sequence mode vs token mode
+    python -m bench.gpu_check   one-shot check of the Triton kernel and the CUDA path on a lent GPU
 
 Every measurement runs in a fresh child process (`bench.runner`, which measures the implementations
 registered in `bench.runners`) that dies with its parent; see `bench.memory` for how peak memory

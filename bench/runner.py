@@ -191,7 +191,7 @@ class Progress:
 
     def __call__(self, i):
         now = time.perf_counter()
-        if now - self.last >= self.every_s or (i == self.n and self.every_s == 0):
+        if now - self.last >= self.every_s:
             self.last = now
             print(f"{PROGRESS_PREFIX}decoding {i}/{self.n} tokens, {now - self.t0:.1f} s", file=sys.stderr, flush=True)
 

@@ -314,7 +314,10 @@ def test_sweep_rejects_bad_arguments(tmp_path, case):
     assert not out.exists()
 
 
-def test_sweep_models_are_deduplicated():
+def test_sweep_models_are_deduplicated(tmp_path):
+    p = cli("bench.sweep", "--models", f"{TINY},{TINY}", "--tokens", "4", "--repeats", "1", "--out", str(tmp_path),
+            "--dry-run")
+    assert p.returncode == 0 and p.stdout.count(TINY) == 1, p.stdout + p.stderr
     names = sweep.expand_models("rwkv-4-pile-169m,rwkv,RWKV-4-PILE-169M", sweep.PRESETS["quick"])
     assert names[0] == "rwkv-4-pile-169m" and names.count("rwkv-4-pile-169m") == 1
     assert names == list(dict.fromkeys(names)) and "rwkv-4-pile-430m" in names
