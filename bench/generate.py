@@ -124,15 +124,19 @@ def validate(args, prog):
         print(f"{prog}: warning: {args.model} may not fit: {why}", file=sys.stderr)
 
 
-def add_run_arguments(p):
-    """What every command that runs a model takes, with the same names and checks."""
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+def add_run_arguments(p, device_help=None, timeout_help="kill a run after this many seconds"):
+    """What every command that runs a model takes, with the same names and checks. device_help:
+    the device is a free-form list (bench.sweep: "cpu,cuda"), checked by the command."""
+    if device_help:
+        p.add_argument("--device", default="cpu", help=device_help)
+    else:
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default float32, as the paper)")
     p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
                    help="weight format (default: the same as --dtype)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all usable cores)")
-    p.add_argument("--timeout", type=positive_float, default=None, help="kill a run after this many seconds")
+    p.add_argument("--timeout", type=positive_float, default=None, help=timeout_help)
 
 
 def build_parser(prog="python -m bench.generate"):

@@ -260,11 +260,8 @@ def parse(argv):
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--models", help="comma-separated names or families (rwkv, pythia, opt, gpt-neo, bloom) "
                                     "instead of the preset's")
-    add_run_arguments(p)
-    p.set_defaults(device="cpu")
-    p._option_string_actions["--device"].choices = None          # cpu, cuda or cpu,cuda here
-    p._option_string_actions["--device"].help = "cpu, cuda or cpu,cuda"
-    p._option_string_actions["--timeout"].help = "seconds per run (default: 600 + 5x the roofline estimate)"
+    add_run_arguments(p, device_help="cpu, cuda or cpu,cuda",
+                      timeout_help="seconds per run (default: 600 + 5x the roofline estimate)")
     p.add_argument("--protocol", default="kv-cache", choices=["kv-cache", "paper"])
     p.add_argument("--tokens", type=positive_int, help="override the preset's token count")
     p.add_argument("--repeats", type=positive_int, help="override the preset's repeats")
