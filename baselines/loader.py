@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rwkv_engine.checkpoint import CheckpointError, cache_dir as engine_cache_dir
-from rwkv_engine.model import as_dtype
+from rwkv_engine import as_dtype
 from rwkv_engine.tokenizer import Tokenizer, tokenizer as neox_tokenizer
 
 from .bloom import Bloom

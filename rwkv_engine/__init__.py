@@ -10,14 +10,16 @@ import torch
 
 from .checkpoint import CheckpointError, read_checkpoint, write_synthetic, check_against_registry
 from .config import MODELS, RWKVConfig, get_config
-from .generation import GenerationResult, generate, stream
+from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
+from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
 from .model import RWKV
-from .sampling import SamplingParams, sample
+from .sampling import NonFiniteLogitsError, SamplingParams, sample
 from .state import State
-from .tokenizer import Tokenizer, tokenizer
+from .tokenizer import NEOX_VOCAB_SIZE, Tokenizer, tokenizer
 
 __all__ = ["load", "RWKV", "State", "RWKVConfig", "MODELS", "tokenizer", "Tokenizer", "generate", "stream",
-           "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic"]
+           "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic", "Model", "DTYPES",
+           "as_dtype", "as_token_batch", "prompt_to_ids", "Generation", "Step", "TextStream", "NonFiniteLogitsError"]
 
 
 def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None):
@@ -49,6 +51,6 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
         reg = get_config(name)
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, reg.ctx_len,
                          cfg.layer_norm_eps, name=reg.name)
-    tok = tokenizer() if cfg.vocab_size == 50277 else None
+    tok = tokenizer() if cfg.vocab_size == NEOX_VOCAB_SIZE else None
     return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
                 rescale_every=rescale_every)
