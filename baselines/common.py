@@ -151,7 +151,7 @@ class TransformerLM:
 
     def kv_cache_bytes(self, batch_size=1, seq_len=None):
         c = self.config
-        return 2 * c.n_layer * batch_size * c.n_embd * (seq_len or c.max_len) * self.dtype.itemsize
+        return 2 * c.n_layer * batch_size * c.attention_dim * (seq_len or c.max_len) * self.dtype.itemsize
 
     def new_state(self, batch_size=1, max_len=None, growable=False):
         """An empty KV cache for `batch_size` streams of up to `max_len` positions (default: the

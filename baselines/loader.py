@@ -23,14 +23,10 @@ from rwkv_engine.checkpoint import CheckpointError, cache_dir as engine_cache_di
 from rwkv_engine import as_dtype
 from rwkv_engine.tokenizer import Tokenizer, tokenizer as neox_tokenizer
 
-from .bloom import Bloom
 from .common import PaperProtocol
 from .config import MODELS, canonical_name, config_from_hf, get_config
-from .gpt_neo import GPTNeo
-from .gpt_neox import GPTNeoX
-from .opt import OPT
+from .family import FAMILIES
 
-FAMILIES = {"gpt_neox": GPTNeoX, "opt": OPT, "gpt_neo": GPTNeo, "bloom": Bloom}
 PROTOCOLS = ("kv-cache", "paper")
 
 # Non-parameter buffers some checkpoints carry: causal masks and rotary frequencies (recomputed here).
@@ -216,7 +212,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, protocol=
         check_against_registry(config, expect, path)
         config = dataclasses.replace(config, name=expect.name)
     sd = read_weights(path, config, device, dtype)
-    model = FAMILIES[config.model_type](config, sd, device=device, dtype=dtype,
+    model = FAMILIES[config.model_type].model(config, sd, device=device, dtype=dtype,
                                         source="synthetic" if synthetic else str(path), synthetic=synthetic,
                                         tokenizer=checkpoint_tokenizer(path, config), path=path)
     return PaperProtocol(model) if protocol == "paper" else model
