@@ -19,16 +19,12 @@ from rwkv_engine import Tokenizer, tokenizer as neox_tokenizer
 from rwkv_engine.config import as_device
 from rwkv_engine.files import (CheckpointError, atomic_dir, dtype_problem, first_line, open_weights,
                                read_config_json, synthetic_path, value_problem, weight_files, write_safetensors)
-from rwkv_engine.model import as_dtype
+from rwkv_engine import as_dtype
 
-from .bloom import Bloom
 from .common import PaperProtocol
 from .config import MODELS, canonical_name, config_from_hf, get_config
-from .gpt_neo import GPTNeo
-from .gpt_neox import GPTNeoX
-from .opt import OPT
+from .family import FAMILIES
 
-FAMILIES = {"gpt_neox": GPTNeoX, "opt": OPT, "gpt_neo": GPTNeo, "bloom": Bloom}
 PROTOCOLS = ("kv-cache", "paper")
 
 # Non-parameter buffers some checkpoints carry: causal masks and rotary frequencies (recomputed here).
@@ -140,7 +136,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, protocol=
         check_against_registry(config, expect, path)
         config = dataclasses.replace(config, name=expect.name)
     sd = read_weights(path, config, device, dtype)
-    model = FAMILIES[config.model_type](config, sd, device=device, dtype=dtype,
+    model = FAMILIES[config.model_type].model(config, sd, device=device, dtype=dtype,
                                         source="synthetic" if synthetic else str(path), synthetic=synthetic,
                                         tokenizer=checkpoint_tokenizer(path, config), path=path)
     return PaperProtocol(model) if protocol == "paper" else model

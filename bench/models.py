@@ -16,7 +16,7 @@ import psutil
 from bench import PROMPT_TOKENS
 
 RWKV = "rwkv"
-FAMILY_LABELS = {"rwkv": "RWKV-4", "pythia": "Pythia", "opt": "OPT", "gpt-neo": "GPT-Neo", "bloom": "Bloom"}
+RWKV_LABEL, RWKV_STYLE = "RWKV-4", ("tab:red", "o")
 MARGIN_BYTES = 512 << 20        # allocator slack, interpreter, libraries
 MARGIN_FRACTION = 0.10          # of the parameter bytes: conversion copies, fragmentation
 BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
@@ -67,6 +67,24 @@ def family_of(name):
     """'rwkv' or the baseline family ('pythia', 'opt', 'gpt-neo', 'bloom'); ValueError if unknown."""
     kind, _ = resolve(name)
     return RWKV if kind == "rwkv" else config(name).family
+
+
+def family_label(family):
+    """Legend label of a family: RWKV-4, or the label its baselines module registered."""
+    if family == RWKV:
+        return RWKV_LABEL
+    from baselines.family import by_name
+    registered = by_name(family)
+    return registered.label if registered else family
+
+
+def family_style(family):
+    """(color, marker) of a family in the plots, as registered by its module."""
+    if family == RWKV:
+        return RWKV_STYLE
+    from baselines.family import DEFAULT_STYLE, by_name
+    registered = by_name(family)
+    return registered.style if registered else DEFAULT_STYLE
 
 
 def canonical(name):
@@ -158,7 +176,7 @@ def runtime_bytes(name, tokens, prompt_tokens=PROMPT_TOKENS, protocol="kv-cache"
         prefill = prompt_tokens * (6 * C + 2 * F) * 4          # one layer's sequence-mode tensors
         return state + prefill + 2 * V * 4
     L, H, V, heads, ffn = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.ffn_dim
-    kv = 2 * L * T * H * b
+    kv = 2 * L * T * cfg.n_head * cfg.head_dim * b             # n_head * head_dim need not be n_embd
     if protocol == "paper":                                    # whole sequence every step, no cache
         scores = 2 * heads * T * T * 4                         # one layer's scores and softmax
         acts = T * (4 * H + 2 * ffn) * b                       # one layer's q, k, v, out, MLP

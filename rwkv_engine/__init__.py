@@ -6,16 +6,19 @@
 """
 from pathlib import Path
 
+
 from .checkpoint import CheckpointError, check_against_registry, read_checkpoint, read_metadata, write_synthetic
-from .config import MODELS, PILE_VOCAB, RWKVConfig, as_device, canonical_name, get_config
-from .generation import GenerationResult, generate, stream
+from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
+from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
+from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
 from .model import RWKV
-from .sampling import SamplingParams, sample
+from .sampling import NonFiniteLogitsError, SamplingParams, sample
 from .state import State
-from .tokenizer import Tokenizer, tokenizer
+from .tokenizer import NEOX_VOCAB_SIZE, Tokenizer, tokenizer
 
 __all__ = ["load", "RWKV", "State", "RWKVConfig", "MODELS", "tokenizer", "Tokenizer", "generate", "stream",
-           "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic", "resolve"]
+           "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic", "Model", "DTYPES",
+           "as_dtype", "as_token_batch", "prompt_to_ids", "Generation", "Step", "TextStream", "NonFiniteLogitsError", "resolve"]
 
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors", ".bin")
 
@@ -64,6 +67,6 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
         reg = get_config(name)
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, reg.ctx_len,
                          cfg.layer_norm_eps, name=reg.name)
-    tok = tokenizer() if cfg.vocab_size == PILE_VOCAB else None
+    tok = tokenizer() if cfg.vocab_size == NEOX_VOCAB_SIZE else None
     return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
                 rescale_every=rescale_every)

@@ -5,9 +5,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .files import first_line
+from .tokenizer import NEOX_VOCAB_SIZE
 
-# The 20B (GPT-NeoX) tokenizer's vocabulary, the one every RWKV-4-Pile model uses.
-PILE_VOCAB = 50277
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -15,7 +14,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 class RWKVConfig:
     n_layer: int
     n_embd: int
-    vocab_size: int = PILE_VOCAB
+    vocab_size: int = NEOX_VOCAB_SIZE
     ffn_dim: int = 0            # 0: derived as 4 * n_embd
     ctx_len: int = 1024         # training context; inference has no length limit
     layer_norm_eps: float = 1e-5
@@ -47,7 +46,7 @@ class RWKVConfig:
         return matrices * bytes_per_weight + vectors * 4
 
 
-# Exact shapes of the released RWKV-4-Pile models (n_layer, n_embd; vocab 50277, ffn 4 * n_embd).
+# Exact shapes of the released RWKV-4-Pile models (n_layer, n_embd; vocab NEOX_VOCAB_SIZE, ffn 4 * n_embd).
 MODELS = {
     "rwkv-4-pile-169m": RWKVConfig(12, 768, name="rwkv-4-pile-169m"),
     "rwkv-4-pile-430m": RWKVConfig(24, 1024, name="rwkv-4-pile-430m"),
@@ -56,7 +55,7 @@ MODELS = {
     "rwkv-4-pile-7b": RWKVConfig(32, 4096, name="rwkv-4-pile-7b"),
     "rwkv-4-pile-14b": RWKVConfig(40, 5120, name="rwkv-4-pile-14b"),
     # Tiny shape for tests and quick demos (not a released model).
-    "rwkv-4-tiny": RWKVConfig(2, 64, vocab_size=PILE_VOCAB, name="rwkv-4-tiny"),
+    "rwkv-4-tiny": RWKVConfig(2, 64, name="rwkv-4-tiny"),
 }
 
 # Hugging Face hub names (RWKV/rwkv-4-169m-pile) and BlinkDL's repositories (BlinkDL/rwkv-4-pile-169m)
