@@ -6,7 +6,6 @@
 """
 from pathlib import Path
 
-
 from .checkpoint import CheckpointError, check_against_registry, read_checkpoint, read_metadata, write_synthetic
 from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
 from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
