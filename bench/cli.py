@@ -1,11 +1,13 @@
 """What every `python -m bench.<name>` command shares: one-line argument errors, argument types that
 reject nonsense (0 tokens, negative timeouts), checking an output path before any work, atomic
-JSON writes, and number formatting. Nothing here imports another bench module."""
+JSON writes (both through `rwkv_engine.files`), and number formatting. Nothing here imports another
+bench module."""
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from rwkv_engine import files
 
 WEIGHT_FORMATS = ("float32", "float16", "bfloat16", "int8")
 
@@ -28,9 +30,8 @@ def fail(prog, message):
 
 
 def first_line(message):
-    """The first non-empty line of a message or exception ("" if none)."""
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    return lines[0] if lines else (type(message).__name__ if isinstance(message, BaseException) else "")
+    """The first non-empty line of a message or exception (its type name when empty)."""
+    return files.first_line(message)
 
 
 def _number(kind, minimum, inclusive):
@@ -56,40 +57,24 @@ nonnegative_float = _number(float, 0, True)         # --wait-quiet
 def check_writable_file(path, what="output"):
     """Raise ValueError (one line) unless `path` can be written as a regular file: checked before
     any work, so a long run never fails at its last step. Creates no file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {path}: is a directory")
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{what} {path}: not a regular file")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {path}: not writable")
-    check_writable_dir(path.parent, what=f"{what} {path}:")
+    try:
+        files.check_output_path(path, "file")
+    except files.WriteError as e:
+        raise ValueError(f"{what} {first_line(e)}") from None
 
 
 def check_writable_dir(path, what="output directory"):
     """Raise ValueError unless `path` is (or can be created as) a writable directory."""
-    path = Path(path)
-    ancestor = path
-    while not ancestor.exists():
-        if ancestor.parent == ancestor:
-            break
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"{what} {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {ancestor} is not writable")
+    try:
+        files.check_output_path(path, "dir")
+    except files.WriteError as e:
+        raise ValueError(f"{what} {first_line(e)}") from None
 
 
 def write_json_atomic(path, obj):
-    """Write JSON to `path` through a temporary file and a rename; no temporary file is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, allow_nan=False, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write JSON to `path` through the engine's one atomic writer; no temporary file is left behind."""
+    text = json.dumps(obj, indent=1, allow_nan=False, default=str)
+    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def fmt_bytes(n):

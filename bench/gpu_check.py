@@ -181,10 +181,7 @@ def wkv_timing(rows, quick=False):
 
 def engine_synthetic_state_dict():
     """The engine's own synthetic-weight generator (imported in this one place)."""
-    try:
-        from rwkv_engine.files import synthetic_state_dict
-    except ImportError:
-        from rwkv_engine.checkpoint import synthetic_state_dict
+    from rwkv_engine.checkpoint import synthetic_state_dict
     return synthetic_state_dict
 
 

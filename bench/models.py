@@ -155,9 +155,8 @@ def synthetic_checkpoint_missing(name):
     if Path(key).exists():
         return 0
     if kind == "rwkv":                               # rwkv_engine.write_synthetic: fp32 .pth
-        from rwkv_engine.checkpoint import cache_dir
-        cached = any((cache_dir() / "synthetic").glob(f"{config(name).name}-fp32-seed0.*"))
-        return 0 if cached else n_params(name) * 4
+        from rwkv_engine.files import synthetic_path
+        return 0 if synthetic_path(config(name).name).exists() else n_params(name) * 4
     from baselines.loader import synthetic_dir       # baselines.write_synthetic: fp16 safetensors
     return 0 if (synthetic_dir(key) / "model.safetensors").is_file() else n_params(name) * 2
 

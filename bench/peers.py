@@ -47,19 +47,18 @@ def prepare(name, checkpoint=None):
             from baselines import write_synthetic
             return {"checkpoint": None, "hf_dir": str(write_synthetic(key)), "source": "synthetic"}
         return {"checkpoint": checkpoint, "hf_dir": str(given), "source": str(given)}
-    from rwkv_engine.checkpoint import read_checkpoint, write_hf, write_synthetic
+    from rwkv_engine.checkpoint import read_checkpoint, save_pth, write_hf, write_synthetic
+    from rwkv_engine.files import atomic_write
     src = Path(given) if given else write_synthetic(key)
     tag = f"{src.stem}-{src.stat().st_size if src.is_file() else 'dir'}"
     pth = src if src.suffix == ".pth" else _rwkv_cache() / f"{tag}.pth"
     hf_dir = src if src.is_dir() else _rwkv_cache() / f"{tag}-hf"
     if not pth.exists() or not (hf_dir / "config.json").exists():
-        import torch
         sd, cfg = read_checkpoint(src)
         if not pth.exists():
-            pth.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(sd, pth)
+            atomic_write(pth, lambda tmp: save_pth(sd, tmp))
         if not (hf_dir / "config.json").exists():
-            write_hf(sd, cfg, hf_dir)
+            write_hf(sd, cfg, hf_dir, overwrite=True)
     return {"checkpoint": str(checkpoint) if checkpoint else None, "pth": str(pth), "hf_dir": str(hf_dir),
             "source": str(given) if given else "synthetic"}
 

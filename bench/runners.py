@@ -69,11 +69,12 @@ def paper_sampling():
 
 def generate_with_loop(model, ids, n, seed, on_step=None):
     """The engine's own generation loop (`rwkv_engine.generation.stream`) -> Generation."""
-    from rwkv_engine.generation import GenerationResult, stream
-    result = GenerationResult([], None, 0, 0.0, 0.0)
-    for i, _ in enumerate(stream(model, ids, n, sampling=paper_sampling(), seed=seed, result=result)):
+    from rwkv_engine.generation import stream
+    run = stream(model, ids, n, sampling=paper_sampling(), seed=seed)
+    for i, _ in enumerate(run):
         if on_step:
             on_step(i + 1)
+    result = run.result
     return Generation(result.prefill_s, list(result.step_s), [list(t) for t in result.tokens])
 
 
