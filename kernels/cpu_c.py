@@ -202,14 +202,23 @@ def _default_isa():
     return best_isa()
 
 
+_default_ops = None
+
+
 def ops(isa=None):
-    """The cpu_ops build for `isa` (default: `best_isa()`, read once per process). Raises BuildError
-    if it cannot run here."""
+    """The cpu_ops build for `isa` (default: `best_isa()`). The default build and the environment
+    switches (RWKV_ENGINE_NO_C_KERNELS, RWKV_ENGINE_ISA, RWKV_ENGINE_CPU_FEATURES) are read once per
+    process. Raises BuildError if it cannot run here."""
+    global _default_ops
+    if isa is None and _default_ops is not None:
+        return _default_ops
     if os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
         raise BuildError("disabled by RWKV_ENGINE_NO_C_KERNELS")
     result = _load(isa or _default_isa())
     if isinstance(result, BuildError):
         raise result
+    if isa is None:
+        _default_ops = result
     return result
 
 

@@ -108,8 +108,14 @@ def force(**op_impls):
 
 # -- keys ------------------------------------------------------------------------------------------
 
+_DTYPE_NAMES = {}
+
+
 def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def weight_format(w):
@@ -118,7 +124,13 @@ def weight_format(w):
 
 
 def device_of(*tensors):
-    """The device type all tensors share; ValueError for a device the kernels do not support."""
+    """The device type all tensors (or packed weights) share; ValueError for a device the kernels do
+    not support."""
+    try:
+        if all(t.is_cpu for t in tensors):             # the common case, checked cheaply
+            return "cpu"
+    except AttributeError:                             # a packed weight: it has .device only
+        pass
     kind = tensors[0].device.type
     for t in tensors:
         if t.device.type not in DEVICES:

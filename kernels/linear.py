@@ -12,6 +12,8 @@ Implementations here:
   * "torch": F.linear (a GEMM for prompts; every device and dtype).
   * "reference": the definition, `linear_reference`.
 """
+import math
+
 import torch.nn.functional as F
 
 from . import cpu_c, dispatch
@@ -55,6 +57,10 @@ def _key(x, weight):
 
 def _run(pairs, out=None, accumulate=False, backend=None):
     """Dispatch each pair, call each implementation once for its pairs; outputs in input order."""
+    if len(pairs) == 1:
+        (x, w), = pairs
+        fn = dispatch.implementation("linear", dispatch.choose("linear", _key(x, w), backend))
+        return fn([(x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w)], out, accumulate)
     groups = {}
     for i, (x, w) in enumerate(pairs):
         rows = x.numel() // x.shape[-1]

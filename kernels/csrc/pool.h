@@ -9,9 +9,12 @@
  *   - the caller works too, and chunks are claimed one at a time from an atomic counter, so a thread
  *     that is not running simply claims nothing;
  *   - the caller waits only for chunks another thread has actually claimed (a few microseconds of
- *     work each), never for a thread that has not woken up;
- *   - idle workers spin for POOL_SPIN_NS (the gap between two products of one token), then sleep on
- *     a futex: a passive wait between tokens and whenever decode stops.
+ *     work each), never for a thread that has not woken up; it polls for POOL_CALLER_SPIN_NS, then
+ *     sleeps on a futex, so that if the thread holding the last chunk was preempted, the caller's
+ *     core goes idle and the scheduler can move that thread onto it;
+ *   - idle workers poll for the next job for POOL_SPIN_NS (the gap between two products of one
+ *     token), yielding their core whenever another thread wants it, then sleep on a futex: a passive
+ *     wait between tokens and whenever decode stops.
  * The claim word packs (epoch << 32 | chunks left), so a worker that wakes late cannot claim a chunk
  * of a newer job with an older job's arguments; it reads the job only after a successful claim.
  * One pool per shared library that includes this header (static state). Linux only (futex).
@@ -31,15 +34,16 @@
 #include <unistd.h>
 
 #define POOL_MAX_WORKERS 63          /* threads besides the caller */
-#define POOL_SPIN_NS 200000          /* how long an idle worker polls before it sleeps */
-#define POOL_CALLER_SPINS 2000       /* pause loops before the waiting caller yields its core */
+#define POOL_SPIN_NS 200000          /* how long an idle worker polls for the next job before it sleeps */
+#define POOL_CALLER_SPIN_NS 10000    /* how long the caller polls for claimed chunks before it sleeps */
 
 typedef void (*pool_fn)(void *ctx, int64_t chunk);
 
 static struct {
     _Atomic uint64_t claim;          /* epoch << 32 | chunks not yet claimed */
     _Atomic uint32_t epoch;          /* futex word: bumped once per job */
-    _Atomic int64_t done;            /* chunks finished in the current job */
+    _Atomic uint32_t done;           /* futex word: chunks finished in the current job */
+    _Atomic int caller_sleeping;
     _Atomic int sleepers;
     _Atomic int n_workers;           /* how many workers the current job wants */
     pool_fn fn;
@@ -63,8 +67,10 @@ static void pool_work(uint32_t epoch) {
         if (!atomic_compare_exchange_weak_explicit(&pool.claim, &c, c - 1, memory_order_acq_rel,
                                                    memory_order_acquire))
             continue;                                  /* c now holds the current value */
-        pool.fn(pool.ctx, pool.n_chunks - (int64_t)(uint32_t)c);
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        int64_t n = pool.n_chunks;
+        pool.fn(pool.ctx, n - (int64_t)(uint32_t)c);
+        if (atomic_fetch_add(&pool.done, 1) + 1 == (uint32_t)n && atomic_load(&pool.caller_sleeping))
+            syscall(SYS_futex, &pool.done, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
         c = atomic_load_explicit(&pool.claim, memory_order_acquire);
     }
 }
@@ -75,7 +81,10 @@ static uint32_t pool_wait_for_job(uint32_t last) {
         uint32_t e = atomic_load_explicit(&pool.epoch, memory_order_acquire);
         if (e != last) return e;
         _mm_pause();
-        if ((i & 63) == 63 && pool_now_ns() > until) break;
+        if ((i & 15) == 15) {
+            sched_yield();                             /* cheap when nothing else wants this core */
+            if (pool_now_ns() > until) break;
+        }
     }
     for (;;) {
         atomic_fetch_add(&pool.sleepers, 1);
@@ -119,6 +128,21 @@ static void pool_start_workers(int want) {
     pthread_attr_destroy(&attr);
 }
 
+/* Every chunk is claimed: wait for the ones other threads are still running. */
+static void pool_wait_done(uint32_t n) {
+    uint64_t until = pool_now_ns() + POOL_CALLER_SPIN_NS;
+    for (int i = 0; atomic_load_explicit(&pool.done, memory_order_acquire) != n; i++) {
+        if ((i & 63) != 63 || pool_now_ns() < until) {
+            _mm_pause();
+            continue;
+        }
+        atomic_store(&pool.caller_sleeping, 1);
+        uint32_t d = atomic_load(&pool.done);
+        if (d != n) syscall(SYS_futex, &pool.done, FUTEX_WAIT_PRIVATE, d, NULL, NULL, 0);
+        atomic_store(&pool.caller_sleeping, 0);
+    }
+}
+
 static void pool_run_alone(pool_fn fn, void *ctx, int64_t n_chunks) {
     for (int64_t i = 0; i < n_chunks; i++) fn(ctx, i);
 }
@@ -142,11 +166,7 @@ static void pool_run(pool_fn fn, void *ctx, int64_t n_chunks, int64_t n_threads)
     if (atomic_load(&pool.sleepers) > 0)
         syscall(SYS_futex, &pool.epoch, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
     pool_work(epoch);
-    /* Every chunk is claimed; wait for the ones other threads are still running. */
-    for (int i = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < n_chunks; i++) {
-        if (i < POOL_CALLER_SPINS) _mm_pause();
-        else sched_yield();
-    }
+    pool_wait_done((uint32_t)n_chunks);
     pthread_mutex_unlock(&pool.lock);
 }
 
