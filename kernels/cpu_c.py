@@ -3,9 +3,9 @@
 Build: `build(source, isa)` compiles a C file in `csrc/` with the system compiler for one instruction
 set level of `ISAS` (never -march=native), into the cache directory under a name keyed by the ISA, a
 hash of the sources, the flags and the compiler, so a cache shared between machines never hands a
-CPU an instruction it lacks. The level used is the best one the CPU supports (`best_isa`, from
-/proc/cpuinfo flags); `RWKV_ENGINE_CPU_FEATURES="avx2,fma,f16c"` simulates another CPU's flags and
-`RWKV_ENGINE_ISA=avx2` picks a level, so tests can run the AVX2 build on an AVX-512 machine.
+CPU an instruction it lacks. The CPU's levels come from /proc/cpuinfo flags (`supported_isas`,
+`best_isa`); cpu_ops runs `CPU_OPS_ISA` where supported. `RWKV_ENGINE_CPU_FEATURES="avx2,fma,f16c"`
+simulates another CPU's flags and `RWKV_ENGINE_ISA=avx512` picks a level; tests run every level.
 
 Run: decode products run on the library's own thread pool (`csrc/pool.h`, sized by
 `torch.get_num_threads()`); the prefill WKV scan runs on torch's OpenMP pool. Callers pass float32,
@@ -197,9 +197,17 @@ def _load(isa):
         return exc
 
 
+# The level cpu_ops runs by default. Its fp32 products are memory-bound: 512-bit vectors add nothing
+# and measured slower on this project's AVX-512 machine, so AVX2 is preferred wherever it runs
+# (RWKV_ENGINE_ISA still picks another). Sources that gain from AVX-512 (VNNI) use best_isa().
+CPU_OPS_ISA = "avx2"
+
+
 @lru_cache(maxsize=None)
 def _default_isa():
-    return best_isa()
+    if os.environ.get("RWKV_ENGINE_ISA"):
+        return best_isa()
+    return CPU_OPS_ISA if CPU_OPS_ISA in supported_isas() else best_isa()
 
 
 _default_ops = None

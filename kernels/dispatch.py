@@ -237,5 +237,5 @@ def describe():
         fb = f" ({r.fallback})" if r.fallback else ""
         lines.append(f"{r.op:16} {r.device:6} {r.compute:8} {r.weights:8} {r.shape:10} -> {r.impl}{fb}")
     reason = cpu_c.unavailable_reason()
-    lines.append(f"C kernels: {'available, ' + cpu_c.ops().isa if reason is None else 'unavailable: ' + reason}")
+    lines.append("C kernels: " + (f"available, {cpu_c.ops().isa} build" if reason is None else f"unavailable: {reason}"))
     return "\n".join(lines)

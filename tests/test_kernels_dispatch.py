@@ -211,3 +211,16 @@ def test_model_decode_step_is_batch_invariant(tiny_model, B):
         assert torch.equal(batch[j], alone[0]), j
         assert torch.equal(s_batch.att_p[:, j], s_alone.att_p[:, 0])
         assert torch.equal(s_batch.ffn_x[:, j], s_alone.ffn_x[:, 0])
+
+
+def test_model_on_meta_device_raises_instead_of_crashing():
+    """Issue 9 point 4, kernel side: a model whose tensors are on `meta` reaches the dispatch table in
+    both modes and gets a ValueError there (before, the C WKV got a null pointer and segfaulted)."""
+    from rwkv_engine.checkpoint import synthetic_state_dict
+    from rwkv_engine.config import RWKVConfig
+    from rwkv_engine.model import RWKV
+    cfg = RWKVConfig(n_layer=2, n_embd=32, vocab_size=100, name="")
+    model = RWKV(cfg, synthetic_state_dict(cfg, seed=1), device="meta")
+    for tokens in ([[1]], [[1, 2, 3]]):
+        with pytest.raises(ValueError, match="device 'meta' are not supported"):
+            model.forward(torch.tensor(tokens))
