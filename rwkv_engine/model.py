@@ -175,7 +175,7 @@ class RWKV:
                                           (blk.att_mix_k, blk.att_mix_v, blk.att_mix_r))
         r, k, v = kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
         rwkv = kernels.wkv_step_gated(blk.att_w, blk.att_u, r, k.float(), v.float(),
-                                      s.att_a[i], s.att_b[i], s.att_p[i]).to(x.dtype)
+                                      s.att_a[i], s.att_b[i], s.att_p[i], backend=self.wkv_backend).to(x.dtype)
         kernels.linear_accumulate_(rwkv, blk.att_output, x)          # x += rwkv W_o^T
 
         kx, rx = kernels.ln_shift_mix(x, blk.ln2_w, blk.ln2_b, eps, s.ffn_x[i], (blk.ffn_mix_k, blk.ffn_mix_r))
