@@ -125,12 +125,11 @@ def median_ms(fn, warmup=25, rep=200):
 
 def triton_wkv_api():
     """The Triton WKV functions this check times, imported in this one place:
-    -> (launch_config(C) -> (block_c, num_warps), wkv_forward(w, u, k, v, state, block_c=, num_warps=),
-    is_interpreted()). A missing name raises (ImportError/AttributeError): the check then fails."""
-    import kernels.wkv_triton as wt
-    public = getattr(wt, "launch_config", None)
-    launch_config = public if public is not None else (lambda C: wt._launch_config(C, False))
-    return launch_config, wt._wkv_forward, wt.is_interpreted
+    -> (launch_config(C) -> (block_c, num_warps), wkv_triton(w, u, k, v, state, block_c=, num_warps=),
+    is_interpreted()), all public names. A missing name raises (ImportError/AttributeError): the check
+    then fails."""
+    from kernels.wkv_triton import is_interpreted, launch_config, wkv_triton
+    return launch_config, wkv_triton, is_interpreted
 
 
 def wkv_timing(rows, quick=False):

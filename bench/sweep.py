@@ -5,7 +5,7 @@ tokens against model size, for RWKV-4 and four transformer families, on CPU and 
     python -m bench.sweep --preset paper --device cpu     # every size that fits, 512 tokens, 3 repeats
     python -m bench.sweep --preset paper --device cuda --protocol paper
 
-Every run is one fresh process (`bench._run_one`, as in `bench.generate`). Before a model runs, its
+Every run is one fresh process (`bench.runner`, as in `bench.generate`). Before a model runs, its
 memory is estimated (parameters + state/KV cache/activations + margin) and checked against free RAM
 (or GPU memory); what does not fit is skipped with the reason printed. Each finished run is appended
 to OUT/runs.jsonl at once, so a killed sweep loses only the run in progress and a re-run skips

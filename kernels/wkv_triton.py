@@ -170,9 +170,6 @@ def launch_config(C, interpreted=None):
     return block_c, max(1, block_c // 32)
 
 
-_launch_config = launch_config      # old private name, until bench/gpu_check.py uses launch_config
-
-
 def _check_out_state(out_state, B, C, device):
     if not isinstance(out_state, (tuple, list)) or len(out_state) != 3:
         raise ValueError("wkv_triton: out_state must be a tuple (a, b, p) or None")

@@ -260,7 +260,7 @@ def test_peers_tiny_rwkv(tmp_path):
 # The child process
 
 def test_child_trace_mode_records_peak_per_step():
-    from bench._run_one import run_child
+    from bench.runner import run_child
     r = run_child({"model": TINY, "tokens": 5, "mode": "trace"}, timeout=120)
     assert r["status"] == "ok", r
     trace = r["mem_trace"]
@@ -270,7 +270,7 @@ def test_child_trace_mode_records_peak_per_step():
 
 
 def test_child_is_killed_at_the_timeout():
-    from bench._run_one import run_child
+    from bench.runner import run_child
     r = run_child({"model": TINY, "tokens": 100_000}, timeout=1)
     assert r["status"] == "timeout" and "killed after" in r["error"]
 
