@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from bench import DRAGON_PROMPT
-from bench._run_one import child_env, run_child
-from bench.generate import OneLineParser, fail, write_json_atomic
+from bench.cli import OneLineParser, fail, write_json_atomic
+from bench.runner import child_env, run_child
 
 START_TIMEOUT = 600
 
@@ -44,6 +44,8 @@ class ServerProcess:
                "--prefix-cache-mb", str(args.prefix_cache_mb), "--shutdown-timeout", "2"]
         if args.checkpoint:
             cmd += ["--checkpoint", args.checkpoint]
+        if args.weights:
+            cmd += ["--weights", args.weights]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=child_env(args.threads))
         self.lines, self.url, ready = [], None, threading.Event()
@@ -233,6 +235,7 @@ def parse_args(argv, prog):
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--weights", default=None, help="weight format for server and library run (as load(weights=))")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of server and library run (default: all)")
     p.add_argument("--clients", default="1,2,4,8,16,32", help="comma-separated N (default 1,2,4,8,16,32)")
     p.add_argument("--requests-per-client", type=int, default=3)
@@ -259,7 +262,7 @@ def parse_args(argv, prog):
 
 def library_decode(args):
     """Single-stream decode tokens/s of the library in a fresh process (bench.generate's measurement)."""
-    spec = dict(model=args.model, device=args.device, dtype=args.dtype, tokens=args.max_tokens,
+    spec = dict(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, tokens=args.max_tokens,
                 prompt=DRAGON_PROMPT, checkpoint=args.checkpoint, threads=args.threads)
     runs = [run_child(spec, timeout=1800) for _ in range(args.library_repeats)]
     bad = next((r for r in runs if r["status"] != "ok"), None)
@@ -281,7 +284,8 @@ def state_bytes(args):
 
 def main(argv=None, prog="python -m bench.serve"):
     args = parse_args(argv, prog)
-    result = {"model": args.model, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+    result = {"model": args.model, "device": args.device, "dtype": args.dtype, "weights": args.weights,
+              "threads": args.threads,
               "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
               "prefix_cache_mb": args.prefix_cache_mb, "phases": []}
     try:

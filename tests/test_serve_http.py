@@ -188,6 +188,8 @@ BAD = [
     ("top_p zero", body(top_p=0), 400, "top_p", "greater than 0"),
     ("n over limit", body(n=100), 400, "n", "n<="),
     ("too many stops", body(stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
+    ("empty stop", body(stop=[""]), 400, "stop", "non-empty"),
+    ("temperature too small", body(temperature=1e-9), 400, None, "temperature"),
     ("echo", body(echo=True), 400, "echo", "not supported"),
 ]
 BAD_CHAT = [

@@ -1,5 +1,5 @@
 """The serving scheduler and prefix cache in-process (no HTTP): batch invariance of logits and
-tokens, prefix-cache hits equal to cold runs, load-independent prompt chunking, stop strings."""
+tokens, prefix-cache hits equal to cold runs, load-independent prompt chunking, failures."""
 import threading
 
 import pytest
@@ -7,8 +7,6 @@ import torch
 
 from rwkv_engine import SamplingParams
 from rwkv_engine.serve import Job, PrefixCache, QueueFull, Scheduler
-from rwkv_engine.serve.text import TextTracker
-from rwkv_engine.tokenizer import tokenizer
 
 TIMEOUT = 60
 
@@ -195,24 +193,6 @@ def test_queue_bound(tiny_model):
     s.submit(job([1]))
     with pytest.raises(QueueFull):
         s.submit(job([1]))
-
-
-def test_text_tracker_holds_back_and_cuts_stop_strings():
-    tok = tokenizer()
-    ids = tok.encode("Hello world, héllo\n\nUser: more")
-    t = TextTracker(tok, stop=("\n\nUser:",))
-    sent, stopped = "", False
-    for i in ids:
-        stopped = t.add(i)
-        sent += t.delta(final=stopped)
-        assert "\n" not in sent
-        if stopped:
-            break
-    assert stopped and sent == "Hello world, héllo" and t.text == sent
-    plain = TextTracker(tok)
-    for i in ids:
-        plain.add(i)
-    assert plain.delta() == "Hello world, héllo\n\nUser: more"
 
 
 def test_a_failing_job_ends_with_error_and_the_others_go_on(tiny_model, scheduler_factory):

@@ -153,8 +153,8 @@ class JobBuilder:
             raise ApiError(400, f"n={n} is over this server's limit n<={min(self.limits.max_n, self.max_batch)}",
                            "n")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4:
-            raise ApiError(400, f"stop holds {len(stop)} strings; at most 4 are allowed", "stop")
+        if len(stop) > 4 or not all(stop):
+            raise ApiError(400, f"stop must hold at most 4 non-empty strings, got {stop!r}", "stop")
         if stop and self.tokenizer is None:
             raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
         try:

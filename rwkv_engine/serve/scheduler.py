@@ -22,11 +22,11 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..generation import TextStream
 from ..sampling import SamplingParams, sample
 from ..state import State
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, prefix_keys
-from .text import TextTracker
 
 log = logging.getLogger("rwkv_engine.serve")
 EOS = 0                                   # <|endoftext|> of the GPT-NeoX-20B tokenizer
@@ -85,7 +85,7 @@ class Stream:
         p = job.sampling
         self.counts = torch.zeros(1, vocab_size, device=device) \
             if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 else None
-        self.text = TextTracker(tokenizer, job.stop)
+        self.text = TextStream(tokenizer, job.stop) if tokenizer is not None else None
         self.n_tokens, self.next_token, self.done = 0, None, False
 
 
@@ -311,16 +311,20 @@ class Scheduler:
         self.metrics.generated_tokens.inc()
         if s.counts is not None:
             s.counts[0, token] += 1
-        if s.text.add(token):
-            return self._finish(s, "stop", token)
+        piece = s.text.push(token) if s.text is not None else ""
+        if s.text is not None and s.text.stopped:
+            return self._finish(s, "stop", token, piece)
         if s.n_tokens >= s.job.max_tokens:
-            return self._finish(s, "length", token)
+            return self._finish(s, "length", token, piece + (s.text.finish() if s.text is not None else ""))
         s.next_token = token
-        self._emit(s.job, Event(s.index, s.text.delta(), token))
+        self._emit(s.job, Event(s.index, piece, token))
 
-    def _finish(self, s: Stream, reason, token=None, error=None):
+    def _finish(self, s: Stream, reason, token=None, text=None, error=None):
+        """End stream `s`; `text` is its last piece (default: whatever its text still holds back)."""
         s.done = True
-        self._emit(s.job, Event(s.index, s.text.delta(final=True), token, reason, error))
+        if text is None:
+            text = s.text.finish() if s.text is not None and not s.text.stopped else ""
+        self._emit(s.job, Event(s.index, text, token, reason, error))
         s.job.open_choices -= 1
         if s.job.open_choices == 0:
             self.metrics.requests.labels(outcome="ok" if reason in ("stop", "length") else reason).inc()
