@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,10 @@ def test_bench_serve_smoke(tmp_path):
     assert "aggregate tok/s" in r.stdout and "server N=1 per-stream / library decode" in r.stdout
 
 
-def test_bench_serve_rejects_bad_arguments():
-    for args in (["--clients", "0,2"], ["--clients", "a"], ["--max-tokens", "0"]):
-        r = run_bench(*args, timeout=60)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, (args, r.stderr)
+def test_bench_serve_rejects_bad_arguments(capsys):
+    from bench.serve import main
+    for args in (["--clients", "0,2"], ["--clients", "a"], ["--max-tokens", "0"], ["--library-repeats", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "error" in err, (args, err)

@@ -116,6 +116,7 @@ def test_openai_client_completions_chat_and_streaming(server):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
     assert server.metric("rwkv_prefix_cache_hits_total") >= 1          # the same prompt again
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens
 
     text = r.choices[0].text                                          # a stop string cuts the same text
     stop = text[len(text) // 2:len(text) // 2 + 2]

@@ -214,9 +214,12 @@ class ChatFormat(WireFormat):
                 "finish_reason": finish_reason}
 
 
-def usage(prompt_tokens, completion_tokens):
+def usage(job, completion_tokens):
+    """OpenAI's usage; cached_tokens: prompt tokens whose state came from the prefix cache."""
+    prompt_tokens = len(job.prompt)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
 def sse(obj):
@@ -269,7 +272,7 @@ async def respond(request, scheduler, job, fmt: WireFormat, stream, include_usag
     if "cancelled" in reasons:
         raise ApiError(503, "the request was cancelled (server shutting down)", type_="server_error")
     choices = [fmt.choice(i, texts[i], reasons[i]) for i in range(job.n)]
-    return fmt.envelope(fmt.object, choices, usage(len(job.prompt), tokens))
+    return fmt.envelope(fmt.object, choices, usage(job, tokens))
 
 
 async def stream_events(events, job, fmt, include_usage, watcher):
@@ -292,7 +295,7 @@ async def stream_events(events, job, fmt, include_usage, watcher):
                 yield sse(fmt.envelope(fmt.chunk_object, [fmt.chunk(event.index, delta, event.finish_reason)]))
             open_choices -= event.finish_reason is not None
         if include_usage:
-            yield sse(fmt.envelope(fmt.chunk_object, [], usage(len(job.prompt), tokens)))
+            yield sse(fmt.envelope(fmt.chunk_object, [], usage(job, tokens)))
         yield "data: [DONE]\n\n"
     finally:
         watcher.cancel()

@@ -269,7 +269,7 @@ class Scheduler:
                 joined.append(s)
         job.state = job.logits = None
         if joined:
-            self.batch_state = State.cat(([self.batch_state] if self.batch_state else []) +
+            self.batch_state = State.cat(([self.batch_state] if self.batch_state is not None else []) +
                                          [s.state for s in joined])
             for s in joined:
                 s.state = None
