@@ -308,8 +308,8 @@ def main(argv=None, prog="python -m bench.serve"):
             p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
             p["peak_rss_bytes"] = rss.read()
             result["phases"].append(p)
-    except (RuntimeError, OSError) as e:
-        fail(prog, str(e).splitlines()[0])
+    except Exception as e:                     # noqa: BLE001 - one line, exit 2; the server is stopped below
+        fail(prog, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     finally:
         if server is not None:
             result["server_exit_code"] = server.stop()

@@ -248,3 +248,10 @@ def test_sigterm_finishes_cleanly_with_exit_0(small_server):
             assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
     assert s.proc.wait(20) == 0
     assert "Traceback" not in "".join(s.lines)
+
+
+def test_sse_events_are_ascii_so_no_character_splits_a_line():
+    from rwkv_engine.serve.api import sse
+    event = sse({"text": "a\u2028b\x85c\nd\u00e9"})
+    assert event.isascii() and event.count("\n") == 2 and event.endswith("\n\n")
+    assert json.loads(event[6:])["text"] == "a\u2028b\x85c\nd\u00e9"

@@ -223,7 +223,9 @@ def usage(job, completion_tokens):
 
 
 def sse(obj):
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    """One server-sent event. ASCII-only JSON: no character in it can be taken for a line break
+    (U+2028, U+0085, ... would split the event for clients that use str.splitlines)."""
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 # -- running a job ---------------------------------------------------------------------------------
