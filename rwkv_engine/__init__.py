@@ -20,7 +20,7 @@ __all__ = ["load", "RWKV", "State", "RWKVConfig", "MODELS", "tokenizer", "Tokeni
            "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic"]
 
 
-def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None):
+def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None, layers=None):
     """Load an RWKV-4 model.
 
     name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m") or a checkpoint path
@@ -29,6 +29,8 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     once into the cache dir, loaded through the same loader), and the model says so.
     dtype: float32 (default, as the paper), float16 or bfloat16 weights; the WKV state is float32.
     rescale_every: halve the residual every N layers (default 6 for float16, off otherwise).
+    layers: a range of layers: build only those (a pipeline stage, see rwkv_engine.pipeline); only
+    their tensors are read from the (memory-mapped) checkpoint.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -43,7 +45,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     synthetic = path is None
     if synthetic:
         path = write_synthetic(name, seed=seed)
-    sd, cfg = read_checkpoint(path)
+    sd, cfg = read_checkpoint(path, layers)
     if name:
         check_against_registry(cfg, name, path)
         reg = get_config(name)
@@ -51,4 +53,4 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == 50277 else None
     return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
-                rescale_every=rescale_every)
+                rescale_every=rescale_every, layers=layers)

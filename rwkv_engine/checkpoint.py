@@ -63,8 +63,19 @@ def infer_config(sd, source):
     return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, ffn_dim=ffn_dim)
 
 
-def validate(sd, cfg: RWKVConfig, source):
-    """Check keys, shapes, dtypes and values; raise CheckpointError naming the first problem."""
+def stage_keys(cfg: RWKVConfig, layers):
+    """The keys a model holding `layers` (a range) reads: its blocks, the embedding (and ln0) with
+    layer 0, ln_out and head with the last layer."""
+    first, last = layers.start == 0, layers.stop == cfg.n_layer
+    keep = lambda k: (k.startswith("blocks.") and int(k.split(".")[1]) in layers and ".ln0." not in k) or \
+        (first and (k == "emb.weight" or k.startswith("blocks.0.ln0."))) or \
+        (last and (k == "head.weight" or k.startswith("ln_out.")))
+    return {k for k in expected_shapes(cfg) if keep(k)}
+
+
+def validate(sd, cfg: RWKVConfig, source, values_of=None):
+    """Check keys, shapes, dtypes and values; raise CheckpointError naming the first problem.
+    values_of: only these keys' values are read (NaN/Inf check); shapes are checked for all."""
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in sd]
     if missing:
@@ -81,7 +92,7 @@ def validate(sd, cfg: RWKVConfig, source):
         ok = tuple(t.shape) == shape or (len(shape) == 1 and tuple(t.shape) == (1, 1, shape[0]))
         if not ok:
             raise CheckpointError(f"{source}: {key} has shape {list(t.shape)}, expected {list(shape)}")
-        if not bool(torch.isfinite(t).all()):
+        if (values_of is None or key in values_of) and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{source}: {key} contains NaN or Inf")
 
 
@@ -187,8 +198,19 @@ def _load_hf_dir(path):
     return sd, hf_cfg
 
 
-def read_checkpoint(path):
-    """Load any supported checkpoint -> (dict of BlinkDL-named tensors, RWKVConfig), validated."""
+def read_checkpoint(path, layers=None):
+    """Load any supported checkpoint -> (dict of BlinkDL-named tensors, RWKVConfig), validated.
+    layers: a range of layers (a pipeline stage): only the tensors of `stage_keys` are returned and
+    read (the file is memory-mapped, so the others cost no memory)."""
+    sd, cfg = open_checkpoint(path)
+    keep = None if layers is None else stage_keys(cfg, layers)
+    validate(sd, cfg, path, keep)
+    return (sd if keep is None else {k: sd[k] for k in keep}), cfg
+
+
+def open_checkpoint(path):
+    """Map a checkpoint and infer its config from its keys and shapes; reads no tensor data and
+    does not validate (read_checkpoint does)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -201,7 +223,6 @@ def read_checkpoint(path):
     if hf_cfg is not None:
         eps = hf_cfg.get("layer_norm_epsilon", cfg.layer_norm_eps)
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, layer_norm_eps=eps)
-    validate(sd, cfg, path)
     return sd, cfg
 
 
