@@ -30,6 +30,7 @@ import torch.distributed as dist
 from .checkpoint import open_checkpoint, write_synthetic
 from .config import get_config
 from .generation import generate, stream
+from .sampling import SamplingParams, sample
 from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
 from .state import State
 
@@ -185,6 +186,21 @@ class PipelineState:
         return self._model._clone_state(self)
 
 
+@dataclass
+class Pending:
+    """A forward in flight (PipelinedRWKV.submit)."""
+    model: "PipelinedRWKV"
+    incoming: list
+    sends: list
+    local: list
+    n_chunks: int
+    all_logits: bool
+
+    def result(self):
+        """Wait for the logits (bounded by the pipeline's timeout)."""
+        return self.model._guarded(self.model._finish, self)
+
+
 class PipelinedRWKV:
     """Rank 0's handle on the pipeline: the same API as `RWKV` (forward, new_state, generate,
     stream). micro_batches: streams are split into this many groups that flow one after another
@@ -264,33 +280,43 @@ class PipelinedRWKV:
             return PipelineState(self, sid, state.batch_size, state.local.clone())
         return self._guarded(op)
 
-    @torch.inference_mode()
     def forward(self, tokens, state=None, all_logits=False):
         """Same contract as RWKV.forward: tokens [B, T] -> (logits float32 [B, V] ([B, T, V] with
         all_logits), state updated in place)."""
+        if state is None:
+            state = self.new_state(self.stage.model._check_tokens(tokens).shape[0])
+        return self.submit(tokens, state, all_logits).result(), state
+
+    @torch.inference_mode()
+    def submit(self, tokens, state, all_logits=False, micro_batches=None):
+        """Start a forward and return at once (after rank 0's own layers) with a `Pending` whose
+        result() gives the logits. Several submits on different states may be in flight: the
+        stages then work on them at the same time (`decode_interleaved`)."""
         tokens = self.stage.model._check_tokens(tokens)
         B, T = tokens.shape
-        if state is None:
-            state = self.new_state(B)
-        elif not isinstance(state, PipelineState) or state._model is not self:
+        if not isinstance(state, PipelineState) or state._model is not self:
             raise ValueError(f"state must come from this pipeline's new_state(), got {type(state).__name__}")
-        elif state.batch_size != B:
+        if state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} streams but tokens have {B}")
-        return self._guarded(self._forward, tokens, state, bool(all_logits)), state
+        return self._guarded(self._submit, tokens, state, bool(all_logits), micro_batches or self.micro_batches)
 
-    def _forward(self, tokens, state, all_logits):
+    def _submit(self, tokens, state, all_logits, micro_batches):
         B, T = tokens.shape
-        items = plan(B, T, self.micro_batches, self.prompt_chunk, all_logits)
-        self._op(OP_FORWARD, state.id, B, T, int(all_logits), self.micro_batches, self.prompt_chunk or 0)
+        items = plan(B, T, micro_batches, self.prompt_chunk, all_logits)
+        self._op(OP_FORWARD, state.id, B, T, int(all_logits), micro_batches, self.prompt_chunk or 0)
         b, stage = self.boundary, self.stage
         incoming = [] if b.world == 1 else [b.post_recv(stage.logits_shape(it, all_logits), torch.float32,
                                                          b.last, TAG_LOGITS) for it in items if it.logits]
         sends, logits = stage.forward_items(items, state.local, all_logits, tokens)
-        logits += [b.wait(p) for p in incoming]
-        b.wait_all(sends)
-        if not all_logits:
+        return Pending(self, incoming, sends, logits, len({it.cols for it in items}), all_logits)
+
+    def _finish(self, pending):
+        b = self.boundary
+        logits = pending.local + [b.wait(p) for p in pending.incoming]
+        b.wait_all(pending.sends)
+        if not pending.all_logits:
             return torch.cat(logits, dim=0)                              # micro-batches in order
-        m = len(logits) // len({it.cols for it in items})
+        m = len(logits) // pending.n_chunks
         per_mb = [torch.cat(logits[i::m], dim=1) for i in range(m)]      # chunks in order
         return torch.cat(per_mb, dim=0)
 
@@ -337,6 +363,35 @@ class PipelinedRWKV:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def decode_interleaved(model, prompt, max_new_tokens, groups=None, sampling=None, seed=None):
+    """Generate for B streams split into `groups` groups (default: one per stage) that never wait
+    for each other: as soon as a group's logits arrive its next token is sampled and submitted, so
+    every stage stays busy across decode steps (generate() waits for all streams at each step).
+
+    prompt: token ids [B, T]. Returns {"tokens": [B][max_new_tokens], "prefill_s", "decode_s"}.
+    The tokens equal generate()'s with the same sampling and seed (groups draw in stream order)."""
+    ids = model.stage.model._check_tokens(prompt)
+    B = ids.shape[0]
+    sampling = sampling or SamplingParams(temperature=0)
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    g = max(1, min(groups or len(model.split), B))
+    rows = [(B * i // g, B * (i + 1) // g) for i in range(g)]
+    states = [model.new_state(r1 - r0) for r0, r1 in rows]
+    t0 = time.perf_counter()
+    pending = [model.submit(ids[r0:r1], st, micro_batches=1) for (r0, r1), st in zip(rows, states)]
+    tokens, prefill_s = [[] for _ in range(B)], None
+    for step in range(max_new_tokens):
+        for k, ((r0, r1), st) in enumerate(zip(rows, states)):
+            chosen = sample(pending[k].result(), sampling, None, generator)
+            for i, t in enumerate(chosen.tolist()):
+                tokens[r0 + i].append(t)
+            if step < max_new_tokens - 1:
+                pending[k] = model.submit(chosen[:, None], st, micro_batches=1)
+        if step == 0:
+            prefill_s = time.perf_counter() - t0
+    return {"tokens": tokens, "prefill_s": prefill_s, "decode_s": time.perf_counter() - t0 - prefill_s}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ def parity(model):
     out["after_clone"] = [model.forward(torch.tensor([[5], [6], [7]]), s)[0] for s in (state, fork)]
     out["gen_seeded"] = model.generate(PROMPTS[:2], 6, temperature=1.0, seed=123).tokens
     out["gen_greedy"] = model.generate(PROMPTS[0], 6, temperature=0).tokens
+    out["interleaved_seeded"] = pipeline.decode_interleaved(
+        model, PROMPTS, 6, sampling=pipeline.SamplingParams(temperature=1.0), seed=123)["tokens"]
     return out
 
 
