@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_checkpoint, write_synthetic, check_against_registry
+from .checkpoint import CheckpointError, read_checkpoint, release_pages, write_synthetic, check_against_registry
 from .config import MODELS, RWKVConfig, get_config
 from .generation import GenerationResult, generate, stream
 from .model import RWKV
@@ -52,5 +52,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, reg.ctx_len,
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == 50277 else None
-    return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
-                rescale_every=rescale_every, layers=layers)
+    model = RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
+                 rescale_every=rescale_every, layers=layers)
+    release_pages(sd.values(), model)          # raw tensors the model converted (its emb has ln0 applied)
+    return model

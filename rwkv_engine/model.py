@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import kernels
 
+from .checkpoint import release_pages
 from .config import RWKVConfig
 from .generation import as_token_batch
 from .state import State
@@ -74,8 +75,8 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
     first, last = layers.start == 0, layers.stop == cfg.n_layer
     emb = None
     if first:   # ln0 is applied to the embedding table once here instead of to x at every step.
-        emb = F.layer_norm(sd["emb.weight"].float(), (cfg.n_embd,), sd["blocks.0.ln0.weight"].float(),
-                           sd["blocks.0.ln0.bias"].float(), eps)
+        emb = embedding_with_ln0(sd["emb.weight"], sd["blocks.0.ln0.weight"].float(),
+                                 sd["blocks.0.ln0.bias"].float(), eps)
     blocks = []
     for i in layers:
         g = lambda name: sd[f"blocks.{i}.{name}"]
@@ -98,6 +99,18 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
         return dict(emb=emb if emb is None else cast(emb), blocks=blocks, ln_out_w=None, ln_out_b=None, head=None)
     return dict(emb=emb if emb is None else cast(emb), blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
                 ln_out_b=vec(sd["ln_out.bias"]), head=cast(sd["head.weight"]))
+
+
+def embedding_with_ln0(raw, w, b, eps, rows=8192):
+    """LayerNorm of every row of the embedding table, in float32, a block of rows at a time; the
+    pages of each block of a memory-mapped table are dropped once read, so the raw table never sits
+    in memory beside its normalised copy."""
+    out = torch.empty(raw.shape, dtype=torch.float32)
+    for r in range(0, raw.shape[0], rows):
+        block = raw[r:r + rows]
+        out[r:r + rows] = F.layer_norm(block.float(), (raw.shape[1],), w, b, eps)
+        release_pages([block])
+    return out
 
 
 def check_layer_range(layers, n_layer):
