@@ -55,7 +55,7 @@ def main():
     rank = int(os.environ["RANK"])
     seen = {"given": [], "read": set()}
     record_keys(seen)
-    model = pipeline.load(ckpt, exit_workers=scenario != "parity", **kwargs)
+    model = pipeline.load(ckpt, exit_workers=scenario not in ("parity", "idle"), **kwargs)
     stage = model.stage.model
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
         {"layers": [stage.layers.start, stage.layers.stop], "given": seen["given"], "read": sorted(seen["read"]),
@@ -64,6 +64,11 @@ def main():
         return
     if scenario == "parity":
         torch.save(parity(model), out_dir / "results.pt")
+    elif scenario == "idle":                     # idle longer than the timeout: the workers stay
+        first, _ = model.forward(PROMPTS)
+        time.sleep(2.5 * kwargs["timeout_s"])
+        again, _ = model.forward(PROMPTS)
+        torch.save({"first": first, "again": again}, out_dir / "results.pt")
     elif scenario.startswith("kill"):           # kill:RANK or stop:RANK, then keep using the pipeline
         (out_dir / "ready").write_text("1")
         t0 = time.monotonic()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rwkv_engine
-from rwkv_engine.checkpoint import read_checkpoint, stage_keys, write_synthetic
+from rwkv_engine.checkpoint import read_checkpoint, release_pages, stage_keys, write_synthetic
 from rwkv_engine.config import RWKVConfig
 from rwkv_engine.pipeline import PipelineError, plan, split_layers
 
@@ -124,6 +124,17 @@ def test_a_stage_reads_only_its_tensors(ckpt):
         stage.forward([[1]])
 
 
+def test_release_pages_drops_only_file_mapped_pages(tmp_path):
+    anonymous = torch.randn(1 << 18)
+    copy = anonymous.clone()
+    assert release_pages([anonymous]) == 0 and torch.equal(anonymous, copy)      # never zeroes memory
+    torch.save({"t": copy}, tmp_path / "t.pth")
+    mapped = torch.load(tmp_path / "t.pth", mmap=True, weights_only=True)["t"]
+    assert torch.equal(mapped, copy)                                              # pages now resident
+    assert release_pages([mapped]) > 0
+    assert torch.equal(mapped, copy)                                              # re-read from the file
+
+
 # ---------------------------------------------------------------------------------------------
 # Real ranks
 
@@ -200,6 +211,14 @@ def test_a_dead_or_hung_rank_ends_every_rank_with_its_name(ckpt, tmp_path, how, 
     for rank, (rc, err) in zip((0, 2), results):
         assert rc == 1, f"rank {rank}: {err[-1500:]}"
         assert expect in last_line(err), f"rank {rank}: {last_line(err)}"
+
+
+def test_idle_workers_outlive_the_timeout(ckpt, tmp_path):
+    """Rank 0 pings idle workers: a pause longer than timeout_s is not a fault."""
+    for rank, (rc, err) in enumerate(finish(launch(2, "idle", ckpt, tmp_path, timeout_s=2.0))):
+        assert rc == 0, f"rank {rank}: {err[-1500:]}"
+    got = torch.load(tmp_path / "results.pt")
+    assert torch.equal(got["first"], got["again"])
 
 
 def test_a_split_that_does_not_fit_fails_on_every_rank_before_work(ckpt, tmp_path):
