@@ -36,6 +36,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def fail(message):
+    print(f"bench.pipeline: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def int_list(text):
     try:
         values = [int(v) for v in text.split(",")]
@@ -55,6 +60,7 @@ def build_parser():
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads-per-rank", default="share", choices=["share", "all"])
+    p.add_argument("--threads", type=int, help="torch threads of every rank (overrides --threads-per-rank's count)")
     p.add_argument("--timeout", type=float, default=900, help="kill a torchrun after this many seconds")
     p.add_argument("--json", help="write every result here")
     return p
@@ -66,7 +72,7 @@ def build_parser():
 def run_torchrun(ranks, spec, timeout):
     cores = len(os.sched_getaffinity(0))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    threads = max(1, cores // ranks) if spec["threads_per_rank"] == "share" else cores
+    threads = spec["threads"] or (max(1, cores // ranks) if spec["threads_per_rank"] == "share" else cores)
     env.update(OMP_NUM_THREADS=str(threads))
     if spec["threads_per_rank"] == "all":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -144,9 +150,8 @@ def main(argv=None):
     if argv and argv[0] == "--child":
         return child(json.loads(argv[1]), Path(argv[2]))
     args = build_parser().parse_args(argv)
-    prog = "bench.pipeline"
     if args.tokens < 2:
-        sys.exit(f"{prog}: error: --tokens must be >= 2, got {args.tokens}")
+        fail(f"--tokens must be >= 2, got {args.tokens}")
     from rwkv_engine import write_synthetic
     from rwkv_engine.config import get_config
     try:
@@ -158,15 +163,17 @@ def main(argv=None):
             if args.checkpoint is None:
                 write_synthetic(args.model)              # once, here, not by every rank at once
     except ValueError as e:
-        sys.exit(f"{prog}: error: {e}")
-    spec = {k: getattr(args, k) for k in ("model", "checkpoint", "batch", "tokens", "dtype", "threads_per_rank")}
+        fail(f"{e}")
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads must be >= 1, got {args.threads}")
+    spec = {k: getattr(args, k) for k in ("model", "checkpoint", "batch", "tokens", "dtype", "threads_per_rank", "threads")}
     per_ranks = {}
     for ranks in args.ranks:
         t0 = time.time()
         try:
             per_ranks[ranks] = run_torchrun(ranks, spec, args.timeout)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
-            sys.exit(f"{prog}: error: {e}")
+            fail(f"{e}")
         print(f"{ranks} rank(s): done in {time.time() - t0:.0f} s", file=sys.stderr)
     rows = summarise(per_ranks, args.batch)
     print(table(rows, args.batch))

@@ -235,3 +235,27 @@ def test_mismatched_checkpoints_are_refused_before_work(ckpt, tmp_path):
         assert rc != 0 and "checkpoints differ across ranks: rank 1" in last_line(err), err[-1500:]
         assert str(other) in last_line(err)
     assert not (tmp_path / "rank0.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.pipeline
+
+def test_bench_pipeline_refuses_bad_arguments_in_one_line():
+    for args, message in ((["--model", "nope"], "unknown model name 'nope'"),
+                          (["--model", "rwkv-4-tiny", "--tokens", "1"], "--tokens must be >= 2"),
+                          (["--model", "rwkv-4-tiny", "--ranks", "0"], "values must be >= 1")):
+        r = subprocess.run([sys.executable, "-m", "bench.pipeline", *args], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_bench_pipeline_runs_torchrun_and_reports(tmp_path):
+    out = tmp_path / "pipe.json"
+    r = subprocess.run([sys.executable, "-m", "bench.pipeline", "--model", "rwkv-4-tiny", "--ranks", "1,2",
+                        "--batch", "1,2", "--tokens", "4", "--json", str(out)], capture_output=True, text=True,
+                       cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["ranks"] for row in rows] == [1, 2] and rows[1]["split"] == [[0, 1], [1, 2]]
+    assert all(row["decode_tok_s"] > 0 and row["B2_interleaved_tok_s"] > 0 for row in rows)
+    assert json.loads(out.read_text())["raw"]["2"][0]["runs"]["2"]["same_tokens"]
