@@ -34,7 +34,7 @@ from .sampling import SamplingParams, sample
 from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
 from .state import State
 
-OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_PING, OP_SHUTDOWN = range(1, 7)
+OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_SELECT_STATE, OP_CAT_STATES, OP_PING, OP_SHUTDOWN = range(1, 9)
 
 __all__ = ["load", "split_layers", "PipelinedRWKV", "PipelineState", "PipelineError", "Worker"]
 
@@ -149,7 +149,7 @@ class Worker:
         """Serve until rank 0 sends shutdown. A failure raises PipelineError (naming the rank)."""
         b = self.boundary
         while True:
-            op, a, B, T, all_logits, micro, chunk, _ = b.recv_header()
+            (op, a, B, T, all_logits, micro, chunk), payload = b.recv_header()
             try:
                 if op == OP_SHUTDOWN:
                     return
@@ -159,6 +159,10 @@ class Worker:
                     self.states.pop(a, None)
                 elif op == OP_CLONE_STATE:
                     self.states[B] = self.states[a].clone()
+                elif op == OP_SELECT_STATE:
+                    self.states[B] = self.states[a].select(payload)
+                elif op == OP_CAT_STATES:
+                    self.states[a] = State.cat([self.states[i] for i in payload])
                 elif op == OP_FORWARD:
                     items = plan(B, T, micro, chunk, bool(all_logits))
                     sends, _ = self.stage.forward_items(items, self.states[a], bool(all_logits))
@@ -183,7 +187,27 @@ class PipelineState:
 
     def clone(self):
         """An independent copy (fork a conversation), on every rank."""
-        return self._model._clone_state(self)
+        return self._model._derive(OP_CLONE_STATE, self.batch_size, self.local.clone(), self.id)
+
+    def select(self, streams):
+        """A new state holding the given streams, in that order (as State.select)."""
+        local = self.local.select(streams)                        # checks the indices
+        idx = [streams] if isinstance(streams, int) else [int(i) % self.batch_size for i in streams]
+        return self._model._derive(OP_SELECT_STATE, len(idx), local, self.id, payload=idx)
+
+    @staticmethod
+    def cat(states):
+        """Stack the streams of several states of one pipeline into one batch (as State.cat)."""
+        model = states[0]._model
+        if any(not isinstance(s, PipelineState) or s._model is not model for s in states):
+            raise ValueError("PipelineState.cat needs states of one pipeline")
+        local = State.cat([s.local for s in states])
+        return model._derive(OP_CAT_STATES, local.batch_size, local, payload=[s.id for s in states])
+
+    @property
+    def nbytes(self):
+        """Bytes of this state on all ranks together."""
+        return self._model.state_bytes(self.batch_size)
 
 
 @dataclass
@@ -234,18 +258,18 @@ class PipelinedRWKV:
         return State.zeros(self.config.n_layer, batch_size, self.config.n_embd, "meta", self.dtype).nbytes
 
     # -- operations (each one holds the lock: the keep-alive thread sends between them) ----------
-    def _op(self, *header):
+    def _op(self, *header, payload=()):
         if self._closed:
             raise PipelineError("the pipeline is closed")
         if self._broken:
             raise PipelineError(f"the pipeline stopped earlier: {self._broken}")
         while self._freed:
             self._send(OP_FREE_STATE, self._freed.pop())
-        self._send(*header)
+        self._send(*header, payload=payload)
 
-    def _send(self, *header):
+    def _send(self, *header, payload=()):
         if len(self.split) > 1:
-            self.boundary.send_header(*header)
+            self.boundary.send_header(*header, payload=payload)
         self._last_sent = time.monotonic()
 
     def _guarded(self, fn, *args):
@@ -273,11 +297,13 @@ class PipelinedRWKV:
             return PipelineState(self, sid, batch_size, local)
         return self._guarded(op)
 
-    def _clone_state(self, state):
+    def _derive(self, op_code, batch_size, local, src=None, payload=()):
+        """A new state made on every rank from existing ones (clone, select, cat); rank 0's part is
+        `local`. Header: (op, src, new id) for clone/select, (op, new id) for cat."""
         def op():
             sid, self._next_id = self._next_id, self._next_id + 1
-            self._op(OP_CLONE_STATE, state.id, sid)
-            return PipelineState(self, sid, state.batch_size, state.local.clone())
+            self._op(*((op_code, sid) if src is None else (op_code, src, sid)), payload=payload)
+            return PipelineState(self, sid, batch_size, local)
         return self._guarded(op)
 
     def forward(self, tokens, state=None, all_logits=False):
@@ -477,6 +503,9 @@ def load(name_or_path, *, exit_workers=True, **kwargs):
 def _load(name_or_path, *, checkpoint=None, device=None, dtype="float32", layers_per_rank=None,
           micro_batches=None, prompt_chunk=None, timeout_s=60.0, load_timeout_s=600.0, backend=None,
           threads=None, seed=0, exit_workers=True):
+    for name, value in (("micro_batches", micro_batches), ("prompt_chunk", prompt_chunk)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise PipelineError(f"{name} must be an int >= 1, got {value!r}")
     if dist.is_initialized():
         raise PipelineError("pipeline.load initialises torch.distributed itself (with the store faults are "
                             "reported in): call it before any init_process_group")

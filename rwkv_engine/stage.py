@@ -49,20 +49,29 @@ class Boundary:
         self.hosts = {}          # rank -> hostname, filled by the start-up check
 
     # -- headers: rank 0 -> every worker ----------------------------------------------------
-    def send_header(self, *fields):
+    def send_header(self, *fields, payload=()):
+        """Rank 0 -> every worker: up to HEADER_LEN - 1 ints, then `payload` (a list of ints, e.g.
+        stream indices), whose length travels in the header's last field."""
         header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
         header[:len(fields)] = torch.tensor(fields, dtype=torch.int64)
-        works = [(dst, dist.isend(header, dst, tag=TAG_HEADER)) for dst in range(1, self.world)]
-        self.wait_all(works, header)
+        header[-1] = len(payload)
+        tensors = [header] + ([torch.tensor(payload, dtype=torch.int64, device=self.device)] if payload else [])
+        works = [(dst, dist.isend(t, dst, tag=TAG_HEADER)) for dst in range(1, self.world) for t in tensors]
+        self.wait_all(works, tensors)
 
     def recv_header(self):
-        """Worker: wait for rank 0's next header (rank 0 pings idle workers well within the timeout)."""
+        """Worker: wait for rank 0's next header (rank 0 pings idle workers well within the timeout)
+        -> (fields, payload)."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         try:
             dist.irecv(header, 0, tag=TAG_HEADER).wait(self.timeout)
         except RuntimeError as e:
             self.fail(0, _kind_of(e), idle=True)
-        return header.tolist()
+        fields = header.tolist()
+        if fields[-1] == 0:
+            return fields[:-1], []
+        payload = self.wait(self.post_recv((fields[-1],), torch.int64, 0, TAG_HEADER))
+        return fields[:-1], payload.tolist()
 
     # -- data -------------------------------------------------------------------------------
     def post_recv(self, shape, dtype, src, tag):

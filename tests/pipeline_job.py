@@ -43,6 +43,11 @@ def parity(model):
     out["all_logits"], _ = model.forward(PROMPTS, model.new_state(3), all_logits=True)
     fork = state.clone()
     out["after_clone"] = [model.forward(torch.tensor([[5], [6], [7]]), s)[0] for s in (state, fork)]
+    # the server's moves: pick streams, stack states, then step the stacked batch
+    picked = fork.select([2, 0])
+    stacked = type(picked).cat([picked, model.new_state(1), fork.select(1)])
+    out["select_cat"] = model.forward(torch.tensor([[9], [10], [11], [12]]), stacked)[0]
+    out["select_cat_bytes"] = stacked.nbytes
     out["gen_seeded"] = model.generate(PROMPTS[:2], 6, temperature=1.0, seed=123).tokens
     out["gen_greedy"] = model.generate(PROMPTS[0], 6, temperature=0).tokens
     out["interleaved_seeded"] = pipeline.decode_interleaved(

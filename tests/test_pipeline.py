@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rwkv_engine
+from rwkv_engine import State
 from rwkv_engine.checkpoint import read_checkpoint, release_pages, stage_keys, write_synthetic
 from rwkv_engine.config import RWKVConfig
 from rwkv_engine.pipeline import PipelineError, plan, split_layers
@@ -166,6 +167,11 @@ def test_pipeline_matches_one_process_bit_for_bit(ckpt, tmp_path, world, micro, 
     forks = {k: s.clone() for k, s in states.items()}
     for after, st in zip(got["after_clone"], (states, forks)):
         assert torch.equal(after, reference(model, torch.tensor([[5], [6], [7]]), st, micro, chunk))
+    full_fork = State.cat([forks[rows] for rows in sorted(forks)])
+    stacked = State.cat([full_fork.select([2, 0]), model.new_state(1), full_fork.select(1)])
+    by_rows = {it.rows: stacked.select(list(range(*it.rows))) for it in plan(4, 1, micro, chunk, False)}
+    assert torch.equal(got["select_cat"], reference(model, torch.tensor([[9], [10], [11], [12]]), by_rows, micro, chunk))
+    assert got["select_cat_bytes"] == stacked.nbytes
     assert torch.equal(got["all_logits"], reference(model, PROMPTS, {}, micro, chunk, all_logits=True))
     # and the whole batch in one call agrees to rounding (micro-batches change GEMM shapes only)
     whole, _ = model.forward(PROMPTS, model.new_state(3))
