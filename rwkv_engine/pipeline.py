@@ -36,7 +36,7 @@ from .state import State
 
 OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_SELECT_STATE, OP_CAT_STATES, OP_PING, OP_SHUTDOWN = range(1, 9)
 
-__all__ = ["load", "split_layers", "PipelinedRWKV", "PipelineState", "PipelineError", "Worker"]
+__all__ = ["load", "split_layers", "decode_interleaved", "PipelinedRWKV", "PipelineState", "PipelineError", "Worker"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import rwkv_engine.model as model_module
-from rwkv_engine import pipeline
+from rwkv_engine import SamplingParams, pipeline
 
 PROMPTS = torch.tensor([[5, 17, 3, 99, 42, 7, 250, 11], [8, 1, 300, 2, 64, 33, 12, 9], [400, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -51,7 +51,7 @@ def parity(model):
     out["gen_seeded"] = model.generate(PROMPTS[:2], 6, temperature=1.0, seed=123).tokens
     out["gen_greedy"] = model.generate(PROMPTS[0], 6, temperature=0).tokens
     out["interleaved_seeded"] = pipeline.decode_interleaved(
-        model, PROMPTS, 6, sampling=pipeline.SamplingParams(temperature=1.0), seed=123)["tokens"]
+        model, PROMPTS, 6, sampling=SamplingParams(temperature=1.0), seed=123)["tokens"]
     return out
 
 
