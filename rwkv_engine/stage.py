@@ -5,10 +5,14 @@ Messages: rank 0 sends a small int64 header to every worker at the start of each
 (`TAG_HEADER`); hidden states x flow rank r -> r + 1 (`TAG_X`); the last rank sends logits back to
 rank 0 (`TAG_LOGITS`). Each (peer, tag) channel is FIFO, so items are matched by order.
 
-Every wait is bounded: waits inside an operation by `timeout`; a worker waiting for the next
-operation by the process group's timeout (rank 0 pings idle workers well within it). A failure
+Every wait is bounded by `timeout`, a worker's wait for the next operation too (rank 0 pings idle
+workers well within it); start-up collectives by the process group's (longer) timeout. A failure
 becomes one `PipelineError` that names the rank at fault, decided from the reports every rank that
 noticed the failure leaves in the rendezvous store (see `Boundary.fail`).
+
+gloo (CPU) is what this has run on. With NCCL the same calls carry CUDA tensors; set
+TORCH_NCCL_BLOCKING_WAIT=1 so that `work.wait(timeout)` blocks and times out on the host
+(untested on hardware).
 """
 import datetime
 import os
@@ -30,7 +34,7 @@ class PipelineError(RuntimeError):
 def _kind_of(error):
     """Classify a torch.distributed error: "died" (connection gone) or "timeout"."""
     text = str(error).lower()
-    if "timed out" in text or "timeout" in text and "closure" not in text:
+    if "timed out" in text or ("timeout" in text and "closure" not in text):
         return "timeout"
     return "died"
 
