@@ -10,7 +10,7 @@ workers well within it); start-up collectives by the process group's (longer) ti
 becomes one `PipelineError` that names the rank at fault, decided from the reports every rank that
 noticed the failure leaves in the rendezvous store (see `Boundary.fail`).
 
-gloo (CPU) is what this has run on. With NCCL the same calls carry CUDA tensors; set
+gloo (CPU) is what this has run on. With NCCL the same calls carry CUDA tensors, and `init` sets
 TORCH_NCCL_BLOCKING_WAIT=1 so that `work.wait(timeout)` blocks and times out on the host
 (untested on hardware).
 """
@@ -181,6 +181,7 @@ def init(backend=None, timeout_s=60.0):
                           is_master=(rank == 0 and not agent_store), timeout=timeout)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")      # wait(timeout) times out on the host
     dist.init_process_group(backend, store=dist.PrefixStore("rwkv_pg/", store), rank=rank,
                             world_size=world, timeout=timeout)
     fault_store = dist.PrefixStore("rwkv_pipeline/", store)
