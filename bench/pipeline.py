@@ -61,6 +61,7 @@ def build_parser():
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads-per-rank", default="share", choices=["share", "all"])
     p.add_argument("--threads", type=int, help="torch threads of every rank (overrides --threads-per-rank's count)")
+    p.add_argument("--layers-per-rank", help="e.g. 5,7: the split of the runs with that many ranks (others: even)")
     p.add_argument("--timeout", type=float, default=900, help="kill a torchrun after this many seconds")
     p.add_argument("--json", help="write every result here")
     return p
@@ -94,9 +95,19 @@ def run_torchrun(ranks, spec, timeout):
                 pass
         result = Path(out) / "rank0.json"
         if proc.returncode != 0 or not result.exists():
-            lines = [ln for ln in err.splitlines() if "error" in ln.lower()] or err.splitlines() or ["no output"]
-            raise RuntimeError(f"{ranks} ranks: torchrun exited with {proc.returncode}: {lines[-1].strip()}")
+            raise RuntimeError(f"{ranks} ranks: torchrun exited with {proc.returncode}: {first_error(err)}")
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def first_error(stderr):
+    """The pipeline's own one-line error from the ranks' output, else the last line saying error."""
+    lines = stderr.splitlines()
+    ours = [ln.split("PipelineError: ", 1)[1] for ln in lines if "PipelineError: " in ln]
+    ours += [ln.split(": error: ", 1)[1] for ln in lines if "rwkv_engine.pipeline: rank" in ln]
+    if ours:
+        return ours[0].strip()
+    rest = [ln for ln in lines if "error" in ln.lower()] or lines or ["no output"]
+    return rest[-1].strip()
 
 
 def summarise(per_ranks, batches):
@@ -166,7 +177,13 @@ def main(argv=None):
         fail(f"{e}")
     if args.threads is not None and args.threads < 1:
         fail(f"--threads must be >= 1, got {args.threads}")
+    from rwkv_engine.pipeline import parse_layers_per_rank
+    try:
+        per_rank = parse_layers_per_rank(args.layers_per_rank) if args.layers_per_rank else None
+    except ValueError as e:
+        fail(str(e))
     spec = {k: getattr(args, k) for k in ("model", "checkpoint", "batch", "tokens", "dtype", "threads_per_rank", "threads")}
+    spec["layers_per_rank"] = per_rank
     per_ranks = {}
     for ranks in args.ranks:
         t0 = time.time()
@@ -205,7 +222,9 @@ def child(spec, out):
     from rwkv_engine import pipeline
     rank = int(os.environ["RANK"])
     import_rss = status_bytes("VmRSS")            # python + torch + the engine, before any weight
-    model = pipeline.load(spec["model"], checkpoint=spec["checkpoint"], dtype=spec["dtype"],
+    per_rank = spec["layers_per_rank"]
+    per_rank = per_rank if per_rank and len(per_rank) == int(os.environ["WORLD_SIZE"]) else None
+    model = pipeline.load(spec["model"], checkpoint=spec["checkpoint"], dtype=spec["dtype"], layers_per_rank=per_rank,
                           threads=spec["threads"], exit_workers=False, timeout_s=300)
     stage = model.stage.model
     info = {"rank": rank, "layers": [stage.layers.start, stage.layers.stop], "threads": torch.get_num_threads()}
@@ -237,6 +256,72 @@ def measure(model, spec, prompt_text):
             run["same_tokens"] = inter["tokens"] == res.tokens
         runs[str(B)] = run
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.generate --pipeline: this process is one rank of a torchrun
+
+def add_pipeline_arguments(p):
+    p.add_argument("--pipeline", action="store_true",
+                   help="split the layers among the ranks of a torchrun (RWKV only; see bench.pipeline)")
+    p.add_argument("--layers-per-rank", help="with --pipeline: e.g. 13,14,13 (default: even)")
+    p.add_argument("--micro-batches", type=int, help="with --pipeline: groups of streams in flight (default: ranks)")
+    p.add_argument("--prompt-chunk", type=int, help="with --pipeline: prompt tokens per chunk (default: whole)")
+    p.add_argument("--pipeline-timeout", type=float, default=60.0,
+                   help="with --pipeline: seconds before a silent rank is declared dead or hung (default 60)")
+
+
+def generate_pipelined(args, fail):
+    """Load this rank's layers, and on rank 0 generate as bench.generate does (the paper's sampling,
+    seeded) and return the summary; other ranks serve until rank 0 is done, then exit."""
+    if "RANK" not in os.environ:
+        fail("--pipeline runs under torchrun, e.g. torchrun --standalone --nproc-per-node 2 -m bench.generate "
+             f"--model {args.model} --pipeline")
+    if not args.model.lower().startswith("rwkv"):
+        fail(f"--pipeline splits RWKV models only, not {args.model}")
+    import torch
+    from rwkv_engine import SamplingParams, pipeline
+    from rwkv_engine.pipeline import parse_layers_per_rank
+    try:
+        per_rank = parse_layers_per_rank(args.layers_per_rank) if args.layers_per_rank else None
+        model = pipeline.load(args.model, checkpoint=args.checkpoint, dtype=args.dtype, layers_per_rank=per_rank,
+                              micro_batches=args.micro_batches, prompt_chunk=args.prompt_chunk,
+                              timeout_s=args.pipeline_timeout, threads=args.threads,
+                              backend="nccl" if args.device == "cuda" else "gloo")
+    except (ValueError, pipeline.PipelineError) as e:
+        fail(str(e))
+    tok = model.tokenizer
+    ids = tok.encode(args.prompt) if tok else [i % model.vocab_size for i in range(7, 7 + 41 * 97, 97)]
+    prompt = torch.tensor([ids] * args.batch)
+    paper = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    try:
+        model.generate(prompt, min(4, args.tokens), sampling=paper, seed=args.seed)       # warm-up
+        res = model.generate(prompt, args.tokens, sampling=paper, seed=args.seed)
+    except pipeline.PipelineError as e:
+        fail(str(e))
+    total = res.prefill_s + sum(res.step_s)
+    summary = {"model": args.model, "ranks": len(model.split), "layers": [[r.start, r.stop] for r in model.split],
+               "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "batch": args.batch,
+               "prompt_tokens": len(ids), "new_tokens": args.tokens, "prefill_s": res.prefill_s,
+               "decode_s": sum(res.step_s), "total_s": total, "tokens_per_s": args.batch * args.tokens / total,
+               "decode_tokens_per_s": args.batch * len(res.step_s) / sum(res.step_s) if res.step_s else None,
+               "rank0_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "token_ids": res.tokens, "synthetic": model.synthetic}
+    model.close()
+    return summary
+
+
+def pipelined_table(s):
+    rows = [("model", f"{s['model']} over {s['ranks']} ranks, layers "
+                      + ", ".join(f"{a}-{b - 1}" for a, b in s["layers"])),
+            ("device / dtype / threads per rank", f"{s['device']} / {s['dtype']} / {s['threads']}"),
+            ("streams x prompt tokens", f"{s['batch']} x {s['prompt_tokens']}"),
+            ("prefill", f"{s['prefill_s']:.3f} s"),
+            (f"decode ({s['new_tokens'] - 1} steps)", f"{s['decode_s']:.3f} s"),
+            ("tokens/s (all streams)", f"{s['tokens_per_s']:.2f} (decode only: {s['decode_tokens_per_s'] or 0:.2f})"),
+            ("rank 0 peak RSS", f"{s['rank0_peak_rss'] / 1e6:.0f} MB")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 if __name__ == "__main__":
