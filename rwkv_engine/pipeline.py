@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import load as load_model
 from .checkpoint import open_checkpoint, write_synthetic
 from .config import get_config
 from .generation import generate, stream
+from .model import as_dtype
 from .sampling import SamplingParams, sample
 from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
 from .state import State
@@ -438,11 +440,10 @@ def _resolve(name_or_path, checkpoint, seed, local_rank):
     return write_synthetic(name, seed=seed), name
 
 
-def fingerprint(sd, cfg, dtype, layers_per_rank):
-    """A hash of what must agree on every rank: the config, every tensor's name, shape and dtype,
-    a few values (ln_out.weight: two checkpoints of the same shapes differ there), dtype, split."""
+def fingerprint(sd, cfg):
+    """A hash of the checkpoint every rank must share: the config, every tensor's name, shape and
+    dtype, and a few values (ln_out.weight: two checkpoints of the same shapes differ there)."""
     h = hashlib.sha256(json.dumps([cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, cfg.layer_norm_eps,
-                                   str(dtype), layers_per_rank,
                                    sorted((k, list(v.shape), str(v.dtype)) for k, v in sd.items())]).encode())
     if "ln_out.weight" in sd:
         h.update(sd["ln_out.weight"].float().contiguous().numpy().tobytes())
@@ -462,6 +463,10 @@ def _agree(info, what):
 
 def _check_same_checkpoint(infos):
     ref = infos[0]
+    for r, i in enumerate(infos):
+        if i["args"] != ref["args"]:
+            raise PipelineError(f"ranks were started with different arguments: rank {r} ({i['host']}) has "
+                                f"{i['args']} but rank 0 ({ref['host']}) has {ref['args']}")
     for r, i in enumerate(infos):
         if i["hash"] != ref["hash"]:
             raise PipelineError(f"checkpoints differ across ranks: rank {r} ({i['host']}) has {i['path']} "
@@ -493,7 +498,7 @@ def load(name_or_path, *, exit_workers=True, **kwargs):
     """
     try:
         return _load(name_or_path, exit_workers=exit_workers, **kwargs)
-    except PipelineError as e:
+    except (PipelineError, ValueError) as e:
         if int(os.environ.get("RANK", 0)) == 0 or not exit_workers:
             raise
         print(f"rwkv_engine.pipeline: rank {os.environ['RANK']}: error: {e}", file=sys.stderr, flush=True)
@@ -518,10 +523,11 @@ def _load(name_or_path, *, checkpoint=None, device=None, dtype="float32", layers
     torch.set_num_threads(threads or default_threads(local_world))
     path, name = _resolve(name_or_path, checkpoint, seed, local_rank)
 
-    info = {"host": hostname(), "path": str(path), "error": None}
+    info = {"host": hostname(), "path": str(path), "error": None,
+            "args": {"dtype": str(as_dtype(dtype)).replace("torch.", ""), "layers_per_rank": layers_per_rank}}
     try:
         sd, cfg = open_checkpoint(path)
-        info.update(hash=fingerprint(sd, cfg, dtype, layers_per_rank),
+        info.update(hash=fingerprint(sd, cfg),
                     summary=f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}")
         del sd
         split = split_layers(cfg.n_layer, world, layers_per_rank)
@@ -530,13 +536,12 @@ def _load(name_or_path, *, checkpoint=None, device=None, dtype="float32", layers
     infos = _agree(info, "config")
     _check_same_checkpoint(infos)
 
-    from . import load as load_model
     try:
         model = load_model(name or path, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed,
                            layers=split[rank])
         info = {"host": info["host"], "error": None}
-    except (ValueError, OSError, RuntimeError) as e:
-        info = {"host": info["host"], "error": str(e)}
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
+        info = {"host": info["host"], "error": f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)}
     infos = _agree(info, "load")
     boundary = Boundary(store, device, load_timeout_s)
     boundary.hosts = {r: i["host"] for r, i in enumerate(infos)}

@@ -103,6 +103,15 @@ def test_bad_splits_say_why(n_layer, world, per_rank, message):
         split_layers(n_layer, world, per_rank)
 
 
+def test_ranks_started_with_different_arguments_are_refused():
+    from rwkv_engine.pipeline import _check_same_checkpoint
+    info = lambda host, dtype: {"host": host, "path": "/m.pth", "hash": "h", "summary": "s",
+                                "args": {"dtype": dtype, "layers_per_rank": None}}
+    _check_same_checkpoint([info("a", "float32"), info("b", "float32")])
+    with pytest.raises(PipelineError, match=r"different arguments: rank 1 \(b\) has \{'dtype': 'float16'"):
+        _check_same_checkpoint([info("a", "float32"), info("b", "float16")])
+
+
 def test_plan_keeps_each_micro_batch_chunks_in_order():
     items = plan(5, 7, micro_batches=2, chunk=3, all_logits=False)
     assert [(it.rows, it.cols, it.logits) for it in items] == [
