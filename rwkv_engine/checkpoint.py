@@ -8,8 +8,6 @@ Formats (all end as a dict of BlinkDL-named tensors, memory-mapped where the for
 """
 import json
 import math
-import os
-import pickle
 import re
 import sys
 import zipfile
@@ -18,10 +16,8 @@ from pathlib import Path
 import torch
 
 from .config import RWKVConfig, get_config
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the problem."""
+from .files import (CheckpointError, atomic_dir, atomic_write, cache_dir, dtype_problem,  # noqa: F401 (re-exported)
+                    open_weights, read_config_json, synthetic_path, value_problem, weight_files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,17 +47,29 @@ def expected_shapes(cfg: RWKVConfig):
 
 
 def infer_config(sd, source):
-    """Read the shapes a checkpoint implies (ChatRWKV infers them the same way)."""
+    """Read the shapes a checkpoint implies (ChatRWKV infers them the same way). `sd` maps keys to
+    tensors or to shapes."""
+    shape = lambda key: tuple(sd[key].shape if isinstance(sd[key], torch.Tensor) else sd[key])
     for key in ("emb.weight", "blocks.0.ffn.key.weight"):
         if key not in sd:
             raise CheckpointError(f"{source}: missing key {key!r} (not an RWKV-4 checkpoint?)")
-    if sd["emb.weight"].dim() != 2:
-        raise CheckpointError(f"{source}: emb.weight has shape {list(sd['emb.weight'].shape)}, expected [vocab, n_embd]")
-    vocab, n_embd = sd["emb.weight"].shape
+    if len(shape("emb.weight")) != 2:
+        raise CheckpointError(f"{source}: emb.weight has shape {list(shape('emb.weight'))}, expected [vocab, n_embd]")
+    if len(shape("blocks.0.ffn.key.weight")) != 2:
+        raise CheckpointError(f"{source}: blocks.0.ffn.key.weight has shape {list(shape('blocks.0.ffn.key.weight'))}, "
+                              f"expected [ffn_dim, n_embd]")
+    vocab, n_embd = shape("emb.weight")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     n_layer = max(layers) + 1
-    ffn_dim = sd["blocks.0.ffn.key.weight"].shape[0]
-    return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, ffn_dim=ffn_dim)
+    ffn_dim = shape("blocks.0.ffn.key.weight")[0]
+    try:
+        return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, ffn_dim=ffn_dim)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+# -exp(time_decay) must be a finite float32: time_decay <= log(float32 max) ~ 88.7
+MAX_TIME_DECAY = 88.0
 
 
 def stage_keys(cfg: RWKVConfig, layers):
@@ -74,10 +82,12 @@ def stage_keys(cfg: RWKVConfig, layers):
     return {k for k in expected_shapes(cfg) if keep(k)}
 
 
-def validate(sd, cfg: RWKVConfig, source, values_of=None):
+def validate(sd, cfg: RWKVConfig, source, keys=None):
     """Check keys, shapes, dtypes and values; raise CheckpointError naming the first problem.
-    values_of: only these keys' values are read (NaN/Inf check); shapes are checked for all."""
+    keys: check only these (a pipeline stage's tensors; the others are another rank's)."""
     want = expected_shapes(cfg)
+    if keys is not None:
+        want = {k: want[k] for k in keys}
     missing = [k for k in want if k not in sd]
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -88,13 +98,18 @@ def validate(sd, cfg: RWKVConfig, source, values_of=None):
         t = sd[key]
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{source}: {key} is a {type(t).__name__}, not a tensor")
-        if not t.dtype.is_floating_point:
-            raise CheckpointError(f"{source}: {key} has dtype {t.dtype}, expected a floating-point tensor")
+        problem = dtype_problem(t.dtype)
+        if problem:
+            raise CheckpointError(f"{source}: {key} {problem}")
         ok = tuple(t.shape) == shape or (len(shape) == 1 and tuple(t.shape) == (1, 1, shape[0]))
         if not ok:
             raise CheckpointError(f"{source}: {key} has shape {list(t.shape)}, expected {list(shape)}")
-        if (values_of is None or key in values_of) and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{source}: {key} contains NaN or Inf")
+        problem = value_problem(t)
+        if problem:
+            raise CheckpointError(f"{source}: {key} {problem}")
+        if key.endswith("time_decay") and float(t.max()) > MAX_TIME_DECAY:
+            raise CheckpointError(f"{source}: {key} has a value {float(t.max()):.3g} above {MAX_TIME_DECAY}: "
+                                  f"its decay -exp(time_decay) overflows float32")
 
 
 def check_against_registry(cfg, name, source):
@@ -106,39 +121,6 @@ def check_against_registry(cfg, name, source):
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
-
-def _load_pth(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: refused to unpickle (only plain tensors are loaded, weights_only=True): {first}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or not a checkpoint ({first})") from None
-
-
-def _load_safetensors(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")      # memory-mapped
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def _load_file(path):
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        sd = _load_safetensors(path)
-    else:
-        sd = _load_pth(path)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    return sd
-
 
 HF_TO_BLINK = [
     (r"^rwkv\.embeddings\.", "emb."),
@@ -168,63 +150,89 @@ def blinkdl_to_hf(name):
     return name if name.startswith("head.") else "rwkv." + name
 
 
-def _load_hf_dir(path):
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{path}: a checkpoint directory needs config.json")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    if hf_cfg.get("model_type") != "rwkv":
-        raise CheckpointError(f"{cfg_path}: model_type is {hf_cfg.get('model_type')!r}, expected 'rwkv'")
-    files = []
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).exists():
-            weight_map = json.loads((path / index).read_text()).get("weight_map", {})
-            files = sorted({path / f for f in weight_map.values()})
-            break
+def _entries(path):
+    """-> ({BlinkDL key: (shape, dtype, fetch)}, the HF config.json dict or None), no tensor data read."""
+    hf_cfg, rename = None, (lambda k: k)
+    if path.is_dir():
+        hf_cfg = read_config_json(path)
+        if hf_cfg.get("model_type") != "rwkv":
+            raise CheckpointError(f"{path / 'config.json'}: model_type is {hf_cfg.get('model_type')!r}, expected 'rwkv'")
+        files, rename = weight_files(path), hf_to_blinkdl
     else:
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if (path / single).exists():
-                files = [path / single]
-                break
-    if not files:
-        raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or *.index.json found")
-    sd = {}
+        files = [path]
+    entries = {}
     for f in files:
-        if not f.exists():
-            raise CheckpointError(f"{f}: shard listed in the index is missing")
-        sd.update({hf_to_blinkdl(k): v for k, v in _load_file(f).items()})
-    return sd, hf_cfg
+        for key, (shape, dtype, fetch) in open_weights(f).items():
+            name = rename(key)
+            if name in entries:
+                raise CheckpointError(f"{f}: key {key!r} appears twice")
+            problem = dtype_problem(dtype)
+            if problem:
+                raise CheckpointError(f"{f}: {name} {problem}")
+            entries[name] = (shape, dtype, fetch)
+    return entries, hf_cfg
+
+
+def _hf_eps(hf_cfg, default, source):
+    eps = hf_cfg.get("layer_norm_epsilon", default)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise CheckpointError(f"{source / 'config.json'}: layer_norm_epsilon must be a number > 0, got {eps!r}")
+    return float(eps)
 
 
 def read_checkpoint(path, layers=None):
     """Load any supported checkpoint -> (dict of BlinkDL-named tensors, RWKVConfig), validated.
-    layers: a range of layers (a pipeline stage): only the tensors of `stage_keys` are returned and
-    read (the file is memory-mapped, so the others cost no memory)."""
-    sd, cfg = open_checkpoint(path)
+    layers: a range of layers (a pipeline stage): only the tensors of `stage_keys` are fetched,
+    checked and returned; the other keys' names are checked against the config."""
+    entries, cfg = open_checkpoint(path)
     keep = None if layers is None else stage_keys(cfg, layers)
+    if keep is not None:
+        validate_names(entries, cfg, path)
+    sd = {k: fetch() for k, (_, _, fetch) in entries.items() if keep is None or k in keep}
     validate(sd, cfg, path, keep)
-    return (sd if keep is None else {k: sd[k] for k in keep}), cfg
+    return sd, cfg
 
 
 def open_checkpoint(path):
-    """Map a checkpoint and infer its config from its keys and shapes; reads no tensor data and
-    does not validate (read_checkpoint does)."""
+    """-> ({BlinkDL key: (shape, dtype, fetch)}, RWKVConfig inferred from the shapes); reads no
+    tensor data and validates nothing (read_checkpoint does)."""
     path = Path(path)
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         raise CheckpointError(f"{path}: no such file or directory")
-    hf_cfg = None
-    if path.is_dir():
-        sd, hf_cfg = _load_hf_dir(path)
-    else:
-        sd = _load_file(path)
-    cfg = infer_config(sd, path)
+    entries, hf_cfg = _entries(path)
+    cfg = infer_config({k: shape for k, (shape, _, _) in entries.items()}, path)
     if hf_cfg is not None:
-        eps = hf_cfg.get("layer_norm_epsilon", cfg.layer_norm_eps)
-        cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, layer_norm_eps=eps)
-    return sd, cfg
+        cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim,
+                         layer_norm_eps=_hf_eps(hf_cfg, cfg.layer_norm_eps, path))
+    return entries, cfg
+
+
+def validate_names(entries, cfg, source):
+    """Every expected key present and no other, from the listing alone."""
+    want = expected_shapes(cfg)
+    for found, expected, what in ((want, entries, "missing"), (entries, want, "unexpected")):
+        odd = [k for k in found if k not in expected]
+        if odd:
+            raise CheckpointError(f"{source}: {what} key {odd[0]!r}" + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""))
+
+
+def read_metadata(path):
+    """The string metadata a checkpoint carries (safetensors header, a .pth's zip comment, or a HF
+    directory's config.json), e.g. {"synthetic": "true"}; {} when none."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            cfg = read_config_json(path)
+            return {"synthetic": "true"} if cfg.get("synthetic") is True else {}
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.comment.decode() or "{}")
+        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+        return {}
 
 
 def _tensors_in(obj, depth=3):
@@ -288,26 +296,25 @@ def release_pages(tensors, keep=None):
 # ---------------------------------------------------------------------------------------------
 # Writing: synthetic checkpoints and conversion to the Hugging Face layout
 
-def cache_dir():
-    """Where generated checkpoints live: $RWKV_ENGINE_CACHE or ~/.cache/rwkv_engine."""
-    return Path(os.environ.get("RWKV_ENGINE_CACHE") or Path.home() / ".cache" / "rwkv_engine")
-
-
-def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32):
+def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="cpu"):
     """A deterministic state dict with the shapes of `cfg` and values in a trained model's range.
 
     time_decay spans about [-6, 7] across channels (RWKV-LM's init curve, stretched to the range
     trained RWKV-4 models reach), time_first is near log(0.3) with a zigzag, time_mix follows
     RWKV-LM's per-layer ramp, LayerNorm weights are near 1, and matrices are N(0, 1/in) so that
-    k stays O(1) and activations stay bounded.
+    k stays O(1) and activations stay bounded. With device "cuda" the values are drawn on the GPU
+    (same recipe, the GPU's random stream), so that a 14B model needs no file.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     C, F, V, L = cfg.n_embd, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
 
     def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
-    ramp = torch.arange(C, dtype=torch.float32) / C
+    def noise(n):                                    # float32 jitter, rounded only once
+        return torch.randn(n, generator=g, device=device) * 0.3
+
+    ramp = torch.arange(C, dtype=torch.float32, device=device) / C
     sd = {"emb.weight": randn(V, C, std=0.1)}
     for i in range(L):
         r01, r10 = i / max(L - 1, 1), 1 - i / L          # layer position, as in RWKV-LM's init
@@ -318,10 +325,10 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32):
         for ln in ("ln1", "ln2"):
             sd[b + ln + ".weight"] = (1 + randn(C, std=0.05)).to(dtype)
             sd[b + ln + ".bias"] = randn(C, std=0.02)
-        decay = -6 + 13 * (torch.arange(C) / (C - 1)) ** (0.7 + 1.3 * r01)
-        sd[b + "att.time_decay"] = (decay + torch.randn(C, generator=g) * 0.3).to(dtype)
-        zigzag = 0.5 * ((torch.arange(C) + 1) % 3 - 1)
-        sd[b + "att.time_first"] = (math.log(0.3) + zigzag + torch.randn(C, generator=g) * 0.3).to(dtype)
+        decay = -6 + 13 * (torch.arange(C, device=device) / (C - 1)) ** (0.7 + 1.3 * r01)
+        sd[b + "att.time_decay"] = (decay + noise(C)).to(dtype)
+        zigzag = 0.5 * ((torch.arange(C, device=device) + 1) % 3 - 1)
+        sd[b + "att.time_first"] = (math.log(0.3) + zigzag + noise(C)).to(dtype)
         for name, power in (("time_mix_k", r10), ("time_mix_v", r10 + 0.3 * r01), ("time_mix_r", 0.5 * r10)):
             sd[b + "att." + name] = (ramp ** power).reshape(1, 1, C).to(dtype)
         for name in ("key", "value", "receptance", "output"):
@@ -337,47 +344,56 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32):
     return sd
 
 
-def _atomic_save(obj_writer, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        obj_writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+SYNTHETIC = {"synthetic": "true"}         # the metadata label every synthetic checkpoint carries
+
+
+def save_pth(sd, path, metadata=None):
+    """torch.save, with string metadata (e.g. the synthetic label) as the zip archive's comment:
+    torch.load and BlinkDL's loader ignore it; read_metadata reads it."""
+    torch.save(sd, path)
+    if metadata:
+        with zipfile.ZipFile(path, "a") as z:
+            z.comment = json.dumps(metadata).encode()
+
+
+def save_safetensors(sd, path, metadata=None):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=dict(metadata or {}, format="pt"))
 
 
 def write_synthetic(name_or_cfg, path=None, seed=0, dtype=torch.float32, fmt="pth"):
     """Write a synthetic checkpoint once (atomically) and return its path; reuses an existing one."""
     cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
-    if path is None:
-        tag = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        path = cache_dir() / "synthetic" / f"{cfg.name or 'custom'}-{tag}-seed{seed}.{fmt}"
-    path = Path(path)
+    path = Path(path) if path is not None else synthetic_path(cfg.name or "custom", dtype, seed, fmt)
     if path.exists():
         return path
     sd = synthetic_state_dict(cfg, seed, dtype)
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-        sd = {k: v.contiguous() for k, v in sd.items()}
-        return _atomic_save(lambda p: save_file(sd, str(p), metadata={"synthetic": "true"}), path)
-    return _atomic_save(lambda p: torch.save(sd, p), path)
+    save = save_safetensors if fmt == "safetensors" else save_pth
+    return atomic_write(path, lambda p: save(sd, p, SYNTHETIC), need=_nbytes(sd))
 
 
-def write_hf(sd, cfg: RWKVConfig, out_dir):
-    """Write a state dict (BlinkDL names) as a Hugging Face RwkvForCausalLM directory."""
-    from safetensors.torch import save_file
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf = {blinkdl_to_hf(k): v.contiguous() for k, v in sd.items()}
+def _nbytes(sd):
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def hf_config(cfg: RWKVConfig, metadata=None):
+    """The config.json of a Hugging Face RwkvForCausalLM directory (a synthetic one says so)."""
     config = {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
               "attention_hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
               "context_length": cfg.ctx_len, "layer_norm_epsilon": cfg.layer_norm_eps,
               "rescale_every": 0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
-    _atomic_save(lambda p: save_file(hf, str(p), metadata={"format": "pt"}), out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir
+    if (metadata or {}).get("synthetic") == "true":
+        config["synthetic"] = True
+    return config
+
+
+def write_hf(sd, cfg: RWKVConfig, out_dir, overwrite=False, metadata=None):
+    """Write a state dict (BlinkDL names) as a Hugging Face RwkvForCausalLM directory, as one set:
+    an existing non-empty directory is replaced whole with `overwrite`, refused without."""
+    hf = {blinkdl_to_hf(k): v for k, v in sd.items()}
+
+    def fill(tmp):
+        save_safetensors(hf, tmp / "model.safetensors", metadata)
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, metadata), indent=2))
+    return atomic_dir(out_dir, fill, overwrite=overwrite, need=_nbytes(sd))

@@ -13,21 +13,11 @@ import torch.nn.functional as F
 
 import kernels
 
+from . import generation
 from .checkpoint import release_pages
 from .config import RWKVConfig
-from .generation import as_token_batch
+from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
 from .state import State
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def as_dtype(dtype):
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}: use one of float32, float16, bfloat16")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -105,7 +95,7 @@ def embedding_with_ln0(raw, w, b, eps, rows=8192):
     """LayerNorm of every row of the embedding table, in float32, a block of rows at a time; the
     pages of each block of a memory-mapped table are dropped once read, so the raw table never sits
     in memory beside its normalised copy."""
-    out = torch.empty(raw.shape, dtype=torch.float32)
+    out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
     for r in range(0, raw.shape[0], rows):
         block = raw[r:r + rows]
         out[r:r + rows] = F.layer_norm(block.float(), (raw.shape[1],), w, b, eps)
@@ -136,6 +126,8 @@ class RWKV:
         # float16 needs the residual rescaled (the official packages use 6 as well); others do not
         if rescale_every is None:
             rescale_every = 6 if self.dtype == torch.float16 else 0
+        if isinstance(rescale_every, bool) or not isinstance(rescale_every, int) or rescale_every < 0:
+            raise ValueError(f"rescale_every must be an int >= 0 (0: off), got {rescale_every!r}")
         self.rescale_every = rescale_every
         self.wkv_backend = wkv_backend          # None: chosen by device in kernels.wkv
         self.layers = check_layer_range(layers, cfg.n_layer)   # a pipeline stage holds only some
@@ -184,9 +176,8 @@ class RWKV:
             state = self.new_state(B)
         elif not isinstance(state, State):
             raise ValueError(f"state must be a rwkv_engine.State, got {type(state).__name__}")
-        elif state.att_x.shape != (self.config.n_layer, B, self.config.n_embd):
-            raise ValueError(f"state has shape {list(state.att_x.shape)}, expected "
-                             f"{[self.config.n_layer, B, self.config.n_embd]} for {B} streams")
+        else:
+            state.check(self.config.n_layer, B, self.config.n_embd, self.device, self.dtype)
         x = self.embed(tokens)
         x = self.run_blocks(x, state)
         return self.head_logits(x, all_logits), state
@@ -232,7 +223,7 @@ class RWKV:
                                           (blk.att_mix_k, blk.att_mix_v, blk.att_mix_r))
         r, k, v = kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
         rwkv = kernels.wkv_step_gated(blk.att_w, blk.att_u, r, k.float(), v.float(),
-                                      s.att_a[i], s.att_b[i], s.att_p[i]).to(x.dtype)
+                                      s.att_a[i], s.att_b[i], s.att_p[i], backend=self.wkv_backend).to(x.dtype)
         kernels.linear_accumulate_(rwkv, blk.att_output, x)          # x += rwkv W_o^T
 
         kx, rx = kernels.ln_shift_mix(x, blk.ln2_w, blk.ln2_b, eps, s.ffn_x[i], (blk.ffn_mix_k, blk.ffn_mix_r))
@@ -267,9 +258,7 @@ class RWKV:
 
     # -- generation (the loop shared with the baselines) --------------------------------------
     def generate(self, prompt, max_new_tokens=64, **kwargs):
-        from .generation import generate
-        return generate(self, prompt, max_new_tokens, **kwargs)
+        return generation.generate(self, prompt, max_new_tokens, **kwargs)
 
     def stream(self, prompt, max_new_tokens=64, **kwargs):
-        from .generation import stream
-        return stream(self, prompt, max_new_tokens, **kwargs)
+        return generation.stream(self, prompt, max_new_tokens, **kwargs)

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import load as load_model
+from . import load as load_model, resolve
 from .checkpoint import open_checkpoint, write_synthetic
-from .config import get_config
 from .generation import generate, stream
-from .model import as_dtype
+from .contract import as_dtype
 from .sampling import SamplingParams, sample
 from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
 from .state import State
@@ -425,28 +424,27 @@ def decode_interleaved(model, prompt, max_new_tokens, groups=None, sampling=None
 # ---------------------------------------------------------------------------------------------
 # Start-up: load this rank's slice, check that every rank agrees, then serve
 
-def _resolve(name_or_path, checkpoint, seed, local_rank):
-    """-> (checkpoint path, registered name or None). Synthetic weights of a registered name are
-    written once per host (by local rank 0) while the others wait."""
-    looks_like_path = "/" in str(name_or_path) or str(name_or_path).endswith((".pth", ".safetensors", ".bin"))
-    name = None if looks_like_path or os.path.exists(str(name_or_path)) else name_or_path
-    if name:
-        get_config(name)
-    if checkpoint is not None or name is None:
-        return checkpoint if checkpoint is not None else name_or_path, name
+def _checkpoint_path(name_or_path, checkpoint, seed, local_rank):
+    """The checkpoint file this rank reads. Synthetic weights of a registered name are written
+    once per host (by local rank 0) while the others wait."""
+    name, path = resolve(name_or_path, checkpoint)
+    if path is not None:
+        return path
     if local_rank == 0:
         write_synthetic(name, seed=seed)
     dist.barrier()
-    return write_synthetic(name, seed=seed), name
+    return write_synthetic(name, seed=seed)
 
 
-def fingerprint(sd, cfg):
+def fingerprint(entries, cfg):
     """A hash of the checkpoint every rank must share: the config, every tensor's name, shape and
-    dtype, and a few values (ln_out.weight: two checkpoints of the same shapes differ there)."""
+    dtype (entries: open_checkpoint's listing), and a few values (ln_out.weight: two checkpoints
+    of the same shapes differ there)."""
     h = hashlib.sha256(json.dumps([cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, cfg.layer_norm_eps,
-                                   sorted((k, list(v.shape), str(v.dtype)) for k, v in sd.items())]).encode())
-    if "ln_out.weight" in sd:
-        h.update(sd["ln_out.weight"].float().contiguous().numpy().tobytes())
+                                   sorted((k, list(shape), str(dtype)) for k, (shape, dtype, _) in entries.items())
+                                   ]).encode())
+    if "ln_out.weight" in entries:
+        h.update(entries["ln_out.weight"][2]().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -521,15 +519,14 @@ def _load(name_or_path, *, checkpoint=None, device=None, dtype="float32", layers
     if device is None:
         device = f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu"
     torch.set_num_threads(threads or default_threads(local_world))
-    path, name = _resolve(name_or_path, checkpoint, seed, local_rank)
+    path = _checkpoint_path(name_or_path, checkpoint, seed, local_rank)
 
     info = {"host": hostname(), "path": str(path), "error": None,
             "args": {"dtype": str(as_dtype(dtype)).replace("torch.", ""), "layers_per_rank": layers_per_rank}}
     try:
-        sd, cfg = open_checkpoint(path)
-        info.update(hash=fingerprint(sd, cfg),
+        entries, cfg = open_checkpoint(path)
+        info.update(hash=fingerprint(entries, cfg),
                     summary=f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}")
-        del sd
         split = split_layers(cfg.n_layer, world, layers_per_rank)
     except (ValueError, PipelineError) as e:
         info["error"] = str(e)
@@ -537,7 +534,7 @@ def _load(name_or_path, *, checkpoint=None, device=None, dtype="float32", layers
     _check_same_checkpoint(infos)
 
     try:
-        model = load_model(name or path, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed,
+        model = load_model(name_or_path, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed,
                            layers=split[rank])
         info = {"host": info["host"], "error": None}
     except (ValueError, OSError, RuntimeError, MemoryError) as e:
