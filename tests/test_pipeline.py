@@ -274,3 +274,29 @@ def test_bench_pipeline_runs_torchrun_and_reports(tmp_path):
     assert [row["ranks"] for row in rows] == [1, 2] and rows[1]["split"] == [[0, 1], [1, 2]]
     assert all(row["decode_tok_s"] > 0 and row["B2_interleaved_tok_s"] > 0 for row in rows)
     assert json.loads(out.read_text())["raw"]["2"][0]["runs"]["2"]["same_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.generate --pipeline
+
+def test_bench_generate_pipeline_needs_torchrun():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    r = subprocess.run([sys.executable, "-m", "bench.generate", "--model", "rwkv-4-tiny", "--pipeline"],
+                       capture_output=True, text=True, cwd=REPO, env=env)
+    assert r.returncode == 2 and "--pipeline runs under torchrun" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_generate_pipelined_tokens_equal_one_process(tmp_path):
+    """Two runs compared token for token through their --json (2 ranks, one micro-batch)."""
+    common = ["--model", "rwkv-4-tiny", "--tokens", "8", "--batch", "2"]
+    piped, plain = tmp_path / "piped.json", tmp_path / "plain.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "bench.generate", *common, "--pipeline", "--micro-batches", "1", "--json", str(piped)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "bench.generate", *common, "--json", str(plain)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(piped.read_text())["summary"]["token_ids"]
+    assert got == json.loads(plain.read_text())["runs"][0]["token_ids"] and len(got) == 2 and len(got[0]) == 8
