@@ -235,7 +235,7 @@ def read_metadata(path):
         return {}
 
 
-def _tensors_in(obj, depth=3):
+def _tensors_in(obj, depth=5):
     """Every tensor reachable from obj through attributes, lists, tuples and dicts (a few levels)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
