@@ -17,6 +17,11 @@ allocator's peak on GPU) and for why memory-mapped weights do not leak into the 
 Time: prefill = prompt forward + first sample; decode = the other N-1 steps; total = both (the time
 to produce N tokens). Achieved bandwidth = weight bytes read per decode step x decode tokens/s, as a
 share of this machine's measured read bandwidth (`python -m bench.machine`).
+
+With --pipeline (RWKV only) the layers are split among the ranks of a torchrun and this process is
+one rank; rank 0 generates once, in this process, and prints the table:
+
+    torchrun --standalone --nproc-per-node 2 -m bench.generate --model rwkv-4-pile-169m --pipeline --json p.json
 """
 import os
 import statistics
@@ -27,6 +32,7 @@ from bench import DRAGON_PROMPT, PROMPT_TOKENS
 from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, fail, fmt_bytes, fmt_params,
                        positive_float, positive_int, write_json_atomic)
 from bench.cpuload import busy_warning
+from bench.pipeline import add_pipeline_arguments
 from bench.runner import run_child
 
 SUMMARY_FIELDS = ("prefill_s", "decode_s", "total_s", "tokens_per_s", "decode_tokens_per_s", "aggregate_tokens_per_s",
@@ -155,6 +161,7 @@ def build_parser(prog="python -m bench.generate"):
     p.add_argument("--probe-overhead", action="store_true",
                    help="also time decode with and without the RSS sampler thread and print the ratio")
     p.add_argument("--json", help="write all runs and the median here (atomically, only on success)")
+    add_pipeline_arguments(p)
     return p
 
 
@@ -193,9 +200,32 @@ def probe_overhead(spec, args, prog):
     return overhead
 
 
+def main_pipelined(args, prog):
+    """--pipeline: this process is one rank of a torchrun; rank 0 measures, prints and writes."""
+    from bench.pipeline import generate_pipelined, pipelined_table
+    if args.repeats != 1 or args.probe_overhead:
+        fail(prog, "--pipeline generates once, in the ranks torchrun started: drop --repeats/--probe-overhead")
+    if args.weights not in (None, args.dtype):
+        fail(prog, f"--weights {args.weights} is not supported with --pipeline (the stages hold --dtype weights)")
+    try:
+        if args.checkpoint is not None:
+            check_checkpoint(args.checkpoint)
+        if args.json:
+            check_writable_file(args.json, "--json")
+    except ValueError as e:
+        fail(prog, str(e))
+    summary = generate_pipelined(args, lambda message: fail(prog, message))      # workers exit inside
+    print(pipelined_table(summary))
+    if args.json:
+        write_json_atomic(args.json, {"schema": "bench.generate/1", "args": vars(args), "summary": summary,
+                                      "runs": [summary]})
+
+
 def main(argv=None):
     prog = "bench.generate"
     args = build_parser().parse_args(argv)
+    if args.pipeline:
+        return main_pipelined(args, prog)
     validate(args, prog)
     from bench.machine import default_threads, get as machine_get
     threads = args.threads or default_threads()

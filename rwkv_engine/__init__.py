@@ -6,7 +6,8 @@
 """
 from pathlib import Path
 
-from .checkpoint import CheckpointError, check_against_registry, read_checkpoint, read_metadata, write_synthetic
+from .checkpoint import (CheckpointError, check_against_registry, read_checkpoint, read_metadata, release_pages,
+                         write_synthetic)
 from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
 from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
 from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
@@ -42,7 +43,7 @@ def resolve(name_or_path, checkpoint=None):
     raise AssertionError("unreachable")
 
 
-def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None):
+def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None, layers=None):
     """Load an RWKV-4 model.
 
     name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m", or its hub name
@@ -53,13 +54,15 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     device: cpu or cuda. dtype: float32 (default, as the paper), float16 or bfloat16 weights; the
     WKV state is float32. rescale_every: halve the residual every N layers (default 6 for float16,
     off otherwise).
+    layers: a range of layers: build only those (a pipeline stage, see rwkv_engine.pipeline); only
+    their tensors are read from the (memory-mapped) checkpoint.
     """
     device = as_device(device)
     name, path = resolve(name_or_path, checkpoint)
     synthetic = path is None
     if synthetic:
         path = write_synthetic(name, seed=seed)
-    sd, cfg = read_checkpoint(path)
+    sd, cfg = read_checkpoint(path, layers)
     synthetic = synthetic or read_metadata(path).get("synthetic") == "true"
     if name:
         check_against_registry(cfg, name, path)
@@ -67,5 +70,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, reg.ctx_len,
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == NEOX_VOCAB_SIZE else None
-    return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
-                rescale_every=rescale_every)
+    model = RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
+                 rescale_every=rescale_every, layers=layers)
+    release_pages(sd.values(), model)          # raw tensors the model converted (its emb has ln0 applied)
+    return model

@@ -9,6 +9,7 @@ Formats (all end as a dict of BlinkDL-named tensors, memory-mapped where the for
 import json
 import math
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -71,9 +72,22 @@ def infer_config(sd, source):
 MAX_TIME_DECAY = 88.0
 
 
-def validate(sd, cfg: RWKVConfig, source):
-    """Check keys, shapes, dtypes and values; raise CheckpointError naming the first problem."""
+def stage_keys(cfg: RWKVConfig, layers):
+    """The keys a model holding `layers` (a range) reads: its blocks, the embedding (and ln0) with
+    layer 0, ln_out and head with the last layer."""
+    first, last = layers.start == 0, layers.stop == cfg.n_layer
+    keep = lambda k: (k.startswith("blocks.") and int(k.split(".")[1]) in layers and ".ln0." not in k) or \
+        (first and (k == "emb.weight" or k.startswith("blocks.0.ln0."))) or \
+        (last and (k == "head.weight" or k.startswith("ln_out.")))
+    return {k for k in expected_shapes(cfg) if keep(k)}
+
+
+def validate(sd, cfg: RWKVConfig, source, keys=None):
+    """Check keys, shapes, dtypes and values; raise CheckpointError naming the first problem.
+    keys: check only these (a pipeline stage's tensors; the others are another rank's)."""
     want = expected_shapes(cfg)
+    if keys is not None:
+        want = {k: want[k] for k in keys}
     missing = [k for k in want if k not in sd]
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -166,8 +180,22 @@ def _hf_eps(hf_cfg, default, source):
     return float(eps)
 
 
-def read_checkpoint(path):
-    """Load any supported checkpoint -> (dict of BlinkDL-named tensors, RWKVConfig), validated."""
+def read_checkpoint(path, layers=None):
+    """Load any supported checkpoint -> (dict of BlinkDL-named tensors, RWKVConfig), validated.
+    layers: a range of layers (a pipeline stage): only the tensors of `stage_keys` are fetched,
+    checked and returned; the other keys' names are checked against the config."""
+    entries, cfg = open_checkpoint(path)
+    keep = None if layers is None else stage_keys(cfg, layers)
+    if keep is not None:
+        validate_names(entries, cfg, path)
+    sd = {k: fetch() for k, (_, _, fetch) in entries.items() if keep is None or k in keep}
+    validate(sd, cfg, path, keep)
+    return sd, cfg
+
+
+def open_checkpoint(path):
+    """-> ({BlinkDL key: (shape, dtype, fetch)}, RWKVConfig inferred from the shapes); reads no
+    tensor data and validates nothing (read_checkpoint does)."""
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         raise CheckpointError(f"{path}: no such file or directory")
@@ -176,9 +204,16 @@ def read_checkpoint(path):
     if hf_cfg is not None:
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim,
                          layer_norm_eps=_hf_eps(hf_cfg, cfg.layer_norm_eps, path))
-    sd = {k: fetch() for k, (_, _, fetch) in entries.items()}
-    validate(sd, cfg, path)
-    return sd, cfg
+    return entries, cfg
+
+
+def validate_names(entries, cfg, source):
+    """Every expected key present and no other, from the listing alone."""
+    want = expected_shapes(cfg)
+    for found, expected, what in ((want, entries, "missing"), (entries, want, "unexpected")):
+        odd = [k for k in found if k not in expected]
+        if odd:
+            raise CheckpointError(f"{source}: {what} key {odd[0]!r}" + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""))
 
 
 def read_metadata(path):
@@ -198,6 +233,64 @@ def read_metadata(path):
         return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
     except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
         return {}
+
+
+def _tensors_in(obj, depth=5):
+    """Every tensor reachable from obj through attributes, lists, tuples and dicts (a few levels)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth == 0:
+        return []
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, depth - 1)]
+
+
+def _private_file_maps():
+    """(start, end) of this process's private file-backed mappings (a memory-mapped checkpoint)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[1][3] == "p" and parts[5].startswith("/"):
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            spans.append((a, b))
+    return spans
+
+
+def release_pages(tensors, keep=None):
+    """Drop the resident pages of memory-mapped checkpoint tensors the model did not keep (e.g. the
+    raw embedding, which the model holds with ln0 applied): otherwise they stay in the process's RSS
+    for as long as any tensor of the same file is alive. Only pages of private file mappings are
+    dropped (madvise MADV_DONTNEED: if touched again they are re-read from the file, unchanged),
+    and never a page that overlaps a tensor reachable from `keep` (the model). Linux only."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+    import mmap
+    page = mmap.PAGESIZE
+    span = lambda t: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+    kept = [span(t) for t in _tensors_in(keep) if t.device.type == "cpu"] if keep is not None else []
+    files = _private_file_maps()
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    released = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            continue
+        start, end = span(t)
+        a, b = -(-start // page) * page, end // page * page          # whole pages inside the tensor
+        if b <= a or any(s < b and a < e for s, e in kept):
+            continue
+        if not any(s <= a and b <= e for s, e in files):
+            continue
+        if madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:     # 4: MADV_DONTNEED
+            released += b - a
+    return released
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import kernels
 
 from . import generation
+from .checkpoint import release_pages
 from .config import RWKVConfig
 from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
 from .state import State
@@ -42,7 +43,7 @@ class Block:
     ffn_receptance: torch.Tensor
 
 
-def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0):
+def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layers=None):
     """The one place raw checkpoint tensors become what the forward reads.
 
     Float32 tensors already on the target device are used as they are (memory-mapped files
@@ -50,6 +51,8 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0):
     matrices of layer i are divided by 2^(i // R) and the forward halves x after every R-th layer:
     the residual stream then stays inside float16's range (max 65504) on long inputs, and the
     final LayerNorm makes the logits independent of the scale.
+    layers: a range of layers to build (a pipeline stage); the embedding comes only with layer 0 and
+    ln_out/head only with the last layer, and only the keys of what is built are read from `sd`.
     """
     def cast(t, dt=dtype):
         return t.to(device=device, dtype=dt)
@@ -58,11 +61,14 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0):
         return cast(t.reshape(-1), dt)
 
     eps = cfg.layer_norm_eps
-    # ln0 is applied to the embedding table once here instead of to x at every step.
-    emb = F.layer_norm(sd["emb.weight"].float(), (cfg.n_embd,), sd["blocks.0.ln0.weight"].float(),
-                       sd["blocks.0.ln0.bias"].float(), eps)
+    layers = range(cfg.n_layer) if layers is None else layers
+    first, last = layers.start == 0, layers.stop == cfg.n_layer
+    emb = None
+    if first:   # ln0 is applied to the embedding table once here instead of to x at every step.
+        emb = embedding_with_ln0(sd["emb.weight"], sd["blocks.0.ln0.weight"].float(),
+                                 sd["blocks.0.ln0.bias"].float(), eps)
     blocks = []
-    for i in range(cfg.n_layer):
+    for i in layers:
         g = lambda name: sd[f"blocks.{i}.{name}"]
         scale = 2 ** (i // rescale_every) if rescale_every else 1
         out = lambda name: cast(g(name).float() / scale) if scale != 1 else cast(g(name))
@@ -79,15 +85,38 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0):
             ffn_key=cast(g("ffn.key.weight")), ffn_value=out("ffn.value.weight"),
             ffn_receptance=cast(g("ffn.receptance.weight")),
         ))
-    return dict(emb=cast(emb), blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
+    if not last:
+        return dict(emb=emb if emb is None else cast(emb), blocks=blocks, ln_out_w=None, ln_out_b=None, head=None)
+    return dict(emb=emb if emb is None else cast(emb), blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
                 ln_out_b=vec(sd["ln_out.bias"]), head=cast(sd["head.weight"]))
+
+
+def embedding_with_ln0(raw, w, b, eps, rows=8192):
+    """LayerNorm of every row of the embedding table, in float32, a block of rows at a time; the
+    pages of each block of a memory-mapped table are dropped once read, so the raw table never sits
+    in memory beside its normalised copy."""
+    out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
+    for r in range(0, raw.shape[0], rows):
+        block = raw[r:r + rows]
+        out[r:r + rows] = F.layer_norm(block.float(), (raw.shape[1],), w, b, eps)
+        release_pages([block])
+    return out
+
+
+def check_layer_range(layers, n_layer):
+    """None -> all layers; else a non-empty range(i0, i1) inside [0, n_layer)."""
+    if layers is None:
+        return range(n_layer)
+    if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start < layers.stop <= n_layer:
+        raise ValueError(f"layers must be a non-empty range inside range(0, {n_layer}), got {layers!r}")
+    return layers
 
 
 class RWKV:
     """An RWKV-4 model ready for inference. Build it with `rwkv_engine.load`."""
 
     def __init__(self, cfg: RWKVConfig, sd, device="cpu", dtype="float32", source="", synthetic=False,
-                 tokenizer=None, rescale_every=None, wkv_backend=None):
+                 tokenizer=None, rescale_every=None, wkv_backend=None, layers=None):
         self.config = cfg
         self.device = torch.device(device)
         self.dtype = as_dtype(dtype)
@@ -101,7 +130,8 @@ class RWKV:
             raise ValueError(f"rescale_every must be an int >= 0 (0: off), got {rescale_every!r}")
         self.rescale_every = rescale_every
         self.wkv_backend = wkv_backend          # None: chosen by device in kernels.wkv
-        w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every)
+        self.layers = check_layer_range(layers, cfg.n_layer)   # a pipeline stage holds only some
+        w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers)
         self.emb, self.blocks, self.head = w["emb"], w["blocks"], w["head"]
         self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]
 
@@ -119,16 +149,17 @@ class RWKV:
         return self.config.weight_bytes_per_token(self.head.element_size())
 
     def state_bytes(self, batch_size=1):
-        return State.zeros(self.config.n_layer, batch_size, self.config.n_embd, "meta", self.dtype).nbytes
+        return State.zeros(len(self.layers), batch_size, self.config.n_embd, "meta", self.dtype).nbytes
 
     def new_state(self, batch_size=1, max_len=None):
         """A fresh state for `batch_size` streams (`max_len` is accepted and unused: no cache grows)."""
-        return State.zeros(self.config.n_layer, batch_size, self.config.n_embd, self.device, self.dtype)
+        return State.zeros(len(self.layers), batch_size, self.config.n_embd, self.device, self.dtype)
 
     def __repr__(self):
         c = self.config
         src = "synthetic weights" if self.synthetic else self.source
-        return f"RWKV({c.name or 'rwkv-4'}: {c.n_layer} layers, n_embd {c.n_embd}, {self.dtype}, {self.device}, {src})"
+        part = "" if len(self.layers) == c.n_layer else f" (holds {self.layers.start}..{self.layers.stop - 1})"
+        return f"RWKV({c.name or 'rwkv-4'}: {c.n_layer} layers{part}, n_embd {c.n_embd}, {self.dtype}, {self.device}, {src})"
 
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -136,6 +167,9 @@ class RWKV:
         """tokens: LongTensor [B, T] (or [T] / list for one stream).
         Returns logits float32 [B, V] for the last position ([B, T, V] with all_logits) and the
         state, which is updated in place (clone it first to keep the old one)."""
+        if len(self.layers) != self.config.n_layer:
+            raise ValueError(f"this model holds layers {self.layers.start}..{self.layers.stop - 1} only "
+                             "(a pipeline stage): run it through rwkv_engine.pipeline")
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
         if state is None:
@@ -144,20 +178,34 @@ class RWKV:
             raise ValueError(f"state must be a rwkv_engine.State, got {type(state).__name__}")
         else:
             state.check(self.config.n_layer, B, self.config.n_embd, self.device, self.dtype)
-        # token mode works on x (B, C) in place; sequence mode on x (B, T, C)
-        x = self.emb[tokens[:, 0]] if T == 1 else self.emb[tokens]
-        step = self._token_block if T == 1 else self._sequence_block
-        for i, blk in enumerate(self.blocks):
-            x = step(x, blk, state, i)
-            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+        x = self.embed(tokens)
+        x = self.run_blocks(x, state)
+        return self.head_logits(x, all_logits), state
+
+    # The forward in three pieces; a pipeline stage (rwkv_engine.pipeline) runs those it holds.
+    def embed(self, tokens):
+        """tokens [B, T] -> x: (B, C) in token mode (T == 1), which the blocks update in place,
+        else (B, T, C)."""
+        return self.emb[tokens[:, 0]] if tokens.shape[1] == 1 else self.emb[tokens]
+
+    def run_blocks(self, x, state):
+        """Run the layers this model holds on x; `state` holds those layers only (in order)."""
+        step = self._token_block if x.dim() == 2 else self._sequence_block
+        for j, blk in enumerate(self.blocks):
+            x = step(x, blk, state, j)
+            if self.rescale_every and (self.layers.start + j + 1) % self.rescale_every == 0:
                 x = x / 2
-        if T == 1:
+        return x
+
+    def head_logits(self, x, all_logits=False):
+        """x from the last layer -> float32 logits [B, V] of the last position ([B, T, V] with all_logits)."""
+        if x.dim() == 2:
             x = x[:, None]
         if not all_logits:
             x = x[:, -1:]
         x = F.layer_norm(x, (x.shape[-1],), self.ln_out_w, self.ln_out_b, self.config.layer_norm_eps)
         logits = kernels.linear(x, self.head).float()                 # (B, T or 1, V)
-        return (logits if all_logits else logits[:, 0]), state
+        return logits if all_logits else logits[:, 0]
 
     __call__ = forward
 

@@ -1,0 +1,557 @@
+"""Pipeline-parallel RWKV-4 over torch.distributed: the layers split among ranks (processes, hosts
+or GPUs), each rank holding only its slice of the weights and of every state.
+
+    # run.py, the same on every rank:  torchrun --standalone --nproc-per-node 2 run.py
+    from rwkv_engine import pipeline
+    model = pipeline.load("rwkv-4-pile-169m")      # ranks > 0 serve here until rank 0 closes
+    print(model.generate("The dragons", max_new_tokens=32, temperature=0).text[0])
+
+On rank 0 the model has the single-process API (`forward`, `new_state`, `generate`, `stream`);
+the other ranks run `Worker.run`. Rank 0 also holds the embedding, the last rank ln_out and the
+head. A forward flows as items: the batch split into micro-batches (rows) and, in sequence mode,
+the prompt into chunks (columns); a stage works on the next item while the following stage works
+on the previous one. Only the hidden x of the items in flight crosses a boundary (`stage.py`),
+plus the logits from the last rank back to rank 0.
+"""
+import atexit
+import datetime
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import load as load_model, resolve
+from .checkpoint import open_checkpoint, write_synthetic
+from .generation import generate, stream
+from .contract import as_dtype
+from .sampling import SamplingParams, sample
+from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
+from .state import State
+
+OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_SELECT_STATE, OP_CAT_STATES, OP_PING, OP_SHUTDOWN = range(1, 9)
+
+__all__ = ["load", "split_layers", "decode_interleaved", "PipelinedRWKV", "PipelineState", "PipelineError", "Worker"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer split and the work items
+
+def split_layers(n_layer, world, layers_per_rank=None):
+    """Layers of each rank as ranges. Even by default; the first ranks take the remainder (the
+    last rank also runs the head, rank 0 only an embedding lookup)."""
+    if world > n_layer:
+        raise PipelineError(f"world size {world} is larger than the model's {n_layer} layers: "
+                            "every rank needs at least one layer")
+    if layers_per_rank is None:
+        base, extra = divmod(n_layer, world)
+        counts = [base + (r < extra) for r in range(world)]
+    else:
+        counts = list(layers_per_rank)
+        if len(counts) != world:
+            raise PipelineError(f"--layers-per-rank has {len(counts)} entries {counts} but the world has {world} ranks")
+        if any(c < 1 for c in counts):
+            raise PipelineError(f"--layers-per-rank {counts}: every rank needs at least one layer")
+        if sum(counts) != n_layer:
+            raise PipelineError(f"--layers-per-rank {counts} sums to {sum(counts)} but the model has {n_layer} layers")
+    starts = [sum(counts[:r]) for r in range(world)]
+    return [range(s, s + c) for s, c in zip(starts, counts)]
+
+
+def parse_layers_per_rank(text):
+    """'10,10,12' -> [10, 10, 12] (one-line ValueError otherwise)."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers-per-rank must be comma-separated integers, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit that flows through the stages: streams rows[0]:rows[1], positions cols[0]:cols[1]."""
+    rows: tuple
+    cols: tuple
+    logits: bool         # whether the last rank computes and returns logits for it
+
+
+def plan(B, T, micro_batches, chunk, all_logits):
+    """The items of one forward, in the order every stage processes them (chunk-major, so each
+    micro-batch's chunks stay in order and its state is carried)."""
+    m = max(1, min(micro_batches, B))
+    bounds = [B * i // m for i in range(m + 1)]
+    rows = [(bounds[i], bounds[i + 1]) for i in range(m)]
+    step = T if T == 1 or not chunk else chunk
+    cols = [(c, min(c + step, T)) for c in range(0, T, step)]
+    return [Item(r, c, all_logits or c[1] == T) for c in cols for r in rows]
+
+
+def rows_of(state, r0, r1):
+    """A view of streams r0:r1 of a state: the blocks update it, and so the whole state, in place."""
+    return State(**{k: v[:, r0:r1] for k, v in state.tensors().items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage: the model slice this rank holds, and its part of each forward
+
+class Stage:
+    def __init__(self, model, boundary: Boundary):
+        self.model, self.boundary = model, boundary
+
+    def x_shape(self, item):
+        """x is (b, C) for one position (token mode, as RWKV.embed gives), else (b, t, C)."""
+        b, t = item.rows[1] - item.rows[0], item.cols[1] - item.cols[0]
+        return (b, self.model.config.n_embd) if t == 1 else (b, t, self.model.config.n_embd)
+
+    def logits_shape(self, item, all_logits):
+        b, t = item.rows[1] - item.rows[0], item.cols[1] - item.cols[0]
+        return (b, t, self.model.vocab_size) if all_logits else (b, self.model.vocab_size)
+
+    @torch.inference_mode()
+    def forward_items(self, items, state, all_logits, tokens=None):
+        """This rank's part of one forward. Each item's x comes from the embedding (rank 0) or the
+        previous rank, runs through this rank's layers, and goes to the next rank or (last rank)
+        through the head. Returns the pending sends and, on a one-rank pipeline, the logits."""
+        b = self.boundary
+        dtype = self.model.dtype
+        incoming = [] if b.prev is None else [b.post_recv(self.x_shape(it), dtype, b.prev, TAG_X) for it in items]
+        sends, logits = [], []
+        for k, it in enumerate(items):
+            if b.prev is None:
+                x = self.model.embed(tokens[it.rows[0]:it.rows[1], it.cols[0]:it.cols[1]])
+            else:
+                x = b.wait(incoming[k])
+            x = self.model.run_blocks(x, rows_of(state, *it.rows))
+            if b.next is not None:
+                sends.append(b.send(x, b.next, TAG_X))
+            elif it.logits:
+                out = self.model.head_logits(x, all_logits)
+                if b.rank == 0:
+                    logits.append(out)
+                else:
+                    sends.append(b.send(out, 0, TAG_LOGITS))
+        return sends, logits
+
+
+class Worker:
+    """Ranks > 0: hold a slice of the layers and of every state; do what rank 0's headers say."""
+
+    def __init__(self, stage: Stage, timeout):
+        self.stage, self.boundary = stage, stage.boundary
+        self.timeout = timeout          # the boundary keeps the start-up timeout until the warm-up is done
+        self.states = {}
+
+    def run(self):
+        """Serve until rank 0 sends shutdown. A failure raises PipelineError (naming the rank)."""
+        b = self.boundary
+        while True:
+            (op, a, B, T, all_logits, micro, chunk), payload = b.recv_header()
+            try:
+                if op == OP_SHUTDOWN:
+                    return
+                if op == OP_NEW_STATE:
+                    self.states[a] = self.stage.model.new_state(B)
+                elif op == OP_FREE_STATE:
+                    self.states.pop(a, None)
+                elif op == OP_CLONE_STATE:
+                    self.states[B] = self.states[a].clone()
+                elif op == OP_SELECT_STATE:
+                    self.states[B] = self.states[a].select(payload)
+                elif op == OP_CAT_STATES:
+                    self.states[a] = State.cat([self.states[i] for i in payload])
+                elif op == OP_FORWARD:
+                    items = plan(B, T, micro, chunk, bool(all_logits))
+                    sends, _ = self.stage.forward_items(items, self.states[a], bool(all_logits))
+                    b.wait_all(sends)
+                    b.timeout = self.timeout          # after the first (warm-up) forward
+            except PipelineError:
+                raise
+            except Exception as e:          # this rank's own failure (out of memory, a bug): say so
+                b.fail(b.rank, "error", f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0: the model object user code sees
+
+class PipelineState:
+    """A state whose layers live on their ranks: `local` is rank 0's slice; the other ranks hold
+    theirs under `id`. Freed on every rank once no reference is left."""
+
+    def __init__(self, model, sid, batch_size, local):
+        self.id, self.batch_size, self.local, self._model = sid, batch_size, local, model
+        weakref.finalize(self, model._freed.append, sid)
+
+    def clone(self):
+        """An independent copy (fork a conversation), on every rank."""
+        return self._model._derive(OP_CLONE_STATE, self.batch_size, self.local.clone(), self.id)
+
+    def select(self, streams):
+        """A new state holding the given streams, in that order (as State.select)."""
+        local = self.local.select(streams)                        # checks the indices
+        idx = [streams] if isinstance(streams, int) else [int(i) % self.batch_size for i in streams]
+        return self._model._derive(OP_SELECT_STATE, len(idx), local, self.id, payload=idx)
+
+    @staticmethod
+    def cat(states):
+        """Stack the streams of several states of one pipeline into one batch (as State.cat)."""
+        model = states[0]._model
+        if any(not isinstance(s, PipelineState) or s._model is not model for s in states):
+            raise ValueError("PipelineState.cat needs states of one pipeline")
+        local = State.cat([s.local for s in states])
+        return model._derive(OP_CAT_STATES, local.batch_size, local, payload=[s.id for s in states])
+
+    @property
+    def nbytes(self):
+        """Bytes of this state on all ranks together."""
+        return self._model.state_bytes(self.batch_size)
+
+
+@dataclass
+class Pending:
+    """A forward in flight (PipelinedRWKV.submit)."""
+    model: "PipelinedRWKV"
+    incoming: list
+    sends: list
+    local: list
+    n_chunks: int
+    all_logits: bool
+
+    def result(self):
+        """Wait for the logits (bounded by the pipeline's timeout)."""
+        return self.model._guarded(self.model._finish, self)
+
+
+class PipelinedRWKV:
+    """Rank 0's handle on the pipeline: the same API as `RWKV` (forward, new_state, generate,
+    stream). micro_batches: streams are split into this many groups that flow one after another
+    (default: the number of stages). prompt_chunk: sequence-mode inputs flow in chunks of this many
+    tokens (default: whole; the logits then equal one process fed the same chunks)."""
+
+    def __init__(self, stage: Stage, split, micro_batches=None, prompt_chunk=None):
+        self.stage, self.boundary, self.split = stage, stage.boundary, split
+        m = stage.model
+        self.config, self.device, self.dtype, self.tokenizer = m.config, m.device, m.dtype, m.tokenizer
+        self.synthetic, self.source, self.rescale_every = m.synthetic, m.source, m.rescale_every
+        self.micro_batches = micro_batches or len(split)
+        self.prompt_chunk = prompt_chunk
+        self._lock = threading.Lock()
+        self._freed, self._next_id, self._closed, self._broken = [], 1, False, None
+        self._last_sent = time.monotonic()
+        self._keepalive = threading.Thread(target=self._keep_workers_alive, daemon=True)
+        if len(split) > 1:
+            self._keepalive.start()
+
+    vocab_size = property(lambda self: self.config.vocab_size)
+    n_params = property(lambda self: self.config.n_params)
+    weight_bytes_per_token = property(lambda self: self.config.weight_bytes_per_token(self.dtype.itemsize))
+
+    def __repr__(self):
+        c = self.config
+        parts = ", ".join(f"{r.start}..{r.stop - 1}" for r in self.split)
+        return f"PipelinedRWKV({c.name or 'rwkv-4'}: {c.n_layer} layers over {len(self.split)} ranks [{parts}], {self.dtype})"
+
+    def state_bytes(self, batch_size=1):
+        return State.zeros(self.config.n_layer, batch_size, self.config.n_embd, "meta", self.dtype).nbytes
+
+    # -- operations (each one holds the lock: the keep-alive thread sends between them) ----------
+    def _op(self, *header, payload=()):
+        if self._closed:
+            raise PipelineError("the pipeline is closed")
+        if self._broken:
+            raise PipelineError(f"the pipeline stopped earlier: {self._broken}")
+        while self._freed:
+            self._send(OP_FREE_STATE, self._freed.pop())
+        self._send(*header, payload=payload)
+
+    def _send(self, *header, payload=()):
+        if len(self.split) > 1:
+            self.boundary.send_header(*header, payload=payload)
+        self._last_sent = time.monotonic()
+
+    def _guarded(self, fn, *args):
+        with self._lock:
+            try:
+                return fn(*args)
+            except PipelineError as e:
+                self._broken = self._broken or str(e)
+                raise
+            except BaseException as e:     # rank 0 failed mid-operation: the workers learn why
+                self._broken = f"rank 0 failed: {type(e).__name__}: {e}"
+                try:
+                    self.boundary.store.set("fault/0", f"error|0|{self._broken}")
+                except Exception:
+                    pass
+                raise
+
+    def new_state(self, batch_size=1, max_len=None):
+        """A fresh state for `batch_size` streams, each rank allocating its layers' part."""
+        local = self.stage.model.new_state(batch_size)          # checks batch_size
+
+        def op():
+            sid, self._next_id = self._next_id, self._next_id + 1
+            self._op(OP_NEW_STATE, sid, batch_size)
+            return PipelineState(self, sid, batch_size, local)
+        return self._guarded(op)
+
+    def _derive(self, op_code, batch_size, local, src=None, payload=()):
+        """A new state made on every rank from existing ones (clone, select, cat); rank 0's part is
+        `local`. Header: (op, src, new id) for clone/select, (op, new id) for cat."""
+        def op():
+            sid, self._next_id = self._next_id, self._next_id + 1
+            self._op(*((op_code, sid) if src is None else (op_code, src, sid)), payload=payload)
+            return PipelineState(self, sid, batch_size, local)
+        return self._guarded(op)
+
+    def forward(self, tokens, state=None, all_logits=False):
+        """Same contract as RWKV.forward: tokens [B, T] -> (logits float32 [B, V] ([B, T, V] with
+        all_logits), state updated in place)."""
+        if state is None:
+            state = self.new_state(self.stage.model._check_tokens(tokens).shape[0])
+        return self.submit(tokens, state, all_logits).result(), state
+
+    @torch.inference_mode()
+    def submit(self, tokens, state, all_logits=False, micro_batches=None):
+        """Start a forward and return at once (after rank 0's own layers) with a `Pending` whose
+        result() gives the logits. Several submits on different states may be in flight: the
+        stages then work on them at the same time (`decode_interleaved`)."""
+        tokens = self.stage.model._check_tokens(tokens)
+        B, T = tokens.shape
+        if not isinstance(state, PipelineState) or state._model is not self:
+            raise ValueError(f"state must come from this pipeline's new_state(), got {type(state).__name__}")
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} streams but tokens have {B}")
+        return self._guarded(self._submit, tokens, state, bool(all_logits), micro_batches or self.micro_batches)
+
+    def _submit(self, tokens, state, all_logits, micro_batches):
+        B, T = tokens.shape
+        items = plan(B, T, micro_batches, self.prompt_chunk, all_logits)
+        self._op(OP_FORWARD, state.id, B, T, int(all_logits), micro_batches, self.prompt_chunk or 0)
+        b, stage = self.boundary, self.stage
+        incoming = [] if b.world == 1 else [b.post_recv(stage.logits_shape(it, all_logits), torch.float32,
+                                                         b.last, TAG_LOGITS) for it in items if it.logits]
+        sends, logits = stage.forward_items(items, state.local, all_logits, tokens)
+        return Pending(self, incoming, sends, logits, len({it.cols for it in items}), all_logits)
+
+    def _finish(self, pending):
+        b = self.boundary
+        logits = pending.local + [b.wait(p) for p in pending.incoming]
+        b.wait_all(pending.sends)
+        if not pending.all_logits:
+            return torch.cat(logits, dim=0)                              # micro-batches in order
+        m = len(logits) // pending.n_chunks
+        per_mb = [torch.cat(logits[i::m], dim=1) for i in range(m)]      # chunks in order
+        return torch.cat(per_mb, dim=0)
+
+    __call__ = forward
+
+    def generate(self, prompt, max_new_tokens=64, **kwargs):
+        return generate(self, prompt, max_new_tokens, **kwargs)
+
+    def stream(self, prompt, max_new_tokens=64, **kwargs):
+        return stream(self, prompt, max_new_tokens, **kwargs)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def _keep_workers_alive(self):
+        """Idle workers wait at most `timeout` for the next header: ping them well within it."""
+        while not self._closed and not self._broken:
+            every = self.boundary.timeout.total_seconds() / 4
+            time.sleep(min(every / 4, 1.0))
+            if time.monotonic() - self._last_sent < every or not self._lock.acquire(blocking=False):
+                continue
+            try:
+                if not self._closed and not self._broken:
+                    self._send(OP_PING)
+            except PipelineError as e:
+                self._broken = str(e)
+            finally:
+                self._lock.release()
+
+    def close(self):
+        """Tell the workers to exit and leave the process group. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._broken and len(self.split) > 1:
+                try:
+                    self.boundary.send_header(OP_SHUTDOWN)
+                except PipelineError:
+                    pass
+        if not self._broken:
+            dist.destroy_process_group()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def decode_interleaved(model, prompt, max_new_tokens, groups=None, sampling=None, seed=None):
+    """Generate for B streams split into `groups` groups (default: one per stage) that never wait
+    for each other: as soon as a group's logits arrive its next token is sampled and submitted, so
+    every stage stays busy across decode steps (generate() waits for all streams at each step).
+
+    prompt: token ids [B, T]. Returns {"tokens": [B][max_new_tokens], "prefill_s", "decode_s"}.
+    The tokens equal generate()'s with the same sampling and seed (groups draw in stream order)."""
+    ids = model.stage.model._check_tokens(prompt)
+    B = ids.shape[0]
+    sampling = sampling or SamplingParams(temperature=0)
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    g = max(1, min(groups or len(model.split), B))
+    rows = [(B * i // g, B * (i + 1) // g) for i in range(g)]
+    states = [model.new_state(r1 - r0) for r0, r1 in rows]
+    t0 = time.perf_counter()
+    pending = [model.submit(ids[r0:r1], st, micro_batches=1) for (r0, r1), st in zip(rows, states)]
+    tokens, prefill_s = [[] for _ in range(B)], None
+    for step in range(max_new_tokens):
+        for k, ((r0, r1), st) in enumerate(zip(rows, states)):
+            chosen = sample(pending[k].result(), sampling, None, generator)
+            for i, t in enumerate(chosen.tolist()):
+                tokens[r0 + i].append(t)
+            if step < max_new_tokens - 1:
+                pending[k] = model.submit(chosen[:, None], st, micro_batches=1)
+        if step == 0:
+            prefill_s = time.perf_counter() - t0
+    return {"tokens": tokens, "prefill_s": prefill_s, "decode_s": time.perf_counter() - t0 - prefill_s}
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up: load this rank's slice, check that every rank agrees, then serve
+
+def _checkpoint_path(name_or_path, checkpoint, seed, local_rank):
+    """The checkpoint file this rank reads. Synthetic weights of a registered name are written
+    once per host (by local rank 0) while the others wait."""
+    name, path = resolve(name_or_path, checkpoint)
+    if path is not None:
+        return path
+    if local_rank == 0:
+        write_synthetic(name, seed=seed)
+    dist.barrier()
+    return write_synthetic(name, seed=seed)
+
+
+def fingerprint(entries, cfg):
+    """A hash of the checkpoint every rank must share: the config, every tensor's name, shape and
+    dtype (entries: open_checkpoint's listing), and a few values (ln_out.weight: two checkpoints
+    of the same shapes differ there)."""
+    h = hashlib.sha256(json.dumps([cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, cfg.layer_norm_eps,
+                                   sorted((k, list(shape), str(dtype)) for k, (shape, dtype, _) in entries.items())
+                                   ]).encode())
+    if "ln_out.weight" in entries:
+        h.update(entries["ln_out.weight"][2]().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _agree(info, what):
+    """all_gather this rank's info dict; raise the first rank's error (every rank raises the same)."""
+    infos = [None] * dist.get_world_size()
+    dist.all_gather_object(infos, info)
+    errors = [(r, i["error"]) for r, i in enumerate(infos) if i.get("error")]
+    if errors:
+        r, e = errors[0]
+        raise PipelineError(f"rank {r} ({infos[r]['host']}): {e}" if what == "load" else e)
+    return infos
+
+
+def _check_same_checkpoint(infos):
+    ref = infos[0]
+    for r, i in enumerate(infos):
+        if i["args"] != ref["args"]:
+            raise PipelineError(f"ranks were started with different arguments: rank {r} ({i['host']}) has "
+                                f"{i['args']} but rank 0 ({ref['host']}) has {ref['args']}")
+    for r, i in enumerate(infos):
+        if i["hash"] != ref["hash"]:
+            raise PipelineError(f"checkpoints differ across ranks: rank {r} ({i['host']}) has {i['path']} "
+                                f"[{i['summary']}, hash {i['hash']}] but rank 0 ({ref['host']}) has {ref['path']} "
+                                f"[{ref['summary']}, hash {ref['hash']}]")
+
+
+def default_threads(local_world):
+    """This rank's share of the host's cores (ranks on one host must not oversubscribe them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // local_world)
+
+
+def load(name_or_path, *, exit_workers=True, **kwargs):
+    """Start this rank's part of a pipeline (call it on every rank, as launched by torchrun).
+
+    Returns the PipelinedRWKV on rank 0. On other ranks it serves until rank 0 closes the pipeline,
+    then exits the process; a failure there prints one line naming the rank at fault and exits
+    with status 1 (with exit_workers=False: returns the Worker after shutdown, raises PipelineError).
+    Every rank checks before any work that the layer split fits the model and that all ranks have
+    the same checkpoint.
+
+    checkpoint, device, dtype, seed: as rwkv_engine.load. layers_per_rank: e.g. [10, 10, 12]
+    (default: even). micro_batches, prompt_chunk: see PipelinedRWKV. timeout_s bounds every wait
+    once running (a dead or hung rank -> PipelineError naming it, on every rank); load_timeout_s
+    bounds start-up (loading, the first forward that pages the weights in). backend: gloo or nccl
+    (default nccl when CUDA is available). threads: torch threads of this rank (default: its share
+    of the host's cores).
+    """
+    try:
+        return _load(name_or_path, exit_workers=exit_workers, **kwargs)
+    except (PipelineError, ValueError) as e:
+        if int(os.environ.get("RANK", 0)) == 0 or not exit_workers:
+            raise
+        print(f"rwkv_engine.pipeline: rank {os.environ['RANK']}: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)                 # not sys.exit: a broken process group can hang in its destructor
+
+
+def _load(name_or_path, *, checkpoint=None, device=None, dtype="float32", layers_per_rank=None,
+          micro_batches=None, prompt_chunk=None, timeout_s=60.0, load_timeout_s=600.0, backend=None,
+          threads=None, seed=0, exit_workers=True):
+    for name, value in (("micro_batches", micro_batches), ("prompt_chunk", prompt_chunk)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise PipelineError(f"{name} must be an int >= 1, got {value!r}")
+    if dist.is_initialized():
+        raise PipelineError("pipeline.load initialises torch.distributed itself (with the store faults are "
+                            "reported in): call it before any init_process_group")
+    store = init(backend, load_timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device is None:
+        device = f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu"
+    torch.set_num_threads(threads or default_threads(local_world))
+    path = _checkpoint_path(name_or_path, checkpoint, seed, local_rank)
+
+    info = {"host": hostname(), "path": str(path), "error": None,
+            "args": {"dtype": str(as_dtype(dtype)).replace("torch.", ""), "layers_per_rank": layers_per_rank}}
+    try:
+        entries, cfg = open_checkpoint(path)
+        info.update(hash=fingerprint(entries, cfg),
+                    summary=f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}")
+        split = split_layers(cfg.n_layer, world, layers_per_rank)
+    except (ValueError, PipelineError) as e:
+        info["error"] = str(e)
+    infos = _agree(info, "config")
+    _check_same_checkpoint(infos)
+
+    try:
+        model = load_model(name_or_path, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed,
+                           layers=split[rank])
+        info = {"host": info["host"], "error": None}
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
+        info = {"host": info["host"], "error": f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)}
+    infos = _agree(info, "load")
+    boundary = Boundary(store, device, load_timeout_s)
+    boundary.hosts = {r: i["host"] for r, i in enumerate(infos)}
+    stage = Stage(model, boundary)
+    if rank == 0:
+        pipe = PipelinedRWKV(stage, split, micro_batches, prompt_chunk)
+        pipe.forward([[0]])                  # pages every rank's weights in, under the start-up timeout
+        boundary.timeout = datetime.timedelta(seconds=timeout_s)
+        atexit.register(pipe.close)
+        return pipe
+    worker = Worker(stage, datetime.timedelta(seconds=timeout_s))
+    worker.run()
+    dist.destroy_process_group()
+    if exit_workers:
+        raise SystemExit(0)
+    return worker
