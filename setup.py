@@ -10,6 +10,7 @@ setup(
                                     "baselines", "baselines.*", "bench", "bench.*"]),
     package_data={"rwkv_engine": ["data/20B_tokenizer.json"], "kernels": ["csrc/*.c", "csrc/*.h"]},
     install_requires=["torch>=2.1", "numpy", "triton", "tokenizers", "safetensors", "psutil",
-                      "threadpoolctl", "matplotlib", "tqdm"],
-    extras_require={"test": ["pytest", "rwkv==0.8.32", "transformers>=4.40"]},
+                      "threadpoolctl", "matplotlib", "tqdm",
+                      "fastapi", "uvicorn", "prometheus_client"],         # fastapi..: rwkv_engine.serve
+    extras_require={"test": ["pytest", "rwkv==0.8.32", "transformers>=4.40", "openai", "httpx"]},
 )

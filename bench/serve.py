@@ -1,0 +1,326 @@
+"""Load test of `rwkv_engine.serve`: N concurrent clients on 127.0.0.1 against one server process.
+
+    python -m bench.serve --model rwkv-4-pile-169m
+    python -m bench.serve --model rwkv-4-pile-169m --clients 1,2,4 --requests-per-client 2 --max-tokens 32
+
+For each N in --clients, N clients each send K streaming completion requests one after another
+(distinct prompts: the paper's prompt plus a request number; temperature 1, seeded, `ignore_eos`, so
+each request generates exactly M tokens) and the benchmark reports:
+  * aggregate tokens/s: all generated tokens / wall time of the phase;
+  * per-stream tokens/s: median over requests of (tokens - 1) / (last token - first token);
+  * time to first token (request sent -> first text chunk received), p50 and p99;
+  * the server's peak RSS during the phase (VmHWM after a reset via /proc/PID/clear_refs, or RSS
+    sampled every 10 ms where that is not allowed), and idle RSS after one warm-up request.
+Beside them, in the same run: the library's single-stream decode tokens/s (`bench.generate`'s
+measurement in a fresh process, same prompt, sampling and thread count) -- the server's overhead at N=1.
+The server is started on a free port and always stopped (also on an error or Ctrl-C).
+Outputs: a table, JSON (--json) and a PNG plot (--plot).
+"""
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench import DRAGON_PROMPT
+from bench.cli import OneLineParser, fail, write_json_atomic
+from bench.runner import child_env, run_child
+
+START_TIMEOUT = 600
+
+
+# -- the server process ---------------------------------------------------------------------------
+class ServerProcess:
+    def __init__(self, args, max_batch):
+        cmd = [sys.executable, "-m", "rwkv_engine.serve", "--model", args.model, "--device", args.device,
+               "--dtype", args.dtype, "--port", "0", "--max-batch", str(max_batch),
+               "--max-queue", str(4 * max_batch), "--max-tokens", str(args.max_tokens),
+               "--prefix-cache-mb", str(args.prefix_cache_mb), "--shutdown-timeout", "2"]
+        if args.checkpoint:
+            cmd += ["--checkpoint", args.checkpoint]
+        if args.weights:
+            cmd += ["--weights", args.weights]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=child_env(args.threads))
+        self.lines, self.url, ready = [], None, threading.Event()
+        threading.Thread(target=self._drain, args=(ready,), daemon=True).start()
+        if not ready.wait(START_TIMEOUT) or self.url is None:
+            self.stop()
+            raise RuntimeError("the server did not start: " + "".join(self.lines[-5:]).strip())
+
+    def _drain(self, ready):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"ready at (http://\S+)", line)
+            if m:
+                self.url = m.group(1)
+                ready.set()
+        ready.set()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class PeakRss:
+    """Peak RSS of another process between reset() and read()."""
+
+    def __init__(self, pid):
+        self.pid, self._peak, self._stop = pid, 0, threading.Event()
+        self.method = "clear_refs" if self._clear_refs() else "sampler"
+        self._sampler = None
+
+    def rss(self):
+        with open(f"/proc/{self.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _clear_refs(self):
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self):
+        if self.method == "clear_refs":
+            self._clear_refs()
+            return
+        self._peak, self._stop = self.rss(), threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self._peak = max(self._peak, self.rss())
+
+    def read(self):
+        if self.method == "clear_refs":
+            with open(f"/proc/{self.pid}/status") as f:
+                return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+        self._stop.set()
+        self._sampler.join()
+        return max(self._peak, self.rss())
+
+
+# -- the clients ----------------------------------------------------------------------------------
+async def one_request(client, model, prompt, max_tokens, seed):
+    """One streaming completion: (tokens, ttft_s, per-stream tokens/s)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"]:
+                last = time.perf_counter()
+                first = first or last
+    per_stream = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+    return tokens, first - t0, per_stream
+
+
+async def phase(url, model, n_clients, requests_per_client, max_tokens):
+    import httpx
+    limits = httpx.Limits(max_connections=n_clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def client_loop(c):
+            return [await one_request(client, model, f"{DRAGON_PROMPT} ({c}.{k})", max_tokens, 1000 * c + k)
+                    for k in range(requests_per_client)]
+        t0 = time.perf_counter()
+        per_client = await asyncio.gather(*(client_loop(c) for c in range(n_clients)))
+        wall = time.perf_counter() - t0
+    results = [r for rs in per_client for r in rs]
+    ttft = sorted(r[1] for r in results)
+    return {"clients": n_clients, "requests": len(results), "tokens": sum(r[0] for r in results),
+            "wall_s": wall, "aggregate_tok_s": sum(r[0] for r in results) / wall,
+            "per_stream_tok_s": statistics.median(r[2] for r in results),
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)}
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an ascending list."""
+    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+# -- report ---------------------------------------------------------------------------------------
+def table(result):
+    lib = result["library_decode_tok_s"]
+    rows = [f"library single-stream decode: {lib:.1f} tok/s   (state {result['state_bytes'] / 1024:.0f} KiB "
+            f"per stream, idle server RSS {result['idle_rss_bytes'] / 2**20:.0f} MiB, RSS via {result['rss_method']})",
+            f"{'N':>4} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+            f"{'peak RSS MiB':>13} {'- idle MiB':>11}"]
+    for p in result["phases"]:
+        rows.append(f"{p['clients']:>4} {p['aggregate_tok_s']:>16.1f} {p['per_stream_tok_s']:>17.1f} "
+                    f"{1000 * p['ttft_p50_s']:>12.0f} {1000 * p['ttft_p99_s']:>12.0f} "
+                    f"{p['peak_rss_bytes'] / 2**20:>13.0f} {(p['peak_rss_bytes'] - result['idle_rss_bytes']) / 2**20:>11.1f}")
+    return "\n".join(rows)
+
+
+def target_checks(result):
+    """The issue's targets, each as (description, value, ok) where the data allows."""
+    by_n = {p["clients"]: p for p in result["phases"]}
+    lib, checks = result["library_decode_tok_s"], []
+    if 1 in by_n:
+        share = by_n[1]["per_stream_tok_s"] / lib
+        checks.append(("server N=1 per-stream / library decode >= 90%", f"{100 * share:.0f}%", share >= 0.9))
+    if 1 in by_n and 16 in by_n:
+        x = by_n[16]["aggregate_tok_s"] / by_n[1]["aggregate_tok_s"]
+        checks.append(("aggregate N=16 >= 8x N=1", f"{x:.1f}x", x >= 8))
+    if 16 in by_n and 32 in by_n:
+        ok = by_n[32]["aggregate_tok_s"] >= by_n[16]["aggregate_tok_s"]
+        checks.append(("aggregate N=32 >= N=16", f"{by_n[32]['aggregate_tok_s']:.0f} vs "
+                       f"{by_n[16]['aggregate_tok_s']:.0f} tok/s", ok))
+    if 32 in by_n:
+        extra = by_n[32]["peak_rss_bytes"] - result["idle_rss_bytes"]
+        limit = 32 * result["state_bytes"] + 64 * 2**20
+        checks.append(("peak RSS N=32 - idle <= 32 x state + 64 MiB",
+                       f"{extra / 2**20:.1f} MiB (limit {limit / 2**20:.1f})", extra <= limit))
+    return checks
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+    ns = [p["clients"] for p in result["phases"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.plot(ns, [p["aggregate_tok_s"] for p in result["phases"]], "o-", color="tab:red", label="aggregate")
+    ax1.plot(ns, [p["per_stream_tok_s"] for p in result["phases"]], "s-", color="tab:blue", label="per stream")
+    ax1.axhline(result["library_decode_tok_s"], color="gray", ls="--", label="library, 1 stream")
+    ax1.set(xlabel="concurrent clients N", ylabel="generated tokens/s",
+            title=f"{result['model']} ({result['device']}, {result['dtype']}): throughput")
+    ax2.plot(ns, [1000 * p["ttft_p50_s"] for p in result["phases"]], "o-", label="p50")
+    ax2.plot(ns, [1000 * p["ttft_p99_s"] for p in result["phases"]], "s-", label="p99")
+    ax2.set(xlabel="concurrent clients N", ylabel="ms", title="time to first token")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------------------
+def parse_args(argv, prog):
+    p = OneLineParser(prog=prog, description=__doc__)
+    p.add_argument("--model", default="rwkv-4-pile-169m")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--weights", default=None, help="weight format for server and library run (as load(weights=))")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of server and library run (default: all)")
+    p.add_argument("--clients", default="1,2,4,8,16,32", help="comma-separated N (default 1,2,4,8,16,32)")
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
+    p.add_argument("--prefix-cache-mb", type=float, default=32,
+                   help="server's prefix-state cache (default 32; it fills during the run and counts in RSS)")
+    p.add_argument("--library-repeats", type=int, default=3, help="library decode runs (median; default 3)")
+    p.add_argument("--json", default="results/serve.json")
+    p.add_argument("--plot", default="results/serve.png")
+    args = p.parse_args(argv)
+    try:
+        args.client_counts = sorted({int(n) for n in args.clients.split(",")})
+    except ValueError:
+        fail(prog, f"--clients must be comma-separated integers, got {args.clients!r}")
+    if not args.client_counts or args.client_counts[0] < 1:
+        fail(prog, f"--clients must all be >= 1, got {args.clients!r}")
+    for name in ("requests_per_client", "max_tokens", "library_repeats"):
+        if getattr(args, name) < 1:
+            fail(prog, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        fail(prog, f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def library_decode(args):
+    """Single-stream decode tokens/s of the library in a fresh process (bench.generate's measurement)."""
+    spec = dict(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, tokens=args.max_tokens,
+                prompt=DRAGON_PROMPT, checkpoint=args.checkpoint, threads=args.threads)
+    runs = [run_child(spec, timeout=1800) for _ in range(args.library_repeats)]
+    bad = next((r for r in runs if r["status"] != "ok"), None)
+    if bad:
+        raise RuntimeError(f"library decode run failed: {bad.get('error')}")
+    return statistics.median(r["decode_tokens_per_s"] for r in runs)
+
+
+def state_bytes(args):
+    from rwkv_engine import get_config
+    from rwkv_engine.checkpoint import read_checkpoint
+    from rwkv_engine.state import State
+    cfg = get_config(args.model) if not args.checkpoint and "/" not in args.model else None
+    if cfg is None:
+        _, cfg = read_checkpoint(args.checkpoint or args.model)
+    from rwkv_engine.model import as_dtype
+    return State.zeros(cfg.n_layer, 1, cfg.n_embd, "meta", as_dtype(args.dtype)).nbytes
+
+
+def main(argv=None, prog="python -m bench.serve"):
+    args = parse_args(argv, prog)
+    result = {"model": args.model, "device": args.device, "dtype": args.dtype, "weights": args.weights,
+              "threads": args.threads,
+              "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
+              "prefix_cache_mb": args.prefix_cache_mb, "phases": []}
+    try:
+        result["state_bytes"] = state_bytes(args)
+        print(f"library single-stream decode ({args.max_tokens} tokens, median of {args.library_repeats} "
+              "fresh processes)...", flush=True)
+        result["library_decode_tok_s"] = library_decode(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        fail(prog, str(e).splitlines()[0])
+    server = None
+    try:
+        server = ServerProcess(args, max(args.client_counts))
+        asyncio.run(phase(server.url, args.model, 1, 1, min(8, args.max_tokens)))     # warm-up
+        rss = PeakRss(server.proc.pid)
+        result["idle_rss_bytes"], result["rss_method"] = rss.rss(), rss.method
+        for n in args.client_counts:
+            print(f"N={n}: {n} clients x {args.requests_per_client} requests x {args.max_tokens} tokens...",
+                  flush=True)
+            rss.reset()
+            p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
+            p["peak_rss_bytes"] = rss.read()
+            result["phases"].append(p)
+    except Exception as e:                     # noqa: BLE001 - one line, exit 2; the server is stopped below
+        fail(prog, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        if server is not None:
+            result["server_exit_code"] = server.stop()
+    result["targets"] = [{"target": t, "value": v, "ok": ok} for t, v, ok in target_checks(result)]
+    print(table(result))
+    for t in result["targets"]:
+        print(f"  {'ok ' if t['ok'] else 'MISS'} {t['target']}: {t['value']}")
+    write_json_atomic(args.json, result)
+    plot(result, args.plot)
+    print(f"JSON: {args.json}   plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

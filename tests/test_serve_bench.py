@@ -1,0 +1,39 @@
+"""bench.serve end to end at the smallest size: it starts the server, drives it, stops it, and
+writes the table, JSON and plot."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bench.serve", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bench_serve_smoke(tmp_path):
+    out = tmp_path / "serve.json"
+    r = run_bench("--model", "rwkv-4-tiny", "--clients", "1,2", "--requests-per-client", "2", "--max-tokens", "4",
+                  "--library-repeats", "1", "--json", str(out), "--plot", str(tmp_path / "serve.png"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert [p["clients"] for p in result["phases"]] == [1, 2]
+    assert [p["requests"] for p in result["phases"]] == [2, 4]
+    assert all(p["tokens"] == 4 * p["requests"] for p in result["phases"])     # ignore_eos: exactly max_tokens
+    assert all(p["aggregate_tok_s"] > 0 and p["ttft_p99_s"] >= p["ttft_p50_s"] > 0 for p in result["phases"])
+    assert result["library_decode_tok_s"] > 0 and result["server_exit_code"] == 0
+    assert (tmp_path / "serve.png").stat().st_size > 0
+    assert "aggregate tok/s" in r.stdout and "server N=1 per-stream / library decode" in r.stdout
+
+
+def test_bench_serve_rejects_bad_arguments(capsys):
+    from bench.serve import main
+    for args in (["--clients", "0,2"], ["--clients", "a"], ["--max-tokens", "0"], ["--library-repeats", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "error" in err, (args, err)

@@ -1,0 +1,257 @@
+"""The server as a real process on 127.0.0.1 (free port, tiny synthetic model): the official
+`openai` client, batch invariance under concurrency, disconnects, the bounded queue, bad requests,
+and a graceful SIGTERM."""
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "rwkv-4-tiny"
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 120
+
+
+class Server:
+    """`python -m rwkv_engine.serve` in a subprocess; its output is drained by a thread."""
+
+    def __init__(self, *args):
+        from rwkv_engine.checkpoint import write_synthetic
+        write_synthetic(MODEL)                          # once, before any server reads it
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-m", "rwkv_engine.serve", "--model", MODEL, "--port", "0",
+                                      *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, cwd=REPO)
+        self.lines, ready = [], queue.Queue()
+        threading.Thread(target=self._drain, args=(ready,), daemon=True).start()
+        try:
+            self.url = ready.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines)) from None
+        if self.url is None:
+            raise RuntimeError("server exited:\n" + "".join(self.lines))
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def _drain(self, ready):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"ready at (http://\S+)", line)
+            if m:
+                ready.put(m.group(1))
+        ready.put(None)
+
+    def health(self):
+        return self.http.get("/health").json()
+
+    def wait_for(self, predicate, timeout=15):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate(self.health()):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def metric(self, name):
+        text = self.http.get("/metrics").text
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--max-tokens", "100000", "--max-prompt-tokens", "64", "--max-batch", "16", "--prefill-chunk", "8")
+    yield s
+    s.http.close()
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    """One slot, one queue place: the third concurrent request is refused."""
+    s = Server("--max-tokens", "100000", "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "1")
+    yield s
+    s.http.close()
+    s.stop()
+
+
+def body(**kw):
+    return {"model": MODEL, "prompt": "The dragons of", "max_tokens": 8, "seed": 1, **kw}
+
+
+def test_openai_client_completions_chat_and_streaming(server):
+    from openai import OpenAI
+    from rwkv_engine.tokenizer import tokenizer
+    client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+    r = client.completions.create(model=MODEL, prompt="The dragons of", max_tokens=8, seed=1)
+    assert r.object == "text_completion" and r.model == MODEL and len(r.choices) == 1
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    assert r.usage.prompt_tokens == len(tokenizer().encode("The dragons of")) and r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+    chunks = list(client.completions.create(model=MODEL, prompt="The dragons of", max_tokens=8, seed=1,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert server.metric("rwkv_prefix_cache_hits_total") >= 1          # the same prompt again
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens
+
+    text = r.choices[0].text                                          # a stop string cuts the same text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.completions.create(model=MODEL, prompt="The dragons of", max_tokens=8, seed=1, stop=[stop])
+    assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    c = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=2, n=2)
+    assert c.object == "chat.completion" and [ch.index for ch in c.choices] == [0, 1]
+    assert all(ch.message.role == "assistant" and isinstance(ch.message.content, str) for ch in c.choices)
+    assert c.usage.completion_tokens <= 12
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=2, stream=True)
+    deltas = [ch.choices[0].delta for ch in stream]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == c.choices[0].message.content
+
+
+def test_same_text_alone_or_among_15_concurrent_requests(server):
+    target = body(prompt="Once upon a time", max_tokens=16, seed=7, top_k=40)
+    alone = server.http.post("/v1/completions", json=target).json()["choices"][0]["text"]
+    others = [body(prompt=f"Request number {k} says", max_tokens=24 + k, seed=k) for k in range(15)]
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(server.http.post, "/v1/completions", json=b) for b in others[:8] + [target] + others[8:]]
+        results = [f.result().json() for f in futures]
+    assert results[8]["choices"][0]["text"] == alone
+    assert all(r["usage"]["completion_tokens"] > 0 for r in results)
+
+
+def test_client_disconnect_frees_the_slot(server):
+    cancelled = server.metric('rwkv_requests_total{outcome="cancelled"}') or 0
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=body(max_tokens=100000, stream=True)) as r:
+            lines = r.iter_lines()
+            assert next(l for l in lines if l.startswith("data:"))
+            assert server.health()["active_streams"] == 1
+    assert server.wait_for(lambda h: h["active_streams"] == 0), "the slot was not freed"
+    assert server.metric('rwkv_requests_total{outcome="cancelled"}') == cancelled + 1
+
+
+def test_queue_full_gets_429_with_retry_after(small_server):
+    s = small_server
+    with httpx.Client(base_url=s.url, timeout=30) as c1, httpx.Client(base_url=s.url, timeout=30) as c2:
+        with c1.stream("POST", "/v1/completions", json=body(max_tokens=100000, stream=True)) as running:
+            lines = running.iter_lines()              # kept: closing it would disconnect the client
+            assert next(l for l in lines if l.startswith("data:"))
+            with c2.stream("POST", "/v1/completions", json=body(max_tokens=100000, stream=True)):
+                assert s.wait_for(lambda h: h["queue_depth"] == 1)
+                r = s.http.post("/v1/completions", json=body())
+                assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                err = r.json()["error"]
+                assert err["type"] == "rate_limit_error" and "queue is full" in err["message"]
+    assert s.wait_for(lambda h: h["active_streams"] == 0 and h["queue_depth"] == 0)
+    assert s.http.post("/v1/completions", json=body()).status_code == 200
+
+
+BAD = [
+    ("malformed JSON", b'{"model": "rwkv-4-tiny", "prompt": ', 400, None, "not valid JSON"),
+    ("not an object", b"[1, 2]", 400, None, "valid dictionary"),
+    ("prompt wrong type", body(prompt=5), 400, "prompt", "prompt"),
+    ("max_tokens a string", body(max_tokens="8"), 400, "max_tokens", "valid integer"),
+    ("temperature a string", body(temperature="hot"), 400, "temperature", "valid number"),
+    ("stream not a bool", body(stream="yes"), 400, "stream", "valid boolean"),
+    ("unknown model", body(model="gpt-4"), 404, "model", "does not exist"),
+    ("max_tokens over limit", body(max_tokens=100001), 400, "max_tokens", "limit max_tokens=100000"),
+    ("max_tokens zero", body(max_tokens=0), 400, "max_tokens", "greater than or equal to 1"),
+    ("prompt over limit", body(prompt=[1] * 65), 400, "prompt", "limit max_prompt_tokens=64"),
+    ("token id out of range", body(prompt=[60000]), 400, "prompt", "out of range"),
+    ("empty prompt", body(prompt=""), 400, "prompt", "empty"),
+    ("two prompts", body(prompt=["a", "b"]), 400, "prompt", "one per request"),
+    ("top_p zero", body(top_p=0), 400, "top_p", "greater than 0"),
+    ("n over limit", body(n=100), 400, "n", "n<="),
+    ("too many stops", body(stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
+    ("empty stop", body(stop=[""]), 400, "stop", "non-empty"),
+    ("temperature too small", body(temperature=1e-9), 400, None, "temperature"),
+    ("echo", body(echo=True), 400, "echo", "not supported"),
+]
+BAD_CHAT = [
+    ("no messages", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
+    ("bad role", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "robot"),
+    ("content a number", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content", ""),
+]
+
+
+@pytest.mark.parametrize("path,name,payload,status,param,message",
+                         [("/v1/completions", *b) for b in BAD] + [("/v1/chat/completions", *b) for b in BAD_CHAT],
+                         ids=[b[0] for b in BAD + BAD_CHAT])
+def test_bad_request_gets_openai_error(server, path, name, payload, status, param, message):
+    if isinstance(payload, bytes):
+        r = server.http.post(path, content=payload, headers={"content-type": "application/json"})
+    else:
+        r = server.http.post(path, json=payload)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert message in err["message"] and (param is None or (err["param"] or "").startswith(param)), err
+
+
+def test_unknown_route_and_method_get_error_bodies(server):
+    assert server.http.get("/v1/nothing").json()["error"]["message"] == "Not Found"
+    r = server.http.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_metrics_are_prometheus_text(server):
+    server.http.post("/v1/completions", json=body())
+    text = server.http.get("/metrics").text
+    for name in ("rwkv_requests_total", "rwkv_generated_tokens_total", "rwkv_batch_size", "rwkv_queue_depth",
+                 "rwkv_prefix_cache_hits_total", "rwkv_prefix_cache_misses_total",
+                 "rwkv_time_to_first_token_seconds_bucket", "rwkv_time_to_first_token_seconds_count"):
+        assert re.search(rf"^{name}(\{{.*\}})? \d", text, re.M), name
+    assert server.metric("rwkv_generated_tokens_total") >= 8
+
+
+def test_sigterm_finishes_cleanly_with_exit_0(small_server):
+    s = small_server
+    import psutil
+    assert psutil.Process(s.proc.pid).children(recursive=True) == []
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=body(max_tokens=100000, stream=True)) as r:
+            lines = r.iter_lines()
+            assert next(l for l in lines if l.startswith("data:"))
+            s.proc.send_signal(signal.SIGTERM)
+            try:                                       # admits no more: 503, or no connection at all
+                assert s.http.post("/v1/completions", json=body()).status_code == 503
+            except httpx.TransportError:
+                pass
+            rest = [l for l in lines if l]             # cancelled after the 1 s grace period
+            assert rest[-1] == "data: [DONE]"
+            assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
+    assert s.proc.wait(20) == 0
+    assert "Traceback" not in "".join(s.lines)
+
+
+def test_sse_events_are_ascii_so_no_character_splits_a_line():
+    from rwkv_engine.serve.api import sse
+    event = sse({"text": "a\u2028b\x85c\nd\u00e9"})
+    assert event.isascii() and event.count("\n") == 2 and event.endswith("\n\n")
+    assert json.loads(event[6:])["text"] == "a\u2028b\x85c\nd\u00e9"

@@ -1,0 +1,214 @@
+"""The serving scheduler and prefix cache in-process (no HTTP): batch invariance of logits and
+tokens, prefix-cache hits equal to cold runs, load-independent prompt chunking, failures."""
+import threading
+
+import pytest
+import torch
+
+from rwkv_engine import SamplingParams
+from rwkv_engine.serve import Job, PrefixCache, QueueFull, Scheduler
+
+TIMEOUT = 60
+
+
+class Recorder:
+    """The model, with every forward's token shape (B, T) logged."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def forward(self, tokens, state):
+        self.calls.append(tuple(tokens.shape))
+        return self.model.forward(tokens, state)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def run(scheduler, jobs, record_logits=False):
+    """Submit `jobs`, wait for all their choices to finish; returns per job {index: [tokens]}
+    and, with record_logits, per job {index: [logits row, ...]}."""
+    tokens = [{i: [] for i in range(j.n)} for j in jobs]
+    logits = [{i: [] for i in range(j.n)} for j in jobs]
+    left, done = [sum(j.n for j in jobs)], threading.Event()
+    where = {id(j): k for k, j in enumerate(jobs)}
+    if record_logits:
+        scheduler.on_logits = lambda job, i, row: logits[where[id(job)]][i].append(row.clone())
+
+    reasons = []
+
+    def emitter(k):
+        def emit(event):
+            if event.token is not None:
+                tokens[k][event.index].append(event.token)
+            if event.finish_reason is not None:
+                reasons.append(event.finish_reason)
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+        return emit
+
+    for k, job in enumerate(jobs):
+        job.emit = emitter(k)
+        scheduler.submit(job)
+    assert done.wait(TIMEOUT), "jobs did not finish"
+    assert set(reasons) <= {"stop", "length"}, reasons
+    scheduler.on_logits = None
+    return tokens, logits
+
+
+@pytest.fixture
+def scheduler_factory(tiny_model):
+    made = []
+
+    def make(model=tiny_model, **kwargs):
+        s = Scheduler(model, **kwargs).start()
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.stop()
+        assert not s._thread.is_alive()
+
+
+def job(prompt, max_tokens=12, seed=0, **sampling):
+    return Job(prompt=list(prompt), max_tokens=max_tokens, seed=seed,
+               sampling=SamplingParams(**(sampling or dict(temperature=1.0, top_k=50))))
+
+
+def prompts(n, vocab=1000, seed=1, lengths=(3, 13)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(*lengths, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_library_decode_rows_are_batch_invariant(tiny_model):
+    """The property the scheduler relies on: a stream's logits in a batched token-mode forward are
+    bit-identical to the stream alone, for any batch size."""
+    B = 16
+    state = tiny_model.new_state(B)
+    tiny_model.forward(torch.randint(0, 1000, (B, 7)), state)
+    tokens = torch.randint(0, 1000, (B, 1))
+    for b in (1, 2, 3, 8, 9, 16):
+        batched, _ = tiny_model.forward(tokens[:b], state.select(list(range(b))))
+        for row in (0, b - 1):
+            alone, _ = tiny_model.forward(tokens[row:row + 1], state.select([row]))
+            assert torch.equal(batched[row], alone[0]), f"row {row} of a batch of {b} differs from the stream alone"
+
+
+def test_same_tokens_and_logits_alone_or_among_15_others(scheduler_factory):
+    s = scheduler_factory(max_batch=16, chunk=16)
+    target = [5, 17, 99, 300, 2, 41, 7, 7, 650, 12, 1, 999, 31]
+    alone_tokens, alone_logits = run(s, [job(target, seed=123)], record_logits=True)
+    others = [job(p, max_tokens=40 + k, seed=k) for k, p in enumerate(prompts(15))]
+    crowd_tokens, crowd_logits = run(s, others[:7] + [job(target, seed=123)] + others[7:], record_logits=True)
+    assert crowd_tokens[7] == alone_tokens[0] and len(alone_tokens[0][0]) == 12
+    assert len(crowd_logits[7][0]) == len(alone_logits[0][0]) == 12
+    for step, (a, b) in enumerate(zip(alone_logits[0][0], crowd_logits[7][0])):
+        assert torch.equal(a, b), f"logits differ at step {step}"
+    # the crowd really was decoded together
+    hist = s.metrics.registry.get_sample_value("rwkv_decode_batch_size_bucket", {"le": "8.0"})
+    total = s.metrics.registry.get_sample_value("rwkv_decode_batch_size_count")
+    assert total > hist, "no decode step ran with more than 8 streams"
+
+
+def test_n_choices_fork_the_prompt_state(scheduler_factory):
+    s = scheduler_factory(max_batch=4)
+    (three,), _ = run(s, [Job(prompt=[1, 2, 3], max_tokens=6, n=3, seed=10)])
+    for i in range(3):
+        (alone,), _ = run(s, [Job(prompt=[1, 2, 3], max_tokens=6, seed=10 + i)])
+        assert three[i] == alone[0]
+    assert three[0] != three[1]
+
+
+def test_prefix_cache_hit_equals_cold_run(tiny_model, scheduler_factory):
+    chunk = 8
+    system = torch.randint(0, 1000, (27,), generator=torch.Generator().manual_seed(5)).tolist()
+    question = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9]
+    cold = scheduler_factory(chunk=chunk)
+    cold_tokens, cold_logits = run(cold, [job(system + question)], record_logits=True)
+    cold_p, cold_p_logits = run(cold, [job(system)], record_logits=True)
+
+    cache = PrefixCache(64 * 2**20, chunk)
+    warm = scheduler_factory(chunk=chunk, cache=cache)
+    rec = Recorder(tiny_model)
+    warm.model = rec
+    run(warm, [job(system)])                                    # caches boundaries 8, 16, 24 and the prompt
+    prefill_calls = [c for c in rec.calls if c[0] == 1 and c[1] > 1]
+    assert prefill_calls == [(1, 8), (1, 8), (1, 8), (1, 3)]
+    rec.calls.clear()
+    # resumes at boundary 24 (runs 24..32, 32..40), then the same again as a whole-prompt hit
+    for expected_prefill in ([(1, 8), (1, 8)], []):
+        hit_tokens, hit_logits = run(warm, [job(system + question)], record_logits=True)
+        assert [c for c in rec.calls if c[1] > 1] == expected_prefill
+        assert hit_tokens == cold_tokens
+        for a, b in zip(hit_logits[0][0], cold_logits[0][0], strict=True):
+            assert torch.equal(a, b)
+        rec.calls.clear()
+    same_tokens, same_logits = run(warm, [job(system)], record_logits=True)   # cached entries unaltered
+    assert not [c for c in rec.calls if c[1] > 1]
+    assert same_tokens == cold_p and torch.equal(same_logits[0][0][0], cold_p_logits[0][0][0])
+    get = warm.metrics.registry.get_sample_value
+    assert get("rwkv_prefix_cache_hits_total") == 3 and get("rwkv_prefix_cache_misses_total") == 1
+    assert 0 < cache.bytes <= cache.max_bytes
+
+
+def test_prefix_cache_is_bounded_lru(tiny_model):
+    state = tiny_model.new_state(1)
+    size = state.nbytes
+    cache = PrefixCache(3 * size, chunk=4)
+    for k in range(5):
+        cache.put(bytes([k]) * 16, state)
+    assert len(cache) == 3 and cache.bytes == 3 * size
+    assert cache.lookup([1, 2, 3, 4, 5]) is None and cache.misses == 1
+    assert PrefixCache(size - 1, 4).put(b"x" * 16, state) is None
+
+
+def test_prompt_chunks_do_not_depend_on_load_and_interleave_with_decode(tiny_model, scheduler_factory):
+    rec = Recorder(tiny_model)
+    s = scheduler_factory(model=rec, chunk=4)
+    long_prompt = list(range(100, 122))                          # 22 tokens: chunks 4,4,4,4,4,2
+    run(s, [job(long_prompt, max_tokens=2)])
+    idle = [c for c in rec.calls if c[0] == 1 and c[1] > 1]
+    assert idle == [(1, 4)] * 5 + [(1, 2)]
+
+    rec.calls.clear()
+    started = threading.Event()
+    busy = job([1], max_tokens=200)                              # a 1-token prompt runs in token mode
+    busy.emit = lambda e: started.set()
+    s.submit(busy)
+    assert started.wait(TIMEOUT)
+    run(s, [job(long_prompt, max_tokens=2)])
+    busy.cancel()
+    calls = rec.calls
+    prefill = [i for i, c in enumerate(calls) if c[1] > 1]
+    assert [calls[i] for i in prefill] == idle
+    for a, b in zip(prefill, prefill[1:]):
+        assert any(c[1] == 1 for c in calls[a + 1:b]), "two prompt chunks ran without a decode step between"
+
+
+def test_queue_bound(tiny_model):
+    s = Scheduler(tiny_model, max_batch=1, max_queue=2)            # not started: nothing is admitted
+    s.submit(job([1]))
+    s.submit(job([1]))
+    with pytest.raises(QueueFull):
+        s.submit(job([1]))
+
+
+def test_a_failing_job_ends_with_error_and_the_others_go_on(tiny_model, scheduler_factory):
+    class Failing(Recorder):
+        def forward(self, tokens, state):
+            if int(tokens[0, 0]) == 999:
+                raise RuntimeError("boom")
+            return self.model.forward(tokens, state)
+
+    s = scheduler_factory(model=Failing(tiny_model))
+    events = []
+    bad = job([999, 1, 2])
+    bad.emit = events.append
+    s.submit(bad)
+    (good,), _ = run(s, [job([1, 2, 3], max_tokens=5)])
+    assert len(good[0]) == 5
+    assert [(e.finish_reason, e.error) for e in events] == [("error", "RuntimeError: boom")]
+    with pytest.raises(ValueError, match="n <= max_batch"):
+        s.submit(Job(prompt=[1], max_tokens=1, n=s.max_batch + 1))
