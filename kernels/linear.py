@@ -11,9 +11,10 @@ Everything else (CUDA, 16-bit weights) goes to torch. All paths share the tensor
 import torch
 import torch.nn.functional as F
 
-from . import cpu_c
+from . import cpu_c, quant
 
 DECODE_ROWS = 8
+PACKED_MATVEC_ROWS = 64         # compressed weights: the batch-invariant C kernel up to this many rows
 
 
 def linear_reference(x, weight):
@@ -29,8 +30,28 @@ def _decode_kernel_fits(x, weight):
     return x.numel() // x.shape[-1] <= DECODE_ROWS and weight.is_contiguous() and cpu_c.available()
 
 
+def _is_packed(x, weight):
+    """float32 activations with 16-bit or int8 weights (kernels.quant)."""
+    return x.dtype == torch.float32 and (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32)
+
+
+def _packed(pairs, out=None, accumulate=False):
+    rows = pairs[0][0].numel() // pairs[0][0].shape[-1]
+    flat = [(x.reshape(-1, x.shape[-1]).float().contiguous(), w) for x, w in pairs]
+    impl = quant.linear_matvec if rows <= PACKED_MATVEC_ROWS and x_on_cpu(pairs) else \
+        quant.linear_gemm if x_on_cpu(pairs) else quant.linear_torch
+    ys = impl(flat, out, accumulate)
+    return [y.reshape(*x.shape[:-1], w.shape[0]) for y, (x, w) in zip(ys, pairs)]
+
+
+def x_on_cpu(pairs):
+    return all(x.device.type == "cpu" for x, _ in pairs)
+
+
 def linear(x, weight):
     """The dispatch rule for one product (see the module docstring)."""
+    if _is_packed(x, weight):
+        return _packed([(x, weight)])[0]
     if not _is_cpu_f32(x, weight):
         return F.linear(x, weight)
     if _decode_kernel_fits(x, weight):
@@ -42,6 +63,8 @@ def linear(x, weight):
 def linear_group(*pairs):
     """Several independent products [(x, W), ...] -> tuple of outputs. On the CPU decode path they
     run in one parallel region (threads woken once per group instead of once per matrix)."""
+    if all(_is_packed(x, w) for x, w in pairs) and len({x.numel() // x.shape[-1] for x, _ in pairs}) == 1:
+        return tuple(_packed(list(pairs)))
     if all(_is_cpu_f32(x, w) and _decode_kernel_fits(x, w) for x, w in pairs) and \
             len({x.numel() // x.shape[-1] for x, _ in pairs}) == 1:
         flat = [(x.reshape(-1, x.shape[-1]).contiguous(), w) for x, w in pairs]
@@ -52,6 +75,9 @@ def linear_group(*pairs):
 
 def linear_accumulate_(x, weight, out):
     """out += x W^T, in place (the residual add fused into the decode product)."""
+    if _is_packed(x, weight) and out.is_contiguous() and x.dim() == 2:
+        _packed([(x, weight)], out=[out], accumulate=True)
+        return out
     if _is_cpu_f32(x, weight) and _decode_kernel_fits(x, weight) and out.is_contiguous() and x.dim() == 2:
         cpu_c.matvec_group([(x.contiguous(), weight)], out=[out], accumulate=True)
         return out

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_checkpoint, write_synthetic, check_against_registry
+from .checkpoint import CheckpointError, check_against_registry, is_synthetic, read_checkpoint, weight_format, \
+    write_synthetic
 from .config import MODELS, RWKVConfig, get_config
 from .generation import GenerationResult, generate, stream
 from .model import RWKV
@@ -20,7 +21,7 @@ __all__ = ["load", "RWKV", "State", "RWKVConfig", "MODELS", "tokenizer", "Tokeni
            "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic"]
 
 
-def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None):
+def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None, weights=None):
     """Load an RWKV-4 model.
 
     name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m") or a checkpoint path
@@ -29,6 +30,10 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     once into the cache dir, loaded through the same loader), and the model says so.
     dtype: float32 (default, as the paper), float16 or bfloat16 weights; the WKV state is float32.
     rescale_every: halve the residual every N layers (default 6 for float16, off otherwise).
+    weights: how the matrices are stored: None (as dtype), "float32", "float16", "bfloat16" or "int8"
+    (blockwise, see kernels.quant); with a format, activations, state and accumulation stay float32
+    (CPU). Quantised at load, matrix by matrix from the memory-mapped file; a file written by
+    `python -m rwkv_engine.convert ... --weights int8` loads as it is.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -44,6 +49,10 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     if synthetic:
         path = write_synthetic(name, seed=seed)
     sd, cfg = read_checkpoint(path)
+    stored = weight_format(path)
+    if stored is not None and weights is None:
+        weights = stored
+    synthetic = synthetic or is_synthetic(path)
     if name:
         check_against_registry(cfg, name, path)
         reg = get_config(name)
@@ -51,4 +60,13 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == 50277 else None
     return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
-                rescale_every=rescale_every)
+                rescale_every=rescale_every, weights=weights, progress=_progress("packing weights", weights))
+
+
+def _progress(what, weights):
+    """A tqdm bar on stderr for quantising at load (off when stderr is not a terminal)."""
+    if weights in (None, "float32"):
+        return None
+    import sys
+    from tqdm import tqdm
+    return lambda it: tqdm(it, desc=what, unit="layer", file=sys.stderr, disable=None, leave=False)

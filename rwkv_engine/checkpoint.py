@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import weights
 from .config import RWKVConfig, get_config
 
 
@@ -74,6 +75,8 @@ def validate(sd, cfg: RWKVConfig, source):
         raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     for key, shape in want.items():
         t = sd[key]
+        if hasattr(t, "format") and tuple(t.shape) == shape:      # a packed matrix (checked when read)
+            continue
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{source}: {key} is a {type(t).__name__}, not a tensor")
         if not t.dtype.is_floating_point:
@@ -83,6 +86,25 @@ def validate(sd, cfg: RWKVConfig, source):
             raise CheckpointError(f"{source}: {key} has shape {list(t.shape)}, expected {list(shape)}")
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{source}: {key} contains NaN or Inf")
+        weights.release(t)          # checked: drop its pages until the model reads it
+
+
+def weight_format(path):
+    """The weight format recorded in a packed safetensors file, or None for a plain checkpoint."""
+    return weights.packed_format(path)
+
+
+def is_synthetic(path):
+    """True for files written by `write_synthetic` (or converted from one): safetensors metadata says
+    so, or a file of the cache's synthetic directory."""
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(path.glob("*.safetensors"))
+        return bool(shards) and is_synthetic(shards[0])
+    meta = weights.file_metadata(path)
+    if "synthetic" in meta:
+        return meta["synthetic"] == "true"
+    return path.parent.resolve() == (cache_dir() / "synthetic").resolve()
 
 
 def check_against_registry(cfg, name, source):
@@ -119,6 +141,12 @@ def _load_file(path):
     path = Path(path)
     if path.suffix == ".safetensors":
         sd = _load_safetensors(path)
+        meta = weights.file_metadata(path)
+        if weights.META_FORMAT in meta:
+            try:
+                sd, _ = weights.unpack_file(sd, meta, path)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
     else:
         sd = _load_pth(path)
     if not isinstance(sd, dict):

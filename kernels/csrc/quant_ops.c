@@ -1,0 +1,232 @@
+/* CPU decode kernels for compressed weights: y[b, o] (+)= sum_i W[o, i] x[b, i], x and y float32.
+ *
+ * Decode reads every weight once per token, so it is bound by memory bandwidth: storing weights in
+ * fewer bytes is the speed-up, and each kernel converts them in registers and accumulates in fp32.
+ *   FMT_F16   W float16 [O, I]: F16C widening (8 or 16 lanes), FMA with x.
+ *   FMT_BF16  W bfloat16 [O, I]: bf16 -> fp32 is a 16-bit left shift of the integer lanes.
+ *   FMT_Q8    W int8 [O, Ip] + float16 scale per block of 32 along i (ggml's Q8_0), Ip = I rounded up
+ *             to 32 with zero weights. x is quantised per stream to the same blocks (int8 + fp32
+ *             scale, round half to even as torch.round), then each block is an exact integer dot
+ *             product times scale_w * scale_x (ggml's vec_dot_q8_0_q8_0): AVX2 has no signed x signed
+ *             byte multiply, so |w| (u8) x sign(w)*x (s8) go through maddubs; AVX-512 VNNI does the
+ *             same u8 x s8 in one vpdpbusd per 64 weights.
+ * The same source is compiled once per instruction set: with -mavx512f/bw/vl/vnni the 512-bit loops
+ * are used, otherwise AVX2 (every x86-64-v3 CPU). Python picks the build from the CPU's flags.
+ *
+ * Every (row, stream) dot product is computed the same way whatever B and the thread count are, so a
+ * stream's result is bit-identical however many streams share the batch. Rows are processed 4 at a
+ * time (each row read once for all B streams while it sits in L1), split over OpenMP threads, and a
+ * group of independent products runs in one parallel region.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3 };
+#define QB 32
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define WIDE 1
+#else
+#define WIDE 0
+#endif
+
+int isa_level(void) { return WIDE ? 512 : 256; }
+
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* ---- 16-bit weights: one row . x ---------------------------------------------------------- */
+
+static inline __m256 load8_f16(const uint16_t *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
+static inline __m256 load8_bf16(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+#if WIDE
+static inline __m512 load16_f16(const uint16_t *w) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w)); }
+static inline __m512 load16_bf16(const uint16_t *w) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
+}
+#endif
+
+#define DOT16(NAME, LOAD8, LOAD16, SCALAR)                                                   \
+static float NAME(const uint16_t *w, const float *x, int64_t I) {                          \
+    int64_t i = 0;                                                                           \
+    float s = 0.0f;                                                                          \
+    if (WIDE) {                                                                              \
+        WIDE_LOOP(LOAD16)                                                                    \
+    } else {                                                                                 \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                           \
+        for (; i + 16 <= I; i += 16) {                                                       \
+            a0 = _mm256_fmadd_ps(LOAD8(w + i), _mm256_loadu_ps(x + i), a0);                  \
+            a1 = _mm256_fmadd_ps(LOAD8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);          \
+        }                                                                                    \
+        for (; i + 8 <= I; i += 8) a0 = _mm256_fmadd_ps(LOAD8(w + i), _mm256_loadu_ps(x + i), a0); \
+        s = hsum256(_mm256_add_ps(a0, a1));                                                  \
+    }                                                                                        \
+    for (; i < I; i++) s += SCALAR(w[i]) * x[i];                                             \
+    return s;                                                                                \
+}
+#if WIDE
+#define WIDE_LOOP(LOAD16)                                                                    \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                           \
+        for (; i + 32 <= I; i += 32) {                                                       \
+            a0 = _mm512_fmadd_ps(LOAD16(w + i), _mm512_loadu_ps(x + i), a0);                 \
+            a1 = _mm512_fmadd_ps(LOAD16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);       \
+        }                                                                                    \
+        for (; i + 16 <= I; i += 16) a0 = _mm512_fmadd_ps(LOAD16(w + i), _mm512_loadu_ps(x + i), a0); \
+        s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+#define WIDE_LOOP(LOAD16)
+#endif
+
+DOT16(dot_f16, load8_f16, load16_f16, _cvtsh_ss)
+DOT16(dot_bf16, load8_bf16, load16_bf16, bf16_to_f32)
+
+/* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
+
+/* x [I] -> q [Ip] int8 and d [Ip / 32] float: per block d = amax / 127, q = round(x / d) */
+static void quantize_x(const float *x, int64_t I, int64_t Ip, int8_t *q, float *d) {
+    for (int64_t b0 = 0; b0 < Ip; b0 += QB) {
+        float amax = 0.0f;
+        for (int64_t i = b0; i < b0 + QB && i < I; i++) amax = fmaxf(amax, fabsf(x[i]));
+        float dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
+        d[b0 / QB] = dd;
+        for (int64_t i = b0; i < b0 + QB; i++)
+            q[i] = i < I ? (int8_t)nearbyintf(x[i] * id) : 0;
+    }
+}
+
+/* one block of 32: exact integer dot product of int8 w and int8 x (AVX2 sign trick + maddubs) */
+static inline __m256 block_dot256(const int8_t *w, const int8_t *x) {
+    __m256i qw = _mm256_loadu_si256((const __m256i *)w), qx = _mm256_loadu_si256((const __m256i *)x);
+    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+static float dot_q8(const int8_t *w, const uint16_t *sw, const int8_t *xq, const float *dx, int64_t nb) {
+    int64_t j = 0;
+    float s = 0.0f;
+#if WIDE
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (; j + 2 <= nb; j += 2) {               /* two blocks per 512-bit register: lanes 0-7 | 8-15 */
+        __m512i qw = _mm512_loadu_si512(w + j * QB), qx = _mm512_loadu_si512(xq + j * QB);
+        __mmask64 neg = _mm512_movepi8_mask(qw);
+        __m512i sx = _mm512_mask_sub_epi8(qx, neg, zero, qx);          /* x * sign(w) */
+        __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(qw), sx));
+        __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(sw[j]) * dx[j]),
+                                         _mm512_set1_ps(_cvtsh_ss(sw[j + 1]) * dx[j + 1]));
+        acc = _mm512_fmadd_ps(f, sc, acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    __m256 acc2 = _mm256_setzero_ps();
+    for (; j < nb; j++)
+        acc2 = _mm256_fmadd_ps(block_dot256(w + j * QB, xq + j * QB), _mm256_set1_ps(_cvtsh_ss(sw[j]) * dx[j]), acc2);
+    return s + hsum256(acc2);
+}
+
+/* ---- grouped products -------------------------------------------------------------------- */
+
+typedef struct {
+    int64_t fmt, O, I, Ip;      /* Ip: row stride of W in elements (I, or I rounded up to 32 for Q8) */
+    const void *W;
+    const uint16_t *S;          /* Q8: float16 scales [O, Ip / 32] */
+    const float *x;             /* [B, I] */
+    float *y;                   /* [B, O] */
+    int8_t *xq;                 /* Q8 scratch: [B, Ip] */
+    float *dx;                  /* Q8 scratch: [B, Ip / 32] */
+} product;
+
+static float row_dot(const product *p, int64_t o, int64_t b) {
+    if (p->fmt == FMT_Q8) {
+        int64_t nb = p->Ip / QB;
+        return dot_q8((const int8_t *)p->W + o * p->Ip, p->S + o * nb, p->xq + b * p->Ip, p->dx + b * nb, nb);
+    }
+    const uint16_t *w = (const uint16_t *)p->W + o * p->Ip;
+    return p->fmt == FMT_F16 ? dot_f16(w, p->x + b * p->I, p->I) : dot_bf16(w, p->x + b * p->I, p->I);
+}
+
+static void rows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    for (int64_t o = o0; o < o1; o += 4) {
+        int64_t oe = o + 4 < o1 ? o + 4 : o1;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t r = o; r < oe; r++) {
+                float s = row_dot(p, r, b);
+                float *yo = p->y + b * p->O + r;
+                *yo = acc ? *yo + s : s;
+            }
+    }
+}
+
+/* n products in one parallel region: activations quantised (Q8), then rows split over threads */
+void qmatvec_group(int64_t n, const int64_t *fmt, const void **W, const void **S, const float **x, float **y,
+                   const int64_t *O, const int64_t *I, const int64_t *Ip, int64_t B, int64_t nthreads,
+                   int64_t acc, int8_t **xq, float **dx) {
+    product ps[16];
+    for (int64_t j = 0; j < n && j < 16; j++)
+        ps[j] = (product){fmt[j], O[j], I[j], Ip[j], W[j], (const uint16_t *)S[j], x[j], y[j], xq[j], dx[j]};
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t jb = 0; jb < n * B; jb++) {
+            const product *p = &ps[jb / B];
+            int64_t b = jb % B;
+            if (p->fmt == FMT_Q8)
+                quantize_x(p->x + b * p->I, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * (p->Ip / QB));
+        }
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int64_t j = 0; j < n; j++) {
+            int64_t per = ((O[j] + nt - 1) / nt + 3) / 4 * 4;       /* rows per thread, multiple of 4 */
+            int64_t o0 = t * per, o1 = o0 + per < O[j] ? o0 + per : O[j];
+            if (o0 < o1) rows(&ps[j], B, o0, o1, (int)acc);
+        }
+    }
+}
+
+/* x [B, I] -> int8 [B, Ip] + scales [B, Ip / 32], exposed so tests can check it against torch */
+void quantize_rows(const float *x, int64_t B, int64_t I, int64_t Ip, int8_t *q, float *d) {
+    for (int64_t b = 0; b < B; b++) quantize_x(x + b * I, I, Ip, q + b * Ip, d + b * (Ip / QB));
+}
+
+/* rows [o0, o1) of W -> float32 out [o1 - o0, I] (sequence mode: dequantise, then torch's GEMM) */
+void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o0, int64_t o1, int64_t I,
+                int64_t Ip, int64_t nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = o0; o < o1; o++) {
+        float *dst = out + (o - o0) * I;
+        if (fmt == FMT_Q8) {
+            const int8_t *w = (const int8_t *)W + o * Ip;
+            const uint16_t *s = (const uint16_t *)S + o * (Ip / QB);
+            for (int64_t i0 = 0; i0 < I; i0 += QB) {
+                __m256 d = _mm256_set1_ps(_cvtsh_ss(s[i0 / QB]));
+                int64_t i = i0;
+                for (; i + 8 <= i0 + QB && i + 8 <= I; i += 8) {
+                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i)));
+                    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+                }
+                for (; i < i0 + QB && i < I; i++) dst[i] = (float)w[i] * _cvtsh_ss(s[i0 / QB]);
+            }
+        } else {
+            const uint16_t *w = (const uint16_t *)W + o * Ip;
+            int64_t i = 0;
+            for (; i + 8 <= I; i += 8) _mm256_storeu_ps(dst + i, fmt == FMT_F16 ? load8_f16(w + i) : load8_bf16(w + i));
+            for (; i < I; i++) dst[i] = fmt == FMT_F16 ? _cvtsh_ss(w[i]) : bf16_to_f32(w[i]);
+        }
+    }
+}

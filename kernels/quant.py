@@ -1,0 +1,347 @@
+"""Weight formats for y = x W^T with float32 activations: the packed types, the one function that
+makes them, the C kernels (`csrc/quant_ops.c`) and a torch reference of the same signature beside each.
+
+Formats (`FORMATS`): "float32", "float16", "bfloat16" are plain torch tensors of that dtype; "int8" is
+`Int8Weight`: int8 values with one float16 scale per block of 32 along the input dimension (ggml's
+Q8_0). Block scales keep an outlier weight from flattening its whole row (a per-row scale would), see
+`bench.quality --outliers` for the measurement. Activations, state and accumulation stay float32.
+
+Decode (token mode, any number of streams B): the C matrix-vector kernels read each compressed weight
+once and convert in registers: F16C widening for float16, a 16-bit shift for bfloat16, and for int8
+integer dot products against x quantised to the same int8 blocks (as ggml's vec_dot_q8_0_q8_0).
+Sequence mode (many rows): dequantise a slice of rows at a time into one reused float32 buffer and run
+torch's GEMM on it. The kernel build is chosen by the CPU's instruction sets (AVX2 always, AVX-512 with
+VNNI where present) and cached on disk under a name that includes that instruction set.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FORMATS = ("float32", "float16", "bfloat16", "int8")
+BLOCK = 32
+FLOAT_FORMATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FMT_CODE = {"float16": 1, "bfloat16": 2, "int8": 3}
+MIN_SCALE = 2.0 ** -14          # smallest normal float16: an all-zero block still gets a scale > 0
+
+
+def check_format(fmt):
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed type
+
+@dataclass
+class Int8Weight:
+    """W [out, in] ~ q * scale, blockwise: q int8 [out, in_padded], scale float16 [out, in_padded / 32].
+    in_padded is `in` rounded up to 32; the padding weights are 0."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    format = "int8"
+
+    @property
+    def shape(self):
+        return torch.Size((self.q.shape[0], self.in_features))
+
+    @property
+    def device(self):
+        return self.q.device
+
+    @property
+    def nbytes(self):
+        return self.q.nbytes + self.scale.nbytes
+
+    def dequantize(self):
+        """-> float32 [out, in] (exact: every int8 x float16 product is a float32)."""
+        O, Ip = self.q.shape
+        w = self.q.float().view(O, Ip // BLOCK, BLOCK) * self.scale.float()[..., None]
+        return w.view(O, Ip)[:, :self.in_features]
+
+    def check(self, name="weight"):
+        """Raise ValueError (one line) if the tensors cannot be a quantised matrix."""
+        O, Ip = self.q.shape if self.q.dim() == 2 else (None, None)
+        if self.q.dtype != torch.int8 or O is None or Ip % BLOCK or not 0 < self.in_features <= Ip < self.in_features + BLOCK:
+            raise ValueError(f"{name}: int8 values must be int8 [out, in rounded up to {BLOCK}], got "
+                             f"{self.q.dtype} {list(self.q.shape)} for in_features {self.in_features}")
+        if self.scale.dtype != torch.float16 or tuple(self.scale.shape) != (O, Ip // BLOCK):
+            raise ValueError(f"{name}: scales must be float16 {[O, Ip // BLOCK]}, got {self.scale.dtype} {list(self.scale.shape)}")
+        s = self.scale.float()
+        if not bool((torch.isfinite(s) & (s > 0)).all()):
+            raise ValueError(f"{name}: corrupt int8 scales (NaN, Inf, zero or negative)")
+        return self
+
+
+def format_of(w):
+    """The weight format name of a tensor or packed weight."""
+    if isinstance(w, torch.Tensor):
+        return {v: k for k, v in FLOAT_FORMATS.items()}.get(w.dtype, str(w.dtype))
+    return w.format
+
+
+def quantize_int8(w):
+    """float W [out, in] -> Int8Weight: per block of 32, scale = max|w| / 127 (stored as float16, at
+    least MIN_SCALE), q = round(w / scale) in [-127, 127]."""
+    w = w.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("cannot quantise a matrix with NaN or Inf values")
+    O, I = w.shape
+    Ip = -(-I // BLOCK) * BLOCK
+    blocks = F.pad(w, (0, Ip - I)).view(O, Ip // BLOCK, BLOCK)
+    scale = (blocks.abs().amax(-1) / 127).clamp(min=MIN_SCALE)
+    if bool((scale > torch.finfo(torch.float16).max).any()):
+        raise ValueError("weights too large for int8 blocks with float16 scales (|w| > 8e6)")
+    scale16 = scale.to(torch.float16)
+    q = torch.round(blocks / scale16.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q.view(O, Ip).contiguous(), scale16.contiguous(), I)
+
+
+def pack(w, fmt):
+    """A float matrix [out, in] -> the weight in format `fmt` (a tensor, or an Int8Weight)."""
+    check_format(fmt)
+    if fmt == "int8":
+        return quantize_int8(w)
+    return w.detach().to(FLOAT_FORMATS[fmt]).contiguous()
+
+
+def dequantize(w):
+    """Any weight -> float32 [out, in]."""
+    return w.dequantize() if isinstance(w, Int8Weight) else w.float()
+
+
+def bytes_per_weight(fmt):
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1 + 2 / BLOCK}[check_format(fmt)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references (same signature as the C versions below)
+
+def quantize_rows_reference(x):
+    """x [B, I] float32 -> (q int8 [B, Ip], d float32 [B, Ip / 32]): the activation blocks the int8
+    kernel multiplies with (d = max|x| / 127 per block, q = round(x / d), half to even)."""
+    B, I = x.shape
+    Ip = -(-I // BLOCK) * BLOCK
+    blocks = F.pad(x.float(), (0, Ip - I)).view(B, Ip // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None]).to(torch.int8)
+    return q.view(B, Ip), d
+
+
+def matvec_reference(x, w):
+    """x [B, in] float32, w any format -> y [B, out] float32, computed the kernel's way in float64:
+    16-bit weights widened exactly; int8 as integer block dot products with x quantised to blocks."""
+    if not isinstance(w, Int8Weight):
+        return (x.double() @ w.double().T).float()
+    qx, dx = quantize_rows_reference(x)
+    B, O, nb = x.shape[0], w.q.shape[0], w.q.shape[1] // BLOCK
+    dots = torch.einsum("bkj,okj->bok", qx.view(B, nb, BLOCK).double(), w.q.view(O, nb, BLOCK).double())
+    return (dots * dx.double()[:, None, :] * w.scale.double()[None]).sum(-1).float()
+
+
+def linear_reference(x, w):
+    """x [..., in] float32, w any format -> x W^T [..., out] with W dequantised (the format's exact
+    float value of every weight): what the format means, independent of the kernels."""
+    return F.linear(x.float(), dequantize(w))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the C kernels per instruction set
+
+SOURCE = Path(__file__).parent / "csrc" / "quant_ops.c"
+ISAS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
+        "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+ISA_FLAGS = {"avx2": {"avx2", "fma", "f16c"},
+             "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
+_P, _I64, _VP = ctypes.POINTER, ctypes.c_int64, ctypes.c_void_p
+
+
+def cpu_features():
+    """The CPU's instruction-set flags (RWKV_ENGINE_CPU_FEATURES="avx2,fma,f16c" simulates others)."""
+    forced = os.environ.get("RWKV_ENGINE_CPU_FEATURES")
+    if forced is not None:
+        return set(forced.replace(",", " ").split())
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def supported_isas(features=None):
+    """The kernel builds this CPU can run, best first."""
+    features = cpu_features() if features is None else set(features)
+    return [isa for isa in ("avx512", "avx2") if ISA_FLAGS[isa] <= features]
+
+
+def best_isa(features=None):
+    isas = supported_isas(features)
+    return isas[0] if isas else None
+
+
+def _cache_dir():
+    root = os.environ.get("RWKV_ENGINE_CACHE") or Path.home() / ".cache" / "rwkv_engine"
+    return Path(root) / "kernels"
+
+
+@lru_cache(maxsize=None)
+def library(isa):
+    """Build (once, cached on disk per instruction set) and load the kernels for `isa`; None if this
+    machine cannot (no compiler, or the CPU lacks the instruction set)."""
+    if isa not in supported_isas() or os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None
+    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISAS[isa]]
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"quant_ops-{isa}-{tag}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_so = Path(tmp) / out.name
+            if subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_so)], capture_output=True).returncode:
+                return None
+            os.replace(tmp_so, out)
+    lib = ctypes.CDLL(str(out))
+    lib.qmatvec_group.argtypes = [_I64, _P(_I64), _P(_VP), _P(_VP), _P(_VP), _P(_VP), _P(_I64), _P(_I64),
+                                  _P(_I64), _I64, _I64, _I64, _P(_VP), _P(_VP)]
+    lib.quantize_rows.argtypes = [_VP, _I64, _I64, _I64, _VP, _VP]
+    lib.dequantize.argtypes = [_I64, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64]
+    for f in (lib.qmatvec_group, lib.quantize_rows, lib.dequantize):
+        f.restype = None
+    lib.isa_level.restype = ctypes.c_int
+    return lib
+
+
+def _lib(isa=None):
+    return library(isa or best_isa())
+
+
+def available(isa=None):
+    return best_isa() is not None and _lib(isa) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The C kernels
+
+def _arr(ctype, values):
+    return (ctype * len(values))(*values)
+
+
+def _parts(w):
+    """-> (format code, values tensor, scales tensor or None, row stride)"""
+    if isinstance(w, Int8Weight):
+        return _FMT_CODE["int8"], w.q, w.scale, w.q.shape[1]
+    return _FMT_CODE[format_of(w)], w, None, w.shape[1]
+
+
+def matvec_group(pairs, out=None, accumulate=False, isa=None):
+    """[(x [B, in] float32 contiguous, w 16-bit tensor or Int8Weight), ...] -> [y [B, out], ...] float32,
+    y = x W^T (y += x W^T into `out` with `accumulate`). One parallel region for the whole group; each
+    stream's result is the same whatever B is."""
+    n, B = len(pairs), pairs[0][0].shape[0]
+    if n > 16:
+        raise ValueError(f"matvec_group takes at most 16 products, got {n}")
+    if out is None:
+        out = [torch.empty(B, w.shape[0]) for _, w in pairs]
+    parts = [_parts(w) for _, w in pairs]
+    scratch = [(torch.empty(B, ip, dtype=torch.int8), torch.empty(B, ip // BLOCK)) if c == 3 else (None, None)
+               for c, _, _, ip in parts]
+    ptr = lambda t: t.data_ptr() if t is not None else None
+    _lib(isa).qmatvec_group(
+        n, _arr(_I64, [c for c, *_ in parts]), _arr(_VP, [ptr(v) for _, v, _, _ in parts]),
+        _arr(_VP, [ptr(s) for _, _, s, _ in parts]), _arr(_VP, [x.data_ptr() for x, _ in pairs]),
+        _arr(_VP, [y.data_ptr() for y in out]), _arr(_I64, [w.shape[0] for _, w in pairs]),
+        _arr(_I64, [w.shape[1] for _, w in pairs]), _arr(_I64, [ip for *_, ip in parts]), B,
+        torch.get_num_threads(), int(accumulate), _arr(_VP, [ptr(q) for q, _ in scratch]),
+        _arr(_VP, [ptr(d) for _, d in scratch]))
+    return out
+
+
+def quantize_rows(x, isa=None):
+    """The C version of `quantize_rows_reference`."""
+    B, I = x.shape
+    Ip = -(-I // BLOCK) * BLOCK
+    q, d = torch.empty(B, Ip, dtype=torch.int8), torch.empty(B, Ip // BLOCK)
+    _lib(isa).quantize_rows(x.data_ptr(), B, I, Ip, q.data_ptr(), d.data_ptr())
+    return q, d
+
+
+def dequantize_rows(w, r0, r1, out, isa=None):
+    """Rows [r0, r1) of a 16-bit or int8 weight -> out float32 [r1 - r0, in] (C, parallel over rows)."""
+    code, values, scales, stride = _parts(w)
+    _lib(isa).dequantize(code, values.data_ptr(), scales.data_ptr() if scales is not None else None,
+                         out.data_ptr(), r0, r1, w.shape[1], stride, torch.get_num_threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence mode: dequantise a slice of rows into a reused buffer, then torch's GEMM
+
+GEMM_SLICE = 1 << 20            # weights dequantised per GEMM call (4 MB of float32)
+_buffers = threading.local()
+
+
+def _buffer(n):
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _buffers.buf = torch.empty(n)
+    return buf[:n]
+
+
+def gemm(x, w):
+    """x [rows, in] float32 -> x W^T [rows, out] through float32 slices of W (C dequantisation)."""
+    O, I = w.shape
+    step = max(64, GEMM_SLICE // I)
+    if step >= O:
+        return x @ dequantize_rows(w, 0, O, _buffer(O * I).view(O, I)).T
+    y = torch.empty(x.shape[0], O)
+    for r0 in range(0, O, step):
+        r1 = min(O, r0 + step)
+        wf = dequantize_rows(w, r0, r1, _buffer((r1 - r0) * I).view(r1 - r0, I))
+        y[:, r0:r1] = x @ wf.T
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations with the dispatch signature: pairs [(x [rows, in] float32 contiguous, w), ...]
+
+def _write(ys, out, accumulate):
+    if out is None:
+        return ys
+    for o, y in zip(out, ys):
+        o.add_(y) if accumulate else o.copy_(y)
+    return out
+
+
+def linear_matvec(pairs, out=None, accumulate=False):
+    """Decode-sized products: the C kernels (batch-invariant), torch reference without them."""
+    if not available():
+        return linear_torch(pairs, out, accumulate)
+    return matvec_group(pairs, out, accumulate)
+
+
+def linear_gemm(pairs, out=None, accumulate=False):
+    """Prompt-sized products: dequantised slices + torch's GEMM."""
+    if not available():
+        return linear_torch(pairs, out, accumulate)
+    return _write([gemm(x, w) for x, w in pairs], out, accumulate)
+
+
+def linear_torch(pairs, out=None, accumulate=False):
+    """No C kernels: dequantise the whole matrix with torch (slow, and a float32 copy per call)."""
+    return _write([linear_reference(x, w) for x, w in pairs], out, accumulate)
