@@ -27,7 +27,8 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m") or a checkpoint path
     (BlinkDL .pth, .safetensors, or a Hugging Face RwkvForCausalLM directory).
     A registered name without `checkpoint` uses a synthetic checkpoint (same shapes, generated
-    once into the cache dir, loaded through the same loader), and the model says so.
+    once into the cache dir, loaded through the same loader), and the model says so; with 16-bit
+    or int8 `weights` that checkpoint is written in bfloat16, streamed shard by shard.
     dtype: float32 (default, as the paper), float16 or bfloat16 weights; the WKV state is float32.
     rescale_every: halve the residual every N layers (default 6 for float16, off otherwise).
     weights: how the matrices are stored: None (as dtype), "float32", "float16", "bfloat16" or "int8"
@@ -46,7 +47,9 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
         name = name_or_path
     path = checkpoint if checkpoint is not None else (None if name else name_or_path)
     synthetic = path is None
-    if synthetic:
+    if synthetic and weights not in (None, "float32"):     # 16-bit source, streamed: 7B/14B fit here
+        path = write_synthetic(name, seed=seed, dtype=torch.bfloat16, fmt="sharded")
+    elif synthetic:
         path = write_synthetic(name, seed=seed)
     sd, cfg = read_checkpoint(path)
     stored = weight_format(path)

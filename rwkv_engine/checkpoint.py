@@ -249,6 +249,12 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32):
     RWKV-LM's per-layer ramp, LayerNorm weights are near 1, and matrices are N(0, 1/in) so that
     k stays O(1) and activations stay bounded.
     """
+    return dict(synthetic_tensors(cfg, seed, dtype))
+
+
+def synthetic_tensors(cfg: RWKVConfig, seed=0, dtype=torch.float32):
+    """`synthetic_state_dict` one tensor at a time: yields (key, tensor) in a fixed order, each made
+    in float32 from one generator and then cast, so any dtype gives the float32 values rounded."""
     g = torch.Generator().manual_seed(seed)
     C, F, V, L = cfg.n_embd, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
 
@@ -256,33 +262,32 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32):
         return (torch.randn(*shape, generator=g) * std).to(dtype)
 
     ramp = torch.arange(C, dtype=torch.float32) / C
-    sd = {"emb.weight": randn(V, C, std=0.1)}
+    yield "emb.weight", randn(V, C, std=0.1)
     for i in range(L):
         r01, r10 = i / max(L - 1, 1), 1 - i / L          # layer position, as in RWKV-LM's init
         b = f"blocks.{i}."
         if i == 0:
-            sd[b + "ln0.weight"] = (1 + randn(C, std=0.05)).to(dtype)
-            sd[b + "ln0.bias"] = randn(C, std=0.02)
+            yield b + "ln0.weight", (1 + randn(C, std=0.05)).to(dtype)
+            yield b + "ln0.bias", randn(C, std=0.02)
         for ln in ("ln1", "ln2"):
-            sd[b + ln + ".weight"] = (1 + randn(C, std=0.05)).to(dtype)
-            sd[b + ln + ".bias"] = randn(C, std=0.02)
+            yield b + ln + ".weight", (1 + randn(C, std=0.05)).to(dtype)
+            yield b + ln + ".bias", randn(C, std=0.02)
         decay = -6 + 13 * (torch.arange(C) / (C - 1)) ** (0.7 + 1.3 * r01)
-        sd[b + "att.time_decay"] = (decay + torch.randn(C, generator=g) * 0.3).to(dtype)
+        yield b + "att.time_decay", (decay + torch.randn(C, generator=g) * 0.3).to(dtype)
         zigzag = 0.5 * ((torch.arange(C) + 1) % 3 - 1)
-        sd[b + "att.time_first"] = (math.log(0.3) + zigzag + torch.randn(C, generator=g) * 0.3).to(dtype)
+        yield b + "att.time_first", (math.log(0.3) + zigzag + torch.randn(C, generator=g) * 0.3).to(dtype)
         for name, power in (("time_mix_k", r10), ("time_mix_v", r10 + 0.3 * r01), ("time_mix_r", 0.5 * r10)):
-            sd[b + "att." + name] = (ramp ** power).reshape(1, 1, C).to(dtype)
+            yield b + "att." + name, (ramp ** power).reshape(1, 1, C).to(dtype)
         for name in ("key", "value", "receptance", "output"):
-            sd[b + f"att.{name}.weight"] = randn(C, C, std=C ** -0.5)
-        sd[b + "ffn.time_mix_k"] = (ramp ** r10).reshape(1, 1, C).to(dtype)
-        sd[b + "ffn.time_mix_r"] = (ramp ** r10).reshape(1, 1, C).to(dtype)
-        sd[b + "ffn.key.weight"] = randn(F, C, std=C ** -0.5)
-        sd[b + "ffn.value.weight"] = randn(C, F, std=F ** -0.5)
-        sd[b + "ffn.receptance.weight"] = randn(C, C, std=C ** -0.5)
-    sd["ln_out.weight"] = (1 + randn(C, std=0.05)).to(dtype)
-    sd["ln_out.bias"] = randn(C, std=0.02)
-    sd["head.weight"] = randn(V, C, std=C ** -0.5)
-    return sd
+            yield b + f"att.{name}.weight", randn(C, C, std=C ** -0.5)
+        yield b + "ffn.time_mix_k", (ramp ** r10).reshape(1, 1, C).to(dtype)
+        yield b + "ffn.time_mix_r", (ramp ** r10).reshape(1, 1, C).to(dtype)
+        yield b + "ffn.key.weight", randn(F, C, std=C ** -0.5)
+        yield b + "ffn.value.weight", randn(C, F, std=F ** -0.5)
+        yield b + "ffn.receptance.weight", randn(C, C, std=C ** -0.5)
+    yield "ln_out.weight", (1 + randn(C, std=0.05)).to(dtype)
+    yield "ln_out.bias", randn(C, std=0.02)
+    yield "head.weight", randn(V, C, std=C ** -0.5)
 
 
 def _atomic_save(obj_writer, path):
@@ -299,14 +304,20 @@ def _atomic_save(obj_writer, path):
 
 
 def write_synthetic(name_or_cfg, path=None, seed=0, dtype=torch.float32, fmt="pth"):
-    """Write a synthetic checkpoint once (atomically) and return its path; reuses an existing one."""
+    """Write a synthetic checkpoint once (atomically) and return its path; reuses an existing one.
+    fmt "pth" | "safetensors" hold the whole state dict in memory while writing; "sharded" streams
+    tensor by tensor into a Hugging Face directory of ~1 GB safetensors shards (bounded memory: a 14B
+    model is written on a 24 GB machine), with a progress bar on stderr."""
     cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     if path is None:
         tag = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        path = cache_dir() / "synthetic" / f"{cfg.name or 'custom'}-{tag}-seed{seed}.{fmt}"
+        suffix = "" if fmt == "sharded" else f".{fmt}"
+        path = cache_dir() / "synthetic" / f"{cfg.name or 'custom'}-{tag}-seed{seed}{suffix}"
     path = Path(path)
     if path.exists():
         return path
+    if fmt == "sharded":
+        return _write_sharded(cfg, path, seed, dtype)
     sd = synthetic_state_dict(cfg, seed, dtype)
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -315,17 +326,62 @@ def write_synthetic(name_or_cfg, path=None, seed=0, dtype=torch.float32, fmt="pt
     return _atomic_save(lambda p: torch.save(sd, p), path)
 
 
-def write_hf(sd, cfg: RWKVConfig, out_dir):
+SHARD_BYTES = 1 << 30
+
+
+def _write_sharded(cfg, path, seed, dtype):
+    """Stream `synthetic_tensors` into shards of <= SHARD_BYTES, then the index and config.json; the
+    directory appears under its name only when complete."""
+    import shutil
+    import sys
+
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    total = cfg.n_params * torch.tensor([], dtype=dtype).element_size()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shard, size, weight_map, names = {}, 0, {}, []
+        with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, file=sys.stderr,
+                  disable=None) as bar:
+            def flush():
+                name = f"model-{len(names) + 1:05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt", "synthetic": "true"})
+                weight_map.update({k: name for k in shard})
+                names.append(name)
+            for key, t in synthetic_tensors(cfg, seed, dtype):
+                if shard and size + t.nbytes > SHARD_BYTES:
+                    flush()
+                    shard, size = {}, 0
+                shard[blinkdl_to_hf(key)] = t.contiguous()
+                size += t.nbytes
+                bar.update(t.nbytes)
+            flush()
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(_hf_config(cfg), indent=2))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _hf_config(cfg: RWKVConfig):
+    return {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+            "attention_hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
+            "context_length": cfg.ctx_len, "layer_norm_epsilon": cfg.layer_norm_eps,
+            "rescale_every": 0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
+
+
+def write_hf(sd, cfg: RWKVConfig, out_dir, synthetic=False):
     """Write a state dict (BlinkDL names) as a Hugging Face RwkvForCausalLM directory."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = {blinkdl_to_hf(k): v.contiguous() for k, v in sd.items()}
-    config = {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": cfg.vocab_size,
-              "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
-              "attention_hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
-              "context_length": cfg.ctx_len, "layer_norm_epsilon": cfg.layer_norm_eps,
-              "rescale_every": 0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
-    _atomic_save(lambda p: save_file(hf, str(p), metadata={"format": "pt"}), out_dir / "model.safetensors")
+    config = _hf_config(cfg)
+    meta = {"format": "pt", "synthetic": str(bool(synthetic)).lower()}
+    _atomic_save(lambda p: save_file(hf, str(p), metadata=meta), out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
