@@ -91,21 +91,31 @@ def format_of(w):
     return w.format
 
 
-def quantize_int8(w):
+def quantize_int8(w, rows_per_step=None):
     """float W [out, in] -> Int8Weight: per block of 32, scale = max|w| / 127 (stored as float16, at
-    least MIN_SCALE), q = round(w / scale) in [-127, 127]."""
-    w = w.detach().float()
+    least MIN_SCALE), q = round(w / scale) in [-127, 127]. Works through slices of rows so that the
+    float32 temporaries stay small whatever the matrix (a 14B head is 1 GB in float32)."""
+    O, I = w.shape
+    Ip = -(-I // BLOCK) * BLOCK
+    q = torch.empty(O, Ip, dtype=torch.int8)
+    scale = torch.empty(O, Ip // BLOCK, dtype=torch.float16)
+    step = rows_per_step or max(1, (1 << 20) // Ip)
+    for r0 in range(0, O, step):
+        q[r0:r0 + step], scale[r0:r0 + step] = _quantize_rows(w[r0:r0 + step].detach().float(), Ip)
+    return Int8Weight(q, scale, I)
+
+
+def _quantize_rows(w, Ip):
     if not bool(torch.isfinite(w).all()):
         raise ValueError("cannot quantise a matrix with NaN or Inf values")
     O, I = w.shape
-    Ip = -(-I // BLOCK) * BLOCK
     blocks = F.pad(w, (0, Ip - I)).view(O, Ip // BLOCK, BLOCK)
-    scale = (blocks.abs().amax(-1) / 127).clamp(min=MIN_SCALE)
+    scale = (blocks.abs().amax(-1) / 127).clamp_(min=MIN_SCALE)
     if bool((scale > torch.finfo(torch.float16).max).any()):
         raise ValueError("weights too large for int8 blocks with float16 scales (|w| > 8e6)")
     scale16 = scale.to(torch.float16)
     q = torch.round(blocks / scale16.float()[..., None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(q.view(O, Ip).contiguous(), scale16.contiguous(), I)
+    return q.view(O, Ip), scale16
 
 
 def pack(w, fmt):
