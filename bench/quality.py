@@ -129,10 +129,11 @@ def compare(ref, logits, targets):
 
 
 def measure(path, prompt_len, new_tokens, text, formats, simulate=True):
+    ref_model = rwkv_engine.load(str(path))
     tok = rwkv_engine.tokenizer()
     ids = torch.tensor(tok.encode(text if text else TEXT * (1 + prompt_len // 60)))
+    ids = ids % ref_model.vocab_size                 # a test checkpoint with a small vocabulary
     prompt = ids[:prompt_len] if not text else ids[:-1]
-    ref_model = rwkv_engine.load(str(path))
     state = ref_model.new_state(1)
     logits, _ = ref_model.forward(prompt[None], state)
     greedy = [int(logits.argmax())]

@@ -183,12 +183,17 @@ def cpu_features():
     forced = os.environ.get("RWKV_ENGINE_CPU_FEATURES")
     if forced is not None:
         return set(forced.replace(",", " ").split())
+    return _proc_cpu_flags()
+
+
+@lru_cache(maxsize=None)
+def _proc_cpu_flags():
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+    return frozenset(line.split(":", 1)[-1].split())
 
 
 def supported_isas(features=None):
@@ -227,8 +232,7 @@ def library(isa):
                 return None
             os.replace(tmp_so, out)
     lib = ctypes.CDLL(str(out))
-    lib.qmatvec_group.argtypes = [_I64, _P(_I64), _P(_VP), _P(_VP), _P(_VP), _P(_VP), _P(_I64), _P(_I64),
-                                  _P(_I64), _I64, _I64, _I64, _P(_VP), _P(_VP)]
+    lib.qmatvec_group.argtypes = [_I64, _P(_I64), _P(_VP), _I64, _I64, _I64]
     lib.quantize_rows.argtypes = [_VP, _I64, _I64, _I64, _VP, _VP]
     lib.dequantize.argtypes = [_I64, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64]
     for f in (lib.qmatvec_group, lib.quantize_rows, lib.dequantize):
@@ -241,16 +245,15 @@ def _lib(isa=None):
     return library(isa or best_isa())
 
 
+_FMT_BY_DTYPE = {torch.float16: 1, torch.bfloat16: 2}
+
+
 def available(isa=None):
     return best_isa() is not None and _lib(isa) is not None
 
 
 # ---------------------------------------------------------------------------------------------
 # The C kernels
-
-def _arr(ctype, values):
-    return (ctype * len(values))(*values)
-
 
 def _parts(w):
     """-> (format code, values tensor, scales tensor or None, row stride)"""
@@ -268,17 +271,16 @@ def matvec_group(pairs, out=None, accumulate=False, isa=None):
         raise ValueError(f"matvec_group takes at most 16 products, got {n}")
     if out is None:
         out = [torch.empty(B, w.shape[0]) for _, w in pairs]
-    parts = [_parts(w) for _, w in pairs]
-    scratch = [(torch.empty(B, ip, dtype=torch.int8), torch.empty(B, ip // BLOCK)) if c == 3 else (None, None)
-               for c, _, _, ip in parts]
-    ptr = lambda t: t.data_ptr() if t is not None else None
-    _lib(isa).qmatvec_group(
-        n, _arr(_I64, [c for c, *_ in parts]), _arr(_VP, [ptr(v) for _, v, _, _ in parts]),
-        _arr(_VP, [ptr(s) for _, _, s, _ in parts]), _arr(_VP, [x.data_ptr() for x, _ in pairs]),
-        _arr(_VP, [y.data_ptr() for y in out]), _arr(_I64, [w.shape[0] for _, w in pairs]),
-        _arr(_I64, [w.shape[1] for _, w in pairs]), _arr(_I64, [ip for *_, ip in parts]), B,
-        torch.get_num_threads(), int(accumulate), _arr(_VP, [ptr(q) for q, _ in scratch]),
-        _arr(_VP, [ptr(d) for _, d in scratch]))
+    dims, ptrs = [], []
+    for (x, w), y in zip(pairs, out):
+        if isinstance(w, Int8Weight):
+            dims += (3, w.q.shape[0], w.in_features)
+            ptrs += (w.q.data_ptr(), w.scale.data_ptr(), x.data_ptr(), y.data_ptr())
+        else:
+            dims += (_FMT_BY_DTYPE[w.dtype], w.shape[0], w.shape[1])
+            ptrs += (w.data_ptr(), None, x.data_ptr(), y.data_ptr())
+    _lib(isa).qmatvec_group(n, (_I64 * len(dims))(*dims), (_VP * len(ptrs))(*ptrs), B,
+                            torch.get_num_threads(), int(accumulate))
     return out
 
 

@@ -22,6 +22,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3 };
@@ -135,6 +136,7 @@ static float dot_q8(const int8_t *w, const uint16_t *sw, const int8_t *xq, const
     }
     s = _mm512_reduce_add_ps(acc);
 #endif
+    if (j == nb) return s;
     __m256 acc2 = _mm256_setzero_ps();
     for (; j < nb; j++)
         acc2 = _mm256_fmadd_ps(block_dot256(w + j * QB, xq + j * QB), _mm256_set1_ps(_cvtsh_ss(sw[j]) * dx[j]), acc2);
@@ -174,13 +176,26 @@ static void rows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     }
 }
 
-/* n products in one parallel region: activations quantised (Q8), then rows split over threads */
-void qmatvec_group(int64_t n, const int64_t *fmt, const void **W, const void **S, const float **x, float **y,
-                   const int64_t *O, const int64_t *I, const int64_t *Ip, int64_t B, int64_t nthreads,
-                   int64_t acc, int8_t **xq, float **dx) {
+/* n products in one parallel region: activations quantised (Q8), then rows split over threads.
+ * dims[3j..3j+2] = (format, O, I) of product j; ptrs[4j..4j+3] = (W, scales or NULL, x, y). */
+void qmatvec_group(int64_t n, const int64_t *dims, void *const *ptrs, int64_t B, int64_t nthreads, int64_t acc) {
     product ps[16];
-    for (int64_t j = 0; j < n && j < 16; j++)
-        ps[j] = (product){fmt[j], O[j], I[j], Ip[j], W[j], (const uint16_t *)S[j], x[j], y[j], xq[j], dx[j]};
+    int64_t scratch = 0;
+    for (int64_t j = 0; j < n && j < 16; j++) {
+        int64_t fmt = dims[3 * j], I = dims[3 * j + 2];
+        int64_t Ip = fmt == FMT_Q8 ? (I + QB - 1) / QB * QB : I;
+        ps[j] = (product){fmt, dims[3 * j + 1], I, Ip, ptrs[4 * j], (const uint16_t *)ptrs[4 * j + 1],
+                          (const float *)ptrs[4 * j + 2], (float *)ptrs[4 * j + 3], NULL, NULL};
+        if (fmt == FMT_Q8) scratch += B * Ip + B * (Ip / QB) * (int64_t)sizeof(float);
+    }
+    char *buf = scratch ? malloc(scratch) : NULL, *at = buf;
+    for (int64_t j = 0; j < n; j++)
+        if (ps[j].fmt == FMT_Q8) {
+            ps[j].dx = (float *)at;
+            at += B * (ps[j].Ip / QB) * sizeof(float);
+            ps[j].xq = (int8_t *)at;
+            at += B * ps[j].Ip;
+        }
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
@@ -192,11 +207,12 @@ void qmatvec_group(int64_t n, const int64_t *fmt, const void **W, const void **S
         }
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t j = 0; j < n; j++) {
-            int64_t per = ((O[j] + nt - 1) / nt + 3) / 4 * 4;       /* rows per thread, multiple of 4 */
-            int64_t o0 = t * per, o1 = o0 + per < O[j] ? o0 + per : O[j];
+            int64_t O = ps[j].O, per = ((O + nt - 1) / nt + 3) / 4 * 4;      /* rows per thread, multiple of 4 */
+            int64_t o0 = t * per, o1 = o0 + per < O ? o0 + per : O;
             if (o0 < o1) rows(&ps[j], B, o0, o1, (int)acc);
         }
     }
+    free(buf);
 }
 
 /* x [B, I] -> int8 [B, Ip] + scales [B, Ip / 32], exposed so tests can check it against torch */
