@@ -171,6 +171,7 @@ def linear_reference(x, w):
 # Building the C kernels per instruction set
 
 SOURCE = Path(__file__).parent / "csrc" / "quant_ops.c"
+_SOURCE_TEXT = SOURCE.read_bytes()      # read at import: the build always matches this module's ctypes calls
 ISAS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
         "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ISA_FLAGS = {"avx2": {"avx2", "fma", "f16c"},
@@ -222,13 +223,14 @@ def library(isa):
     if cc is None:
         return None
     flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISAS[isa]]
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(_SOURCE_TEXT + " ".join(flags).encode()).hexdigest()[:16]
     out = _cache_dir() / f"quant_ops-{isa}-{tag}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_so = Path(tmp) / out.name
-            if subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_so)], capture_output=True).returncode:
+            src, tmp_so = Path(tmp) / SOURCE.name, Path(tmp) / out.name
+            src.write_bytes(_SOURCE_TEXT)
+            if subprocess.run([cc, *flags, str(src), "-o", str(tmp_so)], capture_output=True).returncode:
                 return None
             os.replace(tmp_so, out)
     lib = ctypes.CDLL(str(out))
