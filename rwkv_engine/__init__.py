@@ -63,13 +63,15 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == 50277 else None
     return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
-                rescale_every=rescale_every, weights=weights, progress=_progress("packing weights", weights))
+                rescale_every=rescale_every, weights=weights, progress=_progress(weights, cfg))
 
 
-def _progress(what, weights):
-    """A tqdm bar on stderr for quantising at load (off when stderr is not a terminal)."""
+def _progress(weights, cfg):
+    """A tqdm bar on stderr while packing weights at load: always for models of 1B+ parameters
+    (minutes), otherwise only when stderr is a terminal."""
     if weights in (None, "float32"):
         return None
     import sys
     from tqdm import tqdm
-    return lambda it: tqdm(it, desc=what, unit="layer", file=sys.stderr, disable=None, leave=False)
+    disable = None if cfg.n_params < 1e9 else False
+    return lambda it: tqdm(it, desc="packing weights", unit="layer", file=sys.stderr, disable=disable, leave=False)

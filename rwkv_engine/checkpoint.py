@@ -344,7 +344,7 @@ def _write_sharded(cfg, path, seed, dtype):
     try:
         shard, size, weight_map, names = {}, 0, {}, []
         with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, file=sys.stderr,
-                  disable=None) as bar:
+                  disable=None if total < 1e9 else False) as bar:
             def flush():
                 name = f"model-{len(names) + 1:05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt", "synthetic": "true"})
