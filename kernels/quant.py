@@ -91,10 +91,11 @@ def format_of(w):
     return w.format
 
 
-def quantize_int8(w, rows_per_step=None):
+def quantize_int8(w, rows_per_step=None, after_slice=None):
     """float W [out, in] -> Int8Weight: per block of 32, scale = max|w| / 127 (stored as float16, at
     least MIN_SCALE), q = round(w / scale) in [-127, 127]. Works through slices of rows so that the
-    float32 temporaries stay small whatever the matrix (a 14B head is 1 GB in float32)."""
+    float32 temporaries stay small whatever the matrix (a 14B head is 1 GB in float32);
+    `after_slice(rows)` is called with each source slice once it is done."""
     O, I = w.shape
     Ip = -(-I // BLOCK) * BLOCK
     q = torch.empty(O, Ip, dtype=torch.int8)
@@ -102,6 +103,8 @@ def quantize_int8(w, rows_per_step=None):
     step = rows_per_step or max(1, (1 << 20) // Ip)
     for r0 in range(0, O, step):
         q[r0:r0 + step], scale[r0:r0 + step] = _quantize_rows(w[r0:r0 + step].detach().float(), Ip)
+        if after_slice is not None:
+            after_slice(w[r0:r0 + step])
     return Int8Weight(q, scale, I)
 
 

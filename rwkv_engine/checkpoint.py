@@ -84,9 +84,8 @@ def validate(sd, cfg: RWKVConfig, source):
         ok = tuple(t.shape) == shape or (len(shape) == 1 and tuple(t.shape) == (1, 1, shape[0]))
         if not ok:
             raise CheckpointError(f"{source}: {key} has shape {list(t.shape)}, expected {list(shape)}")
-        if not bool(torch.isfinite(t).all()):
+        if not weights.all_finite(t):       # in slices, dropping the mapped pages it read
             raise CheckpointError(f"{source}: {key} contains NaN or Inf")
-        weights.release(t)          # checked: drop its pages until the model reads it
 
 
 def weight_format(path):

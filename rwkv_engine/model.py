@@ -77,11 +77,11 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, weigh
 
     eps = cfg.layer_norm_eps
     # ln0 is applied to the embedding table once here instead of to x at every step.
-    emb = sd["emb.weight"] if weights is None else wformat.pack_embedding(sd["emb.weight"], weights)
-    emb = F.layer_norm(emb.float(), (cfg.n_embd,), sd["blocks.0.ln0.weight"].float(),
-                       sd["blocks.0.ln0.bias"].float(), eps)
-    emb = cast(emb) if weights is None else wformat.pack_embedding(emb, weights)
-    wformat.release(sd["emb.weight"])
+    ln0_w, ln0_b = sd["blocks.0.ln0.weight"].reshape(-1), sd["blocks.0.ln0.bias"].reshape(-1)
+    if weights is None:
+        emb = cast(F.layer_norm(sd["emb.weight"].float(), (cfg.n_embd,), ln0_w.float(), ln0_b.float(), eps))
+    else:
+        emb = wformat.embedding_with_ln0(sd["emb.weight"], ln0_w, ln0_b, eps, weights)
     blocks = []
     layers = range(cfg.n_layer)
     for i in (progress(layers) if progress else layers):
@@ -101,8 +101,13 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, weigh
             ffn_key=mat(g("ffn.key.weight")), ffn_value=out("ffn.value.weight"),
             ffn_receptance=mat(g("ffn.receptance.weight")),
         ))
+        if weights is not None:
+            wformat.trim_heap()
+    head = mat(sd["head.weight"])
+    if weights is not None:
+        wformat.trim_heap()
     return dict(emb=emb, blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
-                ln_out_b=vec(sd["ln_out.bias"]), head=mat(sd["head.weight"]))
+                ln_out_b=vec(sd["ln_out.bias"]), head=head)
 
 
 class RWKV:

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from kernels import quant
 from kernels.quant import Int8Weight
@@ -53,6 +54,8 @@ def pack_matrix(t, fmt, scale=1):
         if fmt != "int8" or scale != 1:
             raise ValueError(f"an int8 checkpoint loads with weights='int8', not {fmt!r}")
         return t
+    if fmt == "int8" and scale == 1:
+        return quant.quantize_int8(t, after_slice=release)     # source pages dropped slice by slice
     src = t.float() / scale if scale != 1 else t
     packed = quant.pack(src, fmt)
     release(t)
@@ -62,6 +65,37 @@ def pack_matrix(t, fmt, scale=1):
 def pack_embedding(emb, fmt):
     """The embedding table (only indexed) in 16 bits; the same rounding at load and in converted files."""
     return emb if emb.dtype == EMBEDDING_DTYPE[fmt] else emb.to(EMBEDDING_DTYPE[fmt])
+
+
+def embedding_with_ln0(emb, ln_w, ln_b, eps, fmt, rows_per_step=2048):
+    """LayerNorm(pack_embedding(emb)) in float32, stored in the format's embedding dtype, computed in
+    slices of rows so that no float32 copy of the whole table (1 GB at 14B) is ever made."""
+    out = torch.empty(emb.shape, dtype=EMBEDDING_DTYPE[fmt])
+    for r0 in range(0, emb.shape[0], rows_per_step):
+        rows = pack_embedding(emb[r0:r0 + rows_per_step], fmt).float()
+        out[r0:r0 + rows_per_step] = F.layer_norm(rows, (emb.shape[1],), ln_w.float(), ln_b.float(), eps)
+        release(emb[r0:r0 + rows_per_step])
+    return out
+
+
+def all_finite(t, step=1 << 22):
+    """torch.isfinite(t).all() in slices (no whole-tensor temporaries), dropping mapped pages as it goes."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), step):
+        part = flat[i:i + step]
+        if not bool(torch.isfinite(part).all()):
+            return False
+        release(part)
+    return True
+
+
+def trim_heap():
+    """Return freed heap memory to the OS (glibc keeps freed slices of packing between long-lived
+    packed tensors, which would otherwise show as resident memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def release(t):
