@@ -18,9 +18,9 @@ engine's format as it runs (blocks of 32 with float16 scales, activations quanti
 decode kernels).
 
 --outliers writes (once, into the cache) the synthetic checkpoint with what trained models have and
-random weights lack: a few residual channels with 16x LayerNorm gains (large activations entering
-every matrix), a few input columns and output rows of every matrix scaled 8x, and 1 in 10^4 weights
-scaled 20x. That is where a quantisation scheme breaks.
+random weights lack: a few channels with 16x activations entering every matrix, outlier rows and
+columns 8x the others, and heavy-tailed weights, injected so that the float32 model computes nearly
+the same function (see `outlier_state_dict`). That is where a quantisation scheme breaks.
 """
 import argparse
 import json
@@ -53,19 +53,41 @@ class OneLineParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
-def outlier_state_dict(cfg, seed=0, n_channels=4):
-    """The synthetic checkpoint with injected outliers (see the module docstring)."""
+def outlier_state_dict(cfg, seed=0, n_channels=4, tails=True):
+    """The synthetic checkpoint with outliers that (almost) leave the float32 model's function
+    unchanged, so that the figures measure what outliers do to a quantiser's scales, not a different
+    model (SmoothQuant's equivalence, used in reverse):
+      * activation outliers: LayerNorm gain and bias x16 on a few channels, the columns of the matrices
+        that read them (time-mix is linear) /16;
+      * outlier rows: att.value rows x8 with the matching att.output columns /8 (WKV is linear in v);
+        ffn.key rows x2 with ffn.value columns /4 (relu^2 is 2-homogeneous);
+      * outlier columns: ffn.value columns x8 with ffn.key rows / sqrt(8);
+      * heavy tails: 1 in 10^4 weights of every matrix x10 (these do change the function, a little).
+    """
     sd = synthetic_state_dict(cfg, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    channels = torch.randperm(cfg.n_embd, generator=g)[:n_channels]
+    pick = lambda n: torch.randperm(n, generator=g)[:n_channels]
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        m = lambda name: sd[b + name]
+        for ln, readers in (("ln1", ("att.key", "att.value", "att.receptance")), ("ln2", ("ffn.key", "ffn.receptance"))):
+            c = pick(cfg.n_embd)
+            m(ln + ".weight")[c] *= 16
+            m(ln + ".bias")[c] *= 16
+            for name in readers:
+                m(name + ".weight")[:, c] /= 16
+        c = pick(cfg.n_embd)
+        m("att.value.weight")[c] *= 8
+        m("att.output.weight")[:, c] /= 8
+        f = pick(cfg.ffn_dim)
+        m("ffn.key.weight")[f] *= 2
+        m("ffn.value.weight")[:, f] /= 4
+        f = pick(cfg.ffn_dim)
+        m("ffn.value.weight")[:, f] *= 8
+        m("ffn.key.weight")[f] /= 8 ** 0.5
     for key, t in sd.items():
-        if key.endswith(("ln1.weight", "ln2.weight")):
-            t[channels] *= 16
-        elif is_matrix(key):
-            O, I = t.shape
-            t[:, torch.randperm(I, generator=g)[:n_channels]] *= 8
-            t[torch.randperm(O, generator=g)[:n_channels]] *= 8
-            t[torch.rand(O, I, generator=g) < 1e-4] *= 20
+        if is_matrix(key) and tails:
+            t[torch.rand(t.shape, generator=g) < 1e-4] *= 10
     return sd
 
 
@@ -74,7 +96,7 @@ def checkpoint_path(model, checkpoint, outliers, seed=0):
         return Path(checkpoint)
     if not outliers:
         return rwkv_engine.write_synthetic(model, seed=seed)
-    path = cache_dir() / "synthetic" / f"{get_config(model).name}-fp32-seed{seed}-outliers.pth"
+    path = cache_dir() / "synthetic" / f"{get_config(model).name}-fp32-seed{seed}-outliers2.pth"
     if not path.exists():
         from rwkv_engine.checkpoint import _atomic_save
         sd = outlier_state_dict(get_config(model), seed)
