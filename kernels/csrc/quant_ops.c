@@ -15,8 +15,8 @@
  *
  * Every (row, stream) dot product is computed the same way whatever B and the thread count are, so a
  * stream's result is bit-identical however many streams share the batch. Rows are processed 4 at a
- * time (each row read once for all B streams while it sits in L1), split over OpenMP threads, and a
- * group of independent products runs in one parallel region.
+ * time (four weight streams in flight; each row read once for all B streams while it sits in L1),
+ * split over OpenMP threads, and a group of independent products runs in one parallel region.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -64,39 +64,44 @@ static inline __m512 load16_bf16(const uint16_t *w) {
 }
 #endif
 
-#define DOT16(NAME, LOAD8, LOAD16, SCALAR)                                                   \
-static float NAME(const uint16_t *w, const float *x, int64_t I) {                          \
+/* 4 rows . x at once: four weight streams in flight, x loaded once for the four. Rows are passed
+ * as pointers, so the last rows of a matrix repeat a row and every row is computed the same way. */
+#define DOT16X4(NAME, LOAD8, LOAD16, SCALAR)                                                 \
+static void NAME(const uint16_t *const *w, const float *x, int64_t I, float *out) {          \
     int64_t i = 0;                                                                           \
-    float s = 0.0f;                                                                          \
-    if (WIDE) {                                                                              \
-        WIDE_LOOP(LOAD16)                                                                    \
-    } else {                                                                                 \
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                           \
-        for (; i + 16 <= I; i += 16) {                                                       \
-            a0 = _mm256_fmadd_ps(LOAD8(w + i), _mm256_loadu_ps(x + i), a0);                  \
-            a1 = _mm256_fmadd_ps(LOAD8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);          \
-        }                                                                                    \
-        for (; i + 8 <= I; i += 8) a0 = _mm256_fmadd_ps(LOAD8(w + i), _mm256_loadu_ps(x + i), a0); \
-        s = hsum256(_mm256_add_ps(a0, a1));                                                  \
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                   \
+    WIDE_LOOP4(LOAD16)                                                                       \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                              \
+    for (; i + 8 <= I; i += 8) {                                                             \
+        __m256 xv = _mm256_loadu_ps(x + i);                                                  \
+        a0 = _mm256_fmadd_ps(LOAD8(w[0] + i), xv, a0);                                       \
+        a1 = _mm256_fmadd_ps(LOAD8(w[1] + i), xv, a1);                                       \
+        a2 = _mm256_fmadd_ps(LOAD8(w[2] + i), xv, a2);                                       \
+        a3 = _mm256_fmadd_ps(LOAD8(w[3] + i), xv, a3);                                       \
     }                                                                                        \
-    for (; i < I; i++) s += SCALAR(w[i]) * x[i];                                             \
-    return s;                                                                                \
+    s[0] += hsum256(a0); s[1] += hsum256(a1); s[2] += hsum256(a2); s[3] += hsum256(a3);      \
+    for (; i < I; i++)                                                                       \
+        for (int r = 0; r < 4; r++) s[r] += SCALAR(w[r][i]) * x[i];                          \
+    for (int r = 0; r < 4; r++) out[r] = s[r];                                               \
 }
 #if WIDE
-#define WIDE_LOOP(LOAD16)                                                                    \
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                           \
-        for (; i + 32 <= I; i += 32) {                                                       \
-            a0 = _mm512_fmadd_ps(LOAD16(w + i), _mm512_loadu_ps(x + i), a0);                 \
-            a1 = _mm512_fmadd_ps(LOAD16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);       \
-        }                                                                                    \
-        for (; i + 16 <= I; i += 16) a0 = _mm512_fmadd_ps(LOAD16(w + i), _mm512_loadu_ps(x + i), a0); \
-        s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#define WIDE_LOOP4(LOAD16)                                                                   \
+    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0;                              \
+    for (; i + 16 <= I; i += 16) {                                                           \
+        __m512 xv = _mm512_loadu_ps(x + i);                                                  \
+        z0 = _mm512_fmadd_ps(LOAD16(w[0] + i), xv, z0);                                      \
+        z1 = _mm512_fmadd_ps(LOAD16(w[1] + i), xv, z1);                                      \
+        z2 = _mm512_fmadd_ps(LOAD16(w[2] + i), xv, z2);                                      \
+        z3 = _mm512_fmadd_ps(LOAD16(w[3] + i), xv, z3);                                      \
+    }                                                                                        \
+    s[0] = _mm512_reduce_add_ps(z0); s[1] = _mm512_reduce_add_ps(z1);                        \
+    s[2] = _mm512_reduce_add_ps(z2); s[3] = _mm512_reduce_add_ps(z3);
 #else
-#define WIDE_LOOP(LOAD16)
+#define WIDE_LOOP4(LOAD16)
 #endif
 
-DOT16(dot_f16, load8_f16, load16_f16, _cvtsh_ss)
-DOT16(dot_bf16, load8_bf16, load16_bf16, bf16_to_f32)
+DOT16X4(dot4_f16, load8_f16, load16_f16, _cvtsh_ss)
+DOT16X4(dot4_bf16, load8_bf16, load16_bf16, bf16_to_f32)
 
 /* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
 
@@ -119,28 +124,36 @@ static inline __m256 block_dot256(const int8_t *w, const int8_t *x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-static float dot_q8(const int8_t *w, const uint16_t *sw, const int8_t *xq, const float *dx, int64_t nb) {
+/* 4 rows of int8 blocks . the quantised x: sum over blocks of (integer dot) * scale_w * scale_x */
+static void dot4_q8(const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const float *dx,
+                    int64_t nb, float *out) {
     int64_t j = 0;
-    float s = 0.0f;
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if WIDE
-    __m512 acc = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (; j + 2 <= nb; j += 2) {               /* two blocks per 512-bit register: lanes 0-7 | 8-15 */
-        __m512i qw = _mm512_loadu_si512(w + j * QB), qx = _mm512_loadu_si512(xq + j * QB);
-        __mmask64 neg = _mm512_movepi8_mask(qw);
-        __m512i sx = _mm512_mask_sub_epi8(qx, neg, zero, qx);          /* x * sign(w) */
-        __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(qw), sx));
-        __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(sw[j]) * dx[j]),
-                                         _mm512_set1_ps(_cvtsh_ss(sw[j + 1]) * dx[j + 1]));
-        acc = _mm512_fmadd_ps(f, sc, acc);
+        __m512i qx = _mm512_loadu_si512(xq + j * QB);
+        for (int r = 0; r < 4; r++) {
+            __m512i qw = _mm512_loadu_si512(w[r] + j * QB);
+            __m512i sx = _mm512_mask_sub_epi8(qx, _mm512_movepi8_mask(qw), zero, qx);     /* x * sign(w) */
+            __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(qw), sx));
+            __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(sw[r][j]) * dx[j]),
+                                             _mm512_set1_ps(_cvtsh_ss(sw[r][j + 1]) * dx[j + 1]));
+            acc[r] = _mm512_fmadd_ps(f, sc, acc[r]);
+        }
     }
-    s = _mm512_reduce_add_ps(acc);
+    for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
 #endif
-    if (j == nb) return s;
-    __m256 acc2 = _mm256_setzero_ps();
-    for (; j < nb; j++)
-        acc2 = _mm256_fmadd_ps(block_dot256(w + j * QB, xq + j * QB), _mm256_set1_ps(_cvtsh_ss(sw[j]) * dx[j]), acc2);
-    return s + hsum256(acc2);
+    if (j < nb) {
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; j < nb; j++)
+            for (int r = 0; r < 4; r++)
+                a[r] = _mm256_fmadd_ps(block_dot256(w[r] + j * QB, xq + j * QB),
+                                       _mm256_set1_ps(_cvtsh_ss(sw[r][j]) * dx[j]), a[r]);
+        for (int r = 0; r < 4; r++) s[r] += hsum256(a[r]);
+    }
+    for (int r = 0; r < 4; r++) out[r] = s[r];
 }
 
 /* ---- grouped products -------------------------------------------------------------------- */
@@ -155,25 +168,32 @@ typedef struct {
     float *dx;                  /* Q8 scratch: [B, Ip / 32] */
 } product;
 
-static float row_dot(const product *p, int64_t o, int64_t b) {
+/* rows r..r+3 (clamped to the last row) . stream b */
+static void dot4(const product *p, int64_t r, int64_t b, float *out) {
+    int64_t rr[4];
+    for (int k = 0; k < 4; k++) rr[k] = r + k < p->O ? r + k : p->O - 1;
     if (p->fmt == FMT_Q8) {
         int64_t nb = p->Ip / QB;
-        return dot_q8((const int8_t *)p->W + o * p->Ip, p->S + o * nb, p->xq + b * p->Ip, p->dx + b * nb, nb);
+        const int8_t *w[4];
+        const uint16_t *sw[4];
+        for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
+        dot4_q8(w, sw, p->xq + b * p->Ip, p->dx + b * nb, nb, out);
+        return;
     }
-    const uint16_t *w = (const uint16_t *)p->W + o * p->Ip;
-    return p->fmt == FMT_F16 ? dot_f16(w, p->x + b * p->I, p->I) : dot_bf16(w, p->x + b * p->I, p->I);
+    const uint16_t *w[4];
+    for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + rr[k] * p->Ip;
+    if (p->fmt == FMT_F16) dot4_f16(w, p->x + b * p->I, p->I, out);
+    else dot4_bf16(w, p->x + b * p->I, p->I, out);
 }
 
 static void rows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
-    for (int64_t o = o0; o < o1; o += 4) {
-        int64_t oe = o + 4 < o1 ? o + 4 : o1;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t r = o; r < oe; r++) {
-                float s = row_dot(p, r, b);
-                float *yo = p->y + b * p->O + r;
-                *yo = acc ? *yo + s : s;
-            }
-    }
+    float s[4];
+    for (int64_t o = o0; o < o1; o += 4)
+        for (int64_t b = 0; b < B; b++) {
+            dot4(p, o, b, s);
+            float *yo = p->y + b * p->O;
+            for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + s[r - o] : s[r - o];
+        }
 }
 
 /* n products in one parallel region: activations quantised (Q8), then rows split over threads.
