@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rwkv_engine", "rwkv_engine.*", "kernels", "kernels.*",
                                     "baselines", "baselines.*", "bench", "bench.*"]),
-    package_data={"rwkv_engine": ["data/20B_tokenizer.json"], "kernels": ["csrc/*.c"]},
+    package_data={"rwkv_engine": ["data/20B_tokenizer.json"], "kernels": ["csrc/*.c", "csrc/*.h"]},
     install_requires=["torch>=2.1", "numpy", "triton", "tokenizers", "safetensors", "psutil",
                       "threadpoolctl", "matplotlib", "tqdm"],
     extras_require={"test": ["pytest", "rwkv==0.8.32", "transformers>=4.40"]},

@@ -6,6 +6,7 @@ import torch
 
 from .common import ACTIVATIONS, TransformerLM, attend, attention_span, layer_norm, linear, split_heads, take
 from .config import BloomConfig
+from .family import Family, register
 
 
 def alibi_slopes(n_head):
@@ -59,3 +60,16 @@ class Bloom(TransformerLM):
             residual = h if c.residual_post_ln else x
             x = residual + linear(self.act(linear(h, *L["fc1"])), *L["fc2"])
         return layer_norm(x, self.ln_f, eps)
+
+
+def _bloom(name, n_layer, n_embd, n_head):
+    return BloomConfig(n_layer, n_embd, n_head, 250880, name=name)
+
+
+# the paper's Bloom "1b" is bloom-1b1
+register(Family(BloomConfig, Bloom, label="Bloom", style=("tab:orange", "v"), sizes=(
+    _bloom("bloom-560m", 24, 1024, 16),
+    _bloom("bloom-1b1", 24, 1536, 16),
+    _bloom("bloom-1b7", 24, 2048, 16),
+    _bloom("bloom-3b", 30, 2560, 32),
+), aliases={"bloom-1b": "bloom-1b1"}))

@@ -1,5 +1,9 @@
 """The state of a transformer baseline: a KV cache preallocated for the longest sequence (gpt-fast
-`KVCache`), or, for the paper's protocol, just the tokens seen so far."""
+`KVCache`), or, for the paper's protocol, just the tokens seen so far.
+
+A cache from `model.new_state(max_len=N)` holds exactly N positions and refuses more. One that
+`model.forward(tokens)` creates by itself is `growable`: it doubles its length when a forward
+needs more (amortised O(1) per token, as users of transformers' dynamic cache expect)."""
 from dataclasses import dataclass
 
 import torch
@@ -12,15 +16,37 @@ class KVCache:
     k: torch.Tensor     # [n_layer, B, n_head, max_len, head_dim]
     v: torch.Tensor     # [n_layer, B, n_head, max_len, head_dim]
     pos: int = 0
+    growable: bool = False
 
     @classmethod
-    def allocate(cls, n_layer, batch_size, n_head, max_len, head_dim, device="cpu", dtype=torch.float32):
+    def allocate(cls, n_layer, batch_size, n_head, max_len, head_dim, device="cpu", dtype=torch.float32,
+                 growable=False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   growable=growable)
+
+    def reserve(self, needed, limit=None):
+        """Make room for `needed` positions: a growable cache at least doubles (up to `limit`, the
+        model's position limit); a fixed one raises. Returns the (new) max_len."""
+        if needed <= self.max_len:
+            return self.max_len
+        if not self.growable:
+            raise ValueError(f"{needed - self.pos} tokens at position {self.pos} exceed the cache's {self.max_len} "
+                             f"positions (it was made by new_state(max_len={self.max_len}): ask for more)")
+        if limit is not None and needed > limit:
+            raise ValueError(f"{needed} positions exceed the model's {limit} positions")
+        new_len = max(needed, 2 * self.max_len) if limit is None else min(max(needed, 2 * self.max_len), limit)
+        shape = (*self.k.shape[:3], new_len, self.k.shape[4])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = old.new_zeros(shape)
+            grown[:, :, :, :self.pos] = old[:, :, :, :self.pos]
+            setattr(self, name, grown)
+        return new_len
 
     @property
     def batch_size(self):
@@ -44,7 +70,7 @@ class KVCache:
 
     def clone(self):
         """An independent copy (fork a stream)."""
-        return KVCache(self.k.clone(), self.v.clone(), self.pos)
+        return KVCache(self.k.clone(), self.v.clone(), self.pos, self.growable)
 
     def reset(self):
         self.pos = 0
@@ -54,7 +80,8 @@ class KVCache:
 class TokenHistory:
     """Paper protocol: no cache, the whole sequence is run again at every step."""
     tokens: torch.Tensor    # [B, pos] every token fed so far
-    max_len: int
+    max_len: int            # positions it may hold (a growable history: the model's limit, or None)
+    growable: bool = False
 
     @property
     def pos(self):
@@ -65,4 +92,4 @@ class TokenHistory:
         return self.tokens.shape[0]
 
     def clone(self):
-        return TokenHistory(self.tokens.clone(), self.max_len)
+        return TokenHistory(self.tokens.clone(), self.max_len, self.growable)

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from rwkv_engine import generation
-from rwkv_engine.model import as_dtype
+from rwkv_engine import as_dtype, as_token_batch, generate, stream
 
 from .cache import KVCache, TokenHistory
 
@@ -24,7 +23,8 @@ from .cache import KVCache, TokenHistory
 # Ops
 
 def linear(x, weight, bias=None):
-    """x [..., in] @ weight[out, in]^T + bias -> [..., out] (numpy/OpenBLAS for fp32 CPU, else torch)."""
+    """x [..., in] @ weight[out, in]^T + bias -> [..., out] through `kernels.linear` (its dispatch picks
+    the implementation: the C decode kernels for small batches on CPU, else torch's GEMM)."""
     y = kernels.linear(x, weight)
     if bias is not None:
         y += bias
@@ -151,16 +151,17 @@ class TransformerLM:
 
     def kv_cache_bytes(self, batch_size=1, seq_len=None):
         c = self.config
-        return 2 * c.n_layer * batch_size * c.n_embd * (seq_len or c.max_len) * self.dtype.itemsize
+        return 2 * c.n_layer * batch_size * c.attention_dim * (seq_len or c.max_len) * self.dtype.itemsize
 
-    def new_state(self, batch_size=1, max_len=None):
+    def new_state(self, batch_size=1, max_len=None, growable=False):
         """An empty KV cache for `batch_size` streams of up to `max_len` positions (default: the
-        checkpoint's max positions)."""
+        checkpoint's max positions); `growable`: it doubles when a forward needs more."""
         c = self.config
         max_len = c.max_len if max_len is None else max_len
         if c.position_limit and isinstance(max_len, int) and max_len > c.max_len:
             raise ValueError(f"max_len {max_len} exceeds the {c.max_len} positions of {c.name or c.family}")
-        cache = KVCache.allocate(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, self.device, self.dtype)
+        cache = KVCache.allocate(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, self.device, self.dtype,
+                                 growable=growable)
         self._cover(max_len)
         return cache
 
@@ -177,11 +178,12 @@ class TransformerLM:
     def forward(self, tokens, state=None, all_logits=False):
         """tokens: LongTensor [B, T] (or [T] / list for one stream). Returns logits float32 [B, V] for
         the last position ([B, T, V] with all_logits) and the cache, updated in place (clone it
-        first to keep the old one). state=None: a fresh cache of exactly T positions."""
+        first to keep the old one). state=None: a fresh growable cache (T positions, doubling as
+        later forwards need)."""
         ids = self.check_tokens(tokens)
         B, T = ids.shape
         if state is None:
-            state = self.new_state(B, max_len=T)
+            state = self.new_state(B, max_len=T, growable=True)
         self._check_cache(state, B, T)
         x = self._hidden(ids, state)                                    # [B, T, C]
         state.pos += T
@@ -193,7 +195,7 @@ class TransformerLM:
     __call__ = forward
 
     def check_tokens(self, tokens):
-        return generation.as_token_batch(tokens, self.vocab_size, self.device)
+        return as_token_batch(tokens, self.vocab_size, self.device)
 
     def _check_cache(self, cache, B, T):
         if not isinstance(cache, KVCache):
@@ -201,13 +203,14 @@ class TransformerLM:
         if cache.batch_size != B:
             raise ValueError(f"cache holds {cache.batch_size} streams but tokens have {B}")
         if cache.pos + T > cache.max_len:
-            raise ValueError(f"{T} tokens at position {cache.pos} exceed the cache's {cache.max_len} positions")
+            limit = self.config.max_len if self.config.position_limit else None
+            self._cover(cache.reserve(cache.pos + T, limit))
 
     def generate(self, prompt, max_new_tokens=64, **kwargs):
-        return generation.generate(self, prompt, max_new_tokens, **kwargs)
+        return generate(self, prompt, max_new_tokens, **kwargs)
 
     def stream(self, prompt, max_new_tokens=64, **kwargs):
-        return generation.stream(self, prompt, max_new_tokens, **kwargs)
+        return stream(self, prompt, max_new_tokens, **kwargs)
 
 
 class PaperProtocol:
@@ -225,14 +228,16 @@ class PaperProtocol:
     def __repr__(self):
         return f"PaperProtocol({self.model!r})"
 
-    def new_state(self, batch_size=1, max_len=None):
+    def new_state(self, batch_size=1, max_len=None, growable=False):
+        """An empty history; `growable`: limited only by the model's positions, not by `max_len`."""
         c = self.model.config
-        max_len = c.max_len if max_len is None else max_len
+        limit = c.max_len if c.position_limit else None
+        max_len = (c.max_len if max_len is None else max_len) if not growable else limit
         if c.position_limit and max_len > c.max_len:
             raise ValueError(f"max_len {max_len} exceeds the {c.max_len} positions of {c.name or c.family}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        return TokenHistory(torch.zeros(batch_size, 0, dtype=torch.long, device=self.model.device), max_len)
+        return TokenHistory(torch.zeros(batch_size, 0, dtype=torch.long, device=self.model.device), max_len, growable)
 
     new_cache = new_state
 
@@ -240,12 +245,12 @@ class PaperProtocol:
         ids = self.model.check_tokens(tokens)
         B, T = ids.shape
         if state is None:
-            state = self.new_state(B, T)
+            state = self.new_state(B, growable=True)
         if not isinstance(state, TokenHistory):
             raise ValueError(f"state must be a TokenHistory from model.new_state(), got {type(state).__name__}")
         if state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} streams but tokens have {B}")
-        if state.pos + T > state.max_len:
+        if state.max_len is not None and state.pos + T > state.max_len:
             raise ValueError(f"{T} tokens at position {state.pos} exceed the state's {state.max_len} positions")
         state.tokens = torch.cat([state.tokens, ids], dim=1)            # [B, pos + T]
         logits, _ = self.model.forward(state.tokens, None, all_logits)  # recompute everything
@@ -254,7 +259,7 @@ class PaperProtocol:
     __call__ = forward
 
     def generate(self, prompt, max_new_tokens=64, **kwargs):
-        return generation.generate(self, prompt, max_new_tokens, **kwargs)
+        return generate(self, prompt, max_new_tokens, **kwargs)
 
     def stream(self, prompt, max_new_tokens=64, **kwargs):
-        return generation.stream(self, prompt, max_new_tokens, **kwargs)
+        return stream(self, prompt, max_new_tokens, **kwargs)

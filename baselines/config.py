@@ -1,5 +1,7 @@
-"""Transformer baseline shapes: one dataclass per family and the registry of named sizes (gpt-fast
-`ModelArgs` / `transformer_configs`).
+"""Transformer baseline shapes: `TransformerConfig`, the base every family's dataclass extends, the
+dataclasses of the four paper families, and lookups over the registry of named sizes (gpt-fast
+`ModelArgs` / `transformer_configs`). The sizes themselves are registered by each family's module
+(`baselines.family`).
 
 Each config reads a Hugging Face config.json (`from_hf`) and writes one back (`to_hf`, used for the
 synthetic checkpoints). The numbers in MODELS are the released checkpoints' shapes.
@@ -7,6 +9,8 @@ synthetic checkpoints). The numbers in MODELS are the released checkpoints' shap
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Tuple
+
+from .family import ALIASES, FAMILIES, MODELS  # noqa: F401  (filled by the family modules)
 
 
 def _need(d, *keys):
@@ -17,8 +21,17 @@ def _need(d, *keys):
     raise ValueError(f"missing key {keys[0]!r}")
 
 
+def _check_number(key, value, low, high=math.inf, high_ok=False):
+    """value must be a real number with low < value < high (<= high with high_ok), else ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low < value and \
+        (value <= high if high_ok else value < high)
+    if not ok:
+        bound = f"in ({low:g}, {high:g}{']' if high_ok else ')'}" if math.isfinite(high) else f"> {low:g}"
+        raise ValueError(f"config {key} must be a number {bound}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class _Common:
+class TransformerConfig:
     n_layer: int
     n_embd: int
     n_head: int
@@ -28,6 +41,7 @@ class _Common:
     layer_norm_eps: float = 1e-5
     tied: bool = True           # head shares the token embedding
     name: str = field(default="", compare=False)
+    head_dim: int = 0           # 0: derived as n_embd // n_head (a family may use n_head * head_dim != n_embd)
 
     family: ClassVar[str] = ""              # the benchmark's family label
     model_type: ClassVar[str] = ""          # config.json model_type
@@ -44,17 +58,23 @@ class _Common:
         for key in ("n_layer", "n_embd", "n_head", "vocab_size", "ffn_dim", "max_len"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ValueError(f"config {key} must be a positive int, got {getattr(self, key)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"config n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
+        if self.head_dim == 0:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"config n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"config head_dim must be a positive int, got {self.head_dim!r}")
+        _check_number("layer_norm_eps", self.layer_norm_eps, low=0.0)
 
     @property
     def max_positions(self):
         """Longest sequence the checkpoint was made for (None: no limit, ALiBi)."""
         return self.max_len
+
+    @property
+    def attention_dim(self):
+        """Width of q, k and v: n_head * head_dim (n_embd in the four paper families)."""
+        return self.n_head * self.head_dim
 
     def shapes(self):
         """Every tensor of the Hugging Face state dict (prefixed names) -> its shape."""
@@ -76,6 +96,9 @@ class _Common:
         return n * bytes_per_weight
 
 
+_Common = TransformerConfig     # the old private name
+
+
 def _linear(shapes, name, n_out, n_in, bias=True):
     shapes[name + ".weight"] = (n_out, n_in)
     if bias:
@@ -89,7 +112,7 @@ def _norm(shapes, name, n, affine=True):
 
 
 @dataclass(frozen=True)
-class GPTNeoXConfig(_Common):
+class GPTNeoXConfig(TransformerConfig):
     """Pythia: rotary on the first rotary_pct of each head, parallel residual, untied `embed_out`."""
     tied: bool = False
     rotary_pct: float = 0.25
@@ -105,6 +128,11 @@ class GPTNeoXConfig(_Common):
     head: ClassVar[str] = "embed_out.weight"
     key_aliases: ClassVar[dict] = {"lm_head.weight": "embed_out.weight"}  # transformers 5 in memory
     position_limit: ClassVar[bool] = False  # rotary positions extrapolate (badly) but index no table
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_number("rotary_pct", self.rotary_pct, low=0.0, high=1.0, high_ok=True)
+        _check_number("rotary_base", self.rotary_base, low=0.0)
 
     @property
     def rotary_dims(self):
@@ -151,7 +179,7 @@ class GPTNeoXConfig(_Common):
 
 
 @dataclass(frozen=True)
-class OPTConfig(_Common):
+class OPTConfig(TransformerConfig):
     """OPT: learned positions (offset 2), ReLU MLP. opt-350m: post-LN, 512-wide embedding + project_in/out."""
     embed_dim: int = 0          # word_embed_proj_dim; 0: n_embd
     pre_ln: bool = True         # do_layer_norm_before
@@ -218,7 +246,7 @@ class OPTConfig(_Common):
 
 
 @dataclass(frozen=True)
-class GPTNeoConfig(_Common):
+class GPTNeoConfig(TransformerConfig):
     """GPT-Neo: global and local (sliding window) layers, no 1/sqrt(d) score scaling, gelu_new."""
     window: int = 256
     attention_layers: Tuple[str, ...] = ()      # "global" / "local" per layer; () = alternating, global first
@@ -235,6 +263,8 @@ class GPTNeoConfig(_Common):
             object.__setattr__(self, "attention_layers", tuple(("global", "local")[i % 2] for i in range(self.n_layer)))
         object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
         super().__post_init__()
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"config window_size must be a positive int, got {self.window!r}")
         if len(self.attention_layers) != self.n_layer or set(self.attention_layers) - {"global", "local"}:
             raise ValueError(f"config attention_layers must give 'global'/'local' for each of {self.n_layer} layers")
 
@@ -279,7 +309,7 @@ class GPTNeoConfig(_Common):
 
 
 @dataclass(frozen=True)
-class BloomConfig(_Common):
+class BloomConfig(TransformerConfig):
     """Bloom: ALiBi (no position table), LayerNorm on the embedding, fused qkv interleaved per head."""
     residual_post_ln: bool = False      # apply_residual_connection_post_layernorm
 
@@ -325,59 +355,17 @@ class BloomConfig(_Common):
                     bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 
-CONFIGS = {c.model_type: c for c in (GPTNeoXConfig, OPTConfig, GPTNeoConfig, BloomConfig)}
-
-
 def config_from_hf(d, name=""):
-    """A config.json dict -> the family dataclass its model_type names."""
+    """A config.json dict -> the config dataclass of the registered family its model_type names."""
     model_type = d.get("model_type")
-    if model_type not in CONFIGS:
-        raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(CONFIGS)})")
-    return CONFIGS[model_type].from_hf(d, name=name)
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[model_type].config.from_hf(d, name=name)
 
 
-def _pythia(name, n_layer, n_embd, n_head, vocab_size):
-    return GPTNeoXConfig(n_layer, n_embd, n_head, vocab_size, name=name)
-
-
-def _opt(name, n_layer, n_embd, n_head, **kw):
-    return OPTConfig(n_layer, n_embd, n_head, 50272, name=name, **kw)
-
-
-def _neo(name, n_layer, n_embd, n_head):
-    return GPTNeoConfig(n_layer, n_embd, n_head, 50257, name=name)
-
-
-def _bloom(name, n_layer, n_embd, n_head):
-    return BloomConfig(n_layer, n_embd, n_head, 250880, name=name)
-
-
-# Exact shapes of the released checkpoints the paper (Appendix K) compares against. ffn = 4 * n_embd for
-# all of them; vocab sizes are the padded embedding rows of the checkpoint.
-MODELS = {c.name: c for c in [
-    _pythia("pythia-160m", 12, 768, 12, 50304),
-    _pythia("pythia-410m", 24, 1024, 16, 50304),
-    _pythia("pythia-1.4b", 24, 2048, 16, 50304),
-    _pythia("pythia-2.8b", 32, 2560, 32, 50304),
-    _pythia("pythia-6.9b", 32, 4096, 32, 50432),
-    _pythia("pythia-12b", 36, 5120, 40, 50688),
-    _opt("opt-125m", 12, 768, 12),
-    _opt("opt-350m", 24, 1024, 16, embed_dim=512, pre_ln=False),
-    _opt("opt-1.3b", 24, 2048, 32),
-    _opt("opt-2.7b", 32, 2560, 32),
-    _opt("opt-6.7b", 32, 4096, 32),
-    _opt("opt-13b", 40, 5120, 40),
-    _neo("gpt-neo-125m", 12, 768, 12),
-    _neo("gpt-neo-1.3b", 24, 2048, 16),
-    _neo("gpt-neo-2.7b", 32, 2560, 20),
-    _bloom("bloom-560m", 24, 1024, 16),
-    _bloom("bloom-1b1", 24, 1536, 16),
-    _bloom("bloom-1b7", 24, 2048, 16),
-    _bloom("bloom-3b", 30, 2560, 32),
-]}
-
-# The paper's names for two of them (Pythia 6.7B/13B were renamed 6.9b/12b; Bloom "1b" is bloom-1b1).
-ALIASES = {"pythia-6.7b": "pythia-6.9b", "pythia-13b": "pythia-12b", "bloom-1b": "bloom-1b1"}
+# MODELS (registered size name -> config) and ALIASES (other name -> registered name) are filled by the
+# family modules when `baselines` is imported (baselines.family.register): the exact shapes of the
+# released checkpoints the paper (Appendix K) compares against.
 
 
 def canonical_name(name):

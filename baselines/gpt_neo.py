@@ -2,6 +2,7 @@
 scaled by 1/sqrt(head_dim), q/k/v without bias (fused into one matrix at load), gelu_new MLP."""
 from .common import TransformerLM, activation, attend, attention_span, fuse, layer_norm, linear, split_heads, take
 from .config import GPTNeoConfig
+from .family import Family, register
 
 
 class GPTNeo(TransformerLM):
@@ -35,3 +36,14 @@ class GPTNeo(TransformerLM):
             x = x + linear(attend(q, keys, values, spans[L["local"]], scale=1.0), *L["out"])
             x = x + linear(self.act(linear(layer_norm(x, L["ln2"], eps), *L["fc1"])), *L["fc2"])
         return layer_norm(x, self.ln_f, eps)
+
+
+def _neo(name, n_layer, n_embd, n_head):
+    return GPTNeoConfig(n_layer, n_embd, n_head, 50257, name=name)
+
+
+register(Family(GPTNeoConfig, GPTNeo, label="GPT-Neo", style=("tab:purple", "D"), sizes=(
+    _neo("gpt-neo-125m", 12, 768, 12),
+    _neo("gpt-neo-1.3b", 24, 2048, 16),
+    _neo("gpt-neo-2.7b", 32, 2560, 20),
+)))

@@ -4,6 +4,7 @@ import torch
 
 from .common import TransformerLM, activation, attend, attention_span, layer_norm, linear, split_heads, take
 from .config import GPTNeoXConfig
+from .family import Family, register
 
 
 def rotary_tables(config: GPTNeoXConfig, n_pos, device, dtype):
@@ -65,3 +66,18 @@ class GPTNeoX(TransformerLM):
                 x = x + a
                 x = linear(self.act(linear(layer_norm(x, L["ln2"], eps), *L["fc1"])), *L["fc2"]) + x
         return layer_norm(x, self.ln_f, eps)
+
+
+def _pythia(name, n_layer, n_embd, n_head, vocab_size):
+    return GPTNeoXConfig(n_layer, n_embd, n_head, vocab_size, name=name)
+
+
+# vocab sizes are the padded embedding rows of each checkpoint; the paper's Pythia 6.7B/13B were renamed
+register(Family(GPTNeoXConfig, GPTNeoX, label="Pythia", style=("tab:blue", "s"), sizes=(
+    _pythia("pythia-160m", 12, 768, 12, 50304),
+    _pythia("pythia-410m", 24, 1024, 16, 50304),
+    _pythia("pythia-1.4b", 24, 2048, 16, 50304),
+    _pythia("pythia-2.8b", 32, 2560, 32, 50304),
+    _pythia("pythia-6.9b", 32, 4096, 32, 50432),
+    _pythia("pythia-12b", 36, 5120, 40, 50688),
+), aliases={"pythia-6.7b": "pythia-6.9b", "pythia-13b": "pythia-12b"}))

@@ -1,126 +1,46 @@
 """Loading Hugging Face checkpoints of the four families, validating them, and writing synthetic ones.
 
 A checkpoint is a directory: config.json + model.safetensors | pytorch_model.bin | a sharded
-*.index.json. Tensors are read lazily (safetensors `safe_open`; `.bin` only through
+*.index.json, read through rwkv_engine.files (the readers, checks and atomic writes the engine uses
+too). Tensors are read lazily (safetensors `safe_open`; `.bin` only through
 `torch.load(weights_only=True, mmap=True)`), validated one by one (known key, shape, float dtype,
 finite) and cast to the model's dtype/device as they come, so nothing is held twice.
 """
 import dataclasses
 import json
 import math
-import os
-import pickle
 import re
-import shutil
-import struct
-import zipfile
 import zlib
 from pathlib import Path
 
 import torch
 
-from rwkv_engine.checkpoint import CheckpointError, cache_dir as engine_cache_dir
-from rwkv_engine.model import as_dtype
-from rwkv_engine.tokenizer import Tokenizer, tokenizer as neox_tokenizer
+from rwkv_engine import Tokenizer, tokenizer as neox_tokenizer
+from rwkv_engine.config import as_device
+from rwkv_engine.files import (CheckpointError, atomic_dir, dtype_problem, first_line, open_weights,
+                               read_config_json, synthetic_path, value_problem, weight_files, write_safetensors)
+from rwkv_engine import as_dtype
 
-from .bloom import Bloom
 from .common import PaperProtocol
 from .config import MODELS, canonical_name, config_from_hf, get_config
-from .gpt_neo import GPTNeo
-from .gpt_neox import GPTNeoX
-from .opt import OPT
+from .family import FAMILIES
 
-FAMILIES = {"gpt_neox": GPTNeoX, "opt": OPT, "gpt_neo": GPTNeo, "bloom": Bloom}
 PROTOCOLS = ("kv-cache", "paper")
 
 # Non-parameter buffers some checkpoints carry: causal masks and rotary frequencies (recomputed here).
 BUFFER = re.compile(r"(^|\.)(attn\.bias|attention\.bias|masked_bias|rotary_emb\.inv_freq)$")
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-def _config_json(path):
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        raise CheckpointError(f"{f}: missing (a checkpoint directory needs config.json)")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: invalid JSON ({_first_line(e)})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{f}: expected a JSON object, got {type(d).__name__}")
-    return d
-
 
 def read_config(path):
     """config.json of a checkpoint directory -> the family dataclass (named after the directory)."""
     try:
-        return config_from_hf(_config_json(path), name=Path(path).name)
+        return config_from_hf(read_config_json(path), name=Path(path).name)
     except (ValueError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{Path(path) / 'config.json'}: {_first_line(e)}") from None
-
-
-def weight_files(path):
-    """The weight files of a checkpoint directory (the shards of an index, or the one file)."""
-    path = Path(path)
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            try:
-                weight_map = json.loads((path / index).read_text())["weight_map"]
-                files = sorted({path / name for name in weight_map.values()})
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{path / index}: not a valid index, needs a 'weight_map' ({_first_line(e)})") from None
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointError(f"{f}: shard listed in {index} is missing")
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return [path / single]
-    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or *.index.json found")
-
-
-def _open(f):
-    """One weight file -> {key: (shape, dtype, fetch)} without reading any tensor data."""
-    if f.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:
-            handle = safe_open(str(f), framework="pt", device="cpu")                # memory-mapped
-            meta = {k: handle.get_slice(k) for k in handle.keys()}
-            meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in meta.items()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: truncated or not a safetensors file ({_first_line(e)})") from None
-        return {k: (shape, SAFETENSORS_DTYPES.get(dt, dt), lambda k=k: handle.get_tensor(k))
-                for k, (shape, dt) in meta.items()}
-    try:
-        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)        # refuses pickled code
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{f}: refused to unpickle: it holds objects other than tensors, possibly "
-                              f"code (only weights_only=True loads are done): {_first_line(e)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{f}: holds a {type(sd).__name__}, expected a dict of tensors")
-    for k, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{f}: key {k!r} holds a {type(t).__name__}, expected a tensor")
-    return {k: (tuple(t.shape), t.dtype, lambda t=t: t) for k, t in sd.items()}
-
-
-def _all_finite(t, chunk=1 << 24):
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+        raise CheckpointError(f"{Path(path) / 'config.json'}: {first_line(e)}") from None
 
 
 def read_weights(path, config, device="cpu", dtype=torch.float32):
@@ -130,7 +50,7 @@ def read_weights(path, config, device="cpu", dtype=torch.float32):
     prefix = config.prefix
     sd, origin = {}, {}
     for f in weight_files(path):
-        for key, (shape, dt, fetch) in _open(f).items():
+        for key, (shape, dt, fetch) in open_weights(f).items():
             name = config.key_aliases.get(key, key)
             name = name if name in expected else prefix + name if prefix + name in expected else None
             if name is None:
@@ -142,11 +62,13 @@ def read_weights(path, config, device="cpu", dtype=torch.float32):
                 raise CheckpointError(f"{f}: key {key!r} appears twice (also in {origin[name]})")
             if shape != expected[name]:
                 raise CheckpointError(f"{f}: key {key!r} has shape {list(shape)}, expected {list(expected[name])}")
-            if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-                raise CheckpointError(f"{f}: key {key!r} has non-float dtype {dt}")
+            problem = dtype_problem(dt)
+            if problem:
+                raise CheckpointError(f"{f}: key {key!r} {problem}")
             t = fetch()
-            if not _all_finite(t):
-                raise CheckpointError(f"{f}: key {key!r} contains NaN or Inf")
+            problem = value_problem(t)
+            if problem:
+                raise CheckpointError(f"{f}: key {key!r} {problem}")
             sd[name], origin[name] = t.to(device=device, dtype=dtype), f.name
     missing = [k for k in expected if k not in sd]
     if missing:
@@ -175,7 +97,7 @@ def checkpoint_tokenizer(path, config):
         try:
             return Tokenizer(f)
         except Exception as e:          # tokenizers raises a bare Exception on a bad file
-            raise CheckpointError(f"{f}: not a valid tokenizer.json ({_first_line(e)})") from None
+            raise CheckpointError(f"{f}: not a valid tokenizer.json ({first_line(e)})") from None
     if config.model_type == "gpt_neox" and config.vocab_size >= neox_tokenizer().vocab_size:
         return neox_tokenizer()
     return None
@@ -190,9 +112,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, protocol=
     which must match the name's shapes. protocol: "kv-cache" (default) or "paper" (no cache, the
     whole sequence recomputed at every step, as the paper's Appendix K benchmark did).
     """
-    dtype, device = as_dtype(dtype), torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    dtype, device = as_dtype(dtype), as_device(device)
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     name = canonical_name(name_or_path) if isinstance(name_or_path, str) else None
@@ -211,12 +131,12 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, protocol=
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config = read_config(path)
-    synthetic = synthetic or _config_json(path).get("synthetic") is True     # written by write_synthetic
+    synthetic = synthetic or read_config_json(path).get("synthetic") is True     # written by write_synthetic
     if expect is not None:
         check_against_registry(config, expect, path)
         config = dataclasses.replace(config, name=expect.name)
     sd = read_weights(path, config, device, dtype)
-    model = FAMILIES[config.model_type](config, sd, device=device, dtype=dtype,
+    model = FAMILIES[config.model_type].model(config, sd, device=device, dtype=dtype,
                                         source="synthetic" if synthetic else str(path), synthetic=synthetic,
                                         tokenizer=checkpoint_tokenizer(path, config), path=path)
     return PaperProtocol(model) if protocol == "paper" else model
@@ -225,9 +145,9 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, protocol=
 # ---------------------------------------------------------------------------------------------
 # Synthetic checkpoints
 
-def synthetic_dir(name, root=None):
-    """<root or $RWKV_ENGINE_CACHE or ~/.cache/rwkv_engine>/synthetic/<name>/"""
-    return Path(root or engine_cache_dir()) / "synthetic" / name
+def synthetic_dir(name, root=None, dtype=torch.float16, seed=0):
+    """Where the synthetic checkpoint of a registered name lives (rwkv_engine.files.synthetic_path, "hf")."""
+    return synthetic_path(name, dtype=as_dtype(dtype), seed=seed, fmt="hf", root=root)
 
 
 def _init_rows(key, shape, generator, rows):
@@ -238,48 +158,29 @@ def _init_rows(key, shape, generator, rows):
     return torch.empty(rows, *shape[1:]).normal_(0.0, 0.02, generator=generator)
 
 
-def write_safetensors(f, shapes, make_rows, dtype, metadata=None, chunk=1 << 24):
-    """Write a safetensors file tensor by tensor (and large tensors in row blocks), never holding more
-    than one block in memory. make_rows(key, shape, rows) -> the next `rows` rows as float32."""
-    names = sorted(shapes)
-    size = dtype.itemsize
-    header, offset = {}, 0
-    for k in names:
-        n = math.prod(shapes[k]) * size
-        header[k] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = dict(metadata or {}, format="pt")
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)                                  # 8-byte aligned data
-    with open(f, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)))
-        out.write(blob)
-        for k in names:
-            shape = shapes[k]
-            row = math.prod(shape[1:])
-            step = max(1, chunk // max(row, 1))
-            for start in range(0, shape[0], step):
-                block = make_rows(k, shape, min(step, shape[0] - start)).to(dtype).contiguous()
-                out.write(block.view(torch.uint8).numpy().data)
+def _complete(directory):
+    return (directory / "config.json").is_file() and (directory / "model.safetensors").is_file()
+
+
+def _replaceable(directory):
+    """An entry this writer may rebuild: absent, or holding only what it writes (a killed write)."""
+    return not directory.exists() or (directory.is_dir() and set(p.name for p in directory.iterdir())
+                                      <= {"config.json", "model.safetensors"})
 
 
 def write_synthetic(name_or_config, directory=None, seed=0, dtype="float16", cache_dir=None):
     """Write a Hugging Face-layout synthetic checkpoint (config.json + model.safetensors) once and return
-    its directory; an existing complete one is reused. Deterministic in (shapes, seed); written to a
-    temporary directory renamed into place, so a reader never sees a partial checkpoint."""
+    its directory; an existing complete one is reused, a broken one (e.g. weights missing) rebuilt.
+    Deterministic in (shapes, seed); written to a temporary directory swapped into place, so a reader
+    never sees a partial checkpoint."""
     config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    directory = Path(directory) if directory is not None else synthetic_dir(config.name or config.model_type, cache_dir)
-    if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
-        return directory
     dtype = as_dtype(dtype)
+    directory = Path(directory) if directory is not None else \
+        synthetic_dir(config.name or config.model_type, cache_dir, dtype, seed)
+    if _complete(directory):
+        return directory
     shapes = config.shapes()
     need = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory.parent).free
-    if need * 1.02 + (64 << 20) > free:
-        raise CheckpointError(f"{directory}: a synthetic {config.name or config.model_type} checkpoint needs "
-                              f"{need / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free")
-
     generators = {}
 
     def make_rows(key, shape, rows):
@@ -287,19 +188,10 @@ def write_synthetic(name_or_config, directory=None, seed=0, dtype="float16", cac
             generators[key] = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
         return _init_rows(key, shape, generators[key], rows)
 
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    def fill(tmp):
         hf = dict(config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."), synthetic=True, synthetic_seed=seed)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", shapes, make_rows, dtype,
                           metadata={"synthetic": "true", "seed": str(seed)})
-        try:
-            os.rename(tmp, directory)
-        except OSError:                 # another process finished first: keep its copy
-            if not (directory / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return atomic_dir(directory, fill, overwrite=_replaceable(directory), need=need)

@@ -2,6 +2,7 @@
 Pre-LN, except opt-350m: post-LN, no final LayerNorm, and a 512-wide embedding projected in and out."""
 from .common import TransformerLM, activation, attend, attention_span, fuse, layer_norm, linear, split_heads, take
 from .config import OPTConfig
+from .family import Family, register
 
 
 class OPT(TransformerLM):
@@ -49,3 +50,17 @@ class OPT(TransformerLM):
         if self.project_out is not None:
             x = linear(x, self.project_out)                                       # [B, T, P]
         return x
+
+
+def _opt(name, n_layer, n_embd, n_head, **kw):
+    return OPTConfig(n_layer, n_embd, n_head, 50272, name=name, **kw)
+
+
+register(Family(OPTConfig, OPT, label="OPT", style=("tab:green", "^"), sizes=(
+    _opt("opt-125m", 12, 768, 12),
+    _opt("opt-350m", 24, 1024, 16, embed_dim=512, pre_ln=False),
+    _opt("opt-1.3b", 24, 2048, 32),
+    _opt("opt-2.7b", 32, 2560, 32),
+    _opt("opt-6.7b", 32, 4096, 32),
+    _opt("opt-13b", 40, 5120, 40),
+)))

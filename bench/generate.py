@@ -18,47 +18,25 @@ Time: prefill = prompt forward + first sample; decode = the other N-1 steps; tot
 to produce N tokens). Achieved bandwidth = weight bytes read per decode step x decode tokens/s, as a
 share of this machine's measured read bandwidth (`python -m bench.machine`).
 """
-import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-from bench import DRAGON_PROMPT
-from bench._run_one import run_child
+from bench import DRAGON_PROMPT, PROMPT_TOKENS
+from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, fail, fmt_bytes, fmt_params,
+                       positive_float, positive_int, write_json_atomic)
+from bench.cpuload import busy_warning
+from bench.runner import run_child
 
-SUMMARY_FIELDS = ("prefill_s", "decode_s", "total_s", "tokens_per_s", "decode_tokens_per_s", "weight_GBps",
-                  "peak_bytes", "load_s")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line on stderr (exit code 2) and shows the
-    module docstring, as written, in --help."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def fail(prog, message):
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def write_json_atomic(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False, default=str))
-    os.replace(tmp, path)
+SUMMARY_FIELDS = ("prefill_s", "decode_s", "total_s", "tokens_per_s", "decode_tokens_per_s", "aggregate_tokens_per_s",
+                  "weight_GBps", "peak_bytes", "load_s", "others_cpu_pct", "others_cpu_s", "loadavg_1m")
+PER_RUN_FIELDS = ("step_s", "mem_trace", "token_ids")
 
 
 def median_summary(runs):
     """Median of each timing/memory field over the repeats (all of which succeeded)."""
-    out = {k: v for k, v in runs[0].items() if k not in SUMMARY_FIELDS and k not in ("step_s", "mem_trace")}
+    out = {k: v for k, v in runs[0].items() if k not in SUMMARY_FIELDS and k not in PER_RUN_FIELDS}
     for key in SUMMARY_FIELDS:
         vals = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(vals) if vals else None
@@ -73,41 +51,56 @@ def add_machine_share(summary, machine):
     return summary
 
 
-def fmt_bytes(n):
-    if n is None:
+def _fmt_load(s):
+    if s.get("others_cpu_pct") is None:
         return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def fmt_params(n):
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"
+    return f"{s['others_cpu_pct']:.1f}% of the CPU time used by other processes (load average {s['loadavg_1m']:.2f})"
 
 
 def table(s):
     """Two-column table of one model's median results."""
     bw = (f"{s['weight_GBps']:.1f} GB/s ({s['bandwidth_pct']:.0f}% of {s['machine_read_GBps']:.1f} GB/s measured)"
           if s.get("bandwidth_pct") is not None else "-")
+    per_stream = f"{s['tokens_per_s']:.2f} (decode only: " + (
+        f"{s['decode_tokens_per_s']:.2f})" if s["decode_tokens_per_s"] else "-)")
     rows = [
         ("model", f"{s['model']} ({s['family']}, {s['protocol']})"),
         ("parameters", f"{fmt_params(s['n_params'])} ({s['n_params']:,})"),
         ("weights", f"synthetic, the release's shapes ({s['source']})" if s["synthetic"] else s["weights"]),
-        ("device / dtype / threads", f"{s['device']} / {s['dtype']} / {s['threads']}"),
+        ("device / dtype / weights / threads",
+         f"{s['device']} / {s['dtype']} / {s['weight_format']} / {s['threads']}"),
         ("prompt tokens", f"{s['prompt_tokens']} ({s['prompt_note']})"),
         ("prefill", f"{s['prefill_s']:.3f} s"),
         ("decode", f"{s['decode_s']:.3f} s ({s['new_tokens'] - 1} steps)"),
         (f"total, {s['new_tokens']} tokens", f"{s['total_s']:.3f} s"),
-        ("tokens/s", f"{s['tokens_per_s']:.2f} (decode only: "
-                     + (f"{s['decode_tokens_per_s']:.2f})" if s["decode_tokens_per_s"] else "-)")),
+        ("tokens/s" + (" per stream" if s["batch"] > 1 else ""), per_stream),
+    ]
+    if s["batch"] > 1:
+        rows.append((f"tokens/s, {s['batch']} streams", f"{s['aggregate_tokens_per_s']:.2f}"))
+    rows += [
         ("weight bandwidth", bw),
         ("peak memory excl. params", f"{fmt_bytes(s['peak_bytes'])} ({s['mem_method']}; state/KV alone "
                                      f"{fmt_bytes(s.get('expected_runtime_bytes'))})"),
+        ("machine load", _fmt_load(s)),
         ("repeats", f"{s['repeats']} (median)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def check_checkpoint(path):
+    """One-line ValueError for a --checkpoint that cannot be a checkpoint (before any child starts)."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"--checkpoint {p}: no such file or directory")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"--checkpoint {p}: not readable")
+    if p.is_dir() and not any(p.iterdir()):
+        raise ValueError(f"--checkpoint {p}: empty directory (expected a .pth/.safetensors file or a HF directory)")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"--checkpoint {p}: empty file")
+    if not p.is_dir() and not p.is_file():
+        raise ValueError(f"--checkpoint {p}: not a regular file or directory")
 
 
 def validate(args, prog):
@@ -115,47 +108,89 @@ def validate(args, prog):
     from bench import models
     try:
         models.family_of(args.model)
+        if args.checkpoint is not None:
+            check_checkpoint(args.checkpoint)
+        if args.json:
+            check_writable_file(args.json, "--json")
     except ValueError as e:
         fail(prog, str(e))
-    if args.tokens <= 0:
-        fail(prog, f"--tokens must be >= 1, got {args.tokens}")
-    if args.repeats < 1:
-        fail(prog, f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        fail(prog, f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             fail(prog, "--device cuda but no CUDA GPU is available")
-    if args.checkpoint is not None:
-        p = Path(args.checkpoint)
-        if not p.exists():
-            fail(prog, f"--checkpoint {p}: no such file or directory")
-        if not os.access(p, os.R_OK):
-            fail(prog, f"--checkpoint {p}: not readable")
-    ok, why = models.fits(args.model, args.device, args.tokens, protocol=args.protocol, dtype=args.dtype)
+    ok, why = models.fits(args.model, args.device, args.tokens, protocol=args.protocol, dtype=args.dtype,
+                          weights=args.weights)
     if not ok:
         print(f"{prog}: warning: {args.model} may not fit: {why}", file=sys.stderr)
+
+
+def add_run_arguments(p, device_help=None, timeout_help="kill a run after this many seconds"):
+    """What every command that runs a model takes, with the same names and checks. device_help:
+    the device is a free-form list (bench.sweep: "cpu,cuda"), checked by the command."""
+    if device_help:
+        p.add_argument("--device", default="cpu", help=device_help)
+    else:
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default float32, as the paper)")
+    p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
+                   help="weight format (default: the same as --dtype)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all usable cores)")
+    p.add_argument("--timeout", type=positive_float, default=None, help=timeout_help)
 
 
 def build_parser(prog="python -m bench.generate"):
     p = OneLineParser(prog=prog, description=__doc__)
     p.add_argument("--model", required=True, help="rwkv-4-pile-169m ... -14b, pythia-*, opt-*, gpt-neo-*, bloom-*")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--tokens", type=int, default=512, help="tokens to generate (default 512)")
+    add_run_arguments(p)
+    p.add_argument("--tokens", type=positive_int, default=512, help="tokens to generate (default 512)")
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help="streams decoded together (default 1); tokens/s is shown per stream and in all")
     p.add_argument("--prompt", default=DRAGON_PROMPT, help="prompt text (default: the paper's dragon prompt)")
     p.add_argument("--checkpoint", help="real weights (else synthetic weights of the same shapes)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--protocol", default="kv-cache", choices=["kv-cache", "paper"],
                    help="transformers: KV cache (default) or the paper's full recompute per step")
-    p.add_argument("--repeats", type=int, default=1, help="fresh-process runs; the median is shown")
-    p.add_argument("--timeout", type=float, default=None, help="kill a run after this many seconds")
+    p.add_argument("--repeats", type=positive_int, default=1, help="fresh-process runs; the median is shown")
     p.add_argument("--probe-overhead", action="store_true",
                    help="also time decode with and without the RSS sampler thread and print the ratio")
     p.add_argument("--json", help="write all runs and the median here (atomically, only on success)")
     return p
+
+
+def first_use_note(model):
+    """A line saying what a first run must write (a synthetic checkpoint of GBs), or ''."""
+    from bench import models
+    need = models.synthetic_checkpoint_missing(model)
+    if not need:
+        return ""
+    return (f"first use of {model}: writing a synthetic checkpoint of {fmt_bytes(need)} to the cache "
+            f"(once; it takes about that much RAM while it is written)")
+
+
+def run_repeats(spec, args, prog):
+    runs = []
+    for i in range(args.repeats):
+        r = run_child(spec, args.timeout, progress=True)
+        if r["status"] != "ok":
+            fail(prog, f"{args.model}: {r['error']}")
+        print(f"run {i + 1}/{args.repeats}: {r['total_s']:.3f} s for {args.tokens} tokens, "
+              f"peak {fmt_bytes(r['peak_bytes'])} excl. params", file=sys.stderr)
+        warning = busy_warning(r.get("others_cpu_pct"))
+        if warning:
+            print(warning, file=sys.stderr)
+        runs.append(r)
+    return runs
+
+
+def probe_overhead(spec, args, prog):
+    overhead = run_child({**spec, "mode": "overhead"}, args.timeout)
+    if overhead["status"] != "ok":
+        fail(prog, f"--probe-overhead: {overhead['error']}")
+    print(f"probe overhead: RSS sampler thread x{overhead['sampler_ratio']:.3f} generation time "
+          f"({overhead['plain_s']:.3f} s -> {overhead['sampled_s']:.3f} s); per-step peak read "
+          f"x{overhead['trace_ratio']:.4f}; clear_refs: none during generation")
+    return overhead
 
 
 def main(argv=None):
@@ -164,27 +199,17 @@ def main(argv=None):
     validate(args, prog)
     from bench.machine import default_threads, get as machine_get
     threads = args.threads or default_threads()
-    spec = dict(model=args.model, device=args.device, dtype=args.dtype, tokens=args.tokens, prompt=args.prompt,
-                checkpoint=args.checkpoint, threads=threads, seed=args.seed, protocol=args.protocol)
+    spec = dict(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, tokens=args.tokens,
+                batch=args.batch, prompt=args.prompt, checkpoint=args.checkpoint, threads=threads, seed=args.seed,
+                protocol=args.protocol)
     machine = machine_get(args.device, threads)
-    runs = []
-    for i in range(args.repeats):
-        r = run_child(spec, args.timeout)
-        if r["status"] != "ok":
-            fail(prog, f"{args.model}: {r['error']}")
-        print(f"run {i + 1}/{args.repeats}: {r['total_s']:.3f} s for {args.tokens} tokens, "
-              f"peak {fmt_bytes(r['peak_bytes'])} excl. params", file=sys.stderr)
-        runs.append(r)
+    note = first_use_note(args.model) if args.checkpoint is None else ""
+    if note:
+        print(note, file=sys.stderr)
+    runs = run_repeats(spec, args, prog)
     summary = add_machine_share(median_summary(runs), machine)
     print(table(summary))
-    overhead = None
-    if args.probe_overhead:
-        overhead = run_child({**spec, "mode": "overhead"}, args.timeout)
-        if overhead["status"] != "ok":
-            fail(prog, f"--probe-overhead: {overhead['error']}")
-        print(f"probe overhead: RSS sampler thread x{overhead['sampler_ratio']:.3f} generation time "
-              f"({overhead['plain_s']:.3f} s -> {overhead['sampled_s']:.3f} s); per-step peak read "
-              f"x{overhead['trace_ratio']:.4f}; clear_refs: none during generation")
+    overhead = probe_overhead(spec, args, prog) if args.probe_overhead else None
     if args.json:
         write_json_atomic(args.json, {"schema": "bench.generate/1", "args": vars(args), "machine": machine,
                                       "summary": summary, "runs": runs, "probe_overhead": overhead})

@@ -3,9 +3,11 @@
     python -m bench.machine [--threads N] [--device cpu|cuda] [--refresh]
 
 Decode of one token reads every weight once, so "read bandwidth" is the roofline for tokens/s:
-tokens/s <= bandwidth / weight_bytes_per_token. The bandwidth is the best of a few read-only
-kernels over arrays far larger than the caches (CPU: torch sum and matrix-vector product on the
-requested threads, numpy sum on one; GPU: torch sum and matvec). GEMM is a square fp32 matmul
+tokens/s <= bandwidth / weight_bytes_per_token. The bandwidth is the *median* of a few read-only
+kernels (CPU: torch sum and matrix-vector product on the requested threads, numpy sum on one; GPU:
+torch sum and matvec) over an array at least 8x the last-level cache (1 GiB at least): one method
+that reads from cache or overlaps cannot inflate it. When the methods disagree by more than
+DISAGREE_RATIO the result says so (`bandwidth_disagree`) and `describe` prints a warning. GEMM is a square fp32 matmul
 (TF32 off on GPU). Results are cached as JSON in $RWKV_ENGINE_CACHE/machine/ keyed by hostname, CPU
 (or GPU) model and thread count ($BENCH_MACHINE_CACHE overrides the folder); --refresh measures again.
 """
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -24,9 +27,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from bench.cli import OneLineParser, check_writable_file, positive_int, write_json_atomic
+
 REPO = Path(__file__).resolve().parent.parent
-CPU_ARRAY_BYTES = 1 << 30      # 1 GiB: far beyond any last-level cache
+CPU_ARRAY_BYTES = 1 << 30      # at least 1 GiB, and at least LLC_FACTOR x the last-level cache
+LLC_FACTOR = 8
 GPU_ARRAY_BYTES = 4 << 30      # 4 GiB: far beyond the 50-60 MB L2 of an A100/H100/H200
+DISAGREE_RATIO = 1.25          # fastest / slowest method above this: the figure is suspect
 
 
 def cache_dir():
@@ -61,23 +68,51 @@ def device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
 
 
-def _best(fn, repeats):
+def last_level_cache_bytes(root="/sys/devices/system/cpu/cpu0/cache"):
+    """Size of the largest cache of CPU 0 (sysfs, Linux), or None."""
+    sizes = []
+    for size_file in Path(root).glob("index*/size"):
+        text = size_file.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
+def cpu_array_bytes(llc=None, ram=None):
+    """The CPU test array: >= 1 GiB and >= LLC_FACTOR x the last-level cache, <= 1/4 of RAM."""
+    want = max(CPU_ARRAY_BYTES, LLC_FACTOR * (llc or 0))
+    return int(min(want, ram // 4)) if ram else want
+
+
+def _best(fn, repeats, clock=time.perf_counter):
     """Best wall time of fn() over `repeats` runs after one warm-up (syncs CUDA)."""
     fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
-def measure_bandwidth(device="cpu", nbytes=None, repeats=5):
-    """GB/s (1e9 bytes/s) read by each method; the best one is the machine's read bandwidth."""
-    nbytes = nbytes or (GPU_ARRAY_BYTES if device == "cuda" else CPU_ARRAY_BYTES)
+def summarize_bandwidth(by_method):
+    """{method: GB/s} -> the machine's read bandwidth: the median of the methods, and whether
+    they disagree (fastest / slowest > DISAGREE_RATIO)."""
+    values = sorted(by_method.values())
+    spread = values[-1] / values[0] if values[0] > 0 else float("inf")
+    return {"read_bandwidth_GBps": statistics.median(values),
+            "read_bandwidth_method": f"median of {', '.join(by_method)}",
+            "bandwidth_spread": spread, "bandwidth_disagree": spread > DISAGREE_RATIO}
+
+
+def measure_bandwidth(device="cpu", nbytes=None, repeats=5, clock=time.perf_counter):
+    """GB/s (1e9 bytes/s) read by each method (best of `repeats` timings each)."""
+    nbytes = nbytes or (GPU_ARRAY_BYTES if device == "cuda" else cpu_array_bytes(last_level_cache_bytes(), _ram_total()))
     n = nbytes // 4
     side = int(n ** 0.5)
     x = torch.ones(n, dtype=torch.float32, device=device)
@@ -90,7 +125,7 @@ def measure_bandwidth(device="cpu", nbytes=None, repeats=5):
     if device == "cpu":
         arr = x.numpy()
         methods["numpy_sum_1thread"] = (lambda: arr.sum(), n * 4)
-    out = {name: nb / _best(fn, repeats) / 1e9 for name, (fn, nb) in methods.items()}
+    out = {name: nb / _best(fn, repeats, clock) / 1e9 for name, (fn, nb) in methods.items()}
     del x, mat, vec
     return out
 
@@ -120,10 +155,10 @@ def measure(device="cpu", threads=None):
     threads = threads or default_threads()
     set_threads(threads)
     bw = measure_bandwidth(device)
-    best = max(bw, key=bw.get)
     return {"hostname": socket.gethostname(), "device": device, "device_name": device_name(device),
-            "threads": threads, "read_bandwidth_GBps": bw[best], "read_bandwidth_method": best,
-            "bandwidth_by_method_GBps": bw, "gemm_fp32_GFLOPs": measure_gemm(device),
+            "threads": threads, **summarize_bandwidth(bw), "bandwidth_by_method_GBps": bw,
+            "last_level_cache_bytes": last_level_cache_bytes() if device == "cpu" else None,
+            "gemm_fp32_GFLOPs": measure_gemm(device),
             "memory_total_bytes": (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
                                    else _ram_total()),
             "torch": torch.__version__, "numpy": np.__version__, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -138,16 +173,24 @@ def cache_path(device="cpu", threads=None):
     return cache_dir() / f"{device}-{_key(device, threads or default_threads())}.json"
 
 
+def read_cached(path):
+    """A cached measurement, or None if missing, unreadable or from before the median rule."""
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) and "bandwidth_spread" in m else None
+
+
 def get(device="cpu", threads=None, refresh=False):
     """The cached measurement for this machine, device and thread count. On a miss it is measured
     in a child process, so the caller never holds the 1-4 GB test arrays or a CUDA context."""
     threads = threads or default_threads()
     path = cache_path(device, threads)
-    if not refresh and path.exists():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
+    if not refresh:
+        cached = read_cached(path)
+        if cached is not None:
+            return cached
     cmd = [sys.executable, "-m", "bench.machine", "--device", device, "--threads", str(threads), "--refresh", "--quiet"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     subprocess.run(cmd, check=True, env=env)
@@ -167,33 +210,39 @@ def measure_and_cache(device="cpu", threads=None):
 def describe(m):
     lines = [f"{m['device']}: {m['device_name']} ({m['hostname']}), {m['threads']} threads" if m["device"] == "cpu"
              else f"{m['device']}: {m['device_name']} ({m['hostname']})",
-             f"  read bandwidth  {m['read_bandwidth_GBps']:8.1f} GB/s   (best of: "
+             f"  read bandwidth  {m['read_bandwidth_GBps']:8.1f} GB/s   (median of: "
              + ", ".join(f"{k} {v:.1f}" for k, v in m["bandwidth_by_method_GBps"].items()) + ")",
              f"  fp32 GEMM       {m['gemm_fp32_GFLOPs']:8.1f} GFLOP/s",
              f"  memory          {m['memory_total_bytes'] / 2**30:8.1f} GiB"]
+    if m.get("bandwidth_disagree"):
+        lines.append(f"  WARNING: the bandwidth methods disagree ({m['bandwidth_spread']:.1f}x between fastest and "
+                     f"slowest); measure again on a quiet machine (--refresh)")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.machine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m bench.machine", description=__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     p.add_argument("--json", help="also write the measurement to this file")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.json:
+        try:
+            check_writable_file(args.json, "--json")
+        except ValueError as e:
+            p.exit(2, f"bench.machine: error: {e}\n")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.machine: error: --device cuda but no CUDA GPU is available\n")
     cached = cache_path(args.device, args.threads)
-    if args.refresh or not cached.exists():
+    m = None if args.refresh else read_cached(cached)
+    if m is None:
         m = measure_and_cache(args.device, args.threads)
-    else:
-        m = json.loads(cached.read_text())
     if not args.quiet:
         print(describe(m))
     if args.json:
-        Path(args.json).write_text(json.dumps(m, indent=2))
+        write_json_atomic(args.json, m)
 
 
 if __name__ == "__main__":

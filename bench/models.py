@@ -13,11 +13,16 @@ from pathlib import Path
 
 import psutil
 
+from bench import PROMPT_TOKENS
+
 RWKV = "rwkv"
-FAMILY_LABELS = {"rwkv": "RWKV-4", "pythia": "Pythia", "opt": "OPT", "gpt-neo": "GPT-Neo", "bloom": "Bloom"}
+RWKV_LABEL, RWKV_STYLE = "RWKV-4", ("tab:red", "o")
 MARGIN_BYTES = 512 << 20        # allocator slack, interpreter, libraries
 MARGIN_FRACTION = 0.10          # of the parameter bytes: conversion copies, fragmentation
 BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
+# Bytes per stored weight of each weight format (`--weights`): int8 keeps one fp16 scale per block
+# of 32 weights (Q8_0-like), (32 + 2) / 32 bytes per weight.
+WEIGHT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 34 / 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +69,24 @@ def family_of(name):
     return RWKV if kind == "rwkv" else config(name).family
 
 
+def family_label(family):
+    """Legend label of a family: RWKV-4, or the label its baselines module registered."""
+    if family == RWKV:
+        return RWKV_LABEL
+    from baselines.family import by_name
+    registered = by_name(family)
+    return registered.label if registered else family
+
+
+def family_style(family):
+    """(color, marker) of a family in the plots, as registered by its module."""
+    if family == RWKV:
+        return RWKV_STYLE
+    from baselines.family import DEFAULT_STYLE, by_name
+    registered = by_name(family)
+    return registered.style if registered else DEFAULT_STYLE
+
+
 def canonical(name):
     return resolve(name)[1]
 
@@ -93,14 +116,36 @@ def max_positions(name):
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def load(name, device="cpu", dtype="float32", checkpoint=None, protocol="kv-cache"):
-    """Load `name` (optionally with real weights from `checkpoint`) through its own package."""
+def load(name, device="cpu", dtype="float32", checkpoint=None, protocol="kv-cache", weights=None):
+    """Load `name` (optionally with real weights from `checkpoint`) through its own package.
+    weights: the weight format (see WEIGHT_BYTES); passed on only when given."""
     kind, key = resolve(name)
     if kind == "rwkv":
         import rwkv_engine
-        return rwkv_engine.load(key, device=device, dtype=dtype, checkpoint=checkpoint)
+        return _call(rwkv_engine.load, weights, key, device=device, dtype=dtype, checkpoint=checkpoint)
     import baselines
-    return baselines.load(key, device=device, dtype=dtype, protocol=protocol, checkpoint=checkpoint)
+    return _call(baselines.load, weights, key, device=device, dtype=dtype, protocol=protocol, checkpoint=checkpoint)
+
+
+def _call(loader, weights, *args, **kwargs):
+    """loader(*args, **kwargs), with weights=... only when a format is given (and a clear error
+    if this loader does not take one)."""
+    if weights is None:
+        return loader(*args, **kwargs)
+    import inspect
+    params = inspect.signature(loader).parameters
+    if "weights" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"--weights {weights}: {loader.__module__}.load takes no weight format in this version")
+    return loader(*args, weights=weights, **kwargs)
+
+
+def bytes_per_weight(dtype="float32", weights=None):
+    """Bytes one parameter takes in memory: the weight format's, else the compute dtype's."""
+    if weights is not None:
+        if weights not in WEIGHT_BYTES:
+            raise ValueError(f"unknown weight format {weights!r}; use one of {', '.join(WEIGHT_BYTES)}")
+        return WEIGHT_BYTES[weights]
+    return BYTES[dtype]
 
 
 def synthetic_checkpoint_missing(name):
@@ -110,9 +155,8 @@ def synthetic_checkpoint_missing(name):
     if Path(key).exists():
         return 0
     if kind == "rwkv":                               # rwkv_engine.write_synthetic: fp32 .pth
-        from rwkv_engine.checkpoint import cache_dir
-        cached = any((cache_dir() / "synthetic").glob(f"{config(name).name}-fp32-seed0.*"))
-        return 0 if cached else n_params(name) * 4
+        from rwkv_engine.files import synthetic_path
+        return 0 if synthetic_path(config(name).name).exists() else n_params(name) * 4
     from baselines.loader import synthetic_dir       # baselines.write_synthetic: fp16 safetensors
     return 0 if (synthetic_dir(key) / "model.safetensors").is_file() else n_params(name) * 2
 
@@ -120,7 +164,7 @@ def synthetic_checkpoint_missing(name):
 # ---------------------------------------------------------------------------------------------
 # Estimates
 
-def runtime_bytes(name, tokens, prompt_tokens=41, protocol="kv-cache", dtype="float32"):
+def runtime_bytes(name, tokens, prompt_tokens=PROMPT_TOKENS, protocol="kv-cache", dtype="float32"):
     """Rough peak memory of generation beyond the parameters (state or KV cache + activations)."""
     cfg = config(name)
     b = BYTES[dtype]
@@ -131,7 +175,7 @@ def runtime_bytes(name, tokens, prompt_tokens=41, protocol="kv-cache", dtype="fl
         prefill = prompt_tokens * (6 * C + 2 * F) * 4          # one layer's sequence-mode tensors
         return state + prefill + 2 * V * 4
     L, H, V, heads, ffn = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.ffn_dim
-    kv = 2 * L * T * H * b
+    kv = 2 * L * T * cfg.n_head * cfg.head_dim * b             # n_head * head_dim need not be n_embd
     if protocol == "paper":                                    # whole sequence every step, no cache
         scores = 2 * heads * T * T * 4                         # one layer's scores and softmax
         acts = T * (4 * H + 2 * ffn) * b                       # one layer's q, k, v, out, MLP
@@ -140,9 +184,9 @@ def runtime_bytes(name, tokens, prompt_tokens=41, protocol="kv-cache", dtype="fl
     return kv + prefill + 2 * V * 4
 
 
-def estimate(name, tokens, prompt_tokens=41, protocol="kv-cache", dtype="float32"):
+def estimate(name, tokens, prompt_tokens=PROMPT_TOKENS, protocol="kv-cache", dtype="float32", weights=None):
     """{'params_bytes', 'runtime_bytes', 'margin_bytes', 'total_bytes'} for one run."""
-    params = n_params(name) * BYTES[dtype]
+    params = int(n_params(name) * bytes_per_weight(dtype, weights))
     run = runtime_bytes(name, tokens, prompt_tokens, protocol, dtype)
     margin = int(params * MARGIN_FRACTION) + MARGIN_BYTES
     return {"params_bytes": params, "runtime_bytes": int(run), "margin_bytes": margin,
@@ -161,10 +205,10 @@ def available_bytes(device="cpu"):
     return _gpu_free_bytes() if device == "cuda" else psutil.virtual_memory().available
 
 
-def fits(name, device="cpu", tokens=512, prompt_tokens=41, protocol="kv-cache", dtype="float32",
-         budget_bytes=None):
+def fits(name, device="cpu", tokens=512, prompt_tokens=PROMPT_TOKENS, protocol="kv-cache", dtype="float32",
+         budget_bytes=None, weights=None):
     """(True, '') or (False, reason): does one run of `name` fit this machine?"""
-    est = estimate(name, tokens, prompt_tokens, protocol, dtype)
+    est = estimate(name, tokens, prompt_tokens, protocol, dtype, weights)
     budget = available_bytes(device) if budget_bytes is None else budget_bytes
     if est["total_bytes"] > budget:
         return False, (f"needs ~{est['total_bytes'] / 1e9:.1f} GB ({est['params_bytes'] / 1e9:.1f} GB params"
@@ -185,12 +229,13 @@ def fits(name, device="cpu", tokens=512, prompt_tokens=41, protocol="kv-cache", 
     return True, ""
 
 
-def estimate_seconds(name, tokens, machine, prompt_tokens=41, protocol="kv-cache", dtype="float32"):
+def estimate_seconds(name, tokens, machine, prompt_tokens=PROMPT_TOKENS, protocol="kv-cache", dtype="float32",
+                     weights=None):
     """Roofline guess of one run's time: each step is bound by weight reads or by FLOPs."""
     P = n_params(name)
     bw = machine["read_bandwidth_GBps"] * 1e9
     flops = machine["gemm_fp32_GFLOPs"] * 1e9
-    read = P * BYTES[dtype] / bw
+    read = P * bytes_per_weight(dtype, weights) / bw
     total = 2 * P * prompt_tokens / flops
     for step in range(tokens):
         T = prompt_tokens + step if (protocol == "paper" and family_of(name) != RWKV) else 1

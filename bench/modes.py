@@ -6,14 +6,17 @@ Sequence mode runs matrix-matrix products and one WKV scan over time; token mode
 step. Both start from a fresh state on the same random prompt ids (seeded); the time is the median
 of --repeats runs after one warm-up. With `--peer` also BlinkDL's `rwkv` package (`cpu fp32`,
 JIT on) on the same checkpoint and prompt, sequence mode (its whole prompt in one call).
+`--weights` picks the weight format (e.g. int8: prompt tokens/s against fp32's).
 """
-import argparse
 import os
 import statistics
 import sys
 import time
 
 import torch
+
+from bench.cli import WEIGHT_FORMATS, OneLineParser, first_line, positive_int
+from bench.cpuload import OthersMeter, busy_warning
 
 
 def _median_time(fn, repeats):
@@ -27,24 +30,25 @@ def _median_time(fn, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m bench.modes", description=__doc__)
     ap.add_argument("--model", default="rwkv-4-pile-169m")
     ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--weights", default=None, choices=WEIGHT_FORMATS, help="weight format (default float32)")
+    ap.add_argument("--prompt-tokens", type=positive_int, default=512)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--peer", action="store_true", help="also time BlinkDL's rwkv package")
     args = ap.parse_args(argv)
-    if args.prompt_tokens < 1:
-        ap.exit(2, "bench.modes: error: --prompt-tokens must be >= 1\n")
     torch.set_num_threads(args.threads)
     from threadpoolctl import threadpool_limits
     threadpool_limits(args.threads)
-    import rwkv_engine
+    from bench import models
     try:
-        model = rwkv_engine.load(args.model, checkpoint=args.checkpoint)
+        if models.family_of(args.model) != models.RWKV:
+            raise ValueError(f"--model {args.model}: bench.modes times RWKV models")
+        model = models.load(args.model, checkpoint=args.checkpoint, weights=args.weights)
     except ValueError as e:
-        ap.exit(2, f"bench.modes: error: {e}\n")
+        ap.exit(2, f"bench.modes: error: {first_line(e)}\n")
     ids = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
 
     def sequence():
@@ -55,8 +59,10 @@ def main(argv=None):
         for t in range(ids.shape[1]):
             model.forward(ids[:, t:t + 1], state)
 
+    others = OthersMeter().start()
     seq_s = _median_time(sequence, args.repeats)
     tok_s = _median_time(token, max(1, args.repeats // 3))
+    load = others.stop()
     n = args.prompt_tokens
     rows = [("ours, sequence mode", seq_s), ("ours, token mode", tok_s)]
     if args.peer:
@@ -71,11 +77,18 @@ def main(argv=None):
             ids_list = ids[0].tolist()
             rows.append(("rwkv package, sequence", _median_time(lambda: off.forward(ids_list, None), args.repeats)))
     weights = "synthetic weights" if model.synthetic else model.source
-    print(f"{args.model} ({weights}), {n}-token prompt, {args.threads} threads, median of {args.repeats}")
+    print(f"{args.model} ({weights}, {args.weights or 'float32'} weights), {n}-token prompt, {args.threads} threads, "
+          f"median of {args.repeats}")
     print(f"{'mode':<26}{'time (s)':>10}{'tokens/s':>11}")
     for name, s in rows:
         print(f"{name:<26}{s:>10.3f}{n / s:>11.1f}")
     print(f"sequence / token mode throughput: {tok_s / seq_s:.1f}x")
+    if load["others_cpu_pct"] is not None:
+        print(f"other processes used {load['others_cpu_pct']:.1f}% of the CPU meanwhile "
+              f"(load average {load['loadavg_1m']:.2f})")
+    warning = busy_warning(load["others_cpu_pct"])
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -8,10 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from bench.models import FAMILY_LABELS, RWKV  # noqa: E402
+from bench.models import RWKV, family_label, family_style  # noqa: E402
 
-STYLE = {"rwkv": ("tab:red", "o"), "pythia": ("tab:blue", "s"), "opt": ("tab:green", "^"),
-         "gpt-neo": ("tab:purple", "D"), "bloom": ("tab:orange", "v")}
 DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
 PARAMS = FuncFormatter(lambda x, _: f"{x / 1e9:g}B" if x >= 1e9 else f"{x / 1e6:g}M")
 # minor ticks of a log axis: label only 2x, 3x and 5x a power of ten, so the labels do not collide
@@ -24,9 +22,9 @@ def _family_lines(ax, rows, y_of):
     for fam in fams:
         pts = sorted((r["n_params"], y_of(r)) for r in rows if r["family"] == fam and y_of(r) is not None)
         if pts:
-            color, marker = STYLE.get(fam, ("gray", "."))
+            color, marker = family_style(fam)
             ax.plot([p for p, _ in pts], [y for _, y in pts], marker=marker, color=color,
-                    label=FAMILY_LABELS.get(fam, fam), lw=2 if fam == RWKV else 1.3)
+                    label=family_label(fam), lw=2 if fam == RWKV else 1.3)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(PARAMS)
     ax.xaxis.set_minor_formatter(PARAMS_MINOR)
@@ -77,7 +75,7 @@ def seqlen_figure(curves, path, title):
     of each run against its final position, and per-token latency against position."""
     fig, (ax_mem, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.5))
     for c in curves:
-        color, marker = STYLE.get(c["family"], ("gray", "."))
+        color, marker = family_style(c["family"])
         label = f"{c['model']} ({DEVICE_LABELS.get(c['device'], c['device'])})"
         ax_mem.plot(c["positions"], [b / 1e6 for b in c["peak_bytes"]], color=color, marker=marker, label=label)
         ax_lat.plot(c["step_positions"], [s * 1e3 for s in c["step_s"]], color=color, label=label, lw=1)

@@ -5,7 +5,7 @@ RWKV's state does not.
     python -m bench.seqlen --models rwkv-4-pile-430m,bloom-560m --max-tokens 8192
 
 For each model, one fresh-process run per generation length (default 512, 1k, 2k, 4k, 8k, 16k
-tokens after the 41-token prompt): its peak memory excluding parameters, measured as in
+tokens after the paper's prompt): its peak memory excluding parameters, measured as in
 bench.generate. The baselines preallocate their KV cache for the whole run (gpt-fast style), so
 the peak of an N-token run grows with N while a single long run is flat; that is why each length is
 its own run. Per-token latency against position comes from the longest run (`step_s` of the
@@ -18,13 +18,12 @@ import csv
 import sys
 from pathlib import Path
 
-from bench import models
-from bench.generate import OneLineParser, fail, fmt_bytes
+from bench import PROMPT_TOKENS, models
+from bench.cli import OneLineParser, check_writable_dir, fail, fmt_bytes, positive_float, positive_int
 from bench.sweep import execute, read_rows, run_key
 
 DEFAULT_MODELS = ["rwkv-4-pile-169m", "pythia-160m", "opt-125m", "gpt-neo-125m", "bloom-560m"]
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
-PROMPT_TOKENS = 41
 SMOOTH = 33                    # rolling median window for the latency curve
 
 
@@ -102,14 +101,15 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="generation lengths (tokens)")
-    p.add_argument("--max-tokens", type=int, default=None, help="drop lengths above this")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
-    p.add_argument("--mem-budget-gb", type=float, help="memory budget instead of what is free now")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="drop lengths above this")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--timeout", type=positive_float, default=None, help="seconds per run (default: none)")
+    p.add_argument("--mem-budget-gb", type=positive_float, help="memory budget instead of what is free now")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     try:
-        names = [models.canonical(n.strip()) for n in args.models.split(",") if n.strip()]
+        check_writable_dir(args.out, "--out")
+        names = list(dict.fromkeys(models.canonical(n.strip()) for n in args.models.split(",") if n.strip()))
         lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
     except ValueError as e:
         fail(prog, str(e))

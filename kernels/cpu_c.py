@@ -1,11 +1,15 @@
-"""The C decode kernels (`csrc/cpu_ops.c`), loaded with ctypes.
+"""The C CPU kernels (`csrc/cpu_ops.c`): built per instruction set, loaded with ctypes.
 
-They run on the OpenMP thread pool torch already runs (the same `libgomp.so.1`), so decode does not
-pay for two thread pools competing for the cores. Compiled on first use with the system C compiler
-into the cache directory (keyed by a hash of the source and flags). Where there is no compiler or
-no AVX2/FMA, `available()` is False and `kernels` uses the torch/numpy paths instead.
-Callers pass float32, contiguous CPU tensors (the dispatch in `kernels.fused` / `kernels.linear`
-checks that).
+Build: `build(source, isa)` compiles a C file in `csrc/` with the system compiler for one instruction
+set level of `ISAS` (never -march=native), into the cache directory under a name keyed by the ISA, a
+hash of the sources, the flags and the compiler, so a cache shared between machines never hands a
+CPU an instruction it lacks. The CPU's levels come from /proc/cpuinfo flags (`supported_isas`,
+`best_isa`); cpu_ops runs `CPU_OPS_ISA` where supported. `RWKV_ENGINE_CPU_FEATURES="avx2,fma,f16c"`
+simulates another CPU's flags and `RWKV_ENGINE_ISA=avx512` picks a level; tests run every level.
+
+Run: decode products run on the library's own thread pool (`csrc/pool.h`, sized by
+`torch.get_num_threads()`); the prefill WKV scan runs on torch's OpenMP pool. Callers pass float32,
+contiguous CPU tensors: `kernels.dispatch` decides when these functions run.
 """
 import ctypes
 import hashlib
@@ -18,18 +22,52 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-MAX_GROUP = 8
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "cpu_ops.c"
+BASE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
+# ISA level -> (compiler flags, /proc/cpuinfo flags the CPU must have); listed worst to best
+ISAS = {
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+               {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+}
 _P, _I64, _VP = ctypes.POINTER, ctypes.c_int64, ctypes.c_void_p
 
 
-def _cpu_has_avx2_fma():
+class BuildError(RuntimeError):
+    """The C kernels cannot be built or loaded here (one line: why)."""
+
+
+def cpu_features():
+    """The CPU's feature flags (from /proc/cpuinfo), or the simulated set in RWKV_ENGINE_CPU_FEATURES."""
+    simulated = os.environ.get("RWKV_ENGINE_CPU_FEATURES")
+    if simulated is not None:
+        return {f.strip() for f in simulated.split(",") if f.strip()}
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def supported_isas(features=None):
+    """ISA levels this CPU runs, best first."""
+    features = cpu_features() if features is None else set(features)
+    return [isa for isa, (_, needs) in reversed(ISAS.items()) if needs <= features]
+
+
+def best_isa():
+    """The level to use: RWKV_ENGINE_ISA if set (must be supported), else the best supported; None if none."""
+    supported = supported_isas()
+    forced = os.environ.get("RWKV_ENGINE_ISA")
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"RWKV_ENGINE_ISA={forced!r}: use one of {', '.join(ISAS)}")
+        return forced if forced in supported else None
+    return supported[0] if supported else None
 
 
 def _cache_dir():
@@ -37,89 +75,169 @@ def _cache_dir():
     return Path(root) / "kernels"
 
 
-@lru_cache(maxsize=None)
-def _library():
-    """Build (once) and load the shared library; None if this machine cannot."""
-    if os.environ.get("RWKV_ENGINE_NO_C_KERNELS") or not _cpu_has_avx2_fma():
-        return None
+def _compiler():
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
-        return None
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_ops-{tag}.so"
+        raise BuildError("no C compiler found (set CC or install gcc)")
+    return cc
+
+
+def _build_key(source, flags, cc):
+    h = hashlib.sha256()
+    for f in [source, *sorted(CSRC.glob("*.h"))]:
+        h.update(f.read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(f"{cc}:{os.stat(cc).st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def build(source, isa):
+    """Compile `source` (a C file; `csrc/` is on the include path) for `isa` into the cache (once) and
+    load it. Raises BuildError (compiler missing or failing, CPU lacking the ISA) or ValueError."""
+    source = Path(source)
+    if isa not in ISAS:
+        raise ValueError(f"unknown ISA level {isa!r}: use one of {', '.join(ISAS)}")
+    if isa not in supported_isas():
+        raise BuildError(f"this CPU lacks {isa} (needs {', '.join(sorted(ISAS[isa][1]))})")
+    cc = _compiler()
+    flags = [*BASE_FLAGS, *ISAS[isa][0], f"-I{CSRC}"]
+    out = _cache_dir() / f"{source.stem}-{isa}-{_build_key(source, flags, cc)}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
-            if subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_so)], capture_output=True).returncode:
-                return None
+            r = subprocess.run([cc, *flags, str(source), "-o", str(tmp_so)], capture_output=True, text=True)
+            if r.returncode:
+                first = (r.stderr.strip().splitlines() or ["no output"])[0]
+                raise BuildError(f"{cc} failed on {source.name} for {isa}: {first}")
             os.replace(tmp_so, out)
-    lib = ctypes.CDLL(str(out))
-    lib.matvec_group.argtypes = [_I64, _P(_VP), _P(_VP), _P(_VP), _P(_I64), _P(_I64), _I64, _I64, _I64]
-    lib.ln_shift_mix.argtypes = [_VP, _VP, _VP, ctypes.c_double, _VP, _I64, _P(_VP), _P(_VP), _I64, _I64]
-    lib.wkv_step_gated.argtypes = [_VP] * 9 + [_I64, _I64]
-    lib.relu_square.argtypes = [_VP, _I64]
-    lib.add_gated.argtypes = [_VP, _VP, _VP, _I64]
-    lib.wkv_seq.argtypes = [_VP] * 8 + [_I64] * 4
-    for f in (lib.matvec_group, lib.ln_shift_mix, lib.wkv_step_gated, lib.relu_square, lib.add_gated, lib.wkv_seq):
-        f.restype = None
-    return lib
+    try:
+        return ctypes.CDLL(str(out))
+    except OSError as exc:
+        raise BuildError(f"cannot load {out.name}: {exc}") from None
 
 
-def available():
-    return _library() is not None
+class CpuOps:
+    """The functions of one build of cpu_ops.c (one ISA level), taking and returning tensors."""
+
+    def __init__(self, lib, isa):
+        self.lib, self.isa = lib, isa
+        lib.matvec_group.argtypes = [_I64, _P(_VP), _P(_VP), _P(_VP), _P(_I64), _P(_I64), _I64, _I64, _I64]
+        lib.matvec_group.restype = _I64
+        lib.matvec_max_group.restype = _I64
+        lib.ln_shift_mix.argtypes = [_VP, _VP, _VP, ctypes.c_double, _VP, _I64, _P(_VP), _P(_VP), _I64, _I64]
+        lib.wkv_step_gated.argtypes = [_VP] * 9 + [_I64, _I64]
+        lib.relu_square.argtypes = [_VP, _I64]
+        lib.add_gated.argtypes = [_VP, _VP, _VP, _I64]
+        lib.wkv_seq.argtypes = [_VP] * 8 + [_I64] * 4
+        for f in (lib.ln_shift_mix, lib.wkv_step_gated, lib.relu_square, lib.add_gated, lib.wkv_seq):
+            f.restype = None
+        self.max_group = lib.matvec_max_group()
+
+    def matvec_group(self, pairs, out=None, accumulate=False):
+        """[(x [B, in], W [out, in]), ...] -> [y [B, out], ...]: y = x W^T (y += x W^T with
+        `accumulate`, into the given `out` tensors). Any B and any number of pairs (one pool job per
+        `max_group` of them); each stream's result is independent of B (batch invariant)."""
+        B = pairs[0][0].shape[0]
+        if out is None:
+            out = [torch.empty(B, W.shape[0]) for _, W in pairs]
+        for lo in range(0, len(pairs), self.max_group):
+            part, ys = pairs[lo:lo + self.max_group], out[lo:lo + self.max_group]
+            n = len(part)
+            self.lib.matvec_group(n, _ptrs([W for _, W in part]), _ptrs([x for x, _ in part]), _ptrs(ys),
+                                  (_I64 * n)(*[W.shape[0] for _, W in part]),
+                                  (_I64 * n)(*[W.shape[1] for _, W in part]), B, torch.get_num_threads(),
+                                  int(accumulate))
+        return out
+
+    def ln_shift_mix(self, x, ln_w, ln_b, eps, shift, mixes):
+        B, C = x.shape
+        outs = [torch.empty(B, C) for _ in mixes]
+        self.lib.ln_shift_mix(x.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, shift.data_ptr(),
+                              len(mixes), _ptrs(mixes), _ptrs(outs), B, C)
+        return outs
+
+    def wkv_step_gated(self, w, u, r, k, v, a, b, p):
+        out = torch.empty_like(k)
+        self.lib.wkv_step_gated(w.data_ptr(), u.data_ptr(), r.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                a.data_ptr(), b.data_ptr(), p.data_ptr(), out.data_ptr(), k.shape[0], k.shape[1])
+        return out
+
+    def relu_square_(self, k):
+        self.lib.relu_square(k.data_ptr(), k.numel())
+        return k
+
+    def add_gated_(self, x, r, v):
+        self.lib.add_gated(x.data_ptr(), r.data_ptr(), v.data_ptr(), x.numel())
+        return x
+
+    def wkv_seq(self, w, u, k, v, state):
+        """WKV over [B, T, C] float32 contiguous k, v; returns y and a new state (inputs untouched)."""
+        B, T, C = k.shape
+        a, b, p = (t.clone() for t in state)
+        y = torch.empty(B, T, C)
+        self.lib.wkv_seq(w.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
+                         a.data_ptr(), b.data_ptr(), p.data_ptr(), B, T, C, torch.get_num_threads())
+        return y, (a, b, p)
 
 
 def _ptrs(tensors):
     return (_VP * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def matvec_group(pairs, out=None, accumulate=False):
-    """[(x [B, in], W [out, in]), ...] -> [y [B, out], ...]: y = x W^T (y += x W^T with
-    `accumulate`, into the given `out` tensors). One parallel region for the whole group."""
-    n = len(pairs)
-    if n > MAX_GROUP:
-        raise ValueError(f"matvec_group takes at most {MAX_GROUP} products, got {n}")
-    B = pairs[0][0].shape[0]
-    if out is None:
-        out = [torch.empty(B, W.shape[0]) for _, W in pairs]
-    _library().matvec_group(n, _ptrs([W for _, W in pairs]), _ptrs([x for x, _ in pairs]), _ptrs(out),
-                            (_I64 * n)(*[W.shape[0] for _, W in pairs]),
-                            (_I64 * n)(*[W.shape[1] for _, W in pairs]), B, torch.get_num_threads(),
-                            int(accumulate))
-    return out
+@lru_cache(maxsize=None)
+def _load(isa):
+    """CpuOps for `isa`, or the BuildError saying why not (cached: a failed build is tried once)."""
+    try:
+        if isa is None:
+            raise BuildError("this CPU lacks AVX2/FMA/F16C, or RWKV_ENGINE_ISA names a level it lacks")
+        return CpuOps(build(SOURCE, isa), isa)
+    except BuildError as exc:
+        return exc
 
 
-def ln_shift_mix(x, ln_w, ln_b, eps, shift, mixes):
-    B, C = x.shape
-    outs = [torch.empty(B, C) for _ in mixes]
-    _library().ln_shift_mix(x.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, shift.data_ptr(),
-                            len(mixes), _ptrs(mixes), _ptrs(outs), B, C)
-    return outs
+# The level cpu_ops runs by default. Its fp32 products are memory-bound: 512-bit vectors add nothing
+# and measured slower on this project's AVX-512 machine, so AVX2 is preferred wherever it runs
+# (RWKV_ENGINE_ISA still picks another). Sources that gain from AVX-512 (VNNI) use best_isa().
+CPU_OPS_ISA = "avx2"
 
 
-def wkv_step_gated(w, u, r, k, v, a, b, p):
-    out = torch.empty_like(k)
-    _library().wkv_step_gated(w.data_ptr(), u.data_ptr(), r.data_ptr(), k.data_ptr(), v.data_ptr(),
-                              a.data_ptr(), b.data_ptr(), p.data_ptr(), out.data_ptr(), k.shape[0], k.shape[1])
-    return out
+@lru_cache(maxsize=None)
+def _default_isa():
+    if os.environ.get("RWKV_ENGINE_ISA"):
+        return best_isa()
+    return CPU_OPS_ISA if CPU_OPS_ISA in supported_isas() else best_isa()
 
 
-def relu_square_(k):
-    _library().relu_square(k.data_ptr(), k.numel())
-    return k
+_default_ops = None
 
 
-def add_gated_(x, r, v):
-    _library().add_gated(x.data_ptr(), r.data_ptr(), v.data_ptr(), x.numel())
-    return x
+def ops(isa=None):
+    """The cpu_ops build for `isa` (default: `best_isa()`). The default build and the environment
+    switches (RWKV_ENGINE_NO_C_KERNELS, RWKV_ENGINE_ISA, RWKV_ENGINE_CPU_FEATURES) are read once per
+    process. Raises BuildError if it cannot run here."""
+    global _default_ops
+    if isa is None and _default_ops is not None:
+        return _default_ops
+    if os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
+        raise BuildError("disabled by RWKV_ENGINE_NO_C_KERNELS")
+    result = _load(isa or _default_isa())
+    if isinstance(result, BuildError):
+        raise result
+    if isa is None:
+        _default_ops = result
+    return result
 
 
-def wkv_seq(w, u, k, v, state):
-    """WKV over [B, T, C] float32 contiguous k, v; returns y and a new state (inputs untouched)."""
-    B, T, C = k.shape
-    a, b, p = (t.clone() for t in state)
-    y = torch.empty(B, T, C)
-    _library().wkv_seq(w.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
-                       a.data_ptr(), b.data_ptr(), p.data_ptr(), B, T, C, torch.get_num_threads())
-    return y, (a, b, p)
+def unavailable_reason():
+    """None when the C kernels run here, else one line saying why not."""
+    try:
+        ops()
+    except BuildError as exc:
+        return str(exc)
+    return None
+
+
+def available():
+    return unavailable_reason() is None

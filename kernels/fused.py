@@ -1,15 +1,11 @@
 """Fused element-wise ops of one RWKV-4 decode step, each beside its torch reference (same
-signature). The C versions (`cpu_c`) run for float32 contiguous CPU tensors; everything else
-(CUDA, 16-bit) runs the references, which are the definition of what each op computes."""
+signature). `kernels.dispatch` picks the C version (`cpu_c`) for float32 contiguous CPU tensors and
+the reference elsewhere (CUDA, 16-bit); the references are the definition of what each op computes."""
 import torch
 import torch.nn.functional as F
 
-from . import cpu_c
-
-
-def _c_ok(*tensors):
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors) \
-        and cpu_c.available()
+from . import cpu_c, dispatch
+from .wkv_ops import wkv_step
 
 
 def ln_shift_mix_reference(x, ln_w, ln_b, eps, shift, mixes):
@@ -21,10 +17,10 @@ def ln_shift_mix_reference(x, ln_w, ln_b, eps, shift, mixes):
     return outs
 
 
-def wkv_step_gated_reference(w, u, r, k, v, a, b, p):
-    """sigmoid(r) * WKV(k, v) for one token; (a, b, p) updated in place. w, u: [C]; others [B, C]."""
-    from . import wkv_step
-    return torch.sigmoid(r) * wkv_step(w, u, k, v, a, b, p).to(r.dtype)
+def wkv_step_gated_reference(w, u, r, k, v, a, b, p, backend=None):
+    """sigmoid(r) * WKV(k, v) for one token; (a, b, p) updated in place. w, u: [C]; others [B, C].
+    backend: the `wkv_step` implementation (None: the dispatch table's)."""
+    return torch.sigmoid(r) * wkv_step(w, u, k, v, a, b, p, backend=backend).to(r.dtype)
 
 
 def relu_square_reference_(k):
@@ -36,21 +32,35 @@ def add_gated_reference_(x, r, v):
     return x.add_(torch.sigmoid(r) * v)
 
 
-def ln_shift_mix(x, ln_w, ln_b, eps, shift, mixes):
-    if _c_ok(x, ln_w, ln_b, shift, *mixes):
-        return cpu_c.ln_shift_mix(x, ln_w, ln_b, eps, shift, mixes)
-    return ln_shift_mix_reference(x, ln_w, ln_b, eps, shift, mixes)
+for _op, _c, _ref in (("ln_shift_mix", lambda *a: cpu_c.ops().ln_shift_mix(*a), ln_shift_mix_reference),
+                      ("relu_square_", lambda k: cpu_c.ops().relu_square_(k), relu_square_reference_),
+                      ("add_gated_", lambda *a: cpu_c.ops().add_gated_(*a), add_gated_reference_)):
+    dispatch.register_impl(_op, "c", _c, needs_c=True)
+    dispatch.register_impl(_op, "reference", _ref)
+dispatch.register_impl("wkv_step_gated", "c", lambda *a, backend=None: cpu_c.ops().wkv_step_gated(*a), needs_c=True)
+dispatch.register_impl("wkv_step_gated", "composed", wkv_step_gated_reference)
 
 
-def wkv_step_gated(w, u, r, k, v, a, b, p):
-    if _c_ok(w, u, r, k, v, a, b, p):
-        return cpu_c.wkv_step_gated(w, u, r, k, v, a, b, p)
-    return wkv_step_gated_reference(w, u, r, k, v, a, b, p)
+def _pick(op, tensors, backend=None):
+    key = (dispatch.device_of(*tensors), dispatch.compute_of(*tensors), "-", dispatch.layout_of(*tensors))
+    return dispatch.pick(op, key, backend)[1]
 
 
-def relu_square_(k):
-    return cpu_c.relu_square_(k) if _c_ok(k) else relu_square_reference_(k)
+def ln_shift_mix(x, ln_w, ln_b, eps, shift, mixes, backend=None):
+    return _pick("ln_shift_mix", (x, ln_w, ln_b, shift, *mixes), backend)(x, ln_w, ln_b, eps, shift, mixes)
 
 
-def add_gated_(x, r, v):
-    return cpu_c.add_gated_(x, r, v) if _c_ok(x, r, v) else add_gated_reference_(x, r, v)
+def wkv_step_gated(w, u, r, k, v, a, b, p, backend=None):
+    """backend: a WKV implementation ("c"/"cpu": the fused C step; "triton", "numpy", "reference":
+    the gate over that `wkv_step`); None: the dispatch table."""
+    gated = None if backend is None else ("c" if backend in ("c", "cpu") else "composed")
+    fn = _pick("wkv_step_gated", (w, u, r, k, v, a, b, p), gated)
+    return fn(w, u, r, k, v, a, b, p, backend=None if gated == "c" else backend)
+
+
+def relu_square_(k, backend=None):
+    return _pick("relu_square_", (k,), backend)(k)
+
+
+def add_gated_(x, r, v, backend=None):
+    return _pick("add_gated_", (x, r, v), backend)(x, r, v)

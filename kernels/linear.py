@@ -1,20 +1,22 @@
-"""y = x W^T for the model's matrices, on the fastest path for the device and shape.
+"""y = x W^T for the model's matrices, on the implementation `kernels.dispatch` picks.
 
-CPU float32, the rule:
-  * a few rows (decode: B x 1 tokens, up to DECODE_ROWS): the C kernel in `cpu_c`, which streams
-    the weights once with AVX2 on torch's own OpenMP threads. torch's matrix-vector path (MKL)
-    reaches ~10 GB/s on this project's reference CPU (AMD Zen 3), the C kernel ~15-20.
-  * more rows (a prompt): torch's GEMM. numpy's OpenBLAS is faster in isolation, but its thread
-    pool then competes with torch's for the two cores between ops and the prompt gets slower.
-Everything else (CUDA, 16-bit weights) goes to torch. All paths share the tensors' memory.
+Every implementation has one signature, `impl(pairs, out=None, accumulate=False)`: pairs
+[(x [rows, in], W), ...] with the same rows, returning [y [rows, out], ...] (written into `out` when
+given, added to it with `accumulate`). `linear`, `linear_group` and `linear_accumulate_` reshape to
+2-D, group the pairs by the implementation the table picks, and call each implementation once.
+
+Implementations here:
+  * "c": the C matrix-vector kernel (`cpu_c`, CPU float32 weights), for token mode with any number
+    of streams: streams the weights once per call, runs a group of products as one job of its
+    thread pool, and is batch invariant (a stream's outputs do not depend on B).
+  * "torch": F.linear (a GEMM for prompts; every device and dtype).
+  * "reference": the definition, `linear_reference`.
 """
-import torch
+import math
+
 import torch.nn.functional as F
 
-from . import cpu_c, quant
-
-DECODE_ROWS = 8
-PACKED_MATVEC_ROWS = 64         # compressed weights: the batch-invariant C kernel up to this many rows
+from . import cpu_c, dispatch
 
 
 def linear_reference(x, weight):
@@ -22,63 +24,74 @@ def linear_reference(x, weight):
     return F.linear(x, weight)
 
 
-def _is_cpu_f32(x, weight):
-    return x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+def _write(out, ys, accumulate):
+    if out is None:
+        return ys
+    for o, y in zip(out, ys):
+        o.add_(y) if accumulate else o.copy_(y)
+    return out
 
 
-def _decode_kernel_fits(x, weight):
-    return x.numel() // x.shape[-1] <= DECODE_ROWS and weight.is_contiguous() and cpu_c.available()
+def linear_torch(pairs, out=None, accumulate=False):
+    return _write(out, [F.linear(x, w) for x, w in pairs], accumulate)
 
 
-def _is_packed(x, weight):
-    """float32 activations with 16-bit or int8 weights (kernels.quant)."""
-    return x.dtype == torch.float32 and (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32)
+def linear_reference_impl(pairs, out=None, accumulate=False):
+    return _write(out, [linear_reference(x, w) for x, w in pairs], accumulate)
 
 
-def _packed(pairs, out=None, accumulate=False):
-    rows = pairs[0][0].numel() // pairs[0][0].shape[-1]
-    flat = [(x.reshape(-1, x.shape[-1]).float().contiguous(), w) for x, w in pairs]
-    impl = quant.linear_matvec if rows <= PACKED_MATVEC_ROWS and x_on_cpu(pairs) else \
-        quant.linear_gemm if x_on_cpu(pairs) else quant.linear_torch
-    ys = impl(flat, out, accumulate)
-    return [y.reshape(*x.shape[:-1], w.shape[0]) for y, (x, w) in zip(ys, pairs)]
+def linear_c(pairs, out=None, accumulate=False):
+    pairs = [(x.contiguous(), w.contiguous()) for x, w in pairs]
+    return cpu_c.ops().matvec_group(pairs, out=out, accumulate=accumulate)
 
 
-def x_on_cpu(pairs):
-    return all(x.device.type == "cpu" for x, _ in pairs)
+dispatch.register_impl("linear", "c", linear_c, needs_c=True)
+dispatch.register_impl("linear", "torch", linear_torch)
+dispatch.register_impl("linear", "reference", linear_reference_impl)
 
 
-def linear(x, weight):
-    """The dispatch rule for one product (see the module docstring)."""
-    if _is_packed(x, weight):
-        return _packed([(x, weight)])[0]
-    if not _is_cpu_f32(x, weight):
-        return F.linear(x, weight)
-    if _decode_kernel_fits(x, weight):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        return cpu_c.matvec_group([(x2, weight)])[0].reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
+def _key(x, weight):
+    return (dispatch.device_of(x, weight), dispatch.dtype_name(x.dtype), dispatch.weight_format(weight),
+            dispatch.product_shape(x))
 
 
-def linear_group(*pairs):
-    """Several independent products [(x, W), ...] -> tuple of outputs. On the CPU decode path they
-    run in one parallel region (threads woken once per group instead of once per matrix)."""
-    if all(_is_packed(x, w) for x, w in pairs) and len({x.numel() // x.shape[-1] for x, _ in pairs}) == 1:
-        return tuple(_packed(list(pairs)))
-    if all(_is_cpu_f32(x, w) and _decode_kernel_fits(x, w) for x, w in pairs) and \
-            len({x.numel() // x.shape[-1] for x, _ in pairs}) == 1:
-        flat = [(x.reshape(-1, x.shape[-1]).contiguous(), w) for x, w in pairs]
-        outs = cpu_c.matvec_group(flat)
-        return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, (x, w) in zip(outs, pairs))
-    return tuple(linear(x, w) for x, w in pairs)
+def _run(pairs, out=None, accumulate=False, backend=None):
+    """Dispatch each pair, call each implementation once for its pairs; outputs in input order."""
+    if len(pairs) == 1:
+        (x, w), = pairs
+        fn = dispatch.implementation("linear", dispatch.choose("linear", _key(x, w), backend))
+        return fn([(x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w)], out, accumulate)
+    groups = {}
+    for i, (x, w) in enumerate(pairs):
+        rows = x.numel() // x.shape[-1]
+        groups.setdefault((dispatch.choose("linear", _key(x, w), backend), rows), []).append(i)
+    ys = [None] * len(pairs)
+    for (name, rows), idx in groups.items():
+        flat = [(pairs[i][0].reshape(rows, pairs[i][0].shape[-1]), pairs[i][1]) for i in idx]
+        outs = None if out is None else [out[i] for i in idx]
+        for i, y in zip(idx, dispatch.implementation("linear", name)(flat, outs, accumulate)):
+            ys[i] = y
+    return ys
 
 
-def linear_accumulate_(x, weight, out):
+def _shaped(y, x, weight):
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x, weight, backend=None):
+    """x [..., in] @ weight[out, in]^T -> [..., out]."""
+    return _shaped(_run([(x, weight)], backend=backend)[0], x, weight)
+
+
+def linear_group(*pairs, backend=None):
+    """Several independent products [(x, W), ...] -> tuple of outputs. Pairs that go to the same
+    implementation with the same rows run as one call (the C kernel: one pool job)."""
+    return tuple(_shaped(y, x, w) for y, (x, w) in zip(_run(pairs, backend=backend), pairs))
+
+
+def linear_accumulate_(x, weight, out, backend=None):
     """out += x W^T, in place (the residual add fused into the decode product)."""
-    if _is_packed(x, weight) and out.is_contiguous() and x.dim() == 2:
-        _packed([(x, weight)], out=[out], accumulate=True)
-        return out
-    if _is_cpu_f32(x, weight) and _decode_kernel_fits(x, weight) and out.is_contiguous() and x.dim() == 2:
-        cpu_c.matvec_group([(x.contiguous(), weight)], out=[out], accumulate=True)
-        return out
-    return out.add_(linear(x, weight))
+    if not out.is_contiguous():
+        return out.add_(linear(x, weight, backend))
+    _run([(x, weight)], out=[out.view(-1, weight.shape[0])], accumulate=True, backend=backend)
+    return out

@@ -14,11 +14,7 @@ torch's GEMM on it. The kernel build is chosen by the CPU's instruction sets (AV
 VNNI where present) and cached on disk under a name that includes that instruction set.
 """
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_c, dispatch
 
 FORMATS = ("float32", "float16", "bfloat16", "int8")
 BLOCK = 32
@@ -171,76 +169,36 @@ def linear_reference(x, w):
 
 
 # ---------------------------------------------------------------------------------------------
-# Building the C kernels per instruction set
+# The C build for each instruction set (kernels.cpu_c builds and caches it, keyed by the ISA)
 
 SOURCE = Path(__file__).parent / "csrc" / "quant_ops.c"
-_SOURCE_TEXT = SOURCE.read_bytes()      # read at import: the build always matches this module's ctypes calls
-ISAS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
-        "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
-ISA_FLAGS = {"avx2": {"avx2", "fma", "f16c"},
-             "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
 _P, _I64, _VP = ctypes.POINTER, ctypes.c_int64, ctypes.c_void_p
-
-
-def cpu_features():
-    """The CPU's instruction-set flags (RWKV_ENGINE_CPU_FEATURES="avx2,fma,f16c" simulates others)."""
-    forced = os.environ.get("RWKV_ENGINE_CPU_FEATURES")
-    if forced is not None:
-        return set(forced.replace(",", " ").split())
-    return _proc_cpu_flags()
-
-
-@lru_cache(maxsize=None)
-def _proc_cpu_flags():
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.split(":", 1)[-1].split())
-
-
-def supported_isas(features=None):
-    """The kernel builds this CPU can run, best first."""
-    features = cpu_features() if features is None else set(features)
-    return [isa for isa in ("avx512", "avx2") if ISA_FLAGS[isa] <= features]
+cpu_features, supported_isas = cpu_c.cpu_features, cpu_c.supported_isas
 
 
 def best_isa(features=None):
+    """The best level for these CPU flags (default: this CPU's, or RWKV_ENGINE_ISA); None if none."""
+    if features is None:
+        return cpu_c.best_isa()
     isas = supported_isas(features)
     return isas[0] if isas else None
 
 
-def _cache_dir():
-    root = os.environ.get("RWKV_ENGINE_CACHE") or Path.home() / ".cache" / "rwkv_engine"
-    return Path(root) / "kernels"
-
-
 @lru_cache(maxsize=None)
 def library(isa):
-    """Build (once, cached on disk per instruction set) and load the kernels for `isa`; None if this
-    machine cannot (no compiler, or the CPU lacks the instruction set)."""
-    if isa not in supported_isas() or os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
+    """The quant kernels built for `isa` (cached on disk per instruction set); None if this machine
+    cannot build or run them."""
+    if isa is None or os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
         return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
+    try:
+        lib = cpu_c.build(SOURCE, isa)
+    except cpu_c.BuildError:
         return None
-    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISAS[isa]]
-    tag = hashlib.sha256(_SOURCE_TEXT + " ".join(flags).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"quant_ops-{isa}-{tag}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src, tmp_so = Path(tmp) / SOURCE.name, Path(tmp) / out.name
-            src.write_bytes(_SOURCE_TEXT)
-            if subprocess.run([cc, *flags, str(src), "-o", str(tmp_so)], capture_output=True).returncode:
-                return None
-            os.replace(tmp_so, out)
-    lib = ctypes.CDLL(str(out))
     lib.qmatvec_group.argtypes = [_I64, _P(_I64), _P(_VP), _I64, _I64, _I64]
+    lib.qmatvec_group.restype = _I64
     lib.quantize_rows.argtypes = [_VP, _I64, _I64, _I64, _VP, _VP]
     lib.dequantize.argtypes = [_I64, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64]
-    for f in (lib.qmatvec_group, lib.quantize_rows, lib.dequantize):
+    for f in (lib.quantize_rows, lib.dequantize):
         f.restype = None
     lib.isa_level.restype = ctypes.c_int
     return lib
@@ -254,7 +212,7 @@ _FMT_BY_DTYPE = {torch.float16: 1, torch.bfloat16: 2}
 
 
 def available(isa=None):
-    return best_isa() is not None and _lib(isa) is not None
+    return _lib(isa) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,19 +304,24 @@ def _write(ys, out, accumulate):
 
 
 def linear_matvec(pairs, out=None, accumulate=False):
-    """Decode-sized products: the C kernels (batch-invariant), torch reference without them."""
+    """Token mode (one token per stream, any B): the C kernels, batch invariant."""
     if not available():
         return linear_torch(pairs, out, accumulate)
-    return matvec_group(pairs, out, accumulate)
+    return matvec_group([(x.contiguous(), w) for x, w in pairs], out, accumulate)
 
 
 def linear_gemm(pairs, out=None, accumulate=False):
-    """Prompt-sized products: dequantised slices + torch's GEMM."""
+    """Sequence mode: dequantised slices of rows + torch's GEMM."""
     if not available():
         return linear_torch(pairs, out, accumulate)
-    return _write([gemm(x, w) for x, w in pairs], out, accumulate)
+    return _write([gemm(x.contiguous(), w) for x, w in pairs], out, accumulate)
 
 
 def linear_torch(pairs, out=None, accumulate=False):
     """No C kernels: dequantise the whole matrix with torch (slow, and a float32 copy per call)."""
     return _write([linear_reference(x, w) for x, w in pairs], out, accumulate)
+
+
+dispatch.register_impl("linear", "quant_c", linear_matvec)
+dispatch.register_impl("linear", "quant_gemm", linear_gemm)
+dispatch.register_impl("linear", "quant_torch", linear_torch)

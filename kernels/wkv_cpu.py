@@ -13,19 +13,23 @@ from .wkv_reference import new_wkv_state
 
 
 def wkv_cpu(w, u, k, v, state=None):
-    """WKV over a sequence on CPU in float32: the C loop (`cpu_c.wkv_seq`, channels split over
-    threads) where it is available, else the numpy loop below.
+    """WKV over a sequence on CPU in float32: the C loop (`wkv_cpu_c`, channels split over threads)
+    where it is available, else the numpy loop below.
 
     w, u: [C] float32. k, v: [B, T, C]. state: (a, b, p) each [B, C] float32, or None.
     Returns y [B, T, C] float32 and a new state (a, b, p); the input state is not modified.
     """
+    impl = wkv_cpu_c if cpu_c.available() else wkv_numpy
+    return impl(w, u, k, v, state)
+
+
+def wkv_cpu_c(w, u, k, v, state=None):
+    """The C loop (`csrc/cpu_ops.c: wkv_seq`); same contract as `wkv_cpu`. Needs the C build."""
     B, T, C = k.shape
     if state is None:
         state = new_wkv_state(B, C)
-    if cpu_c.available():
-        f32 = [t.detach().to(torch.float32).contiguous() for t in (w, u, k, v)]
-        return cpu_c.wkv_seq(*f32, tuple(s.detach().to(torch.float32).contiguous() for s in state))
-    return wkv_numpy(w, u, k, v, state)
+    f32 = [t.detach().to(torch.float32).contiguous() for t in (w, u, k, v)]
+    return cpu_c.ops().wkv_seq(*f32, tuple(s.detach().to(torch.float32).contiguous() for s in state))
 
 
 def wkv_numpy(w, u, k, v, state):

@@ -158,10 +158,13 @@ def _check_inputs(w, u, k, v, state):
     return B, T, C
 
 
-def _launch_config(C, interpreted):
-    """(BLOCK_C, num_warps). On a GPU one channel per thread, up to 4 warps per program; in the
-    interpreter every program pays Python overhead per op and step, so use few, wide programs."""
-    if interpreted:
+def launch_config(C, interpreted=None):
+    """The default launch configuration for C channels: (BLOCK_C, num_warps). On a GPU one channel
+    per thread, up to 4 warps per program; in the interpreter (`interpreted`, default: how this
+    module was built) every program pays Python overhead per op and step, so few, wide programs."""
+    if triton is None:
+        raise RuntimeError(f"wkv_triton needs the triton package, which failed to import: {_TRITON_IMPORT_ERROR}")
+    if is_interpreted() if interpreted is None else interpreted:
         return min(1024, triton.next_power_of_2(C)), 1
     block_c = max(16, min(128, triton.next_power_of_2(C)))
     return block_c, max(1, block_c // 32)
@@ -208,7 +211,7 @@ def _wkv_forward(w, u, k, v, state=None, out_state=None, block_c=None, num_warps
             dst.copy_(src)
         return y, (a, b, p)
 
-    default_block_c, default_warps = _launch_config(C, interpreted)
+    default_block_c, default_warps = launch_config(C, interpreted)
     BLOCK_C = block_c or default_block_c
     grid = (B, triton.cdiv(C, BLOCK_C))
     _wkv_fwd_kernel[grid](
@@ -230,16 +233,17 @@ def _wkv_forward(w, u, k, v, state=None, out_state=None, block_c=None, num_warps
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
-def wkv_triton(w, u, k, v, state=None):
+def wkv_triton(w, u, k, v, state=None, block_c=None, num_warps=None):
     """WKV over a sequence with the Triton kernel.
 
     w, u: [C] (w is the per-step log decay, already -exp(time_decay)); any float dtype, used as fp32.
     k, v: [B, T, C] float32, float16 or bfloat16, any strides (slices are read in place).
     state: (a, b, p), each [B, C], or None for a fresh state.
+    block_c (a power of two), num_warps: override `launch_config(C)` (benchmarks, tests).
     Returns y [B, T, C] float32 and a new state (a, b, p), each [B, C] float32; the input state is
     not modified. All tensors on one GPU (or on CPU under TRITON_INTERPRET=1).
     """
-    return _wkv_forward(w, u, k, v, state)
+    return _wkv_forward(w, u, k, v, state, block_c=block_c, num_warps=num_warps)
 
 
 def wkv_triton_step(w, u, k, v, state=None, out_state=None):

@@ -8,60 +8,78 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_against_registry, is_synthetic, read_checkpoint, weight_format, \
+from .checkpoint import CheckpointError, check_against_registry, read_checkpoint, read_metadata, weight_format, \
     write_synthetic
-from .config import MODELS, RWKVConfig, get_config
-from .generation import GenerationResult, generate, stream
+from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
+from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
+from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
 from .model import RWKV
-from .sampling import SamplingParams, sample
+from .sampling import NonFiniteLogitsError, SamplingParams, sample
 from .state import State
-from .tokenizer import Tokenizer, tokenizer
+from .tokenizer import NEOX_VOCAB_SIZE, Tokenizer, tokenizer
 
 __all__ = ["load", "RWKV", "State", "RWKVConfig", "MODELS", "tokenizer", "Tokenizer", "generate", "stream",
-           "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic"]
+           "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic", "Model", "DTYPES",
+           "as_dtype", "as_token_batch", "prompt_to_ids", "Generation", "Step", "TextStream", "NonFiniteLogitsError", "resolve"]
+
+CHECKPOINT_SUFFIXES = (".pth", ".safetensors", ".bin")
+
+
+def resolve(name_or_path, checkpoint=None):
+    """-> (registered name or None, checkpoint path or None: a synthetic checkpoint is meant).
+
+    A registered name or hub alias ("rwkv-4-pile-169m", "RWKV/rwkv-4-169m-pile") means that model's
+    shapes, with synthetic weights unless `checkpoint` is given or a local path of that name exists;
+    anything path-like is a checkpoint path; other names fail with the list of known ones."""
+    text = str(name_or_path)
+    name = canonical_name(name_or_path)
+    if checkpoint is not None:
+        return name, Path(checkpoint)
+    if Path(text).exists() or Path(text).is_symlink():
+        return name, Path(text)
+    if name is not None:
+        return name, None
+    if isinstance(name_or_path, Path) or "/" in text or text.endswith(CHECKPOINT_SUFFIXES):
+        return None, Path(text)                          # read_checkpoint says "no such file"
+    get_config(text)                                     # unknown names fail here, with the list
+    raise AssertionError("unreachable")
 
 
 def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None, weights=None):
     """Load an RWKV-4 model.
 
-    name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m") or a checkpoint path
-    (BlinkDL .pth, .safetensors, or a Hugging Face RwkvForCausalLM directory).
+    name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m", or its hub name
+    "RWKV/rwkv-4-169m-pile") or a checkpoint path (BlinkDL .pth, .safetensors, or a Hugging Face
+    RwkvForCausalLM directory).
     A registered name without `checkpoint` uses a synthetic checkpoint (same shapes, generated
-    once into the cache dir, loaded through the same loader), and the model says so; with 16-bit
-    or int8 `weights` that checkpoint is written in bfloat16, streamed shard by shard.
-    dtype: float32 (default, as the paper), float16 or bfloat16 weights; the WKV state is float32.
-    rescale_every: halve the residual every N layers (default 6 for float16, off otherwise).
+    once into the cache dir, loaded through the same loader), and the model says so.
+    device: cpu or cuda. dtype: float32 (default, as the paper), float16 or bfloat16 weights; the
+    WKV state is float32. rescale_every: halve the residual every N layers (default 6 for float16,
+    off otherwise).
     weights: how the matrices are stored: None (as dtype), "float32", "float16", "bfloat16" or "int8"
-    (blockwise, see kernels.quant); with a format, activations, state and accumulation stay float32
-    (CPU). Quantised at load, matrix by matrix from the memory-mapped file; a file written by
-    `python -m rwkv_engine.convert ... --weights int8` loads as it is.
+    (blocks of 32 with a scale each, see kernels.quant); with a format, activations, state and
+    accumulation stay float32 (CPU). Packed at load, matrix by matrix from the memory-mapped file; a
+    file written by `python -m rwkv_engine.convert SRC DST --weights int8` loads as it is. A registered
+    name with 16-bit or int8 weights uses a synthetic checkpoint written in bfloat16 (streamed, shard
+    by shard: 7B/14B fit here).
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
-    name = None
-    looks_like_path = isinstance(name_or_path, Path) or "/" in str(name_or_path) or \
-        str(name_or_path).endswith((".pth", ".safetensors", ".bin"))
-    if not looks_like_path and not Path(name_or_path).exists():
-        get_config(name_or_path)                         # unknown names fail here, with the list
-        name = name_or_path
-    path = checkpoint if checkpoint is not None else (None if name else name_or_path)
+    device = as_device(device)
+    name, path = resolve(name_or_path, checkpoint)
     synthetic = path is None
-    if synthetic and weights not in (None, "float32"):     # 16-bit source, streamed: 7B/14B fit here
-        path = write_synthetic(name, seed=seed, dtype=torch.bfloat16, fmt="sharded")
+    if synthetic and weights not in (None, "float32"):
+        path = write_synthetic(name, seed=seed, dtype=torch.bfloat16, fmt="hf")
     elif synthetic:
         path = write_synthetic(name, seed=seed)
     sd, cfg = read_checkpoint(path)
-    stored = weight_format(path)
-    if stored is not None and weights is None:
-        weights = stored
-    synthetic = synthetic or is_synthetic(path)
+    if weights is None:
+        weights = weight_format(path)             # a packed file loads in its own format
+    synthetic = synthetic or read_metadata(path).get("synthetic") == "true"
     if name:
         check_against_registry(cfg, name, path)
         reg = get_config(name)
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, reg.ctx_len,
                          cfg.layer_norm_eps, name=reg.name)
-    tok = tokenizer() if cfg.vocab_size == 50277 else None
+    tok = tokenizer() if cfg.vocab_size == NEOX_VOCAB_SIZE else None
     return RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
                 rescale_every=rescale_every, weights=weights, progress=_progress(weights, cfg))
 

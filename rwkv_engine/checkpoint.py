@@ -8,8 +8,6 @@ Formats (all end as a dict of BlinkDL-named tensors, memory-mapped where the for
 """
 import json
 import math
-import os
-import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -18,10 +16,8 @@ import torch
 
 from . import weights
 from .config import RWKVConfig, get_config
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the problem."""
+from .files import (CheckpointError, atomic_dir, atomic_write, cache_dir, dtype_problem,  # noqa: F401 (re-exported)
+                    open_weights, read_config_json, synthetic_path, value_problem, weight_files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,17 +47,29 @@ def expected_shapes(cfg: RWKVConfig):
 
 
 def infer_config(sd, source):
-    """Read the shapes a checkpoint implies (ChatRWKV infers them the same way)."""
+    """Read the shapes a checkpoint implies (ChatRWKV infers them the same way). `sd` maps keys to
+    tensors or to shapes."""
+    shape = lambda key: tuple(sd[key].shape if isinstance(sd[key], torch.Tensor) else sd[key])
     for key in ("emb.weight", "blocks.0.ffn.key.weight"):
         if key not in sd:
             raise CheckpointError(f"{source}: missing key {key!r} (not an RWKV-4 checkpoint?)")
-    if sd["emb.weight"].dim() != 2:
-        raise CheckpointError(f"{source}: emb.weight has shape {list(sd['emb.weight'].shape)}, expected [vocab, n_embd]")
-    vocab, n_embd = sd["emb.weight"].shape
+    if len(shape("emb.weight")) != 2:
+        raise CheckpointError(f"{source}: emb.weight has shape {list(shape('emb.weight'))}, expected [vocab, n_embd]")
+    if len(shape("blocks.0.ffn.key.weight")) != 2:
+        raise CheckpointError(f"{source}: blocks.0.ffn.key.weight has shape {list(shape('blocks.0.ffn.key.weight'))}, "
+                              f"expected [ffn_dim, n_embd]")
+    vocab, n_embd = shape("emb.weight")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     n_layer = max(layers) + 1
-    ffn_dim = sd["blocks.0.ffn.key.weight"].shape[0]
-    return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, ffn_dim=ffn_dim)
+    ffn_dim = shape("blocks.0.ffn.key.weight")[0]
+    try:
+        return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, ffn_dim=ffn_dim)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+# -exp(time_decay) must be a finite float32: time_decay <= log(float32 max) ~ 88.7
+MAX_TIME_DECAY = 88.0
 
 
 def validate(sd, cfg: RWKVConfig, source):
@@ -79,31 +87,19 @@ def validate(sd, cfg: RWKVConfig, source):
             continue
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{source}: {key} is a {type(t).__name__}, not a tensor")
-        if not t.dtype.is_floating_point:
-            raise CheckpointError(f"{source}: {key} has dtype {t.dtype}, expected a floating-point tensor")
+        problem = dtype_problem(t.dtype)
+        if problem:
+            raise CheckpointError(f"{source}: {key} {problem}")
         ok = tuple(t.shape) == shape or (len(shape) == 1 and tuple(t.shape) == (1, 1, shape[0]))
         if not ok:
             raise CheckpointError(f"{source}: {key} has shape {list(t.shape)}, expected {list(shape)}")
-        if not weights.all_finite(t):       # in slices, dropping the mapped pages it read
-            raise CheckpointError(f"{source}: {key} contains NaN or Inf")
-
-
-def weight_format(path):
-    """The weight format recorded in a packed safetensors file, or None for a plain checkpoint."""
-    return weights.packed_format(path)
-
-
-def is_synthetic(path):
-    """True for files written by `write_synthetic` (or converted from one): safetensors metadata says
-    so, or a file of the cache's synthetic directory."""
-    path = Path(path)
-    if path.is_dir():
-        shards = sorted(path.glob("*.safetensors"))
-        return bool(shards) and is_synthetic(shards[0])
-    meta = weights.file_metadata(path)
-    if "synthetic" in meta:
-        return meta["synthetic"] == "true"
-    return path.parent.resolve() == (cache_dir() / "synthetic").resolve()
+        problem = value_problem(t)
+        if problem:
+            raise CheckpointError(f"{source}: {key} {problem}")
+        weights.release(t)          # checked: drop its mapped pages until the model reads it
+        if key.endswith("time_decay") and float(t.max()) > MAX_TIME_DECAY:
+            raise CheckpointError(f"{source}: {key} has a value {float(t.max()):.3g} above {MAX_TIME_DECAY}: "
+                                  f"its decay -exp(time_decay) overflows float32")
 
 
 def check_against_registry(cfg, name, source):
@@ -115,45 +111,6 @@ def check_against_registry(cfg, name, source):
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
-
-def _load_pth(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: refused to unpickle (only plain tensors are loaded, weights_only=True): {first}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or not a checkpoint ({first})") from None
-
-
-def _load_safetensors(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")      # memory-mapped
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def _load_file(path):
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        sd = _load_safetensors(path)
-        meta = weights.file_metadata(path)
-        if weights.META_FORMAT in meta:
-            try:
-                sd, _ = weights.unpack_file(sd, meta, path)
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-    else:
-        sd = _load_pth(path)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    return sd
-
 
 HF_TO_BLINK = [
     (r"^rwkv\.embeddings\.", "emb."),
@@ -183,84 +140,111 @@ def blinkdl_to_hf(name):
     return name if name.startswith("head.") else "rwkv." + name
 
 
-def _load_hf_dir(path):
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{path}: a checkpoint directory needs config.json")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    if hf_cfg.get("model_type") != "rwkv":
-        raise CheckpointError(f"{cfg_path}: model_type is {hf_cfg.get('model_type')!r}, expected 'rwkv'")
-    files = []
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).exists():
-            weight_map = json.loads((path / index).read_text()).get("weight_map", {})
-            files = sorted({path / f for f in weight_map.values()})
-            break
+def _entries(path):
+    """-> ({BlinkDL key: (shape, dtype, fetch)}, the HF config.json dict or None), no tensor data read."""
+    hf_cfg, rename = None, (lambda k: k)
+    if path.is_dir():
+        hf_cfg = read_config_json(path)
+        if hf_cfg.get("model_type") != "rwkv":
+            raise CheckpointError(f"{path / 'config.json'}: model_type is {hf_cfg.get('model_type')!r}, expected 'rwkv'")
+        files, rename = weight_files(path), hf_to_blinkdl
     else:
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if (path / single).exists():
-                files = [path / single]
-                break
-    if not files:
-        raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or *.index.json found")
-    sd = {}
+        files = [path]
+    entries = {}
+    packed = not path.is_dir() and weight_format(path) is not None    # int8 values: checked when unpacked
     for f in files:
-        if not f.exists():
-            raise CheckpointError(f"{f}: shard listed in the index is missing")
-        sd.update({hf_to_blinkdl(k): v for k, v in _load_file(f).items()})
-    return sd, hf_cfg
+        for key, (shape, dtype, fetch) in open_weights(f).items():
+            name = rename(key)
+            if name in entries:
+                raise CheckpointError(f"{f}: key {key!r} appears twice")
+            problem = None if packed else dtype_problem(dtype)
+            if problem:
+                raise CheckpointError(f"{f}: {name} {problem}")
+            entries[name] = (shape, dtype, fetch)
+    return entries, hf_cfg
+
+
+def _hf_eps(hf_cfg, default, source):
+    eps = hf_cfg.get("layer_norm_epsilon", default)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise CheckpointError(f"{source / 'config.json'}: layer_norm_epsilon must be a number > 0, got {eps!r}")
+    return float(eps)
 
 
 def read_checkpoint(path):
     """Load any supported checkpoint -> (dict of BlinkDL-named tensors, RWKVConfig), validated."""
     path = Path(path)
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         raise CheckpointError(f"{path}: no such file or directory")
-    hf_cfg = None
-    if path.is_dir():
-        sd, hf_cfg = _load_hf_dir(path)
-    else:
-        sd = _load_file(path)
-    cfg = infer_config(sd, path)
+    entries, hf_cfg = _entries(path)
+    cfg = infer_config({k: shape for k, (shape, _, _) in entries.items()}, path)
     if hf_cfg is not None:
-        eps = hf_cfg.get("layer_norm_epsilon", cfg.layer_norm_eps)
-        cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, layer_norm_eps=eps)
+        cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim,
+                         layer_norm_eps=_hf_eps(hf_cfg, cfg.layer_norm_eps, path))
+    sd = {k: fetch() for k, (_, _, fetch) in entries.items()}
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    if weights.META_FORMAT in meta:                 # a packed file (python -m rwkv_engine.convert --weights)
+        try:
+            sd, _ = weights.unpack_file(sd, meta, path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     validate(sd, cfg, path)
     return sd, cfg
+
+
+def weight_format(path):
+    """The weight format a packed safetensors file records, or None for a plain checkpoint."""
+    path = Path(path)
+    return read_metadata(path).get(weights.META_FORMAT) if path.suffix == ".safetensors" else None
+
+
+def read_metadata(path):
+    """The string metadata a checkpoint carries (safetensors header, a .pth's zip comment, or a HF
+    directory's config.json), e.g. {"synthetic": "true"}; {} when none."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            cfg = read_config_json(path)
+            return {"synthetic": "true"} if cfg.get("synthetic") is True else {}
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.comment.decode() or "{}")
+        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing: synthetic checkpoints and conversion to the Hugging Face layout
 
-def cache_dir():
-    """Where generated checkpoints live: $RWKV_ENGINE_CACHE or ~/.cache/rwkv_engine."""
-    return Path(os.environ.get("RWKV_ENGINE_CACHE") or Path.home() / ".cache" / "rwkv_engine")
-
-
-def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32):
+def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="cpu"):
     """A deterministic state dict with the shapes of `cfg` and values in a trained model's range.
 
     time_decay spans about [-6, 7] across channels (RWKV-LM's init curve, stretched to the range
     trained RWKV-4 models reach), time_first is near log(0.3) with a zigzag, time_mix follows
     RWKV-LM's per-layer ramp, LayerNorm weights are near 1, and matrices are N(0, 1/in) so that
-    k stays O(1) and activations stay bounded.
+    k stays O(1) and activations stay bounded. With device "cuda" the values are drawn on the GPU
+    (same recipe, the GPU's random stream), so that a 14B model needs no file.
     """
-    return dict(synthetic_tensors(cfg, seed, dtype))
+    return dict(synthetic_tensors(cfg, seed, dtype, device))
 
 
-def synthetic_tensors(cfg: RWKVConfig, seed=0, dtype=torch.float32):
-    """`synthetic_state_dict` one tensor at a time: yields (key, tensor) in a fixed order, each made
-    in float32 from one generator and then cast, so any dtype gives the float32 values rounded."""
-    g = torch.Generator().manual_seed(seed)
+def synthetic_tensors(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="cpu"):
+    """`synthetic_state_dict` one tensor at a time: yields (key, tensor) in a fixed order, each drawn
+    in float32 from one generator and then cast (any dtype gives the float32 values rounded)."""
+    g = torch.Generator(device).manual_seed(seed)
     C, F, V, L = cfg.n_embd, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
 
     def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
-    ramp = torch.arange(C, dtype=torch.float32) / C
+    def noise(n):                                    # float32 jitter, rounded only once
+        return torch.randn(n, generator=g, device=device) * 0.3
+
+    ramp = torch.arange(C, dtype=torch.float32, device=device) / C
     yield "emb.weight", randn(V, C, std=0.1)
     for i in range(L):
         r01, r10 = i / max(L - 1, 1), 1 - i / L          # layer position, as in RWKV-LM's init
@@ -271,10 +255,10 @@ def synthetic_tensors(cfg: RWKVConfig, seed=0, dtype=torch.float32):
         for ln in ("ln1", "ln2"):
             yield b + ln + ".weight", (1 + randn(C, std=0.05)).to(dtype)
             yield b + ln + ".bias", randn(C, std=0.02)
-        decay = -6 + 13 * (torch.arange(C) / (C - 1)) ** (0.7 + 1.3 * r01)
-        yield b + "att.time_decay", (decay + torch.randn(C, generator=g) * 0.3).to(dtype)
-        zigzag = 0.5 * ((torch.arange(C) + 1) % 3 - 1)
-        yield b + "att.time_first", (math.log(0.3) + zigzag + torch.randn(C, generator=g) * 0.3).to(dtype)
+        decay = -6 + 13 * (torch.arange(C, device=device) / (C - 1)) ** (0.7 + 1.3 * r01)
+        yield b + "att.time_decay", (decay + noise(C)).to(dtype)
+        zigzag = 0.5 * ((torch.arange(C, device=device) + 1) % 3 - 1)
+        yield b + "att.time_first", (math.log(0.3) + zigzag + noise(C)).to(dtype)
         for name, power in (("time_mix_k", r10), ("time_mix_v", r10 + 0.3 * r01), ("time_mix_r", 0.5 * r10)):
             yield b + "att." + name, (ramp ** power).reshape(1, 1, C).to(dtype)
         for name in ("key", "value", "receptance", "output"):
@@ -289,98 +273,95 @@ def synthetic_tensors(cfg: RWKVConfig, seed=0, dtype=torch.float32):
     yield "head.weight", randn(V, C, std=C ** -0.5)
 
 
-def _atomic_save(obj_writer, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        obj_writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+SYNTHETIC = {"synthetic": "true"}         # the metadata label every synthetic checkpoint carries
+
+
+def save_pth(sd, path, metadata=None):
+    """torch.save, with string metadata (e.g. the synthetic label) as the zip archive's comment:
+    torch.load and BlinkDL's loader ignore it; read_metadata reads it."""
+    torch.save(sd, path)
+    if metadata:
+        with zipfile.ZipFile(path, "a") as z:
+            z.comment = json.dumps(metadata).encode()
+
+
+def save_safetensors(sd, path, metadata=None):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=dict(metadata or {}, format="pt"))
 
 
 def write_synthetic(name_or_cfg, path=None, seed=0, dtype=torch.float32, fmt="pth"):
     """Write a synthetic checkpoint once (atomically) and return its path; reuses an existing one.
-    fmt "pth" | "safetensors" hold the whole state dict in memory while writing; "sharded" streams
+    fmt "pth" | "safetensors" hold the whole state dict in memory while writing; "hf" streams it
     tensor by tensor into a Hugging Face directory of ~1 GB safetensors shards (bounded memory: a 14B
     model is written on a 24 GB machine), with a progress bar on stderr."""
     cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
-    if path is None:
-        tag = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        suffix = "" if fmt == "sharded" else f".{fmt}"
-        path = cache_dir() / "synthetic" / f"{cfg.name or 'custom'}-{tag}-seed{seed}{suffix}"
-    path = Path(path)
+    path = Path(path) if path is not None else synthetic_path(cfg.name or "custom", dtype, seed, fmt)
     if path.exists():
         return path
-    if fmt == "sharded":
+    if fmt == "hf":
         return _write_sharded(cfg, path, seed, dtype)
     sd = synthetic_state_dict(cfg, seed, dtype)
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-        sd = {k: v.contiguous() for k, v in sd.items()}
-        return _atomic_save(lambda p: save_file(sd, str(p), metadata={"synthetic": "true"}), path)
-    return _atomic_save(lambda p: torch.save(sd, p), path)
+    save = save_safetensors if fmt == "safetensors" else save_pth
+    return atomic_write(path, lambda p: save(sd, p, SYNTHETIC), need=_nbytes(sd))
 
 
 SHARD_BYTES = 1 << 30
 
 
 def _write_sharded(cfg, path, seed, dtype):
-    """Stream `synthetic_tensors` into shards of <= SHARD_BYTES, then the index and config.json; the
-    directory appears under its name only when complete."""
-    import shutil
+    """Stream `synthetic_tensors` into safetensors shards of <= SHARD_BYTES with their index and a
+    config.json labelled synthetic; the directory appears under its name only when complete."""
     import sys
 
-    from safetensors.torch import save_file
     from tqdm import tqdm
     total = cfg.n_params * torch.tensor([], dtype=dtype).element_size()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def fill(tmp):
         shard, size, weight_map, names = {}, 0, {}, []
+
+        def flush():
+            name = f"model-{len(names) + 1:05d}.safetensors"
+            save_safetensors(shard, tmp / name, SYNTHETIC)
+            weight_map.update({k: name for k in shard})
+            names.append(name)
         with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, file=sys.stderr,
                   disable=None if total < 1e9 else False) as bar:
-            def flush():
-                name = f"model-{len(names) + 1:05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt", "synthetic": "true"})
-                weight_map.update({k: name for k in shard})
-                names.append(name)
             for key, t in synthetic_tensors(cfg, seed, dtype):
                 if shard and size + t.nbytes > SHARD_BYTES:
                     flush()
                     shard, size = {}, 0
-                shard[blinkdl_to_hf(key)] = t.contiguous()
+                shard[blinkdl_to_hf(key)] = t
                 size += t.nbytes
                 bar.update(t.nbytes)
             flush()
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(_hf_config(cfg), indent=2))
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, SYNTHETIC), indent=2))
+    return atomic_dir(path, fill, need=total)
 
 
-def _hf_config(cfg: RWKVConfig):
-    return {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
-            "attention_hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
-            "context_length": cfg.ctx_len, "layer_norm_epsilon": cfg.layer_norm_eps,
-            "rescale_every": 0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
+def _nbytes(sd):
+    return sum(t.numel() * t.element_size() for t in sd.values())
 
 
-def write_hf(sd, cfg: RWKVConfig, out_dir, synthetic=False):
-    """Write a state dict (BlinkDL names) as a Hugging Face RwkvForCausalLM directory."""
-    from safetensors.torch import save_file
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf = {blinkdl_to_hf(k): v.contiguous() for k, v in sd.items()}
-    config = _hf_config(cfg)
-    meta = {"format": "pt", "synthetic": str(bool(synthetic)).lower()}
-    _atomic_save(lambda p: save_file(hf, str(p), metadata=meta), out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir
+def hf_config(cfg: RWKVConfig, metadata=None):
+    """The config.json of a Hugging Face RwkvForCausalLM directory (a synthetic one says so)."""
+    config = {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+              "attention_hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim,
+              "context_length": cfg.ctx_len, "layer_norm_epsilon": cfg.layer_norm_eps,
+              "rescale_every": 0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
+    if (metadata or {}).get("synthetic") == "true":
+        config["synthetic"] = True
+    return config
+
+
+def write_hf(sd, cfg: RWKVConfig, out_dir, overwrite=False, metadata=None):
+    """Write a state dict (BlinkDL names) as a Hugging Face RwkvForCausalLM directory, as one set:
+    an existing non-empty directory is replaced whole with `overwrite`, refused without."""
+    hf = {blinkdl_to_hf(k): v for k, v in sd.items()}
+
+    def fill(tmp):
+        save_safetensors(hf, tmp / "model.safetensors", metadata)
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, metadata), indent=2))
+    return atomic_dir(out_dir, fill, overwrite=overwrite, need=_nbytes(sd))

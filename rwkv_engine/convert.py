@@ -1,64 +1,88 @@
 """Convert an RWKV-4 checkpoint between formats and dtypes.
 
-    python -m rwkv_engine.convert IN OUT [--to pth|safetensors|hf] [--dtype float32|float16|bfloat16]
-    python -m rwkv_engine.convert IN OUT.safetensors --weights int8|float16|bfloat16
+    python -m rwkv_engine.convert SRC DST [--to pth|safetensors|hf] [--dtype float32|float16|bfloat16] [--overwrite]
+    python -m rwkv_engine.convert SRC DST.safetensors --weights int8|float16|bfloat16 [--overwrite]
 
-IN is any format `rwkv_engine.load` reads. OUT is written atomically (a file, or a directory for
---to hf). Typical use: turn a released bf16 .pth into fp32 so that this engine, BlinkDL's `rwkv`
-package and transformers can be compared bit for bit on the same weights. With --weights, the
-matrices are packed (rwkv_engine.weights) into one safetensors file whose metadata records the format
-(and whether the source was synthetic); `rwkv_engine.load` maps it back without converting.
+SRC is any format `rwkv_engine.load` reads. DST is written atomically (a file, or a directory for
+--to hf, replaced as one set): an existing DST is replaced only with --overwrite. A synthetic SRC
+stays labelled synthetic in DST's metadata. Typical use: turn a released bf16 .pth into fp32 so that
+this engine, BlinkDL's `rwkv` package and transformers can be compared bit for bit on the same weights.
+With --weights, the matrices are packed (`rwkv_engine.weights`) into one safetensors file whose
+metadata records the format; `rwkv_engine.load(DST)` maps it back without converting anything.
 """
 import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from . import weights as wformat
-from .checkpoint import CheckpointError, _atomic_save, is_synthetic, read_checkpoint, weight_format, write_hf
+from .checkpoint import read_checkpoint, read_metadata, save_pth, save_safetensors, weight_format, write_hf, SYNTHETIC
+from .files import CheckpointError, WriteError, atomic_write, check_output_path
 from .model import as_dtype
 
+FORMATS = ("pth", "safetensors", "hf")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+SUFFIX_FORMATS = {".pth": "pth", ".safetensors": "safetensors"}
 
-def convert(src, dst, to="pth", dtype="float32", weights=None):
+
+def target_format(dst, to=None):
+    """--to, else from DST's suffix (.pth, .safetensors; anything else is a HF directory)."""
+    return to or SUFFIX_FORMATS.get(Path(dst).suffix, "hf")
+
+
+def convert(src, dst, to="pth", dtype="float32", overwrite=False, weights=None):
+    """Read SRC, cast to `dtype` (or pack the matrices into `weights`), write DST in format `to`;
+    returns DST. The output path is checked before SRC is read, so a bad DST fails at once and
+    nothing partial is left."""
+    if to not in FORMATS:
+        raise ValueError(f"unknown target format {to!r}: use pth, safetensors or hf")
+    if weights is not None:
+        return convert_packed(src, dst, to, weights, overwrite)
+    dt = as_dtype(dtype)
+    dst = check_output_path(dst, "dir" if to == "hf" else "file", overwrite)
+    metadata = SYNTHETIC if read_metadata(src).get("synthetic") == "true" else {}
+    sd, cfg = read_checkpoint(src)
+    sd = {k: v.to(dt).contiguous() for k, v in sd.items()}
+    if to == "hf":
+        return write_hf(sd, cfg, dst, overwrite=overwrite, metadata=metadata)
+    save = save_safetensors if to == "safetensors" else save_pth
+    need = sum(t.numel() * t.element_size() for t in sd.values())
+    return atomic_write(dst, lambda p: save(sd, p, metadata), overwrite=overwrite, need=need)
+
+
+def convert_packed(src, dst, to, weights, overwrite=False):
+    """SRC -> one safetensors file with its matrices in format `weights` (progress bar on stderr)."""
+    wformat.quant.check_format(weights)
+    if to != "safetensors":
+        raise ValueError(f"--weights writes a .safetensors file, not {to!r}")
+    dst = check_output_path(dst, "file", overwrite)
     if weight_format(src) is not None:
         raise ValueError(f"{src}: already a packed ({weight_format(src)}) checkpoint; convert the original")
-    sd, cfg = read_checkpoint(src)
-    if weights is not None:
-        if to != "safetensors":
-            raise ValueError(f"--weights writes a .safetensors file, not {to!r}")
-        import sys
-        from tqdm import tqdm
-        bar = lambda keys: tqdm(keys, desc="packing", unit="tensor", file=sys.stderr, disable=None)
-        return wformat.save_packed(sd, wformat.quant.check_format(weights), dst, is_synthetic(src), bar)
-    dt = as_dtype(dtype)
-    sd = {k: v.to(dt).contiguous() for k, v in sd.items()}
-    dst = Path(dst)
-    synthetic = is_synthetic(src)
-    if to == "hf":
-        return write_hf(sd, cfg, dst, synthetic)
-    if to == "safetensors":
-        from safetensors.torch import save_file
-        meta = {"format": "pt", "synthetic": str(synthetic).lower()}
-        return _atomic_save(lambda p: save_file(sd, str(p), metadata=meta), dst)
-    if to == "pth":
-        return _atomic_save(lambda p: torch.save(sd, p), dst)
-    raise ValueError(f"unknown target format {to!r}: use pth, safetensors or hf")
+    metadata = SYNTHETIC if read_metadata(src).get("synthetic") == "true" else {}
+    sd, _ = read_checkpoint(src)
+    from tqdm import tqdm
+    bar = lambda keys: tqdm(keys, desc="packing", unit="tensor", file=sys.stderr, disable=None)
+    return wformat.save_packed(sd, weights, dst, metadata, bar, overwrite)
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="python -m rwkv_engine.convert", description=__doc__.splitlines()[0])
+    ap.add_argument("src", metavar="SRC", help="checkpoint to read: BlinkDL .pth, .safetensors, or a Hugging Face "
+                                               "RwkvForCausalLM directory")
+    ap.add_argument("dst", metavar="DST", help="output: a .pth or .safetensors file, or a directory for --to hf")
+    ap.add_argument("--to", default=None, choices=FORMATS,
+                    help="output format (default: from DST's suffix: .pth, .safetensors; otherwise a HF directory)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype of the written weights (default float32)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing DST (a directory is replaced whole)")
+    ap.add_argument("--weights", default=None, choices=wformat.quant.FORMATS,
+                    help="pack the matrices into this format (one .safetensors file; see rwkv_engine.weights)")
+    return ap
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("--to", default=None, choices=["pth", "safetensors", "hf"],
-                    help="default: from OUT's suffix (.pth, .safetensors; otherwise a HF directory)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--weights", default=None, help="pack the matrices: int8, float16, bfloat16 (safetensors)")
-    args = ap.parse_args(argv)
-    to = args.to or {".pth": "pth", ".safetensors": "safetensors"}.get(Path(args.dst).suffix, "hf")
+    args = parser().parse_args(argv)
     try:
-        out = convert(args.src, args.dst, to, args.dtype, args.weights)
-    except (CheckpointError, ValueError) as e:
+        out = convert(args.src, args.dst, target_format(args.dst, args.to), args.dtype, args.overwrite, args.weights)
+    except (CheckpointError, WriteError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -1,19 +1,23 @@
 """The generation loop shared by RWKV and every transformer baseline (gpt-fast `prefill` /
 `decode_one_token` / `generate`).
 
-A model only needs:
+A model only needs what `rwkv_engine.contract.Model` lists:
     model.new_state(batch_size, max_len)  -> a fresh recurrent state or KV cache
     model.forward(tokens [B, T], state)   -> (logits [B, V] float32 for the last position, state)
     model.tokenizer                       -> a tokenizer or None
-The prompt is fed in one call (prefill), then one token per call (decode).
+The prompt is fed in one call (`prefill`), then one token per call (`decode_one_token`); `Sampler`
+chooses each token and one `TextStream` per stream turns tokens into text and applies stop strings.
 """
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 
-from .sampling import SamplingParams, sample
+from .contract import prompt_to_ids
+from .sampling import NonFiniteLogitsError, SamplingParams, sample
+
+REPLACEMENT = "\ufffd"      # what a decoder gives for bytes that are not (yet) valid UTF-8
 
 
 @dataclass
@@ -26,7 +30,7 @@ class Step:
 
 @dataclass
 class GenerationResult:
-    tokens: List[List[int]]             # generated ids per stream, stop token excluded
+    tokens: List[List[int]]             # generated ids per stream (see TextStream for stop strings)
     text: Optional[List[str]]           # decoded continuation per stream (None without tokenizer)
     prompt_tokens: int                  # prompt length per stream
     prefill_s: float                    # prompt forward + first sample
@@ -40,147 +44,284 @@ class GenerationResult:
         return len(self.step_s) / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def prompt_to_ids(prompt, tokenizer, vocab_size):
-    """str | list[str] | list[int] | LongTensor [T] or [B, T] -> LongTensor [B, T] (validated)."""
-    if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)):
-        if tokenizer is None:
-            raise ValueError("prompt is text but this model has no tokenizer: pass token ids instead")
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        rows = [tokenizer.encode(t) for t in texts]
-        if len({len(r) for r in rows}) > 1:
-            raise ValueError(f"prompts tokenize to different lengths {[len(r) for r in rows]}: batch prompts must be equally long")
-        ids = torch.tensor(rows, dtype=torch.long)
-    else:
-        if isinstance(prompt, (list, tuple)) and len(prompt) == 0:
-            raise ValueError("empty prompt: give at least one token")
-        ids = torch.as_tensor(prompt)
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-        ids = ids.long()
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2:
-            raise ValueError(f"token ids must have shape [T] or [B, T], got {list(ids.shape)}")
-    if ids.shape[-1] == 0 or ids.shape[0] == 0:
-        raise ValueError("empty prompt: give at least one token")
-    check_token_ids(ids, vocab_size)
-    return ids
+# ---------------------------------------------------------------------------------------------
+# Text: incremental decoding and stop strings, one stream at a time
+
+class IncrementalDecoder:
+    """Token ids in, new text out, decoding only a short window of recent tokens (O(1) per token).
+
+    The window starts at the first token whose text is not final. Its decode is final except a
+    trailing U+FFFD, which may be the start of a character whose remaining bytes are still to come:
+    that one character is held back. Assumes a byte-level tokenizer (GPT-NeoX/GPT-2/Bloom), whose
+    decode of a sequence is the decodes of its parts joined at character boundaries."""
+
+    HOLD_LIMIT = 8      # a window longer than this is split at a character boundary
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.ids = []
+        self.start = 0          # first token of the window
+        self.emitted = 0        # characters of decode(window) already returned
+
+    def push(self, token) -> str:
+        self.ids.append(token)
+        out = self._split() if len(self.ids) - self.start > self.HOLD_LIMIT else ""
+        full = self.decode(self.ids[self.start:])
+        complete = not full.endswith(REPLACEMENT)
+        stable = full if complete else full[:-1]
+        out += stable[self.emitted:]
+        self.emitted = max(self.emitted, len(stable))
+        if complete:
+            self.start, self.emitted = len(self.ids), 0
+        return out
+
+    def flush(self) -> str:
+        """The rest of the text, a trailing incomplete character included (as U+FFFD)."""
+        out = self.decode(self.ids[self.start:])[self.emitted:] if self.start < len(self.ids) else ""
+        self.start, self.emitted = len(self.ids), 0
+        return out
+
+    def _split(self) -> str:
+        """Move the window start to the last token boundary that is also a character boundary."""
+        full = self.decode(self.ids[self.start:])
+        for j in range(len(self.ids) - 1, self.start, -1):
+            head = self.decode(self.ids[self.start:j])
+            if head + self.decode(self.ids[j:]) == full:
+                out = head[self.emitted:]
+                self.start, self.emitted = j, max(0, self.emitted - len(head))
+                return out
+        return ""
 
 
-def as_token_batch(tokens, vocab_size, device):
-    """What model.forward accepts -> LongTensor [B, T] on `device`, validated (one-line errors)."""
-    if isinstance(tokens, (list, tuple)):
-        tokens = torch.tensor(tokens, dtype=torch.long)
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be a LongTensor [B, T] or a list of ints, got {getattr(tokens, 'dtype', type(tokens))}")
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}")
-    if bool(((tokens < 0) | (tokens >= vocab_size)).any()):            # one device sync
-        check_token_ids(tokens, vocab_size)
-    return tokens.to(device, torch.long)
-
-
-def check_token_ids(ids, vocab_size):
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"token id {bad} out of range [0, {vocab_size})")
-
-
-def _decode(tokenizer, ids):
-    return tokenizer.decode(ids) if ids else ""
-
-
-def stream(model, prompt, max_new_tokens=64, *, sampling=None, seed=None, stop_tokens=(),
-           stop_strings=(), state=None, result=None, **sampling_kwargs) -> Iterator[Step]:
-    """Generate token by token, yielding a `Step` as each token is chosen.
-
-    sampling: a SamplingParams, or its fields as keyword arguments (temperature=0 is greedy).
-    seed: makes sampling deterministic. stop_tokens / stop_strings end a stream (not emitted).
-    state: continue from this state (the prompt is fed on top of it) instead of a fresh one.
-    result: an optional GenerationResult filled in as the loop runs (timings, state, tokens).
-    """
-    if sampling is None:
-        sampling = SamplingParams(**sampling_kwargs)
-    elif sampling_kwargs:
-        raise ValueError(f"give either sampling= or sampling keyword arguments, not both: {sorted(sampling_kwargs)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    tokenizer = getattr(model, "tokenizer", None)
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer; this model has none (use stop_tokens)")
+def check_stop_strings(stop_strings):
+    """A str or a sequence of non-empty str -> tuple of str."""
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
-    ids = prompt_to_ids(prompt, tokenizer, model.vocab_size).to(model.device)
-    B, T = ids.shape
-    stop_set = set(int(t) for t in stop_tokens)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(int(seed))
-    counts = None
-    if sampling.repetition_penalty != 1.0 or sampling.presence_penalty or sampling.frequency_penalty:
-        counts = torch.zeros(B, model.vocab_size, device=model.device)
-    if state is None:
-        state = model.new_state(B, max_len=T + max_new_tokens)
+    stop_strings = tuple(stop_strings or ())
+    for s in stop_strings:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+    return stop_strings
 
-    res = result if result is not None else GenerationResult([], None, T, 0.0, 0.0)
-    res.prompt_tokens, res.tokens = T, [[] for _ in range(B)]
-    res.stop_reason = ["length"] * B
-    texts = [""] * B if tokenizer is not None else None
-    done = [False] * B
 
-    t0 = time.perf_counter()
-    logits, state = model.forward(ids, state)
-    for step in range(max_new_tokens):
-        next_ids = sample(logits, sampling, counts, generator)           # [B]
-        chosen = next_ids.tolist()                                       # syncs the device
-        now = time.perf_counter()
-        if step == 0:
-            res.prefill_s = now - t0
+class TextStream:
+    """One stream's text: push each generated token, get back the text that is safe to emit.
+
+    Emitted text is never taken back. Held back are only an incomplete UTF-8 character and the
+    longest tail that could still be the start of a stop string. When a stop string appears, the
+    stream is `stopped`, `text` ends just before it, and `tokens` keeps exactly the tokens whose
+    text starts before the stop string (so `text` is `decode(tokens)` cut where the stop string
+    begins, and equal to it when the stop string starts at a token boundary). `finish()` releases
+    what is held back when the stream ends for another reason."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.stop_strings = check_stop_strings(stop_strings)
+        self.tokens: List[int] = []
+        self.text = ""              # everything emitted so far
+        self.stopped = False
+        self._decoder = IncrementalDecoder(tokenizer.decode)
+        self._held = ""             # decoded, not yet emitted
+        self._starts: List[int] = []  # per token: characters decoded before it
+
+    def push(self, token) -> str:
+        if self.stopped:
+            raise ValueError("this stream already stopped at a stop string")
+        self.tokens.append(int(token))
+        self._starts.append(len(self.text) + len(self._held))
+        self._held += self._decoder.push(int(token))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self._held += self._decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final):
+        cut = min((i for i in (self._held.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.stopped = self._held[:cut], True
+            stop_at = len(self.text) + cut
+            del self.tokens[sum(1 for start in self._starts if start < stop_at):]
         else:
-            res.step_s.append(now - t0)
-        out, pieces = [], ([] if texts is not None else None)
-        for i, tok in enumerate(chosen):
-            if done[i]:
-                out.append(-1)
-                if pieces is not None:
-                    pieces.append("")
-                continue
-            if tok in stop_set:
-                done[i], res.stop_reason[i] = True, "stop_token"
-                out.append(-1)
-                if pieces is not None:
-                    pieces.append("")
-                continue
-            res.tokens[i].append(tok)
-            out.append(tok)
-            if texts is not None:
-                full = _decode(tokenizer, res.tokens[i])
-                cut = min((full.find(s) for s in stop_strings if s in full), default=-1)
-                if cut >= 0:
-                    full, done[i], res.stop_reason[i] = full[:cut], True, "stop_string"
-                if full.endswith("\ufffd") and not done[i]:
-                    pieces.append("")           # an incomplete UTF-8 sequence: wait for more bytes
-                    continue
-                pieces.append(full[len(texts[i]):])
-                texts[i] = full
-        res.text = texts
-        yield Step(out, pieces)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        if counts is not None:
-            counts.scatter_add_(1, next_ids[:, None], torch.ones(B, 1, device=counts.device))
+            out = self._held if final else self._held[:len(self._held) - self._could_start_stop()]
+        self._held = "" if self.stopped else self._held[len(out):]
+        self.text += out
+        return out
+
+    def _could_start_stop(self):
+        """Length of the longest tail of the held text that is a proper prefix of a stop string."""
+        held = self._held
+        return max((k for s in self.stop_strings for k in range(min(len(s) - 1, len(held)), 0, -1)
+                    if held.endswith(s[:k])), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's pieces
+
+def prefill(model, ids, state):
+    """The prompt [B, T] in one forward -> (logits [B, V] at its last position, state)."""
+    return model.forward(ids, state)
+
+
+def decode_one_token(model, next_ids, state):
+    """The tokens just chosen [B] -> (logits [B, V] for the following position, state)."""
+    return model.forward(next_ids[:, None], state)
+
+
+class Sampler:
+    """How one batch chooses its tokens: the parameters, a seeded generator, and the counts of
+    tokens generated so far (only kept when a penalty needs them)."""
+
+    def __init__(self, params: SamplingParams, batch_size, vocab_size, device, seed=None):
+        self.params = params
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+        needs_counts = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        self.counts = torch.zeros(batch_size, vocab_size, device=device) if needs_counts else None
+
+    def __call__(self, logits, step):
+        """logits [B, V] -> LongTensor [B]; non-finite logits raise, naming the step."""
+        try:
+            return sample(logits, self.params, self.counts, self.generator)
+        except NonFiniteLogitsError as e:
+            raise NonFiniteLogitsError(f"step {step}: {e}") from None
+
+    def seen(self, ids):
+        if self.counts is not None:
+            self.counts.scatter_add_(1, ids[:, None], torch.ones(len(ids), 1, device=self.counts.device))
+
+
+class _Stream:
+    """One stream's bookkeeping: its tokens, why it stopped, and its text (with a tokenizer)."""
+
+    def __init__(self, stop_tokens, text: Optional[TextStream]):
+        self.stop_tokens, self.text = stop_tokens, text
+        self.tokens = text.tokens if text is not None else []
+        self.done, self.stop_reason = False, "length"
+
+    def add(self, token, last):
+        """-> (the id to report, -1 once stopped; the new text or None without tokenizer)."""
+        if self.done:
+            return -1, ("" if self.text else None)
+        if token in self.stop_tokens:
+            self.done, self.stop_reason = True, "stop_token"
+            return -1, (self.text.finish() if self.text else None)
+        if self.text is None:
+            self.tokens.append(token)
+            self.done = last
+            return token, None
+        piece = self.text.push(token)
+        if self.text.stopped:
+            self.done, self.stop_reason = True, "stop_string"
+        elif last:
+            self.done, piece = True, piece + self.text.finish()
+        return token, piece
+
+
+def _sampling_params(sampling, kwargs):
+    if sampling is None:
+        return SamplingParams(**kwargs)
+    if kwargs:
+        raise ValueError(f"give either sampling= or sampling keyword arguments, not both: {sorted(kwargs)}")
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    return sampling
+
+
+def _stop_token_set(stop_tokens):
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in stop_tokens):
+        raise ValueError(f"stop_tokens must be ints, got {list(stop_tokens)!r}")
+    return set(stop_tokens)
+
+
+class Generation:
+    """One run of the loop over B streams: iterate it for `Step`s; `result` (a GenerationResult)
+    is kept up to date as it runs. Arguments are checked when it is created."""
+
+    def __init__(self, model, prompt, max_new_tokens=64, *, sampling=None, seed=None, stop_tokens=(),
+                 stop_strings=(), state=None, **sampling_kwargs):
+        params = _sampling_params(sampling, sampling_kwargs)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        tokenizer = getattr(model, "tokenizer", None)
+        stop_strings = check_stop_strings(stop_strings)
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer; this model has none (use stop_tokens)")
+        stops = _stop_token_set(stop_tokens)
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.ids = prompt_to_ids(prompt, tokenizer, model.vocab_size).to(model.device)
+        B, T = self.ids.shape
+        self.sampler = Sampler(params, B, model.vocab_size, model.device, seed)
+        self.streams = [_Stream(stops, TextStream(tokenizer, stop_strings) if tokenizer else None)
+                        for _ in range(B)]
+        self.result = GenerationResult([s.tokens for s in self.streams], None, T, 0.0, 0.0,
+                                       stop_reason=["length"] * B)
+        if tokenizer is not None:
+            self.result.text = [""] * B
+        self._state = state if state is not None else model.new_state(B, max_len=T + max_new_tokens)
+        self._steps = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._steps)
+
+    def _run(self):
         t0 = time.perf_counter()
-        logits, state = model.forward(next_ids[:, None], state)
-    res.decode_s = sum(res.step_s)
-    res.state = state
+        logits, self.result.state = prefill(self.model, self.ids, self._state)
+        for step in range(self.max_new_tokens):
+            next_ids = self.sampler(logits, step)                        # [B]
+            chosen = next_ids.tolist()                                   # syncs the device
+            self._time(step, time.perf_counter() - t0)
+            last = step == self.max_new_tokens - 1
+            yield self._record(chosen, last)
+            if last or all(s.done for s in self.streams):
+                return
+            self.sampler.seen(next_ids)
+            t0 = time.perf_counter()
+            logits, self.result.state = decode_one_token(self.model, next_ids, self.result.state)
+
+    def _time(self, step, seconds):
+        if step == 0:
+            self.result.prefill_s = seconds
+        else:
+            self.result.step_s.append(seconds)
+            self.result.decode_s += seconds
+
+    def _record(self, chosen, last) -> Step:
+        ids, pieces = zip(*(s.add(tok, last) for s, tok in zip(self.streams, chosen)))
+        self.result.stop_reason = [s.stop_reason for s in self.streams]
+        if self.result.text is None:
+            return Step(list(ids))
+        self.result.text = [s.text.text for s in self.streams]
+        return Step(list(ids), list(pieces))
+
+
+def stream(model, prompt, max_new_tokens=64, *, result=None, **kwargs) -> Generation:
+    """Generate token by token: iterate the returned `Generation` for a `Step` as each token is chosen.
+
+    sampling: a SamplingParams, or its fields as keyword arguments (temperature=0 is greedy).
+    seed: makes sampling deterministic. stop_tokens / stop_strings end a stream (not emitted; see
+    TextStream for how tokens and text agree at a stop string).
+    state: continue from this state (the prompt is fed on top of it) instead of a fresh one.
+    The run's GenerationResult is `.result` of the returned object. (`result=`, deprecated, is
+    a GenerationResult updated with it at every step.)
+    """
+    run = Generation(model, prompt, max_new_tokens, **kwargs)
+    return run if result is None else _mirrored(run, result)
+
+
+def _mirrored(run, result):
+    for step in run:
+        vars(result).update(vars(run.result))
+        yield step
+    vars(result).update(vars(run.result))
 
 
 def generate(model, prompt, max_new_tokens=64, **kwargs) -> GenerationResult:
-    """Run `stream` to the end and return the tokens, text, timings and final state."""
-    result = GenerationResult([], None, 0, 0.0, 0.0)
-    for _ in stream(model, prompt, max_new_tokens, result=result, **kwargs):
+    """Run the loop to the end and return the tokens, text, timings and final state."""
+    run = Generation(model, prompt, max_new_tokens, **kwargs)
+    for _ in run:
         pass
-    return result
+    return run.result

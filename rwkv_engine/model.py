@@ -13,21 +13,11 @@ import torch.nn.functional as F
 
 import kernels
 
+from . import generation
 from . import weights as wformat
 from .config import RWKVConfig
-from .generation import as_token_batch
+from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
 from .state import State
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def as_dtype(dtype):
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}: use one of float32, float16, bfloat16")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -124,6 +114,8 @@ class RWKV:
         # float16 needs the residual rescaled (the official packages use 6 as well); others do not
         if rescale_every is None:
             rescale_every = 6 if self.dtype == torch.float16 else 0
+        if isinstance(rescale_every, bool) or not isinstance(rescale_every, int) or rescale_every < 0:
+            raise ValueError(f"rescale_every must be an int >= 0 (0: off), got {rescale_every!r}")
         self.rescale_every = rescale_every
         self.wkv_backend = wkv_backend          # None: chosen by device in kernels.wkv
         packed = wformat.resolve(weights, self.dtype, self.device)
@@ -172,9 +164,8 @@ class RWKV:
             state = self.new_state(B)
         elif not isinstance(state, State):
             raise ValueError(f"state must be a rwkv_engine.State, got {type(state).__name__}")
-        elif state.att_x.shape != (self.config.n_layer, B, self.config.n_embd):
-            raise ValueError(f"state has shape {list(state.att_x.shape)}, expected "
-                             f"{[self.config.n_layer, B, self.config.n_embd]} for {B} streams")
+        else:
+            state.check(self.config.n_layer, B, self.config.n_embd, self.device, self.dtype)
         # token mode works on x (B, C) in place; sequence mode on x (B, T, C)
         x = (self.emb[tokens[:, 0]] if T == 1 else self.emb[tokens]).to(self.dtype)
         step = self._token_block if T == 1 else self._sequence_block
@@ -206,7 +197,7 @@ class RWKV:
                                           (blk.att_mix_k, blk.att_mix_v, blk.att_mix_r))
         r, k, v = kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
         rwkv = kernels.wkv_step_gated(blk.att_w, blk.att_u, r, k.float(), v.float(),
-                                      s.att_a[i], s.att_b[i], s.att_p[i]).to(x.dtype)
+                                      s.att_a[i], s.att_b[i], s.att_p[i], backend=self.wkv_backend).to(x.dtype)
         kernels.linear_accumulate_(rwkv, blk.att_output, x)          # x += rwkv W_o^T
 
         kx, rx = kernels.ln_shift_mix(x, blk.ln2_w, blk.ln2_b, eps, s.ffn_x[i], (blk.ffn_mix_k, blk.ffn_mix_r))
@@ -241,9 +232,7 @@ class RWKV:
 
     # -- generation (the loop shared with the baselines) --------------------------------------
     def generate(self, prompt, max_new_tokens=64, **kwargs):
-        from .generation import generate
-        return generate(self, prompt, max_new_tokens, **kwargs)
+        return generation.generate(self, prompt, max_new_tokens, **kwargs)
 
     def stream(self, prompt, max_new_tokens=64, **kwargs):
-        from .generation import stream
-        return stream(self, prompt, max_new_tokens, **kwargs)
+        return generation.stream(self, prompt, max_new_tokens, **kwargs)

@@ -1,7 +1,27 @@
 """One sampler shared by the RWKV engine and every baseline (gpt-fast `logits_to_probs` / `sample`)."""
+import math
 from dataclasses import dataclass
 
 import torch
+
+# Below this, logits / temperature overflow float32 for ordinary logits: use 0 (greedy) instead.
+MIN_TEMPERATURE = 1e-4
+
+
+class NonFiniteLogitsError(ValueError):
+    """The logits (or the probabilities made from them) hold NaN or infinity."""
+
+
+def _real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_finite(logits, what="logits"):
+    """Raise NonFiniteLogitsError naming the first stream and token whose value is NaN or infinite."""
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise NonFiniteLogitsError(f"{what} are not finite: stream {row}, token {col} is {float(logits[row, col])}")
 
 
 @dataclass(frozen=True)
@@ -16,12 +36,14 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = [
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an int >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("presence_penalty", self.presence_penalty == self.presence_penalty, "a number"),
-            ("frequency_penalty", self.frequency_penalty == self.frequency_penalty, "a number"),
+            ("temperature", _real(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+             f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"),
+            ("top_k", isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
+             "an int >= 0"),
+            ("top_p", _real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", _real(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0"),
+            ("presence_penalty", _real(self.presence_penalty), "a finite number"),
+            ("frequency_penalty", _real(self.frequency_penalty), "a finite number"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -63,13 +85,17 @@ def logits_to_probs(logits, params):
 
 
 def sample(logits, params, counts=None, generator=None):
-    """Choose one token per row. logits: [B, V] float32 -> LongTensor [B]."""
+    """Choose one token per row. logits: [B, V] float32 -> LongTensor [B].
+    Raises NonFiniteLogitsError when the logits, or the probabilities derived from them, are not finite."""
     logits = logits.float()
+    check_finite(logits)
     if counts is not None:
         logits = apply_penalties(logits, counts, params)
+        check_finite(logits, "logits after the penalties")
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     probs = logits_to_probs(logits, params)
+    check_finite(probs, "probabilities after temperature/top-k/top-p")
     return multinomial(probs, generator)
 
 

@@ -6,6 +6,12 @@ import torch
 
 from kernels.wkv_reference import P_INIT
 
+from .files import CheckpointError, atomic_write, first_line, regular_file
+
+WKV_FIELDS = ("att_a", "att_b", "att_p")          # always float32
+SHIFT_FIELDS = ("att_x", "ffn_x")                 # the model's dtype
+SHIFT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 @dataclass
 class State:
@@ -70,27 +76,72 @@ class State:
             out[k] = v.to(device=device, dtype=dtype if k in ("att_x", "ffn_x") and dtype else v.dtype)
         return State(**out)
 
+    def check(self, n_layer, batch_size, n_embd, device, dtype, source="state"):
+        """Raise a one-line ValueError unless every field is a (n_layer, batch_size, n_embd) tensor on
+        `device`, att_x/ffn_x of the model's `dtype` and att_a/b/p float32. Metadata only: cheap."""
+        want = (n_layer, batch_size, n_embd)
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        try:                                                # the common case, in a few microseconds
+            if self.att_x.dtype == self.ffn_x.dtype == dtype and \
+                    self.att_a.dtype == self.att_b.dtype == self.att_p.dtype == torch.float32 and \
+                    self.att_x.shape == self.ffn_x.shape == self.att_a.shape == self.att_b.shape == \
+                    self.att_p.shape == want and \
+                    self.att_x.device == self.ffn_x.device == self.att_a.device == self.att_b.device == \
+                    self.att_p.device == device:
+                return self
+        except AttributeError:                              # not tensors: the loop below says which
+            pass
+        for name, t in self.tensors().items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{source}.{name} is a {type(t).__name__}, expected a tensor")
+            if tuple(t.shape) != want:
+                raise ValueError(f"{source}.{name} has shape {list(t.shape)}, expected {list(want)} "
+                                 f"for {batch_size} streams (n_layer, streams, n_embd)")
+            expect = torch.float32 if name in WKV_FIELDS else dtype
+            if t.dtype != expect:
+                raise ValueError(f"{source}.{name} has dtype {t.dtype}, expected {expect} (a state made for "
+                                 f"another model dtype? use model.new_state() or state.to(dtype=...))")
+            if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+                raise ValueError(f"{source}.{name} is on {t.device}, the model on {device}")
+        return self
+
+    def check_finite(self, source="state"):
+        for name, t in self.tensors().items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{source}.{name} contains NaN or Inf")
+        return self
+
     def save(self, path):
-        """Write to a safetensors file, bit-exact."""
+        """Write to a safetensors file, bit-exact and atomically. A symlink, device or directory at
+        `path` is refused, not replaced; the file gets the umask's usual mode."""
         from safetensors.torch import save_file
-        save_file({k: v.contiguous().cpu() for k, v in self.tensors().items()}, str(path),
-                  metadata={"format": "rwkv_engine.State"})
+        tensors = {k: v.contiguous().cpu() for k, v in self.tensors().items()}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "rwkv_engine.State"}))
 
     @classmethod
     def load(cls, path, device="cpu"):
+        """Read a state written by `save`: keys, shapes, dtypes and values are checked (one-line ValueError)."""
         from safetensors import safe_open
         path = Path(path)
-        if not path.exists():
+        if not (path.exists() or path.is_symlink()):
             raise FileNotFoundError(f"{path}: no such state file")
         try:
+            regular_file(path, "state file")
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
         except Exception as e:
-            raise ValueError(f"{path}: not a saved state ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{path}: not a saved state ({first_line(e)})") from None
         names = [f.name for f in fields(cls)]
         if sorted(tensors) != sorted(names):
             raise ValueError(f"{path}: state keys {sorted(tensors)} != expected {names}")
         shapes = {tuple(t.shape) for t in tensors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 3:
             raise ValueError(f"{path}: state tensors must all be (n_layer, B, C), got {sorted(shapes)}")
-        return cls(**tensors)
+        dtype = tensors["att_x"].dtype
+        if dtype not in SHIFT_DTYPES:
+            raise ValueError(f"{path}: state.att_x has dtype {dtype}, expected float32, float16 or bfloat16")
+        state = cls(**tensors)
+        state.check(*next(iter(shapes)), device, dtype, source=str(path))
+        return state.check_finite(source=str(path))

@@ -4,6 +4,8 @@ from importlib import resources
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+NEOX_VOCAB_SIZE = 50277     # ids of the GPT-NeoX-20B tokenizer: the vocabulary of every RWKV-4-Pile model
+
 
 class Tokenizer:
     """encode(str) -> list[int], decode(list[int]) -> str over a `tokenizers` tokenizer.json."""
@@ -27,5 +29,5 @@ class Tokenizer:
 
 @lru_cache(maxsize=None)
 def tokenizer():
-    """The GPT-NeoX-20B tokenizer: 50277 ids, <|endoftext|> = 0."""
+    """The GPT-NeoX-20B tokenizer: NEOX_VOCAB_SIZE ids, <|endoftext|> = 0."""
     return Tokenizer(resources.files("rwkv_engine") / "data" / "20B_tokenizer.json")

@@ -149,36 +149,18 @@ def packed_tensors(sd, fmt, progress=None):
             yield key, t.contiguous(), None
 
 
-def save_packed(sd, fmt, path, synthetic=False, progress=None):
+def save_packed(sd, fmt, path, metadata=None, progress=None, overwrite=True):
     """Write a checkpoint with its matrices in format `fmt` to one safetensors file (atomically)."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import _atomic_save
+    from .checkpoint import save_safetensors
+    from .files import atomic_write
     out, in_features = {}, {}
     for key, t, n_in in packed_tensors(sd, fmt, progress):
         out[key] = t
         if n_in is not None:
             in_features[key] = n_in
-    meta = {META_FORMAT: fmt, META_SHAPES: json.dumps(in_features), "synthetic": str(bool(synthetic)).lower(),
-            "format": "pt"}
-    return _atomic_save(lambda p: save_file(out, str(p), metadata=meta), Path(path))
-
-
-def file_metadata(path):
-    """The safetensors metadata of `path` ({} for other files or none)."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return {}
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError):
-        return {}
-
-
-def packed_format(path):
-    return file_metadata(path).get(META_FORMAT)
+    meta = dict(metadata or {}, **{META_FORMAT: fmt, META_SHAPES: json.dumps(in_features)})
+    need = sum(t.nbytes for t in out.values())
+    return atomic_write(Path(path), lambda p: save_safetensors(out, p, meta), overwrite=overwrite, need=need)
 
 
 def unpack_file(sd, meta, source):

@@ -221,3 +221,88 @@ def test_registry_names():
     assert MODELS["bloom-3b"].max_positions is None and MODELS["gpt-neo-125m"].window == 256
     with pytest.raises(ValueError, match="unknown model name 'gpt-5'"):
         baselines.get_config("gpt-5")
+
+
+# Independent facts: the released checkpoints' config.json values (n_layer, n_embd, n_head, ffn, vocab),
+# as recorded from the Hugging Face hub pages of each repository (config.json of EleutherAI/*, facebook/*,
+# bigscience/*; see the project's model_configs notes). Written here by hand, not derived from MODELS.
+RELEASED = [
+    ("EleutherAI/pythia-160m", 12, 768, 12, 3072, 50304),
+    ("EleutherAI/pythia-410m", 24, 1024, 16, 4096, 50304),
+    ("EleutherAI/pythia-1.4b", 24, 2048, 16, 8192, 50304),
+    ("EleutherAI/pythia-2.8b", 32, 2560, 32, 10240, 50304),
+    ("EleutherAI/pythia-6.9b", 32, 4096, 32, 16384, 50432),
+    ("EleutherAI/pythia-12b", 36, 5120, 40, 20480, 50688),
+    ("facebook/opt-125m", 12, 768, 12, 3072, 50272),
+    ("facebook/opt-350m", 24, 1024, 16, 4096, 50272),
+    ("facebook/opt-1.3b", 24, 2048, 32, 8192, 50272),
+    ("facebook/opt-2.7b", 32, 2560, 32, 10240, 50272),
+    ("facebook/opt-6.7b", 32, 4096, 32, 16384, 50272),
+    ("facebook/opt-13b", 40, 5120, 40, 20480, 50272),
+    ("EleutherAI/gpt-neo-125m", 12, 768, 12, 3072, 50257),
+    ("EleutherAI/gpt-neo-1.3B", 24, 2048, 16, 8192, 50257),
+    ("EleutherAI/gpt-neo-2.7B", 32, 2560, 20, 10240, 50257),
+    ("bigscience/bloom-560m", 24, 1024, 16, 4096, 250880),
+    ("bigscience/bloom-1b1", 24, 1536, 16, 6144, 250880),
+    ("bigscience/bloom-1b7", 24, 2048, 16, 8192, 250880),
+    ("bigscience/bloom-3b", 30, 2560, 32, 10240, 250880),
+]
+
+
+@pytest.mark.parametrize("repo, n_layer, n_embd, n_head, ffn, vocab", RELEASED)
+def test_registry_matches_the_released_configs(repo, n_layer, n_embd, n_head, ffn, vocab):
+    cfg = baselines.get_config(repo)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.ffn_dim, cfg.vocab_size) == (n_layer, n_embd, n_head, ffn, vocab)
+
+
+def test_every_registered_size_is_a_released_one():
+    assert sorted(baselines.get_config(r[0]).name for r in RELEASED) == sorted(MODELS)
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache made by forward(prompt) grows; an explicit one stays fixed (issue 9, case 17)
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_implicit_cache_grows_and_matches_a_preallocated_one(tiny, case):
+    _, path = tiny(case)
+    model = baselines.load(str(path))
+    ids = prompt()
+    logits, cache = model.forward(ids)                                 # no cache given
+    ref, ref_cache = model.forward(ids, model.new_state(1, PROMPT_LEN + 20))
+    lengths = {cache.max_len}
+    for _ in range(20):
+        tok = logits.argmax(-1)
+        logits, cache = model.forward(tok, cache)                      # failed here before
+        ref, ref_cache = model.forward(tok, ref_cache)
+        lengths.add(cache.max_len)
+        assert (logits - ref).abs().max() <= 1e-5
+    assert cache.pos == PROMPT_LEN + 20
+    assert lengths == {PROMPT_LEN, 2 * PROMPT_LEN}                    # doubled once, not grown per token
+
+
+def test_explicit_cache_stays_fixed(tiny):
+    _, path = tiny("pythia")
+    model = baselines.load(str(path))
+    cache = model.new_state(1, PROMPT_LEN + 1)
+    _, cache = model.forward(prompt(), cache)
+    model.forward([1], cache)
+    with pytest.raises(ValueError, match=r"1 tokens at position 21 exceed the cache's 21 positions .*new_state\(max_len=21\)"):
+        model.forward([1], cache)
+
+
+def test_implicit_cache_stops_at_a_learned_position_table(tiny):
+    _, path = tiny("opt")
+    model = baselines.load(str(path))
+    _, cache = model.forward(torch.zeros(1, model.config.max_len - 1, dtype=torch.long))
+    _, cache = model.forward([1], cache)
+    with pytest.raises(ValueError, match=f"exceed the model's {model.config.max_len} positions"):
+        model.forward([1], cache)
+
+
+def test_paper_protocol_history_grows_too(tiny):
+    _, path = tiny("bloom")
+    paper = baselines.load(str(path), protocol="paper")
+    logits, hist = paper.forward(prompt())
+    for _ in range(3):
+        logits, hist = paper.forward(logits.argmax(-1), hist)
+    assert hist.pos == PROMPT_LEN + 3

@@ -28,8 +28,9 @@ def fake_machine(tmp_path_factory):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": default_threads(),
-        "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "torch_sum",
-        "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "gemm_fp32_GFLOPs": 100.0,
+        "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "median of torch_sum",
+        "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
+        "gemm_fp32_GFLOPs": 100.0,
         "memory_total_bytes": 8 << 30}))
     yield
     if old is None:
@@ -83,21 +84,38 @@ def test_generate_baseline_without_tokenizer(tmp_path, tiny_pythia):
     assert s["expected_runtime_bytes"] == 2 * 2 * 64 * (41 + 6) * 4          # K and V, 2 layers, fp32
 
 
-@pytest.mark.parametrize("case", ["unknown-model", "zero-tokens", "cuda", "missing-checkpoint", "bad-checkpoint"])
+GENERATE_BAD = ["unknown-model", "zero-tokens", "cuda", "missing-checkpoint", "bad-checkpoint", "truncated-checkpoint",
+                "empty-dir-checkpoint", "negative-timeout", "negative-threads", "zero-batch", "unknown-weights"]
+
+
+@pytest.mark.parametrize("case", GENERATE_BAD)
 def test_generate_bad_arguments(tmp_path, case):
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"emb.weight": torch.zeros(1000, 64)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    (tmp_path / "empty").mkdir()
     args = {"unknown-model": ["--model", "rwkv-9-nope"], "zero-tokens": ["--model", TINY, "--tokens", "0"],
             "cuda": ["--model", TINY, "--device", "cuda"],
             "missing-checkpoint": ["--model", TINY, "--checkpoint", str(tmp_path / "absent.pth")],
-            "bad-checkpoint": ["--model", TINY, "--checkpoint", str(bad), "--tokens", "4"]}[case]
+            "bad-checkpoint": ["--model", TINY, "--checkpoint", str(bad), "--tokens", "4"],
+            "truncated-checkpoint": ["--model", TINY, "--checkpoint", str(truncated), "--tokens", "4"],
+            "empty-dir-checkpoint": ["--model", TINY, "--checkpoint", str(tmp_path / "empty"), "--tokens", "4"],
+            "negative-timeout": ["--model", TINY, "--tokens", "4", "--timeout", "-5"],
+            "negative-threads": ["--model", TINY, "--tokens", "4", "--threads", "-2"],
+            "zero-batch": ["--model", TINY, "--tokens", "4", "--batch", "0"],
+            "unknown-weights": ["--model", TINY, "--tokens", "4", "--weights", "int4"]}[case]
+    names = {"negative-timeout": "--timeout", "negative-threads": "--threads", "zero-batch": "--batch",
+             "unknown-weights": "--weights", "truncated-checkpoint": "truncated.pth", "empty-dir-checkpoint": "empty"}
     out = tmp_path / "r.json"
     p = cli("bench.generate", *args, "--json", str(out))
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bench.generate: error:"), p.stderr
+    assert names.get(case, "") in lines[0], lines[0]
     assert not out.exists() and not list(tmp_path.glob(".r.json*"))
 
 
@@ -121,9 +139,17 @@ def test_memory_meter_known_allocation(method):
     del block
 
 
-def test_sampler_overhead_reports_a_ratio():
-    ratio, plain, sampled = memory.sampler_overhead(lambda: sum(range(20000)), repeats=3)
-    assert ratio > 0 and plain > 0 and sampled > 0
+def test_sampler_overhead_times_with_and_without_the_sampler():
+    """A fake clock makes every plain call last 1.0 s and every sampled one 1.2 s; the sampler
+    thread must be running during (and only during) the sampled calls."""
+    import itertools
+    import threading
+    ticks = itertools.chain.from_iterable((10 * i, 10 * i + 1.0, 10 * i + 5, 10 * i + 6.2) for i in itertools.count())
+    threads_seen = []
+    ratio, plain, sampled = memory.sampler_overhead(lambda: threads_seen.append(threading.active_count()),
+                                                    repeats=3, clock=lambda: next(ticks))
+    assert (plain, sampled) == (pytest.approx(1.0), pytest.approx(1.2)) and ratio == pytest.approx(1.2)
+    assert threads_seen[1::2] == [n + 1 for n in threads_seen[0::2]], threads_seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +260,7 @@ def test_peers_tiny_rwkv(tmp_path):
 # The child process
 
 def test_child_trace_mode_records_peak_per_step():
-    from bench._run_one import run_child
+    from bench.runner import run_child
     r = run_child({"model": TINY, "tokens": 5, "mode": "trace"}, timeout=120)
     assert r["status"] == "ok", r
     trace = r["mem_trace"]
@@ -244,6 +270,270 @@ def test_child_trace_mode_records_peak_per_step():
 
 
 def test_child_is_killed_at_the_timeout():
-    from bench._run_one import run_child
+    from bench.runner import run_child
     r = run_child({"model": TINY, "tokens": 100_000}, timeout=1)
     assert r["status"] == "timeout" and "killed after" in r["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs are checked before any work; nothing partial is left
+
+@pytest.mark.parametrize("case", ["directory", "under-a-file"])
+def test_generate_checks_json_path_before_running(tmp_path, case):
+    (tmp_path / "file").write_text("x")
+    target = {"directory": tmp_path, "under-a-file": tmp_path / "file" / "r.json"}[case]
+    p = cli("bench.generate", "--model", TINY, "--tokens", "4", "--json", str(target))
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "--json" in lines[0], p.stderr
+    assert "run 1/1" not in p.stderr                                  # refused before any run
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["file"]     # no .r.json.PID.tmp
+
+
+def test_write_json_atomic_leaves_no_temp_file_on_failure(tmp_path):
+    from bench.cli import write_json_atomic
+    with pytest.raises(ValueError):
+        write_json_atomic(tmp_path / "r.json", {"x": float("nan")})  # allow_nan=False
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.sweep arguments, lock and rows
+
+SWEEP_BAD = {"empty-models": ["--models", ""], "zero-tokens": ["--tokens", "0"], "zero-repeats": ["--repeats", "0"],
+             "negative-timeout": ["--timeout", "-1"], "negative-threads": ["--threads", "-2"],
+             "negative-wait": ["--wait-quiet", "-1"], "unknown-weights": ["--weights", "int4"]}
+
+
+@pytest.mark.parametrize("case", sorted(SWEEP_BAD))
+def test_sweep_rejects_bad_arguments(tmp_path, case):
+    out = tmp_path / "out"
+    args = SWEEP_BAD[case] if case == "empty-models" else ["--models", TINY, *SWEEP_BAD[case]]
+    p = cli("bench.sweep", *args, "--out", str(out), "--dry-run")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("bench.sweep: error:"), p.stderr
+    assert not out.exists()
+
+
+def test_sweep_models_are_deduplicated(tmp_path):
+    p = cli("bench.sweep", "--models", f"{TINY},{TINY}", "--tokens", "4", "--repeats", "1", "--out", str(tmp_path),
+            "--dry-run")
+    assert p.returncode == 0 and p.stdout.count(TINY) == 1, p.stdout + p.stderr
+    names = sweep.expand_models("rwkv-4-pile-169m,rwkv,RWKV-4-PILE-169M", sweep.PRESETS["quick"])
+    assert names[0] == "rwkv-4-pile-169m" and names.count("rwkv-4-pile-169m") == 1
+    assert names == list(dict.fromkeys(names)) and "rwkv-4-pile-430m" in names
+    runs, _ = sweep.plan([TINY], ["cpu"], tokens=4, repeats=2, budget_bytes=1e12)
+    assert len({k for k, _ in runs}) == 2
+
+
+def test_sweep_refuses_an_output_directory_in_use(tmp_path):
+    with sweep.locked(tmp_path):
+        p = cli("bench.sweep", "--models", TINY, "--tokens", "4", "--out", str(tmp_path), "--dry-run")
+    assert p.returncode == 2 and "another sweep" in p.stderr and str(os.getpid()) in p.stderr, p.stderr
+    p = cli("bench.sweep", "--models", TINY, "--tokens", "4", "--out", str(tmp_path), "--dry-run")
+    assert p.returncode == 0, p.stderr                                 # the lock went with its holder
+
+
+@pytest.mark.parametrize("case", ["foreign-row", "out-under-a-file"])
+def test_sweep_one_line_errors(tmp_path, case):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.jsonl").write_text('{"key": "a", "model": "m", "status": "ok"}\n{"foo": 1}\n')
+    (tmp_path / "file").write_text("x")
+    target = out if case == "foreign-row" else tmp_path / "file" / "out"
+    p = cli("bench.sweep", "--models", TINY, "--tokens", "4", "--out", str(target), "--dry-run")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert ("line 2" in lines[0]) if case == "foreign-row" else ("not a directory" in lines[0])
+
+
+def test_weight_format_counts_in_the_fit_check_and_the_run_key():
+    assert models.WEIGHT_BYTES == {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1.0625}
+    n = models.n_params("rwkv-4-pile-1b5")
+    assert models.estimate("rwkv-4-pile-1b5", 16, weights="int8")["params_bytes"] == int(n * 1.0625)
+    assert models.estimate("rwkv-4-pile-1b5", 16, weights="bfloat16")["params_bytes"] == n * 2
+    _, skipped = sweep.plan(["rwkv-4-pile-1b5"], ["cpu"], tokens=16, repeats=1, budget_bytes=3e9)
+    assert skipped                                                      # fp32: ~6 GB of weights
+    runs, skipped = sweep.plan(["rwkv-4-pile-1b5"], ["cpu"], tokens=16, repeats=1, budget_bytes=3e9, weights="int8")
+    assert not skipped and runs[0][1]["weights"] == "int8" and runs[0][0].endswith("|w=int8")
+    fp32_key = sweep.plan([TINY], ["cpu"], 16, 1, budget_bytes=1e12)[0][0][0]
+    assert fp32_key == sweep.plan([TINY], ["cpu"], 16, 1, budget_bytes=1e12, weights="float32")[0][0][0]
+    with pytest.raises(ValueError, match="int4"):
+        models.estimate("rwkv-4-pile-169m", 16, weights="int4")
+
+
+def test_weights_reach_the_loader_only_when_given(monkeypatch):
+    import rwkv_engine
+    calls = []
+    monkeypatch.setattr(rwkv_engine, "load", lambda *a, **kw: calls.append(kw))
+    models.load(TINY)
+    models.load(TINY, weights="int8")
+    assert "weights" not in calls[0] and calls[1]["weights"] == "int8"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch, token ids, progress
+
+def test_generate_batch_and_token_ids(tmp_path):
+    out = tmp_path / "r.json"
+    p = cli("bench.generate", "--model", TINY, "--tokens", "6", "--batch", "2", "--repeats", "2", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    data = json.loads(out.read_text())
+    runs, s = data["runs"], data["summary"]
+    vocab = models.config(TINY).vocab_size
+    for run in runs:
+        assert run["batch"] == 2 and len(run["token_ids"]) == 2
+        assert all(len(ids) == 6 and all(0 <= i < vocab for i in ids) for ids in run["token_ids"])
+    assert runs[0]["token_ids"] == runs[1]["token_ids"]                  # same seed, same tokens
+    assert runs[0]["token_ids"][0] != runs[0]["token_ids"][1]           # two streams, two samples
+    assert s["aggregate_tokens_per_s"] == pytest.approx(2 * s["tokens_per_s"], rel=0.3)
+    assert s["weight_format"] == "float32" and "token_ids" not in s
+    assert "tokens/s, 2 streams" in p.stdout
+
+
+def test_child_prints_progress_and_the_result_is_unchanged(capfd):
+    from bench.runner import run_child
+    r = run_child({"model": TINY, "tokens": 5, "progress_every_s": 0}, timeout=120, progress=True)
+    assert r["status"] == "ok", r
+    err = capfd.readouterr().err
+    assert "progress: decoding 5/5 tokens" in err and len(r["token_ids"][0]) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# The child dies with its parent
+
+def _children_running(pid):
+    import psutil
+    try:
+        return [c for c in psutil.Process(pid).children(recursive=True) if "bench.runner" in " ".join(c.cmdline())]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGHUP"])
+def test_child_dies_with_its_parent(tmp_path, sig):
+    import signal
+    import time
+    import psutil
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(REPO))
+    parent = subprocess.Popen([sys.executable, "-m", "bench.generate", "--model", TINY, "--tokens", "10000000"],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (children := _children_running(parent.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert children, "the child never started"
+    child = children[0]
+    try:
+        parent.send_signal(getattr(signal, sig))
+        parent.wait(timeout=30)
+        gone, alive = psutil.wait_procs([child], timeout=5)
+        assert not alive, f"child {child.pid} outlived its parent ({sig})"
+        assert list(tmp_path.iterdir()) == []                            # no temp dirs or files
+        if sig != "SIGKILL":
+            assert parent.returncode == 128 + getattr(signal, sig)
+    finally:
+        for c in [child] + _children_running(parent.pid):
+            with __import__("contextlib").suppress(psutil.NoSuchProcess):
+                c.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine: bandwidth estimator and load accounting
+
+def test_bandwidth_is_the_median_and_disagreement_is_flagged():
+    from bench.machine import summarize_bandwidth
+    s = summarize_bandwidth({"torch_sum": 63.5, "torch_matvec": 25.0, "numpy_sum_1thread": 25.6})
+    assert s["read_bandwidth_GBps"] == 25.6 and s["bandwidth_disagree"] and s["bandwidth_spread"] == pytest.approx(2.54)
+    s = summarize_bandwidth({"torch_sum": 25.0, "torch_matvec": 24.0, "numpy_sum_1thread": 26.0})
+    assert s["read_bandwidth_GBps"] == 25.0 and not s["bandwidth_disagree"]
+
+
+def test_bandwidth_estimator_on_a_known_timing():
+    """Every timed call lasts 0.25 s by a fake clock: 4 MiB read in 0.25 s is 0.016777216 GB/s."""
+    import itertools
+    from bench.machine import cpu_array_bytes, measure_bandwidth
+    ticks = itertools.count(0, 0.25)
+    bw = measure_bandwidth("cpu", nbytes=4 << 20, repeats=2, clock=lambda: next(ticks))
+    assert set(bw) == {"torch_sum", "torch_matvec", "numpy_sum_1thread"}
+    assert all(v == pytest.approx(4 * 2 ** 20 / 0.25 / 1e9) for v in bw.values()), bw
+    assert cpu_array_bytes(llc=260 << 20) >= 8 * (260 << 20)            # far beyond a 260 MB L3
+    assert cpu_array_bytes(llc=8 << 20) == 1 << 30
+    assert cpu_array_bytes(llc=260 << 20, ram=4 << 30) == 1 << 30        # never above a quarter of RAM
+
+
+def test_others_share_formula():
+    from bench.cpuload import busy_warning, others_share
+    s = others_share(busy_before=100.0, busy_after=103.0, own_before=10.0, own_after=11.0, wall_s=2.0, cpus=2)
+    assert s == {"others_cpu_s": pytest.approx(2.0), "others_cpu_pct": pytest.approx(50.0)}
+    assert others_share(100.0, 101.0, 10.0, 11.0, 2.0, 2)["others_cpu_pct"] == 0.0
+    assert "WARNING" in busy_warning(50.0) and busy_warning(1.0) == ""
+
+
+def test_others_meter_sees_a_busy_process_and_not_itself():
+    import time
+    from bench.cpuload import OthersMeter
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        meter = OthersMeter().start()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 1.5:                              # busy ourselves too
+            pass
+        got = meter.stop()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert got["others_cpu_s"] >= 0.3 * 1.5, got                        # the spinner, at least in part
+    assert got["loadavg_1m"] is not None
+
+
+def test_wait_quiet_is_bounded():
+    from bench.cpuload import wait_quiet
+
+    class Meter:
+        def __init__(self, pcts):
+            self.pcts = iter(pcts)
+
+        def start(self):
+            return self
+
+        def stop(self):
+            return {"others_cpu_pct": next(self.pcts)}
+
+    assert wait_quiet(60, sleep=lambda s: None, meter=Meter([80, 40, 2])) == (True, 2)
+    assert wait_quiet(0, sleep=lambda s: None, meter=Meter([80, 80])) == (False, 80)
+
+
+def test_generate_records_machine_load(tmp_path):
+    out = tmp_path / "r.json"
+    p = cli("bench.generate", "--model", TINY, "--tokens", "4", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert 0 <= run["others_cpu_pct"] <= 100 and run["others_cpu_s"] >= 0 and run["loadavg_1m"] >= 0
+    assert "machine load" in p.stdout
+
+
+def test_paper_prompt_length_is_the_named_constant():
+    from bench import DRAGON_PROMPT, PROMPT_TOKENS
+    from rwkv_engine import tokenizer
+    assert len(tokenizer().encode(DRAGON_PROMPT)) == PROMPT_TOKENS
+
+
+def test_no_import_cycle_in_bench():
+    """Every bench module imports alone, in a fresh interpreter, with no lazy import of a module
+    that imports it back (checked from the source: bench.X -> bench.Y edges, lazy ones included)."""
+    import ast
+    edges = {}
+    for path in (REPO / "bench").glob("*.py"):
+        mod = f"bench.{path.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bench"):
+                deps |= {node.module} if node.module != "bench" else {f"bench.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("bench.")}
+        edges[mod] = {d for d in deps if (REPO / (d.replace(".", "/") + ".py")).exists()} - {mod}
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, seen + (d,))) for d in edges.get(start, ()))
+    cycles = [m for m in edges if reaches(m, m)]
+    assert not cycles, {m: sorted(edges[m]) for m in cycles}

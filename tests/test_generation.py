@@ -142,3 +142,100 @@ def test_multinomial_draws_follow_the_distribution():
     freq = torch.bincount(draws, minlength=5).float() / 4000
     assert freq[0] == 0 and freq[2] == 0                     # zero-probability tokens never drawn
     torch.testing.assert_close(freq, probs[0], atol=0.03, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite logits and the parameters that cause them (issue 9, case 3)
+
+class FixedLogits:
+    """A model whose logits are given per step (step i: row i of `table`, clamped to the last)."""
+    tokenizer = None
+    device = torch.device("cpu")
+
+    def __init__(self, table):
+        self.table, self.calls = table, 0
+        self.vocab_size = table.shape[-1]
+
+    def new_state(self, batch_size=1, max_len=None):
+        return None
+
+    def forward(self, tokens, state=None):
+        row = self.table[min(self.calls, len(self.table) - 1)]
+        self.calls += 1
+        return row.expand(tokens.shape[0], -1).clone(), state
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_non_finite_logits_raise_naming_the_step(bad, temperature):
+    table = torch.zeros(4, 10)
+    table[:, 3] = 1.0
+    table[2, 5] = bad                                   # the third sample sees it
+    with pytest.raises(rwkv_engine.NonFiniteLogitsError, match=r"step 2: logits are not finite: stream 0, token 5"):
+        generate(FixedLogits(table), [1], max_new_tokens=4, temperature=temperature, seed=0)
+
+
+def test_non_finite_logits_were_not_token_v_minus_1():
+    """The inverse-CDF sampler used to clamp NaN draws to the last token id."""
+    logits = torch.full((1, 10), float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        sample(logits, SamplingParams())
+
+
+def test_overflow_after_temperature_is_caught():
+    logits = torch.tensor([[3e38, -3e38, 0.0]])
+    with pytest.raises(rwkv_engine.NonFiniteLogitsError, match="after temperature"):
+        sample(logits, SamplingParams(temperature=0.5))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=1e-45), "temperature=1e-45"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+    (dict(temperature=float("inf")), "temperature=inf"),
+    (dict(presence_penalty=float("inf")), "presence_penalty=inf"),
+    (dict(frequency_penalty=float("-inf")), "frequency_penalty=-inf"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty=inf"),
+    (dict(top_p=float("nan")), "top_p=nan"),
+    (dict(top_k=1.5), "top_k=1.5"),
+    (dict(top_k=True), "top_k=True"),
+    (dict(temperature="1"), "temperature='1'"),
+])
+def test_parameters_that_make_logits_non_finite_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=f"invalid sampling parameter {message}"):
+        SamplingParams(**kwargs)
+
+
+def test_smallest_temperature_still_samples():
+    from rwkv_engine.sampling import MIN_TEMPERATURE
+    logits = torch.tensor([[0.0, 50.0, 49.0]])
+    assert int(sample(logits, SamplingParams(temperature=MIN_TEMPERATURE))) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent coercions (issue 9, case 9)
+
+@pytest.mark.parametrize("tokens", [[1.5, 2.0], [[2.0]], torch.tensor([[1.0, 2.0]]), [True, False]])
+def test_forward_refuses_non_integer_tokens(model, tokens):
+    with pytest.raises(ValueError, match="floats and bools are refused"):
+        model.forward(tokens)
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5, 1.0, True, "6"])
+def test_rescale_every_must_be_a_non_negative_int(bad):
+    with pytest.raises(ValueError, match=f"rescale_every must be an int >= 0 .*got {bad!r}"):
+        rwkv_engine.load("rwkv-4-tiny", rescale_every=bad)
+
+
+def test_generate_returns_its_result_and_stream_exposes_it(model):
+    run = stream(model, [1, 2], max_new_tokens=5, temperature=0)
+    steps = list(run)
+    res = generate(model, [1, 2], max_new_tokens=5, temperature=0)
+    assert run.result.tokens == res.tokens and [s.ids[0] for s in steps] == res.tokens[0]
+    assert run.result.decode_s == pytest.approx(sum(run.result.step_s))
+
+
+def test_invalid_arguments_fail_when_stream_is_called(model):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        stream(model, [1], max_new_tokens=0)                # before iterating
+    with pytest.raises(ValueError, match="stop_tokens must be ints"):
+        stream(model, [1], stop_tokens=[1.5])

@@ -202,7 +202,7 @@ def test_each_build_is_cached_under_its_isa_and_runs_its_instructions():
 
 @needs_c
 def test_simulated_avx2_cpu_gets_the_avx2_build(monkeypatch):
-    monkeypatch.setenv("RWKV_ENGINE_CPU_FEATURES", "avx2 fma f16c")
+    monkeypatch.setenv("RWKV_ENGINE_CPU_FEATURES", "avx2,fma,f16c")
     assert quant._lib().isa_level() == 256
 
 

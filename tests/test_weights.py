@@ -12,7 +12,7 @@ import torch
 import rwkv_engine
 from kernels import quant
 from rwkv_engine import CheckpointError, RWKV
-from rwkv_engine.checkpoint import (is_synthetic, read_checkpoint, synthetic_state_dict, write_synthetic)
+from rwkv_engine.checkpoint import read_checkpoint, read_metadata, synthetic_state_dict, write_synthetic
 from rwkv_engine.convert import main as convert_main
 
 # mean KL(fp32 || format) per token on a tiny synthetic model: the 169m targets (1e-4 for
@@ -174,8 +174,8 @@ def test_convert_cli_errors_are_one_line(int8_file, tmp_path, capsys):
 def test_sharded_bf16_synthetic_equals_the_in_memory_one(tiny_cfg, tmp_path, monkeypatch):
     from rwkv_engine import checkpoint
     monkeypatch.setattr(checkpoint, "SHARD_BYTES", 200_000)
-    path = write_synthetic(tiny_cfg, tmp_path / "synth", seed=4, dtype=torch.bfloat16, fmt="sharded")
-    assert len(list(path.glob("model-*.safetensors"))) > 3 and is_synthetic(path)
+    path = write_synthetic(tiny_cfg, tmp_path / "synth", seed=4, dtype=torch.bfloat16, fmt="hf")
+    assert len(list(path.glob("model-*.safetensors"))) > 3 and read_metadata(path).get("synthetic") == "true"
     sd, cfg = read_checkpoint(path)
     ref = synthetic_state_dict(tiny_cfg, seed=4, dtype=torch.bfloat16)
     assert set(sd) == set(ref) and all(torch.equal(sd[k].reshape(ref[k].shape), ref[k]) for k in ref)

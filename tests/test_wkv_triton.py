@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from kernels.wkv_reference import P_INIT, wkv_reference
-from kernels.wkv_triton import _wkv_forward, is_interpreted, wkv_triton, wkv_triton_step
+from kernels.wkv_triton import is_interpreted, launch_config, wkv_triton, wkv_triton_step
 
 if not is_interpreted() and not torch.cuda.is_available():
     raise RuntimeError("kernels.wkv_triton is compiled for the GPU (TRITON_INTERPRET was not 1 when it was "
@@ -143,7 +143,7 @@ def test_several_channel_blocks(C, block_c):
     """A grid with several programs along C, the last one partly masked when C % block_c != 0."""
     B, T = 2, 20
     w, u, k, v = make_inputs(B, T, C)
-    y, state = _wkv_forward(w, u, k, v, block_c=block_c)
+    y, state = wkv_triton(w, u, k, v, block_c=block_c)
     assert_matches_reference(y, state, *reference(w, u, k, v), T)
 
 
@@ -248,7 +248,7 @@ def _bad_inputs():
         ("state", lambda: wkv_triton(w, u, k, v, s[:2])),
         ("k", lambda: wkv_triton_step(w, u, k, v[:, 0])),
         ("out_state.a", lambda: wkv_triton_step(w, u, k[:, 0], v[:, 0], s, out_state=(s[0].half(), s[1], s[2]))),
-        ("block_c", lambda: _wkv_forward(w, u, k, v, block_c=48)),
+        ("block_c", lambda: wkv_triton(w, u, k, v, block_c=48)),
     ]
 
 
@@ -264,3 +264,14 @@ def test_cpu_tensors_rejected_by_compiled_kernel():
     w, u, k, v = (x.cpu() for x in make_inputs(1, 2, 32))
     with pytest.raises(ValueError, match="CPU tensor"):
         wkv_triton(w, u, k, v)
+
+
+def test_public_launch_config():
+    """`launch_config` is the public default launch (bench/gpu_check.py reads it): a power-of-two
+    block covering C within the limits, and the warps the GPU path uses for it."""
+    assert launch_config(768, interpreted=False) == (128, 4)
+    assert launch_config(20, interpreted=False) == (32, 1)
+    assert launch_config(5, interpreted=False) == (16, 1)
+    assert launch_config(96, interpreted=True) == (128, 1)
+    assert launch_config(5000, interpreted=True) == (1024, 1)
+    assert launch_config(96) == launch_config(96, interpreted=is_interpreted())

@@ -1,85 +1,141 @@
-/* CPU decode kernels for RWKV-4 (float32, contiguous [B, C] rows).
+/* CPU kernels for RWKV-4 (float32, contiguous rows), built once per instruction set: kernels/cpu_c.py
+ * compiles this file with -mavx2 -mfma -mf16c, and with -mavx512f ... as well where the CPU has it.
  *
- * 1. Batched matrix-vector products: y[b, o] (+)= sum_i W[o, i] x[b, i].
- *
- * Decode reads every weight once per token, so it is bound by memory bandwidth. This kernel
- * streams four rows of W at a time through AVX2 FMAs (each row read once for all B inputs,
- * while it sits in L1), splits rows across OpenMP threads, and runs several independent
- * products (e.g. the key, value and receptance matrices of a layer) in one parallel region so
- * that threads are woken once per group instead of once per matrix.
- *
- * 2. The element-wise work of a layer fused into a few passes (LayerNorm + token-shift mixes,
- * the WKV step with its receptance gate, relu^2, the gated residual), so that a decode step
- * costs a handful of calls per layer instead of ~40 small torch ops. Each has a torch reference
- * with the same signature in kernels/fused.py.
+ * Decode (token mode):
+ * 1. Batched matrix-vector products: y[b, o] (+)= sum_i W[o, i] x[b, i], for any number of streams B.
+ *    Decode reads every weight once per token, so it is bound by memory bandwidth: rows of W are
+ *    streamed four at a time and each block of four rows serves all B inputs while it sits in
+ *    L1/L2, so the weights are read from memory once per call whatever B is. Several independent
+ *    products (a layer's key, value and receptance) run as one job of the thread pool (pool.h):
+ *    row chunks claimed dynamically, no barrier, so a thread that another process keeps off its
+ *    core does not stall the token.
+ *    Batch invariance: each (row, stream) dot product is one fixed instruction sequence (vector FMAs
+ *    over the full blocks of the row, one masked block for the rest, one horizontal sum), the same
+ *    whatever B is, whichever thread computes it and however the rows are chunked; so a stream's
+ *    logits are bit-identical alone or in a batch.
+ * 2. The element-wise work of a layer fused into a few passes (LayerNorm + token-shift mixes, the
+ *    WKV step with its receptance gate, relu^2, the gated residual), each with a torch reference of
+ *    the same signature in kernels/fused.py.
+ * Prefill (sequence mode):
+ * 3. The WKV recurrence over a sequence (wkv_seq): channels split over torch's OpenMP threads (the
+ *    products of a prompt are torch GEMMs on that same pool), time walked with the state in registers.
  */
 #include <math.h>
 #include <immintrin.h>
 #include <stdint.h>
 #include <omp.h>
 
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
+#include "pool.h"
+
+#define MATVEC_MAX_GROUP 8           /* products in one matvec_group call */
+#define MATVEC_CHUNK_BYTES 65536     /* weight bytes per claimed chunk (whole blocks of 4 rows) */
+
+int64_t matvec_max_group(void) { return MATVEC_MAX_GROUP; }
+
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+typedef __mmask16 vmask;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vmask vmask_first(int64_t n) { return (vmask)((1u << n) - 1u); }
+static inline vf vload_masked(const float *p, vmask m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#else
+#define VW 8
+typedef __m256 vf;
+typedef __m256i vmask;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vmask vmask_first(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vload_masked(const float *p, vmask m) { return _mm256_maskload_ps(p, m); }
+static inline float vsum(vf v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_hadd_ps(lo, lo);
     lo = _mm_hadd_ps(lo, lo);
     return _mm_cvtss_f32(lo);
 }
+#endif
 
-/* rows [o0, o1) of one product; W [O, I] row-major, x [B, I], y [B, O] */
+/* R rows (of W, stride I) x S streams (of x, stride I) of dot products, into y (row stride O).
+ * Every (row, stream) pair follows the same instruction sequence whatever R and S are. */
+static inline __attribute__((always_inline)) void dot_tile(const int R, const int S, const float *w,
+        const float *x, float *y, int64_t I, int64_t O, int acc) {
+    vf a[4][2];
+    for (int r = 0; r < R; r++) for (int s = 0; s < S; s++) a[r][s] = vzero();
+    int64_t i = 0;
+    for (; i + VW <= I; i += VW) {
+        vf xv[2];
+        for (int s = 0; s < S; s++) xv[s] = vload(x + s * I + i);
+        for (int r = 0; r < R; r++) {
+            vf wv = vload(w + r * I + i);
+            for (int s = 0; s < S; s++) a[r][s] = vfma(wv, xv[s], a[r][s]);
+        }
+    }
+    if (i < I) {
+        vmask m = vmask_first(I - i);
+        vf xv[2];
+        for (int s = 0; s < S; s++) xv[s] = vload_masked(x + s * I + i, m);
+        for (int r = 0; r < R; r++) {
+            vf wv = vload_masked(w + r * I + i, m);
+            for (int s = 0; s < S; s++) a[r][s] = vfma(wv, xv[s], a[r][s]);
+        }
+    }
+    for (int s = 0; s < S; s++)
+        for (int r = 0; r < R; r++) {
+            float d = vsum(a[r][s]);
+            y[s * O + r] = acc ? y[s * O + r] + d : d;
+        }
+}
+
+/* rows [o0, o1) of one product for all B streams; W [O, I] row-major, x [B, I], y [B, O] */
 static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I, int64_t B,
                  int64_t o0, int64_t o1, int acc) {
     int64_t o = o0;
     for (; o + 4 <= o1; o += 4) {
-        const float *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * I;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 8 <= I; i += 8) {
-                __m256 xv = _mm256_loadu_ps(xb + i);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
-            }
-            float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-            for (; i < I; i++) {
-                s0 += w0[i] * xb[i]; s1 += w1[i] * xb[i]; s2 += w2[i] * xb[i]; s3 += w3[i] * xb[i];
-            }
-            float *yb = y + b * O + o;
-            if (acc) { yb[0] += s0; yb[1] += s1; yb[2] += s2; yb[3] += s3; }
-            else { yb[0] = s0; yb[1] = s1; yb[2] = s2; yb[3] = s3; }
-        }
+        int64_t b = 0;
+        for (; b + 2 <= B; b += 2) dot_tile(4, 2, W + o * I, x + b * I, y + b * O + o, I, O, acc);
+        if (b < B) dot_tile(4, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc);
     }
-    for (; o < o1; o++) {
-        const float *w0 = W + o * I;
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * I;
-            __m256 a0 = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 8 <= I; i += 8)
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), _mm256_loadu_ps(xb + i), a0);
-            float s0 = hsum(a0);
-            for (; i < I; i++) s0 += w0[i] * xb[i];
-            y[b * O + o] = acc ? y[b * O + o] + s0 : s0;
-        }
-    }
+    for (; o < o1; o++)
+        for (int64_t b = 0; b < B; b++) dot_tile(1, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc);
 }
 
-/* n independent products in one parallel region; each split into row blocks over the threads */
-void matvec_group(int64_t n, const float **W, const float **x, float **y, const int64_t *O,
-                  const int64_t *I, int64_t B, int64_t nthreads, int64_t acc) {
-    #pragma omp parallel num_threads(nthreads)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        for (int64_t j = 0; j < n; j++) {
-            int64_t per = ((O[j] + nt - 1) / nt + 3) / 4 * 4;       /* rows per thread, multiple of 4 */
-            int64_t o0 = t * per, o1 = o0 + per < O[j] ? o0 + per : O[j];
-            if (o0 < o1) rows(W[j], x[j], y[j], O[j], I[j], B, o0, o1, (int)acc);
-        }
+typedef struct {
+    int64_t B, acc;
+    const float **W, **x;
+    float **y;
+    const int64_t *O, *I;
+    int64_t chunk_rows[MATVEC_MAX_GROUP];
+    int64_t first_chunk[MATVEC_MAX_GROUP + 1];    /* product j owns chunks [first[j], first[j+1]) */
+} matvec_job;
+
+static void matvec_chunk(void *ctx, int64_t chunk) {
+    const matvec_job *job = ctx;
+    int64_t j = 0;
+    while (chunk >= job->first_chunk[j + 1]) j++;
+    int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
+    int64_t o1 = o0 + job->chunk_rows[j] < job->O[j] ? o0 + job->chunk_rows[j] : job->O[j];
+    rows(job->W[j], job->x[j], job->y[j], job->O[j], job->I[j], job->B, o0, o1, (int)job->acc);
+}
+
+/* n independent products y_j (+)= x_j W_j^T (x_j [B, I_j], W_j [O_j, I_j], y_j [B, O_j]) as one job
+ * of the thread pool. Returns 0, or -1 when n is outside 1..MATVEC_MAX_GROUP (callers split). */
+int64_t matvec_group(int64_t n, const float **W, const float **x, float **y, const int64_t *O,
+                     const int64_t *I, int64_t B, int64_t nthreads, int64_t acc) {
+    if (n < 1 || n > MATVEC_MAX_GROUP) return -1;
+    matvec_job job = {.B = B, .acc = acc, .W = W, .x = x, .y = y, .O = O, .I = I};
+    for (int64_t j = 0; j < n; j++) {
+        int64_t r = MATVEC_CHUNK_BYTES / ((I[j] > 0 ? I[j] : 1) * (int64_t)sizeof(float)) / 4 * 4;
+        job.chunk_rows[j] = r < 4 ? 4 : r;
+        job.first_chunk[j + 1] = job.first_chunk[j] + (O[j] + job.chunk_rows[j] - 1) / job.chunk_rows[j];
     }
+    pool_run(matvec_chunk, &job, job.first_chunk[n], nthreads);
+    return 0;
 }
 
 /* xx = LayerNorm(x); out_j = shift + mix_j * (xx - shift) for each mix; then shift = xx. */

@@ -15,12 +15,15 @@
  *
  * Every (row, stream) dot product is computed the same way whatever B and the thread count are, so a
  * stream's result is bit-identical however many streams share the batch. Rows are processed 4 at a
- * time (four weight streams in flight; each row read once for all B streams while it sits in L1),
- * split over OpenMP threads, and a group of independent products runs in one parallel region.
+ * time (four weight streams in flight; each row read once for all B streams while it sits in L1), in
+ * chunks that the threads of kernels/csrc/pool.h claim dynamically (no barrier: a thread another
+ * process keeps off its core holds nobody up), and a group of products runs as one pool job.
+ * Dequantisation for sequence mode runs on OpenMP (torch's pool, like the GEMM that follows).
  */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include "pool.h"
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -196,43 +199,58 @@ static void rows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
         }
 }
 
-/* n products in one parallel region: activations quantised (Q8), then rows split over threads.
- * dims[3j..3j+2] = (format, O, I) of product j; ptrs[4j..4j+3] = (W, scales or NULL, x, y). */
-void qmatvec_group(int64_t n, const int64_t *dims, void *const *ptrs, int64_t B, int64_t nthreads, int64_t acc) {
-    product ps[16];
+#define CHUNK_BYTES 32768         /* weight bytes per claimed chunk of the pool (whole groups of 4 rows) */
+#define MAX_GROUP 16
+
+typedef struct {
+    int64_t n, B, acc;
+    product ps[MAX_GROUP];
+    int64_t chunk_rows[MAX_GROUP];
+    int64_t first_chunk[MAX_GROUP + 1];           /* product j owns chunks [first[j], first[j+1]) */
+} job_t;
+
+static void chunk_rows_of(void *ctx, int64_t chunk) {
+    const job_t *job = ctx;
+    int64_t j = 0;
+    while (chunk >= job->first_chunk[j + 1]) j++;
+    const product *p = &job->ps[j];
+    int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
+    int64_t o1 = o0 + job->chunk_rows[j] < p->O ? o0 + job->chunk_rows[j] : p->O;
+    rows(p, job->B, o0, o1, (int)job->acc);
+}
+
+/* n products as one job of the thread pool (pool.h: chunks claimed dynamically, no barrier):
+ * activations quantised first (Q8, by the caller), then chunks of rows. Returns 0, or -1 when n is
+ * outside 1..MAX_GROUP. dims[3j..3j+2] = (format, O, I); ptrs[4j..4j+3] = (W, scales or NULL, x, y). */
+int64_t qmatvec_group(int64_t n, const int64_t *dims, void *const *ptrs, int64_t B, int64_t nthreads, int64_t acc) {
+    if (n < 1 || n > MAX_GROUP) return -1;
+    job_t job = {.n = n, .B = B, .acc = acc};
     int64_t scratch = 0;
-    for (int64_t j = 0; j < n && j < 16; j++) {
-        int64_t fmt = dims[3 * j], I = dims[3 * j + 2];
+    for (int64_t j = 0; j < n; j++) {
+        int64_t fmt = dims[3 * j], O = dims[3 * j + 1], I = dims[3 * j + 2];
         int64_t Ip = fmt == FMT_Q8 ? (I + QB - 1) / QB * QB : I;
-        ps[j] = (product){fmt, dims[3 * j + 1], I, Ip, ptrs[4 * j], (const uint16_t *)ptrs[4 * j + 1],
-                          (const float *)ptrs[4 * j + 2], (float *)ptrs[4 * j + 3], NULL, NULL};
+        job.ps[j] = (product){fmt, O, I, Ip, ptrs[4 * j], (const uint16_t *)ptrs[4 * j + 1],
+                              (const float *)ptrs[4 * j + 2], (float *)ptrs[4 * j + 3], NULL, NULL};
         if (fmt == FMT_Q8) scratch += B * Ip + B * (Ip / QB) * (int64_t)sizeof(float);
+        int64_t row_bytes = fmt == FMT_Q8 ? Ip + Ip / QB * 2 : 2 * I;
+        int64_t r = CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
+        job.chunk_rows[j] = r < 4 ? 4 : r;
+        job.first_chunk[j + 1] = job.first_chunk[j] + (O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
     }
     char *buf = scratch ? malloc(scratch) : NULL, *at = buf;
-    for (int64_t j = 0; j < n; j++)
-        if (ps[j].fmt == FMT_Q8) {
-            ps[j].dx = (float *)at;
-            at += B * (ps[j].Ip / QB) * sizeof(float);
-            ps[j].xq = (int8_t *)at;
-            at += B * ps[j].Ip;
-        }
-    #pragma omp parallel num_threads(nthreads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t jb = 0; jb < n * B; jb++) {
-            const product *p = &ps[jb / B];
-            int64_t b = jb % B;
-            if (p->fmt == FMT_Q8)
-                quantize_x(p->x + b * p->I, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * (p->Ip / QB));
-        }
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        for (int64_t j = 0; j < n; j++) {
-            int64_t O = ps[j].O, per = ((O + nt - 1) / nt + 3) / 4 * 4;      /* rows per thread, multiple of 4 */
-            int64_t o0 = t * per, o1 = o0 + per < O ? o0 + per : O;
-            if (o0 < o1) rows(&ps[j], B, o0, o1, (int)acc);
-        }
+    for (int64_t j = 0; j < n; j++) {
+        product *p = &job.ps[j];
+        if (p->fmt != FMT_Q8) continue;
+        p->dx = (float *)at;
+        at += B * (p->Ip / QB) * sizeof(float);
+        p->xq = (int8_t *)at;
+        at += B * p->Ip;
+        for (int64_t b = 0; b < B; b++)
+            quantize_x(p->x + b * p->I, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * (p->Ip / QB));
     }
+    pool_run(chunk_rows_of, &job, job.first_chunk[n], nthreads);
     free(buf);
+    return 0;
 }
 
 /* x [B, I] -> int8 [B, Ip] + scales [B, Ip / 32], exposed so tests can check it against torch */

@@ -1,0 +1,90 @@
+"""What every `python -m bench.<name>` command shares: one-line argument errors, argument types that
+reject nonsense (0 tokens, negative timeouts), checking an output path before any work, atomic
+JSON writes (both through `rwkv_engine.files`), and number formatting. Nothing here imports another
+bench module."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rwkv_engine import files
+
+WEIGHT_FORMATS = ("float32", "float16", "bfloat16", "int8")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line on stderr (exit code 2) and shows the
+    module docstring, as written, in --help."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message}\n")
+
+
+def fail(prog, message):
+    """Print `prog: error: message` (one line) and exit with status 2."""
+    print(f"{prog}: error: {first_line(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(message):
+    """The first non-empty line of a message or exception (its type name when empty)."""
+    return files.first_line(message)
+
+
+def _number(kind, minimum, inclusive):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__                  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, True)                # --tokens, --repeats, --threads, --batch
+positive_float = _number(float, 0, False)           # --timeout, --mem-budget-gb
+nonnegative_float = _number(float, 0, True)         # --wait-quiet
+
+
+def check_writable_file(path, what="output"):
+    """Raise ValueError (one line) unless `path` can be written as a regular file: checked before
+    any work, so a long run never fails at its last step. Creates no file."""
+    try:
+        files.check_output_path(path, "file")
+    except files.WriteError as e:
+        raise ValueError(f"{what} {first_line(e)}") from None
+
+
+def check_writable_dir(path, what="output directory"):
+    """Raise ValueError unless `path` is (or can be created as) a writable directory."""
+    try:
+        files.check_output_path(path, "dir")
+    except files.WriteError as e:
+        raise ValueError(f"{what} {first_line(e)}") from None
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to `path` through the engine's one atomic writer; no temporary file is left behind."""
+    text = json.dumps(obj, indent=1, allow_nan=False, default=str)
+    files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def fmt_params(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"

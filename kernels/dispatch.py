@@ -1,0 +1,249 @@
+"""The one table that decides which implementation of each op runs.
+
+    op x device x compute dtype x weight format x shape class -> implementation
+
+Both model modes go through it: token mode (one token per stream) and sequence mode (a prompt). Keys:
+  * device: "cpu" or "cuda"; anything else (meta, mps, ...) is a ValueError here, before any pointer
+    reaches C.
+  * compute: the activations' dtype name ("float32", "float16", "bfloat16"); "mixed" when the
+    tensors of an element-wise op disagree.
+  * weights: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
+    (e.g. "int8"); "-" for ops without a weight matrix.
+  * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]) and
+    "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
+The first matching row of TABLE wins ("*" matches anything). A row whose implementation needs the
+C build names a fallback, used (with one warning per process) when the build is unavailable.
+
+Implementations register themselves by name (`register_impl`, called by the modules that define
+them), so this module imports none of them. An implementation may also be named "module:function"
+(imported on first use). Tests force a choice per op with `force(linear="reference")`; callers
+pass `backend=` to the op itself. `python -m kernels` prints the table and whether this machine
+has the C build.
+"""
+import contextlib
+import importlib
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import cpu_c
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Rule:
+    op: str
+    device: str
+    compute: str
+    weights: str
+    shape: str
+    impl: str
+    fallback: Optional[str] = None          # when `impl` needs the C build and it is unavailable
+
+    def matches(self, key):
+        return all(r in ("*", k) for r, k in zip((self.device, self.compute, self.weights, self.shape), key))
+
+
+TABLE = [
+    #     op                device  compute    weights    shape         impl         fallback
+    Rule("linear",          "cpu",  "float32", "float32", "token",      "c",         "torch"),
+    # --- packed / 16-bit weight formats (kquant): add rows here, before the catch-all ---
+    # float32 activations with 16-bit or int8 weights (kernels/quant.py); each falls back to torch
+    # itself when its C build is missing
+    Rule("linear",          "cpu",  "float32", "float16",  "token",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "bfloat16", "token",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "int8",     "token",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "float16",  "sequence",  "quant_gemm"),
+    Rule("linear",          "cpu",  "float32", "bfloat16", "sequence",  "quant_gemm"),
+    Rule("linear",          "cpu",  "float32", "int8",     "sequence",  "quant_gemm"),
+    # --- end of packed formats ---
+    Rule("linear",          "*",    "*",       "*",       "*",          "torch"),
+    Rule("wkv",             "cuda", "*",       "-",       "*",          "triton"),
+    Rule("wkv",             "cpu",  "*",       "-",       "*",          "c",         "numpy"),
+    Rule("wkv_step",        "cuda", "*",       "-",       "*",          "triton"),
+    Rule("wkv_step",        "cpu",  "*",       "-",       "*",          "numpy"),
+    Rule("wkv_step_gated",  "cpu",  "float32", "-",       "contiguous", "c",         "composed"),
+    Rule("wkv_step_gated",  "*",    "*",       "-",       "*",          "composed"),
+    Rule("ln_shift_mix",    "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
+    Rule("ln_shift_mix",    "*",    "*",       "-",       "*",          "reference"),
+    Rule("relu_square_",    "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
+    Rule("relu_square_",    "*",    "*",       "-",       "*",          "reference"),
+    Rule("add_gated_",      "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
+    Rule("add_gated_",      "*",    "*",       "-",       "*",          "reference"),
+]
+_CATCH_ALL = ("*", "*", "*", "*")
+ALIASES = {"cpu": ("c", "numpy")}       # backend="cpu": the first of these the op has
+
+_impls = {}                             # (op, name) -> (callable, needs_c)
+_forced = {}                            # op -> impl name
+_choice_cache = {}
+_warned = set()
+
+
+def register_impl(op, name, fn, needs_c=False):
+    """Make `fn` available as implementation `name` of `op` (called by the module defining it)."""
+    _impls[(op, name)] = (fn, needs_c)
+    _choice_cache.clear()
+
+
+def add_rule(rule):
+    """Insert a row before the op's catch-all row (for formats registered at run time)."""
+    at = next((i for i, r in enumerate(TABLE) if r.op == rule.op and
+               (r.device, r.compute, r.weights, r.shape) == _CATCH_ALL), len(TABLE))
+    TABLE.insert(at, rule)
+    _choice_cache.clear()
+
+
+@contextlib.contextmanager
+def force(**op_impls):
+    """Within the block, run the named implementation of each given op: force(linear="reference")."""
+    for op, name in op_impls.items():
+        if not any(r.op == op for r in TABLE):
+            raise ValueError(f"kernels.dispatch.force: unknown op {op!r}")
+    saved = dict(_forced)
+    _forced.update(op_impls)
+    _choice_cache.clear()
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+        _choice_cache.clear()
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {}
+
+
+def dtype_name(dtype):
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+def weight_format(w):
+    """A plain tensor's format is its dtype name; a packed weight object says its own (`.format`)."""
+    return dtype_name(w.dtype) if isinstance(w, torch.Tensor) else w.format
+
+
+def device_of(*tensors):
+    """The device type all tensors (or packed weights) share; ValueError for a device the kernels do
+    not support."""
+    try:
+        if all(t.is_cpu for t in tensors):             # the common case, checked cheaply
+            return "cpu"
+    except AttributeError:                             # a packed weight: it has .device only
+        pass
+    kind = tensors[0].device.type
+    for t in tensors:
+        if t.device.type not in DEVICES:
+            raise ValueError(f"kernels: tensors on device {t.device.type!r} are not supported "
+                             f"(use {' or '.join(DEVICES)})")
+        if t.device.type != kind:
+            raise ValueError(f"kernels: tensors on different devices ({kind} and {t.device.type})")
+    return kind
+
+
+def compute_of(*tensors):
+    """The tensors' common dtype name, or "mixed"."""
+    first = tensors[0].dtype
+    return dtype_name(first) if all(t.dtype == first for t in tensors) else "mixed"
+
+
+def layout_of(*tensors):
+    return "contiguous" if all(t.is_contiguous() for t in tensors) else "strided"
+
+
+def product_shape(x):
+    """"token" for one token per stream (x [B, in] or [B, 1, in]), else "sequence"."""
+    return "token" if x.dim() <= 2 or (x.dim() == 3 and x.shape[1] == 1) else "sequence"
+
+
+# -- choosing --------------------------------------------------------------------------------------
+
+def choose(op, key, backend=None):
+    """The implementation name for op at key = (device, compute, weights, shape). `backend` (an
+    implementation name, or "cpu") overrides the forced choice, which overrides the table."""
+    cache_key = (op, key, backend)
+    name = _choice_cache.get(cache_key)
+    if name is None:
+        name = _choose(op, key, backend)
+        _choice_cache[cache_key] = name
+    return name
+
+
+def _choose(op, key, backend):
+    wanted = backend or _forced.get(op)
+    if wanted is not None:
+        return _resolve_alias(op, wanted)
+    for rule in TABLE:
+        if rule.op == op and rule.matches(key):
+            return _usable(rule)
+    raise ValueError(f"kernels: no {op} implementation for {'/'.join(key)}")
+
+
+def _resolve_alias(op, name):
+    candidates = ALIASES.get(name, (name,))
+    for candidate in candidates:
+        if (op, candidate) not in _impls and ":" not in candidate:
+            continue
+        if not _needs_c(op, candidate) or cpu_c.available():
+            return candidate
+        if len(candidates) == 1:
+            raise ValueError(f"kernels: {op} backend {name!r} needs the C kernels, which are unavailable "
+                             f"here ({cpu_c.unavailable_reason()})")
+    known = sorted(n for o, n in _impls if o == op)
+    label = op.replace("wkv", "WKV")
+    raise ValueError(f"kernels: unknown {label} backend {name!r}: use one of {', '.join(known)}")
+
+
+def _needs_c(op, name):
+    return _impls.get((op, name), (None, False))[1]
+
+
+def _usable(rule):
+    if not _needs_c(rule.op, rule.impl) or cpu_c.available():
+        return rule.impl
+    if rule.fallback is None:
+        raise ValueError(f"kernels: {rule.op} needs the C kernels here: {cpu_c.unavailable_reason()}")
+    if "c-build" not in _warned:
+        _warned.add("c-build")
+        warnings.warn(f"kernels: the C CPU kernels are unavailable ({cpu_c.unavailable_reason()}); "
+                      f"{rule.op} and other ops run slower fallbacks ({rule.fallback})", RuntimeWarning,
+                      stacklevel=4)
+    return rule.fallback
+
+
+def implementation(op, name):
+    """The callable registered as `name` for `op` (or imported from "module:function")."""
+    entry = _impls.get((op, name))
+    if entry is not None:
+        return entry[0]
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        fn = getattr(importlib.import_module(module), attr)
+        _impls[(op, name)] = (fn, False)
+        return fn
+    raise ValueError(f"kernels: {op} implementation {name!r} is not registered")
+
+
+def pick(op, key, backend=None):
+    """(name, callable) of the implementation that runs for op at key."""
+    name = choose(op, key, backend)
+    return name, implementation(op, name)
+
+
+def describe():
+    """The table as text, with the implementation this machine would run for each row."""
+    lines = [f"{'op':16} {'device':6} {'compute':8} {'weights':8} {'shape':10} -> impl (fallback)"]
+    for r in TABLE:
+        fb = f" ({r.fallback})" if r.fallback else ""
+        lines.append(f"{r.op:16} {r.device:6} {r.compute:8} {r.weights:8} {r.shape:10} -> {r.impl}{fb}")
+    reason = cpu_c.unavailable_reason()
+    lines.append("C kernels: " + (f"available, {cpu_c.ops().isa} build" if reason is None else f"unavailable: {reason}"))
+    return "\n".join(lines)

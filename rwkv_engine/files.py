@@ -1,0 +1,418 @@
+"""File I/O shared by the engine and the baselines: one home for the cache directory, output-path
+checks, atomic writes, checkpoint reading (safetensors, `.pth`/`.bin`, Hugging Face directories) and
+streaming safetensors writing.
+
+Reading: `weight_files(dir)` lists a Hugging Face directory's weight files, `open_weights(file)` gives
+{key: (shape, dtype, fetch)} without reading tensor data, `dtype_problem` / `check_values` validate
+what is then fetched. Writing: `check_output_path` before any work, then `atomic_write` (one file) or
+`atomic_dir` (a directory, swapped in whole): a temporary beside the destination, fsync, os.replace.
+Temporaries carry the writer's pid, so `clean_stale_temps` can remove those of dead writers.
+"""
+import errno
+import json
+import math
+import os
+import pickle
+import re
+import secrets
+import shutil
+import stat
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "RWKV_ENGINE_CACHE"
+
+# Tensor dtypes a checkpoint may hold (others, e.g. float8 or ints, are refused with a clear error).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+WEIGHT_DTYPES = tuple(SAFETENSORS_DTYPES.values())
+DTYPE_TAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+# Every weight must stay finite in every dtype a model may be loaded in: the largest float16.
+MAX_ABS_WEIGHT = 65504.0
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+class WriteError(OSError):
+    """An output that cannot be written (unwritable, not a regular file, disk full); one line."""
+
+
+def first_line(e):
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def cache_dir():
+    """Where generated files live: $RWKV_ENGINE_CACHE or ~/.cache/rwkv_engine."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rwkv_engine")
+
+
+def synthetic_path(name, dtype=torch.float32, seed=0, fmt="pth", root=None):
+    """The one naming scheme of synthetic checkpoints: <cache>/synthetic/<name>-<fp32|fp16|bf16>-seed<N>.<fmt>.
+    fmt "hf" is a Hugging Face directory; the baselines' default one (float16, seed 0) is <cache>/synthetic/<name>."""
+    base = Path(root or cache_dir()) / "synthetic"
+    if fmt == "hf":
+        return base / name if (dtype, seed) == (torch.float16, 0) else base / f"{name}-{DTYPE_TAGS[dtype]}-seed{seed}"
+    return base / f"{name}-{DTYPE_TAGS[dtype]}-seed{seed}.{fmt}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+def regular_file(path, what="file"):
+    """`path` (symlinks followed) must be an existing regular file: a FIFO or device would block or lie."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or directory") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({first_line(e)})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular {what}")
+    return path
+
+
+def _existing_ancestor(path):
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return Path(".")
+
+
+def check_output_path(path, kind="file", overwrite=True):
+    """Check before any work that `path` can be written as a file (kind "file") or a directory
+    (kind "dir"): its first existing ancestor is a writable directory, and an existing destination
+    is of that kind (a file: regular, not a symlink or device; a dir: replaced only with `overwrite`
+    when non-empty). Raises WriteError naming the path."""
+    path = Path(path)
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise WriteError(f"{path}: cannot write under {ancestor}, which is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise WriteError(f"{path}: directory {ancestor} is not writable")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    mode = path.lstat().st_mode
+    if kind == "file":
+        if stat.S_ISDIR(mode):
+            raise WriteError(f"{path}: is a directory, expected a file path")
+        if not stat.S_ISREG(mode):
+            raise WriteError(f"{path}: exists and is not a regular file (a symlink, device or FIFO); refusing to replace it")
+        if not overwrite:
+            raise WriteError(f"{path}: exists (pass --overwrite, or overwrite=True, to replace it)")
+    else:
+        if not stat.S_ISDIR(mode):
+            raise WriteError(f"{path}: exists and is not a directory")
+        if any(path.iterdir()) and not overwrite:
+            raise WriteError(f"{path}: directory is not empty (pass --overwrite, or overwrite=True, to replace it whole)")
+    return path
+
+
+def check_free_space(path, need, what="the output"):
+    """Refuse before writing when the file system holding `path` has less than `need` bytes free."""
+    free = shutil.disk_usage(_existing_ancestor(Path(path) / "x")).free
+    if need * 1.02 + (64 << 20) > free:
+        raise WriteError(f"{path}: {what} needs {need / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+def temp_path(path):
+    """A temporary beside `path` that names its writer: .<name>.tmp-<pid>-<random>."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-?(?P<pid>\d+)(-\w+)?$")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(path):
+    """Remove temporaries for `path` (files or directories) left by writers that no longer run."""
+    path = Path(path)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or m["name"] != path.name or _alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def umask():
+    """The process umask (read from /proc where possible: setting it to read it races with threads)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _write_failed(path, e):
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "write failed" in str(e) or "No space" in str(e):
+        return WriteError(f"{path}: disk full while writing ({first_line(e)})")
+    return WriteError(f"{path}: write failed ({first_line(e)})")
+
+
+def atomic_write(path, write, overwrite=True, need=None):
+    """write(tmp) fills a temporary beside `path`, which then replaces `path` in one rename: a reader
+    sees the old file or the whole new one, never a part. The file gets the umask's usual mode.
+    Returns `path`; raises WriteError (nothing left behind) when the path or the disk refuses."""
+    path = check_output_path(path, "file", overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    if need is not None:
+        check_free_space(path.parent, need)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())         # some writers (safetensors) create files 0600
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except (OSError, RuntimeError) as e:
+        raise _write_failed(path, e) from None
+    finally:
+        _remove(tmp)
+    return path
+
+
+def atomic_dir(path, fill, overwrite=False, need=None):
+    """fill(tmp_dir) writes a whole directory beside `path`, which then replaces `path` as one set
+    (an existing directory is moved aside first, so old and new files never mix). Returns `path`."""
+    path = check_output_path(path, "dir", overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    if need is not None:
+        check_free_space(path.parent, need)
+    tmp = temp_path(path)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~umask())
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask())
+            _fsync(f)
+        replace_dir(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise _write_failed(path, e) from None
+    finally:
+        _remove(tmp)
+    return path
+
+
+def replace_dir(new, path):
+    """Rename directory `new` to `path`, moving an existing `path` aside (and deleting it) first."""
+    try:
+        os.rename(new, path)                    # absent or empty destination
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        old = temp_path(path)
+        os.rename(path, old)
+        try:
+            os.rename(new, path)
+        except OSError:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(Path(path).parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+def read_json(f):
+    """A JSON object from a regular file (config.json, *.index.json) -> dict, or CheckpointError."""
+    f = regular_file(f)
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: invalid JSON ({first_line(e)})") from None
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot read ({first_line(e)})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_config_json(path):
+    """<checkpoint directory>/config.json -> dict, or CheckpointError."""
+    f = Path(path) / "config.json"
+    if not (f.exists() or f.is_symlink()):
+        raise CheckpointError(f"{f}: missing (a checkpoint directory needs config.json)")
+    return read_json(f)
+
+
+def weight_files(path):
+    """The weight files of a Hugging Face checkpoint directory (the shards of an index, or the one file)."""
+    path = Path(path)
+    for index in INDEX_FILES:
+        if (path / index).exists():
+            weight_map = read_json(path / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(v, str) and v and "/" not in v and v not in (".", "..") for v in weight_map.values()):
+                raise CheckpointError(f"{path / index}: not a valid index, needs a 'weight_map' of key -> shard file name")
+            files = sorted({path / name for name in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(f"{f}: shard listed in {index} is missing")
+                regular_file(f)
+            return files
+    for single in SINGLE_FILES:
+        if (path / single).exists():
+            return [regular_file(path / single)]
+    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or *.index.json found")
+
+
+def _open_safetensors(f):
+    from safetensors import SafetensorError, safe_open
+    try:
+        handle = safe_open(str(f), framework="pt", device="cpu")                # memory-mapped
+        meta = {k: handle.get_slice(k) for k in handle.keys()}
+        meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in meta.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{f}: truncated or not a safetensors file ({first_line(e)})") from None
+    return {k: (shape, SAFETENSORS_DTYPES.get(dt, dt), lambda k=k: handle.get_tensor(k))
+            for k, (shape, dt) in meta.items()}
+
+
+def load_pth(f):
+    """torch.load with weights_only=True (no pickled code runs) and mmap=True -> the loaded object."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{f}: refused to unpickle: it holds objects other than tensors, possibly "
+                              f"code (only weights_only=True loads are done): {first_line(e)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        kind = "PyTorch checkpoint" if Path(f).suffix == ".bin" else "checkpoint"       # .bin: HF's name for it
+        raise CheckpointError(f"{f}: truncated or not a {kind} ({first_line(e)})") from None
+
+
+def _open_pth(f):
+    sd = load_pth(f)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{f}: holds a {type(sd).__name__}, expected a dict of tensors")
+    if isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    for k, t in sd.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{f}: key {k!r} is a {type(k).__name__}, expected a string")
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{f}: key {k!r} holds a {type(t).__name__}, expected a tensor")
+        if t.layout != torch.strided:
+            raise CheckpointError(f"{f}: key {k!r} is a {t.layout} tensor; only dense tensors are supported")
+    return {k: (tuple(t.shape), t.dtype, lambda t=t: t) for k, t in sd.items()}
+
+
+def open_weights(f):
+    """One weight file -> {key: (shape, dtype, fetch)} without reading tensor data. dtype is a torch
+    dtype, or the safetensors name of one torch cannot hold (e.g. "F8_E4M3")."""
+    f = regular_file(f)
+    return _open_safetensors(f) if f.suffix == ".safetensors" else _open_pth(f)
+
+
+def dtype_problem(dtype):
+    """None for a supported weight dtype, else what is wrong with it (a phrase: 'has ...')."""
+    if dtype in WEIGHT_DTYPES:
+        return None
+    floating = dtype.is_floating_point if isinstance(dtype, torch.dtype) else str(dtype).startswith(("F", "f"))
+    if floating:
+        return f"has dtype {dtype}, which is not supported (use float32, float16, bfloat16 or float64)"
+    if isinstance(dtype, torch.dtype):
+        return f"has dtype {dtype}, expected a floating-point tensor"
+    return f"has non-float dtype {dtype}"
+
+
+def value_problem(t, limit=MAX_ABS_WEIGHT, chunk=1 << 24):
+    """None when every value of `t` is finite with |value| <= limit, else what is wrong. One pass,
+    in chunks (a memory-mapped tensor is not copied)."""
+    flat = t.reshape(-1)
+    worst = 0.0
+    for i in range(0, flat.numel(), chunk):
+        lo, hi = torch.aminmax(flat[i:i + chunk])
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return "contains NaN or Inf"
+        worst = max(worst, -lo, hi)
+    if worst > limit:
+        return f"has a value of magnitude {worst:.3g}, above {limit:g} (not a trained model's weights; it overflows float16)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def write_safetensors(f, shapes, make_rows, dtype, metadata=None, chunk=1 << 24):
+    """Write a safetensors file tensor by tensor (and large tensors in row blocks), never holding more
+    than one block in memory. make_rows(key, shape, rows) -> the next `rows` rows as float32."""
+    names = sorted(shapes)
+    size = dtype.itemsize
+    header, offset = {}, 0
+    for k in names:
+        n = math.prod(shapes[k]) * size
+        header[k] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = dict(metadata or {}, format="pt")
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                                  # 8-byte aligned data
+    with open(f, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for k in names:
+            shape = shapes[k]
+            row = math.prod(shape[1:])
+            step = max(1, chunk // max(row, 1))
+            for start in range(0, shape[0], step):
+                block = make_rows(k, shape, min(step, shape[0] - start)).to(dtype).contiguous()
+                out.write(block.view(torch.uint8).numpy().data)

@@ -1,0 +1,73 @@
+"""bench.contention: runs end to end on a tiny model, rejects bad arguments in one line, and never
+leaves a competitor process behind (normal end, SIGTERM, SIGKILL of the benchmark)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+
+def start(args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.Popen([sys.executable, "-m", "bench.contention", *args], cwd=os.getcwd(), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_competitor(proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        if kids:
+            return kids
+        if proc.poll() is not None:
+            raise AssertionError(f"bench.contention exited early: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no competitor started")
+
+
+def assert_gone(procs, timeout=10):
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"orphan competitors: {[p.pid for p in alive]}"
+
+
+def test_runs_and_reports_a_table_and_json(tiny_pth, tmp_path):
+    out = tmp_path / "c.json"
+    p = start(["--model", str(tiny_pth), "--threads", "1,2", "--competitor", "cpu", "--tokens", "4",
+               "--repeats", "1", "--json", str(out)], tmp_path)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["threads"], r["condition"]) for r in rows] == [(1, "quiet"), (1, "cpu"), (2, "quiet"), (2, "cpu")]
+    assert all(r["tok_s"] > 0 for r in rows)
+    assert rows[0]["vs_quiet"] == 1.0 and rows[2]["vs_1thread_quiet"] == round(rows[2]["tok_s"] / rows[0]["tok_s"], 3)
+    assert "x quiet" in stdout and len(stdout.strip().splitlines()) == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "a,b"], "--threads must be comma-separated integers"),
+    (["--competitor", "gpu"], "unknown --competitor 'gpu'"),
+    (["--json", "/"], "--json /: not a writable file path"),
+])
+def test_bad_arguments_fail_in_one_line(args, message, tmp_path):
+    p = start(args, tmp_path)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_competitors_die_with_the_benchmark(tiny_pth, tmp_path, sig):
+    p = start(["--model", str(tiny_pth), "--threads", "1", "--competitor", "cpu", "--tokens", "1000"], tmp_path)
+    try:
+        kids = wait_for_competitor(p)
+        p.send_signal(sig)
+        assert p.wait(timeout=30) == {signal.SIGTERM: 128 + 15, signal.SIGINT: 130, signal.SIGKILL: -9}[sig]
+        assert_gone(kids)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

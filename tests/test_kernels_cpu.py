@@ -1,0 +1,161 @@
+"""Every C CPU op alone, in float32, against its torch reference, for every instruction-set build this
+machine runs (AVX2 everywhere; AVX-512 where the CPU has it). Skipped with the reason where the C
+kernels cannot be built (no compiler, no AVX2)."""
+import pytest
+import torch
+
+from kernels import cpu_c, fused, wkv_reference
+from kernels.wkv_reference import new_wkv_state
+
+ISAS_HERE = cpu_c.supported_isas()
+
+
+@pytest.fixture(params=ISAS_HERE or [None], ids=lambda isa: isa or "no-isa")
+def ops(request):
+    if request.param is None:
+        pytest.skip("this CPU has no AVX2/FMA/F16C: the C kernels do not run here")
+    try:
+        return cpu_c.ops(request.param)
+    except cpu_c.BuildError as exc:
+        pytest.skip(f"C kernels unavailable: {exc}")
+
+
+def dot_reference(x, W):
+    return (x.double() @ W.double().T)
+
+
+def assert_dot_close(y, x, W):
+    """fp32 dot products of length I (|x|, |W| ~ N(0, 1)): error grows like sqrt(I) ulps of the sum."""
+    I = W.shape[1]
+    torch.testing.assert_close(y.double(), dot_reference(x, W), rtol=1e-5, atol=2e-6 * max(I, 1))
+
+
+# -- matrix-vector products ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("O", [1, 3, 4, 5, 13, 130])
+@pytest.mark.parametrize("I", [1, 7, 8, 9, 15, 16, 17, 33, 250])
+def test_matvec_odd_sizes(ops, O, I):
+    for B in (1, 2, 3, 9):
+        x, W = torch.randn(B, I), torch.randn(O, I)
+        assert_dot_close(ops.matvec_group([(x, W)])[0], x, W)
+
+
+@pytest.mark.parametrize("B", [1, 2, 5, 8, 9, 17, 33, 70])
+def test_matvec_any_number_of_streams(ops, B):
+    x, W = torch.randn(B, 96), torch.randn(37, 96)
+    assert_dot_close(ops.matvec_group([(x, W)])[0], x, W)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 19])
+def test_matvec_groups_of_any_size_and_accumulate(ops, n):
+    """Groups below, at and above the kernel's per-call limit (`ops.max_group`), with rows of
+    different lengths; accumulate adds into the given outputs."""
+    assert ops.max_group >= 1
+    B = 3
+    pairs = [(torch.randn(B, 20 + 3 * j), torch.randn(5 + 7 * j, 20 + 3 * j)) for j in range(n)]
+    ys = ops.matvec_group(pairs)
+    for y, (x, W) in zip(ys, pairs):
+        assert_dot_close(y, x, W)
+    base = [torch.randn(B, W.shape[0]) for _, W in pairs]
+    outs = [b.clone() for b in base]
+    assert ops.matvec_group(pairs, out=outs, accumulate=True) is outs
+    for o, b, (x, W) in zip(outs, base, pairs):
+        torch.testing.assert_close(o.double(), b.double() + dot_reference(x, W), rtol=1e-5, atol=1e-4)
+
+
+def test_matvec_empty_shapes(ops):
+    assert ops.matvec_group([(torch.randn(0, 8), torch.randn(4, 8))])[0].shape == (0, 4)
+    assert ops.matvec_group([(torch.randn(2, 8), torch.randn(0, 8))])[0].shape == (2, 0)
+    assert torch.equal(ops.matvec_group([(torch.randn(2, 0), torch.randn(3, 0))])[0], torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matvec_is_batch_invariant(ops, threads):
+    """Stream 0's outputs are bit-identical alone and inside batches of 5, 17 and 33 streams, for
+    any thread count (rows are split over threads dynamically), and whatever else is in the group."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(1)
+        W, W2 = torch.randn(301, 773, generator=g), torch.randn(64, 773, generator=g)
+        xs = torch.randn(33, 773, generator=g)
+        alone = ops.matvec_group([(xs[:1].clone(), W)])[0]
+        for B in (5, 17, 33):
+            batch = xs[:B].clone()
+            for pos in (0, B - 1):
+                perm = batch.roll(pos, dims=0).contiguous()       # stream 0 at position `pos`
+                y, _ = ops.matvec_group([(perm, W), (perm, W2)])
+                assert torch.equal(y[pos], alone[0]), (B, pos)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_isa_builds_agree(ops):
+    """Each build matches the reference; the AVX2 build also runs on an AVX-512 machine."""
+    x, W = torch.randn(4, 771), torch.randn(67, 771)
+    assert_dot_close(ops.matvec_group([(x, W)])[0], x, W)
+    assert ops.isa in ISAS_HERE
+
+
+# -- element-wise ops of a decode step -------------------------------------------------------------
+
+SIZES = [(1, 1), (1, 7), (3, 33), (2, 768)]
+
+
+@pytest.mark.parametrize("B,C", SIZES)
+@pytest.mark.parametrize("n_mix", [1, 2, 3])
+def test_ln_shift_mix(ops, B, C, n_mix):
+    x, shift = torch.randn(B, C) * 3 + 1, torch.randn(B, C)
+    ln_w, ln_b = torch.randn(C), torch.randn(C)
+    mixes = [torch.rand(C) for _ in range(n_mix)]
+    ref_shift = shift.clone()
+    want = fused.ln_shift_mix_reference(x, ln_w, ln_b, 1e-5, ref_shift, mixes)
+    got = ops.ln_shift_mix(x, ln_w, ln_b, 1e-5, shift, mixes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shift, ref_shift, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,C", SIZES)
+def test_wkv_step_gated(ops, B, C):
+    g = torch.Generator().manual_seed(B * 1000 + C)
+    w = -torch.exp(torch.empty(C).uniform_(-8, 10, generator=g))
+    u = torch.randn(C, generator=g)
+    state = [t.clone() for t in new_wkv_state(B, C)]
+    ref_state = [t.clone() for t in state]
+    for step in range(4):                                          # from the empty state onwards
+        r, k, v = (torch.randn(B, C, generator=g) * s for s in (2, 5, 1))
+        want = fused.wkv_step_gated_reference(w, u, r, k, v, *ref_state, backend="reference")
+        got = ops.wkv_step_gated(w, u, r, k, v, *state)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 1000])
+def test_relu_square(ops, n):
+    k = torch.randn(n)
+    want = fused.relu_square_reference_(k.clone())
+    assert ops.relu_square_(k) is k
+    assert torch.equal(k, want)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 1000])
+def test_add_gated(ops, n):
+    x, r, v = torch.randn(n), torch.randn(n) * 4, torch.randn(n)
+    want = fused.add_gated_reference_(x.clone(), r, v)
+    assert ops.add_gated_(x, r, v) is x
+    torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 7, 33), (3, 40, 96)])
+def test_wkv_seq(ops, B, T, C):
+    g = torch.Generator().manual_seed(T)
+    w = -torch.exp(torch.empty(C).uniform_(-8, 10, generator=g))
+    u, k, v = torch.randn(C, generator=g), torch.randn(B, T, C, generator=g) * 5, torch.randn(B, T, C, generator=g)
+    _, state = wkv_reference(w, u, k[:, :3], v[:, :3])              # a non-empty initial state
+    before = [t.clone() for t in state]
+    y_ref, s_ref = wkv_reference(w.double(), u.double(), k.double(), v.double(), [t.double() for t in state])
+    y, s = ops.wkv_seq(w, u, k, v, state)
+    tol = 1e-5 + 2.4e-7 * T
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close([t.double() for t in s], list(s_ref), rtol=tol, atol=tol * float(s_ref[1].abs().max()))
+    assert all(torch.equal(a, b) for a, b in zip(state, before))   # input state untouched
