@@ -267,7 +267,8 @@ def dequantize_rows(w, r0, r1, out, isa=None):
 # ---------------------------------------------------------------------------------------------
 # Sequence mode: dequantise a slice of rows into a reused buffer, then torch's GEMM
 
-GEMM_SLICE = 1 << 20            # weights dequantised per GEMM call (4 MB of float32)
+GEMM_SLICE = 1 << 26            # most weights dequantised per GEMM call (256 MB of float32): whole
+                                # matrices up to 7B; slices of rows beyond (a 14B ffn matrix, the head)
 _buffers = threading.local()
 
 
