@@ -195,7 +195,13 @@ def read_checkpoint(path):
 def weight_format(path):
     """The weight format a packed safetensors file records, or None for a plain checkpoint."""
     path = Path(path)
-    return read_metadata(path).get(weights.META_FORMAT) if path.suffix == ".safetensors" else None
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    try:
+        return read_metadata(path).get(weights.META_FORMAT)
+    except SafetensorError:                 # not a safetensors file: the reader says so
+        return None
 
 
 def read_metadata(path):
