@@ -31,7 +31,8 @@ import torch
 
 import rwkv_engine
 from kernels import quant
-from rwkv_engine.checkpoint import CheckpointError, cache_dir, read_checkpoint, synthetic_state_dict
+from rwkv_engine.checkpoint import SYNTHETIC, CheckpointError, cache_dir, read_checkpoint, save_pth, synthetic_state_dict
+from rwkv_engine.files import atomic_write
 from rwkv_engine.config import get_config
 from rwkv_engine.model import RWKV
 from rwkv_engine.weights import is_matrix
@@ -98,9 +99,8 @@ def checkpoint_path(model, checkpoint, outliers, seed=0):
         return rwkv_engine.write_synthetic(model, seed=seed)
     path = cache_dir() / "synthetic" / f"{get_config(model).name}-fp32-seed{seed}-outliers2.pth"
     if not path.exists():
-        from rwkv_engine.checkpoint import _atomic_save
         sd = outlier_state_dict(get_config(model), seed)
-        _atomic_save(lambda p: torch.save(sd, p), path)
+        atomic_write(path, lambda p: save_pth(sd, p, SYNTHETIC))
     return path
 
 

@@ -56,6 +56,16 @@ def test_outliers_are_injected_without_changing_the_float_model(tiny_cfg):
     assert int((tailed == 10).sum()) >= 1
 
 
+def test_outlier_checkpoint_is_written_once_and_labelled_synthetic(tiny_cfg, monkeypatch, tmp_path):
+    from rwkv_engine import config
+    from rwkv_engine.checkpoint import read_metadata
+    monkeypatch.setenv("RWKV_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setitem(config.MODELS, "rwkv-4-tiny", tiny_cfg)
+    path = quality.checkpoint_path("rwkv-4-tiny", None, True)
+    assert path.exists() and read_metadata(path).get("synthetic") == "true"
+    assert quality.checkpoint_path("rwkv-4-tiny", None, True) == path
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope"], "unknown model name"),
     (["--model", "rwkv-4-tiny", "--formats", "int4"], "unknown weight format"),
