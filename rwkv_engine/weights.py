@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from kernels import quant
 from kernels.quant import Int8Weight
 
+from .files import atomic_write
+
 META_FORMAT = "rwkv_engine.weights"
 META_SHAPES = "rwkv_engine.in_features"
 MATRIX_SUFFIXES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
@@ -151,16 +153,15 @@ def packed_tensors(sd, fmt, progress=None):
 
 def save_packed(sd, fmt, path, metadata=None, progress=None, overwrite=True):
     """Write a checkpoint with its matrices in format `fmt` to one safetensors file (atomically)."""
-    from .checkpoint import save_safetensors
-    from .files import atomic_write
+    from safetensors.torch import save_file
     out, in_features = {}, {}
     for key, t, n_in in packed_tensors(sd, fmt, progress):
         out[key] = t
         if n_in is not None:
             in_features[key] = n_in
-    meta = dict(metadata or {}, **{META_FORMAT: fmt, META_SHAPES: json.dumps(in_features)})
+    meta = dict(metadata or {}, format="pt", **{META_FORMAT: fmt, META_SHAPES: json.dumps(in_features)})
     need = sum(t.nbytes for t in out.values())
-    return atomic_write(Path(path), lambda p: save_safetensors(out, p, meta), overwrite=overwrite, need=need)
+    return atomic_write(Path(path), lambda p: save_file(out, str(p), metadata=meta), overwrite=overwrite, need=need)
 
 
 def unpack_file(sd, meta, source):
