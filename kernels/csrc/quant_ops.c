@@ -90,6 +90,18 @@ static void NAME(const uint16_t *const *w, const float *x, int64_t I, float *out
 #if WIDE
 #define WIDE_LOOP4(LOAD16)                                                                   \
     __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0;                              \
+    __m512 u0 = z0, u1 = z0, u2 = z0, u3 = z0;                                               \
+    for (; i + 32 <= I; i += 32) {        /* two accumulators per row: shorter FMA chains */ \
+        __m512 xv = _mm512_loadu_ps(x + i), xw = _mm512_loadu_ps(x + i + 16);               \
+        z0 = _mm512_fmadd_ps(LOAD16(w[0] + i), xv, z0);                                      \
+        z1 = _mm512_fmadd_ps(LOAD16(w[1] + i), xv, z1);                                      \
+        z2 = _mm512_fmadd_ps(LOAD16(w[2] + i), xv, z2);                                      \
+        z3 = _mm512_fmadd_ps(LOAD16(w[3] + i), xv, z3);                                      \
+        u0 = _mm512_fmadd_ps(LOAD16(w[0] + i + 16), xw, u0);                                 \
+        u1 = _mm512_fmadd_ps(LOAD16(w[1] + i + 16), xw, u1);                                 \
+        u2 = _mm512_fmadd_ps(LOAD16(w[2] + i + 16), xw, u2);                                 \
+        u3 = _mm512_fmadd_ps(LOAD16(w[3] + i + 16), xw, u3);                                 \
+    }                                                                                        \
     for (; i + 16 <= I; i += 16) {                                                           \
         __m512 xv = _mm512_loadu_ps(x + i);                                                  \
         z0 = _mm512_fmadd_ps(LOAD16(w[0] + i), xv, z0);                                      \
@@ -97,8 +109,8 @@ static void NAME(const uint16_t *const *w, const float *x, int64_t I, float *out
         z2 = _mm512_fmadd_ps(LOAD16(w[2] + i), xv, z2);                                      \
         z3 = _mm512_fmadd_ps(LOAD16(w[3] + i), xv, z3);                                      \
     }                                                                                        \
-    s[0] = _mm512_reduce_add_ps(z0); s[1] = _mm512_reduce_add_ps(z1);                        \
-    s[2] = _mm512_reduce_add_ps(z2); s[3] = _mm512_reduce_add_ps(z3);
+    s[0] = _mm512_reduce_add_ps(_mm512_add_ps(z0, u0)); s[1] = _mm512_reduce_add_ps(_mm512_add_ps(z1, u1)); \
+    s[2] = _mm512_reduce_add_ps(_mm512_add_ps(z2, u2)); s[3] = _mm512_reduce_add_ps(_mm512_add_ps(z3, u3));
 #else
 #define WIDE_LOOP4(LOAD16)
 #endif
@@ -135,15 +147,18 @@ static void dot4_q8(const int8_t *const *w, const uint16_t *const *sw, const int
 #if WIDE
     const __m512i zero = _mm512_setzero_si512();
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i lo_hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     for (; j + 2 <= nb; j += 2) {               /* two blocks per 512-bit register: lanes 0-7 | 8-15 */
         __m512i qx = _mm512_loadu_si512(xq + j * QB);
+        __m512 dxv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_castsi128_ps(
+                         _mm_loadl_epi64((const __m128i *)(dx + j)))));                     /* dx[j] | dx[j+1] */
         for (int r = 0; r < 4; r++) {
             __m512i qw = _mm512_loadu_si512(w[r] + j * QB);
             __m512i sx = _mm512_mask_sub_epi8(qx, _mm512_movepi8_mask(qw), zero, qx);     /* x * sign(w) */
             __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(qw), sx));
-            __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(_cvtsh_ss(sw[r][j]) * dx[j]),
-                                             _mm512_set1_ps(_cvtsh_ss(sw[r][j + 1]) * dx[j + 1]));
-            acc[r] = _mm512_fmadd_ps(f, sc, acc[r]);
+            __m512 swv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_cvtph_ps(
+                             _mm_cvtsi32_si128(*(const int32_t *)(sw[r] + j)))));            /* sw[j] | sw[j+1] */
+            acc[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(swv, dxv), acc[r]);
         }
     }
     for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
