@@ -205,7 +205,15 @@ def library(isa):
 
 
 def _lib(isa=None):
-    return library(isa or best_isa())
+    if isa is None:
+        isa = _default_isa(os.environ.get("RWKV_ENGINE_CPU_FEATURES"), os.environ.get("RWKV_ENGINE_ISA"))
+    return library(isa)
+
+
+@lru_cache(maxsize=None)
+def _default_isa(simulated_features, forced_isa):
+    """best_isa() once per setting of the two variables it reads (it parses /proc/cpuinfo)."""
+    return best_isa()
 
 
 _FMT_BY_DTYPE = {torch.float16: 1, torch.bfloat16: 2}
