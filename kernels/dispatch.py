@@ -51,6 +51,14 @@ TABLE = [
     #     op                device  compute    weights    shape         impl         fallback
     Rule("linear",          "cpu",  "float32", "float32", "token",      "c",         "torch"),
     # --- packed / 16-bit weight formats (kquant): add rows here, before the catch-all ---
+    # float32 activations with 16-bit or int8 weights (kernels/quant.py); each falls back to torch
+    # itself when its C build is missing
+    Rule("linear",          "cpu",  "float32", "float16",  "token",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "bfloat16", "token",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "int8",     "token",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "float16",  "sequence",  "quant_gemm"),
+    Rule("linear",          "cpu",  "float32", "bfloat16", "sequence",  "quant_gemm"),
+    Rule("linear",          "cpu",  "float32", "int8",     "sequence",  "quant_gemm"),
     # --- end of packed formats ---
     Rule("linear",          "*",    "*",       "*",       "*",          "torch"),
     Rule("wkv",             "cuda", "*",       "-",       "*",          "triton"),

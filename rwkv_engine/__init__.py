@@ -6,8 +6,10 @@
 """
 from pathlib import Path
 
+import torch
+
 from .checkpoint import (CheckpointError, check_against_registry, read_checkpoint, read_metadata, release_pages,
-                         write_synthetic)
+                         weight_format, write_synthetic)
 from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
 from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
 from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
@@ -43,7 +45,8 @@ def resolve(name_or_path, checkpoint=None):
     raise AssertionError("unreachable")
 
 
-def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None, layers=None):
+def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None, weights=None,
+         layers=None):
     """Load an RWKV-4 model.
 
     name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m", or its hub name
@@ -54,15 +57,25 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     device: cpu or cuda. dtype: float32 (default, as the paper), float16 or bfloat16 weights; the
     WKV state is float32. rescale_every: halve the residual every N layers (default 6 for float16,
     off otherwise).
+    weights: how the matrices are stored: None (as dtype), "float32", "float16", "bfloat16" or "int8"
+    (blocks of 32 with a scale each, see kernels.quant); with a format, activations, state and
+    accumulation stay float32 (CPU). Packed at load, matrix by matrix from the memory-mapped file; a
+    file written by `python -m rwkv_engine.convert SRC DST --weights int8` loads as it is. A registered
+    name with 16-bit or int8 weights uses a synthetic checkpoint written in bfloat16 (streamed, shard
+    by shard: 7B/14B fit here).
     layers: a range of layers: build only those (a pipeline stage, see rwkv_engine.pipeline); only
     their tensors are read from the (memory-mapped) checkpoint.
     """
     device = as_device(device)
     name, path = resolve(name_or_path, checkpoint)
     synthetic = path is None
-    if synthetic:
+    if synthetic and weights not in (None, "float32"):
+        path = write_synthetic(name, seed=seed, dtype=torch.bfloat16, fmt="hf")
+    elif synthetic:
         path = write_synthetic(name, seed=seed)
     sd, cfg = read_checkpoint(path, layers)
+    if weights is None:
+        weights = weight_format(path)             # a packed file loads in its own format
     synthetic = synthetic or read_metadata(path).get("synthetic") == "true"
     if name:
         check_against_registry(cfg, name, path)
@@ -71,6 +84,17 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == NEOX_VOCAB_SIZE else None
     model = RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
-                 rescale_every=rescale_every, layers=layers)
+                 rescale_every=rescale_every, weights=weights, progress=_progress(weights, cfg), layers=layers)
     release_pages(sd.values(), model)          # raw tensors the model converted (its emb has ln0 applied)
     return model
+
+
+def _progress(weights, cfg):
+    """A tqdm bar on stderr while packing weights at load: always for models of 1B+ parameters
+    (minutes), otherwise only when stderr is a terminal."""
+    if weights in (None, "float32"):
+        return None
+    import sys
+    from tqdm import tqdm
+    disable = None if cfg.n_params < 1e9 else False
+    return lambda it: tqdm(it, desc="packing weights", unit="layer", file=sys.stderr, disable=disable, leave=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import weights
 from .config import RWKVConfig, get_config
 from .files import (CheckpointError, atomic_dir, atomic_write, cache_dir, dtype_problem,  # noqa: F401 (re-exported)
                     open_weights, read_config_json, synthetic_path, value_problem, weight_files)
@@ -96,6 +97,8 @@ def validate(sd, cfg: RWKVConfig, source, keys=None):
         raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     for key, shape in want.items():
         t = sd[key]
+        if hasattr(t, "format") and tuple(t.shape) == shape:      # a packed matrix (checked when read)
+            continue
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{source}: {key} is a {type(t).__name__}, not a tensor")
         problem = dtype_problem(t.dtype)
@@ -107,6 +110,7 @@ def validate(sd, cfg: RWKVConfig, source, keys=None):
         problem = value_problem(t)
         if problem:
             raise CheckpointError(f"{source}: {key} {problem}")
+        weights.release(t)          # checked: drop its mapped pages until the model reads it
         if key.endswith("time_decay") and float(t.max()) > MAX_TIME_DECAY:
             raise CheckpointError(f"{source}: {key} has a value {float(t.max()):.3g} above {MAX_TIME_DECAY}: "
                                   f"its decay -exp(time_decay) overflows float32")
@@ -161,12 +165,13 @@ def _entries(path):
     else:
         files = [path]
     entries = {}
+    packed = not path.is_dir() and weight_format(path) is not None    # int8 values: checked when unpacked
     for f in files:
         for key, (shape, dtype, fetch) in open_weights(f).items():
             name = rename(key)
             if name in entries:
                 raise CheckpointError(f"{f}: key {key!r} appears twice")
-            problem = dtype_problem(dtype)
+            problem = None if packed else dtype_problem(dtype)
             if problem:
                 raise CheckpointError(f"{f}: {name} {problem}")
             entries[name] = (shape, dtype, fetch)
@@ -189,6 +194,12 @@ def read_checkpoint(path, layers=None):
     if keep is not None:
         validate_names(entries, cfg, path)
     sd = {k: fetch() for k, (_, _, fetch) in entries.items() if keep is None or k in keep}
+    meta = read_metadata(path) if Path(path).suffix == ".safetensors" else {}
+    if weights.META_FORMAT in meta:                 # a packed file (python -m rwkv_engine.convert --weights)
+        try:
+            sd, _ = weights.unpack_file(sd, meta, path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     validate(sd, cfg, path, keep)
     return sd, cfg
 
@@ -214,6 +225,18 @@ def validate_names(entries, cfg, source):
         odd = [k for k in found if k not in expected]
         if odd:
             raise CheckpointError(f"{source}: {what} key {odd[0]!r}" + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""))
+
+
+def weight_format(path):
+    """The weight format a packed safetensors file records, or None for a plain checkpoint."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    try:
+        return read_metadata(path).get(weights.META_FORMAT)
+    except SafetensorError:                 # not a safetensors file: the reader says so
+        return None
 
 
 def read_metadata(path):
@@ -305,6 +328,12 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="c
     k stays O(1) and activations stay bounded. With device "cuda" the values are drawn on the GPU
     (same recipe, the GPU's random stream), so that a 14B model needs no file.
     """
+    return dict(synthetic_tensors(cfg, seed, dtype, device))
+
+
+def synthetic_tensors(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="cpu"):
+    """`synthetic_state_dict` one tensor at a time: yields (key, tensor) in a fixed order, each drawn
+    in float32 from one generator and then cast (any dtype gives the float32 values rounded)."""
     g = torch.Generator(device).manual_seed(seed)
     C, F, V, L = cfg.n_embd, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
 
@@ -315,33 +344,32 @@ def synthetic_state_dict(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="c
         return torch.randn(n, generator=g, device=device) * 0.3
 
     ramp = torch.arange(C, dtype=torch.float32, device=device) / C
-    sd = {"emb.weight": randn(V, C, std=0.1)}
+    yield "emb.weight", randn(V, C, std=0.1)
     for i in range(L):
         r01, r10 = i / max(L - 1, 1), 1 - i / L          # layer position, as in RWKV-LM's init
         b = f"blocks.{i}."
         if i == 0:
-            sd[b + "ln0.weight"] = (1 + randn(C, std=0.05)).to(dtype)
-            sd[b + "ln0.bias"] = randn(C, std=0.02)
+            yield b + "ln0.weight", (1 + randn(C, std=0.05)).to(dtype)
+            yield b + "ln0.bias", randn(C, std=0.02)
         for ln in ("ln1", "ln2"):
-            sd[b + ln + ".weight"] = (1 + randn(C, std=0.05)).to(dtype)
-            sd[b + ln + ".bias"] = randn(C, std=0.02)
+            yield b + ln + ".weight", (1 + randn(C, std=0.05)).to(dtype)
+            yield b + ln + ".bias", randn(C, std=0.02)
         decay = -6 + 13 * (torch.arange(C, device=device) / (C - 1)) ** (0.7 + 1.3 * r01)
-        sd[b + "att.time_decay"] = (decay + noise(C)).to(dtype)
+        yield b + "att.time_decay", (decay + noise(C)).to(dtype)
         zigzag = 0.5 * ((torch.arange(C, device=device) + 1) % 3 - 1)
-        sd[b + "att.time_first"] = (math.log(0.3) + zigzag + noise(C)).to(dtype)
+        yield b + "att.time_first", (math.log(0.3) + zigzag + noise(C)).to(dtype)
         for name, power in (("time_mix_k", r10), ("time_mix_v", r10 + 0.3 * r01), ("time_mix_r", 0.5 * r10)):
-            sd[b + "att." + name] = (ramp ** power).reshape(1, 1, C).to(dtype)
+            yield b + "att." + name, (ramp ** power).reshape(1, 1, C).to(dtype)
         for name in ("key", "value", "receptance", "output"):
-            sd[b + f"att.{name}.weight"] = randn(C, C, std=C ** -0.5)
-        sd[b + "ffn.time_mix_k"] = (ramp ** r10).reshape(1, 1, C).to(dtype)
-        sd[b + "ffn.time_mix_r"] = (ramp ** r10).reshape(1, 1, C).to(dtype)
-        sd[b + "ffn.key.weight"] = randn(F, C, std=C ** -0.5)
-        sd[b + "ffn.value.weight"] = randn(C, F, std=F ** -0.5)
-        sd[b + "ffn.receptance.weight"] = randn(C, C, std=C ** -0.5)
-    sd["ln_out.weight"] = (1 + randn(C, std=0.05)).to(dtype)
-    sd["ln_out.bias"] = randn(C, std=0.02)
-    sd["head.weight"] = randn(V, C, std=C ** -0.5)
-    return sd
+            yield b + f"att.{name}.weight", randn(C, C, std=C ** -0.5)
+        yield b + "ffn.time_mix_k", (ramp ** r10).reshape(1, 1, C).to(dtype)
+        yield b + "ffn.time_mix_r", (ramp ** r10).reshape(1, 1, C).to(dtype)
+        yield b + "ffn.key.weight", randn(F, C, std=C ** -0.5)
+        yield b + "ffn.value.weight", randn(C, F, std=F ** -0.5)
+        yield b + "ffn.receptance.weight", randn(C, C, std=C ** -0.5)
+    yield "ln_out.weight", (1 + randn(C, std=0.05)).to(dtype)
+    yield "ln_out.bias", randn(C, std=0.02)
+    yield "head.weight", randn(V, C, std=C ** -0.5)
 
 
 SYNTHETIC = {"synthetic": "true"}         # the metadata label every synthetic checkpoint carries
@@ -362,14 +390,53 @@ def save_safetensors(sd, path, metadata=None):
 
 
 def write_synthetic(name_or_cfg, path=None, seed=0, dtype=torch.float32, fmt="pth"):
-    """Write a synthetic checkpoint once (atomically) and return its path; reuses an existing one."""
+    """Write a synthetic checkpoint once (atomically) and return its path; reuses an existing one.
+    fmt "pth" | "safetensors" hold the whole state dict in memory while writing; "hf" streams it
+    tensor by tensor into a Hugging Face directory of ~1 GB safetensors shards (bounded memory: a 14B
+    model is written on a 24 GB machine), with a progress bar on stderr."""
     cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     path = Path(path) if path is not None else synthetic_path(cfg.name or "custom", dtype, seed, fmt)
     if path.exists():
         return path
+    if fmt == "hf":
+        return _write_sharded(cfg, path, seed, dtype)
     sd = synthetic_state_dict(cfg, seed, dtype)
     save = save_safetensors if fmt == "safetensors" else save_pth
     return atomic_write(path, lambda p: save(sd, p, SYNTHETIC), need=_nbytes(sd))
+
+
+SHARD_BYTES = 1 << 30
+
+
+def _write_sharded(cfg, path, seed, dtype):
+    """Stream `synthetic_tensors` into safetensors shards of <= SHARD_BYTES with their index and a
+    config.json labelled synthetic; the directory appears under its name only when complete."""
+    import sys
+
+    from tqdm import tqdm
+    total = cfg.n_params * torch.tensor([], dtype=dtype).element_size()
+
+    def fill(tmp):
+        shard, size, weight_map, names = {}, 0, {}, []
+
+        def flush():
+            name = f"model-{len(names) + 1:05d}.safetensors"
+            save_safetensors(shard, tmp / name, SYNTHETIC)
+            weight_map.update({k: name for k in shard})
+            names.append(name)
+        with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, file=sys.stderr,
+                  disable=None if total < 1e9 else False) as bar:
+            for key, t in synthetic_tensors(cfg, seed, dtype):
+                if shard and size + t.nbytes > SHARD_BYTES:
+                    flush()
+                    shard, size = {}, 0
+                shard[blinkdl_to_hf(key)] = t
+                size += t.nbytes
+                bar.update(t.nbytes)
+            flush()
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, SYNTHETIC), indent=2))
+    return atomic_dir(path, fill, need=total)
 
 
 def _nbytes(sd):

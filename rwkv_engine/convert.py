@@ -1,17 +1,21 @@
 """Convert an RWKV-4 checkpoint between formats and dtypes.
 
     python -m rwkv_engine.convert SRC DST [--to pth|safetensors|hf] [--dtype float32|float16|bfloat16] [--overwrite]
+    python -m rwkv_engine.convert SRC DST.safetensors --weights int8|float16|bfloat16 [--overwrite]
 
 SRC is any format `rwkv_engine.load` reads. DST is written atomically (a file, or a directory for
 --to hf, replaced as one set): an existing DST is replaced only with --overwrite. A synthetic SRC
 stays labelled synthetic in DST's metadata. Typical use: turn a released bf16 .pth into fp32 so that
 this engine, BlinkDL's `rwkv` package and transformers can be compared bit for bit on the same weights.
+With --weights, the matrices are packed (`rwkv_engine.weights`) into one safetensors file whose
+metadata records the format; `rwkv_engine.load(DST)` maps it back without converting anything.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import read_checkpoint, read_metadata, save_pth, save_safetensors, write_hf, SYNTHETIC
+from . import weights as wformat
+from .checkpoint import read_checkpoint, read_metadata, save_pth, save_safetensors, weight_format, write_hf, SYNTHETIC
 from .files import CheckpointError, WriteError, atomic_write, check_output_path
 from .model import as_dtype
 
@@ -25,11 +29,14 @@ def target_format(dst, to=None):
     return to or SUFFIX_FORMATS.get(Path(dst).suffix, "hf")
 
 
-def convert(src, dst, to="pth", dtype="float32", overwrite=False):
-    """Read SRC, cast to `dtype`, write DST in format `to`; returns DST. The output path is checked
-    before SRC is read, so a bad DST fails at once and nothing partial is left."""
+def convert(src, dst, to="pth", dtype="float32", overwrite=False, weights=None):
+    """Read SRC, cast to `dtype` (or pack the matrices into `weights`), write DST in format `to`;
+    returns DST. The output path is checked before SRC is read, so a bad DST fails at once and
+    nothing partial is left."""
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}: use pth, safetensors or hf")
+    if weights is not None:
+        return convert_packed(src, dst, to, weights, overwrite)
     dt = as_dtype(dtype)
     dst = check_output_path(dst, "dir" if to == "hf" else "file", overwrite)
     metadata = SYNTHETIC if read_metadata(src).get("synthetic") == "true" else {}
@@ -42,6 +49,21 @@ def convert(src, dst, to="pth", dtype="float32", overwrite=False):
     return atomic_write(dst, lambda p: save(sd, p, metadata), overwrite=overwrite, need=need)
 
 
+def convert_packed(src, dst, to, weights, overwrite=False):
+    """SRC -> one safetensors file with its matrices in format `weights` (progress bar on stderr)."""
+    wformat.quant.check_format(weights)
+    if to != "safetensors":
+        raise ValueError(f"--weights writes a .safetensors file, not {to!r}")
+    dst = check_output_path(dst, "file", overwrite)
+    if weight_format(src) is not None:
+        raise ValueError(f"{src}: already a packed ({weight_format(src)}) checkpoint; convert the original")
+    metadata = SYNTHETIC if read_metadata(src).get("synthetic") == "true" else {}
+    sd, _ = read_checkpoint(src)
+    from tqdm import tqdm
+    bar = lambda keys: tqdm(keys, desc="packing", unit="tensor", file=sys.stderr, disable=None)
+    return wformat.save_packed(sd, weights, dst, metadata, bar, overwrite)
+
+
 def parser():
     ap = argparse.ArgumentParser(prog="python -m rwkv_engine.convert", description=__doc__.splitlines()[0])
     ap.add_argument("src", metavar="SRC", help="checkpoint to read: BlinkDL .pth, .safetensors, or a Hugging Face "
@@ -51,13 +73,15 @@ def parser():
                     help="output format (default: from DST's suffix: .pth, .safetensors; otherwise a HF directory)")
     ap.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype of the written weights (default float32)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing DST (a directory is replaced whole)")
+    ap.add_argument("--weights", default=None, choices=wformat.quant.FORMATS,
+                    help="pack the matrices into this format (one .safetensors file; see rwkv_engine.weights)")
     return ap
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        out = convert(args.src, args.dst, target_format(args.dst, args.to), args.dtype, args.overwrite)
+        out = convert(args.src, args.dst, target_format(args.dst, args.to), args.dtype, args.overwrite, args.weights)
     except (CheckpointError, WriteError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import kernels
 
 from . import generation
 from .checkpoint import release_pages
+from . import weights as wformat
 from .config import RWKVConfig
 from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
 from .state import State
@@ -43,11 +44,13 @@ class Block:
     ffn_receptance: torch.Tensor
 
 
-def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layers=None):
+def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layers=None, weights=None, progress=None):
     """The one place raw checkpoint tensors become what the forward reads.
 
     Float32 tensors already on the target device are used as they are (memory-mapped files
-    stay memory-mapped); others are converted once. With `rescale_every` R > 0, the output
+    stay memory-mapped); others are converted once. With `weights` (a format of `kernels.quant`),
+    the matrices are packed into it one at a time and the embedding is kept in 16 bits
+    (`rwkv_engine.weights`); `progress` wraps the layer loop (a tqdm). With `rescale_every` R > 0, the output
     matrices of layer i are divided by 2^(i // R) and the forward halves x after every R-th layer:
     the residual stream then stays inside float16's range (max 65504) on long inputs, and the
     final LayerNorm makes the logits independent of the scale.
@@ -60,35 +63,48 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
     def vec(t, dt=dtype):
         return cast(t.reshape(-1), dt)
 
+    def mat(t, scale=1):
+        if weights is not None:
+            return wformat.pack_matrix(t, weights, scale)
+        return cast(t.float() / scale) if scale != 1 else cast(t)
+
     eps = cfg.layer_norm_eps
     layers = range(cfg.n_layer) if layers is None else layers
     first, last = layers.start == 0, layers.stop == cfg.n_layer
     emb = None
     if first:   # ln0 is applied to the embedding table once here instead of to x at every step.
-        emb = embedding_with_ln0(sd["emb.weight"], sd["blocks.0.ln0.weight"].float(),
-                                 sd["blocks.0.ln0.bias"].float(), eps)
+        ln0_w, ln0_b = sd["blocks.0.ln0.weight"].reshape(-1).float(), sd["blocks.0.ln0.bias"].reshape(-1).float()
+        if weights is None:
+            emb = cast(embedding_with_ln0(sd["emb.weight"], ln0_w, ln0_b, eps))
+        else:
+            emb = wformat.embedding_with_ln0(sd["emb.weight"], ln0_w, ln0_b, eps, weights)
     blocks = []
-    for i in layers:
+    for i in (progress(layers) if progress else layers):
         g = lambda name: sd[f"blocks.{i}.{name}"]
         scale = 2 ** (i // rescale_every) if rescale_every else 1
-        out = lambda name: cast(g(name).float() / scale) if scale != 1 else cast(g(name))
+        out = lambda name: mat(g(name), scale)
         blocks.append(Block(
             ln1_w=vec(g("ln1.weight")), ln1_b=vec(g("ln1.bias")),
             att_mix_k=vec(g("att.time_mix_k")), att_mix_v=vec(g("att.time_mix_v")),
             att_mix_r=vec(g("att.time_mix_r")),
             att_w=-torch.exp(vec(g("att.time_decay"), torch.float32)),
             att_u=vec(g("att.time_first"), torch.float32),
-            att_key=cast(g("att.key.weight")), att_value=cast(g("att.value.weight")),
-            att_receptance=cast(g("att.receptance.weight")), att_output=out("att.output.weight"),
+            att_key=mat(g("att.key.weight")), att_value=mat(g("att.value.weight")),
+            att_receptance=mat(g("att.receptance.weight")), att_output=out("att.output.weight"),
             ln2_w=vec(g("ln2.weight")), ln2_b=vec(g("ln2.bias")),
             ffn_mix_k=vec(g("ffn.time_mix_k")), ffn_mix_r=vec(g("ffn.time_mix_r")),
-            ffn_key=cast(g("ffn.key.weight")), ffn_value=out("ffn.value.weight"),
-            ffn_receptance=cast(g("ffn.receptance.weight")),
+            ffn_key=mat(g("ffn.key.weight")), ffn_value=out("ffn.value.weight"),
+            ffn_receptance=mat(g("ffn.receptance.weight")),
         ))
+        if weights is not None:
+            wformat.trim_heap()
     if not last:
-        return dict(emb=emb if emb is None else cast(emb), blocks=blocks, ln_out_w=None, ln_out_b=None, head=None)
-    return dict(emb=emb if emb is None else cast(emb), blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
-                ln_out_b=vec(sd["ln_out.bias"]), head=cast(sd["head.weight"]))
+        return dict(emb=emb, blocks=blocks, ln_out_w=None, ln_out_b=None, head=None)
+    head = mat(sd["head.weight"])
+    if weights is not None:
+        wformat.trim_heap()
+    return dict(emb=emb, blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
+                ln_out_b=vec(sd["ln_out.bias"]), head=head)
 
 
 def embedding_with_ln0(raw, w, b, eps, rows=8192):
@@ -116,7 +132,7 @@ class RWKV:
     """An RWKV-4 model ready for inference. Build it with `rwkv_engine.load`."""
 
     def __init__(self, cfg: RWKVConfig, sd, device="cpu", dtype="float32", source="", synthetic=False,
-                 tokenizer=None, rescale_every=None, wkv_backend=None, layers=None):
+                 tokenizer=None, rescale_every=None, wkv_backend=None, weights=None, progress=None, layers=None):
         self.config = cfg
         self.device = torch.device(device)
         self.dtype = as_dtype(dtype)
@@ -131,7 +147,11 @@ class RWKV:
         self.rescale_every = rescale_every
         self.wkv_backend = wkv_backend          # None: chosen by device in kernels.wkv
         self.layers = check_layer_range(layers, cfg.n_layer)   # a pipeline stage holds only some
-        w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers)
+        packed = wformat.resolve(weights, self.dtype, self.device)
+        if packed is not None and rescale_every:
+            raise ValueError("rescale_every applies to float16 compute only, not to packed weights")
+        w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers, packed, progress)
+        self.weights = packed or next(k for k, v in kernels.quant.FLOAT_FORMATS.items() if v == self.dtype)
         self.emb, self.blocks, self.head = w["emb"], w["blocks"], w["head"]
         self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]
 
@@ -146,7 +166,7 @@ class RWKV:
 
     @property
     def weight_bytes_per_token(self):
-        return self.config.weight_bytes_per_token(self.head.element_size())
+        return int(self.config.weight_bytes_per_token(kernels.quant.bytes_per_weight(self.weights)))
 
     def state_bytes(self, batch_size=1):
         return State.zeros(len(self.layers), batch_size, self.config.n_embd, "meta", self.dtype).nbytes
@@ -159,7 +179,9 @@ class RWKV:
         c = self.config
         src = "synthetic weights" if self.synthetic else self.source
         part = "" if len(self.layers) == c.n_layer else f" (holds {self.layers.start}..{self.layers.stop - 1})"
-        return f"RWKV({c.name or 'rwkv-4'}: {c.n_layer} layers{part}, n_embd {c.n_embd}, {self.dtype}, {self.device}, {src})"
+        fmt = f" {self.weights} weights," if self.weights != str(self.dtype).removeprefix("torch.") else ""
+        return (f"RWKV({c.name or 'rwkv-4'}: {c.n_layer} layers{part}, n_embd {c.n_embd}, {self.dtype},{fmt} "
+                f"{self.device}, {src})")
 
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -186,7 +208,8 @@ class RWKV:
     def embed(self, tokens):
         """tokens [B, T] -> x: (B, C) in token mode (T == 1), which the blocks update in place,
         else (B, T, C)."""
-        return self.emb[tokens[:, 0]] if tokens.shape[1] == 1 else self.emb[tokens]
+        x = self.emb[tokens[:, 0]] if tokens.shape[1] == 1 else self.emb[tokens]     # a copy: safe to update
+        return x.to(self.dtype)                          # a 16-bit table with packed weights
 
     def run_blocks(self, x, state):
         """Run the layers this model holds on x; `state` holds those layers only (in order)."""

@@ -1,0 +1,220 @@
+"""How much each weight format changes the model's output, against float32 on the same checkpoint.
+
+    python -m bench.quality --model rwkv-4-pile-169m                       # synthetic weights
+    python -m bench.quality --model rwkv-4-pile-169m --outliers            # synthetic + outlier rows/columns
+    python -m bench.quality --model rwkv-4-pile-169m --checkpoint RWKV-4-Pile-169M.pth --text book.txt
+    python -m bench.quality ... --json quality.json
+
+For each format: the prompt (PROMPT tokens of the text, or of a built-in paragraph) in sequence mode,
+then a greedy continuation (float32's greedy tokens, fed to every format, so positions line up) in
+token mode. Per format, over all those positions: max |logit - fp32 logit| / std(fp32 logits),
+mean KL(fp32 || format) in nats per token, top-1 agreement with float32 and, with --text, perplexity
+of the text. Synthetic logits are nearly flat, so top-1 flips mean little there; KL and the relative
+error are the figures that matter.
+
+Rows marked "sim" are not engine formats: float32 runs with matrices rounded through another scheme
+(int8 with one scale per row; int4 in blocks of 32) to compare schemes on equal terms; "int8" is the
+engine's format as it runs (blocks of 32 with float16 scales, activations quantised per block in the
+decode kernels).
+
+--outliers writes (once, into the cache) the synthetic checkpoint with what trained models have and
+random weights lack: a few channels with 16x activations entering every matrix, outlier rows and
+columns 8x the others, and heavy-tailed weights, injected so that the float32 model computes nearly
+the same function (see `outlier_state_dict`). That is where a quantisation scheme breaks.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import rwkv_engine
+from kernels import quant
+from rwkv_engine.checkpoint import SYNTHETIC, CheckpointError, cache_dir, read_checkpoint, save_pth, synthetic_state_dict
+from rwkv_engine.files import atomic_write
+from rwkv_engine.config import get_config
+from rwkv_engine.model import RWKV
+from rwkv_engine.weights import is_matrix
+
+FORMATS = ("float16", "bfloat16", "int8")
+SIMULATED = ("int8-row", "int4-block")
+TEXT = ("The RWKV language model is a recurrent neural network that can be trained like a transformer. "
+        "It keeps a fixed-size state per layer instead of a growing cache of keys and values, so the "
+        "memory it needs does not depend on how long the conversation has been. Each layer mixes the "
+        "current token with the previous one, then applies a time-decaying weighted average over the "
+        "past, followed by a channel-mixing feed-forward block. ")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def outlier_state_dict(cfg, seed=0, n_channels=4, tails=True):
+    """The synthetic checkpoint with outliers that (almost) leave the float32 model's function
+    unchanged, so that the figures measure what outliers do to a quantiser's scales, not a different
+    model (SmoothQuant's equivalence, used in reverse):
+      * activation outliers: LayerNorm gain and bias x16 on a few channels, the columns of the matrices
+        that read them (time-mix is linear) /16;
+      * outlier rows: att.value rows x8 with the matching att.output columns /8 (WKV is linear in v);
+        ffn.key rows x2 with ffn.value columns /4 (relu^2 is 2-homogeneous);
+      * outlier columns: ffn.value columns x8 with ffn.key rows / sqrt(8);
+      * heavy tails: 1 in 10^4 weights of every matrix x10 (these do change the function, a little).
+    """
+    sd = synthetic_state_dict(cfg, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    pick = lambda n: torch.randperm(n, generator=g)[:n_channels]
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        m = lambda name: sd[b + name]
+        for ln, readers in (("ln1", ("att.key", "att.value", "att.receptance")), ("ln2", ("ffn.key", "ffn.receptance"))):
+            c = pick(cfg.n_embd)
+            m(ln + ".weight")[c] *= 16
+            m(ln + ".bias")[c] *= 16
+            for name in readers:
+                m(name + ".weight")[:, c] /= 16
+        c = pick(cfg.n_embd)
+        m("att.value.weight")[c] *= 8
+        m("att.output.weight")[:, c] /= 8
+        f = pick(cfg.ffn_dim)
+        m("ffn.key.weight")[f] *= 2
+        m("ffn.value.weight")[:, f] /= 4
+        f = pick(cfg.ffn_dim)
+        m("ffn.value.weight")[:, f] *= 8
+        m("ffn.key.weight")[f] /= 8 ** 0.5
+    for key, t in sd.items():
+        if is_matrix(key) and tails:
+            t[torch.rand(t.shape, generator=g) < 1e-4] *= 10
+    return sd
+
+
+def checkpoint_path(model, checkpoint, outliers, seed=0):
+    if checkpoint:
+        return Path(checkpoint)
+    if not outliers:
+        return rwkv_engine.write_synthetic(model, seed=seed)
+    path = cache_dir() / "synthetic" / f"{get_config(model).name}-fp32-seed{seed}-outliers2.pth"
+    if not path.exists():
+        sd = outlier_state_dict(get_config(model), seed)
+        atomic_write(path, lambda p: save_pth(sd, p, SYNTHETIC))
+    return path
+
+
+def simulated_model(path, scheme):
+    """float32 model whose matrices went through `scheme` and back (weights-only error)."""
+    sd, cfg = read_checkpoint(path)
+    rounded = {}
+    for key, t in sd.items():
+        rounded[key] = round_trip(t.float(), scheme) if is_matrix(key) else t
+    return RWKV(cfg, rounded, source=str(path))
+
+
+def round_trip(w, scheme):
+    if scheme == "int8-row":
+        scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+        return torch.round(w / scale).clamp(-127, 127) * scale
+    if scheme == "int4-block":
+        O, I = w.shape
+        blocks = torch.nn.functional.pad(w, (0, -I % 32)).view(O, -1, 32)
+        scale = (blocks.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-12)
+        return (torch.round(blocks / scale).clamp(-7, 7) * scale).view(O, -1)[:, :I]
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+def run(model, prompt, continuation):
+    """All logits [T, V]: the prompt in sequence mode, then the continuation one token at a time."""
+    state = model.new_state(1)
+    logits, _ = model.forward(prompt[None], state, all_logits=True)
+    steps = [logits[0]]
+    for tok in continuation[:-1]:
+        out, _ = model.forward(torch.tensor([[tok]]), state)
+        steps.append(out)
+    return torch.cat(steps)
+
+
+def compare(ref, logits, targets):
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
+    out = {"max_rel_diff": float((logits - ref).abs().max() / ref.std()),
+           "mean_kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+           "top1_agreement": float((ref.argmax(-1) == logits.argmax(-1)).float().mean())}
+    if targets is not None:
+        nll = -lq[:len(targets)].gather(1, targets[:, None]).mean()
+        out["perplexity"] = float(torch.exp(nll))
+    return out
+
+
+def measure(path, prompt_len, new_tokens, text, formats, simulate=True):
+    ref_model = rwkv_engine.load(str(path))
+    tok = rwkv_engine.tokenizer()
+    ids = torch.tensor(tok.encode(text if text else TEXT * (1 + prompt_len // 60)))
+    ids = ids % ref_model.vocab_size                 # a test checkpoint with a small vocabulary
+    prompt = ids[:prompt_len] if not text else ids[:-1]
+    state = ref_model.new_state(1)
+    logits, _ = ref_model.forward(prompt[None], state)
+    greedy = [int(logits.argmax())]
+    for _ in range(new_tokens - 1):
+        logits, _ = ref_model.forward(torch.tensor([[greedy[-1]]]), state)
+        greedy.append(int(logits.argmax()))
+    continuation = torch.tensor(greedy)
+    targets = ids[1:] if text else None              # next-token targets over the text (prompt part)
+    ref = run(ref_model, prompt, continuation)
+    del ref_model
+    rows = {"float32": compare(ref, ref, targets)}
+    for fmt in formats:
+        rows[fmt] = compare(ref, run(rwkv_engine.load(str(path), weights=fmt), prompt, continuation), targets)
+    for scheme in (SIMULATED if simulate else ()):
+        rows[scheme + " (sim)"] = compare(ref, run(simulated_model(path, scheme), prompt, continuation), targets)
+    return {"checkpoint": str(path), "prompt_tokens": len(prompt), "new_tokens": new_tokens, "formats": rows}
+
+
+def table(result):
+    lines = [f"{result['checkpoint']}: {result['prompt_tokens']} prompt + {result['new_tokens']} greedy tokens",
+             f"{'format':<18}{'max|dlogit|/std':>16}{'mean KL (nats)':>16}{'top-1 agree':>13}{'ppl':>10}"]
+    for fmt, r in result["formats"].items():
+        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
+        lines.append(f"{fmt:<18}{r['max_rel_diff']:>16.2e}{r['mean_kl']:>16.2e}{r['top1_agreement']:>13.3f}{ppl:>10}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = OneLineParser(prog="bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="registered name, e.g. rwkv-4-pile-169m")
+    ap.add_argument("--checkpoint", help="real weights (else synthetic weights of the model's shapes)")
+    ap.add_argument("--text", help="a text file: the prompt, and perplexity over it")
+    ap.add_argument("--outliers", action="store_true", help="synthetic weights with injected outliers")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--no-sim", action="store_true", help="skip the simulated schemes")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    try:
+        get_config(args.model)
+        for f in formats:
+            quant.check_format(f)
+        if args.checkpoint and args.outliers:
+            raise ValueError("--outliers applies to synthetic weights, not to --checkpoint")
+        if args.prompt_tokens < 1 or args.new_tokens < 1:
+            raise ValueError("--prompt-tokens and --new-tokens must be positive")
+        text = Path(args.text).read_text() if args.text else None
+        path = checkpoint_path(args.model, args.checkpoint, args.outliers)
+        result = measure(path, args.prompt_tokens, args.new_tokens, text, formats, not args.no_sim)
+    except (ValueError, CheckpointError, OSError) as e:
+        ap.exit(2, f"bench.quality: error: {e}\n")
+    result.update(model=args.model, outliers=args.outliers, synthetic=not args.checkpoint)
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+/* CPU decode kernels for compressed weights: y[b, o] (+)= sum_i W[o, i] x[b, i], x and y float32.
+ *
+ * Decode reads every weight once per token, so it is bound by memory bandwidth: storing weights in
+ * fewer bytes is the speed-up, and each kernel converts them in registers and accumulates in fp32.
+ *   FMT_F16   W float16 [O, I]: F16C widening (8 or 16 lanes), FMA with x.
+ *   FMT_BF16  W bfloat16 [O, I]: bf16 -> fp32 is a 16-bit left shift of the integer lanes.
+ *   FMT_Q8    W int8 [O, Ip] + float16 scale per block of 32 along i (ggml's Q8_0), Ip = I rounded up
+ *             to 32 with zero weights. x is quantised per stream to the same blocks (int8 + fp32
+ *             scale, round half to even as torch.round), then each block is an exact integer dot
+ *             product times scale_w * scale_x (ggml's vec_dot_q8_0_q8_0): AVX2 has no signed x signed
+ *             byte multiply, so |w| (u8) x sign(w)*x (s8) go through maddubs; AVX-512 VNNI does the
+ *             same u8 x s8 in one vpdpbusd per 64 weights.
+ * The same source is compiled once per instruction set: with -mavx512f/bw/vl/vnni the 512-bit loops
+ * are used, otherwise AVX2 (every x86-64-v3 CPU). Python picks the build from the CPU's flags.
+ *
+ * Every (row, stream) dot product is computed the same way whatever B and the thread count are, so a
+ * stream's result is bit-identical however many streams share the batch. Rows are processed 4 at a
+ * time (four weight streams in flight; each row read once for all B streams while it sits in L1), in
+ * chunks that the threads of kernels/csrc/pool.h claim dynamically (no barrier: a thread another
+ * process keeps off its core holds nobody up), and a group of products runs as one pool job.
+ * Dequantisation for sequence mode runs on OpenMP (torch's pool, like the GEMM that follows).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include "pool.h"
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3 };
+#define QB 32
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define WIDE 1
+#else
+#define WIDE 0
+#endif
+
+int isa_level(void) { return WIDE ? 512 : 256; }
+
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* ---- 16-bit weights: one row . x ---------------------------------------------------------- */
+
+static inline __m256 load8_f16(const uint16_t *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
+static inline __m256 load8_bf16(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+#if WIDE
+static inline __m512 load16_f16(const uint16_t *w) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w)); }
+static inline __m512 load16_bf16(const uint16_t *w) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
+}
+#endif
+
+/* 4 rows . x at once: four weight streams in flight, x loaded once for the four. Rows are passed
+ * as pointers, so the last rows of a matrix repeat a row and every row is computed the same way. */
+#define DOT16X4(NAME, LOAD8, LOAD16, SCALAR)                                                 \
+static void NAME(const uint16_t *const *w, const float *x, int64_t I, float *out) {          \
+    int64_t i = 0;                                                                           \
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                   \
+    WIDE_LOOP4(LOAD16)                                                                       \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                              \
+    for (; i + 8 <= I; i += 8) {                                                             \
+        __m256 xv = _mm256_loadu_ps(x + i);                                                  \
+        a0 = _mm256_fmadd_ps(LOAD8(w[0] + i), xv, a0);                                       \
+        a1 = _mm256_fmadd_ps(LOAD8(w[1] + i), xv, a1);                                       \
+        a2 = _mm256_fmadd_ps(LOAD8(w[2] + i), xv, a2);                                       \
+        a3 = _mm256_fmadd_ps(LOAD8(w[3] + i), xv, a3);                                       \
+    }                                                                                        \
+    s[0] += hsum256(a0); s[1] += hsum256(a1); s[2] += hsum256(a2); s[3] += hsum256(a3);      \
+    for (; i < I; i++)                                                                       \
+        for (int r = 0; r < 4; r++) s[r] += SCALAR(w[r][i]) * x[i];                          \
+    for (int r = 0; r < 4; r++) out[r] = s[r];                                               \
+}
+#if WIDE
+#define WIDE_LOOP4(LOAD16)                                                                   \
+    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0;                              \
+    __m512 u0 = z0, u1 = z0, u2 = z0, u3 = z0;                                               \
+    for (; i + 32 <= I; i += 32) {        /* two accumulators per row: shorter FMA chains */ \
+        __m512 xv = _mm512_loadu_ps(x + i), xw = _mm512_loadu_ps(x + i + 16);               \
+        z0 = _mm512_fmadd_ps(LOAD16(w[0] + i), xv, z0);                                      \
+        z1 = _mm512_fmadd_ps(LOAD16(w[1] + i), xv, z1);                                      \
+        z2 = _mm512_fmadd_ps(LOAD16(w[2] + i), xv, z2);                                      \
+        z3 = _mm512_fmadd_ps(LOAD16(w[3] + i), xv, z3);                                      \
+        u0 = _mm512_fmadd_ps(LOAD16(w[0] + i + 16), xw, u0);                                 \
+        u1 = _mm512_fmadd_ps(LOAD16(w[1] + i + 16), xw, u1);                                 \
+        u2 = _mm512_fmadd_ps(LOAD16(w[2] + i + 16), xw, u2);                                 \
+        u3 = _mm512_fmadd_ps(LOAD16(w[3] + i + 16), xw, u3);                                 \
+    }                                                                                        \
+    for (; i + 16 <= I; i += 16) {                                                           \
+        __m512 xv = _mm512_loadu_ps(x + i);                                                  \
+        z0 = _mm512_fmadd_ps(LOAD16(w[0] + i), xv, z0);                                      \
+        z1 = _mm512_fmadd_ps(LOAD16(w[1] + i), xv, z1);                                      \
+        z2 = _mm512_fmadd_ps(LOAD16(w[2] + i), xv, z2);                                      \
+        z3 = _mm512_fmadd_ps(LOAD16(w[3] + i), xv, z3);                                      \
+    }                                                                                        \
+    s[0] = _mm512_reduce_add_ps(_mm512_add_ps(z0, u0)); s[1] = _mm512_reduce_add_ps(_mm512_add_ps(z1, u1)); \
+    s[2] = _mm512_reduce_add_ps(_mm512_add_ps(z2, u2)); s[3] = _mm512_reduce_add_ps(_mm512_add_ps(z3, u3));
+#else
+#define WIDE_LOOP4(LOAD16)
+#endif
+
+DOT16X4(dot4_f16, load8_f16, load16_f16, _cvtsh_ss)
+DOT16X4(dot4_bf16, load8_bf16, load16_bf16, bf16_to_f32)
+
+/* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
+
+/* x [I] -> q [Ip] int8 and d [Ip / 32] float: per block d = amax / 127, q = round(x / d) */
+static void quantize_x(const float *x, int64_t I, int64_t Ip, int8_t *q, float *d) {
+    for (int64_t b0 = 0; b0 < Ip; b0 += QB) {
+        float amax = 0.0f;
+        for (int64_t i = b0; i < b0 + QB && i < I; i++) amax = fmaxf(amax, fabsf(x[i]));
+        float dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
+        d[b0 / QB] = dd;
+        for (int64_t i = b0; i < b0 + QB; i++)
+            q[i] = i < I ? (int8_t)nearbyintf(x[i] * id) : 0;
+    }
+}
+
+/* one block of 32: exact integer dot product of int8 w and int8 x (AVX2 sign trick + maddubs) */
+static inline __m256 block_dot256(const int8_t *w, const int8_t *x) {
+    __m256i qw = _mm256_loadu_si256((const __m256i *)w), qx = _mm256_loadu_si256((const __m256i *)x);
+    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+/* 4 rows of int8 blocks . the quantised x: sum over blocks of (integer dot) * scale_w * scale_x */
+static void dot4_q8(const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const float *dx,
+                    int64_t nb, float *out) {
+    int64_t j = 0;
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if WIDE
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i lo_hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (; j + 2 <= nb; j += 2) {               /* two blocks per 512-bit register: lanes 0-7 | 8-15 */
+        __m512i qx = _mm512_loadu_si512(xq + j * QB);
+        __m512 dxv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_castsi128_ps(
+                         _mm_loadl_epi64((const __m128i *)(dx + j)))));                     /* dx[j] | dx[j+1] */
+        for (int r = 0; r < 4; r++) {
+            __m512i qw = _mm512_loadu_si512(w[r] + j * QB);
+            __m512i sx = _mm512_mask_sub_epi8(qx, _mm512_movepi8_mask(qw), zero, qx);     /* x * sign(w) */
+            __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(qw), sx));
+            __m512 swv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_cvtph_ps(
+                             _mm_cvtsi32_si128(*(const int32_t *)(sw[r] + j)))));            /* sw[j] | sw[j+1] */
+            acc[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(swv, dxv), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+    if (j < nb) {
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; j < nb; j++)
+            for (int r = 0; r < 4; r++)
+                a[r] = _mm256_fmadd_ps(block_dot256(w[r] + j * QB, xq + j * QB),
+                                       _mm256_set1_ps(_cvtsh_ss(sw[r][j]) * dx[j]), a[r]);
+        for (int r = 0; r < 4; r++) s[r] += hsum256(a[r]);
+    }
+    for (int r = 0; r < 4; r++) out[r] = s[r];
+}
+
+/* ---- grouped products -------------------------------------------------------------------- */
+
+typedef struct {
+    int64_t fmt, O, I, Ip;      /* Ip: row stride of W in elements (I, or I rounded up to 32 for Q8) */
+    const void *W;
+    const uint16_t *S;          /* Q8: float16 scales [O, Ip / 32] */
+    const float *x;             /* [B, I] */
+    float *y;                   /* [B, O] */
+    int8_t *xq;                 /* Q8 scratch: [B, Ip] */
+    float *dx;                  /* Q8 scratch: [B, Ip / 32] */
+} product;
+
+/* rows r..r+3 (clamped to the last row) . stream b */
+static void dot4(const product *p, int64_t r, int64_t b, float *out) {
+    int64_t rr[4];
+    for (int k = 0; k < 4; k++) rr[k] = r + k < p->O ? r + k : p->O - 1;
+    if (p->fmt == FMT_Q8) {
+        int64_t nb = p->Ip / QB;
+        const int8_t *w[4];
+        const uint16_t *sw[4];
+        for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
+        dot4_q8(w, sw, p->xq + b * p->Ip, p->dx + b * nb, nb, out);
+        return;
+    }
+    const uint16_t *w[4];
+    for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + rr[k] * p->Ip;
+    if (p->fmt == FMT_F16) dot4_f16(w, p->x + b * p->I, p->I, out);
+    else dot4_bf16(w, p->x + b * p->I, p->I, out);
+}
+
+static void rows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    float s[4];
+    for (int64_t o = o0; o < o1; o += 4)
+        for (int64_t b = 0; b < B; b++) {
+            dot4(p, o, b, s);
+            float *yo = p->y + b * p->O;
+            for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + s[r - o] : s[r - o];
+        }
+}
+
+#define CHUNK_BYTES 32768         /* weight bytes per claimed chunk of the pool (whole groups of 4 rows) */
+#define MAX_GROUP 16
+
+typedef struct {
+    int64_t n, B, acc;
+    product ps[MAX_GROUP];
+    int64_t chunk_rows[MAX_GROUP];
+    int64_t first_chunk[MAX_GROUP + 1];           /* product j owns chunks [first[j], first[j+1]) */
+} job_t;
+
+static void chunk_rows_of(void *ctx, int64_t chunk) {
+    const job_t *job = ctx;
+    int64_t j = 0;
+    while (chunk >= job->first_chunk[j + 1]) j++;
+    const product *p = &job->ps[j];
+    int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
+    int64_t o1 = o0 + job->chunk_rows[j] < p->O ? o0 + job->chunk_rows[j] : p->O;
+    rows(p, job->B, o0, o1, (int)job->acc);
+}
+
+/* n products as one job of the thread pool (pool.h: chunks claimed dynamically, no barrier):
+ * activations quantised first (Q8, by the caller), then chunks of rows. Returns 0, or -1 when n is
+ * outside 1..MAX_GROUP. dims[3j..3j+2] = (format, O, I); ptrs[4j..4j+3] = (W, scales or NULL, x, y). */
+int64_t qmatvec_group(int64_t n, const int64_t *dims, void *const *ptrs, int64_t B, int64_t nthreads, int64_t acc) {
+    if (n < 1 || n > MAX_GROUP) return -1;
+    job_t job = {.n = n, .B = B, .acc = acc};
+    int64_t scratch = 0;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t fmt = dims[3 * j], O = dims[3 * j + 1], I = dims[3 * j + 2];
+        int64_t Ip = fmt == FMT_Q8 ? (I + QB - 1) / QB * QB : I;
+        job.ps[j] = (product){fmt, O, I, Ip, ptrs[4 * j], (const uint16_t *)ptrs[4 * j + 1],
+                              (const float *)ptrs[4 * j + 2], (float *)ptrs[4 * j + 3], NULL, NULL};
+        if (fmt == FMT_Q8) scratch += B * Ip + B * (Ip / QB) * (int64_t)sizeof(float);
+        int64_t row_bytes = fmt == FMT_Q8 ? Ip + Ip / QB * 2 : 2 * I;
+        int64_t r = CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
+        job.chunk_rows[j] = r < 4 ? 4 : r;
+        job.first_chunk[j + 1] = job.first_chunk[j] + (O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
+    }
+    char *buf = scratch ? malloc(scratch) : NULL, *at = buf;
+    for (int64_t j = 0; j < n; j++) {
+        product *p = &job.ps[j];
+        if (p->fmt != FMT_Q8) continue;
+        p->dx = (float *)at;
+        at += B * (p->Ip / QB) * sizeof(float);
+        p->xq = (int8_t *)at;
+        at += B * p->Ip;
+        for (int64_t b = 0; b < B; b++)
+            quantize_x(p->x + b * p->I, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * (p->Ip / QB));
+    }
+    pool_run(chunk_rows_of, &job, job.first_chunk[n], nthreads);
+    free(buf);
+    return 0;
+}
+
+/* x [B, I] -> int8 [B, Ip] + scales [B, Ip / 32], exposed so tests can check it against torch */
+void quantize_rows(const float *x, int64_t B, int64_t I, int64_t Ip, int8_t *q, float *d) {
+    for (int64_t b = 0; b < B; b++) quantize_x(x + b * I, I, Ip, q + b * Ip, d + b * (Ip / QB));
+}
+
+/* rows [o0, o1) of W -> float32 out [o1 - o0, I] (sequence mode: dequantise, then torch's GEMM) */
+void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o0, int64_t o1, int64_t I,
+                int64_t Ip, int64_t nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = o0; o < o1; o++) {
+        float *dst = out + (o - o0) * I;
+        if (fmt == FMT_Q8) {
+            const int8_t *w = (const int8_t *)W + o * Ip;
+            const uint16_t *s = (const uint16_t *)S + o * (Ip / QB);
+            for (int64_t i0 = 0; i0 < I; i0 += QB) {
+                __m256 d = _mm256_set1_ps(_cvtsh_ss(s[i0 / QB]));
+                int64_t i = i0;
+                for (; i + 8 <= i0 + QB && i + 8 <= I; i += 8) {
+                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i)));
+                    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+                }
+                for (; i < i0 + QB && i < I; i++) dst[i] = (float)w[i] * _cvtsh_ss(s[i0 / QB]);
+            }
+        } else {
+            const uint16_t *w = (const uint16_t *)W + o * Ip;
+            int64_t i = 0;
+            for (; i + 8 <= I; i += 8) _mm256_storeu_ps(dst + i, fmt == FMT_F16 ? load8_f16(w + i) : load8_bf16(w + i));
+            for (; i < I; i++) dst[i] = fmt == FMT_F16 ? _cvtsh_ss(w[i]) : bf16_to_f32(w[i]);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+"""kernels.quant: the packed formats, every C kernel build this CPU runs against its torch reference,
+batch invariance, the instruction-set choice, and bad input."""
+import pytest
+import torch
+
+import kernels
+from kernels import quant
+
+ISAS = quant.supported_isas() if quant.available() else []
+FORMATS16 = ("float16", "bfloat16")
+PACKED = (*FORMATS16, "int8")
+SHAPES = [(1, 1, 32), (3, 37, 70), (2, 9, 33), (5, 130, 768), (1, 64, 3072)]
+needs_c = pytest.mark.skipif(not ISAS, reason="no C compiler / AVX2 here: the torch paths are tested")
+
+
+def _data(B, O, I, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, I, generator=g), torch.randn(O, I, generator=g) / I ** 0.5
+
+
+def _accumulation_bound(x, w):
+    """fp32 accumulation error bound for y = x W^T: a few ulps of sum |x| |w| per output."""
+    return 4e-7 * (x.abs().double() @ quant.dequantize(w).abs().double().T).float() * (1 + x.shape[1] ** 0.5) + 1e-30
+
+
+def _format_bound(x, w, fmt):
+    """|x W^T - x Q(W)^T| bound from the format: 16-bit rounding is relative (2^-11, 2^-8); int8 rounds
+    each weight by <= scale/2 and, in the kernel, each activation by <= its block scale/2."""
+    ax, aw = x.abs().double(), w.abs().double()
+    if fmt in FORMATS16:
+        return {"float16": 2 ** -11, "bfloat16": 2 ** -8}[fmt] * (ax @ aw.T).float() * 1.01 + 1e-6
+    packed = quant.pack(w, "int8")
+    B, I = x.shape
+    Ip, nb = packed.q.shape[1], packed.q.shape[1] // quant.BLOCK
+    sw = packed.scale.double().repeat_interleave(quant.BLOCK, 1)[:, :I]                    # [O, I]
+    _, dx = quant.quantize_rows_reference(x)
+    sx = dx.double().repeat_interleave(quant.BLOCK, 1)[:, :I]                               # [B, I]
+    bound = ax @ sw.T / 2 + sx @ (aw + sw / 2).T / 2
+    return bound.float() * 1.01 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# formats
+
+@pytest.mark.parametrize("O, I", [(7, 32), (5, 70), (64, 768)])
+def test_int8_quantisation_error_is_within_half_a_step_per_weight(O, I):
+    w = torch.randn(O, I) * torch.logspace(-3, 1, I)           # magnitudes spread over 4 decades
+    p = quant.quantize_int8(w)
+    p.check()
+    step = p.scale.float().repeat_interleave(quant.BLOCK, 1)[:, :I]
+    assert p.q.shape == (O, -(-I // 32) * 32) and p.shape == (O, I)
+    assert bool(((p.dequantize() - w).abs() <= step / 2 * 1.0001).all())
+    assert int(p.q.abs().max()) <= 127
+
+
+def test_int8_blocks_confine_an_outlier_to_its_block():
+    w = torch.randn(4, 96) * 0.02
+    w[1, 40] = 50.0
+    p = quant.quantize_int8(w)
+    err = (p.dequantize() - w).abs()
+    assert float(err[1, 64:].max()) < 1e-3 and float(err[1, :32].max()) < 1e-3     # other blocks intact
+    assert float(err[1, 32:64].max()) > 1e-2                                        # its own block coarse
+
+
+def test_int8_zero_block_gets_a_positive_scale_and_zero_values():
+    w = torch.zeros(2, 64)
+    w[0, 40] = 127 * 2 ** -7                                   # scale 2^-7: exact in float16
+    p = quant.quantize_int8(w)
+    assert bool((p.scale.float() > 0).all()) and torch.equal(p.dequantize(), w)
+
+
+def test_quantise_in_row_slices_equals_all_at_once():
+    w = torch.randn(37, 70)
+    a, b = quant.quantize_int8(w), quant.quantize_int8(w, rows_per_step=5)
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+
+
+def test_16bit_pack_is_the_torch_cast():
+    w = torch.randn(9, 33)
+    for fmt in FORMATS16:
+        assert torch.equal(quant.pack(w, fmt), w.to(quant.FLOAT_FORMATS[fmt]))
+    assert quant.format_of(quant.pack(w, "int8")) == "int8" and quant.format_of(w.half()) == "float16"
+    assert quant.bytes_per_weight("int8") == 1.0625 and quant.bytes_per_weight("bfloat16") == 2
+
+
+def test_bad_input_gives_one_line_errors():
+    with pytest.raises(ValueError, match="unknown weight format 'int4'"):
+        quant.pack(torch.randn(4, 32), "int4")
+    w = torch.randn(4, 32)
+    w[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize_int8(w)
+    p = quant.quantize_int8(torch.randn(4, 64))
+    for bad in (float("nan"), 0.0, -1.0, float("inf")):
+        s = p.scale.clone()
+        s[1, 1] = bad
+        with pytest.raises(ValueError, match="corrupt int8 scales"):
+            quant.Int8Weight(p.q, s, 64).check()
+    with pytest.raises(ValueError, match="scales must be float16"):
+        quant.Int8Weight(p.q, p.scale.float(), 64).check()
+    with pytest.raises(ValueError, match="int8 values must be"):
+        quant.Int8Weight(p.q, p.scale, 20).check()
+
+
+# ---------------------------------------------------------------------------------------------
+# C kernels against the references, on every build this CPU runs
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", PACKED)
+@pytest.mark.parametrize("B, O, I", SHAPES)
+def test_matvec_matches_reference(isa, fmt, B, O, I):
+    x, w = _data(B, O, I)
+    packed = quant.pack(w, fmt)
+    y = quant.matvec_group([(x, packed)], isa=isa)[0]
+    ref = quant.matvec_reference(x, packed)                   # the kernel's arithmetic, in float64
+    assert bool(((y - ref).abs() <= _accumulation_bound(x, packed)).all())
+    exact = (x.double() @ w.double().T).float()               # the float32 matrix it stands for
+    assert bool(((y - exact).abs() <= _format_bound(x, w, fmt) + _accumulation_bound(x, packed)).all())
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
+def test_group_with_accumulate_and_mixed_shapes(isa):
+    x1, w1 = _data(3, 40, 96, seed=1)
+    x2, w2 = _data(3, 96, 40, seed=2)
+    p1, p2 = quant.pack(w1, "int8"), quant.pack(w2, "float16")
+    out = [torch.randn(3, 40), torch.randn(3, 96)]
+    before = [o.clone() for o in out]
+    quant.matvec_group([(x1, p1), (x2, p2)], out=out, accumulate=True, isa=isa)
+    for o, b, x, p in zip(out, before, (x1, x2), (p1, p2)):
+        assert bool(((o - b - quant.matvec_reference(x, p)).abs() <= _accumulation_bound(x, p) + 1e-5).all())
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", PACKED)
+def test_each_stream_is_bit_identical_whatever_the_batch(isa, fmt):
+    x, w = _data(33, 100, 768)
+    packed = quant.pack(w, fmt)
+    batched = quant.matvec_group([(x, packed)], isa=isa)[0]
+    for b in (0, 7, 32):
+        alone = quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0]
+        assert torch.equal(alone[0], batched[b])
+    assert torch.equal(quant.matvec_group([(x[:5].contiguous(), packed)], isa=isa)[0], batched[:5])
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("B, I", [(1, 32), (4, 70), (3, 768)])
+def test_activation_quantisation_matches_torch_exactly(isa, B, I):
+    x = torch.randn(B, I) * torch.logspace(-2, 2, I)
+    x[0, :min(I, 32)] = 0                                      # an all-zero block: scale 0, values 0
+    q, d = quant.quantize_rows(x, isa=isa)
+    q_ref, d_ref = quant.quantize_rows_reference(x)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref)
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", PACKED)
+def test_dequantise_rows_is_exact(isa, fmt):
+    _, w = _data(1, 50, 70)
+    packed = quant.pack(w, fmt)
+    out = torch.empty(30, 70)
+    quant.dequantize_rows(packed, 10, 40, out, isa=isa)
+    assert torch.equal(out, quant.dequantize(packed)[10:40])
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", PACKED)
+def test_gemm_in_slices_matches_the_dequantised_matrix(fmt, monkeypatch):
+    x, w = _data(70, 300, 96)
+    packed = quant.pack(w, fmt)
+    monkeypatch.setattr(quant, "GEMM_SLICE", 64 * 96)          # several slices of 64 rows
+    y = quant.gemm(x, packed)
+    ref = quant.linear_reference(x, packed)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# which build runs
+
+def test_isa_choice_follows_the_cpu_flags(monkeypatch):
+    zen3 = {"avx2", "fma", "f16c", "sse4_2"}
+    zen4 = zen3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+    assert quant.supported_isas(zen3) == ["avx2"] and quant.best_isa(zen3) == "avx2"
+    assert quant.supported_isas(zen4) == ["avx512", "avx2"] and quant.best_isa(zen4) == "avx512"
+    assert quant.best_isa({"avx2", "fma"}) is None                 # no F16C: no build at all
+    assert quant.best_isa(zen3 | {"avx512f"}) == "avx2"            # AVX-512F without VNNI/BW
+    monkeypatch.setenv("RWKV_ENGINE_CPU_FEATURES", "avx2,fma,f16c")
+    assert quant.cpu_features() == {"avx2", "fma", "f16c"} and quant.best_isa() == "avx2"
+
+
+@needs_c
+def test_each_build_is_cached_under_its_isa_and_runs_its_instructions():
+    for isa in ISAS:
+        lib = quant.library(isa)
+        assert f"quant_ops-{isa}-" in lib._name
+        assert lib.isa_level() == {"avx2": 256, "avx512": 512}[isa]
+
+
+@needs_c
+def test_simulated_avx2_cpu_gets_the_avx2_build(monkeypatch):
+    monkeypatch.setenv("RWKV_ENGINE_CPU_FEATURES", "avx2,fma,f16c")
+    assert quant._lib().isa_level() == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels.linear dispatches on the weight's type
+
+@pytest.mark.parametrize("fmt", PACKED)
+def test_linear_dispatch_decode_and_prompt_shapes(fmt):
+    x, w = _data(4, 40, 96)
+    packed = quant.pack(w, fmt)
+    tol = _format_bound(x, w, fmt) + 1e-5
+    exact = x @ w.T
+    y = kernels.linear(x, packed)                                # token mode: [B, C]
+    assert y.shape == (4, 40) and bool(((y - exact).abs() <= tol).all())
+    xs = torch.randn(2, 100, 96)                                 # a prompt: [B, T, C]
+    ys = kernels.linear(xs, packed)
+    assert ys.shape == (2, 100, 40)
+    assert torch.allclose(ys, quant.linear_reference(xs, packed), rtol=1e-4, atol=1e-4)
+    r, k = kernels.linear_group((x, packed), (x, packed))
+    assert torch.equal(r, k) and torch.equal(r, y)
+    out = torch.ones(4, 40)
+    kernels.linear_accumulate_(x, packed, out)
+    assert torch.allclose(out, 1 + y, atol=1e-6)

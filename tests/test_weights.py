@@ -1,0 +1,225 @@
+"""Models with packed weights (rwkv_engine.weights): agreement with float32 within each format's
+tolerance, token/sequence/chunked modes, batch invariance, packed files (convert, round trip, bad
+input), streamed synthetic checkpoints and bounded load memory."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rwkv_engine
+from kernels import quant
+from rwkv_engine import CheckpointError, RWKV
+from rwkv_engine.checkpoint import read_checkpoint, read_metadata, synthetic_state_dict, write_synthetic
+from rwkv_engine.convert import main as convert_main
+
+# mean KL(fp32 || format) per token on a tiny synthetic model: the issue's 169m targets (1e-4 for
+# 16-bit, 1e-3 for int8) with bfloat16's 8-bit mantissa given its own 16x looser bound
+KL_MAX = {"float32": 1e-9, "float16": 1e-5, "bfloat16": 1.6e-3, "int8": 1e-3}
+REL_MAX = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 5e-2, "int8": 8e-2}
+
+
+def kl_per_token(ref, other):
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(other.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_cfg):
+    return torch.randint(0, tiny_cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def fp32_logits(tiny_pth, tokens):
+    return rwkv_engine.load(str(tiny_pth)).forward(tokens, all_logits=True)[0]
+
+
+def token_by_token(model, tokens, state=None):
+    state = state or model.new_state(tokens.shape[0])
+    return torch.stack([model.forward(tokens[:, t:t + 1], state)[0] for t in range(tokens.shape[1])], 1)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_packed_model_is_within_its_format_tolerance_of_fp32(tiny_pth, tokens, fp32_logits, fmt):
+    model = rwkv_engine.load(str(tiny_pth), weights=fmt)
+    assert model.weights == fmt and model.dtype == torch.float32
+    seq = model.forward(tokens, all_logits=True)[0]
+    tok = token_by_token(model, tokens)
+    for logits in (seq, tok):
+        assert kl_per_token(fp32_logits, logits) <= KL_MAX[fmt]
+        assert float((logits - fp32_logits).abs().max() / fp32_logits.std()) <= REL_MAX[fmt]
+
+
+@pytest.mark.parametrize("fmt", ("bfloat16", "int8"))
+def test_packed_model_token_sequence_and_chunked_agree(tiny_pth, tokens, fmt):
+    model = rwkv_engine.load(str(tiny_pth), weights=fmt)
+    seq = model.forward(tokens, all_logits=True)[0]
+    state = model.new_state(2)
+    chunks = [model.forward(tokens[:, a:b], state, all_logits=True)[0] for a, b in ((0, 5), (5, 6), (6, 48))]
+    chunked = torch.cat(chunks, 1)
+    tok = token_by_token(model, tokens)
+    # sequence mode (> 64 rows: dequantised GEMM) vs decode kernels (int8: activations quantised too)
+    assert kl_per_token(seq, chunked) <= KL_MAX[fmt] and kl_per_token(seq, tok) <= KL_MAX[fmt]
+    # the same mode twice is the same computation
+    assert torch.equal(tok, token_by_token(model, tokens))
+
+
+@pytest.mark.parametrize("fmt", ("float16", "int8"))
+def test_streams_decode_bit_identically_whatever_the_batch(tiny_pth, fmt):
+    model = rwkv_engine.load(str(tiny_pth), weights=fmt)
+    toks = torch.randint(0, 1000, (5, 6), generator=torch.Generator().manual_seed(0))
+    batched = token_by_token(model, toks)
+    for b in (0, 4):
+        assert torch.equal(token_by_token(model, toks[b:b + 1]), batched[b:b + 1])
+
+
+def test_weight_bytes_and_repr(tiny_pth):
+    m32, m8 = rwkv_engine.load(str(tiny_pth)), rwkv_engine.load(str(tiny_pth), weights="int8")
+    assert m8.weight_bytes_per_token < m32.weight_bytes_per_token / 3
+    assert "int8 weights" in repr(m8) and "weights" not in repr(m32)
+
+
+def test_bad_weight_arguments(tiny_pth):
+    with pytest.raises(ValueError, match="unknown weight format 'int4'"):
+        rwkv_engine.load(str(tiny_pth), weights="int4")
+    with pytest.raises(ValueError, match="needs dtype float32 on CPU"):
+        rwkv_engine.load(str(tiny_pth), dtype="bfloat16", weights="int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+@pytest.fixture(scope="module")
+def int8_file(tiny_pth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "tiny-int8.safetensors"
+    assert convert_main([str(tiny_pth), str(out), "--weights", "int8"]) == 0
+    return out
+
+
+def test_converted_file_equals_quantised_at_load(tiny_pth, int8_file, tokens):
+    at_load = rwkv_engine.load(str(tiny_pth), weights="int8")
+    from_file = rwkv_engine.load(str(int8_file))
+    assert from_file.weights == "int8"
+    a, b = at_load.blocks[1].ffn_value, from_file.blocks[1].ffn_value
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and torch.equal(at_load.emb, from_file.emb)
+    assert torch.equal(at_load.forward(tokens, all_logits=True)[0], from_file.forward(tokens, all_logits=True)[0])
+    assert torch.equal(token_by_token(at_load, tokens[:, :4]), token_by_token(from_file, tokens[:, :4]))
+
+
+def test_packed_file_is_memory_mapped_and_small(int8_file, tiny_pth):
+    sd, cfg = read_checkpoint(int8_file)
+    w = sd["blocks.0.att.key.weight"]
+    assert isinstance(w, quant.Int8Weight) and not w.q.untyped_storage().resizable()     # mapped, not copied
+    assert int8_file.stat().st_size < tiny_pth.stat().st_size * 0.45
+
+
+@pytest.mark.parametrize("fmt", ("float16", "bfloat16"))
+def test_16bit_packed_file_round_trip(tiny_pth, tmp_path, tokens, fmt):
+    out = tmp_path / f"tiny-{fmt}.safetensors"
+    assert convert_main([str(tiny_pth), str(out), "--weights", fmt]) == 0
+    a = rwkv_engine.load(str(tiny_pth), weights=fmt).forward(tokens)[0]
+    b = rwkv_engine.load(str(out)).forward(tokens)[0]
+    assert torch.equal(a, b)
+
+
+def _rewrite(src, dst, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
+    edit(sd, meta)
+    save_file(sd, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize("bad", (float("nan"), 0.0))
+def test_corrupt_scales_are_refused(int8_file, tmp_path, bad):
+    def corrupt(sd, meta):
+        sd["blocks.1.att.value.weight.scale"][3, 0] = bad
+    path = _rewrite(int8_file, tmp_path / "bad.safetensors", corrupt)
+    with pytest.raises(CheckpointError, match=r"blocks.1.att.value.weight: corrupt int8 scales"):
+        rwkv_engine.load(str(path))
+
+
+def test_mismatched_int8_file_is_refused(int8_file, tmp_path):
+    def drop_scale(sd, meta):
+        del sd["head.weight.scale"]
+    path = _rewrite(int8_file, tmp_path / "noscale.safetensors", drop_scale)
+    with pytest.raises(CheckpointError, match="head.weight has no scales"):
+        rwkv_engine.load(str(path))
+
+    def wrong_width(sd, meta):
+        meta["rwkv_engine.in_features"] = json.dumps({k: 40 for k in json.loads(meta["rwkv_engine.in_features"])})
+    path = _rewrite(int8_file, tmp_path / "width.safetensors", wrong_width)
+    with pytest.raises(CheckpointError, match="int8 values must be"):
+        rwkv_engine.load(str(path))
+    with pytest.raises(CheckpointError, match="n_layer=3 but rwkv-4-tiny has n_layer=2"):
+        rwkv_engine.load("rwkv-4-tiny", checkpoint=str(int8_file))
+    with pytest.raises(ValueError, match="int8 checkpoint loads with weights='int8'"):
+        rwkv_engine.load(str(int8_file), weights="float16")
+
+
+def test_convert_cli_errors_are_one_line(int8_file, tmp_path, capsys):
+    assert convert_main([str(int8_file), str(tmp_path / "again.safetensors"), "--weights", "int8"]) == 2
+    assert convert_main([str(int8_file).replace("int8", "nope"), str(tmp_path / "x.safetensors"), "--weights", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "already a packed (int8) checkpoint" in err[0] and "no such file" in err[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic checkpoints: streamed bf16 shards, the label survives conversion
+
+def test_sharded_bf16_synthetic_equals_the_in_memory_one(tiny_cfg, tmp_path, monkeypatch):
+    from rwkv_engine import checkpoint
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 200_000)
+    path = write_synthetic(tiny_cfg, tmp_path / "synth", seed=4, dtype=torch.bfloat16, fmt="hf")
+    assert len(list(path.glob("model-*.safetensors"))) > 3 and read_metadata(path).get("synthetic") == "true"
+    sd, cfg = read_checkpoint(path)
+    ref = synthetic_state_dict(tiny_cfg, seed=4, dtype=torch.bfloat16)
+    assert set(sd) == set(ref) and all(torch.equal(sd[k].reshape(ref[k].shape), ref[k]) for k in ref)
+    assert torch.equal(ref["head.weight"], synthetic_state_dict(tiny_cfg, seed=4)["head.weight"].bfloat16())
+    out = tmp_path / "synth-int8.safetensors"
+    assert convert_main([str(path), str(out), "--weights", "int8"]) == 0
+    model = rwkv_engine.load(str(out))
+    assert model.synthetic and "synthetic weights" in repr(model)
+    assert not rwkv_engine.load(str(path.parent / "synth-int8.safetensors")).source.endswith("pth")
+
+
+def test_named_model_with_packed_weights_uses_a_bf16_synthetic(monkeypatch, tmp_path):
+    monkeypatch.setenv("RWKV_ENGINE_CACHE", str(tmp_path))
+    model = rwkv_engine.load("rwkv-4-tiny", weights="int8")
+    assert model.synthetic and "bf16" in model.source and (tmp_path / "synthetic").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: packing from the mapped file does not keep the float32 matrices resident
+
+LOAD_PEAK = """
+import sys, torch, rwkv_engine
+from bench.memory import PeakMemory, trim_heap
+meter = PeakMemory("cpu", method="clear_refs")
+meter.reset()
+model = rwkv_engine.load(sys.argv[1], weights=sys.argv[2])
+trim_heap()
+print(meter.read()["peak_bytes"])
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs /proc/self/clear_refs")
+def test_loading_int8_peak_memory_is_near_the_packed_size(tmp_path):
+    from rwkv_engine.config import RWKVConfig
+    cfg = RWKVConfig(n_layer=12, n_embd=512, vocab_size=4096)
+    path = tmp_path / "mid.pth"
+    torch.save(synthetic_state_dict(cfg), path)
+    file_bytes = path.stat().st_size
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(path), "int8"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.split()[-1])
+    packed = file_bytes * quant.bytes_per_weight("int8") / 4
+    # measured here: ~115 MB (packed ~50 MB, imports, a few MB of slices in flight, allocator slack);
+    # with the mapped float32 pages kept resident (no release) it is ~290 MB: packed + the whole file
+    assert peak < packed + file_bytes / 2, (peak, packed, file_bytes)
