@@ -1,2 +1,0 @@
-"""Old name of `bench.runner`, kept so that code written against it keeps importing."""
-from bench.runner import WARMUP_TOKENS, run_child  # noqa: F401
