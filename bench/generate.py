@@ -109,17 +109,25 @@ def check_checkpoint(path):
         raise ValueError(f"--checkpoint {p}: not a regular file or directory")
 
 
-def validate(args, prog):
-    """Problems found before any child starts (the child reports load failures itself)."""
-    from bench import models
+def check_paths(args, prog):
+    """--checkpoint readable and --json writable, before any work (one line and exit 2 if not)."""
     try:
-        models.family_of(args.model)
         if args.checkpoint is not None:
             check_checkpoint(args.checkpoint)
         if args.json:
             check_writable_file(args.json, "--json")
     except ValueError as e:
         fail(prog, str(e))
+
+
+def validate(args, prog):
+    """Problems found before any child starts (the child reports load failures itself)."""
+    from bench import models
+    try:
+        models.family_of(args.model)
+    except ValueError as e:
+        fail(prog, str(e))
+    check_paths(args, prog)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -207,13 +215,7 @@ def main_pipelined(args, prog):
         fail(prog, "--pipeline generates once, in the ranks torchrun started: drop --repeats/--probe-overhead")
     if args.weights not in (None, args.dtype):
         fail(prog, f"--weights {args.weights} is not supported with --pipeline (the stages hold --dtype weights)")
-    try:
-        if args.checkpoint is not None:
-            check_checkpoint(args.checkpoint)
-        if args.json:
-            check_writable_file(args.json, "--json")
-    except ValueError as e:
-        fail(prog, str(e))
+    check_paths(args, prog)
     summary = generate_pipelined(args, lambda message: fail(prog, message))      # workers exit inside
     print(pipelined_table(summary))
     if args.json:

@@ -204,16 +204,22 @@ def _write_failed(path, e):
     return WriteError(f"{path}: write failed ({first_line(e)})")
 
 
-def atomic_write(path, write, overwrite=True, need=None):
-    """write(tmp) fills a temporary beside `path`, which then replaces `path` in one rename: a reader
-    sees the old file or the whole new one, never a part. The file gets the umask's usual mode.
-    Returns `path`; raises WriteError (nothing left behind) when the path or the disk refuses."""
-    path = check_output_path(path, "file", overwrite)
+def _prepare(path, kind, overwrite, need):
+    """What every atomic write does first: check the destination, make its directory, clean the
+    temporaries of dead writers, check the free space -> (path, a fresh temporary beside it)."""
+    path = check_output_path(path, kind, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
     if need is not None:
         check_free_space(path.parent, need)
-    tmp = temp_path(path)
+    return path, temp_path(path)
+
+
+def atomic_write(path, write, overwrite=True, need=None):
+    """write(tmp) fills a temporary beside `path`, which then replaces `path` in one rename: a reader
+    sees the old file or the whole new one, never a part. The file gets the umask's usual mode.
+    Returns `path`; raises WriteError (nothing left behind) when the path or the disk refuses."""
+    path, tmp = _prepare(path, "file", overwrite, need)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask())         # some writers (safetensors) create files 0600
@@ -230,12 +236,7 @@ def atomic_write(path, write, overwrite=True, need=None):
 def atomic_dir(path, fill, overwrite=False, need=None):
     """fill(tmp_dir) writes a whole directory beside `path`, which then replaces `path` as one set
     (an existing directory is moved aside first, so old and new files never mix). Returns `path`."""
-    path = check_output_path(path, "dir", overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path)
-    if need is not None:
-        check_free_space(path.parent, need)
-    tmp = temp_path(path)
+    path, tmp = _prepare(path, "dir", overwrite, need)
     try:
         tmp.mkdir()
         fill(tmp)

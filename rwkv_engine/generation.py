@@ -298,25 +298,16 @@ class Generation:
         return Step(list(ids), list(pieces))
 
 
-def stream(model, prompt, max_new_tokens=64, *, result=None, **kwargs) -> Generation:
+def stream(model, prompt, max_new_tokens=64, **kwargs) -> Generation:
     """Generate token by token: iterate the returned `Generation` for a `Step` as each token is chosen.
 
     sampling: a SamplingParams, or its fields as keyword arguments (temperature=0 is greedy).
     seed: makes sampling deterministic. stop_tokens / stop_strings end a stream (not emitted; see
     TextStream for how tokens and text agree at a stop string).
     state: continue from this state (the prompt is fed on top of it) instead of a fresh one.
-    The run's GenerationResult is `.result` of the returned object. (`result=`, deprecated, is
-    a GenerationResult updated with it at every step.)
+    The run's GenerationResult is `.result` of the returned object.
     """
-    run = Generation(model, prompt, max_new_tokens, **kwargs)
-    return run if result is None else _mirrored(run, result)
-
-
-def _mirrored(run, result):
-    for step in run:
-        vars(result).update(vars(run.result))
-        yield step
-    vars(result).update(vars(run.result))
+    return Generation(model, prompt, max_new_tokens, **kwargs)
 
 
 def generate(model, prompt, max_new_tokens=64, **kwargs) -> GenerationResult:

@@ -17,6 +17,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
     p.add_argument("--weights", default=None, help="weight format, as rwkv_engine.load(weights=...) (e.g. int8)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="run as one rank of a torchrun pipeline (rwkv_engine.pipeline): rank 0 serves HTTP, "
+                        "the other ranks hold their layers")
+    p.add_argument("--layers-per-rank", default=None, help="with --pipeline: e.g. 6,6 (default: even split)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
     p.add_argument("--max-batch", type=int, default=32, help="streams decoded together (default 32)")
@@ -34,7 +38,24 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.prefix_cache_mb < 0 or not 0 <= args.port < 65536:
         p.error("--prefix-cache-mb must be >= 0 and --port in [0, 65535]")
+    if args.layers_per_rank is not None and not args.pipeline:
+        p.error("--layers-per-rank needs --pipeline")
+    if args.pipeline and args.weights not in (None, args.dtype):
+        p.error(f"--weights {args.weights} is not supported with --pipeline (the stages hold --dtype weights)")
     return args
+
+
+def load_model(args):
+    """The model the scheduler owns: one process, or (--pipeline) rank 0's handle on a pipeline whose
+    other ranks never return from pipeline.load (they serve their layers until rank 0 closes it)."""
+    import rwkv_engine
+    if args.pipeline:
+        from rwkv_engine import pipeline
+        split = None if args.layers_per_rank is None else [int(n) for n in args.layers_per_rank.split(",")]
+        return pipeline.load(args.model, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+                             layers_per_rank=split)
+    extra = {"weights": args.weights} if args.weights else {}
+    return rwkv_engine.load(args.model, device=args.device, dtype=args.dtype, checkpoint=args.checkpoint, **extra)
 
 
 def bind(host, port):
@@ -62,17 +83,15 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv=None):
     args = parse_args(argv)
-    import rwkv_engine
     from .api import Limits, create_app
     from .prefix_cache import PrefixCache
     from .scheduler import Scheduler
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        extra = {"weights": args.weights} if args.weights else {}
-        model = rwkv_engine.load(args.model, device=args.device, dtype=args.dtype, checkpoint=args.checkpoint, **extra)
+        model = load_model(args)
         sock = bind(args.host, args.port)
-    except (ValueError, OSError, TypeError) as e:
+    except (ValueError, OSError, TypeError, RuntimeError) as e:   # RuntimeError: a PipelineError
         print(f"rwkv_engine.serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     cache = PrefixCache(int(args.prefix_cache_mb * 2**20), args.prefill_chunk) if args.prefix_cache_mb else None
@@ -85,7 +104,11 @@ def main(argv=None):
     server = DrainingServer(config, scheduler, args.shutdown_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn re-raises the signal it shut down on
         signal.signal(sig, lambda *_: None)           # after the graceful shutdown: make that a no-op
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if hasattr(model, "close"):                   # a pipeline: tell the other ranks to exit
+            model.close()
     return 0 if server.started else 1
 
 

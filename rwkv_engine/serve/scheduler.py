@@ -269,8 +269,8 @@ class Scheduler:
                 joined.append(s)
         job.state = job.logits = None
         if joined:
-            self.batch_state = State.cat(([self.batch_state] if self.batch_state is not None else []) +
-                                         [s.state for s in joined])
+            states = ([self.batch_state] if self.batch_state is not None else []) + [s.state for s in joined]
+            self.batch_state = type(states[0]).cat(states)     # a State, or a pipeline's state on every rank
             for s in joined:
                 s.state = None
             self.decoding.extend(joined)

@@ -1,0 +1,89 @@
+"""The server on a pipeline (issue 12, entry points): `python -m rwkv_engine.serve --pipeline` as two
+ranks started as torchrun would (gloo, 127.0.0.1): rank 0 serves HTTP, rank 1 holds the second half
+of the layers. A greedy completion equals the single-process library's, and SIGTERM to rank 0 ends
+both ranks with status 0."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import queue
+from pathlib import Path
+
+import httpx
+import pytest
+
+import rwkv_engine
+from rwkv_engine.checkpoint import write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "rwkv-4-tiny"                                   # 2 layers: one per rank
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(args, world=2):
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        procs.append(subprocess.Popen([sys.executable, "-m", "rwkv_engine.serve", "--model", MODEL, "--port", "0",
+                                       "--pipeline", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    return procs
+
+
+def ready_url(proc, timeout=120):
+    found, lines = queue.Queue(), []
+
+    def drain():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"ready at (http://\S+)", line)
+            if m:
+                found.put(m.group(1))
+        found.put(None)
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        url = found.get(timeout=timeout)
+    except queue.Empty:
+        url = None
+    if url is None:
+        raise AssertionError("rank 0 did not serve:\n" + "".join(lines))
+    return url
+
+
+def test_server_on_a_two_rank_pipeline_matches_one_process():
+    write_synthetic(MODEL)
+    ids = [187, 688, 247, 29103, 4560]
+    want = rwkv_engine.load(MODEL).generate(ids, 12, temperature=0).tokens[0]
+    procs = start_ranks(["--layers-per-rank", "1,1"])
+    try:
+        url = ready_url(procs[0])
+        r = httpx.post(url + "/v1/completions", timeout=60,
+                       json={"model": MODEL, "prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        got = rwkv_engine.tokenizer().encode(r.json()["choices"][0]["text"])
+        assert rwkv_engine.tokenizer().decode(got) == rwkv_engine.tokenizer().decode(want)
+        procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in procs]
+        assert codes == [0, 0], codes
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def test_layers_per_rank_needs_pipeline():
+    proc = subprocess.run([sys.executable, "-m", "rwkv_engine.serve", "--model", MODEL, "--layers-per-rank", "1,1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--layers-per-rank needs --pipeline" in proc.stderr
