@@ -60,7 +60,7 @@ class Boundary:
         header[:len(fields)] = torch.tensor(fields, dtype=torch.int64)
         header[-1] = len(payload)
         tensors = [header] + ([torch.tensor(payload, dtype=torch.int64, device=self.device)] if payload else [])
-        works = [(dst, dist.isend(t, dst, tag=TAG_HEADER)) for dst in range(1, self.world) for t in tensors]
+        works = [self.send(t, dst, TAG_HEADER) for dst in range(1, self.world) for t in tensors]
         self.wait_all(works, tensors)
 
     def recv_header(self):
@@ -81,7 +81,10 @@ class Boundary:
     def post_recv(self, shape, dtype, src, tag):
         """Start receiving a tensor; `wait` returns it."""
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        return src, dist.irecv(buf, src, tag=tag), buf
+        try:
+            return src, dist.irecv(buf, src, tag=tag), buf
+        except RuntimeError as e:            # gloo refuses to post on a pair whose peer is gone
+            self.fail(src, _kind_of(e))
 
     def wait(self, pending):
         src, work, buf = pending
@@ -94,7 +97,10 @@ class Boundary:
     def send(self, tensor, dst, tag):
         """Start sending; keep the returned handle (and the tensor) until `wait_all`."""
         tensor = tensor.contiguous()
-        return dst, dist.isend(tensor, dst, tag=tag), tensor
+        try:
+            return dst, dist.isend(tensor, dst, tag=tag), tensor
+        except RuntimeError as e:            # gloo refuses to post on a pair whose peer is gone
+            self.fail(dst, _kind_of(e))
 
     def wait_all(self, works, *keep_alive):
         for item in works:
@@ -128,7 +134,7 @@ class Boundary:
             self.store.set(f"fault/{self.rank}", f"{kind}|{peer}|{own}")
             deadline = time.monotonic() + FAULT_GRACE_S
             self._collect(reports)
-            while time.monotonic() < deadline and all(k == "timeout" for k, _, _ in reports.values()):
+            while time.monotonic() < deadline and _undecided(reports):
                 time.sleep(0.05)
                 self._collect(reports)
         except Exception:            # the store went down with its host: keep our own diagnosis
@@ -140,6 +146,15 @@ class Boundary:
             if r not in reports and self.store.check([f"fault/{r}"]):
                 k, p, msg = self.store.get(f"fault/{r}").decode().split("|", 2)
                 reports[r] = (k, int(p), msg)
+
+
+def _undecided(reports):
+    """Worth waiting for more reports: every report is a timeout (the rank at fault may not be the
+    one we waited on), or a closed connection to a peer whose own report has not arrived yet (a
+    rank that timed out on its predecessor exits, and its neighbours see it close first)."""
+    if all(k == "timeout" for k, _, _ in reports.values()):
+        return True
+    return any(k == "died" and peer not in reports for k, peer, _ in reports.values())
 
 
 def verdict(reports):
