@@ -24,7 +24,8 @@ def linear_reference(x, weight):
     return F.linear(x, weight)
 
 
-def _write(out, ys, accumulate):
+def write_outputs(out, ys, accumulate):
+    """The implementations' common tail: return ys, or write (add with `accumulate`) them into `out`."""
     if out is None:
         return ys
     for o, y in zip(out, ys):
@@ -33,11 +34,11 @@ def _write(out, ys, accumulate):
 
 
 def linear_torch(pairs, out=None, accumulate=False):
-    return _write(out, [F.linear(x, w) for x, w in pairs], accumulate)
+    return write_outputs(out, [F.linear(x, w) for x, w in pairs], accumulate)
 
 
 def linear_reference_impl(pairs, out=None, accumulate=False):
-    return _write(out, [linear_reference(x, w) for x, w in pairs], accumulate)
+    return write_outputs(out, [linear_reference(x, w) for x, w in pairs], accumulate)
 
 
 def linear_c(pairs, out=None, accumulate=False):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_c, dispatch
+from .linear import write_outputs
 
 FORMATS = ("float32", "float16", "bfloat16", "int8")
 BLOCK = 32
@@ -304,14 +305,6 @@ def gemm(x, w):
 # ---------------------------------------------------------------------------------------------
 # Implementations with the dispatch signature: pairs [(x [rows, in] float32 contiguous, w), ...]
 
-def _write(ys, out, accumulate):
-    if out is None:
-        return ys
-    for o, y in zip(out, ys):
-        o.add_(y) if accumulate else o.copy_(y)
-    return out
-
-
 def linear_matvec(pairs, out=None, accumulate=False):
     """Token mode (one token per stream, any B): the C kernels, batch invariant."""
     if not available():
@@ -323,12 +316,12 @@ def linear_gemm(pairs, out=None, accumulate=False):
     """Sequence mode: dequantised slices of rows + torch's GEMM."""
     if not available():
         return linear_torch(pairs, out, accumulate)
-    return _write([gemm(x.contiguous(), w) for x, w in pairs], out, accumulate)
+    return write_outputs(out, [gemm(x.contiguous(), w) for x, w in pairs], accumulate)
 
 
 def linear_torch(pairs, out=None, accumulate=False):
     """No C kernels: dequantise the whole matrix with torch (slow, and a float32 copy per call)."""
-    return _write([linear_reference(x, w) for x, w in pairs], out, accumulate)
+    return write_outputs(out, [linear_reference(x, w) for x, w in pairs], accumulate)
 
 
 dispatch.register_impl("linear", "quant_c", linear_matvec)
