@@ -1,5 +1,5 @@
 """Weight formats for y = x W^T with float32 activations: the packed types, the one function that
-makes them, the C kernels (`csrc/quant_ops.c`) and a torch reference of the same signature beside each.
+makes them, the C kernels (`csrc/quant_ops.h`, part of the cpu_ops library) and a torch reference of the same signature beside each.
 
 Formats (`FORMATS`): "float32", "float16", "bfloat16" are plain torch tensors of that dtype; "int8" is
 `Int8Weight`: int8 values with one float16 scale per block of 32 along the input dimension (ggml's
@@ -18,7 +18,6 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +171,7 @@ def linear_reference(x, w):
 # ---------------------------------------------------------------------------------------------
 # The C build for each instruction set (kernels.cpu_c builds and caches it, keyed by the ISA)
 
-SOURCE = Path(__file__).parent / "csrc" / "quant_ops.c"
+SOURCE = cpu_c.SOURCE          # csrc/cpu_ops.c includes csrc/quant_ops.h: one library, one thread pool
 _P, _I64, _VP = ctypes.POINTER, ctypes.c_int64, ctypes.c_void_p
 cpu_features, supported_isas = cpu_c.cpu_features, cpu_c.supported_isas
 

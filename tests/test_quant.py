@@ -196,7 +196,7 @@ def test_isa_choice_follows_the_cpu_flags(monkeypatch):
 def test_each_build_is_cached_under_its_isa_and_runs_its_instructions():
     for isa in ISAS:
         lib = quant.library(isa)
-        assert f"quant_ops-{isa}-" in lib._name
+        assert f"cpu_ops-{isa}-" in lib._name
         assert lib.isa_level() == {"avx2": 256, "avx512": 512}[isa]
 
 

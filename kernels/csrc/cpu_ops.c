@@ -215,3 +215,7 @@ void wkv_seq(const float *w, const float *u, const float *k, const float *v, flo
         a[bc] = aa; b[bc] = bb; p[bc] = pp;
     }
 }
+
+/* The kernels for 16-bit and int8 weights (kernels/quant.py) live in the same library, so every
+ * decode product runs on one thread pool. */
+#include "quant_ops.h"

@@ -1,4 +1,4 @@
-/* CPU decode kernels for compressed weights: y[b, o] (+)= sum_i W[o, i] x[b, i], x and y float32.
+/* CPU decode kernels for compressed weights (included by cpu_ops.c: one library, one thread pool): y[b, o] (+)= sum_i W[o, i] x[b, i], x and y float32.
  *
  * Decode reads every weight once per token, so it is bound by memory bandwidth: storing weights in
  * fewer bytes is the speed-up, and each kernel converts them in registers and accumulates in fp32.
@@ -20,6 +20,8 @@
  * process keeps off its core holds nobody up), and a group of products runs as one pool job.
  * Dequantisation for sequence mode runs on OpenMP (torch's pool, like the GEMM that follows).
  */
+#ifndef RWKV_QUANT_OPS_H
+#define RWKV_QUANT_OPS_H
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -204,7 +206,7 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
     else dot4_bf16(w, p->x + b * p->I, p->I, out);
 }
 
-static void rows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     float s[4];
     for (int64_t o = o0; o < o1; o += 4)
         for (int64_t b = 0; b < B; b++) {
@@ -231,7 +233,7 @@ static void chunk_rows_of(void *ctx, int64_t chunk) {
     const product *p = &job->ps[j];
     int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
     int64_t o1 = o0 + job->chunk_rows[j] < p->O ? o0 + job->chunk_rows[j] : p->O;
-    rows(p, job->B, o0, o1, (int)job->acc);
+    qrows(p, job->B, o0, o1, (int)job->acc);
 }
 
 /* n products as one job of the thread pool (pool.h: chunks claimed dynamically, no barrier):
@@ -299,3 +301,5 @@ void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o
         }
     }
 }
+
+#endif
