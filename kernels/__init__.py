@@ -8,10 +8,13 @@ sequence mode both go through it; each op takes `backend=` to pick one explicitl
   * `linear`, `linear_group`, `linear_accumulate_` (linear.py): the products.
   * `ln_shift_mix`, `wkv_step_gated`, `relu_square_`, `add_gated_` (fused.py): the element-wise
     work of a decode step.
+  * `decode_layers` (decode.py): a whole decode step through a run of layers (one C call on the
+    CPU, or the ops above composed).
 The C CPU kernels and their builder are in `cpu_c.py` / `csrc/`; weight formats (float16,
 bfloat16, int8 blocks with float32 activations) and their kernels in `quant.py`.
 """
 from . import dispatch, quant
+from .decode import DecodeLayers, decode_layers
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group, linear_reference
 from .wkv_cpu import wkv_cpu, wkv_cpu_step, wkv_numpy

@@ -131,6 +131,10 @@ class CpuOps:
         lib.relu_square.argtypes = [_VP, _I64]
         lib.add_gated.argtypes = [_VP, _VP, _VP, _I64]
         lib.wkv_seq.argtypes = [_VP] * 8 + [_I64] * 4
+        lib.decode_layers.argtypes = [_I64, _P(_I64), _P(_VP)] + [_VP] * 6 + [_I64] * 3 + [ctypes.c_double] + [_I64] * 3
+        lib.decode_layers.restype = _I64
+        lib.decode_layout.argtypes = [_I64]
+        lib.decode_layout.restype = _I64
         for f in (lib.ln_shift_mix, lib.wkv_step_gated, lib.relu_square, lib.add_gated, lib.wkv_seq):
             f.restype = None
         self.max_group = lib.matvec_max_group()

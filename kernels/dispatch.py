@@ -73,6 +73,9 @@ TABLE = [
     Rule("relu_square_",    "*",    "*",       "-",       "*",          "reference"),
     Rule("add_gated_",      "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
     Rule("add_gated_",      "*",    "*",       "-",       "*",          "reference"),
+    # a whole decode step through a run of layers (kernels/decode.py): one C call on the CPU path
+    Rule("decode_layers",   "cpu",  "float32", "*",       "contiguous", "c",         "composed"),
+    Rule("decode_layers",   "*",    "*",       "*",       "*",          "composed"),
 ]
 _CATCH_ALL = ("*", "*", "*", "*")
 ALIASES = {"cpu": ("c", "numpy")}       # backend="cpu": the first of these the op has
@@ -95,6 +98,11 @@ def add_rule(rule):
                (r.device, r.compute, r.weights, r.shape) == _CATCH_ALL), len(TABLE))
     TABLE.insert(at, rule)
     _choice_cache.clear()
+
+
+def is_forced(op):
+    """Whether a `force` block names `op` now."""
+    return op in _forced
 
 
 @contextlib.contextmanager

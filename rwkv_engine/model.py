@@ -154,6 +154,8 @@ class RWKV:
         self.weights = packed or next(k for k, v in kernels.quant.FLOAT_FORMATS.items() if v == self.dtype)
         self.emb, self.blocks, self.head = w["emb"], w["blocks"], w["head"]
         self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]
+        self._decode = kernels.DecodeLayers(self.blocks, cfg.n_embd, cfg.layer_norm_eps, rescale_every,
+                                            self.layers.start)
 
     # -- facts the benchmark and the generation loop read -----------------------------------
     @property
@@ -212,10 +214,13 @@ class RWKV:
         return x.to(self.dtype)                          # a 16-bit table with packed weights
 
     def run_blocks(self, x, state):
-        """Run the layers this model holds on x; `state` holds those layers only (in order)."""
-        step = self._token_block if x.dim() == 2 else self._sequence_block
+        """Run the layers this model holds on x; `state` holds those layers only (in order).
+        Token mode is one `kernels.decode_layers` step (one C call on the CPU)."""
+        if x.dim() == 2:
+            return kernels.decode_layers(self._decode, x, (state.att_x, state.att_a, state.att_b, state.att_p,
+                                                           state.ffn_x), self.wkv_backend)
         for j, blk in enumerate(self.blocks):
-            x = step(x, blk, state, j)
+            x = self._sequence_block(x, blk, state, j)
             if self.rescale_every and (self.layers.start + j + 1) % self.rescale_every == 0:
                 x = x / 2
         return x
@@ -237,22 +242,6 @@ class RWKV:
 
     def _ln(self, x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, self.config.layer_norm_eps)
-
-    def _token_block(self, x, blk: Block, s: State, i):
-        """One token per stream: x (B, C), updated in place. The element-wise work runs as a few
-        fused ops (kernels.fused) between the grouped decode products."""
-        eps = self.config.layer_norm_eps
-        kx, vx, rx = kernels.ln_shift_mix(x, blk.ln1_w, blk.ln1_b, eps, s.att_x[i],
-                                          (blk.att_mix_k, blk.att_mix_v, blk.att_mix_r))
-        r, k, v = kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
-        rwkv = kernels.wkv_step_gated(blk.att_w, blk.att_u, r, k.float(), v.float(),
-                                      s.att_a[i], s.att_b[i], s.att_p[i], backend=self.wkv_backend).to(x.dtype)
-        kernels.linear_accumulate_(rwkv, blk.att_output, x)          # x += rwkv W_o^T
-
-        kx, rx = kernels.ln_shift_mix(x, blk.ln2_w, blk.ln2_b, eps, s.ffn_x[i], (blk.ffn_mix_k, blk.ffn_mix_r))
-        r, k = kernels.linear_group((rx, blk.ffn_receptance), (kx, blk.ffn_key))
-        kernels.add_gated_(x, r, kernels.linear(kernels.relu_square_(k), blk.ffn_value))
-        return x
 
     def _sequence_block(self, x, blk: Block, s: State, i):
         """T tokens per stream: x (B, T, C); the token shift takes position -1 from the state."""

@@ -61,6 +61,70 @@ static inline float vsum(vf v) {
 }
 #endif
 
+/* ---- element-wise helpers: exp in vectors (both widths) ------------------------------------
+ * vexp: e^x for float32 lanes, |relative error| < 2 ulp on [-87.3, 88.7] (Cody-Waite reduction
+ * x = n ln2 + r, degree-6 polynomial on |r| <= ln2/2); 0 below, +inf above, NaN stays NaN. */
+#if defined(__AVX512F__)
+static inline void vstore(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static inline void vstore_masked(float *p, vmask m, vf v) { _mm512_mask_storeu_ps(p, m, v); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vexp(vf x) {
+    __mmask16 lo = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
+    __mmask16 hi = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72283f), _CMP_GT_OQ);
+    vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    vf y = _mm512_scalef_ps(p, n);                               /* p * 2^n, exact */
+    y = _mm512_mask_mov_ps(y, lo, _mm512_setzero_ps());
+    return _mm512_mask_mov_ps(y, hi, _mm512_set1_ps(INFINITY));
+}
+#else
+static inline void vstore(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline void vstore_masked(float *p, vmask m, vf v) { _mm256_maskstore_ps(p, m, v); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vexp(vf x) {
+    vf lo = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+    vf hi = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283f), _CMP_GT_OQ);
+    vf xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
+    vf n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n in two steps (n in [-126, 128]: 2^(n/2) twice keeps each factor a normal float) */
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i h1 = _mm256_srai_epi32(ni, 1), h2 = _mm256_sub_epi32(ni, h1);
+    vf f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, _mm256_set1_epi32(127)), 23));
+    vf f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, _mm256_set1_epi32(127)), 23));
+    vf y = _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), lo);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), hi);
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));     /* NaN in, NaN out */
+}
+#endif
+
 /* R rows (of W, stride I) x S streams (of x, stride I) of dot products, into y (row stride O).
  * Every (row, stream) pair follows the same instruction sequence whatever R and S are. */
 static inline __attribute__((always_inline)) void dot_tile(const int R, const int S, const float *w,
@@ -138,22 +202,70 @@ int64_t matvec_group(int64_t n, const float **W, const float **x, float **y, con
     return 0;
 }
 
-/* xx = LayerNorm(x); out_j = shift + mix_j * (xx - shift) for each mix; then shift = xx. */
+/* xx = LayerNorm(x); out_j = shift + mix_j * (xx - shift) for each mix; then shift = xx.
+ * Mean and variance are accumulated in double (per vector lane, then across lanes). */
 void ln_shift_mix(const float *x, const float *ln_w, const float *ln_b, double eps, float *shift,
                   int64_t n_mix, const float **mix, float **out, int64_t B, int64_t C) {
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * C;
         double mean = 0.0, var = 0.0;
-        for (int64_t c = 0; c < C; c++) mean += xb[c];
+#if defined(__AVX512F__)
+        __m512d s0 = _mm512_setzero_pd(), s1 = s0;
+        int64_t c = 0;
+        for (; c + 16 <= C; c += 16) {
+            __m512 v = _mm512_loadu_ps(xb + c);
+            s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+            s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+        }
+        mean = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+        for (; c < C; c++) mean += xb[c];
         mean /= C;
-        for (int64_t c = 0; c < C; c++) { double d = xb[c] - mean; var += d * d; }
+        __m512d m8 = _mm512_set1_pd(mean), q0 = _mm512_setzero_pd(), q1 = q0;
+        for (c = 0; c + 16 <= C; c += 16) {
+            __m512 v = _mm512_loadu_ps(xb + c);
+            __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), m8);
+            __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), m8);
+            q0 = _mm512_add_pd(q0, _mm512_mul_pd(d0, d0));
+            q1 = _mm512_add_pd(q1, _mm512_mul_pd(d1, d1));
+        }
+        var = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
+        for (; c < C; c++) { double d = xb[c] - mean; var += d * d; }
+#else
+        __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+        int64_t c = 0;
+        for (; c + 8 <= C; c += 8) {
+            __m256 v = _mm256_loadu_ps(xb + c);
+            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        }
+        double t[4];
+        _mm256_storeu_pd(t, _mm256_add_pd(s0, s1));
+        mean = (t[0] + t[1]) + (t[2] + t[3]);
+        for (; c < C; c++) mean += xb[c];
+        mean /= C;
+        __m256d m4 = _mm256_set1_pd(mean), q0 = _mm256_setzero_pd(), q1 = q0;
+        for (c = 0; c + 8 <= C; c += 8) {
+            __m256 v = _mm256_loadu_ps(xb + c);
+            __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), m4);
+            __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), m4);
+            q0 = _mm256_add_pd(q0, _mm256_mul_pd(d0, d0));
+            q1 = _mm256_add_pd(q1, _mm256_mul_pd(d1, d1));
+        }
+        _mm256_storeu_pd(t, _mm256_add_pd(q0, q1));
+        var = (t[0] + t[1]) + (t[2] + t[3]);
+        for (; c < C; c++) { double d = xb[c] - mean; var += d * d; }
+#endif
         float rstd = (float)(1.0 / sqrt(var / C + eps)), m = (float)mean;
         float *sb = shift + b * C;
-        for (int64_t c = 0; c < C; c++) {
-            float xx = (xb[c] - m) * rstd * ln_w[c] + ln_b[c];
-            float d = xx - sb[c];
-            for (int64_t j = 0; j < n_mix; j++) out[j][b * C + c] = sb[c] + mix[j][c] * d;
-            sb[c] = xx;
+        vf vm = vset1(m), vr = vset1(rstd);
+        for (c = 0; c < C; c += VW) {
+            vmask mk = vmask_first(C - c < VW ? C - c : VW);
+            vf xx = vadd(vmul(vmul(vsub(vload_masked(xb + c, mk), vm), vr), vload_masked(ln_w + c, mk)),
+                         vload_masked(ln_b + c, mk));
+            vf sv = vload_masked(sb + c, mk), d = vsub(xx, sv);
+            for (int64_t j = 0; j < n_mix; j++)
+                vstore_masked(out[j] + b * C + c, mk, vadd(sv, vmul(vload_masked(mix[j] + c, mk), d)));
+            vstore_masked(sb + c, mk, xx);
         }
     }
 }
@@ -162,31 +274,47 @@ void ln_shift_mix(const float *x, const float *ln_w, const float *ln_b, double e
  * out = sigmoid(r) * wkv; the state (a, b, p) is updated in place. w, u: [C]; the rest [B, C]. */
 void wkv_step_gated(const float *w, const float *u, const float *r, const float *k, const float *v,
                     float *a, float *b, float *p, float *out, int64_t B, int64_t C) {
-    for (int64_t i = 0; i < B * C; i++) {
-        int64_t c = i % C;
-        float kk = k[i], vv = v[i], aa = a[i], bb = b[i], pp = p[i];
-        float uk = u[c] + kk;
-        float q = pp > uk ? pp : uk;
-        float e1 = expf(pp - q), e2 = expf(uk - q);
-        float y = (e1 * aa + e2 * vv) / (e1 * bb + e2);
-        out[i] = y / (1.0f + expf(-r[i]));
-        float wp = pp + w[c];
-        q = wp > kk ? wp : kk;
-        e1 = expf(wp - q); e2 = expf(kk - q);
-        a[i] = e1 * aa + e2 * vv;
-        b[i] = e1 * bb + e2;
-        p[i] = q;
-    }
+    const vf one = vset1(1.0f), zero = vset1(0.0f);
+    for (int64_t bi = 0; bi < B; bi++)
+        for (int64_t c = 0; c < C; c += VW) {
+            vmask mk = vmask_first(C - c < VW ? C - c : VW);
+            int64_t i = bi * C + c;
+            vf kk = vload_masked(k + i, mk), vv = vload_masked(v + i, mk), aa = vload_masked(a + i, mk);
+            vf bb = vload_masked(b + i, mk), pp = vload_masked(p + i, mk);
+            vf uk = vadd(vload_masked(u + c, mk), kk);
+            vf q = vmax(uk, pp);
+            vf e1 = vexp(vsub(pp, q)), e2 = vexp(vsub(uk, q));
+            vf y = vdiv(vadd(vmul(e1, aa), vmul(e2, vv)), vadd(vmul(e1, bb), e2));
+            vf sig = vadd(one, vexp(vsub(zero, vload_masked(r + i, mk))));
+            vstore_masked(out + i, mk, vdiv(y, sig));
+            vf wp = vadd(pp, vload_masked(w + c, mk));
+            q = vmax(kk, wp);
+            e1 = vexp(vsub(wp, q));
+            e2 = vexp(vsub(kk, q));
+            vstore_masked(a + i, mk, vadd(vmul(e1, aa), vmul(e2, vv)));
+            vstore_masked(b + i, mk, vadd(vmul(e1, bb), e2));
+            vstore_masked(p + i, mk, q);
+        }
 }
 
 /* k = relu(k)^2, in place */
 void relu_square(float *k, int64_t n) {
-    for (int64_t i = 0; i < n; i++) { float t = k[i] > 0.0f ? k[i] : 0.0f; k[i] = t * t; }
+    const vf zero = vset1(0.0f);
+    for (int64_t i = 0; i < n; i += VW) {
+        vmask mk = vmask_first(n - i < VW ? n - i : VW);
+        vf t = vmax(vload_masked(k + i, mk), zero);
+        vstore_masked(k + i, mk, vmul(t, t));
+    }
 }
 
 /* x += sigmoid(r) * v, in place */
 void add_gated(float *x, const float *r, const float *v, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] += v[i] / (1.0f + expf(-r[i]));
+    const vf one = vset1(1.0f), zero = vset1(0.0f);
+    for (int64_t i = 0; i < n; i += VW) {
+        vmask mk = vmask_first(n - i < VW ? n - i : VW);
+        vf sig = vadd(one, vexp(vsub(zero, vload_masked(r + i, mk))));
+        vstore_masked(x + i, mk, vadd(vload_masked(x + i, mk), vdiv(vload_masked(v + i, mk), sig)));
+    }
 }
 
 /* WKV over a sequence (running-max form, see kernels/wkv_reference.py): k, v, y [B, T, C];
@@ -219,3 +347,6 @@ void wkv_seq(const float *w, const float *u, const float *k, const float *v, flo
 /* The kernels for 16-bit and int8 weights (kernels/quant.py) live in the same library, so every
  * decode product runs on one thread pool. */
 #include "quant_ops.h"
+
+/* A whole decode step through a run of layers in one call (kernels/decode.py). */
+#include "decode_step.h"

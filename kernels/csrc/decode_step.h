@@ -1,0 +1,80 @@
+/* One decode step (token mode) through a run of RWKV-4 layers in a single call: included by cpu_ops.c.
+ *
+ * Why: a decode step of 169m is ~90 small operations; called one by one from Python each costs
+ * tens of microseconds of interpreter and tensor bookkeeping, which added up to more time than
+ * reading the int8 weights. Here a whole step is one call: per layer the same kernels the per-op
+ * path uses (ln_shift_mix, the grouped products of quant_ops.h / rows(), wkv_step_gated,
+ * relu_square, add_gated), in the same order, so the result is bit-identical to the per-op path
+ * (kernels/decode.py: `decode_layers` with the "composed" implementation; tested). Four products
+ * per layer run as jobs of the thread pool (pool.h); the element-wise work runs on the caller.
+ *
+ * Layout of one layer in the flat arrays built by kernels/decode.py (DECODE_PTRS pointers, DECODE_DIMS
+ * int64 per layer):
+ *   ptrs[0..10]  float32 [C] vectors: ln1_w, ln1_b, att_mix_k, att_mix_v, att_mix_r, att_w, att_u,
+ *                ln2_w, ln2_b, ffn_mix_k, ffn_mix_r
+ *   ptrs[11 + 2m], ptrs[12 + 2m]: values and scales (NULL unless int8) of matrix m, in the order
+ *                att_receptance, att_key, att_value, att_output, ffn_receptance, ffn_key, ffn_value
+ *   dims[3m..3m+2]: (format code, rows O, columns I) of matrix m
+ * The state tensors are (n_layers, B, C) float32, contiguous; x (B, C) float32 is updated in place.
+ */
+#ifndef RWKV_DECODE_STEP_H
+#define RWKV_DECODE_STEP_H
+
+#define DECODE_VECS 11
+#define DECODE_MATS 7
+#define DECODE_PTRS (DECODE_VECS + 2 * DECODE_MATS)
+#define DECODE_DIMS (3 * DECODE_MATS)
+
+enum { M_ATT_R, M_ATT_K, M_ATT_V, M_ATT_O, M_FFN_R, M_FFN_K, M_FFN_V };
+
+int64_t decode_layout(int64_t which) { return which == 0 ? DECODE_PTRS : DECODE_DIMS; }
+
+static inline product decode_product(void *const *P, const int64_t *D, int m, const float *x, float *y) {
+    return (product){D[3 * m], D[3 * m + 1], D[3 * m + 2], 0, P[DECODE_VECS + 2 * m],
+                     (const uint16_t *)P[DECODE_VECS + 2 * m + 1], x, y, NULL, NULL};
+}
+
+/* Returns 0, or -1 if the scratch memory cannot be allocated (nothing is changed then). */
+int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, float *x, float *att_x,
+                      float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B, int64_t C, int64_t F,
+                      double eps, int64_t rescale_every, int64_t layer0, int64_t nthreads) {
+    const int64_t BC = B * C;
+    float *buf = malloc(sizeof(float) * (size_t)(7 * BC + B * F));
+    if (buf == NULL) return -1;
+    float *kx = buf, *vx = kx + BC, *rx = vx + BC, *r = rx + BC, *k = r + BC, *v = k + BC, *y = v + BC;
+    float *fk = y + BC;                                        /* [B, F] */
+    for (int64_t j = 0; j < n_layers; j++) {
+        void *const *P = ptrs + j * DECODE_PTRS;
+        const int64_t *D = dims + j * DECODE_DIMS;
+        const float *const *V = (const float *const *)P;
+        float *a = att_a + j * BC, *b = att_b + j * BC, *p = att_p + j * BC;
+
+        /* attention: r, k, v = products of the token-shift mixes; x += (sigmoid(r) * wkv) W_o^T */
+        const float *mix3[3] = {V[2], V[3], V[4]};
+        float *out3[3] = {kx, vx, rx};
+        ln_shift_mix(x, V[0], V[1], eps, att_x + j * BC, 3, mix3, out3, B, C);
+        product g3[3] = {decode_product(P, D, M_ATT_R, rx, r), decode_product(P, D, M_ATT_K, kx, k),
+                         decode_product(P, D, M_ATT_V, vx, v)};
+        run_products(3, g3, B, nthreads, 0);
+        wkv_step_gated(V[5], V[6], r, k, v, a, b, p, y, B, C);
+        product o = decode_product(P, D, M_ATT_O, y, x);
+        run_products(1, &o, B, nthreads, 1);
+
+        /* channel mix: x += sigmoid(x_r W_r^T) * (relu(x_k W_k^T)^2 W_v^T) */
+        const float *mix2[2] = {V[9], V[10]};
+        float *out2[2] = {kx, rx};
+        ln_shift_mix(x, V[7], V[8], eps, ffn_x + j * BC, 2, mix2, out2, B, C);
+        product g2[2] = {decode_product(P, D, M_FFN_R, rx, r), decode_product(P, D, M_FFN_K, kx, fk)};
+        run_products(2, g2, B, nthreads, 0);
+        relu_square(fk, B * F);
+        product fv = decode_product(P, D, M_FFN_V, fk, v);
+        run_products(1, &fv, B, nthreads, 0);
+        add_gated(x, r, v, BC);
+        if (rescale_every > 0 && (layer0 + j + 1) % rescale_every == 0)
+            for (int64_t i = 0; i < BC; i++) x[i] *= 0.5f;
+    }
+    free(buf);
+    return 0;
+}
+
+#endif

@@ -1,0 +1,144 @@
+"""kernels.decode_layers: a whole decode step through the layers in one C call, against the same step
+composed of the model's ops (dispatched one by one), for every weight format and every
+instruction-set build this machine runs; and when dispatch must not take the C path."""
+import pytest
+import torch
+
+import kernels
+import rwkv_engine
+from kernels import cpu_c, decode, dispatch
+from rwkv_engine.checkpoint import synthetic_state_dict
+from rwkv_engine.config import RWKVConfig
+
+needs_c = pytest.mark.skipif(not cpu_c.available(), reason=f"C kernels unavailable: {cpu_c.unavailable_reason()}")
+FORMATS = ("float32", "float16", "bfloat16", "int8")
+
+
+def _model(fmt, n_embd=40, rescale_every=0, seed=3):
+    """n_embd 40: not a multiple of any vector width (16, 8) nor of the int8 block (32)."""
+    cfg = RWKVConfig(n_layer=3, n_embd=n_embd, vocab_size=300, name="")
+    sd = synthetic_state_dict(cfg, seed=seed)
+    return rwkv_engine.RWKV(cfg, sd, weights=None if fmt == "float32" else fmt, rescale_every=rescale_every)
+
+
+def _run(model, tokens, impl, isa=None):
+    """Decode tokens [B, T] one step at a time; -> (logits [T, B, V], final state)."""
+    state, out = model.new_state(tokens.shape[0]), []
+    for t in range(tokens.shape[1]):
+        x = model.embed(tokens[:, t:t + 1])
+        s5 = (state.att_x, state.att_a, state.att_b, state.att_p, state.ffn_x)
+        if impl == "c":
+            x = decode.decode_layers_c(model._decode, x, s5, isa=isa)
+        else:
+            with dispatch.force(decode_layers="composed"):
+                x = kernels.decode_layers(model._decode, x, s5)
+        out.append(model.head_logits(x))
+    return torch.stack(out), state
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("B", [1, 3])
+def test_fused_step_is_bit_identical_to_the_composed_ops(fmt, B):
+    """Same kernels in the same order: every logit and every state value identical, over 6 steps."""
+    model = _model(fmt)
+    tokens = torch.randint(0, 300, (B, 6))
+    got, s_got = _run(model, tokens, "c")
+    want, s_want = _run(model, tokens, "composed")
+    assert torch.equal(got, want)
+    for name, t in s_got.tensors().items():
+        assert torch.equal(t, s_want.tensors()[name]), name
+
+
+@needs_c
+def test_fused_step_honours_rescale_every():
+    model = _model("float32", rescale_every=2)
+    tokens = torch.randint(0, 300, (2, 4))
+    assert torch.equal(_run(model, tokens, "c")[0], _run(model, tokens, "composed")[0])
+
+
+@needs_c
+@pytest.mark.parametrize("isa", cpu_c.supported_isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_isa_build_agrees_with_the_torch_reference(isa, fmt):
+    """Each instruction-set build (AVX2 on every x86-64-v3 CPU, AVX-512 where present) against the
+    step composed of the torch references (dispatch.force: reference products and element-wise ops)."""
+    model = _model(fmt, n_embd=72)
+    tokens = torch.randint(0, 300, (2, 5))
+    got, _ = _run(model, tokens, "c", isa=isa)
+    refs = dict(linear="quant_torch" if fmt != "float32" else "reference", ln_shift_mix="reference",
+                wkv_step_gated="composed", relu_square_="reference", add_gated_="reference")
+    with dispatch.force(**refs):
+        want, _ = _run(model, tokens, "composed")
+    tol = {"float32": 2e-5, "float16": 2e-5, "bfloat16": 2e-5, "int8": 5e-2}[fmt]   # int8: x is quantised too
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@needs_c
+def test_model_token_mode_runs_the_fused_step(monkeypatch):
+    model = _model("int8")
+    calls = []
+    real = decode.decode_layers_c
+    monkeypatch.setitem(dispatch._impls, ("decode_layers", "c"),
+                        (lambda *a, **k: calls.append(1) or real(*a, **k), True))
+    dispatch._choice_cache.clear()
+    model.forward(torch.tensor([[5], [7]]))
+    assert calls == [1]
+
+
+@needs_c
+@pytest.mark.parametrize("how", ["forced linear", "wkv_backend", "strided state", "bfloat16 compute"])
+def test_fused_step_is_bypassed_when_it_would_not_honour_the_request(monkeypatch, how):
+    """A forced component op, an explicit WKV backend, a non-contiguous state or another compute dtype
+    must run the composed ops: the C step would silently ignore them."""
+    model = _model("float32") if how != "bfloat16 compute" else \
+        rwkv_engine.RWKV(RWKVConfig(2, 32, vocab_size=300, name=""),
+                         synthetic_state_dict(RWKVConfig(2, 32, vocab_size=300, name=""), seed=1), dtype="bfloat16")
+    monkeypatch.setitem(dispatch._impls, ("decode_layers", "c"),
+                        (lambda *a, **k: pytest.fail("the fused C step ran"), True))
+    dispatch._choice_cache.clear()
+    tok = torch.tensor([[5], [7]])
+    if how == "forced linear":
+        with dispatch.force(linear="reference"):
+            model.forward(tok)
+    elif how == "wkv_backend":
+        model.wkv_backend = "numpy"
+        model.forward(tok)
+    elif how == "strided state":
+        state = model.new_state(4)
+        half = type(state)(**{k: v[:, ::2] for k, v in state.tensors().items()})
+        assert not half.att_x.is_contiguous()
+        model.forward(tok, half)
+    else:
+        model.forward(tok)
+
+
+@needs_c
+def test_plan_rejects_a_layer_of_the_wrong_shape():
+    model = _model("float32")
+    blk = model.blocks[1]
+    bad = decode.DecodeLayers(model.blocks, model.config.n_embd, 1e-5)
+    blk_ffn_key = blk.ffn_key
+    try:
+        blk.ffn_key = blk_ffn_key[:, :-1]
+        with pytest.raises(ValueError, match="layer 1 ffn_key"):
+            bad.c_plan()
+    finally:
+        blk.ffn_key = blk_ffn_key
+
+
+# -- the vector exp inside the element-wise kernels ----------------------------------------------------
+
+@needs_c
+@pytest.mark.parametrize("isa", cpu_c.supported_isas())
+def test_gates_use_an_exp_accurate_to_a_few_ulp_with_ieee_limits(isa):
+    """add_gated computes x + v / (1 + exp(-r)): over r in [-100, 100] and the limits (0 and inf beyond
+    float32's range, NaN propagated) it matches float64 math within 4 float32 ulps."""
+    ops = cpu_c.ops(isa)
+    r = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-88.8, -87.3, 88.7, 88.8, 1e30, -1e30])])
+    v = torch.ones_like(r)
+    got = ops.add_gated_(torch.zeros_like(r), r, v)
+    want = (1 / (1 + torch.exp(-r.double()))).float()
+    torch.testing.assert_close(got, want, rtol=4 * 2 ** -23, atol=1e-38)
+    nan = ops.add_gated_(torch.zeros(3), torch.tensor([float("nan"), float("inf"), -float("inf")]), torch.ones(3))
+    assert torch.isnan(nan[0]) and nan[1] == 1 and nan[2] == 0
