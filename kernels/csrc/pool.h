@@ -15,6 +15,11 @@
  *   - idle workers poll for the next job for POOL_SPIN_NS (the gap between two products of one
  *     token), yielding their core whenever another thread wants it, then sleep on a futex: a passive
  *     wait between tokens and whenever decode stops.
+ *   - a worker that another process takes off its core while it holds a chunk still stalls the caller
+ *     (for up to a scheduler time slice, milliseconds). When a wait for claimed chunks lasts over
+ *     POOL_STALL_NS, a core is evidently busy with something else: jobs then run on the caller alone
+ *     for POOL_SOLO_NS (the worker sleeps, leaving the other core to the competing process), after
+ *     which threads are tried again. On a quiet machine no wait gets near that bound.
  * The claim word packs (epoch << 32 | chunks left), so a worker that wakes late cannot claim a chunk
  * of a newer job with an older job's arguments; it reads the job only after a successful claim.
  * One pool per shared library that includes this header (static state). Linux only (futex).
@@ -36,6 +41,8 @@
 #define POOL_MAX_WORKERS 63          /* threads besides the caller */
 #define POOL_SPIN_NS 200000          /* how long an idle worker polls for the next job before it sleeps */
 #define POOL_CALLER_SPIN_NS 10000    /* how long the caller polls for claimed chunks before it sleeps */
+#define POOL_STALL_NS 400000         /* a wait this long for claimed chunks: the worker lost its core */
+#define POOL_SOLO_NS 200000000       /* then run jobs alone this long before trying threads again */
 
 typedef void (*pool_fn)(void *ctx, int64_t chunk);
 
@@ -50,6 +57,8 @@ static struct {
     void *ctx;
     int64_t n_chunks;
     int started;                     /* worker threads created so far */
+    uint64_t solo_until;             /* pool_now_ns() before which jobs run on the caller alone */
+    uint64_t stalls;                 /* waits over POOL_STALL_NS so far (pool_stalls()) */
     pthread_mutex_t lock;            /* one job at a time; a second caller runs its job alone */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
@@ -130,7 +139,8 @@ static void pool_start_workers(int want) {
 
 /* Every chunk is claimed: wait for the ones other threads are still running. */
 static void pool_wait_done(uint32_t n) {
-    uint64_t until = pool_now_ns() + POOL_CALLER_SPIN_NS;
+    if (atomic_load_explicit(&pool.done, memory_order_acquire) == n) return;
+    uint64_t start = pool_now_ns(), until = start + POOL_CALLER_SPIN_NS;
     for (int i = 0; atomic_load_explicit(&pool.done, memory_order_acquire) != n; i++) {
         if ((i & 63) != 63 || pool_now_ns() < until) {
             _mm_pause();
@@ -141,7 +151,15 @@ static void pool_wait_done(uint32_t n) {
         if (d != n) syscall(SYS_futex, &pool.done, FUTEX_WAIT_PRIVATE, d, NULL, NULL, 0);
         atomic_store(&pool.caller_sleeping, 0);
     }
+    uint64_t end = pool_now_ns();
+    if (end - start > POOL_STALL_NS) {
+        pool.stalls++;
+        pool.solo_until = end + POOL_SOLO_NS;
+    }
 }
+
+/* How many times a wait for claimed chunks exceeded POOL_STALL_NS (the pool then ran alone a while). */
+int64_t pool_stalls(void) { return (int64_t)pool.stalls; }
 
 static void pool_run_alone(pool_fn fn, void *ctx, int64_t n_chunks) {
     for (int64_t i = 0; i < n_chunks; i++) fn(ctx, i);
@@ -150,6 +168,11 @@ static void pool_run_alone(pool_fn fn, void *ctx, int64_t n_chunks) {
 static void pool_run(pool_fn fn, void *ctx, int64_t n_chunks, int64_t n_threads) {
     if (n_threads <= 1 || n_chunks <= 1 || n_chunks >= ((int64_t)1 << 32) ||
         pthread_mutex_trylock(&pool.lock)) {
+        pool_run_alone(fn, ctx, n_chunks);
+        return;
+    }
+    if (pool.solo_until && pool_now_ns() < pool.solo_until) {   /* a core is busy elsewhere: alone */
+        pthread_mutex_unlock(&pool.lock);
         pool_run_alone(fn, ctx, n_chunks);
         return;
     }
