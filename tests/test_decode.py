@@ -38,7 +38,7 @@ def _run(model, tokens, impl, isa=None):
 
 @needs_c
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 5])
 def test_fused_step_is_bit_identical_to_the_composed_ops(fmt, B):
     """Same kernels in the same order: every logit and every state value identical, over 6 steps."""
     model = _model(fmt)

@@ -128,12 +128,13 @@ static inline vf vexp(vf x) {
 /* R rows (of W, stride I) x S streams (of x, stride I) of dot products, into y (row stride O).
  * Every (row, stream) pair follows the same instruction sequence whatever R and S are. */
 static inline __attribute__((always_inline)) void dot_tile(const int R, const int S, const float *w,
-        const float *x, float *y, int64_t I, int64_t O, int acc) {
-    vf a[4][2];
+        const float *x, float *y, int64_t I, int64_t O, int acc, const float *pf) {
+    vf a[4][4];
     for (int r = 0; r < R; r++) for (int s = 0; s < S; s++) a[r][s] = vzero();
     int64_t i = 0;
     for (; i + VW <= I; i += VW) {
-        vf xv[2];
+        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(pf + r * I + i), _MM_HINT_T0);
+        vf xv[4];
         for (int s = 0; s < S; s++) xv[s] = vload(x + s * I + i);
         for (int r = 0; r < R; r++) {
             vf wv = vload(w + r * I + i);
@@ -142,7 +143,7 @@ static inline __attribute__((always_inline)) void dot_tile(const int R, const in
     }
     if (i < I) {
         vmask m = vmask_first(I - i);
-        vf xv[2];
+        vf xv[4];
         for (int s = 0; s < S; s++) xv[s] = vload_masked(x + s * I + i, m);
         for (int r = 0; r < R; r++) {
             vf wv = vload_masked(w + r * I + i, m);
@@ -162,11 +163,17 @@ static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I,
     int64_t o = o0;
     for (; o + 4 <= o1; o += 4) {
         int64_t b = 0;
-        for (; b + 2 <= B; b += 2) dot_tile(4, 2, W + o * I, x + b * I, y + b * O + o, I, O, acc);
-        if (b < B) dot_tile(4, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc);
+        /* with several streams each block of 4 rows is computed on for a while: the first tile
+         * prefetches the next block (measured +15% at 16 streams on a 50k x 768 head) */
+        const float *next = B >= 4 && o + 8 <= o1 ? W + (o + 4) * I : NULL;
+#if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
+        for (; b + 4 <= B; b += 4, next = NULL) dot_tile(4, 4, W + o * I, x + b * I, y + b * O + o, I, O, acc, next);
+#endif
+        for (; b + 2 <= B; b += 2, next = NULL) dot_tile(4, 2, W + o * I, x + b * I, y + b * O + o, I, O, acc, next);
+        if (b < B) dot_tile(4, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, NULL);
     }
     for (; o < o1; o++)
-        for (int64_t b = 0; b < B; b++) dot_tile(1, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc);
+        for (int64_t b = 0; b < B; b++) dot_tile(1, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, NULL);
 }
 
 typedef struct {

@@ -6,7 +6,8 @@
  * path uses (ln_shift_mix, the grouped products of quant_ops.h / rows(), wkv_step_gated,
  * relu_square, add_gated), in the same order, so the result is bit-identical to the per-op path
  * (kernels/decode.py: `decode_layers` with the "composed" implementation; tested). Four products
- * per layer run as jobs of the thread pool (pool.h); the element-wise work runs on the caller.
+ * per layer run as jobs of the thread pool (pool.h); so does the element-wise work for 4 or more
+ * streams (one chunk per stream), else it runs on the caller.
  *
  * Layout of one layer in the flat arrays built by kernels/decode.py (DECODE_PTRS pointers, DECODE_DIMS
  * int64 per layer):
@@ -34,6 +35,54 @@ static inline product decode_product(void *const *P, const int64_t *D, int m, co
                      (const uint16_t *)P[DECODE_VECS + 2 * m + 1], x, y, NULL, NULL};
 }
 
+/* The element-wise work of a layer for several streams runs as a pool job, one chunk per stream
+ * (each op is independent across streams, so the result is the same as one call over all of them). */
+enum { EW_LN_ATT, EW_WKV, EW_LN_FFN, EW_RELU, EW_GATE };
+typedef struct {
+    int op;
+    void *const *P;
+    float *x, *shift, *kx, *vx, *rx, *r, *k, *v, *y, *fk, *a, *b, *p;
+    int64_t C, F;
+    double eps;
+} ew_job;
+
+static void ew_stream(void *ctx, int64_t s) {
+    const ew_job *e = ctx;
+    const float *const *V = (const float *const *)e->P;
+    int64_t o = s * e->C;
+    switch (e->op) {
+    case EW_LN_ATT: {
+        const float *mix[3] = {V[2], V[3], V[4]};
+        float *out[3] = {e->kx + o, e->vx + o, e->rx + o};
+        ln_shift_mix(e->x + o, V[0], V[1], e->eps, e->shift + o, 3, mix, out, 1, e->C);
+        break;
+    }
+    case EW_WKV:
+        wkv_step_gated(V[5], V[6], e->r + o, e->k + o, e->v + o, e->a + o, e->b + o, e->p + o, e->y + o, 1, e->C);
+        break;
+    case EW_LN_FFN: {
+        const float *mix[2] = {V[9], V[10]};
+        float *out[2] = {e->kx + o, e->rx + o};
+        ln_shift_mix(e->x + o, V[7], V[8], e->eps, e->shift + o, 2, mix, out, 1, e->C);
+        break;
+    }
+    case EW_RELU:
+        relu_square(e->fk + s * e->F, e->F);
+        break;
+    case EW_GATE:
+        add_gated(e->x + o, e->r + o, e->v + o, e->C);
+        break;
+    }
+}
+
+#define EW_PARALLEL_MIN_STREAMS 4    /* below this the element-wise work runs on the caller */
+
+static void ew_run(ew_job *e, int op, int64_t B, int64_t nthreads) {
+    e->op = op;
+    if (B >= EW_PARALLEL_MIN_STREAMS) pool_run(ew_stream, e, B, nthreads);
+    else for (int64_t s = 0; s < B; s++) ew_stream(e, s);
+}
+
 /* Returns 0, or -1 if the scratch memory cannot be allocated (nothing is changed then). */
 int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, float *x, float *att_x,
                       float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B, int64_t C, int64_t F,
@@ -46,30 +95,28 @@ int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, 
     for (int64_t j = 0; j < n_layers; j++) {
         void *const *P = ptrs + j * DECODE_PTRS;
         const int64_t *D = dims + j * DECODE_DIMS;
-        const float *const *V = (const float *const *)P;
-        float *a = att_a + j * BC, *b = att_b + j * BC, *p = att_p + j * BC;
+        ew_job e = {.P = P, .x = x, .kx = kx, .vx = vx, .rx = rx, .r = r, .k = k, .v = v, .y = y, .fk = fk,
+                    .a = att_a + j * BC, .b = att_b + j * BC, .p = att_p + j * BC, .C = C, .F = F, .eps = eps};
 
         /* attention: r, k, v = products of the token-shift mixes; x += (sigmoid(r) * wkv) W_o^T */
-        const float *mix3[3] = {V[2], V[3], V[4]};
-        float *out3[3] = {kx, vx, rx};
-        ln_shift_mix(x, V[0], V[1], eps, att_x + j * BC, 3, mix3, out3, B, C);
+        e.shift = att_x + j * BC;
+        ew_run(&e, EW_LN_ATT, B, nthreads);
         product g3[3] = {decode_product(P, D, M_ATT_R, rx, r), decode_product(P, D, M_ATT_K, kx, k),
                          decode_product(P, D, M_ATT_V, vx, v)};
         run_products(3, g3, B, nthreads, 0);
-        wkv_step_gated(V[5], V[6], r, k, v, a, b, p, y, B, C);
+        ew_run(&e, EW_WKV, B, nthreads);
         product o = decode_product(P, D, M_ATT_O, y, x);
         run_products(1, &o, B, nthreads, 1);
 
         /* channel mix: x += sigmoid(x_r W_r^T) * (relu(x_k W_k^T)^2 W_v^T) */
-        const float *mix2[2] = {V[9], V[10]};
-        float *out2[2] = {kx, rx};
-        ln_shift_mix(x, V[7], V[8], eps, ffn_x + j * BC, 2, mix2, out2, B, C);
+        e.shift = ffn_x + j * BC;
+        ew_run(&e, EW_LN_FFN, B, nthreads);
         product g2[2] = {decode_product(P, D, M_FFN_R, rx, r), decode_product(P, D, M_FFN_K, kx, fk)};
         run_products(2, g2, B, nthreads, 0);
-        relu_square(fk, B * F);
+        ew_run(&e, EW_RELU, B, nthreads);
         product fv = decode_product(P, D, M_FFN_V, fk, v);
         run_products(1, &fv, B, nthreads, 0);
-        add_gated(x, r, v, BC);
+        ew_run(&e, EW_GATE, B, nthreads);
         if (rescale_every > 0 && (layer0 + j + 1) % rescale_every == 0)
             for (int64_t i = 0; i < BC; i++) x[i] *= 0.5f;
     }
