@@ -18,8 +18,9 @@
  *   - a worker that another process takes off its core while it holds a chunk still stalls the caller
  *     (for up to a scheduler time slice, milliseconds). When a wait for claimed chunks lasts over
  *     POOL_STALL_NS, a core is evidently busy with something else: jobs then run on the caller alone
- *     for POOL_SOLO_NS (the worker sleeps, leaving the other core to the competing process), after
- *     which threads are tried again. On a quiet machine no wait gets near that bound.
+ *     for a while (the worker sleeps, leaving the other core to the competing process): 50 ms,
+ *     doubling up to 800 ms while stalls recur, after which threads are tried again. On a quiet
+ *     machine no wait gets near that bound.
  * The claim word packs (epoch << 32 | chunks left), so a worker that wakes late cannot claim a chunk
  * of a newer job with an older job's arguments; it reads the job only after a successful claim.
  * One pool per shared library that includes this header (static state). Linux only (futex).
@@ -40,9 +41,12 @@
 
 #define POOL_MAX_WORKERS 63          /* threads besides the caller */
 #define POOL_SPIN_NS 200000          /* how long an idle worker polls for the next job before it sleeps */
-#define POOL_CALLER_SPIN_NS 10000    /* how long the caller polls for claimed chunks before it sleeps */
+#define POOL_CALLER_SPIN_NS 100000   /* how long the caller polls for claimed chunks before it sleeps:
+                                      * a chunk is microseconds of work, so on a quiet machine the caller
+                                      * never sleeps (waking a sleeping thread can take longer in a VM) */
 #define POOL_STALL_NS 400000         /* a wait this long for claimed chunks: the worker lost its core */
-#define POOL_SOLO_NS 200000000       /* then run jobs alone this long before trying threads again */
+#define POOL_SOLO_MIN_NS 50000000    /* then run jobs alone 50 ms before trying threads again, */
+#define POOL_SOLO_MAX_NS 800000000   /* doubling (up to 800 ms) while stalls keep coming back */
 
 typedef void (*pool_fn)(void *ctx, int64_t chunk);
 
@@ -58,6 +62,7 @@ static struct {
     int64_t n_chunks;
     int started;                     /* worker threads created so far */
     uint64_t solo_until;             /* pool_now_ns() before which jobs run on the caller alone */
+    uint64_t solo_ns;                /* length of the last solo period */
     uint64_t stalls;                 /* waits over POOL_STALL_NS so far (pool_stalls()) */
     pthread_mutex_t lock;            /* one job at a time; a second caller runs its job alone */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -154,7 +159,11 @@ static void pool_wait_done(uint32_t n) {
     uint64_t end = pool_now_ns();
     if (end - start > POOL_STALL_NS) {
         pool.stalls++;
-        pool.solo_until = end + POOL_SOLO_NS;
+        /* a stall within a second of the last solo period: the competitor is still there */
+        int again = pool.solo_until && end < pool.solo_until + 1000000000u;
+        pool.solo_ns = again ? 2 * pool.solo_ns : POOL_SOLO_MIN_NS;
+        if (pool.solo_ns > POOL_SOLO_MAX_NS) pool.solo_ns = POOL_SOLO_MAX_NS;
+        pool.solo_until = end + pool.solo_ns;
     }
 }
 
