@@ -1,7 +1,7 @@
 """Decode speed on a busy machine: quiet vs next to a competing process, for each thread count.
 
-    python -m bench.contention --model rwkv-4-pile-169m [--threads 1,2] [--competitor cpu,torch-matmul]
-                               [--tokens 128] [--repeats 3] [--json out.json]
+    python -m bench.contention --model rwkv-4-pile-169m [--weights int8] [--threads 1,2]
+                               [--competitor cpu,torch-matmul] [--tokens 128] [--repeats 3] [--json out.json]
 
 For each thread count, decode tokens/s (`model.generate(...).decode_tokens_per_s`, greedy, median of
 the repeats) with no competitor, then next to each competitor:
@@ -11,7 +11,9 @@ the repeats) with no competitor, then next to each competitor:
 Prints a table (tok/s, ratio to the same thread count quiet, ratio to 1-thread quiet) and writes JSON
 with --json. Competitors are started per condition and always killed: on return, on an exception,
 on Ctrl-C, SIGTERM or SIGHUP, and (Linux) by the kernel if this process dies (PR_SET_PDEATHSIG).
-The machine must otherwise be quiet: the load average is recorded and a warning printed if it is high.
+The machine must otherwise be quiet: the load average is recorded and a warning printed if it is high,
+and each quiet row records the CPU time other processes (and, in a VM, the hypervisor's steal) took
+during it (`others_cpu_pct`, bench.cpuload).
 """
 import ctypes
 import json
@@ -69,7 +71,9 @@ def decode_tokens_per_s(model, threads, tokens, repeats):
 
 
 def measure(model, threads, conditions, tokens, repeats):
-    """[{threads, condition, tok_s, runs}] for each condition ("quiet" or a competitor name)."""
+    """[{threads, condition, tok_s, runs}] for each condition ("quiet" or a competitor name); quiet
+    rows also carry others_cpu_pct (CPU time of other processes and steal during the runs)."""
+    from bench.cpuload import OthersMeter
     rows = []
     for cond in conditions:
         procs = [] if cond == "quiet" else [start_competitor(cond)]
@@ -77,11 +81,15 @@ def measure(model, threads, conditions, tokens, repeats):
             time.sleep(SETTLE_S if procs else 0)
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"competitor {cond!r} exited early")
+            meter = OthersMeter().start()
             tok_s, runs = decode_tokens_per_s(model, threads, tokens, repeats)
+            others = meter.stop()["others_cpu_pct"]
         finally:
             stop(procs)
         rows.append({"threads": threads, "condition": cond, "tok_s": round(tok_s, 2),
                      "runs": [round(r, 2) for r in runs]})
+        if cond == "quiet":
+            rows[-1]["others_cpu_pct"] = None if others is None else round(others, 1)
         print(f"  threads {threads}  {cond:13} {tok_s:7.1f} tok/s", file=sys.stderr, flush=True)
     return rows
 
@@ -108,6 +116,7 @@ def parse_args(argv):
     p = OneLineParser(prog="python -m bench.contention", description=__doc__)
     p.add_argument("--model", default="rwkv-4-pile-169m")
     p.add_argument("--checkpoint", default=None)
+    p.add_argument("--weights", default=None, help="weight format (as load(weights=)): float32, float16, bfloat16, int8")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--competitor", default=",".join(COMPETITORS),
                    help=f"comma-separated, of {', '.join(COMPETITORS)} (default all)")
@@ -127,6 +136,10 @@ def parse_args(argv):
         p.error(f"unknown --competitor {unknown[0]!r}: use {', '.join(COMPETITORS)}")
     if args.tokens < 2 or args.repeats < 1:
         p.error("--tokens must be >= 2 and --repeats >= 1")
+    if args.weights is not None:
+        from kernels.quant import FORMATS
+        if args.weights not in FORMATS:
+            p.error(f"unknown --weights {args.weights!r}: use one of {', '.join(FORMATS)}")
     if args.json:
         _check_writable(p, args.json)
     return args
@@ -147,7 +160,7 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on)
     import rwkv_engine
-    model = rwkv_engine.load(args.model, checkpoint=args.checkpoint)
+    model = rwkv_engine.load(args.model, checkpoint=args.checkpoint, weights=args.weights)
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         print(f"warning: load average {load_before:.1f} before the runs: the machine is not quiet, "
@@ -159,7 +172,7 @@ def main(argv=None):
     print(table(rows))
     if args.json:
         from bench.generate import write_json_atomic
-        write_json_atomic(args.json, {"model": args.model, "tokens": args.tokens, "repeats": args.repeats,
+        write_json_atomic(args.json, {"model": args.model, "weights": model.weights, "tokens": args.tokens, "repeats": args.repeats,
                                       "cpus": os.cpu_count(), "load_avg_before": load_before, "rows": rows})
     return 0
 

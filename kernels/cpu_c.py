@@ -134,6 +134,10 @@ class CpuOps:
         lib.decode_layers.argtypes = [_I64, _P(_I64), _P(_VP)] + [_VP] * 6 + [_I64] * 3 + [ctypes.c_double] + [_I64] * 3
         lib.decode_layers.restype = _I64
         lib.decode_layout.argtypes = [_I64]
+        lib.pool_probe.argtypes = [_I64, _I64, _I64, _VP]
+        lib.pool_probe.restype = _I64
+        lib.pool_stalls.restype = _I64
+        lib.pool_reset_stalls.restype = None
         lib.decode_layout.restype = _I64
         for f in (lib.ln_shift_mix, lib.wkv_step_gated, lib.relu_square, lib.add_gated, lib.wkv_seq):
             f.restype = None

@@ -142,3 +142,32 @@ def test_gates_use_an_exp_accurate_to_a_few_ulp_with_ieee_limits(isa):
     torch.testing.assert_close(got, want, rtol=4 * 2 ** -23, atol=1e-38)
     nan = ops.add_gated_(torch.zeros(3), torch.tensor([float("nan"), float("inf"), -float("inf")]), torch.ones(3))
     assert torch.isnan(nan[0]) and nan[1] == 1 and nan[2] == 0
+
+
+# -- the thread pool's answer to a busy core ------------------------------------------------------------
+
+@needs_c
+def test_pool_runs_alone_after_a_worker_stalls_then_uses_threads_again():
+    """A worker that holds a chunk for 5 ms (as if another process took its core) is counted as a
+    stall; the next jobs then run on the caller alone; after the stall history is reset (as after the
+    solo period), workers take chunks again."""
+    lib = cpu_c.ops().lib
+    lib.pool_reset_stalls()
+    ran = torch.zeros(64, dtype=torch.int64)
+    seen_worker = False
+    for _ in range(50):                          # until a worker takes a chunk (it may be slow to wake)
+        before = lib.pool_stalls()
+        after = lib.pool_probe(64, 2, 5000, ran.data_ptr())
+        if not bool(ran.all()):
+            seen_worker = True
+            break
+    assert seen_worker, "no worker thread ever took a chunk"
+    assert after == before + 1                   # the caller waited > 400 us for the sleeping chunk
+    lib.pool_probe(64, 2, 0, ran.data_ptr())
+    assert bool(ran.all())                       # solo: every chunk on the caller
+    lib.pool_reset_stalls()
+    for _ in range(200):
+        lib.pool_probe(64, 2, 0, ran.data_ptr())
+        if not bool(ran.all()):
+            break
+    assert not bool(ran.all()), "the pool never used its worker again"

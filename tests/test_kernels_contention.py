@@ -37,10 +37,13 @@ def assert_gone(procs, timeout=10):
 def test_runs_and_reports_a_table_and_json(tiny_pth, tmp_path):
     out = tmp_path / "c.json"
     p = start(["--model", str(tiny_pth), "--threads", "1,2", "--competitor", "cpu", "--tokens", "4",
-               "--repeats", "1", "--json", str(out)], tmp_path)
+               "--repeats", "1", "--weights", "int8", "--json", str(out)], tmp_path)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["weights"] == "int8"
+    assert all(isinstance(r["others_cpu_pct"], float) for r in rows if r["condition"] == "quiet")
     assert [(r["threads"], r["condition"]) for r in rows] == [(1, "quiet"), (1, "cpu"), (2, "quiet"), (2, "cpu")]
     assert all(r["tok_s"] > 0 for r in rows)
     assert rows[0]["vs_quiet"] == 1.0 and rows[2]["vs_1thread_quiet"] == round(rows[2]["tok_s"] / rows[0]["tok_s"], 3)
@@ -52,6 +55,7 @@ def test_runs_and_reports_a_table_and_json(tiny_pth, tmp_path):
     (["--threads", "a,b"], "--threads must be comma-separated integers"),
     (["--competitor", "gpu"], "unknown --competitor 'gpu'"),
     (["--json", "/"], "--json /: not a writable file path"),
+    (["--weights", "int4"], "unknown --weights 'int4'"),
 ])
 def test_bad_arguments_fail_in_one_line(args, message, tmp_path):
     p = start(args, tmp_path)

@@ -357,3 +357,25 @@ void wkv_seq(const float *w, const float *u, const float *k, const float *v, flo
 
 /* A whole decode step through a run of layers in one call (kernels/decode.py). */
 #include "decode_step.h"
+
+/* Test hook for the pool's stall policy (tests/test_decode.py): one job of n chunks on nthreads; the
+ * first chunk a worker thread (not the caller) runs sleeps sleep_us first, as if preempted while holding
+ * it. on_caller[i] = 1 if the caller ran chunk i. Returns how many stalls the pool has counted so far. */
+typedef struct { pthread_t caller; int64_t sleep_us; _Atomic int slept; int64_t *on_caller; } probe_ctx;
+
+static void probe_chunk(void *ctx, int64_t i) {
+    probe_ctx *c = ctx;
+    int caller = pthread_equal(pthread_self(), c->caller);
+    if (!caller && c->sleep_us > 0 && atomic_exchange(&c->slept, 1) == 0) usleep((useconds_t)c->sleep_us);
+    c->on_caller[i] = caller;
+    for (volatile int k = 0; k < 20000; k++) {}        /* a few microseconds of work */
+}
+
+int64_t pool_probe(int64_t n, int64_t nthreads, int64_t sleep_us, int64_t *on_caller) {
+    probe_ctx c = {.caller = pthread_self(), .sleep_us = sleep_us, .on_caller = on_caller};
+    pool_run(probe_chunk, &c, n, nthreads);
+    return pool_stalls();
+}
+
+/* Forget the stall history (tests): the next job uses the threads again. */
+void pool_reset_stalls(void) { pool.solo_until = 0; pool.solo_ns = 0; }
