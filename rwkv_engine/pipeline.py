@@ -449,17 +449,30 @@ def fingerprint(entries, cfg):
 
 
 def _agree(info, what):
-    """all_gather this rank's info dict; raise the first rank's error (every rank raises the same)."""
+    """all_gather this rank's info dict; raise the first rank's error (every rank raises the same, at the
+    same point, so every rank also leaves the process group here: exiting with it still up ended some
+    ranks in a C++ std::terminate from gloo's threads instead of the one-line error)."""
     infos = [None] * dist.get_world_size()
     dist.all_gather_object(infos, info)
     errors = [(r, i["error"]) for r, i in enumerate(infos) if i.get("error")]
     if errors:
         r, e = errors[0]
+        dist.destroy_process_group()
         raise PipelineError(f"rank {r} ({infos[r]['host']}): {e}" if what == "load" else e)
     return infos
 
 
 def _check_same_checkpoint(infos):
+    """Every rank sees the same infos, so every rank raises (and leaves the group) together."""
+    try:
+        _compare_ranks(infos)
+    except PipelineError:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def _compare_ranks(infos):
     ref = infos[0]
     for r, i in enumerate(infos):
         if i["args"] != ref["args"]:
