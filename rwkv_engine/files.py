@@ -18,6 +18,7 @@ import secrets
 import shutil
 import stat
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -417,3 +418,64 @@ def write_safetensors(f, shapes, make_rows, dtype, metadata=None, chunk=1 << 24)
             for start in range(0, shape[0], step):
                 block = make_rows(k, shape, min(step, shape[0] - start)).to(dtype).contiguous()
                 out.write(block.view(torch.uint8).numpy().data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropping the pages of memory-mapped checkpoint tensors from this process's resident set
+
+def _tensors_in(obj, depth=5):
+    """Every tensor reachable from obj through attributes, lists, tuples and dicts (a few levels)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth == 0:
+        return []
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, depth - 1)]
+
+
+def _private_file_maps():
+    """(start, end) of this process's private file-backed mappings (a memory-mapped checkpoint)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[1][3] == "p" and parts[5].startswith("/"):
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            spans.append((a, b))
+    return spans
+
+
+def release_pages(tensors, keep=None):
+    """Drop the resident pages of memory-mapped checkpoint tensors the model did not keep (e.g. the
+    raw embedding, which the model holds with ln0 applied): otherwise they stay in the process's RSS
+    for as long as any tensor of the same file is alive. Only pages of private file mappings are
+    dropped (madvise MADV_DONTNEED: if touched again they are re-read from the file, unchanged),
+    and never a page that overlaps a tensor reachable from `keep` (the model). Linux only."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+    import mmap
+    page = mmap.PAGESIZE
+    span = lambda t: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+    kept = [span(t) for t in _tensors_in(keep) if t.device.type == "cpu"] if keep is not None else []
+    files = _private_file_maps()
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    released = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            continue
+        start, end = span(t)
+        a, b = -(-start // page) * page, end // page * page          # whole pages inside the tensor
+        if b <= a or any(s < b and a < e for s, e in kept):
+            continue
+        if not any(s <= a and b <= e for s, e in files):
+            continue
+        if madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:     # 4: MADV_DONTNEED
+            released += b - a
+    return released

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import kernels
 
 from . import generation
-from .checkpoint import release_pages
 from . import weights as wformat
 from .config import RWKVConfig
 from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
@@ -74,10 +73,9 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
     emb = None
     if first:   # ln0 is applied to the embedding table once here instead of to x at every step.
         ln0_w, ln0_b = sd["blocks.0.ln0.weight"].reshape(-1).float(), sd["blocks.0.ln0.bias"].reshape(-1).float()
+        emb = wformat.embedding_with_ln0(sd["emb.weight"], ln0_w, ln0_b, eps, weights or "float32")
         if weights is None:
-            emb = cast(embedding_with_ln0(sd["emb.weight"], ln0_w, ln0_b, eps))
-        else:
-            emb = wformat.embedding_with_ln0(sd["emb.weight"], ln0_w, ln0_b, eps, weights)
+            emb = cast(emb)
     blocks = []
     for i in (progress(layers) if progress else layers):
         g = lambda name: sd[f"blocks.{i}.{name}"]
@@ -105,18 +103,6 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
         wformat.trim_heap()
     return dict(emb=emb, blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
                 ln_out_b=vec(sd["ln_out.bias"]), head=head)
-
-
-def embedding_with_ln0(raw, w, b, eps, rows=8192):
-    """LayerNorm of every row of the embedding table, in float32, a block of rows at a time; the
-    pages of each block of a memory-mapped table are dropped once read, so the raw table never sits
-    in memory beside its normalised copy."""
-    out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
-    for r in range(0, raw.shape[0], rows):
-        block = raw[r:r + rows]
-        out[r:r + rows] = F.layer_norm(block.float(), (raw.shape[1],), w, b, eps)
-        release_pages([block])
-    return out
 
 
 def check_layer_range(layers, n_layer):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kernels import quant
 from kernels.quant import Int8Weight
 
-from .files import atomic_write
+from .files import atomic_write, release_pages
 
 META_FORMAT = "rwkv_engine.weights"
 META_SHAPES = "rwkv_engine.in_features"
@@ -29,8 +29,6 @@ MATRIX_SUFFIXES = ("att.key.weight", "att.value.weight", "att.receptance.weight"
                    "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 EMBEDDING_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                    "int8": torch.float16}
-_MADV_DONTNEED = 4
-_PAGE = 4096
 
 
 def is_matrix(key):
@@ -72,7 +70,7 @@ def pack_embedding(emb, fmt):
 def embedding_with_ln0(emb, ln_w, ln_b, eps, fmt, rows_per_step=2048):
     """LayerNorm(pack_embedding(emb)) in float32, stored in the format's embedding dtype, computed in
     slices of rows so that no float32 copy of the whole table (1 GB at 14B) is ever made."""
-    out = torch.empty(emb.shape, dtype=EMBEDDING_DTYPE[fmt])
+    out = torch.empty(emb.shape, dtype=EMBEDDING_DTYPE[fmt], device=emb.device)
     for r0 in range(0, emb.shape[0], rows_per_step):
         rows = pack_embedding(emb[r0:r0 + rows_per_step], fmt).float()
         out[r0:r0 + rows_per_step] = F.layer_norm(rows, (emb.shape[1],), ln_w.float(), ln_b.float(), eps)
@@ -102,31 +100,8 @@ def trim_heap():
 
 def release(t):
     """Drop a memory-mapped tensor's pages from this process's resident set (the file keeps the data;
-    a later read maps it back in). Only for tensors inside a file-backed mapping (never heap memory,
-    where MADV_DONTNEED would zero the data); a no-op for everything else."""
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.nbytes < 4 * _PAGE:
-        return
-    start = -(-t.data_ptr() // _PAGE) * _PAGE
-    end = (t.data_ptr() + t.nbytes) // _PAGE * _PAGE
-    if end > start and _file_backed(start, end):
-        libc = ctypes.CDLL(None)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(start, end - start, _MADV_DONTNEED)
-
-
-def _file_backed(start, end):
-    """True when [start, end) lies in one private mapping of a file (/proc/self/maps): how torch and
-    safetensors map checkpoints (copy-on-write; checkpoint tensors are never written to)."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split()
-                lo, hi = (int(v, 16) for v in fields[0].split("-"))
-                if lo <= start and end <= hi:
-                    return len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/") and fields[1][3] == "p"
-    except OSError:
-        pass
-    return False
+    a later read maps it back in); a no-op for anything not inside a private file mapping."""
+    release_pages([t])
 
 
 # ---------------------------------------------------------------------------------------------
