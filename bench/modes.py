@@ -6,7 +6,10 @@ Sequence mode runs matrix-matrix products and one WKV scan over time; token mode
 step. Both start from a fresh state on the same random prompt ids (seeded); the time is the median
 of --repeats runs after one warm-up. With `--peer` also BlinkDL's `rwkv` package (`cpu fp32`,
 JIT on) on the same checkpoint and prompt, sequence mode (its whole prompt in one call).
-`--weights` picks the weight format (e.g. int8: prompt tokens/s against fp32's).
+`--weights` picks the weight format; `--against float32` also loads the model in that format and
+alternates the two models' sequence-mode runs (same process, same minutes), printing both prompt
+rates and their ratio: on a machine whose speed drifts by 10-20% between runs, that ratio is what
+a separate run per format cannot give.
 """
 import os
 import statistics
@@ -34,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--model", default="rwkv-4-pile-169m")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--weights", default=None, choices=WEIGHT_FORMATS, help="weight format (default float32)")
+    ap.add_argument("--against", default=None, choices=WEIGHT_FORMATS,
+                    help="also time this weight format, alternating with --weights, and print the ratio")
     ap.add_argument("--prompt-tokens", type=positive_int, default=512)
     ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
@@ -60,6 +65,26 @@ def main(argv=None):
             model.forward(ids[:, t:t + 1], state)
 
     others = OthersMeter().start()
+    if args.against:
+        other = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
+        runs = {"ours": [], "other": []}
+        for m in (model, other):
+            m.forward(ids, m.new_state(1))                         # warm-up
+        for _ in range(args.repeats):
+            for key, m in (("ours", model), ("other", other)):
+                t0 = time.perf_counter()
+                m.forward(ids, m.new_state(1))
+                runs[key].append(time.perf_counter() - t0)
+        a, b = statistics.median(runs["ours"]), statistics.median(runs["other"])
+        n = args.prompt_tokens
+        print(f"{args.model}, {n}-token prompt, sequence mode, {args.threads} threads, runs alternating, "
+              f"median of {args.repeats}")
+        print(f"{args.weights or 'float32'} weights: {n / a:.1f} tok/s; {args.against} weights: {n / b:.1f} tok/s; "
+              f"ratio {b / a:.3f}")
+        load = others.stop()
+        if load["others_cpu_pct"] is not None:
+            print(f"other processes used {load['others_cpu_pct']:.1f}% of the CPU meanwhile")
+        return 0
     seq_s = _median_time(sequence, args.repeats)
     tok_s = _median_time(token, max(1, args.repeats // 3))
     load = others.stop()

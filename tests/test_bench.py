@@ -3,6 +3,7 @@ rules, figures, and one-line errors. Tiny models only (rwkv-4-tiny and a 2-layer
 checkpoint); every CLI runs as a subprocess, as a user would run it."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -537,3 +538,15 @@ def test_no_import_cycle_in_bench():
         return any(d == target or (d not in seen and reaches(d, target, seen + (d,))) for d in edges.get(start, ()))
     cycles = [m for m in edges if reaches(m, m)]
     assert not cycles, {m: sorted(edges[m]) for m in cycles}
+
+
+def test_modes_against_alternates_two_formats_and_prints_their_ratio():
+    r = cli("bench.modes", "--model", TINY, "--weights", "int8", "--against", "float32",
+            "--prompt-tokens", "16", "--repeats", "2")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"int8 weights: ([\d.]+) tok/s; float32 weights: ([\d.]+) tok/s; ratio ([\d.]+)", r.stdout)
+    assert m, r.stdout
+    a, b, ratio = (float(v) for v in m.groups())
+    assert a > 0 and b > 0 and abs(ratio - a / b) < 0.01
+    bad = cli("bench.modes", "--model", TINY, "--against", "int4")
+    assert bad.returncode == 2 and "--against" in bad.stderr

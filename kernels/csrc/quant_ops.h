@@ -335,6 +335,17 @@ void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o
             const int8_t *w = (const int8_t *)W + o * Ip;
             const uint16_t *s = (const uint16_t *)S + o * (Ip / QB);
             for (int64_t i0 = 0; i0 < I; i0 += QB) {
+#if WIDE
+                if (i0 + QB <= I) {                    /* a whole block: 2 x 16 lanes */
+                    __m512 d16 = _mm512_set1_ps(_cvtsh_ss(s[i0 / QB]));
+                    __m256i q = _mm256_loadu_si256((const __m256i *)(w + i0));
+                    _mm512_storeu_ps(dst + i0, _mm512_mul_ps(_mm512_cvtepi32_ps(
+                        _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), d16));
+                    _mm512_storeu_ps(dst + i0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(
+                        _mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), d16));
+                    continue;
+                }
+#endif
                 __m256 d = _mm256_set1_ps(_cvtsh_ss(s[i0 / QB]));
                 int64_t i = i0;
                 for (; i + 8 <= i0 + QB && i + 8 <= I; i += 8) {
@@ -346,6 +357,9 @@ void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o
         } else {
             const uint16_t *w = (const uint16_t *)W + o * Ip;
             int64_t i = 0;
+#if WIDE
+            for (; i + 16 <= I; i += 16) _mm512_storeu_ps(dst + i, fmt == FMT_F16 ? load16_f16(w + i) : load16_bf16(w + i));
+#endif
             for (; i + 8 <= I; i += 8) _mm256_storeu_ps(dst + i, fmt == FMT_F16 ? load8_f16(w + i) : load8_bf16(w + i));
             for (; i < I; i++) dst[i] = fmt == FMT_F16 ? _cvtsh_ss(w[i]) : bf16_to_f32(w[i]);
         }
