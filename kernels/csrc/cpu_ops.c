@@ -27,10 +27,6 @@
 
 #include "pool.h"
 
-#define MATVEC_MAX_GROUP 8           /* products in one matvec_group call */
-#define MATVEC_CHUNK_BYTES 65536     /* weight bytes per claimed chunk (whole blocks of 4 rows) */
-
-int64_t matvec_max_group(void) { return MATVEC_MAX_GROUP; }
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -174,39 +170,6 @@ static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I,
     }
     for (; o < o1; o++)
         for (int64_t b = 0; b < B; b++) dot_tile(1, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, NULL);
-}
-
-typedef struct {
-    int64_t B, acc;
-    const float **W, **x;
-    float **y;
-    const int64_t *O, *I;
-    int64_t chunk_rows[MATVEC_MAX_GROUP];
-    int64_t first_chunk[MATVEC_MAX_GROUP + 1];    /* product j owns chunks [first[j], first[j+1]) */
-} matvec_job;
-
-static void matvec_chunk(void *ctx, int64_t chunk) {
-    const matvec_job *job = ctx;
-    int64_t j = 0;
-    while (chunk >= job->first_chunk[j + 1]) j++;
-    int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
-    int64_t o1 = o0 + job->chunk_rows[j] < job->O[j] ? o0 + job->chunk_rows[j] : job->O[j];
-    rows(job->W[j], job->x[j], job->y[j], job->O[j], job->I[j], job->B, o0, o1, (int)job->acc);
-}
-
-/* n independent products y_j (+)= x_j W_j^T (x_j [B, I_j], W_j [O_j, I_j], y_j [B, O_j]) as one job
- * of the thread pool. Returns 0, or -1 when n is outside 1..MATVEC_MAX_GROUP (callers split). */
-int64_t matvec_group(int64_t n, const float **W, const float **x, float **y, const int64_t *O,
-                     const int64_t *I, int64_t B, int64_t nthreads, int64_t acc) {
-    if (n < 1 || n > MATVEC_MAX_GROUP) return -1;
-    matvec_job job = {.B = B, .acc = acc, .W = W, .x = x, .y = y, .O = O, .I = I};
-    for (int64_t j = 0; j < n; j++) {
-        int64_t r = MATVEC_CHUNK_BYTES / ((I[j] > 0 ? I[j] : 1) * (int64_t)sizeof(float)) / 4 * 4;
-        job.chunk_rows[j] = r < 4 ? 4 : r;
-        job.first_chunk[j + 1] = job.first_chunk[j] + (O[j] + job.chunk_rows[j] - 1) / job.chunk_rows[j];
-    }
-    pool_run(matvec_chunk, &job, job.first_chunk[n], nthreads);
-    return 0;
 }
 
 /* xx = LayerNorm(x); out_j = shift + mix_j * (xx - shift) for each mix; then shift = xx.
@@ -379,3 +342,18 @@ int64_t pool_probe(int64_t n, int64_t nthreads, int64_t sleep_us, int64_t *on_ca
 
 /* Forget the stall history (tests): the next job uses the threads again. */
 void pool_reset_stalls(void) { pool.solo_until = 0; pool.solo_ns = 0; }
+
+/* n float32 products y_j (+)= x_j W_j^T (x_j [B, I_j], W_j [O_j, I_j], y_j [B, O_j]) as one job of the
+ * thread pool: the generic job of quant_ops.h with format F32 (rows() above does the rows). Returns 0,
+ * or -1 when n is outside 1..MAX_GROUP (callers split). */
+int64_t matvec_group(int64_t n, const float **W, const float **x, float **y, const int64_t *O,
+                     const int64_t *I, int64_t B, int64_t nthreads, int64_t acc) {
+    if (n < 1 || n > MAX_GROUP) return -1;
+    product ps[MAX_GROUP];
+    for (int64_t j = 0; j < n; j++)
+        ps[j] = (product){FMT_F32, O[j], I[j], 0, W[j], NULL, x[j], y[j], NULL, NULL};
+    run_products(n, ps, B, nthreads, acc);
+    return 0;
+}
+
+int64_t matvec_max_group(void) { return MAX_GROUP; }
