@@ -341,7 +341,7 @@ int64_t pool_probe(int64_t n, int64_t nthreads, int64_t sleep_us, int64_t *on_ca
 }
 
 /* Forget the stall history (tests): the next job uses the threads again. */
-void pool_reset_stalls(void) { pool.solo_until = 0; pool.solo_ns = 0; }
+void pool_reset_stalls(void) { pool.solo_until = 0; pool.solo_ns = 0; pool.last_stall = 0; }
 
 /* n float32 products y_j (+)= x_j W_j^T (x_j [B, I_j], W_j [O_j, I_j], y_j [B, O_j]) as one job of the
  * thread pool: the generic job of quant_ops.h with format F32 (rows() above does the rows). Returns 0,

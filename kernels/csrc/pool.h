@@ -17,10 +17,11 @@
  *     wait between tokens and whenever decode stops.
  *   - a worker that another process takes off its core while it holds a chunk still stalls the caller
  *     (for up to a scheduler time slice, milliseconds). When a wait for claimed chunks lasts over
- *     POOL_STALL_NS, a core is evidently busy with something else: jobs then run on the caller alone
- *     for a while (the worker sleeps, leaving the other core to the competing process): 50 ms,
- *     doubling up to 800 ms while stalls recur, after which threads are tried again. On a quiet
- *     machine no wait gets near that bound.
+ *     POOL_STALL_NS twice within POOL_BUSY_WINDOW_NS, a core is evidently busy with something else:
+ *     jobs then run on the caller alone for a while (the worker sleeps, leaving the other core to the
+ *     competing process): 50 ms, doubling up to 800 ms while stalls recur right after, after which
+ *     threads are tried again. A lone stall (a page fault, a hypervisor taking the vCPU for a moment)
+ *     changes nothing. On a quiet machine no wait gets near that bound.
  * The claim word packs (epoch << 32 | chunks left), so a worker that wakes late cannot claim a chunk
  * of a newer job with an older job's arguments; it reads the job only after a successful claim.
  * One pool per shared library that includes this header (static state). Linux only (futex).
@@ -47,6 +48,7 @@
 #define POOL_STALL_NS 400000         /* a wait this long for claimed chunks: the worker lost its core */
 #define POOL_SOLO_MIN_NS 50000000    /* then run jobs alone 50 ms before trying threads again, */
 #define POOL_SOLO_MAX_NS 800000000   /* doubling (up to 800 ms) while stalls keep coming back */
+#define POOL_BUSY_WINDOW_NS 100000000  /* two stalls this close together: a busy core */
 
 typedef void (*pool_fn)(void *ctx, int64_t chunk);
 
@@ -63,6 +65,7 @@ static struct {
     int started;                     /* worker threads created so far */
     uint64_t solo_until;             /* pool_now_ns() before which jobs run on the caller alone */
     uint64_t solo_ns;                /* length of the last solo period */
+    uint64_t last_stall;             /* pool_now_ns() at the last stall */
     uint64_t stalls;                 /* waits over POOL_STALL_NS so far (pool_stalls()) */
     pthread_mutex_t lock;            /* one job at a time; a second caller runs its job alone */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -159,11 +162,16 @@ static void pool_wait_done(uint32_t n) {
     uint64_t end = pool_now_ns();
     if (end - start > POOL_STALL_NS) {
         pool.stalls++;
-        /* a stall within a second of the last solo period: the competitor is still there */
-        int again = pool.solo_until && end < pool.solo_until + 1000000000u;
-        pool.solo_ns = again ? 2 * pool.solo_ns : POOL_SOLO_MIN_NS;
-        if (pool.solo_ns > POOL_SOLO_MAX_NS) pool.solo_ns = POOL_SOLO_MAX_NS;
-        pool.solo_until = end + pool.solo_ns;
+        /* one stall alone (a page fault, the hypervisor taking the vCPU a moment) is not a busy core:
+         * only a second stall within POOL_BUSY_WINDOW_NS of the first switches to the caller alone */
+        if (pool.last_stall && end - pool.last_stall < POOL_BUSY_WINDOW_NS) {
+            /* busy again right after the last solo period: the competitor is still there */
+            int again = pool.solo_until && end < pool.solo_until + POOL_BUSY_WINDOW_NS;
+            pool.solo_ns = again ? 2 * pool.solo_ns : POOL_SOLO_MIN_NS;
+            if (pool.solo_ns > POOL_SOLO_MAX_NS) pool.solo_ns = POOL_SOLO_MAX_NS;
+            pool.solo_until = end + pool.solo_ns;
+        }
+        pool.last_stall = end;
     }
 }
 
