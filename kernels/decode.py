@@ -37,15 +37,31 @@ class DecodeLayers:
         self.layers, self.C, self.eps = list(layers), n_embd, eps
         self.rescale_every, self.layer0 = rescale_every, layer0
         self.F = self.layers[0].ffn_key.shape[0] if self.layers else 0
-        self._plan = None
+        self._plan = self._held = self.unusable = None
 
     def weight_format(self):
         return dispatch.weight_format(self.layers[0].att_key) if self.layers else "float32"
 
     def c_plan(self):
-        if self._plan is None:
+        """(pointers, shapes) for the C step; rebuilt if a layer's tensor was replaced since (the plan
+        holds the tensors it points into, so none is freed under it). ValueError if a layer does not fit."""
+        if self._plan is None or not self._current():
             self._plan = _build_plan(self.layers, self.C, self.F)
+            self._held = [getattr(blk, name) for blk in self.layers for name in VECTORS + MATRICES]
         return self._plan
+
+    def _current(self):
+        held = iter(self._held)
+        return all(getattr(blk, name) is next(held) for blk in self.layers for name in VECTORS + MATRICES)
+
+    def c_usable(self):
+        """Whether the C step can run these layers (else `unusable` says why; the composed ops run)."""
+        try:
+            self.c_plan()
+        except ValueError as e:
+            self.unusable = str(e)
+            return False
+        return True
 
 
 def _build_plan(layers, C, F):
@@ -86,6 +102,8 @@ def decode_layers(plan, x, state, wkv_backend=None, backend=None):
     if wkv_backend is not None or any(dispatch.is_forced(op) for op in COMPONENT_OPS):
         backend = backend or "composed"
     name, fn = dispatch.pick("decode_layers", _key(plan, x, state), backend)
+    if name == "c" and not plan.c_usable():
+        fn = decode_layers_composed                  # e.g. a non-contiguous weight: right, only slower
     return fn(plan, x, state, wkv_backend)
 
 

@@ -199,3 +199,24 @@ def test_a_lone_stall_does_not_stop_the_threads():
             break
     lib.pool_reset_stalls()
     assert not bool(ran.all()), "a lone stall switched the pool to the caller alone"
+
+
+@needs_c
+def test_a_replaced_weight_is_used_and_an_unfit_layer_runs_composed():
+    """The C plan holds raw pointers: replacing a layer's tensor must rebuild it (the new weights are
+    used, the old memory is never read), and a layer the C step cannot take runs the composed ops."""
+    model = _model("float32")
+    tok = torch.tensor([[5], [7]])
+    model.forward(tok)                                       # the plan is built
+    blk = model.blocks[1]
+    blk.att_output = blk.att_output * 0.5                    # a new tensor
+    with dispatch.force(decode_layers="composed"):
+        want, _ = model.forward(tok)
+    got, _ = model.forward(tok)
+    assert torch.equal(got, want)
+    blk.att_key = blk.att_key.t().contiguous().t()           # the same values, not contiguous
+    assert not model._decode.c_usable() and "att_key" in model._decode.unusable
+    with dispatch.force(decode_layers="composed"):
+        want, _ = model.forward(tok)
+    got, _ = model.forward(tok)
+    assert torch.equal(got, want)
