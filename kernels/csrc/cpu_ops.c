@@ -17,8 +17,9 @@
  *    WKV step with its receptance gate, relu^2, the gated residual), each with a torch reference of
  *    the same signature in kernels/fused.py.
  * Prefill (sequence mode):
- * 3. The WKV recurrence over a sequence (wkv_seq): channels split over torch's OpenMP threads (the
- *    products of a prompt are torch GEMMs on that same pool), time walked with the state in registers.
+ * 3. The WKV recurrence over a sequence (wkv_seq): blocks of neighbouring channels (one vector each)
+ *    split over torch's OpenMP threads (the products of a prompt are torch GEMMs on that same pool),
+ *    time walked with the state in registers.
  */
 #include <math.h>
 #include <immintrin.h>
@@ -291,26 +292,34 @@ void add_gated(float *x, const float *r, const float *v, int64_t n) {
  * state a, b, p [B, C] updated in place. Channels are independent: split over threads. */
 void wkv_seq(const float *w, const float *u, const float *k, const float *v, float *y,
              float *a, float *b, float *p, int64_t B, int64_t T, int64_t C, int64_t nthreads) {
+    /* a vector of VW neighbouring channels per job: each channel's recurrence is the scalar one, in
+     * vector lanes (k, v, y rows of one time step are contiguous across channels) */
+    const int64_t nblk = (C + VW - 1) / VW;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t bc = 0; bc < B * C; bc++) {
-        int64_t bi = bc / C, c = bc % C;
-        float aa = a[bc], bb = b[bc], pp = p[bc], ww = w[c], uu = u[c];
-        const float *kb = k + bi * T * C + c, *vb = v + bi * T * C + c;
-        float *yb = y + bi * T * C + c;
+    for (int64_t job = 0; job < B * nblk; job++) {
+        int64_t bi = job / nblk, c0 = (job % nblk) * VW, o = bi * C + c0;
+        vmask m = vmask_first(C - c0 < VW ? C - c0 : VW);
+        vf aa = vload_masked(a + o, m), bb = vload_masked(b + o, m), pp = vload_masked(p + o, m);
+        vf ww = vload_masked(w + c0, m), uu = vload_masked(u + c0, m);
+        const float *kb = k + bi * T * C + c0, *vb = v + bi * T * C + c0;
+        float *yb = y + bi * T * C + c0;
         for (int64_t t = 0; t < T; t++) {
-            float kk = kb[t * C], vv = vb[t * C];
-            float uk = uu + kk;
-            float q = pp > uk ? pp : uk;
-            float e1 = expf(pp - q), e2 = expf(uk - q);
-            yb[t * C] = (e1 * aa + e2 * vv) / (e1 * bb + e2);
-            float wp = pp + ww;
-            q = wp > kk ? wp : kk;
-            e1 = expf(wp - q); e2 = expf(kk - q);
-            aa = e1 * aa + e2 * vv;
-            bb = e1 * bb + e2;
+            vf kk = vload_masked(kb + t * C, m), vv = vload_masked(vb + t * C, m);
+            vf uk = vadd(uu, kk);
+            vf q = vmax(uk, pp);
+            vf e1 = vexp(vsub(pp, q)), e2 = vexp(vsub(uk, q));
+            vstore_masked(yb + t * C, m, vdiv(vadd(vmul(e1, aa), vmul(e2, vv)), vadd(vmul(e1, bb), e2)));
+            vf wp = vadd(pp, ww);
+            q = vmax(kk, wp);
+            e1 = vexp(vsub(wp, q));
+            e2 = vexp(vsub(kk, q));
+            aa = vadd(vmul(e1, aa), vmul(e2, vv));
+            bb = vadd(vmul(e1, bb), e2);
             pp = q;
         }
-        a[bc] = aa; b[bc] = bb; p[bc] = pp;
+        vstore_masked(a + o, m, aa);
+        vstore_masked(b + o, m, bb);
+        vstore_masked(p + o, m, pp);
     }
 }
 
