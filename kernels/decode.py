@@ -24,6 +24,7 @@ from .linear import linear, linear_accumulate_, linear_group
 VECTORS = ("ln1_w", "ln1_b", "att_mix_k", "att_mix_v", "att_mix_r", "att_w", "att_u",
            "ln2_w", "ln2_b", "ffn_mix_k", "ffn_mix_r")
 MATRICES = ("att_receptance", "att_key", "att_value", "att_output", "ffn_receptance", "ffn_key", "ffn_value")
+_NAMES = VECTORS + MATRICES
 COMPONENT_OPS = ("linear", "ln_shift_mix", "wkv_step_gated", "relu_square_", "add_gated_")
 _FMT_CODE = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
 _I64, _VP = ctypes.c_int64, ctypes.c_void_p
@@ -47,12 +48,12 @@ class DecodeLayers:
         holds the tensors it points into, so none is freed under it). ValueError if a layer does not fit."""
         if self._plan is None or not self._current():
             self._plan = _build_plan(self.layers, self.C, self.F)
-            self._held = [getattr(blk, name) for blk in self.layers for name in VECTORS + MATRICES]
+            self._held = [getattr(blk, name) for blk in self.layers for name in _NAMES]
         return self._plan
 
     def _current(self):
         held = iter(self._held)
-        return all(getattr(blk, name) is next(held) for blk in self.layers for name in VECTORS + MATRICES)
+        return all(getattr(blk, name) is next(held) for blk in self.layers for name in _NAMES)
 
     def c_usable(self):
         """Whether the C step can run these layers (else `unusable` says why; the composed ops run)."""
@@ -102,14 +103,15 @@ def decode_layers(plan, x, state, wkv_backend=None, backend=None):
     if wkv_backend is not None or any(dispatch.is_forced(op) for op in COMPONENT_OPS):
         backend = backend or "composed"
     name, fn = dispatch.pick("decode_layers", _key(plan, x, state), backend)
-    if name == "c" and not plan.c_usable():
-        fn = decode_layers_composed                  # e.g. a non-contiguous weight: right, only slower
     return fn(plan, x, state, wkv_backend)
 
 
 def decode_layers_c(plan, x, state, wkv_backend=None, isa=None):
-    """isa: the instruction-set build to run (default: the best here)."""
-    ptrs, dims = plan.c_plan()
+    """isa: the instruction-set build to run (default: the best here). Layers the C step cannot take
+    (e.g. a non-contiguous weight: `plan.unusable` says why) run the composed ops: right, only slower."""
+    if not plan.c_usable():                      # checks (and builds) the plan once per step
+        return decode_layers_composed(plan, x, state, wkv_backend)
+    ptrs, dims = plan._plan
     att_x, att_a, att_b, att_p, ffn_x = state
     B = x.shape[0]
     rc = cpu_c.ops(isa).lib.decode_layers(len(plan.layers), dims, ptrs, x.data_ptr(), att_x.data_ptr(),
