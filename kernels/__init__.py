@@ -12,7 +12,23 @@ sequence mode both go through it; each op takes `backend=` to pick one explicitl
     CPU, or the ops above composed).
 The C CPU kernels and their builder are in `cpu_c.py` / `csrc/`; weight formats (float16,
 bfloat16, int8 blocks with float32 activations) and their kernels in `quant.py`.
+
+OpenMP spinning: torch's OpenMP (GNU libgomp) threads spin for ~300000 rounds (~10-20 ms here) after
+each parallel region before they sleep, and a spinning thread holds a core that the library's own
+pool (which runs the decode and short-prompt products) then waits for. Imported before torch, this
+package sets GOMP_SPINCOUNT=10000 (about half a millisecond: threads stay hot between the ops of
+one forward) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY; libgomp reads it
+once, when torch loads, so a program that imports torch first keeps the default unless it sets the
+variable itself. Measured (169m, 2 threads, a 14-token prompt chunk): 78 ms per forward with the
+default spin, 52 ms with 10000.
 """
+import os as _os
+import sys as _sys
+
+SPIN_DEFAULT = "10000"
+if "torch" not in _sys.modules and not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ)):
+    _os.environ["GOMP_SPINCOUNT"] = SPIN_DEFAULT
+
 from . import dispatch, quant
 from .decode import DecodeLayers, decode_layers
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated

@@ -6,6 +6,7 @@
 """
 from pathlib import Path
 
+import kernels  # noqa: F401  (first: it sets torch's OpenMP spin before torch loads; see kernels/__init__)
 import torch
 
 from .checkpoint import (CheckpointError, check_against_registry, read_checkpoint, read_metadata, release_pages,
