@@ -259,6 +259,7 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
 
 #define CHUNK_BYTES 65536         /* weight bytes per claimed chunk of the pool (whole groups of 4 rows) */
 #define MAX_GROUP 16
+#define CHUNK_MULT_MANY 4         /* chunks 4x larger from 8 streams on (whole blocks to prefetch within) */
 
 typedef struct {
     int64_t n, B, acc;
@@ -288,7 +289,7 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
         p->Ip = p->fmt == FMT_Q8 ? (p->I + QB - 1) / QB * QB : p->I;
         if (p->fmt == FMT_Q8) scratch += B * p->Ip + B * (p->Ip / QB) * (int64_t)sizeof(float);
         int64_t row_bytes = p->fmt == FMT_Q8 ? p->Ip + p->Ip / QB * 2 : (p->fmt == FMT_F32 ? 4 : 2) * p->I;
-        int64_t r = CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
+        int64_t r = CHUNK_BYTES * (B >= 8 ? CHUNK_MULT_MANY : 1) / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
         job.chunk_rows[j] = r < 4 ? 4 : r;
         job.first_chunk[j + 1] = job.first_chunk[j] + (p->O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
     }
