@@ -54,6 +54,17 @@ positive_float = _number(float, 0, False)           # --timeout, --mem-budget-gb
 nonnegative_float = _number(float, 0, True)         # --wait-quiet
 
 
+def positive_int_list(text):
+    """"1,2,4" -> [1, 2, 4] (argparse type: --chunks, --stages ...)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
 def check_writable_file(path, what="output"):
     """Raise ValueError (one line) unless `path` can be written as a regular file: checked before
     any work, so a long run never fails at its last step. Creates no file."""

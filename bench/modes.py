@@ -10,6 +10,9 @@ JIT on) on the same checkpoint and prompt, sequence mode (its whole prompt in on
 alternates the two models' sequence-mode runs (same process, same minutes), printing both prompt
 rates and their ratio: on a machine whose speed drifts by 10-20% between runs, that ratio is what
 a separate run per format cannot give.
+`--chunks 2,4,8,16,32,48` times one sequence-mode forward of a chunk of T tokens (from a state) with
+the products on the decode kernels ("short" in kernels.dispatch) and on the GEMM, alternating in one
+process: where the two cross is where `kernels.dispatch.SHORT_ROWS` belongs.
 """
 import os
 import statistics
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from bench.cli import WEIGHT_FORMATS, OneLineParser, first_line, positive_int
+from bench.cli import WEIGHT_FORMATS, OneLineParser, first_line, positive_int, positive_int_list
 from bench.cpuload import OthersMeter, busy_warning
 
 
@@ -32,6 +35,28 @@ def _median_time(fn, repeats):
     return statistics.median(times)
 
 
+def chunk_table(model, args):
+    """ms per forward of a T-token chunk, products on the decode kernels vs the GEMM, alternating."""
+    from kernels import dispatch
+    gemm = "torch" if (args.weights or "float32") == "float32" else "quant_gemm"
+    short = "c" if gemm == "torch" else "quant_c"
+    print(f"{args.model}, {args.weights or 'float32'} weights, {args.threads} threads: one sequence-mode forward "
+          f"of a T-token chunk, median of {args.repeats} (alternating); SHORT_ROWS = {dispatch.SHORT_ROWS}")
+    print(f"{'T':>5}{'decode kernels (ms)':>22}{'GEMM (ms)':>12}{'GEMM / kernels':>16}")
+    for T in args.chunks:
+        ids = torch.randint(0, model.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+        times = {short: [], gemm: []}
+        for _ in range(args.repeats + 1):
+            for name in (short, gemm):
+                with dispatch.force(linear=name):
+                    state = model.new_state(1)
+                    t0 = time.perf_counter()
+                    model.forward(ids, state)
+                    times[name].append(time.perf_counter() - t0)
+        a, b = (statistics.median(times[n][1:]) * 1e3 for n in (short, gemm))   # first round: warm-up
+        print(f"{T:>5}{a:>22.1f}{b:>12.1f}{b / a:>16.2f}")
+
+
 def main(argv=None):
     ap = OneLineParser(prog="python -m bench.modes", description=__doc__)
     ap.add_argument("--model", default="rwkv-4-pile-169m")
@@ -43,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--peer", action="store_true", help="also time BlinkDL's rwkv package")
+    ap.add_argument("--chunks", default=None, type=positive_int_list,
+                    help="comma-separated chunk lengths: time the short-chunk products against the GEMM")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from threadpoolctl import threadpool_limits
@@ -65,6 +92,9 @@ def main(argv=None):
             model.forward(ids[:, t:t + 1], state)
 
     others = OthersMeter().start()
+    if args.chunks:
+        chunk_table(model, args)
+        return 0
     if args.against:
         other = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
         runs = {"ours": [], "other": []}

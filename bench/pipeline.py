@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.cli import positive_int_list
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -41,22 +43,12 @@ def fail(message):
     sys.exit(2)
 
 
-def int_list(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
-    return values
-
-
 def build_parser():
     p = OneLineParser(prog="python -m bench.pipeline", description=__doc__)
     p.add_argument("--model", required=True, help="a registered RWKV-4 name (synthetic weights) or a checkpoint path")
     p.add_argument("--checkpoint", help="real weights for a registered name")
-    p.add_argument("--ranks", type=int_list, default=[1, 2, 3], help="rank counts to run (default 1,2,3)")
-    p.add_argument("--batch", type=int_list, default=[1, 4, 8], help="batch sizes (default 1,4,8)")
+    p.add_argument("--ranks", type=positive_int_list, default=[1, 2, 3], help="rank counts to run (default 1,2,3)")
+    p.add_argument("--batch", type=positive_int_list, default=[1, 4, 8], help="batch sizes (default 1,4,8)")
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads-per-rank", default="share", choices=["share", "all"])

@@ -9,8 +9,9 @@ Both model modes go through it: token mode (one token per stream) and sequence m
     tensors of an element-wise op disagree.
   * weights: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
     (e.g. "int8"); "-" for ops without a weight matrix.
-  * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]) and
-    "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
+  * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
+    "short" for a sequence of at most SHORT_ROWS rows in all (a prompt chunk or a few prompt tokens),
+    and "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
 The first matching row of TABLE wins ("*" matches anything). A row whose implementation needs the
 C build names a fallback, used (with one warning per process) when the build is unavailable.
 
@@ -50,12 +51,16 @@ class Rule:
 TABLE = [
     #     op                device  compute    weights    shape         impl         fallback
     Rule("linear",          "cpu",  "float32", "float32", "token",      "c",         "torch"),
+    Rule("linear",          "cpu",  "float32", "float32", "short",      "c",         "torch"),
     # --- packed / 16-bit weight formats (kquant): add rows here, before the catch-all ---
     # float32 activations with 16-bit or int8 weights (kernels/quant.py); each falls back to torch
     # itself when its C build is missing
     Rule("linear",          "cpu",  "float32", "float16",  "token",     "quant_c"),
     Rule("linear",          "cpu",  "float32", "bfloat16", "token",     "quant_c"),
     Rule("linear",          "cpu",  "float32", "int8",     "token",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "float16",  "short",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "bfloat16", "short",     "quant_c"),
+    Rule("linear",          "cpu",  "float32", "int8",     "short",     "quant_c"),
     Rule("linear",          "cpu",  "float32", "float16",  "sequence",  "quant_gemm"),
     Rule("linear",          "cpu",  "float32", "bfloat16", "sequence",  "quant_gemm"),
     Rule("linear",          "cpu",  "float32", "int8",     "sequence",  "quant_gemm"),
@@ -167,9 +172,20 @@ def layout_of(*tensors):
     return "contiguous" if all(t.is_contiguous() for t in tensors) else "strided"
 
 
+# A sequence product of at most this many rows streams the weights once through the decode kernels
+# instead of a GEMM, which packs the whole weight matrix for a handful of rows. Measured with
+# `python -m bench.modes --chunks 2,4,8,16,24,32,48,64` (169m, 2 threads; GEMM time / kernels time
+# per forward): float32 0.91 at 2 rows, 1.38 at 8, 1.10 at 32, 0.93 at 48; int8 3.0 at 2, 1.32 at 32,
+# 1.08 at 48.
+SHORT_ROWS = 32
+
+
 def product_shape(x):
-    """"token" for one token per stream (x [B, in] or [B, 1, in]), else "sequence"."""
-    return "token" if x.dim() <= 2 or (x.dim() == 3 and x.shape[1] == 1) else "sequence"
+    """"token" for one token per stream (x [B, in] or [B, 1, in]); "short" for a sequence of at most
+    SHORT_ROWS rows in all; else "sequence"."""
+    if x.dim() <= 2 or (x.dim() == 3 and x.shape[1] == 1):
+        return "token"
+    return "short" if x.numel() // x.shape[-1] <= SHORT_ROWS else "sequence"
 
 
 # -- choosing --------------------------------------------------------------------------------------

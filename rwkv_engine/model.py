@@ -237,9 +237,8 @@ class RWKV:
         vx = torch.lerp(sx, xx, blk.att_mix_v)
         rx = torch.lerp(sx, xx, blk.att_mix_r)
         s.att_x[i] = xx[:, -1]
-        r = torch.sigmoid(kernels.linear(rx, blk.att_receptance))
-        k = kernels.linear(kx, blk.att_key).float()
-        v = kernels.linear(vx, blk.att_value).float()
+        r, k, v = kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
+        r, k, v = torch.sigmoid(r), k.float(), v.float()
         y, (a, b, p) = kernels.wkv(blk.att_w, blk.att_u, k, v, (s.att_a[i], s.att_b[i], s.att_p[i]),
                                    self.wkv_backend)
         s.att_a[i], s.att_b[i], s.att_p[i] = a, b, p
@@ -250,8 +249,8 @@ class RWKV:
         kx = torch.lerp(sx, xx, blk.ffn_mix_k)
         rx = torch.lerp(sx, xx, blk.ffn_mix_r)
         s.ffn_x[i] = xx[:, -1]
-        r = torch.sigmoid(kernels.linear(rx, blk.ffn_receptance))
-        k = torch.square(torch.relu(kernels.linear(kx, blk.ffn_key)))
+        r, k = kernels.linear_group((rx, blk.ffn_receptance), (kx, blk.ffn_key))
+        r, k = torch.sigmoid(r), torch.square(torch.relu(k))
         return x + r * kernels.linear(k, blk.ffn_value)
 
     # -- generation (the loop shared with the baselines) --------------------------------------

@@ -8,6 +8,7 @@ os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 import pytest  # noqa: E402
+import kernels  # noqa: E402,F401  (before torch: its OpenMP spin default, as the CLIs get it)
 import torch  # noqa: E402
 
 

@@ -25,8 +25,14 @@ def test_table_picks_by_shape_dtype_and_format():
     W = torch.randn(8, 16)
     assert dispatch.choose("linear", linear_key(torch.randn(3, 16), W)) == "c"          # token, [B, in]
     assert dispatch.choose("linear", linear_key(torch.randn(40, 1, 16), W)) == "c"      # token, [B, 1, in]
-    assert dispatch.choose("linear", linear_key(torch.randn(2, 5, 16), W)) == "torch"   # a prompt
+    assert dispatch.choose("linear", linear_key(torch.randn(2, 5, 16), W)) == "c"       # 10 prompt rows: short
+    assert dispatch.choose("linear", linear_key(torch.randn(1, 32, 16), W)) == "c"      # 32 rows: still short
+    assert dispatch.choose("linear", linear_key(torch.randn(1, 33, 16), W)) == "torch"  # a prompt: GEMM
+    assert dispatch.choose("linear", linear_key(torch.randn(2, 17, 16), W)) == "torch"  # 34 rows
     assert dispatch.choose("linear", linear_key(torch.randn(3, 16).half(), W.half())) == "torch"
+    for fmt in ("float16", "bfloat16", "int8"):
+        assert dispatch.choose("linear", ("cpu", "float32", fmt, "short")) == "quant_c"
+        assert dispatch.choose("linear", ("cpu", "float32", fmt, "sequence")) == "quant_gemm"
     assert dispatch.choose("wkv", ("cpu", "float32", "-", "*")) == "c"
     assert dispatch.choose("wkv", ("cuda", "float16", "-", "*")) == "triton"
     assert dispatch.choose("ln_shift_mix", ("cpu", "float32", "-", "strided")) == "reference"

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import kernels
 import rwkv_engine
+from kernels import cpu_c, dispatch
 from rwkv_engine import State
 
 
@@ -31,6 +33,32 @@ def test_chunked_prompt_with_carried_state_equals_one_call(tiny_model):
         logits, state = tiny_model.forward(x[:, lo:hi], state)
     torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.att_p, s_whole.att_p, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_c.available(), reason="C kernels unavailable")
+def test_short_prompt_chunk_runs_the_c_products_and_matches_the_gemm(tiny_model, monkeypatch):
+    """A chunk of at most dispatch.SHORT_ROWS rows streams the weights through the C products (no
+    GEMM packing); the same chunk through the GEMM agrees, and with more rows in the call (a longer
+    chunk holding it) each row's products are unchanged: the C products are row-invariant."""
+    fn, needs = dispatch._impls[("linear", "c")]
+    rows_seen = []
+
+    def spy(pairs, out=None, accumulate=False):
+        rows_seen.extend(x.shape[0] for x, _ in pairs)
+        return fn(pairs, out, accumulate)
+    monkeypatch.setitem(dispatch._impls, ("linear", "c"), (spy, needs))
+    x = ids(1, 20, seed=3)
+    short, s_short = tiny_model.forward(x, all_logits=True)
+    assert 20 in rows_seen                                  # the block products ran on the C kernel
+    with dispatch.force(linear="torch"):
+        gemm, s_gemm = tiny_model.forward(x, all_logits=True)
+    torch.testing.assert_close(short, gemm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_short.att_a, s_gemm.att_a, rtol=1e-5, atol=1e-5)
+    W = tiny_model.blocks[0].att_key
+    xs = torch.randn(dispatch.SHORT_ROWS, W.shape[1], generator=torch.Generator().manual_seed(4))
+    few = kernels.linear(xs[None, :5], W)[0]
+    many = kernels.linear(xs[None], W)[0]
+    assert torch.equal(few, many[:5])
 
 
 def test_batched_streams_equal_streams_run_alone(tiny_model):
