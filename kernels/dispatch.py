@@ -23,6 +23,7 @@ has the C build.
 """
 import contextlib
 import importlib
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -180,12 +181,31 @@ def layout_of(*tensors):
 SHORT_ROWS = 32
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def rows_independent():
+    """Within the block (this thread), every sequence product takes the "short" rows of the table,
+    whatever its row count: on the CPU those kernels compute each row alone (the decode products),
+    so a prompt's results do not depend on which other prompts share the call. The server's batched
+    prefill runs in this block; a device or format without such a row keeps its usual kernel."""
+    before = getattr(_local, "rows_independent", False)
+    _local.rows_independent = True
+    try:
+        yield
+    finally:
+        _local.rows_independent = before
+
+
 def product_shape(x):
     """"token" for one token per stream (x [B, in] or [B, 1, in]); "short" for a sequence of at most
-    SHORT_ROWS rows in all; else "sequence"."""
+    SHORT_ROWS rows in all (any length within `rows_independent()`); else "sequence"."""
     if x.dim() <= 2 or (x.dim() == 3 and x.shape[1] == 1):
         return "token"
-    return "short" if x.numel() // x.shape[-1] <= SHORT_ROWS else "sequence"
+    if x.numel() // x.shape[-1] <= SHORT_ROWS or getattr(_local, "rows_independent", False):
+        return "short"
+    return "sequence"
 
 
 # -- choosing --------------------------------------------------------------------------------------

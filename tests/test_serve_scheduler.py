@@ -112,6 +112,36 @@ def test_same_tokens_and_logits_alone_or_among_15_others(scheduler_factory):
     assert total > hist, "no decode step ran with more than 8 streams"
 
 
+def test_equal_length_prompts_prefill_together_with_the_logits_of_each_alone(tiny_model, monkeypatch):
+    """Sixteen 13-token prompts queued at once run their chunks (8, then 5 tokens) as batched
+    sequence-mode forwards; the target's tokens and logits are bit-identical to its run alone."""
+    shapes, real = [], tiny_model.forward
+
+    def spy(tokens, state=None, **kwargs):
+        shapes.append(tuple(tokens.shape))
+        return real(tokens, state, **kwargs)
+    monkeypatch.setattr(tiny_model, "forward", spy)
+    target = [5, 17, 99, 300, 2, 41, 7, 7, 650, 12, 1, 999, 31]
+    results = []
+    for crowd in (False, True):
+        s = Scheduler(tiny_model, max_batch=16, chunk=8)
+        jobs = [job(p, max_tokens=12, seed=k) for k, p in enumerate(prompts(15, lengths=(13, 14)))] if crowd else []
+        where = len(jobs) // 2
+        jobs.insert(where, job(target, seed=123))
+        threading.Timer(0.2, s.start).start()                     # every job is queued before the first step
+        shapes.clear()
+        try:
+            results.append((run(s, jobs, record_logits=True), where, list(shapes)))
+        finally:
+            s.stop()
+    ((alone_tokens, alone_logits), a, alone_shapes), ((crowd_tokens, crowd_logits), c, crowd_shapes) = results
+    assert [x for x in alone_shapes if x[1] > 1] == [(1, 8), (1, 5)]
+    assert [x for x in crowd_shapes if x[1] > 1] == [(16, 8), (16, 5)]
+    assert crowd_tokens[c] == alone_tokens[a]
+    for step, (x, y) in enumerate(zip(alone_logits[a][0], crowd_logits[c][0])):
+        assert torch.equal(x, y), f"logits differ at step {step}"
+
+
 def test_n_choices_fork_the_prompt_state(scheduler_factory):
     s = scheduler_factory(max_batch=4)
     (three,), _ = run(s, [Job(prompt=[1, 2, 3], max_tokens=6, n=3, seed=10)])

@@ -29,11 +29,14 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="prefix-state cache size (0: off)")
     p.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens per prefill chunk (default 32)")
+    p.add_argument("--prefill-rows", type=int, default=256,
+                   help="prompt tokens of several requests' equal-length chunks run in one step (default 256)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk"):
+    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk",
+                 "prefill_rows"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.prefix_cache_mb < 0 or not 0 <= args.port < 65536:
@@ -95,7 +98,8 @@ def main(argv=None):
         print(f"rwkv_engine.serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     cache = PrefixCache(int(args.prefix_cache_mb * 2**20), args.prefill_chunk) if args.prefix_cache_mb else None
-    scheduler = Scheduler(model, args.max_batch, args.max_queue, args.prefill_chunk, cache)
+    scheduler = Scheduler(model, args.max_batch, args.max_queue, args.prefill_chunk, cache,
+                          prefill_rows=args.prefill_rows)
     host, port = sock.getsockname()[:2]
     ready = lambda: print(f"rwkv_engine.serve: {model!r} ready at http://{host}:{port}", flush=True)
     app = create_app(scheduler, args.model, Limits(args.max_prompt_tokens, args.max_tokens), on_ready=ready)

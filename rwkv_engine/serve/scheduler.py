@@ -3,9 +3,12 @@
 
 Each iteration of the loop:
   1. drops cancelled requests, admits waiting ones while slots are free (`max_batch` streams);
-  2. prefill: runs prompt chunks, each request alone (B=1) in sequence mode. Chunk boundaries sit at
-     absolute multiples of `chunk` tokens whatever the load, and one iteration runs at most `chunk`
-     prompt tokens, so a long prompt delays the decoding streams by one chunk at a time;
+  2. prefill: runs one step of prompt chunks in sequence mode: the oldest job's next chunk, with the
+     next chunks of the same length of other waiting jobs (states stacked along B, at most
+     `prefill_rows` tokens; a pipeline's jobs run one at a time). Chunk boundaries sit at absolute
+     multiples of `chunk` tokens whatever the load, and the products run on row-independent kernels
+     (`kernels.dispatch.rows_independent`), so a prompt's results do not depend on its neighbours;
+     a long prompt delays the decoding streams by one chunk step at a time;
   3. decode: one batched token-mode forward for all decoding streams (their states stacked along B),
      then each stream samples from its own row with its own generator, so a stream's tokens do not
      depend on its neighbours (given batch-invariant kernels);
@@ -22,7 +25,10 @@ from typing import Callable, List, Optional
 
 import torch
 
+from kernels import dispatch
+
 from ..generation import TextStream
+from ..model import RWKV
 from ..sampling import SamplingParams, sample
 from ..state import State
 from .metrics import Metrics
@@ -91,11 +97,16 @@ class Stream:
 
 class Scheduler:
     def __init__(self, model, max_batch=32, max_queue=64, chunk=32, cache: Optional[PrefixCache] = None,
-                 metrics: Optional[Metrics] = None):
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("chunk", chunk)):
+                 metrics: Optional[Metrics] = None, prefill_rows=256):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("chunk", chunk),
+                            ("prefill_rows", prefill_rows)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.model, self.max_batch, self.max_queue, self.chunk = model, max_batch, max_queue, chunk
+        self.prefill_rows = prefill_rows
+        # several prompts' chunks in one forward: for a model in this process (a pipeline's ranks
+        # split a batch into micro-batches of their own, so its prompts keep running one at a time)
+        self.batch_prefill = isinstance(model, RWKV)
         self.cache, self.metrics = cache, metrics or Metrics()
         self.tokenizer = getattr(model, "tokenizer", None)
         self.on_logits = None           # debug hook: f(job, index, logits [1, V]) before each sample
@@ -195,41 +206,65 @@ class Scheduler:
         self.metrics.active.set(self.active_streams)
 
     def _prefill(self):
-        """Run prompt chunks, oldest job first, at most `chunk` tokens in all (at least one chunk)."""
-        budget = self.chunk
+        """Run one step of prompt chunks. With a local model, the oldest waiting job's next chunk runs
+        together with the next chunks of the following jobs of the same length (states stacked along
+        B, at most `prefill_rows` prompt tokens in all), under `dispatch.rows_independent()`: each
+        prompt's results are the same whether it runs alone or with others. Chunk boundaries stay at
+        absolute multiples of `chunk`, so the decoding streams wait for one (batched) chunk at most."""
         for job in [j for j in self.prefilling if j.cancelled]:
             self.prefilling.remove(job)
             self._end_job(job, "cancelled")
-        while self.prefilling and budget > 0:
-            job = self.prefilling[0]
+        group, length = [], None
+        for job in list(self.prefilling):
             try:
-                ran = self._prefill_job(job, budget)
+                if job.state is None:
+                    self._start_prefill(job)
             except Exception as e:                        # noqa: BLE001 - one bad job, not the server
                 log.exception("prefill failed")
-                if job in self.prefilling:
-                    self.prefilling.remove(job)
+                self.prefilling.remove(job)
                 self._fail(job, e)
                 continue
-            if ran is None:
+            if job.pos == len(job.prompt):                # the whole prompt was cached
+                self.prefilling.remove(job)
+                self._start_streams(job)
+                continue
+            n = self._chunk_end(job) - job.pos
+            if length is None:
+                length = n
+            elif n != length or (len(group) + 1) * n > self.prefill_rows:
+                continue
+            group.append(job)
+            if not self.batch_prefill:
                 break
-            budget -= ran
+        if group:
+            self._run_chunks(group, length)
 
-    def _prefill_job(self, job, budget):
-        """Run the job's next chunk if it fits in `budget` (None if not); start its streams when
-        the prompt is done. Returns the number of tokens run."""
-        if job.state is None:
-            self._start_prefill(job)
-        ran = 0
-        if job.pos < len(job.prompt):
-            end = min(len(job.prompt), (job.pos // self.chunk + 1) * self.chunk)
-            if end - job.pos > budget and budget < self.chunk:
-                return None
-            ran = end - job.pos
-            self._run_chunk(job, end)
-        if job.pos == len(job.prompt):
-            self.prefilling.remove(job)
-            self._start_streams(job)
-        return ran
+    def _chunk_end(self, job):
+        return min(len(job.prompt), (job.pos // self.chunk + 1) * self.chunk)
+
+    def _run_chunks(self, group, length):
+        """The next `length` prompt tokens of every job in `group` in one sequence-mode forward; a job
+        whose prompt is then done starts its streams."""
+        try:
+            ids = torch.tensor([job.prompt[job.pos:job.pos + length] for job in group], dtype=torch.long,
+                               device=self.model.device)
+            state = group[0].state if len(group) == 1 else type(group[0].state).cat([j.state for j in group])
+            with dispatch.rows_independent():
+                logits, _ = self.model.forward(ids, state)          # (B, V); state updated in place
+        except Exception as e:                            # noqa: BLE001 - these jobs, not the server
+            log.exception("prefill failed")
+            for job in group:
+                self.prefilling.remove(job)
+                self._fail(job, e)
+            return
+        for i, job in enumerate(group):
+            if len(group) > 1:
+                job.state = state.select([i])
+            job.logits = logits[i:i + 1]
+            self._chunk_done(job, job.pos + length)
+            if job.pos == len(job.prompt):
+                self.prefilling.remove(job)
+                self._start_streams(job)
 
     def _start_prefill(self, job):
         hit = self.cache.lookup(job.prompt) if self.cache is not None else None
@@ -242,9 +277,7 @@ class Scheduler:
         else:
             job.pos, job.state = 0, self.model.new_state(1)
 
-    def _run_chunk(self, job, end):
-        ids = torch.tensor([job.prompt[job.pos:end]], dtype=torch.long, device=self.model.device)
-        job.logits, _ = self.model.forward(ids, job.state)            # (1, V); state updated in place
+    def _chunk_done(self, job, end):
         self.metrics.prefill_tokens.inc(end - job.pos)
         job.pos = end
         if self.cache is not None:
