@@ -48,8 +48,18 @@ def _die_with_parent():
         pass
 
 
+def competitor_env():
+    """The environment as the user gave it: a competing torch program keeps libgomp's default spin
+    (the engine's GOMP_SPINCOUNT, set at import, would make it a gentler neighbour than it is)."""
+    import kernels
+    env = dict(os.environ)
+    if kernels.SPIN_SET_HERE:
+        env.pop("GOMP_SPINCOUNT", None)
+    return env
+
+
 def start_competitor(name):
-    return subprocess.Popen([sys.executable, "-c", COMPETITORS[name]], stdin=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-c", COMPETITORS[name]], stdin=subprocess.DEVNULL, env=competitor_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
 

@@ -26,7 +26,8 @@ import os as _os
 import sys as _sys
 
 SPIN_DEFAULT = "10000"
-if "torch" not in _sys.modules and not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ)):
+SPIN_SET_HERE = "torch" not in _sys.modules and not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ))
+if SPIN_SET_HERE:           # child processes inherit it; bench.contention's competitors get it removed
     _os.environ["GOMP_SPINCOUNT"] = SPIN_DEFAULT
 
 from . import dispatch, quant

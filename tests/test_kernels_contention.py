@@ -75,3 +75,22 @@ def test_competitors_die_with_the_benchmark(tiny_pth, tmp_path, sig):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def _spin_seen(code, **env):
+    """GOMP_SPINCOUNT as a fresh interpreter sees it after running `code`."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code + "\nimport os; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                         env={**clean, **env}, capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[-1]
+
+
+def test_openmp_spin_is_shortened_only_before_torch_and_only_when_unset():
+    assert _spin_seen("import rwkv_engine") == "10000"
+    assert _spin_seen("import torch, rwkv_engine") == "None"                  # too late: libgomp has read it
+    assert _spin_seen("import rwkv_engine", GOMP_SPINCOUNT="77") == "77"      # the user's value stays
+    assert _spin_seen("import rwkv_engine", OMP_WAIT_POLICY="passive") == "None"
+    # bench.contention's competitor gets the environment without the engine's setting
+    assert _spin_seen("import bench.contention as c, os; os.environ.clear(); os.environ.update(c.competitor_env())") \
+        == "None"
