@@ -165,17 +165,27 @@ def percentile(sorted_values, q):
     return sorted_values[k]
 
 
+def prefix_cache_bytes(url):
+    """The server's own count of bytes in its prefix-state cache (`rwkv_prefix_cache_bytes` of /metrics)."""
+    import httpx
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("rwkv_prefix_cache_bytes "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("the server's /metrics has no rwkv_prefix_cache_bytes")
+
+
 # -- report ---------------------------------------------------------------------------------------
 def table(result):
     lib = result["library_decode_tok_s"]
     rows = [f"library single-stream decode: {lib:.1f} tok/s   (state {result['state_bytes'] / 1024:.0f} KiB "
             f"per stream, idle server RSS {result['idle_rss_bytes'] / 2**20:.0f} MiB, RSS via {result['rss_method']})",
             f"{'N':>4} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
-            f"{'peak RSS MiB':>13} {'- idle MiB':>11}"]
+            f"{'peak RSS MiB':>13} {'- idle MiB':>11} {'prefix cache MiB':>17}"]
     for p in result["phases"]:
         rows.append(f"{p['clients']:>4} {p['aggregate_tok_s']:>16.1f} {p['per_stream_tok_s']:>17.1f} "
                     f"{1000 * p['ttft_p50_s']:>12.0f} {1000 * p['ttft_p99_s']:>12.0f} "
-                    f"{p['peak_rss_bytes'] / 2**20:>13.0f} {(p['peak_rss_bytes'] - result['idle_rss_bytes']) / 2**20:>11.1f}")
+                    f"{p['peak_rss_bytes'] / 2**20:>13.0f} {(p['peak_rss_bytes'] - result['idle_rss_bytes']) / 2**20:>11.1f} "
+                    f"{p['prefix_cache_bytes'] / 2**20:>17.1f}")
     return "\n".join(rows)
 
 
@@ -196,8 +206,10 @@ def target_checks(result):
     if 32 in by_n:
         extra = by_n[32]["peak_rss_bytes"] - result["idle_rss_bytes"]
         limit = 32 * result["state_bytes"] + 64 * 2**20
+        cache = by_n[32]["prefix_cache_bytes"] - result["idle_prefix_cache_bytes"]
         checks.append(("peak RSS N=32 - idle <= 32 x state + 64 MiB",
-                       f"{extra / 2**20:.1f} MiB (limit {limit / 2**20:.1f})", extra <= limit))
+                       f"{extra / 2**20:.1f} MiB (limit {limit / 2**20:.1f}; of it, the prefix cache grew by "
+                       f"{cache / 2**20:.1f} MiB since idle, bounded by --prefix-cache-mb)", extra <= limit))
     return checks
 
 
@@ -301,12 +313,14 @@ def main(argv=None, prog="python -m bench.serve"):
         asyncio.run(phase(server.url, args.model, 1, 1, min(8, args.max_tokens)))     # warm-up
         rss = PeakRss(server.proc.pid)
         result["idle_rss_bytes"], result["rss_method"] = rss.rss(), rss.method
+        result["idle_prefix_cache_bytes"] = prefix_cache_bytes(server.url)
         for n in args.client_counts:
             print(f"N={n}: {n} clients x {args.requests_per_client} requests x {args.max_tokens} tokens...",
                   flush=True)
             rss.reset()
             p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
             p["peak_rss_bytes"] = rss.read()
+            p["prefix_cache_bytes"] = prefix_cache_bytes(server.url)
             result["phases"].append(p)
     except Exception as e:                     # noqa: BLE001 - one line, exit 2; the server is stopped below
         fail(prog, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

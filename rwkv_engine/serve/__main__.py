@@ -29,8 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="prefix-state cache size (0: off)")
     p.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens per prefill chunk (default 32)")
-    p.add_argument("--prefill-rows", type=int, default=256,
-                   help="prompt tokens of several requests' equal-length chunks run in one step (default 256)")
+    p.add_argument("--prefill-rows", type=int, default=64,
+                   help="prompt tokens of several requests' equal-length chunks run in one step (default 64)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
     p.add_argument("--log-level", default="warning")

@@ -97,7 +97,7 @@ class Stream:
 
 class Scheduler:
     def __init__(self, model, max_batch=32, max_queue=64, chunk=32, cache: Optional[PrefixCache] = None,
-                 metrics: Optional[Metrics] = None, prefill_rows=256):
+                 metrics: Optional[Metrics] = None, prefill_rows=64):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("chunk", chunk),
                             ("prefill_rows", prefill_rows)):
             if not isinstance(value, int) or value < 1:
