@@ -10,6 +10,7 @@ sequence mode both go through it; each op takes `backend=` to pick one explicitl
     work of a decode step.
   * `decode_layers` (decode.py): a whole decode step through a run of layers (one C call on the
     CPU, or the ops above composed).
+  * `sample_rows` (sampling.py): temperature sampling of rows of logits by inverting the CDF.
 The C CPU kernels and their builder are in `cpu_c.py` / `csrc/`; weight formats (float16,
 bfloat16, int8 blocks with float32 activations) and their kernels in `quant.py`.
 
@@ -34,6 +35,7 @@ from . import dispatch, quant
 from .decode import DecodeLayers, decode_layers
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group, linear_reference
+from .sampling import sample_rows, sample_rows_reference
 from .wkv_cpu import wkv_cpu, wkv_cpu_step, wkv_numpy
 from .wkv_ops import wkv, wkv_step
 from .wkv_reference import P_INIT, new_wkv_state, wkv_reference

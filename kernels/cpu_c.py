@@ -134,6 +134,8 @@ class CpuOps:
         lib.decode_layers.argtypes = [_I64, _P(_I64), _P(_VP)] + [_VP] * 6 + [_I64] * 3 + [ctypes.c_double] + [_I64] * 3
         lib.decode_layers.restype = _I64
         lib.decode_layout.argtypes = [_I64]
+        lib.sample_rows.argtypes = [_VP, _I64, _I64, ctypes.c_double, _VP, _VP, _I64]
+        lib.sample_rows.restype = None
         lib.pool_probe.argtypes = [_I64, _I64, _I64, _VP]
         lib.pool_probe.restype = _I64
         lib.pool_stalls.restype = _I64
@@ -188,6 +190,15 @@ class CpuOps:
         self.lib.wkv_seq(w.data_ptr(), u.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
                          a.data_ptr(), b.data_ptr(), p.data_ptr(), B, T, C, torch.get_num_threads())
         return y, (a, b, p)
+
+
+    def sample_rows(self, logits, inv_temp, u):
+        """logits [B, V] float32 contiguous, u [B] float64 -> int64 [B] (kernels/sampling.py)."""
+        B, V = logits.shape
+        out = torch.empty(B, dtype=torch.int64)
+        self.lib.sample_rows(logits.data_ptr(), B, V, float(inv_temp), u.data_ptr(), out.data_ptr(),
+                             torch.get_num_threads() if B > 1 else 1)
+        return out
 
 
 def _ptrs(tensors):

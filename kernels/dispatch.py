@@ -79,6 +79,8 @@ TABLE = [
     Rule("relu_square_",    "*",    "*",       "-",       "*",          "reference"),
     Rule("add_gated_",      "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
     Rule("add_gated_",      "*",    "*",       "-",       "*",          "reference"),
+    Rule("sample_rows",     "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
+    Rule("sample_rows",     "*",    "*",       "-",       "*",          "reference"),
     # a whole decode step through a run of layers (kernels/decode.py): one C call on the CPU path
     Rule("decode_layers",   "cpu",  "float32", "*",       "contiguous", "c",         "composed"),
     Rule("decode_layers",   "*",    "*",       "*",       "*",          "composed"),

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
+
 # Below this, logits / temperature overflow float32 for ordinary logits: use 0 (greedy) instead.
 MIN_TEMPERATURE = 1e-4
 
@@ -101,6 +103,16 @@ def sample(logits, params, counts=None, generator=None):
     """Choose one token per row. logits: [B, V] float32 -> LongTensor [B].
     Raises NonFiniteLogitsError when the logits, or the probabilities derived from them, are not finite."""
     logits = logits.float()
+    if _plain_temperature(logits, params, counts):
+        # one pass-pair in C per row (kernels.sample_rows), the same u draw as multinomial() below
+        u = (1.0 - torch.rand(logits.shape[0], generator=generator, device=logits.device)).double()
+        tokens = kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(),
+                                     1.0 / params.temperature, u)
+        if bool((tokens < 0).any()):
+            row = int((tokens < 0).nonzero()[0])
+            col = -1 - int(tokens[row])
+            raise NonFiniteLogitsError(f"logits are not finite: stream {row}, token {col} is {float(logits[row, col])}")
+        return tokens
     check_finite(logits)
     if counts is not None:
         logits = apply_penalties(logits, counts, params)
@@ -112,6 +124,13 @@ def sample(logits, params, counts=None, generator=None):
     probs = logits_to_probs(logits, params)
     check_finite(probs, "probabilities after temperature/top-k/top-p")
     return multinomial(probs, generator)
+
+
+def _plain_temperature(logits, params, counts):
+    """Temperature sampling alone (no penalties, top-k or top-p) of CPU float32 logits: the C path."""
+    return (not params.greedy and counts is None and params.top_p >= 1.0
+            and (not params.top_k or params.top_k >= logits.shape[-1])
+            and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2)
 
 
 def multinomial(probs, generator=None):

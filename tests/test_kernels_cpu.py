@@ -159,3 +159,59 @@ def test_wkv_seq(ops, B, T, C):
     torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
     torch.testing.assert_close([t.double() for t in s], list(s_ref), rtol=tol, atol=tol * float(s_ref[1].abs().max()))
     assert all(torch.equal(a, b) for a, b in zip(state, before))   # input state untouched
+
+
+# -- sampling (kernels/sampling.py, csrc/sample.h) ----------------------------------------------------
+
+def _clear_rows(logits, inv_temp, u, rel=1e-6):
+    """Rows where u * sum(w) is not within `rel` (of the sum) of a CDF boundary, where float32
+    weights (exp within 2 ulp, sums of 16 lanes) could round across it: there the C token must equal
+    the reference's exactly."""
+    x = logits.double()
+    w = torch.exp((x - x.max(-1, keepdim=True).values) * inv_temp)
+    cdf = torch.cumsum(w, -1)
+    t = u.double()[:, None] * cdf[:, -1:]
+    return ((cdf - t).abs() > rel * cdf[:, -1:]).all(-1)
+
+
+@pytest.mark.parametrize("V", [1, 7, 16, 37, 1000, 50277])
+def test_sample_rows_matches_its_reference(ops, V):
+    from kernels.sampling import sample_rows_reference
+    g = torch.Generator().manual_seed(V)
+    checked = 0
+    for inv_temp in (1.0, 1 / 0.7, 1 / 3.0, 1e4):
+        logits = torch.randn(6, V, generator=g) * 4
+        u = 1.0 - torch.rand(6, generator=g, dtype=torch.float64)
+        got, want = ops.sample_rows(logits, inv_temp, u), sample_rows_reference(logits, inv_temp, u)
+        clear = _clear_rows(logits, inv_temp, u)
+        assert got[clear].tolist() == want[clear].tolist(), inv_temp
+        assert ((got - want).abs() <= 1).all()                   # next to a boundary: a neighbour at most
+        # each row alone gives its token: rows do not depend on each other
+        assert [int(ops.sample_rows(logits[i:i + 1].contiguous(), inv_temp, u[i:i + 1])) for i in range(6)] == got.tolist()
+        checked += int(clear.sum())
+    assert checked >= 12
+    # a huge 1/temperature is the argmax; u = 1 (the top of the CDF) is a valid token
+    logits = torch.randn(3, V, generator=g)
+    assert ops.sample_rows(logits, 1e4, torch.ones(3, dtype=torch.float64)).tolist() == logits.argmax(-1).tolist()
+
+
+def test_sample_rows_names_the_first_non_finite_logit(ops):
+    logits = torch.randn(4, 100)
+    logits[1, 40], logits[1, 70] = float("nan"), float("inf")
+    logits[2, 99] = float("-inf")
+    logits[3, 0] = float("inf")
+    got = ops.sample_rows(logits, 1.0, torch.full((4,), 0.5, dtype=torch.float64)).tolist()
+    assert got[0] >= 0 and got[1:] == [-1 - 40, -1 - 99, -1 - 0]
+
+
+def test_sampler_uses_the_c_rows_and_draws_from_the_softmax():
+    """rwkv_engine.sample with plain temperature goes through kernels.sample_rows (C here) and its
+    tokens follow softmax(logits / T): counts over many draws against the probabilities."""
+    from rwkv_engine.sampling import SamplingParams, sample
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    p = torch.softmax(logits[0] / 0.8, -1)
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    counts = torch.bincount(torch.cat([sample(logits, SamplingParams(temperature=0.8), generator=g)
+                                       for _ in range(n)]), minlength=5).double() / n
+    assert (counts - p).abs().max() < 0.015, (counts, p)

@@ -34,6 +34,8 @@ def test_table_picks_by_shape_dtype_and_format():
         assert dispatch.choose("linear", ("cpu", "float32", fmt, "short")) == "quant_c"
         assert dispatch.choose("linear", ("cpu", "float32", fmt, "sequence")) == "quant_gemm"
     assert dispatch.choose("wkv", ("cpu", "float32", "-", "*")) == "c"
+    assert dispatch.choose("sample_rows", ("cpu", "float32", "-", "contiguous")) == "c"
+    assert dispatch.choose("sample_rows", ("cuda", "float32", "-", "contiguous")) == "reference"
     assert dispatch.choose("wkv", ("cuda", "float16", "-", "*")) == "triton"
     assert dispatch.choose("ln_shift_mix", ("cpu", "float32", "-", "strided")) == "reference"
     assert dispatch.choose("ln_shift_mix", ("cpu", "mixed", "-", "contiguous")) == "reference"

@@ -124,7 +124,7 @@ def test_equal_length_prompts_prefill_together_with_the_logits_of_each_alone(tin
     target = [5, 17, 99, 300, 2, 41, 7, 7, 650, 12, 1, 999, 31]
     results = []
     for crowd in (False, True):
-        s = Scheduler(tiny_model, max_batch=16, chunk=8)
+        s = Scheduler(tiny_model, max_batch=16, chunk=8, prefill_rows=128)
         jobs = [job(p, max_tokens=12, seed=k) for k, p in enumerate(prompts(15, lengths=(13, 14)))] if crowd else []
         where = len(jobs) // 2
         jobs.insert(where, job(target, seed=123))

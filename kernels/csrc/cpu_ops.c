@@ -356,6 +356,9 @@ void wkv_seq(const float *w, const float *u, const float *k, const float *v, flo
  * decode product runs on one thread pool. */
 #include "quant_ops.h"
 
+/* Temperature sampling of rows of logits (kernels/sampling.py). */
+#include "sample.h"
+
 /* A whole decode step through a run of layers in one call (kernels/decode.py). */
 #include "decode_step.h"
 
