@@ -165,6 +165,13 @@ def percentile(sorted_values, q):
     return sorted_values[k]
 
 
+def cpu_seconds(server_pid):
+    """(server process, this process) user + system CPU seconds so far."""
+    import psutil
+    server, me = psutil.Process(server_pid).cpu_times(), psutil.Process().cpu_times()
+    return server.user + server.system, me.user + me.system
+
+
 def prefix_cache_bytes(url):
     """The server's own count of bytes in its prefix-state cache (`rwkv_prefix_cache_bytes` of /metrics)."""
     import httpx
@@ -318,8 +325,11 @@ def main(argv=None, prog="python -m bench.serve"):
             print(f"N={n}: {n} clients x {args.requests_per_client} requests x {args.max_tokens} tokens...",
                   flush=True)
             rss.reset()
+            cpu0 = cpu_seconds(server.proc.pid)
             p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
             p["peak_rss_bytes"] = rss.read()
+            # CPU seconds over the phase: the server, and this process (the clients share the cores)
+            p["server_cpu_s"], p["client_cpu_s"] = (b - a for a, b in zip(cpu0, cpu_seconds(server.proc.pid)))
             p["prefix_cache_bytes"] = prefix_cache_bytes(server.url)
             result["phases"].append(p)
     except Exception as e:                     # noqa: BLE001 - one line, exit 2; the server is stopped below

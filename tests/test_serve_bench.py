@@ -27,6 +27,7 @@ def test_bench_serve_smoke(tmp_path):
     # distinct prompts: the server's prefix cache holds more after each phase (its own metric, read back)
     cache = [result["idle_prefix_cache_bytes"]] + [p["prefix_cache_bytes"] for p in result["phases"]]
     assert cache[0] < cache[1] < cache[2], cache
+    assert all(p["server_cpu_s"] > 0 and p["client_cpu_s"] > 0 for p in result["phases"])
     assert all(p["aggregate_tok_s"] > 0 and p["ttft_p99_s"] >= p["ttft_p50_s"] > 0 for p in result["phases"])
     assert result["library_decode_tok_s"] > 0 and result["server_exit_code"] == 0
     assert (tmp_path / "serve.png").stat().st_size > 0
