@@ -65,7 +65,7 @@ def test_bad_arguments_fail_in_one_line(args, message, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_competitors_die_with_the_benchmark(tiny_pth, tmp_path, sig):
-    p = start(["--model", str(tiny_pth), "--threads", "1", "--competitor", "cpu", "--tokens", "1000"], tmp_path)
+    p = start(["--model", str(tiny_pth), "--threads", "1", "--competitor", "cpu", "--tokens", "4000"], tmp_path)
     try:
         kids = wait_for_competitor(p)
         p.send_signal(sig)
