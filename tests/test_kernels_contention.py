@@ -11,10 +11,17 @@ import psutil
 import pytest
 
 
+def _default_sigint():
+    """In the child: SIGINT back to its default, so Python turns it into KeyboardInterrupt even when
+    the tests run as a background job of a non-interactive shell (which starts with SIGINT ignored,
+    and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     return subprocess.Popen([sys.executable, "-m", "bench.contention", *args], cwd=os.getcwd(), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def wait_for_competitor(proc, timeout=60):
@@ -65,7 +72,7 @@ def test_bad_arguments_fail_in_one_line(args, message, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_competitors_die_with_the_benchmark(tiny_pth, tmp_path, sig):
-    p = start(["--model", str(tiny_pth), "--threads", "1", "--competitor", "cpu", "--tokens", "4000"], tmp_path)
+    p = start(["--model", str(tiny_pth), "--threads", "1", "--competitor", "cpu", "--tokens", "1000"], tmp_path)
     try:
         kids = wait_for_competitor(p)
         p.send_signal(sig)
