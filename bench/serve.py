@@ -10,7 +10,10 @@ each request generates exactly M tokens) and the benchmark reports:
   * per-stream tokens/s: median over requests of (tokens - 1) / (last token - first token);
   * time to first token (request sent -> first text chunk received), p50 and p99;
   * the server's peak RSS during the phase (VmHWM after a reset via /proc/PID/clear_refs, or RSS
-    sampled every 10 ms where that is not allowed), and idle RSS after one warm-up request.
+    sampled every 10 ms where that is not allowed), and idle RSS after one warm-up request;
+  * the bytes in the server's prefix-state cache after the phase (its `rwkv_prefix_cache_bytes`
+    metric: part of the RSS, bounded by --prefix-cache-mb), and, in the JSON, the CPU seconds the
+    server and the clients used during the phase.
 Beside them, in the same run: the library's single-stream decode tokens/s (`bench.generate`'s
 measurement in a fresh process, same prompt, sampling and thread count) -- the server's overhead at N=1.
 The server is started on a free port and always stopped (also on an error or Ctrl-C).
