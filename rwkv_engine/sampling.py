@@ -108,10 +108,9 @@ def sample(logits, params, counts=None, generator=None):
         u = (1.0 - torch.rand(logits.shape[0], generator=generator, device=logits.device)).double()
         tokens = kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(),
                                      1.0 / params.temperature, u)
-        if bool((tokens < 0).any()):
-            row = int((tokens < 0).nonzero()[0])
-            col = -1 - int(tokens[row])
-            raise NonFiniteLogitsError(f"logits are not finite: stream {row}, token {col} is {float(logits[row, col])}")
+        if int(tokens.min()) < 0:                  # a row without a token
+            check_finite(logits)                    # raises, naming the first NaN/inf
+            raise MemoryError("kernels.sample_rows: cannot allocate its scratch")
         return tokens
     check_finite(logits)
     if counts is not None:

@@ -180,6 +180,12 @@ def test_non_finite_logits_were_not_token_v_minus_1():
     logits = torch.full((1, 10), float("nan"))
     with pytest.raises(ValueError, match="not finite"):
         sample(logits, SamplingParams())
+    # plain temperature (the C rows) names the first bad stream and token, as the torch path does
+    logits = torch.zeros(3, 10)
+    logits[1, 7], logits[2, 1] = float("inf"), float("nan")
+    for params in (SamplingParams(temperature=0.9), SamplingParams(temperature=0.9, top_p=0.5)):
+        with pytest.raises(rwkv_engine.NonFiniteLogitsError, match="logits are not finite: stream 1, token 7 is inf"):
+            sample(logits, params)
 
 
 def test_overflow_after_temperature_is_caught():
