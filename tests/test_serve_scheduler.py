@@ -242,3 +242,14 @@ def test_a_failing_job_ends_with_error_and_the_others_go_on(tiny_model, schedule
     assert [(e.finish_reason, e.error) for e in events] == [("error", "RuntimeError: boom")]
     with pytest.raises(ValueError, match="n <= max_batch"):
         s.submit(Job(prompt=[1], max_tokens=1, n=s.max_batch + 1))
+
+
+@pytest.mark.parametrize("option", ["--prefill-rows", "--prefill-chunk", "--max-batch", "--max-queue"])
+def test_serve_rejects_a_count_below_one_naming_the_option(option, capsys):
+    from rwkv_engine.serve.__main__ import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "rwkv-4-pile-169m", option, "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{option} must be >= 1, got 0" in err, err
+    with pytest.raises(ValueError, match="prefill_rows must be an int >= 1"):
+        Scheduler(object(), prefill_rows=0)
