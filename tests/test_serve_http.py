@@ -255,3 +255,37 @@ def test_sse_events_are_ascii_so_no_character_splits_a_line():
     event = sse({"text": "a\u2028b\x85c\nd\u00e9"})
     assert event.isascii() and event.count("\n") == 2 and event.endswith("\n\n")
     assert json.loads(event[6:])["text"] == "a\u2028b\x85c\nd\u00e9"
+
+
+ARENAS = """
+import ctypes, sys, threading
+from rwkv_engine.serve.__main__ import limit_malloc_arenas
+if sys.argv[1] == "limit":
+    assert limit_malloc_arenas()
+barrier = threading.Barrier(5)
+def work():
+    blocks = [bytearray(4000) for _ in range(100)]
+    barrier.wait()
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+barrier.wait()
+ctypes.CDLL(None).malloc_stats()
+barrier.wait()
+"""
+
+
+def test_the_server_process_keeps_malloc_to_one_arena():
+    """rwkv_engine.serve calls limit_malloc_arenas() first: threads that allocate then share the
+    heap instead of each growing an arena of its own (one arena per thread is glibc's default)."""
+    if not hasattr(__import__("ctypes").CDLL(None), "malloc_stats"):
+        pytest.skip("not glibc")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    counts = {}
+    for mode in ("default", "limit"):
+        out = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts[mode] = len(re.findall(r"^Arena \d+:", out.stderr, re.M))
+    assert counts["default"] > 1 and counts["limit"] == 1, counts

@@ -7,6 +7,8 @@ import torch
 
 from rwkv_engine import SamplingParams
 from rwkv_engine.serve import Job, PrefixCache, QueueFull, Scheduler
+from rwkv_engine.serve.prefix_cache import prefix_keys
+from rwkv_engine.state import State
 
 TIMEOUT = 60
 
@@ -192,6 +194,41 @@ def test_prefix_cache_is_bounded_lru(tiny_model):
     assert len(cache) == 3 and cache.bytes == 3 * size
     assert cache.lookup([1, 2, 3, 4, 5]) is None and cache.misses == 1
     assert PrefixCache(size - 1, 4).put(b"x" * 16, state) is None
+
+
+def test_prefix_cache_memory_goes_back_to_the_os_when_entries_are_dropped():
+    """Entries hold their memory apart from the heap: dropping them returns it even when other
+    allocations made between them are still alive (heap chunks would stay resident)."""
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    state = State.zeros(12, 1, 768)
+    state.att_a.normal_()
+    logits = torch.randn(50277)
+    cache = PrefixCache(64 * 2**20, chunk=4)
+    pinned = []
+    for k in range(40):                                          # ~15 MiB of entries
+        cache.put(k.to_bytes(16, "little"), state, logits if k % 2 else None)
+        pinned.append(torch.ones(4096))                          # a live heap block after each entry
+    stored = cache.bytes
+    full = proc.memory_info().rss
+    del cache
+    dropped = full - proc.memory_info().rss
+    assert dropped >= 0.9 * stored, f"dropping {stored / 2**20:.1f} MiB of entries returned {dropped / 2**20:.1f} MiB"
+    assert len(pinned) == 40
+
+
+def test_prefix_cache_entries_are_private_copies():
+    state, logits = State.zeros(2, 1, 8), torch.arange(5.0)
+    cache = PrefixCache(2**20, chunk=1)
+    key = prefix_keys([9], 1)[1]
+    cache.put(key, state, logits)
+    state.att_a += 1
+    logits += 1
+    hit = cache.lookup([9])
+    assert hit.length == 1 and torch.equal(hit.state.att_a, torch.zeros(2, 1, 8))
+    assert torch.equal(hit.logits, torch.arange(5.0)) and torch.equal(hit.state.att_p, State.zeros(2, 1, 8).att_p)
+    hit.state.att_b += 1                                         # a hit is a copy too
+    assert torch.equal(cache.lookup([9]).state.att_b, torch.zeros(2, 1, 8))
 
 
 def test_prompt_chunks_do_not_depend_on_load_and_interleave_with_decode(tiny_model, scheduler_factory):

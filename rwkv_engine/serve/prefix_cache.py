@@ -10,8 +10,11 @@ of entry:
   * prompt entries (a whole prompt): the state and the logits of its last position; the same prompt
     again skips its forward entirely.
 Entries are cloned on the way in and on the way out: no request can read or modify another's state.
+On the CPU an entry lives in an anonymous memory mapping of its own rather than on the malloc heap,
+so the memory of an evicted entry goes back to the OS at once (see `_private_copy`).
 """
 import hashlib
+import mmap
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +42,27 @@ class Hit:
     length: int                        # tokens of the prompt covered by the cached state
     state: State                       # a private copy
     logits: Optional[torch.Tensor]     # [V] for a whole-prompt hit, else None
+
+
+def _private_copy(state, logits):
+    """A copy of (state, logits) that shares nothing with the caller. A CPU `State` is copied into
+    one anonymous mapping (64-byte aligned fields), unmapped when the last tensor of the entry dies:
+    entries on the heap are freed in LRU order between live allocations of the scheduler and the
+    HTTP threads, and glibc keeps such holes resident; measured with the 169m load test, the
+    server's peak RSS grew by ~1.5x the cache's bytes that way, and by its bytes this way."""
+    tensors = dict(state.tensors()) if isinstance(state, State) else None
+    if tensors is None or any(t.device.type != "cpu" for t in tensors.values()):
+        return state.clone(), None if logits is None else logits.detach().clone()
+    if logits is not None:
+        tensors["logits"] = logits.detach()
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    offsets, total = {}, 0
+    for k, n in sizes.items():
+        offsets[k], total = total, total + (n + 63) // 64 * 64
+    flat = torch.frombuffer(mmap.mmap(-1, total), dtype=torch.uint8)     # holds the mapping
+    copies = {k: flat[offsets[k]:offsets[k] + sizes[k]].view(t.dtype).view(t.shape).copy_(t)
+              for k, t in tensors.items()}
+    return State(**{k: copies[k] for k in state.tensors()}), copies.get("logits")
 
 
 def _nbytes(state, logits):
@@ -82,7 +106,7 @@ class PrefixCache:
         if size > self.max_bytes:
             return
         full_key = self._key(key, whole=logits is not None)
-        entry = (state.clone(), None if logits is None else logits.detach().clone())
+        entry = _private_copy(state, logits)
         with self._lock:
             old = self._entries.pop(full_key, None)
             if old is not None:
