@@ -125,11 +125,41 @@ def sample(logits, params, counts=None, generator=None):
     return multinomial(probs, generator)
 
 
-def _plain_temperature(logits, params, counts):
-    """Temperature sampling alone (no penalties, top-k or top-p) of CPU float32 logits: the C path."""
+def plain_temperature(params, vocab_size, counts=None):
+    """Whether `params` is temperature sampling alone: no penalties (counts), top-k or top-p."""
     return (not params.greedy and counts is None and params.top_p >= 1.0
-            and (not params.top_k or params.top_k >= logits.shape[-1])
+            and (not params.top_k or params.top_k >= vocab_size))
+
+
+def _plain_temperature(logits, params, counts):
+    """Temperature sampling alone of CPU float32 logits: the C path."""
+    return (plain_temperature(params, logits.shape[-1], counts)
             and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2)
+
+
+def sample_temperature_rows(logits, temperature, generators):
+    """Plain temperature sampling of every row of CPU float32 logits [B, V], row i with its own
+    generators[i]: the token sample(logits[i:i+1], SamplingParams(temperature), None, generators[i])
+    gives, for all rows in one `kernels.sample_rows` call (rows in parallel). Returns a list with,
+    per row, its token, or for a row holding NaN or infinity the NonFiniteLogitsError sample()
+    raises for it (the other rows are unaffected)."""
+    if not (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[0] == len(generators) and not temperature == 0):
+        raise ValueError("sample_temperature_rows takes CPU float32 logits [B, V], B generators and a "
+                         f"temperature > 0; got {tuple(logits.shape)} {logits.dtype} on {logits.device}, "
+                         f"{len(generators)} generators, temperature {temperature}")
+    SamplingParams(temperature=temperature)                            # validates it
+    u = torch.cat([1.0 - torch.rand(1, generator=g) for g in generators]).double()
+    tokens = kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(), 1.0 / temperature, u)
+    out = tokens.tolist()
+    for i, token in enumerate(out):
+        if token < 0:                                                   # a row without a token
+            try:
+                check_finite(logits[i:i + 1])
+                out[i] = MemoryError("kernels.sample_rows: cannot allocate its scratch")
+            except NonFiniteLogitsError as e:
+                out[i] = e
+    return out
 
 
 def multinomial(probs, generator=None):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import rwkv_engine
-from rwkv_engine import SamplingParams, sample
+from rwkv_engine import NonFiniteLogitsError, SamplingParams, sample
 from rwkv_engine.generation import generate, stream
 
 DRAGON = ("\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, previously "
@@ -250,3 +250,24 @@ def test_invalid_arguments_fail_when_stream_is_called(model):
         stream(model, [1], max_new_tokens=0)                # before iterating
     with pytest.raises(ValueError, match="stop_tokens must be ints"):
         stream(model, [1], stop_tokens=[1.5])
+
+
+def test_temperature_rows_sampled_together_equal_each_row_alone():
+    """sample_temperature_rows (the server's batched sampling) gives each row the token sample()
+    draws for it alone with the same generator; a NaN row gets sample()'s error, the rest go on."""
+    from rwkv_engine.sampling import sample_temperature_rows
+    logits = torch.randn(6, 50277, generator=torch.Generator().manual_seed(3)) * 4
+    logits[4, 123] = float("nan")
+    for temperature in (1.0, 0.7):
+        got = sample_temperature_rows(logits, temperature, [torch.Generator().manual_seed(10 + i) for i in range(6)])
+        for i in range(6):
+            g = torch.Generator().manual_seed(10 + i)
+            if i == 4:
+                with pytest.raises(NonFiniteLogitsError) as e:
+                    sample(logits[i:i + 1], SamplingParams(temperature=temperature), None, g)
+                assert type(got[i]) is NonFiniteLogitsError and str(got[i]) == str(e.value)
+            else:
+                assert got[i] == int(sample(logits[i:i + 1], SamplingParams(temperature=temperature), None, g))
+    assert len(set(got) - {got[4]}) > 1
+    with pytest.raises(ValueError, match="temperature > 0"):
+        sample_temperature_rows(logits, 0, [torch.Generator()] * 6)

@@ -98,12 +98,20 @@ def test_library_decode_rows_are_batch_invariant(tiny_model):
             assert torch.equal(batched[row], alone[0]), f"row {row} of a batch of {b} differs from the stream alone"
 
 
-def test_same_tokens_and_logits_alone_or_among_15_others(scheduler_factory):
+MIXED = (dict(temperature=0.8), dict(temperature=1.0), dict(temperature=1.0, top_k=50))
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=50), dict(temperature=0.8)],
+                         ids=["top_k", "temperature_alone"])
+def test_same_tokens_and_logits_alone_or_among_15_others(scheduler_factory, sampling):
+    """Among others sampled in various ways: streams sampled by temperature alone are sampled
+    together, one call per temperature; the target's tokens do not change."""
     s = scheduler_factory(max_batch=16, chunk=16)
     target = [5, 17, 99, 300, 2, 41, 7, 7, 650, 12, 1, 999, 31]
-    alone_tokens, alone_logits = run(s, [job(target, seed=123)], record_logits=True)
-    others = [job(p, max_tokens=40 + k, seed=k) for k, p in enumerate(prompts(15))]
-    crowd_tokens, crowd_logits = run(s, others[:7] + [job(target, seed=123)] + others[7:], record_logits=True)
+    alone_tokens, alone_logits = run(s, [job(target, seed=123, **sampling)], record_logits=True)
+    others = [job(p, max_tokens=40 + k, seed=k, **MIXED[k % 3]) for k, p in enumerate(prompts(15))]
+    crowd_tokens, crowd_logits = run(s, others[:7] + [job(target, seed=123, **sampling)] + others[7:],
+                                     record_logits=True)
     assert crowd_tokens[7] == alone_tokens[0] and len(alone_tokens[0][0]) == 12
     assert len(crowd_logits[7][0]) == len(alone_logits[0][0]) == 12
     for step, (a, b) in enumerate(zip(alone_logits[0][0], crowd_logits[7][0])):
@@ -142,6 +150,33 @@ def test_equal_length_prompts_prefill_together_with_the_logits_of_each_alone(tin
     assert crowd_tokens[c] == alone_tokens[a]
     for step, (x, y) in enumerate(zip(alone_logits[a][0], crowd_logits[c][0])):
         assert torch.equal(x, y), f"logits differ at step {step}"
+
+
+def test_a_stream_with_non_finite_logits_fails_alone_and_the_batch_goes_on(scheduler_factory):
+    """A NaN in one stream's row of a batch sampled together: that stream ends with the error
+    sample() gives for it; its neighbours' tokens are those they draw without the fault."""
+    s = scheduler_factory(max_batch=8)
+    jobs = lambda: [job(p, max_tokens=10, seed=k, temperature=0.9) for k, p in enumerate(prompts(4))]
+    clean, _ = run(s, jobs())
+    steps = {}
+
+    def poison(j, index, row):
+        if j.prompt == bad.prompt:
+            steps[0] = steps.get(0, 0) + 1
+            if steps[0] == 3:
+                with torch.inference_mode():              # the row is a view of the batch's logits
+                    row[0, 7] = float("nan")
+    faulty = jobs()
+    bad = faulty[2]
+    events = []
+    bad.emit = events.append
+    s.on_logits = poison
+    s.submit(bad)
+    got, _ = run(s, faulty[:2] + faulty[3:])
+    assert got == clean[:2] + clean[3:]
+    assert [e.token for e in events[:-1]] == clean[2][0][:2]
+    assert (events[-1].finish_reason, events[-1].error) == \
+        ("error", "NonFiniteLogitsError: logits are not finite: stream 0, token 7 is nan")
 
 
 def test_n_choices_fork_the_prompt_state(scheduler_factory):

@@ -11,7 +11,8 @@ Each iteration of the loop:
      a long prompt delays the decoding streams by one chunk step at a time;
   3. decode: one batched token-mode forward for all decoding streams (their states stacked along B),
      then each stream samples from its own row with its own generator, so a stream's tokens do not
-     depend on its neighbours (given batch-invariant kernels);
+     depend on its neighbours (given batch-invariant kernels); the rows of streams that sample by
+     temperature alone are sampled in one call per temperature (each row alone, rows in parallel);
   4. retires finished streams (their rows leave the stacked state).
 Results go back through each job's `emit(Event)` callback, called on the scheduler thread.
 """
@@ -29,7 +30,7 @@ from kernels import dispatch
 
 from ..generation import TextStream
 from ..model import RWKV
-from ..sampling import SamplingParams, sample
+from ..sampling import SamplingParams, plain_temperature, sample, sample_temperature_rows
 from ..state import State
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, prefix_keys
@@ -320,9 +321,48 @@ class Scheduler:
         logits, _ = self.model.forward(tokens, self.batch_state)       # (B, V)
         self.metrics.batch_size.set(len(self.decoding))
         self.metrics.decode_batch.observe(len(self.decoding))
+        plain = {}                  # temperature -> rows of streams sampled by temperature alone
         for row, s in enumerate(self.decoding):
-            self._accept_or_fail(s, logits[row:row + 1])
+            if s.counts is None and plain_temperature(s.job.sampling, logits.shape[-1]) \
+                    and logits.device.type == "cpu" and logits.dtype == torch.float32:
+                plain.setdefault(s.job.sampling.temperature, []).append(row)
+            else:
+                self._accept_or_fail(s, logits[row:row + 1])
+        for temperature, rows in plain.items():
+            self._accept_rows(rows, logits, temperature)
         self._retire()
+
+    def _accept_rows(self, rows, logits, temperature):
+        """`_accept` for the streams of `rows`, all sampled by `temperature` alone, in one call:
+        each row with its stream's generator, so the tokens are those `_accept` would draw."""
+        live = []
+        for row in rows:
+            s = self.decoding[row]
+            if self.on_logits is not None:
+                self.on_logits(s.job, s.index, logits[row:row + 1])
+            if s.job.cancelled:
+                self._finish(s, "cancelled")
+            else:
+                live.append(row)
+        if not live:
+            return
+        try:
+            picked = logits if len(live) == logits.shape[0] else logits[live]
+            tokens = sample_temperature_rows(picked, temperature, [self.decoding[r].generator for r in live])
+        except Exception as e:                            # noqa: BLE001 - e.g. no memory: these streams
+            log.exception("sampling failed")
+            for row in live:
+                self._finish(self.decoding[row], "error", error=f"{type(e).__name__}: {e}")
+            return
+        for row, token in zip(live, tokens):
+            s = self.decoding[row]
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._take(s, token)
+            except Exception as e:                        # noqa: BLE001 - this stream only
+                log.error("sampling failed: %s: %s", type(e).__name__, e)
+                self._finish(s, "error", error=f"{type(e).__name__}: {e}")
 
     def _accept_or_fail(self, s: Stream, logits):
         try:
@@ -337,7 +377,10 @@ class Scheduler:
             self.on_logits(s.job, s.index, logits)
         if s.job.cancelled:
             return self._finish(s, "cancelled")
-        token = int(sample(logits, s.job.sampling, s.counts, s.generator))
+        self._take(s, int(sample(logits, s.job.sampling, s.counts, s.generator)))
+
+    def _take(self, s: Stream, token):
+        """Stream `s` drew `token`: end it at EOS, a stop string or max_tokens, else send its text."""
         if s.job.stop_at_eos and self.tokenizer is not None and token == EOS:
             return self._finish(s, "stop")
         s.n_tokens += 1
