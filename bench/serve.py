@@ -13,7 +13,11 @@ each request generates exactly M tokens) and the benchmark reports:
     sampled every 10 ms where that is not allowed), and idle RSS after one warm-up request;
   * the bytes in the server's prefix-state cache after the phase (its `rwkv_prefix_cache_bytes`
     metric: part of the RSS, bounded by --prefix-cache-mb), and, in the JSON, the CPU seconds the
-    server and the clients used during the phase.
+    server and the clients used during the phase;
+  * "others %": CPU time taken during the phase by anything but the server and the clients (other
+    processes, and in a VM the hypervisor's steal) as a share of the machine; above 5% the phase is
+    flagged, as its numbers are not quiet-machine numbers. --wait-quiet S waits (at most S seconds)
+    before each phase for the machine to be quiet.
 Beside them, in the same run: the library's single-stream decode tokens/s (`bench.generate`'s
 measurement in a fresh process, same prompt, sampling and thread count) -- the server's overhead at N=1.
 The server is started on a free port and always stopped (also on an error or Ctrl-C).
@@ -32,7 +36,8 @@ import time
 from pathlib import Path
 
 from bench import DRAGON_PROMPT
-from bench.cli import OneLineParser, fail, write_json_atomic
+from bench.cli import OneLineParser, fail, nonnegative_float, write_json_atomic
+from bench.cpuload import busy_warning, n_cpus, others_share, read_proc_stat, wait_quiet
 from bench.runner import child_env, run_child
 
 START_TIMEOUT = 600
@@ -190,13 +195,17 @@ def table(result):
     rows = [f"library single-stream decode: {lib:.1f} tok/s   (state {result['state_bytes'] / 1024:.0f} KiB "
             f"per stream, idle server RSS {result['idle_rss_bytes'] / 2**20:.0f} MiB, RSS via {result['rss_method']})",
             f"{'N':>4} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
-            f"{'peak RSS MiB':>13} {'- idle MiB':>11} {'prefix cache MiB':>17}"]
+            f"{'peak RSS MiB':>13} {'- idle MiB':>11} {'prefix cache MiB':>17} {'others %':>9}"]
     for p in result["phases"]:
         rows.append(f"{p['clients']:>4} {p['aggregate_tok_s']:>16.1f} {p['per_stream_tok_s']:>17.1f} "
                     f"{1000 * p['ttft_p50_s']:>12.0f} {1000 * p['ttft_p99_s']:>12.0f} "
                     f"{p['peak_rss_bytes'] / 2**20:>13.0f} {(p['peak_rss_bytes'] - result['idle_rss_bytes']) / 2**20:>11.1f} "
-                    f"{p['prefix_cache_bytes'] / 2**20:>17.1f}")
+                    f"{p['prefix_cache_bytes'] / 2**20:>17.1f} {_pct(p.get('others_cpu_pct')):>9}")
     return "\n".join(rows)
+
+
+def _pct(x):
+    return "-" if x is None else f"{x:.1f}"
 
 
 def target_checks(result):
@@ -265,6 +274,8 @@ def parse_args(argv, prog):
     p.add_argument("--prefix-cache-mb", type=float, default=32,
                    help="server's prefix-state cache (default 32; it fills during the run and counts in RSS)")
     p.add_argument("--library-repeats", type=int, default=3, help="library decode runs (median; default 3)")
+    p.add_argument("--wait-quiet", type=nonnegative_float, default=0, metavar="SECONDS",
+                   help="before each phase, wait up to this long for other processes to go quiet (default 0)")
     p.add_argument("--json", default="results/serve.json")
     p.add_argument("--plot", default="results/serve.png")
     args = p.parse_args(argv)
@@ -327,12 +338,22 @@ def main(argv=None, prog="python -m bench.serve"):
         for n in args.client_counts:
             print(f"N={n}: {n} clients x {args.requests_per_client} requests x {args.max_tokens} tokens...",
                   flush=True)
+            if args.wait_quiet:
+                quiet, pct = wait_quiet(args.wait_quiet)
+                if not quiet:
+                    print(f"  machine still busy after --wait-quiet {args.wait_quiet:.0f} s ({pct:.0f}% others): "
+                          "running", flush=True)
             rss.reset()
-            cpu0 = cpu_seconds(server.proc.pid)
+            cpu0, busy0 = cpu_seconds(server.proc.pid), read_proc_stat()
             p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
             p["peak_rss_bytes"] = rss.read()
             # CPU seconds over the phase: the server, and this process (the clients share the cores)
             p["server_cpu_s"], p["client_cpu_s"] = (b - a for a, b in zip(cpu0, cpu_seconds(server.proc.pid)))
+            busy1 = read_proc_stat()
+            p["others_cpu_pct"] = None if busy0 is None or busy1 is None else others_share(
+                busy0, busy1, 0.0, p["server_cpu_s"] + p["client_cpu_s"], p["wall_s"], n_cpus())["others_cpu_pct"]
+            if busy_warning(p["others_cpu_pct"]):
+                print(f"  N={n}: {busy_warning(p['others_cpu_pct'])}", flush=True)
             p["prefix_cache_bytes"] = prefix_cache_bytes(server.url)
             result["phases"].append(p)
     except Exception as e:                     # noqa: BLE001 - one line, exit 2; the server is stopped below

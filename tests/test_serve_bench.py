@@ -18,7 +18,8 @@ def run_bench(*args, timeout=300):
 def test_bench_serve_smoke(tmp_path):
     out = tmp_path / "serve.json"
     r = run_bench("--model", "rwkv-4-tiny", "--clients", "1,2", "--requests-per-client", "2", "--max-tokens", "4",
-                  "--library-repeats", "1", "--json", str(out), "--plot", str(tmp_path / "serve.png"))
+                  "--library-repeats", "1", "--wait-quiet", "1", "--json", str(out),
+                  "--plot", str(tmp_path / "serve.png"))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert [p["clients"] for p in result["phases"]] == [1, 2]
@@ -28,15 +29,17 @@ def test_bench_serve_smoke(tmp_path):
     cache = [result["idle_prefix_cache_bytes"]] + [p["prefix_cache_bytes"] for p in result["phases"]]
     assert cache[0] < cache[1] < cache[2], cache
     assert all(p["server_cpu_s"] > 0 and p["client_cpu_s"] > 0 for p in result["phases"])
+    assert all(0 <= p["others_cpu_pct"] <= 100 for p in result["phases"])     # steal and other processes
     assert all(p["aggregate_tok_s"] > 0 and p["ttft_p99_s"] >= p["ttft_p50_s"] > 0 for p in result["phases"])
     assert result["library_decode_tok_s"] > 0 and result["server_exit_code"] == 0
     assert (tmp_path / "serve.png").stat().st_size > 0
-    assert "aggregate tok/s" in r.stdout and "server N=1 per-stream / library decode" in r.stdout
+    assert "aggregate tok/s" in r.stdout and "others %" in r.stdout and "server N=1 per-stream / library decode" in r.stdout
 
 
 def test_bench_serve_rejects_bad_arguments(capsys):
     from bench.serve import main
-    for args in (["--clients", "0,2"], ["--clients", "a"], ["--max-tokens", "0"], ["--library-repeats", "0"]):
+    for args in (["--clients", "0,2"], ["--clients", "a"], ["--max-tokens", "0"], ["--library-repeats", "0"],
+                 ["--wait-quiet", "-1"]):
         with pytest.raises(SystemExit) as e:
             main(args)
         err = capsys.readouterr().err
