@@ -322,9 +322,9 @@ class Scheduler:
         self.metrics.batch_size.set(len(self.decoding))
         self.metrics.decode_batch.observe(len(self.decoding))
         plain = {}                  # temperature -> rows of streams sampled by temperature alone
+        c_rows = logits.device.type == "cpu" and logits.dtype == torch.float32     # kernels.sample_rows' input
         for row, s in enumerate(self.decoding):
-            if s.counts is None and plain_temperature(s.job.sampling, logits.shape[-1]) \
-                    and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            if c_rows and plain_temperature(s.job.sampling, logits.shape[-1], s.counts):
                 plain.setdefault(s.job.sampling.temperature, []).append(row)
             else:
                 self._accept_or_fail(s, logits[row:row + 1])
