@@ -266,6 +266,64 @@ def test_prefix_cache_entries_are_private_copies():
     assert torch.equal(cache.lookup([9]).state.att_b, torch.zeros(2, 1, 8))
 
 
+def test_prefix_cache_entry_falls_back_to_the_heap_and_a_failed_copy_is_skipped(monkeypatch):
+    """No mapping to be had (e.g. the map count at its limit): the entry is stored on the heap. No
+    memory for the copy at all: the entry is not stored, and nothing is raised."""
+    import mmap
+    from rwkv_engine.serve import prefix_cache
+    state = State.zeros(12, 1, 768)
+    state.att_b.normal_()
+    key = prefix_keys([4, 2], 1)[2]
+
+    def no_mapping(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(mmap, "mmap", no_mapping)
+    cache = PrefixCache(2**20, chunk=1)
+    cache.put(key, state)
+    assert torch.equal(cache.lookup([4, 2, 0]).state.att_b, state.att_b)
+
+    def no_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+    monkeypatch.setattr(prefix_cache, "_private_copy", no_memory)
+    full = PrefixCache(2**20, chunk=1)
+    full.put(key, state)
+    assert len(full) == 0 and full.bytes == 0 and full.lookup([4, 2, 0]) is None
+
+
+def test_a_failure_while_starting_or_joining_streams_ends_that_job_and_the_server_goes_on(
+        tiny_model, scheduler_factory, monkeypatch):
+    """Out of memory where a prompt's streams join the batch, or anywhere in a prefill step: the
+    jobs concerned end with an error event (no client is left waiting), later jobs are served."""
+    real_cat, real_done = State.cat, Scheduler._chunk_done
+    faults = {"cat": 1, "chunk": 1}
+
+    def cat(states):
+        if faults["cat"]:
+            faults["cat"] -= 1
+            raise MemoryError("no memory for the batch")
+        return real_cat(states)
+
+    def chunk_done(self, job, end):
+        if faults["chunk"]:
+            faults["chunk"] -= 1
+            raise RuntimeError("lost a chunk")
+        return real_done(self, job, end)
+    monkeypatch.setattr(State, "cat", staticmethod(cat))
+    s = scheduler_factory()
+    for fault, message in (("cat", "MemoryError: no memory for the batch"), ("chunk", "RuntimeError: lost a chunk")):
+        if fault == "chunk":
+            monkeypatch.setattr(Scheduler, "_chunk_done", chunk_done)
+        events, ended = [], threading.Event()
+        bad = job([7, 8, 9], max_tokens=5, temperature=0.8)
+        bad.emit = lambda e: (events.append(e), e.finish_reason and ended.set())
+        s.submit(bad)
+        assert ended.wait(TIMEOUT)
+        assert (events[-1].finish_reason, events[-1].error) == ("error", message)
+        (good,), _ = run(s, [job([1, 2, 3], max_tokens=5)])
+        assert len(good[0]) == 5
+    assert faults == {"cat": 0, "chunk": 0}
+
+
 def test_prompt_chunks_do_not_depend_on_load_and_interleave_with_decode(tiny_model, scheduler_factory):
     rec = Recorder(tiny_model)
     s = scheduler_factory(model=rec, chunk=4)

@@ -14,6 +14,7 @@ On the CPU an entry lives in an anonymous memory mapping of its own rather than 
 so the memory of an evicted entry goes back to the OS at once (see `_private_copy`).
 """
 import hashlib
+import logging
 import mmap
 import threading
 from collections import OrderedDict
@@ -24,6 +25,7 @@ import torch
 
 from ..state import State
 
+log = logging.getLogger("rwkv_engine.serve")
 
 def prefix_keys(tokens, chunk):
     """{prefix length: key} for every chunk boundary < len(tokens) and for the whole prompt.
@@ -44,22 +46,40 @@ class Hit:
     logits: Optional[torch.Tensor]     # [V] for a whole-prompt hit, else None
 
 
+MAPPED_MIN_BYTES = 64 * 1024      # smaller entries stay on the heap (a mapping takes whole pages)
+
+
+def _mapped_bytes(n):
+    """n bytes in an anonymous mapping of their own, as a uint8 tensor that holds the mapping (it is
+    unmapped when the tensor and its views are gone); None where no mapping can be made."""
+    try:
+        return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8)
+    except (OSError, ValueError):
+        return None
+
+
 def _private_copy(state, logits):
-    """A copy of (state, logits) that shares nothing with the caller. A CPU `State` is copied into
-    one anonymous mapping (64-byte aligned fields), unmapped when the last tensor of the entry dies:
-    entries on the heap are freed in LRU order between live allocations of the scheduler and the
-    HTTP threads, and glibc keeps such holes resident; measured with the 169m load test, the
-    server's peak RSS grew by ~1.5x the cache's bytes that way, and by its bytes this way."""
+    """A copy of (state, logits) that shares nothing with the caller. A CPU `State` of at least
+    MAPPED_MIN_BYTES is copied into one anonymous mapping (64-byte aligned fields), unmapped when the
+    last tensor of the entry dies: entries on the heap are freed in LRU order between live
+    allocations of the scheduler and the HTTP threads, and glibc keeps such holes resident; measured
+    with the 169m load test, the server's peak RSS grew by ~1.5x the cache's bytes that way, and by
+    its bytes this way. Where no mapping can be made (e.g. the process's map count is at its limit),
+    the entry is cloned onto the heap instead."""
+    def on_the_heap():
+        return state.clone(), None if logits is None else logits.detach().clone()
     tensors = dict(state.tensors()) if isinstance(state, State) else None
     if tensors is None or any(t.device.type != "cpu" for t in tensors.values()):
-        return state.clone(), None if logits is None else logits.detach().clone()
+        return on_the_heap()
     if logits is not None:
         tensors["logits"] = logits.detach()
     sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     offsets, total = {}, 0
     for k, n in sizes.items():
         offsets[k], total = total, total + (n + 63) // 64 * 64
-    flat = torch.frombuffer(mmap.mmap(-1, total), dtype=torch.uint8)     # holds the mapping
+    flat = _mapped_bytes(total) if total >= MAPPED_MIN_BYTES else None
+    if flat is None:
+        return on_the_heap()
     copies = {k: flat[offsets[k]:offsets[k] + sizes[k]].view(t.dtype).view(t.shape).copy_(t)
               for k, t in tensors.items()}
     return State(**{k: copies[k] for k in state.tensors()}), copies.get("logits")
@@ -106,7 +126,11 @@ class PrefixCache:
         if size > self.max_bytes:
             return
         full_key = self._key(key, whole=logits is not None)
-        entry = _private_copy(state, logits)
+        try:
+            entry = _private_copy(state, logits)
+        except (MemoryError, RuntimeError) as e:       # out of memory: serve on, without this entry
+            log.warning("prefix cache: entry not stored: %s: %s", type(e).__name__, e)
+            return
         with self._lock:
             old = self._entries.pop(full_key, None)
             if old is not None:

@@ -183,7 +183,13 @@ class Scheduler:
                     for job in list(self.waiting) + self.prefilling + [s.job for s in self.decoding]:
                         job.cancel()
                 self._admit()
-            self._prefill()
+            try:
+                self._prefill()
+            except Exception as e:                        # noqa: BLE001 - fail these jobs, serve on
+                log.exception("prefill step failed")
+                for job in list(self.prefilling):
+                    self.prefilling.remove(job)
+                    self._fail(job, e)
             try:
                 self._decode()
             except Exception as e:                        # noqa: BLE001
@@ -294,17 +300,25 @@ class Scheduler:
             return self._end_job(job, "cancelled")
         self.metrics.ttft.observe(time.perf_counter() - job.submitted)
         job.open_choices = job.n
-        joined = []
-        for i in range(job.n):
-            state = job.state if i == job.n - 1 else job.state.clone()
-            s = Stream(job, i, state, self.model.vocab_size, self.tokenizer, self.model.device)
+        try:
+            streams = [Stream(job, i, job.state if i == job.n - 1 else job.state.clone(), self.model.vocab_size,
+                              self.tokenizer, self.model.device) for i in range(job.n)]
+        except Exception as e:                            # noqa: BLE001 - e.g. out of memory; nothing sent yet
+            log.exception("starting the streams failed")
+            return self._fail(job, e)
+        for s in streams:
             self._accept_or_fail(s, job.logits)
-            if not s.done:
-                joined.append(s)
         job.state = job.logits = None
+        joined = [s for s in streams if not s.done]
         if joined:
             states = ([self.batch_state] if self.batch_state is not None else []) + [s.state for s in joined]
-            self.batch_state = type(states[0]).cat(states)     # a State, or a pipeline's state on every rank
+            try:
+                self.batch_state = type(states[0]).cat(states)     # a State, or a pipeline's state on every rank
+            except Exception as e:                        # noqa: BLE001 - these streams end; the batch goes on
+                log.exception("joining the batch failed")
+                for s in joined:
+                    self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+                return
             for s in joined:
                 s.state = None
             self.decoding.extend(joined)
