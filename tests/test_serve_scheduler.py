@@ -179,6 +179,23 @@ def test_a_stream_with_non_finite_logits_fails_alone_and_the_batch_goes_on(sched
         ("error", "NonFiniteLogitsError: logits are not finite: stream 0, token 7 is nan")
 
 
+def test_a_stream_is_counted_active_when_its_first_token_goes_out(scheduler_factory):
+    """/health's active_streams: a client holding its first token finds its streams counted (the
+    events of the first tokens go out after the streams joined the batch)."""
+    s = scheduler_factory(max_batch=4)
+    seen, done = [], threading.Event()
+
+    def emit(event):
+        if event.token is not None and not seen:
+            seen.append(s.active_streams)
+        if event.finish_reason:
+            done.set()
+    j = Job(prompt=[1, 2, 3], max_tokens=3, n=2, seed=1, emit=emit)
+    s.submit(j)
+    assert done.wait(TIMEOUT)
+    assert seen == [2]
+
+
 def test_n_choices_fork_the_prompt_state(scheduler_factory):
     s = scheduler_factory(max_batch=4)
     (three,), _ = run(s, [Job(prompt=[1, 2, 3], max_tokens=6, n=3, seed=10)])

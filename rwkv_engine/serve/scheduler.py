@@ -114,6 +114,7 @@ class Scheduler:
         self.waiting, self.prefilling, self.decoding = deque(), [], []
         self.batch_state: Optional[State] = None       # rows in the order of self.decoding
         self._cond = threading.Condition()
+        self._held = None               # events held back while streams join the batch
         self._stopping = self._closed = self._cancel_requested = False
         self._drain_timer = None
         self._thread = threading.Thread(target=self._run, name="rwkv-scheduler", daemon=True)
@@ -306,22 +307,34 @@ class Scheduler:
         except Exception as e:                            # noqa: BLE001 - e.g. out of memory; nothing sent yet
             log.exception("starting the streams failed")
             return self._fail(job, e)
-        for s in streams:
-            self._accept_or_fail(s, job.logits)
-        job.state = job.logits = None
-        joined = [s for s in streams if not s.done]
-        if joined:
-            states = ([self.batch_state] if self.batch_state is not None else []) + [s.state for s in joined]
-            try:
-                self.batch_state = type(states[0]).cat(states)     # a State, or a pipeline's state on every rank
-            except Exception as e:                        # noqa: BLE001 - these streams end; the batch goes on
-                log.exception("joining the batch failed")
-                for s in joined:
-                    self._finish(s, "error", error=f"{type(e).__name__}: {e}")
-                return
+        # the first tokens' events go out once the streams are in the batch: a client that has its
+        # first token finds its stream counted in active_streams (/health, /metrics)
+        self._held = []
+        try:
+            for s in streams:
+                self._accept_or_fail(s, job.logits)
+            job.state = job.logits = None
+            self._join([s for s in streams if not s.done])
+        finally:
+            held, self._held = self._held, None
+            for event in held:
+                self._emit(*event)
+
+    def _join(self, joined):
+        """Stack the states of new streams under the batch's."""
+        if not joined:
+            return
+        states = ([self.batch_state] if self.batch_state is not None else []) + [s.state for s in joined]
+        try:
+            self.batch_state = type(states[0]).cat(states)     # a State, or a pipeline's state on every rank
+        except Exception as e:                            # noqa: BLE001 - these streams end; the batch goes on
+            log.exception("joining the batch failed")
             for s in joined:
-                s.state = None
-            self.decoding.extend(joined)
+                self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+            return
+        for s in joined:
+            s.state = None
+        self.decoding.extend(joined)
 
     def _decode(self):
         """One token for every decoding stream in one batched forward."""
@@ -451,8 +464,10 @@ class Scheduler:
         self.waiting.clear()
         self.prefilling, self.decoding, self.batch_state = [], [], None
 
-    @staticmethod
-    def _emit(job, event):
+    def _emit(self, job, event):
+        if self._held is not None:                        # see _start_streams
+            self._held.append((job, event))
+            return
         try:
             job.emit(event)
         except Exception:                                 # noqa: BLE001 - a gone client must not stop the loop
