@@ -105,12 +105,9 @@ def sample(logits, params, counts=None, generator=None):
     logits = logits.float()
     if _plain_temperature(logits, params, counts):
         # one pass-pair in C per row (kernels.sample_rows), the same u draw as multinomial() below
-        u = (1.0 - torch.rand(logits.shape[0], generator=generator, device=logits.device)).double()
-        tokens = kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(),
-                                     1.0 / params.temperature, u)
+        tokens = _sample_rows(logits, params.temperature, _uniform(logits.shape[0], generator, logits.device))
         if int(tokens.min()) < 0:                  # a row without a token
-            check_finite(logits)                    # raises, naming the first NaN/inf
-            raise MemoryError("kernels.sample_rows: cannot allocate its scratch")
+            raise _no_token_error(logits)
         return tokens
     check_finite(logits)
     if counts is not None:
@@ -149,17 +146,28 @@ def sample_temperature_rows(logits, temperature, generators):
                          f"temperature > 0; got {tuple(logits.shape)} {logits.dtype} on {logits.device}, "
                          f"{len(generators)} generators, temperature {temperature}")
     SamplingParams(temperature=temperature)                            # validates it
-    u = torch.cat([1.0 - torch.rand(1, generator=g) for g in generators]).double()
-    tokens = kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(), 1.0 / temperature, u)
-    out = tokens.tolist()
-    for i, token in enumerate(out):
-        if token < 0:                                                   # a row without a token
-            try:
-                check_finite(logits[i:i + 1])
-                out[i] = MemoryError("kernels.sample_rows: cannot allocate its scratch")
-            except NonFiniteLogitsError as e:
-                out[i] = e
-    return out
+    u = torch.cat([_uniform(1, g, logits.device) for g in generators])
+    tokens = _sample_rows(logits, temperature, u).tolist()
+    return [_no_token_error(logits[i:i + 1]) if token < 0 else token for i, token in enumerate(tokens)]
+
+
+def _uniform(n, generator, device):
+    """n draws in (0, 1], float64: sample()'s u, from torch.rand of the generator."""
+    return (1.0 - torch.rand(n, generator=generator, device=device)).double()
+
+
+def _sample_rows(logits, temperature, u):
+    return kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(), 1.0 / temperature, u)
+
+
+def _no_token_error(logits):
+    """Why kernels.sample_rows gave no token for `logits`: a NonFiniteLogitsError naming the first
+    NaN/inf, else a MemoryError (its scratch could not be allocated)."""
+    try:
+        check_finite(logits)
+    except NonFiniteLogitsError as e:
+        return e
+    return MemoryError("kernels.sample_rows: cannot allocate its scratch")
 
 
 def multinomial(probs, generator=None):
