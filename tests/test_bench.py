@@ -540,14 +540,34 @@ def test_no_import_cycle_in_bench():
     assert not cycles, {m: sorted(edges[m]) for m in cycles}
 
 
-def test_modes_against_alternates_two_formats_and_prints_their_ratio():
-    r = cli("bench.modes", "--model", TINY, "--weights", "int8", "--against", "float32",
-            "--prompt-tokens", "16", "--repeats", "2")
-    assert r.returncode == 0, r.stderr
-    m = re.search(r"int8 weights: ([\d.]+) tok/s; float32 weights: ([\d.]+) tok/s; ratio ([\d.]+)", r.stdout)
-    assert m, r.stdout
-    a, b, ratio = (float(v) for v in m.groups())
-    assert a > 0 and b > 0 and abs(ratio - a / b) < 0.01
+def test_modes_against_alternates_two_formats_and_prints_their_ratio(monkeypatch, capsys):
+    """The two models' forwards alternate, and the printed rates and ratio come from the timed runs: a
+    fake clock makes every int8 forward take 1 s and every float32 forward 4 s."""
+    import time
+
+    from bench import modes
+    clock, loaded, calls = [0.0], [], []
+    real_load = models.load
+
+    def load(*a, **kw):
+        m = real_load(*a, **kw)
+        loaded.append((kw.get("weights") or "float32", m))
+        forward = m.forward
+
+        def timed_forward(*fa, **fkw):
+            calls.append(kw.get("weights") or "float32")
+            clock[0] += 1.0 if kw.get("weights") == "int8" else 4.0
+            return forward(*fa, **fkw)
+        m.forward = timed_forward
+        return m
+    monkeypatch.setattr(models, "load", load)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    assert modes.main(["--model", TINY, "--weights", "int8", "--against", "float32", "--prompt-tokens", "16",
+                       "--repeats", "3"]) == 0
+    assert calls == ["int8", "float32"] + ["int8", "float32"] * 3          # warm-ups, then alternating
+    m = re.search(r"int8 weights: ([\d.]+) tok/s; float32 weights: ([\d.]+) tok/s; ratio ([\d.]+)",
+                  capsys.readouterr().out)
+    assert m and [float(v) for v in m.groups()] == [16.0, 4.0, 4.0]
     bad = cli("bench.modes", "--model", TINY, "--against", "int4")
     assert bad.returncode == 2 and "--against" in bad.stderr
 

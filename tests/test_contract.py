@@ -120,12 +120,3 @@ def test_no_import_cycle_in_the_engine():
     for m in graph:
         if m not in state:
             visit(m, [m])
-
-
-def test_baselines_use_public_engine_names_only():
-    import pathlib
-    import re
-    root = pathlib.Path(__file__).resolve().parents[1] / "baselines"
-    offenders = [f.name for f in root.glob("*.py")
-                 if re.search(r"from rwkv_engine\.(model|generation|sampling)\b|rwkv_engine\.model\.", f.read_text())]
-    assert offenders == []

@@ -75,10 +75,14 @@ def test_quantise_in_row_slices_equals_all_at_once():
     assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
 
 
-def test_16bit_pack_is_the_torch_cast():
-    w = torch.randn(9, 33)
-    for fmt in FORMATS16:
-        assert torch.equal(quant.pack(w, fmt), w.to(quant.FLOAT_FORMATS[fmt]))
+def test_16bit_pack_rounds_to_nearest_even():
+    """Bit patterns worked out by hand: float16 keeps 10 fraction bits (ulp 2^-10 at 1), bfloat16 7."""
+    u16, u7 = 2.0 ** -11, 2.0 ** -8                             # half an ulp of each at 1.0
+    w = torch.tensor([[1.0, 1 + u16, 1 + 3 * u16, -2.5, 65504.0, 65520.0, 1 + u7, 1 + 3 * u7]])
+    f16 = quant.pack(w, "float16").view(torch.int16).tolist()[0]
+    assert f16[:6] == [0x3C00, 0x3C00, 0x3C02, -0x3F00, 0x7BFF, 0x7C00]   # ties to even; 65520 -> inf
+    bf16 = quant.pack(w, "bfloat16").view(torch.int16).tolist()[0]
+    assert bf16[0] == 0x3F80 and bf16[3] == -0x3FE0 and bf16[6:] == [0x3F80, 0x3F82]
     assert quant.format_of(quant.pack(w, "int8")) == "int8" and quant.format_of(w.half()) == "float16"
     assert quant.bytes_per_weight("int8") == 1.0625 and quant.bytes_per_weight("bfloat16") == 2
 

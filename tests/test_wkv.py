@@ -4,6 +4,7 @@ import torch
 
 import kernels
 from kernels import wkv_cpu, wkv_cpu_step, wkv_numpy, wkv_reference
+from kernels.wkv_cpu import wkv_cpu_c
 
 
 def make_inputs(B, T, C, seed=0, k_scale=5.0):
@@ -25,7 +26,9 @@ def assert_state_close(s, ref, rtol):
     torch.testing.assert_close(b.double(), rb, rtol=rtol, atol=rtol * float(rb.abs().max()))
 
 
-@pytest.mark.parametrize("impl", [wkv_cpu, lambda w, u, k, v: wkv_numpy(w, u, k, v, None)], ids=["c", "numpy"])
+# "c" names the C loop itself (never the numpy fallback): without the build it fails, it does not
+# quietly test numpy twice
+@pytest.mark.parametrize("impl", [wkv_cpu_c, lambda w, u, k, v: wkv_numpy(w, u, k, v, None)], ids=["c", "numpy"])
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (1, 1, 768), (2, 7, 33), (3, 64, 96), (1, 1000, 64), (2, 4096, 16)])
 def test_wkv_cpu_matches_float64_reference(B, T, C, impl):
     w, u, k, v = make_inputs(B, T, C)
