@@ -15,22 +15,16 @@ The C CPU kernels, their builder and their one binding are in `cpu_c.py` / `csrc
 are records in `formats.py` (one per format: everything else derives from them), their kernels in
 `quant.py`.
 
-OpenMP spinning: torch's OpenMP (GNU libgomp) threads spin for ~300000 rounds (~10-20 ms here) after
-each parallel region before they sleep, and a spinning thread holds a core that the library's own
-pool (which runs the decode and short-prompt products) then waits for. Imported before torch, this
-package sets GOMP_SPINCOUNT=10000 (about half a millisecond: threads stay hot between the ops of
-one forward) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY; libgomp reads it
-once, when torch loads, so a program that imports torch first keeps the default unless it sets the
-variable itself. Measured (169m, 2 threads, a 14-token prompt chunk): 78 ms per forward with the
-default spin, 52 ms with 10000.
+Import-time state: `import kernels` does one thing at import, in `kernels.spin`: it shortens the
+spin of torch's OpenMP threads (GOMP_SPINCOUNT, read by libgomp when torch loads; never over a
+user's value), and says once, at the first use of the C kernels, when torch was imported first and it
+could not. Everything else (the C build and its instruction set, thread counts) is read at first use.
 """
-import os as _os
-import sys as _sys
+from . import spin
 
-SPIN_DEFAULT = "10000"
-SPIN_SET_HERE = "torch" not in _sys.modules and not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ))
-if SPIN_SET_HERE:           # child processes inherit it; bench.contention's competitors get it removed
-    _os.environ["GOMP_SPINCOUNT"] = SPIN_DEFAULT
+spin.set_default()
+SPIN_DEFAULT = spin.DEFAULT
+SPIN_SET_HERE = spin.set_here       # bench.contention's competitors get it removed
 
 from . import dispatch, formats, quant
 from .decode import DecodeLayers, decode_layers

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import formats, spin
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_ops.c"
@@ -263,6 +263,7 @@ def ops(isa=None):
             _default = _choose_default()
             if not isinstance(_default, BuildError):
                 _default_ops = _default
+                spin.warn_if_too_late()          # the first use of the C kernels
         result = _default
     elif os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
         result = BuildError("disabled by RWKV_ENGINE_NO_C_KERNELS")
