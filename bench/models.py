@@ -26,7 +26,7 @@ BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16"
 
 class _WeightBytes(Mapping):
     """Bytes per stored weight of each weight format (`--weights`), read from the format records
-    (`kernels.formats`; e.g. the int8 blocks keep one fp16 scale per 32 weights, 34 / 32 bytes)."""
+    (`kernels.formats`; e.g. the Q8_0 blocks keep one fp16 scale per 32 weights, 34 / 32 bytes)."""
 
     def __getitem__(self, name):
         if name not in formats.NAMES:

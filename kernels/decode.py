@@ -6,7 +6,7 @@ Two implementations of one signature, chosen by `kernels.dispatch` (op "decode_l
     dispatched on its own: runs on every device and dtype, and is the reference.
   * "c": the same step as one call into the C library (`csrc/decode_step.h`): the same kernels in
     the same order, so bit-identical to "composed" on the C path, without ~90 Python-level calls
-    per token (which cost more than reading int8 weights at 169m). CPU, float32 activations and
+    per token (which cost more than reading Q8_0 weights at 169m). CPU, float32 activations and
     state, any weight format of `kernels.quant`, contiguous tensors.
 The table decides: its "c" rows are those of the formats with a C code (`kernels.formats`); forcing
 any of the component ops (`dispatch.force(linear=...)`, or a `wkv_backend`) selects "composed"

@@ -8,7 +8,7 @@ Both model modes go through it: token mode (one token per stream) and sequence m
   * compute: the activations' dtype name ("float32", "float16", "bfloat16"); "mixed" when the
     tensors of an element-wise op disagree.
   * weights: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
-    (e.g. "int8"); "-" for ops without a weight matrix.
+    (the name of its record in `kernels.formats`); "-" for ops without a weight matrix.
   * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
     "short" for a sequence of at most SHORT_ROWS rows in all (a prompt chunk or a few prompt tokens),
     and "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
@@ -195,7 +195,7 @@ def layout_of(*tensors):
 # A sequence product of at most this many rows streams the weights once through the decode kernels
 # instead of a GEMM, which packs the whole weight matrix for a handful of rows. Measured with
 # `python -m bench.modes --chunks 2,4,8,16,24,32,48,64` (169m, 2 threads; GEMM time / kernels time
-# per forward): float32 0.91 at 2 rows, 1.38 at 8, 1.10 at 32, 0.93 at 48; int8 3.0 at 2, 1.32 at 32,
+# per forward): float32 0.91 at 2 rows, 1.38 at 8, 1.10 at 32, 0.93 at 48; Q8_0 blocks 3.0 at 2, 1.32 at 32,
 # 1.08 at 48.
 SHORT_ROWS = 32
 

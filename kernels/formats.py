@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 32
+BLOCK_VALUES = torch.int8       # Q8_0's values, and the activation blocks its kernel multiplies them with
 MIN_SCALE = 2.0 ** -14          # smallest normal float16: an all-zero block still gets a scale > 0
 
 

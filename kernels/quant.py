@@ -4,7 +4,8 @@ reference of the same signature beside each.
 
 Decode (token mode, any number of streams B): the C matrix-vector kernels read each compressed weight
 once and convert in registers: F16C widening for float16, a 16-bit shift for bfloat16, and for the
-int8 blocks integer dot products against x quantised to the same blocks (as ggml's vec_dot_q8_0_q8_0).
+the 8-bit blocks (Q8_0) integer dot products against x quantised to the same blocks (as ggml's
+vec_dot_q8_0_q8_0).
 Sequence mode (many rows): dequantise a slice of rows at a time into one reused float32 buffer and run
 torch's GEMM on it. The kernel build is chosen by the CPU's instruction sets (AVX2 always, AVX-512 with
 VNNI where present) and cached on disk under a name that includes that instruction set.
@@ -48,7 +49,7 @@ def bytes_per_weight(fmt):
 
 def matvec_reference(x, w):
     """x [B, in] float32, w any format -> y [B, out] float32, computed the kernel's way in float64
-    (the format record's reference: 16-bit weights widened exactly, int8 blocks as integer block dot
+    (the format record's reference: 16-bit weights widened exactly, Q8_0 blocks as integer block dot
     products with x quantised to blocks)."""
     return formats.of(w).reference(x, w)
 
@@ -117,13 +118,13 @@ def quantize_rows(x, isa=None):
     """The C version of `quantize_rows_reference`."""
     B, I = x.shape
     Ip = -(-I // BLOCK) * BLOCK
-    q, d = torch.empty(B, Ip, dtype=torch.int8), torch.empty(B, Ip // BLOCK)
+    q, d = torch.empty(B, Ip, dtype=formats.BLOCK_VALUES), torch.empty(B, Ip // BLOCK)
     _lib(isa).quantize_rows(x.data_ptr(), B, I, Ip, q.data_ptr(), d.data_ptr())
     return q, d
 
 
 def dequantize_rows(w, r0, r1, out, isa=None):
-    """Rows [r0, r1) of a 16-bit or int8 weight -> out float32 [r1 - r0, in] (C, parallel over rows)."""
+    """Rows [r0, r1) of a 16-bit or Q8_0 weight -> out float32 [r1 - r0, in] (C, parallel over rows)."""
     code, values, scales, stride = _parts(w)
     _lib(isa).dequantize(code, values.data_ptr(), scales.data_ptr() if scales is not None else None,
                          out.data_ptr(), r0, r1, w.shape[1], stride, torch.get_num_threads())

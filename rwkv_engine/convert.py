@@ -7,8 +7,8 @@ SRC is any format `rwkv_engine.load` reads. DST is written atomically (a file, o
 --to hf, replaced as one set): an existing DST is replaced only with --overwrite. A synthetic SRC
 stays labelled synthetic in DST's metadata. Typical use: turn a released bf16 .pth into fp32 so that
 this engine, BlinkDL's `rwkv` package and transformers can be compared bit for bit on the same weights.
-With --weights FORMAT (a weight format of `kernels.formats`: float16, bfloat16, the int8 blocks, or
-a registered one), the matrices are packed (`rwkv_engine.weights`) into one safetensors file whose
+With --weights FORMAT (a weight format of `kernels.formats`: float16, bfloat16, the 8-bit blocks
+of ggml's Q8_0, or a registered one), the matrices are packed (`rwkv_engine.weights`) into one safetensors file whose
 metadata records the format; `rwkv_engine.load(DST)` maps it back without converting anything.
 """
 import argparse

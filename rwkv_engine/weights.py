@@ -2,7 +2,7 @@
 
     weights=None        every tensor in the compute dtype (as before)
     weights=<a format of kernels.formats> (`kernels.formats.names()`: float32, float16, bfloat16, the
-        int8 blocks, and any registered one)
+        8-bit blocks of ggml's Q8_0, and any registered one)
         the large matrices (att/ffn key, value, receptance, output; head) stored in that format, the
         embedding in the format's embedding dtype (it is only indexed), everything else and all
         activations, state and accumulation in float32. CPU only.
