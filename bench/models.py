@@ -145,20 +145,21 @@ def load(name, device="cpu", dtype="float32", checkpoint=None, protocol="kv-cach
     return _call(baselines.load, weights, key, device=device, dtype=dtype, protocol=protocol, checkpoint=checkpoint)
 
 
-def _call(loader, weights, *args, **kwargs):
-    """loader(*args, **kwargs), with weights=... only when a format is given (and a clear error
-    if this loader does not take one)."""
-    if weights is None:
+def _call(loader, weight_format, *args, **kwargs):
+    """loader(*args, **kwargs), with weights=weight_format only when a format is given (and a clear
+    error if this loader does not take one)."""
+    if weight_format is None:
         return loader(*args, **kwargs)
     import inspect
     params = inspect.signature(loader).parameters
     if "weights" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        raise ValueError(f"--weights {weights}: {loader.__module__}.load takes no weight format in this version")
-    return loader(*args, weights=weights, **kwargs)
+        raise ValueError(f"--weights {weight_format}: {loader.__module__}.load takes no weight format in this version")
+    return loader(*args, weights=weight_format, **kwargs)
 
 
 def bytes_per_weight(dtype="float32", weights=None):
-    """Bytes one parameter takes in memory: the weight format's (`weights`), else the compute dtype's."""
+    """Bytes one parameter takes in memory: the weight format's, else the compute dtype's. (`weights=`
+    here and below is the weight format, spelt as `rwkv_engine.load(weights=)` and `--weights`.)"""
     if weights is not None:
         return formats.get(weights).bytes_per_weight
     return BYTES[dtype]

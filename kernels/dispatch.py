@@ -7,7 +7,7 @@ Both model modes go through it: token mode (one token per stream) and sequence m
     reaches C.
   * compute: the activations' dtype name ("float32", "float16", "bfloat16"); "mixed" when the
     tensors of an element-wise op disagree.
-  * weights: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
+  * weight_format: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
     (the name of its record in `kernels.formats`); "-" for ops without a weight matrix.
   * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
     "short" for a sequence of at most SHORT_ROWS rows in all (a prompt chunk or a few prompt tokens),
@@ -43,23 +43,27 @@ class Rule:
     op: str
     device: str
     compute: str
-    weights: str
+    weight_format: str
     shape: str
     impl: str
     fallback: Optional[str] = None          # when `impl` needs the C build and it is unavailable
 
+    @property
+    def weights(self):                      # the column's former name
+        return self.weight_format
+
     def key(self):
-        return (self.device, self.compute, self.weights, self.shape)
+        return (self.device, self.compute, self.weight_format, self.shape)
 
     def matches(self, key):
-        return all(r in ("*", k) for r, k in zip((self.device, self.compute, self.weights, self.shape), key))
+        return all(r in ("*", k) for r, k in zip(self.key(), key))
 
 
 # The rows that do not depend on a weight format. The format rows (`linear` per format, `decode_layers`
 # per format with a C code) come from the format records (kernels/formats.py, `Serve`), placed before
 # their op's catch-all row.
 _FIXED = [
-    #     op                device  compute    weights    shape         impl         fallback
+    #     op                device  compute    format     shape         impl         fallback
     Rule("linear",          "*",    "*",       "*",       "*",          "torch"),
     Rule("wkv",             "cuda", "*",       "-",       "*",          "triton"),
     Rule("wkv",             "cpu",  "*",       "-",       "*",          "c",         "numpy"),
@@ -340,10 +344,10 @@ def pick(op, key, backend=None, parts_chosen=False):
 
 def describe():
     """The table as text, with the implementation this machine would run for each row."""
-    lines = [f"{'op':16} {'device':6} {'compute':8} {'weights':8} {'shape':10} -> impl (fallback)"]
+    lines = [f"{'op':16} {'device':6} {'compute':8} {'format':8} {'shape':10} -> impl (fallback)"]
     for r in TABLE:
         fb = f" ({r.fallback})" if r.fallback else ""
-        lines.append(f"{r.op:16} {r.device:6} {r.compute:8} {r.weights:8} {r.shape:10} -> {r.impl}{fb}")
+        lines.append(f"{r.op:16} {r.device:6} {r.compute:8} {r.weight_format:8} {r.shape:10} -> {r.impl}{fb}")
     reason = cpu_c.unavailable_reason()
     lines.append("C kernels: " + (f"available, {cpu_c.ops().isa} build" if reason is None else f"unavailable: {reason}"))
     return "\n".join(lines)

@@ -146,6 +146,23 @@ def save_packed(sd, weight_format, path, metadata=None, progress=None, overwrite
     return atomic_write(Path(path), lambda p: save_file(out, str(p), metadata=meta), overwrite=overwrite, need=need)
 
 
+def read_in_features(meta, source):
+    """The file's META_SHAPES metadata, checked: a JSON object of matrix key -> in_features, a
+    positive integer; ValueError (one line, naming the key) otherwise."""
+    text = meta.get(META_SHAPES, "{}")
+    try:
+        in_features = json.loads(text, parse_constant=lambda c: float(c))
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        raise ValueError(f"{source}: metadata {META_SHAPES} is not valid JSON") from None
+    if not isinstance(in_features, dict):
+        raise ValueError(f"{source}: metadata {META_SHAPES} must be a JSON object of matrix -> in_features, "
+                         f"got {json.dumps(in_features)[:60]}")
+    for key, n in in_features.items():
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < 1 << 40:
+            raise ValueError(f"{source}: metadata {META_SHAPES}[{key!r}] must be a positive integer, got {n!r}"[:300])
+    return in_features
+
+
 def unpack_file(sd, meta, source):
     """The tensors of a packed file -> (a state dict whose matrices are the format's packed type,
     checked; the weight format)."""
@@ -155,10 +172,7 @@ def unpack_file(sd, meta, source):
     fmt = formats.get(name)
     if fmt.packed_type is None:
         return sd, name
-    try:
-        in_features = json.loads(meta.get(META_SHAPES, "{}"))
-    except json.JSONDecodeError:
-        raise ValueError(f"{source}: corrupt {META_SHAPES} metadata") from None
+    in_features = read_in_features(meta, source)
     extra = fmt.file_parts[1:]
     out = {}
     for key, t in sd.items():
@@ -168,6 +182,6 @@ def unpack_file(sd, meta, source):
             if any(key + suffix not in sd for suffix in extra) or key not in in_features:
                 raise ValueError(f"{source}: {name} matrix {key} has no scales or no in_features entry")
             parts = (t, *(sd[key + suffix] for suffix in extra))
-            t = fmt.packed_type(*parts, int(in_features[key])).check(f"{source}: {key}")
+            t = fmt.packed_type(*parts, in_features[key]).check(f"{source}: {key}")
         out[key] = t
     return out, name
