@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from kernels import formats
 from rwkv_engine import files
 
-WEIGHT_FORMATS = ("float32", "float16", "bfloat16", "int8")
+WEIGHT_FORMATS = formats.NAMES          # --weights choices: the registered weight formats (live)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,6 +1,6 @@
 """Decode speed on a busy machine: quiet vs next to a competing process, for each thread count.
 
-    python -m bench.contention --model rwkv-4-pile-169m [--weights int8] [--threads 1,2]
+    python -m bench.contention --model rwkv-4-pile-169m [--weights FORMAT] [--threads 1,2]
                                [--competitor cpu,torch-matmul] [--tokens 128] [--repeats 3] [--json out.json]
 
 For each thread count, decode tokens/s (`model.generate(...).decode_tokens_per_s`, greedy, median of
@@ -122,11 +122,12 @@ def table(rows):
 
 
 def parse_args(argv):
+    from bench.cli import WEIGHT_FORMATS
     from bench.generate import OneLineParser
     p = OneLineParser(prog="python -m bench.contention", description=__doc__)
     p.add_argument("--model", default="rwkv-4-pile-169m")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--weights", default=None, help="weight format (as load(weights=)): float32, float16, bfloat16, int8")
+    p.add_argument("--weights", default=None, help=f"weight format (as load(weights=)): {', '.join(WEIGHT_FORMATS)}")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--competitor", default=",".join(COMPETITORS),
                    help=f"comma-separated, of {', '.join(COMPETITORS)} (default all)")
@@ -146,10 +147,8 @@ def parse_args(argv):
         p.error(f"unknown --competitor {unknown[0]!r}: use {', '.join(COMPETITORS)}")
     if args.tokens < 2 or args.repeats < 1:
         p.error("--tokens must be >= 2 and --repeats >= 1")
-    if args.weights is not None:
-        from kernels.quant import FORMATS
-        if args.weights not in FORMATS:
-            p.error(f"unknown --weights {args.weights!r}: use one of {', '.join(FORMATS)}")
+    if args.weights is not None and args.weights not in WEIGHT_FORMATS:
+        p.error(f"unknown --weights {args.weights!r}: use one of {', '.join(WEIGHT_FORMATS)}")
     if args.json:
         _check_writable(p, args.json)
     return args

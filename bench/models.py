@@ -8,21 +8,39 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
 import psutil
 
 from bench import PROMPT_TOKENS
+from kernels import formats
 
 RWKV = "rwkv"
 RWKV_LABEL, RWKV_STYLE = "RWKV-4", ("tab:red", "o")
 MARGIN_BYTES = 512 << 20        # allocator slack, interpreter, libraries
 MARGIN_FRACTION = 0.10          # of the parameter bytes: conversion copies, fragmentation
 BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
-# Bytes per stored weight of each weight format (`--weights`): int8 keeps one fp16 scale per block
-# of 32 weights (Q8_0-like), (32 + 2) / 32 bytes per weight.
-WEIGHT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 34 / 32}
+
+
+class _WeightBytes(Mapping):
+    """Bytes per stored weight of each weight format (`--weights`), read from the format records
+    (`kernels.formats`; e.g. the Q8_0 blocks keep one fp16 scale per 32 weights, 34 / 32 bytes)."""
+
+    def __getitem__(self, name):
+        if name not in formats.NAMES:
+            raise KeyError(name)
+        return formats.get(name).bytes_per_weight
+
+    def __iter__(self):
+        return iter(formats.names())
+
+    def __len__(self):
+        return len(formats.NAMES)
+
+
+WEIGHT_BYTES = _WeightBytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,24 +145,23 @@ def load(name, device="cpu", dtype="float32", checkpoint=None, protocol="kv-cach
     return _call(baselines.load, weights, key, device=device, dtype=dtype, protocol=protocol, checkpoint=checkpoint)
 
 
-def _call(loader, weights, *args, **kwargs):
-    """loader(*args, **kwargs), with weights=... only when a format is given (and a clear error
-    if this loader does not take one)."""
-    if weights is None:
+def _call(loader, weight_format, *args, **kwargs):
+    """loader(*args, **kwargs), with weights=weight_format only when a format is given (and a clear
+    error if this loader does not take one)."""
+    if weight_format is None:
         return loader(*args, **kwargs)
     import inspect
     params = inspect.signature(loader).parameters
     if "weights" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        raise ValueError(f"--weights {weights}: {loader.__module__}.load takes no weight format in this version")
-    return loader(*args, weights=weights, **kwargs)
+        raise ValueError(f"--weights {weight_format}: {loader.__module__}.load takes no weight format in this version")
+    return loader(*args, weights=weight_format, **kwargs)
 
 
 def bytes_per_weight(dtype="float32", weights=None):
-    """Bytes one parameter takes in memory: the weight format's, else the compute dtype's."""
+    """Bytes one parameter takes in memory: the weight format's, else the compute dtype's. (`weights=`
+    here and below is the weight format, spelt as `rwkv_engine.load(weights=)` and `--weights`.)"""
     if weights is not None:
-        if weights not in WEIGHT_BYTES:
-            raise ValueError(f"unknown weight format {weights!r}; use one of {', '.join(WEIGHT_BYTES)}")
-        return WEIGHT_BYTES[weights]
+        return formats.get(weights).bytes_per_weight
     return BYTES[dtype]
 
 

@@ -3,7 +3,9 @@
     run_child(spec, timeout)             parent: start `python -m bench.runner SPEC_JSON`, collect its result
     python -m bench.runner SPEC_JSON     child: load, warm up, reset the meters, generate, report
 
-SPEC keys (DEFAULTS): model, device, dtype, weights (weight format, only passed on when given),
+SPEC keys (DEFAULTS): model, device, dtype, weights (the weight format, as `--weights` and
+`load(weights=)` spell it; only passed on when given; the result records the model's own as
+"weight_format"),
 tokens, batch (streams decoded together), prompt (or prompt_ids), checkpoint, threads, seed,
 protocol, peer (the runner: "ours", "blinkdl", "transformers"), mem_method, progress_every_s, and
 mode: "generate" (default), "trace" (the peak so far after every step, for bench.seqlen) or
@@ -244,15 +246,23 @@ def measure(spec):
         gen, more = MODES[spec["mode"]](loaded, spec, meter)
         machine_load = others.stop()
         mem = meter.read()
+    dtype = loaded.info.pop("dtype", spec["dtype"])
     return RunResult(
         model=spec["model"], peer=spec["peer"] or "ours", device=spec["device"],
-        dtype=loaded.info.pop("dtype", spec["dtype"]), weight_format=spec["weights"] or spec["dtype"],
+        dtype=dtype, weight_format=weight_format_of(loaded, spec, dtype),
         threads=spec["threads"], batch=spec["batch"], protocol=loaded.info.pop("protocol", spec["protocol"]),
         seed=spec["seed"], prompt_tokens=loaded.prompt_tokens, prompt_note=loaded.prompt_note,
         new_tokens=spec["tokens"], load_s=loaded.load_s, warmup_s=warmup_s, prefill_s=gen.prefill_s,
         step_s=gen.step_s, token_ids=gen.token_ids, peak_bytes=mem["peak_bytes"], mem_method=mem["method"],
         machine_load=machine_load, info={**loaded.info, "baseline_bytes": mem["baseline_bytes"]},
         extra={**extra, **more})
+
+
+def weight_format_of(loaded, spec, dtype):
+    """The format the run's matrices were in: the model's own (a packed file run without --weights is
+    in its file's format), else the requested one (spec "weights"), else the compute dtype."""
+    own = getattr(loaded.model, "weight_format", None)
+    return own if isinstance(own, str) else (spec["weights"] or dtype)
 
 
 def check_spec(spec):

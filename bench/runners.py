@@ -92,7 +92,8 @@ def load_ours(spec):
     batch = torch.tensor([ids] * spec["batch"], dtype=torch.long)
     family = models.family_of(spec["model"])
     info = {"family": family, "n_params": int(model.n_params), "synthetic": bool(model.synthetic),
-            "weights": "synthetic" if model.synthetic else str(model.source),
+            "provenance": "synthetic" if model.synthetic else str(model.source),
+            "weights": "synthetic" if model.synthetic else str(model.source),    # provenance's former key
             "source": str(getattr(model, "path", None) or model.source),
             "weight_bytes_per_token": int(model.weight_bytes_per_token),
             "expected_runtime_bytes": expected_runtime_bytes(model, spec["batch"], len(ids) + spec["tokens"]),

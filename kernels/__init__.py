@@ -11,31 +11,26 @@ sequence mode both go through it; each op takes `backend=` to pick one explicitl
   * `decode_layers` (decode.py): a whole decode step through a run of layers (one C call on the
     CPU, or the ops above composed).
   * `sample_rows` (sampling.py): temperature sampling of rows of logits by inverting the CDF.
-The C CPU kernels and their builder are in `cpu_c.py` / `csrc/`; weight formats (float16,
-bfloat16, int8 blocks with float32 activations) and their kernels in `quant.py`.
+The C CPU kernels, their builder and their one binding are in `cpu_c.py` / `csrc/`; the weight formats
+are records in `formats.py` (one per format: everything else derives from them), their kernels in
+`quant.py`.
 
-OpenMP spinning: torch's OpenMP (GNU libgomp) threads spin for ~300000 rounds (~10-20 ms here) after
-each parallel region before they sleep, and a spinning thread holds a core that the library's own
-pool (which runs the decode and short-prompt products) then waits for. Imported before torch, this
-package sets GOMP_SPINCOUNT=10000 (about half a millisecond: threads stay hot between the ops of
-one forward) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY; libgomp reads it
-once, when torch loads, so a program that imports torch first keeps the default unless it sets the
-variable itself. Measured (169m, 2 threads, a 14-token prompt chunk): 78 ms per forward with the
-default spin, 52 ms with 10000.
+Import-time state: `import kernels` does one thing at import, in `kernels.spin`: it shortens the
+spin of torch's OpenMP threads (GOMP_SPINCOUNT, read by libgomp when torch loads; never over a
+user's value), and says once, at the first use of the C kernels, when torch was imported first and it
+could not. Everything else (the C build and its instruction set, thread counts) is read at first use.
 """
-import os as _os
-import sys as _sys
+from . import spin
 
-SPIN_DEFAULT = "10000"
-SPIN_SET_HERE = "torch" not in _sys.modules and not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(_os.environ))
-if SPIN_SET_HERE:           # child processes inherit it; bench.contention's competitors get it removed
-    _os.environ["GOMP_SPINCOUNT"] = SPIN_DEFAULT
+spin.set_default()
+SPIN_DEFAULT = spin.DEFAULT
+SPIN_SET_HERE = spin.set_here       # bench.contention's competitors get it removed
 
-from . import dispatch, quant
+from . import dispatch, formats, quant
 from .decode import DecodeLayers, decode_layers
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group, linear_reference
-from .sampling import sample_rows, sample_rows_reference
+from .sampling import sample_rows, sample_rows_reference, sample_rows_serves
 from .wkv_cpu import wkv_cpu, wkv_cpu_step, wkv_numpy
 from .wkv_ops import wkv, wkv_step
 from .wkv_reference import P_INIT, new_wkv_state, wkv_reference

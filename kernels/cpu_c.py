@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import formats, spin
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_ops.c"
 BASE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-pthread"]
@@ -32,6 +34,7 @@ ISAS = {
                {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
 }
 _P, _I64, _VP = ctypes.POINTER, ctypes.c_int64, ctypes.c_void_p
+I64, VP = _I64, _VP
 
 
 class BuildError(RuntimeError):
@@ -59,10 +62,11 @@ def supported_isas(features=None):
     return [isa for isa, (_, needs) in reversed(ISAS.items()) if needs <= features]
 
 
-def best_isa():
-    """The level to use: RWKV_ENGINE_ISA if set (must be supported), else the best supported; None if none."""
-    supported = supported_isas()
-    forced = os.environ.get("RWKV_ENGINE_ISA")
+def best_isa(features=None):
+    """The level to use for these CPU flags (default: this CPU's): RWKV_ENGINE_ISA if set (must be
+    supported), else the best supported; None if none."""
+    supported = supported_isas(features)
+    forced = os.environ.get("RWKV_ENGINE_ISA") if features is None else None
     if forced:
         if forced not in ISAS:
             raise ValueError(f"RWKV_ENGINE_ISA={forced!r}: use one of {', '.join(ISAS)}")
@@ -119,10 +123,22 @@ def build(source, isa):
 
 
 class CpuOps:
-    """The functions of one build of cpu_ops.c (one ISA level), taking and returning tensors."""
+    """The functions of one build of cpu_ops.c (one ISA level), taking and returning tensors: the one
+    place that declares the library's C signatures (kernels.quant calls `lib` for its kernels), and
+    checks its format enum against the format records (kernels/formats.py) when it loads."""
 
     def __init__(self, lib, isa):
         self.lib, self.isa = lib, isa
+        lib.format_name.argtypes = [_I64]
+        lib.format_name.restype = ctypes.c_char_p
+        formats.check_c_enum(lib.format_name)
+        lib.qmatvec_group.argtypes = [_I64, _P(_I64), _P(_VP), _I64, _I64, _I64]
+        lib.qmatvec_group.restype = _I64
+        lib.quantize_rows.argtypes = [_VP, _I64, _I64, _I64, _VP, _VP]
+        lib.dequantize.argtypes = [_I64, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64]
+        for f in (lib.quantize_rows, lib.dequantize):
+            f.restype = None
+        lib.isa_level.restype = ctypes.c_int
         lib.matvec_group.argtypes = [_I64, _P(_VP), _P(_VP), _P(_VP), _P(_I64), _P(_I64), _I64, _I64, _I64]
         lib.matvec_group.restype = _I64
         lib.matvec_max_group.restype = _I64
@@ -216,7 +232,6 @@ def _load(isa):
         return exc
 
 
-@lru_cache(maxsize=None)
 def _default_isa():
     """The level cpu_ops runs by default: the best this CPU supports (or RWKV_ENGINE_ISA). Measured on
     a quiet AVX-512 machine (169m fp32, 2 threads): the avx512 build decodes one stream as fast as
@@ -225,23 +240,37 @@ def _default_isa():
     return best_isa()
 
 
-_default_ops = None
+_default = None         # the default build (CpuOps) or the BuildError saying why there is none
+_default_ops = None     # the same when it is a build (the fast path of `ops`)
+
+
+def _choose_default():
+    """The default build, decided once, at first use: the environment switches
+    (RWKV_ENGINE_NO_C_KERNELS, RWKV_ENGINE_ISA, RWKV_ENGINE_CPU_FEATURES) are read here and only here."""
+    if os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
+        return BuildError("disabled by RWKV_ENGINE_NO_C_KERNELS")
+    return _load(_default_isa())
 
 
 def ops(isa=None):
-    """The cpu_ops build for `isa` (default: `best_isa()`). The default build and the environment
-    switches (RWKV_ENGINE_NO_C_KERNELS, RWKV_ENGINE_ISA, RWKV_ENGINE_CPU_FEATURES) are read once per
-    process. Raises BuildError if it cannot run here."""
-    global _default_ops
-    if isa is None and _default_ops is not None:
-        return _default_ops
-    if os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
-        raise BuildError("disabled by RWKV_ENGINE_NO_C_KERNELS")
-    result = _load(isa or _default_isa())
+    """The cpu_ops build for `isa` (default: `best_isa()`, chosen once per process at first use).
+    Raises BuildError if it cannot run here."""
+    global _default, _default_ops
+    if isa is None:
+        if _default_ops is not None:
+            return _default_ops
+        if _default is None:
+            _default = _choose_default()
+            if not isinstance(_default, BuildError):
+                _default_ops = _default
+                spin.warn_if_too_late()          # the first use of the C kernels
+        result = _default
+    elif os.environ.get("RWKV_ENGINE_NO_C_KERNELS"):
+        result = BuildError("disabled by RWKV_ENGINE_NO_C_KERNELS")
+    else:
+        result = _load(isa)
     if isinstance(result, BuildError):
         raise result
-    if isa is None:
-        _default_ops = result
     return result
 
 

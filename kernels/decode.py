@@ -6,10 +6,12 @@ Two implementations of one signature, chosen by `kernels.dispatch` (op "decode_l
     dispatched on its own: runs on every device and dtype, and is the reference.
   * "c": the same step as one call into the C library (`csrc/decode_step.h`): the same kernels in
     the same order, so bit-identical to "composed" on the C path, without ~90 Python-level calls
-    per token (which cost more than reading int8 weights at 169m). CPU, float32 activations and
+    per token (which cost more than reading Q8_0 weights at 169m). CPU, float32 activations and
     state, any weight format of `kernels.quant`, contiguous tensors.
-Forcing any of the component ops (`dispatch.force(linear=...)`, or a `wkv_backend`) selects
-"composed", so a forced implementation is never bypassed.
+The table decides: its "c" rows are those of the formats with a C code (`kernels.formats`); forcing
+any of the component ops (`dispatch.force(linear=...)`, or a `wkv_backend`) selects "composed"
+(`dispatch.COMPOSED_OF`), so a forced implementation is never bypassed; layers the C plan cannot take
+(e.g. a non-contiguous weight) take the row's fallback, with one warning.
 
 A layer is any object with the attributes named in VECTORS and MATRICES (the model's `Block`).
 """
@@ -17,7 +19,7 @@ import ctypes
 
 import torch
 
-from . import cpu_c, dispatch
+from . import cpu_c, dispatch, formats
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group
 
@@ -25,8 +27,6 @@ VECTORS = ("ln1_w", "ln1_b", "att_mix_k", "att_mix_v", "att_mix_r", "att_w", "at
            "ln2_w", "ln2_b", "ffn_mix_k", "ffn_mix_r")
 MATRICES = ("att_receptance", "att_key", "att_value", "att_output", "ffn_receptance", "ffn_key", "ffn_value")
 _NAMES = VECTORS + MATRICES
-COMPONENT_OPS = ("linear", "ln_shift_mix", "wkv_step_gated", "relu_square_", "add_gated_")
-_FMT_CODE = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
 _I64, _VP = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -77,15 +77,15 @@ def _build_plan(layers, C, F):
             ptrs.append(t.data_ptr())
         for name in MATRICES:
             w = getattr(blk, name)
-            fmt = dispatch.weight_format(w)
-            if tuple(w.shape) != want[name] or fmt not in _FMT_CODE:
-                raise ValueError(f"decode_layers: layer {i} {name} is {fmt} {list(w.shape)}, "
-                                 f"expected one of {sorted(_FMT_CODE)} {list(want[name])}")
-            values, scales = (w.q, w.scale) if fmt == "int8" else (w, None)
+            fmt = formats.of(w)
+            if tuple(w.shape) != want[name] or fmt is None or fmt.code is None:
+                raise ValueError(f"decode_layers: layer {i} {name} is {dispatch.weight_format(w)} {list(w.shape)}, "
+                                 f"expected one of {sorted(formats.c_codes())} {list(want[name])}")
+            values, scales = fmt.c_parts(w)
             if not values.is_contiguous() or (scales is not None and not scales.is_contiguous()):
                 raise ValueError(f"decode_layers: layer {i} {name} is not contiguous")
             ptrs += (values.data_ptr(), None if scales is None else scales.data_ptr())
-            dims += (_FMT_CODE[fmt], *want[name])
+            dims += (fmt.code, *want[name])
     lib = cpu_c.ops().lib
     assert lib.decode_layout(0) * len(layers) == len(ptrs) and lib.decode_layout(1) * len(layers) == len(dims)
     return (_VP * len(ptrs))(*ptrs), (_I64 * len(dims))(*dims)
@@ -100,17 +100,17 @@ def _key(plan, x, state):
 def decode_layers(plan, x, state, wkv_backend=None, backend=None):
     """x (B, C): one token per stream, updated in place and returned; state: the tensors
     (att_x, att_a, att_b, att_p, ffn_x), each (n_layers, B, C), updated in place."""
-    if wkv_backend is not None or any(dispatch.is_forced(op) for op in COMPONENT_OPS):
-        backend = backend or "composed"
-    name, fn = dispatch.pick("decode_layers", _key(plan, x, state), backend)
+    name, fn = dispatch.pick("decode_layers", _key(plan, x, state), backend, parts_chosen=wkv_backend is not None)
     return fn(plan, x, state, wkv_backend)
 
 
 def decode_layers_c(plan, x, state, wkv_backend=None, isa=None):
     """isa: the instruction-set build to run (default: the best here). Layers the C step cannot take
-    (e.g. a non-contiguous weight: `plan.unusable` says why) run the composed ops: right, only slower."""
+    (e.g. a non-contiguous weight: `plan.unusable` says why) run the table's fallback for them (the
+    composed ops: right, only slower), with one warning per process."""
     if not plan.c_usable():                      # checks (and builds) the plan once per step
-        return decode_layers_composed(plan, x, state, wkv_backend)
+        _, fallback = dispatch.fall_back("decode_layers", _key(plan, x, state), plan.unusable)
+        return fallback(plan, x, state, wkv_backend)
     ptrs, dims = plan._plan
     att_x, att_a, att_b, att_p, ffn_x = state
     B = x.shape[0]

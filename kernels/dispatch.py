@@ -7,22 +7,25 @@ Both model modes go through it: token mode (one token per stream) and sequence m
     reaches C.
   * compute: the activations' dtype name ("float32", "float16", "bfloat16"); "mixed" when the
     tensors of an element-wise op disagree.
-  * weights: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
-    (e.g. "int8"); "-" for ops without a weight matrix.
+  * weight_format: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
+    (the name of its record in `kernels.formats`); "-" for ops without a weight matrix.
   * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
     "short" for a sequence of at most SHORT_ROWS rows in all (a prompt chunk or a few prompt tokens),
     and "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
 The first matching row of TABLE wins ("*" matches anything). A row whose implementation needs the
-C build names a fallback, used (with one warning per process) when the build is unavailable.
+C build names a fallback, used (with one warning per process) when the build is unavailable. An op
+made of others (`COMPOSED_OF`: the decode step) runs composed when any of its parts is forced.
 
-Implementations register themselves by name (`register_impl`, called by the modules that define
-them), so this module imports none of them. An implementation may also be named "module:function"
-(imported on first use). Tests force a choice per op with `force(linear="reference")`; callers
+The rows of each weight format come from its record (`kernels.formats`, `Serve`): registering a
+format adds them. Implementations register themselves by name (`register_impl`, called by the modules
+that define them), so this module imports none of them. An implementation that finds at run time that
+it cannot take its inputs (the C decode step's plan) takes its row's fallback through `fall_back`,
+with one warning per process. Callers that need a rule's answer ask (`has_kernel`) instead of
+repeating it. Tests force a choice per op with `force(linear="reference")`; callers
 pass `backend=` to the op itself. `python -m kernels` prints the table and whether this machine
 has the C build.
 """
 import contextlib
-import importlib
 import threading
 import warnings
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu_c
+from . import cpu_c, formats
 
 DEVICES = ("cpu", "cuda")
 
@@ -40,32 +43,27 @@ class Rule:
     op: str
     device: str
     compute: str
-    weights: str
+    weight_format: str
     shape: str
     impl: str
     fallback: Optional[str] = None          # when `impl` needs the C build and it is unavailable
 
+    @property
+    def weights(self):                      # the column's former name
+        return self.weight_format
+
+    def key(self):
+        return (self.device, self.compute, self.weight_format, self.shape)
+
     def matches(self, key):
-        return all(r in ("*", k) for r, k in zip((self.device, self.compute, self.weights, self.shape), key))
+        return all(r in ("*", k) for r, k in zip(self.key(), key))
 
 
-TABLE = [
-    #     op                device  compute    weights    shape         impl         fallback
-    Rule("linear",          "cpu",  "float32", "float32", "token",      "c",         "torch"),
-    Rule("linear",          "cpu",  "float32", "float32", "short",      "c",         "torch"),
-    # --- packed / 16-bit weight formats (kquant): add rows here, before the catch-all ---
-    # float32 activations with 16-bit or int8 weights (kernels/quant.py); each falls back to torch
-    # itself when its C build is missing
-    Rule("linear",          "cpu",  "float32", "float16",  "token",     "quant_c"),
-    Rule("linear",          "cpu",  "float32", "bfloat16", "token",     "quant_c"),
-    Rule("linear",          "cpu",  "float32", "int8",     "token",     "quant_c"),
-    Rule("linear",          "cpu",  "float32", "float16",  "short",     "quant_c"),
-    Rule("linear",          "cpu",  "float32", "bfloat16", "short",     "quant_c"),
-    Rule("linear",          "cpu",  "float32", "int8",     "short",     "quant_c"),
-    Rule("linear",          "cpu",  "float32", "float16",  "sequence",  "quant_gemm"),
-    Rule("linear",          "cpu",  "float32", "bfloat16", "sequence",  "quant_gemm"),
-    Rule("linear",          "cpu",  "float32", "int8",     "sequence",  "quant_gemm"),
-    # --- end of packed formats ---
+# The rows that do not depend on a weight format. The format rows (`linear` per format, `decode_layers`
+# per format with a C code) come from the format records (kernels/formats.py, `Serve`), placed before
+# their op's catch-all row.
+_FIXED = [
+    #     op                device  compute    format     shape         impl         fallback
     Rule("linear",          "*",    "*",       "*",       "*",          "torch"),
     Rule("wkv",             "cuda", "*",       "-",       "*",          "triton"),
     Rule("wkv",             "cpu",  "*",       "-",       "*",          "c",         "numpy"),
@@ -81,10 +79,39 @@ TABLE = [
     Rule("add_gated_",      "*",    "*",       "-",       "*",          "reference"),
     Rule("sample_rows",     "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
     Rule("sample_rows",     "*",    "*",       "-",       "*",          "reference"),
-    # a whole decode step through a run of layers (kernels/decode.py): one C call on the CPU path
-    Rule("decode_layers",   "cpu",  "float32", "*",       "contiguous", "c",         "composed"),
+    # a whole decode step through a run of layers (kernels/decode.py): one C call on the CPU path for
+    # every format the C step takes (the per-format rows), the ops composed otherwise
     Rule("decode_layers",   "*",    "*",       "*",       "*",          "composed"),
 ]
+# An op made of others runs its composed implementation whenever one of its parts is forced or
+# given a backend, so that a chosen implementation is never bypassed.
+COMPOSED_OF = {"decode_layers": ("composed", ("linear", "ln_shift_mix", "wkv_step", "wkv_step_gated",
+                                              "relu_square_", "add_gated_"))}
+
+
+def _format_rows():
+    rows = {"linear": [], "decode_layers": []}
+    for fmt in formats.all_formats():
+        rows["linear"] += [Rule("linear", s.device, s.compute, fmt.name, s.shape, s.impl, s.fallback)
+                           for s in fmt.serves]
+        if fmt.code is not None:
+            rows["decode_layers"].append(Rule("decode_layers", "cpu", "float32", fmt.name, "contiguous",
+                                              "c", "composed"))
+    return rows
+
+
+def _rebuild():
+    """TABLE = the fixed rows with each format's rows before its op's catch-all (again whenever a
+    format is registered or removed)."""
+    rows, table = _format_rows(), []
+    for rule in _FIXED:
+        table += rows.pop(rule.op, ()) if rule.key() == _CATCH_ALL else ()
+        table.append(rule)
+    TABLE[:] = table
+    _choice_cache.clear()
+
+
+TABLE = []
 _CATCH_ALL = ("*", "*", "*", "*")
 ALIASES = {"cpu": ("c", "numpy")}       # backend="cpu": the first of these the op has
 
@@ -92,19 +119,13 @@ _impls = {}                             # (op, name) -> (callable, needs_c)
 _forced = {}                            # op -> impl name
 _choice_cache = {}
 _warned = set()
+_rebuild()
+formats.on_change(_rebuild)
 
 
 def register_impl(op, name, fn, needs_c=False):
     """Make `fn` available as implementation `name` of `op` (called by the module defining it)."""
     _impls[(op, name)] = (fn, needs_c)
-    _choice_cache.clear()
-
-
-def add_rule(rule):
-    """Insert a row before the op's catch-all row (for formats registered at run time)."""
-    at = next((i for i, r in enumerate(TABLE) if r.op == rule.op and
-               (r.device, r.compute, r.weights, r.shape) == _CATCH_ALL), len(TABLE))
-    TABLE.insert(at, rule)
     _choice_cache.clear()
 
 
@@ -178,7 +199,7 @@ def layout_of(*tensors):
 # A sequence product of at most this many rows streams the weights once through the decode kernels
 # instead of a GEMM, which packs the whole weight matrix for a handful of rows. Measured with
 # `python -m bench.modes --chunks 2,4,8,16,24,32,48,64` (169m, 2 threads; GEMM time / kernels time
-# per forward): float32 0.91 at 2 rows, 1.38 at 8, 1.10 at 32, 0.93 at 48; int8 3.0 at 2, 1.32 at 32,
+# per forward): float32 0.91 at 2 rows, 1.38 at 8, 1.10 at 32, 0.93 at 48; Q8_0 blocks 3.0 at 2, 1.32 at 32,
 # 1.08 at 48.
 SHORT_ROWS = 32
 
@@ -212,33 +233,58 @@ def product_shape(x):
 
 # -- choosing --------------------------------------------------------------------------------------
 
-def choose(op, key, backend=None):
+def choose(op, key, backend=None, parts_chosen=False):
     """The implementation name for op at key = (device, compute, weights, shape). `backend` (an
-    implementation name, or "cpu") overrides the forced choice, which overrides the table."""
-    cache_key = (op, key, backend)
+    implementation name, or "cpu") overrides the forced choice, which overrides the table.
+    parts_chosen: a caller gave one of the op's parts (COMPOSED_OF) a backend of its own."""
+    cache_key = (op, key, backend, parts_chosen)
     name = _choice_cache.get(cache_key)
     if name is None:
-        name = _choose(op, key, backend)
+        name = _choose(op, key, backend, parts_chosen)
         _choice_cache[cache_key] = name
     return name
 
 
-def _choose(op, key, backend):
-    wanted = backend or _forced.get(op)
+def _choose(op, key, backend, parts_chosen=False):
+    wanted = backend or _forced.get(op) or _composed_choice(op, parts_chosen)
     if wanted is not None:
         return _resolve_alias(op, wanted)
+    return _usable(rule_for(op, key))
+
+
+def _composed_choice(op, parts_chosen):
+    composed = COMPOSED_OF.get(op)
+    if composed is not None and (parts_chosen or any(part in _forced for part in composed[1])):
+        return composed[0]
+    return None
+
+
+def rule_for(op, key):
+    """The first row of TABLE for op that matches key."""
     for rule in TABLE:
         if rule.op == op and rule.matches(key):
-            return _usable(rule)
+            return rule
     raise ValueError(f"kernels: no {op} implementation for {'/'.join(key)}")
+
+
+def has_kernel(op, key):
+    """Whether op has a row of its own for key (not its catch-all): the question callers ask instead
+    of repeating a row's conditions (e.g. "does sample_rows have a kernel for these logits?")."""
+    cache_key = ("has_kernel", op, key)
+    answer = _choice_cache.get(cache_key)
+    if answer is None:
+        answer = _choice_cache[cache_key] = rule_for(op, key).key() != _CATCH_ALL
+    return answer
 
 
 def _resolve_alias(op, name):
     candidates = ALIASES.get(name, (name,))
-    for candidate in candidates:
-        if (op, candidate) not in _impls and ":" not in candidate:
+    for i, candidate in enumerate(candidates):
+        if (op, candidate) not in _impls:
             continue
         if not _needs_c(op, candidate) or cpu_c.available():
+            if i > 0 and _needs_c(op, candidates[0]) and (op, candidates[0]) in _impls:
+                _warn_c_build(op, candidate)
             return candidate
         if len(candidates) == 1:
             raise ValueError(f"kernels: {op} backend {name!r} needs the C kernels, which are unavailable "
@@ -257,39 +303,51 @@ def _usable(rule):
         return rule.impl
     if rule.fallback is None:
         raise ValueError(f"kernels: {rule.op} needs the C kernels here: {cpu_c.unavailable_reason()}")
-    if "c-build" not in _warned:
-        _warned.add("c-build")
-        warnings.warn(f"kernels: the C CPU kernels are unavailable ({cpu_c.unavailable_reason()}); "
-                      f"{rule.op} and other ops run slower fallbacks ({rule.fallback})", RuntimeWarning,
-                      stacklevel=4)
+    _warn_c_build(rule.op, rule.fallback)
     return rule.fallback
 
 
+def _warn_c_build(op, fallback):
+    """The one warning per process that the C build is missing and fallbacks run."""
+    if "c-build" not in _warned:
+        _warned.add("c-build")
+        warnings.warn(f"kernels: the C CPU kernels are unavailable ({cpu_c.unavailable_reason()}); "
+                      f"{op} and other ops run slower fallbacks ({fallback})", RuntimeWarning, stacklevel=5)
+
+
+def fall_back(op, key, why):
+    """(name, callable) of the fallback of op's row for key, for an implementation that finds at run
+    time that it cannot take its inputs (`why`: one line); warns once per process and op."""
+    rule = rule_for(op, key)
+    if rule.fallback is None:
+        raise ValueError(f"kernels: {op} {rule.impl} cannot run: {why}")
+    if ("unusable", op) not in _warned:
+        _warned.add(("unusable", op))
+        warnings.warn(f"kernels: {op} runs its slower fallback {rule.fallback!r} instead of {rule.impl!r}: "
+                      f"{why}", RuntimeWarning, stacklevel=3)
+    return rule.fallback, implementation(op, rule.fallback)
+
+
 def implementation(op, name):
-    """The callable registered as `name` for `op` (or imported from "module:function")."""
+    """The callable registered as `name` for `op`."""
     entry = _impls.get((op, name))
     if entry is not None:
         return entry[0]
-    if ":" in name:
-        module, attr = name.split(":", 1)
-        fn = getattr(importlib.import_module(module), attr)
-        _impls[(op, name)] = (fn, False)
-        return fn
     raise ValueError(f"kernels: {op} implementation {name!r} is not registered")
 
 
-def pick(op, key, backend=None):
+def pick(op, key, backend=None, parts_chosen=False):
     """(name, callable) of the implementation that runs for op at key."""
-    name = choose(op, key, backend)
+    name = choose(op, key, backend, parts_chosen)
     return name, implementation(op, name)
 
 
 def describe():
     """The table as text, with the implementation this machine would run for each row."""
-    lines = [f"{'op':16} {'device':6} {'compute':8} {'weights':8} {'shape':10} -> impl (fallback)"]
+    lines = [f"{'op':16} {'device':6} {'compute':8} {'format':8} {'shape':10} -> impl (fallback)"]
     for r in TABLE:
         fb = f" ({r.fallback})" if r.fallback else ""
-        lines.append(f"{r.op:16} {r.device:6} {r.compute:8} {r.weights:8} {r.shape:10} -> {r.impl}{fb}")
+        lines.append(f"{r.op:16} {r.device:6} {r.compute:8} {r.weight_format:8} {r.shape:10} -> {r.impl}{fb}")
     reason = cpu_c.unavailable_reason()
     lines.append("C kernels: " + (f"available, {cpu_c.ops().isa} build" if reason is None else f"unavailable: {reason}"))
     return "\n".join(lines)

@@ -43,3 +43,16 @@ def sample_rows(logits, inv_temp, u, backend=None):
     """Tokens [B] (int64) for logits [B, V], 1 / temperature and u [B] in (0, 1]; see the module."""
     key = (dispatch.device_of(logits), dispatch.compute_of(logits), "-", dispatch.layout_of(logits))
     return dispatch.pick("sample_rows", key, backend)[1](logits, inv_temp, u)
+
+
+def sample_rows_serves(logits):
+    """Whether `sample_rows` has a kernel of its own for logits like these (2-D, taken contiguous): the
+    dispatch table's answer, which callers ask rather than repeat its rule (`rwkv_engine.sampling`
+    sends plain temperature sampling there only then, the server batches those rows)."""
+    if logits.dim() != 2:
+        return False
+    try:
+        device = dispatch.device_of(logits)
+    except ValueError:
+        return False
+    return dispatch.has_kernel("sample_rows", (device, dispatch.dtype_name(logits.dtype), "-", "contiguous"))

@@ -8,19 +8,20 @@ dispatch per step instead of a dozen fresh torch tensors).
 import numpy as np
 import torch
 
-from . import cpu_c
+from . import cpu_c, dispatch
 from .wkv_reference import new_wkv_state
 
 
 def wkv_cpu(w, u, k, v, state=None):
-    """WKV over a sequence on CPU in float32: the C loop (`wkv_cpu_c`, channels split over threads)
-    where it is available, else the numpy loop below.
+    """WKV over a sequence on CPU in float32: what the dispatch table runs for CPU tensors (the C loop,
+    `wkv_cpu_c`, channels split over threads; its fallback without the C build, with the table's one
+    warning, the numpy loop below).
 
     w, u: [C] float32. k, v: [B, T, C]. state: (a, b, p) each [B, C] float32, or None.
     Returns y [B, T, C] float32 and a new state (a, b, p); the input state is not modified.
     """
-    impl = wkv_cpu_c if cpu_c.available() else wkv_numpy
-    return impl(w, u, k, v, state)
+    key = ("cpu", dispatch.dtype_name(k.dtype), "-", "*")
+    return dispatch.pick("wkv", key)[1](w, u, k, v, state)
 
 
 def wkv_cpu_c(w, u, k, v, state=None):

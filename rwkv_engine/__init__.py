@@ -58,12 +58,13 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     device: cpu or cuda. dtype: float32 (default, as the paper), float16 or bfloat16 weights; the
     WKV state is float32. rescale_every: halve the residual every N layers (default 6 for float16,
     off otherwise).
-    weights: how the matrices are stored: None (as dtype), "float32", "float16", "bfloat16" or "int8"
-    (blocks of 32 with a scale each, see kernels.quant); with a format, activations, state and
-    accumulation stay float32 (CPU). Packed at load, matrix by matrix from the memory-mapped file; a
-    file written by `python -m rwkv_engine.convert SRC DST --weights int8` loads as it is. A registered
-    name with 16-bit or int8 weights uses a synthetic checkpoint written in bfloat16 (streamed, shard
-    by shard: 7B/14B fit here).
+    weights: the weight format the matrices are stored in: None (as dtype) or a name of
+    `kernels.formats.names()`: "float32", "float16", "bfloat16", or ggml's Q8_0 (8-bit values in
+    blocks of 32 with a float16 scale each; see kernels.formats); with a format, activations, state
+    and accumulation stay float32 (CPU). Packed at load, matrix by matrix from the memory-mapped file;
+    a file written by `python -m rwkv_engine.convert SRC DST --weights FORMAT` loads as it is. A
+    registered name with 16-bit or 8-bit weights uses a synthetic checkpoint written in bfloat16
+    (streamed, shard by shard: 7B/14B fit here).
     layers: a range of layers: build only those (a pipeline stage, see rwkv_engine.pipeline); only
     their tensors are read from the (memory-mapped) checkpoint.
     """

@@ -164,7 +164,7 @@ def _entries(path):
     else:
         files = [path]
     entries = {}
-    packed = not path.is_dir() and weight_format(path) is not None    # int8 values: checked when unpacked
+    packed = not path.is_dir() and weight_format(path) is not None    # packed values: checked when unpacked
     for f in files:
         for key, (shape, dtype, fetch) in open_weights(f).items():
             name = rename(key)

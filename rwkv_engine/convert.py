@@ -1,21 +1,25 @@
 """Convert an RWKV-4 checkpoint between formats and dtypes.
 
     python -m rwkv_engine.convert SRC DST [--to pth|safetensors|hf] [--dtype float32|float16|bfloat16] [--overwrite]
-    python -m rwkv_engine.convert SRC DST.safetensors --weights int8|float16|bfloat16 [--overwrite]
+    python -m rwkv_engine.convert SRC DST.safetensors --weights FORMAT [--overwrite]
 
 SRC is any format `rwkv_engine.load` reads. DST is written atomically (a file, or a directory for
 --to hf, replaced as one set): an existing DST is replaced only with --overwrite. A synthetic SRC
 stays labelled synthetic in DST's metadata. Typical use: turn a released bf16 .pth into fp32 so that
 this engine, BlinkDL's `rwkv` package and transformers can be compared bit for bit on the same weights.
-With --weights, the matrices are packed (`rwkv_engine.weights`) into one safetensors file whose
+With --weights FORMAT (a weight format of `kernels.formats`: float16, bfloat16, the 8-bit blocks
+of ggml's Q8_0, or a registered one), the matrices are packed (`rwkv_engine.weights`) into one safetensors file whose
 metadata records the format; `rwkv_engine.load(DST)` maps it back without converting anything.
 """
 import argparse
 import sys
 from pathlib import Path
 
+from kernels import formats
+
 from . import weights as wformat
-from .checkpoint import read_checkpoint, read_metadata, save_pth, save_safetensors, weight_format, write_hf, SYNTHETIC
+from .checkpoint import read_checkpoint, read_metadata, save_pth, save_safetensors, write_hf, SYNTHETIC
+from .checkpoint import weight_format as format_of_file
 from .files import CheckpointError, WriteError, atomic_write, check_output_path
 from .model import as_dtype
 
@@ -49,19 +53,19 @@ def convert(src, dst, to="pth", dtype="float32", overwrite=False, weights=None):
     return atomic_write(dst, lambda p: save(sd, p, metadata), overwrite=overwrite, need=need)
 
 
-def convert_packed(src, dst, to, weights, overwrite=False):
-    """SRC -> one safetensors file with its matrices in format `weights` (progress bar on stderr)."""
-    wformat.quant.check_format(weights)
+def convert_packed(src, dst, to, weight_format, overwrite=False):
+    """SRC -> one safetensors file with its matrices in `weight_format` (progress bar on stderr)."""
+    formats.get(weight_format)
     if to != "safetensors":
         raise ValueError(f"--weights writes a .safetensors file, not {to!r}")
     dst = check_output_path(dst, "file", overwrite)
-    if weight_format(src) is not None:
-        raise ValueError(f"{src}: already a packed ({weight_format(src)}) checkpoint; convert the original")
+    if format_of_file(src) is not None:
+        raise ValueError(f"{src}: already a packed ({format_of_file(src)}) checkpoint; convert the original")
     metadata = SYNTHETIC if read_metadata(src).get("synthetic") == "true" else {}
     sd, _ = read_checkpoint(src)
     from tqdm import tqdm
     bar = lambda keys: tqdm(keys, desc="packing", unit="tensor", file=sys.stderr, disable=None)
-    return wformat.save_packed(sd, weights, dst, metadata, bar, overwrite)
+    return wformat.save_packed(sd, weight_format, dst, metadata, bar, overwrite)
 
 
 def parser():
@@ -73,8 +77,9 @@ def parser():
                     help="output format (default: from DST's suffix: .pth, .safetensors; otherwise a HF directory)")
     ap.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype of the written weights (default float32)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing DST (a directory is replaced whole)")
-    ap.add_argument("--weights", default=None, choices=wformat.quant.FORMATS,
-                    help="pack the matrices into this format (one .safetensors file; see rwkv_engine.weights)")
+    ap.add_argument("--weights", default=None, choices=formats.names(), metavar="FORMAT",
+                    help=f"pack the matrices into this weight format: {', '.join(formats.names())} "
+                         "(one .safetensors file; see rwkv_engine.weights)")
     return ap
 
 

@@ -324,6 +324,9 @@ def _open_safetensors(f):
         meta = {k: handle.get_slice(k) for k in handle.keys()}
         meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in meta.items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if "invalid offset" in str(e):          # the header's tensors overlap or leave a gap: not truncation
+            raise CheckpointError(f"{f}: corrupt safetensors header: tensor byte ranges overlap or leave "
+                                  f"gaps ({first_line(e)})") from None
         raise CheckpointError(f"{f}: truncated or not a safetensors file ({first_line(e)})") from None
     return {k: (shape, SAFETENSORS_DTYPES.get(dt, dt), lambda k=k: handle.get_tensor(k))
             for k, (shape, dt) in meta.items()}

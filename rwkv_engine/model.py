@@ -153,6 +153,11 @@ class RWKV:
         return self.config.n_params
 
     @property
+    def weight_format(self):
+        """The format of the large matrices (a name of `kernels.formats`); `weights` is the same."""
+        return self.weights
+
+    @property
     def weight_bytes_per_token(self):
         return int(self.config.weight_bytes_per_token(kernels.quant.bytes_per_weight(self.weights)))
 

@@ -129,9 +129,8 @@ def plain_temperature(params, vocab_size, counts=None):
 
 
 def _plain_temperature(logits, params, counts):
-    """Temperature sampling alone of CPU float32 logits: the C path."""
-    return (plain_temperature(params, logits.shape[-1], counts)
-            and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2)
+    """Temperature sampling alone of logits `kernels.sample_rows` has a kernel for (the table says)."""
+    return plain_temperature(params, logits.shape[-1], counts) and kernels.sample_rows_serves(logits)
 
 
 def sample_temperature_rows(logits, temperature, generators):
@@ -140,8 +139,7 @@ def sample_temperature_rows(logits, temperature, generators):
     gives, for all rows in one `kernels.sample_rows` call (rows in parallel). Returns a list with,
     per row, its token, or for a row holding NaN or infinity the NonFiniteLogitsError sample()
     raises for it (the other rows are unaffected)."""
-    if not (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-            and logits.shape[0] == len(generators) and not temperature == 0):
+    if not (kernels.sample_rows_serves(logits) and logits.shape[0] == len(generators) and not temperature == 0):
         raise ValueError("sample_temperature_rows takes CPU float32 logits [B, V], B generators and a "
                          f"temperature > 0; got {tuple(logits.shape)} {logits.dtype} on {logits.device}, "
                          f"{len(generators)} generators, temperature {temperature}")

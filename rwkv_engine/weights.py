@@ -1,9 +1,10 @@
-"""Choosing and applying a weight format to a model's matrices, and quantised checkpoint files.
+"""Choosing and applying a weight format to a model's matrices, and packed checkpoint files.
 
     weights=None        every tensor in the compute dtype (as before)
-    weights="float16" | "bfloat16" | "int8" | "float32"
-        the large matrices (att/ffn key, value, receptance, output; head) stored in that format
-        (`kernels.quant`), the embedding in 16 bits (it is only indexed), everything else and all
+    weights=<a format of kernels.formats> (`kernels.formats.names()`: float32, float16, bfloat16, the
+        8-bit blocks of ggml's Q8_0, and any registered one)
+        the large matrices (att/ffn key, value, receptance, output; head) stored in that format, the
+        embedding in the format's embedding dtype (it is only indexed), everything else and all
         activations, state and accumulation in float32. CPU only.
 
 Quantising happens at load, one matrix at a time straight from the memory-mapped checkpoint; each
@@ -18,59 +19,63 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import quant
-from kernels.quant import Int8Weight
+from kernels import formats
 
 from .files import atomic_write, release_pages
 
-META_FORMAT = "rwkv_engine.weights"
+META_FORMAT = "rwkv_engine.weights"         # the file's weight format (the key's name predates the word)
 META_SHAPES = "rwkv_engine.in_features"
 MATRIX_SUFFIXES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
                    "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
-EMBEDDING_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                   "int8": torch.float16}
 
 
 def is_matrix(key):
     return key == "head.weight" or key.endswith(MATRIX_SUFFIXES)
 
 
-def resolve(weights, dtype, device):
+def resolve(weight_format, dtype, device):
     """-> the weight format to pack into, or None for "same as the compute dtype" (plain casts)."""
-    if weights is None:
+    if weight_format is None:
         return None
-    quant.check_format(weights)
+    fmt = formats.get(weight_format)
     if dtype != torch.float32 or torch.device(device).type != "cpu":
-        if quant.FLOAT_FORMATS.get(weights) == dtype and torch.device(device).type != "cpu":
+        if fmt.dtype == dtype and torch.device(device).type != "cpu":
             return None
-        raise ValueError(f"weights={weights!r} needs dtype float32 on CPU (activations stay float32); "
+        raise ValueError(f"weights={weight_format!r} needs dtype float32 on CPU (activations stay float32); "
                          f"got dtype {dtype} on {torch.device(device)}")
-    return weights
+    return weight_format
 
 
-def pack_matrix(t, fmt, scale=1):
-    """A checkpoint matrix -> the packed weight; already packed ones (a quantised file) pass through."""
-    if isinstance(t, Int8Weight):
-        if fmt != "int8" or scale != 1:
-            raise ValueError(f"an int8 checkpoint loads with weights='int8', not {fmt!r}")
+def pack_matrix(t, weight_format, scale=1):
+    """A checkpoint matrix -> the packed weight; already packed ones (a packed file) pass through."""
+    if formats.is_packed(t):
+        if t.format != weight_format or scale != 1:
+            raise ValueError(f"an {t.format} checkpoint loads with weights={t.format!r}, not {weight_format!r}")
         return t
-    if fmt == "int8" and scale == 1:
-        return quant.quantize_int8(t, after_slice=release)     # source pages dropped slice by slice
-    src = t.float() / scale if scale != 1 else t
-    packed = quant.pack(src, fmt)
+    fmt = formats.get(weight_format)
+    if scale == 1:
+        return fmt.pack(t, after_slice=release)                # source pages dropped once packed
+    packed = fmt.pack(t.float() / scale)
     release(t)
     return packed
 
 
-def pack_embedding(emb, fmt):
-    """The embedding table (only indexed) in 16 bits; the same rounding at load and in converted files."""
-    return emb if emb.dtype == EMBEDDING_DTYPE[fmt] else emb.to(EMBEDDING_DTYPE[fmt])
+def embedding_dtype(weight_format):
+    return formats.get(weight_format).embedding_dtype
 
 
-def embedding_with_ln0(emb, ln_w, ln_b, eps, fmt, rows_per_step=2048):
+def pack_embedding(emb, weight_format):
+    """The embedding table (only indexed) in the format's embedding dtype; the same rounding at load
+    and in converted files."""
+    dtype = embedding_dtype(weight_format)
+    return emb if emb.dtype == dtype else emb.to(dtype)
+
+
+def embedding_with_ln0(emb, ln_w, ln_b, eps, weight_format, rows_per_step=2048):
     """LayerNorm(pack_embedding(emb)) in float32, stored in the format's embedding dtype, computed in
     slices of rows so that no float32 copy of the whole table (1 GB at 14B) is ever made."""
-    out = torch.empty(emb.shape, dtype=EMBEDDING_DTYPE[fmt], device=emb.device)
+    fmt = weight_format
+    out = torch.empty(emb.shape, dtype=embedding_dtype(fmt), device=emb.device)
     for r0 in range(0, emb.shape[0], rows_per_step):
         rows = pack_embedding(emb[r0:r0 + rows_per_step], fmt).float()
         out[r0:r0 + rows_per_step] = F.layer_norm(rows, (emb.shape[1],), ln_w.float(), ln_b.float(), eps)
@@ -107,56 +112,76 @@ def release(t):
 # ---------------------------------------------------------------------------------------------
 # Packed checkpoint files (safetensors)
 
-def packed_tensors(sd, fmt, progress=None):
-    """Yield the tensors of a packed checkpoint: matrices packed (int8 as KEY + KEY.scale), the
-    embedding in 16 bits, the rest unchanged. `progress`: a tqdm-like callable wrapping the keys."""
+def packed_tensors(sd, weight_format, progress=None):
+    """Yield (key, tensor, in_features or None) of a packed checkpoint: matrices packed (a packed type
+    as KEY + each suffix of its format's `file_parts`, e.g. KEY and KEY.scale), the embedding in the
+    format's embedding dtype, the rest unchanged. `progress`: a tqdm-like callable wrapping the keys."""
+    file_parts = formats.get(weight_format).file_parts
     keys = list(sd)
     for key in (progress(keys) if progress else keys):
         t = sd[key]
         if is_matrix(key):
-            w = pack_matrix(t, fmt)
-            if isinstance(w, Int8Weight):
-                yield key, w.q, w.in_features
-                yield key + ".scale", w.scale, None
-            else:
+            w = pack_matrix(t, weight_format)
+            if isinstance(w, torch.Tensor):
                 yield key, w, None
+            else:
+                for suffix, part in zip(file_parts, w.parts()):
+                    yield key + suffix, part, w.in_features if suffix == "" else None
         elif key == "emb.weight":
-            yield key, pack_embedding(t, fmt).contiguous(), None
+            yield key, pack_embedding(t, weight_format).contiguous(), None
         else:
             yield key, t.contiguous(), None
 
 
-def save_packed(sd, fmt, path, metadata=None, progress=None, overwrite=True):
-    """Write a checkpoint with its matrices in format `fmt` to one safetensors file (atomically)."""
+def save_packed(sd, weight_format, path, metadata=None, progress=None, overwrite=True):
+    """Write a checkpoint with its matrices in `weight_format` to one safetensors file (atomically)."""
     from safetensors.torch import save_file
     out, in_features = {}, {}
-    for key, t, n_in in packed_tensors(sd, fmt, progress):
+    for key, t, n_in in packed_tensors(sd, weight_format, progress):
         out[key] = t
         if n_in is not None:
             in_features[key] = n_in
-    meta = dict(metadata or {}, format="pt", **{META_FORMAT: fmt, META_SHAPES: json.dumps(in_features)})
+    meta = dict(metadata or {}, format="pt", **{META_FORMAT: weight_format, META_SHAPES: json.dumps(in_features)})
     need = sum(t.nbytes for t in out.values())
     return atomic_write(Path(path), lambda p: save_file(out, str(p), metadata=meta), overwrite=overwrite, need=need)
 
 
-def unpack_file(sd, meta, source):
-    """The tensors of a packed file -> a state dict whose int8 matrices are Int8Weight (checked)."""
-    fmt = meta.get(META_FORMAT)
-    if fmt not in quant.FORMATS:
-        raise ValueError(f"{source}: unknown weight format {fmt!r} in the file's metadata")
-    if fmt != "int8":
-        return sd, fmt
+def read_in_features(meta, source):
+    """The file's META_SHAPES metadata, checked: a JSON object of matrix key -> in_features, a
+    positive integer; ValueError (one line, naming the key) otherwise."""
+    text = meta.get(META_SHAPES, "{}")
     try:
-        in_features = json.loads(meta.get(META_SHAPES, "{}"))
-    except json.JSONDecodeError:
-        raise ValueError(f"{source}: corrupt {META_SHAPES} metadata") from None
+        in_features = json.loads(text, parse_constant=lambda c: float(c))
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        raise ValueError(f"{source}: metadata {META_SHAPES} is not valid JSON") from None
+    if not isinstance(in_features, dict):
+        raise ValueError(f"{source}: metadata {META_SHAPES} must be a JSON object of matrix -> in_features, "
+                         f"got {json.dumps(in_features)[:60]}")
+    for key, n in in_features.items():
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < 1 << 40:
+            raise ValueError(f"{source}: metadata {META_SHAPES}[{key!r}] must be a positive integer, got {n!r}"[:300])
+    return in_features
+
+
+def unpack_file(sd, meta, source):
+    """The tensors of a packed file -> (a state dict whose matrices are the format's packed type,
+    checked; the weight format)."""
+    name = meta.get(META_FORMAT)
+    if name not in formats.names():
+        raise ValueError(f"{source}: unknown weight format {name!r} in the file's metadata")
+    fmt = formats.get(name)
+    if fmt.packed_type is None:
+        return sd, name
+    in_features = read_in_features(meta, source)
+    extra = fmt.file_parts[1:]
     out = {}
     for key, t in sd.items():
-        if key.endswith(".scale"):
+        if extra and key.endswith(extra):
             continue
         if is_matrix(key):
-            if key + ".scale" not in sd or key not in in_features:
-                raise ValueError(f"{source}: int8 matrix {key} has no scales or no in_features entry")
-            t = Int8Weight(t, sd[key + ".scale"], int(in_features[key])).check(f"{source}: {key}")
+            if any(key + suffix not in sd for suffix in extra) or key not in in_features:
+                raise ValueError(f"{source}: {name} matrix {key} has no scales or no in_features entry")
+            parts = (t, *(sd[key + suffix] for suffix in extra))
+            t = fmt.packed_type(*parts, in_features[key]).check(f"{source}: {key}")
         out[key] = t
-    return out, fmt
+    return out, name

@@ -583,3 +583,16 @@ def test_modes_chunks_times_short_chunk_kernels_against_the_gemm():
     assert "SHORT_ROWS = 32" in r.stdout
     bad = cli("bench.modes", "--model", TINY, "--chunks", "0,4")
     assert bad.returncode == 2 and "--chunks" in bad.stderr
+
+
+def test_a_packed_file_run_without_weights_records_its_own_format(tiny_pth, tmp_path):
+    """The runner records the model's own format (before: spec["weights"] or the dtype, so a packed
+    int8 file run without --weights was labelled float32); provenance has a word of its own."""
+    from bench.runner import run_child
+    from rwkv_engine.convert import main as convert_main
+    packed = tmp_path / "tiny-int8.safetensors"
+    assert convert_main([str(tiny_pth), str(packed), "--weights", "int8"]) == 0
+    r = run_child({"model": str(packed), "tokens": 2}, timeout=120)
+    assert r["status"] == "ok", r
+    assert r["weight_format"] == "int8" and r["dtype"] == "float32"
+    assert r["provenance"] == str(packed) == r["weights"]                      # the former key stays

@@ -2,6 +2,7 @@
 composed of the model's ops (dispatched one by one), for every weight format and every
 instruction-set build this machine runs; and when dispatch must not take the C path."""
 import time
+import warnings
 
 import pytest
 import torch
@@ -202,9 +203,11 @@ def test_a_lone_stall_does_not_stop_the_threads():
 
 
 @needs_c
-def test_a_replaced_weight_is_used_and_an_unfit_layer_runs_composed():
+def test_a_replaced_weight_is_used_and_an_unfit_layer_runs_composed(monkeypatch):
     """The C plan holds raw pointers: replacing a layer's tensor must rebuild it (the new weights are
-    used, the old memory is never read), and a layer the C step cannot take runs the composed ops."""
+    used, the old memory is never read), and a layer the C step cannot take runs the table's fallback
+    (the composed ops), saying so once per process."""
+    monkeypatch.setattr(dispatch, "_warned", set())
     model = _model("float32")
     tok = torch.tensor([[5], [7]])
     model.forward(tok)                                       # the plan is built
@@ -218,5 +221,9 @@ def test_a_replaced_weight_is_used_and_an_unfit_layer_runs_composed():
     assert not model._decode.c_usable() and "att_key" in model._decode.unusable
     with dispatch.force(decode_layers="composed"):
         want, _ = model.forward(tok)
-    got, _ = model.forward(tok)
+    with pytest.warns(RuntimeWarning, match="decode_layers runs its slower fallback 'composed'.*att_key"):
+        got, _ = model.forward(tok)
     assert torch.equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.forward(tok)                                   # once per process

@@ -10,7 +10,7 @@ import torch
 
 import kernels
 import rwkv_engine
-from kernels import cpu_c, dispatch
+from kernels import cpu_c, dispatch, formats
 
 needs_c = pytest.mark.skipif(not cpu_c.available(), reason=f"C kernels unavailable: {cpu_c.unavailable_reason()}")
 
@@ -50,17 +50,19 @@ def test_weight_format_of_tensors_and_packed_objects():
 
 def test_unknown_combination_and_backend_are_clear_errors():
     class Packed:
-        format, shape, device, dtype = "int4", (3, 4), torch.device("cpu"), torch.int8
-    rule = dispatch.Rule("linear", "cpu", "float32", "int4", "*", "int4_missing")
-    dispatch.add_rule(rule)
+        shape, device, dtype = (3, 4), torch.device("cpu"), torch.int8
+    record = formats.WeightFormat("int4", None, 0.5, torch.float16, pack=None, dequantize=None, reference=None,
+                                  serves=(formats.Serve("cpu", "float32", "*", "int4_missing"),), packed_type=Packed)
+    formats.register(record)
     try:
+        rule = dispatch.Rule("linear", "cpu", "float32", "int4", "*", "int4_missing")
         assert dispatch.TABLE.index(rule) < next(i for i, r in enumerate(dispatch.TABLE)
                                                   if r.op == "linear" and r.device == "*")
         with pytest.raises(ValueError, match="linear implementation 'int4_missing' is not registered"):
             kernels.linear(torch.randn(2, 4), Packed())
     finally:
-        dispatch.TABLE.remove(rule)
-        dispatch._choice_cache.clear()
+        formats.unregister("int4")
+    assert not any(r.weights == "int4" for r in dispatch.TABLE)
     with pytest.raises(ValueError, match="no wkv implementation for cpu/float32/-/x"):
         saved = list(dispatch.TABLE)
         dispatch.TABLE[:] = [r for r in saved if r.op != "wkv"]

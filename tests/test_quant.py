@@ -178,7 +178,7 @@ def test_gemm_in_slices_matches_the_dequantised_matrix(fmt, monkeypatch):
     packed = quant.pack(w, fmt)
     monkeypatch.setattr(quant, "GEMM_SLICE", 64 * 96)          # several slices of 64 rows
     y = quant.gemm(x, packed)
-    ref = quant.linear_reference(x, packed)
+    ref = quant.dequantized_linear(x, packed)
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -204,10 +204,33 @@ def test_each_build_is_cached_under_its_isa_and_runs_its_instructions():
         assert lib.isa_level() == {"avx2": 256, "avx512": 512}[isa]
 
 
+def _python(code, **env):
+    import os
+    import subprocess
+    import sys
+    full = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_ENGINE_") or k == "RWKV_ENGINE_CACHE"}
+    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning:kernels.dispatch", "-c", code],
+                          capture_output=True, text=True, env={**full, "PYTHONPATH": os.getcwd(), **env}, timeout=120)
+
+
 @needs_c
-def test_simulated_avx2_cpu_gets_the_avx2_build(monkeypatch):
-    monkeypatch.setenv("RWKV_ENGINE_CPU_FEATURES", "avx2,fma,f16c")
-    assert quant._lib().isa_level() == 256
+def test_one_isa_choice_read_once_at_first_use_for_every_kernel():
+    """The quant kernels and the other C kernels are one library with one ISA choice: the environment
+    is read at the first use (not at import) and never again."""
+    code = ("import os, torch, kernels\nfrom kernels import cpu_c, quant\n"
+            "os.environ['RWKV_ENGINE_CPU_FEATURES'] = 'avx2,fma,f16c'      # after import: still counts\n"
+            "x, w = torch.randn(2, 64), quant.pack(torch.randn(8, 64), 'int8')\n"
+            "kernels.linear(x, w)\n"
+            "os.environ['RWKV_ENGINE_ISA'] = 'avx512'                      # after first use: ignored\n"
+            "os.environ['RWKV_ENGINE_NO_C_KERNELS'] = '1'\n"
+            "assert quant._lib() is cpu_c.ops().lib and quant.available() and cpu_c.available()\n"
+            "print(cpu_c.ops().isa, quant._lib().isa_level())\n")
+    r = _python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["avx2", "256"]
+    r = _python("import os, kernels\nos.environ['RWKV_ENGINE_NO_C_KERNELS'] = '1'\n"
+                "from kernels import quant\nprint(quant.available())")
+    assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +247,7 @@ def test_linear_dispatch_decode_and_prompt_shapes(fmt):
     xs = torch.randn(2, 100, 96)                                 # a prompt: [B, T, C]
     ys = kernels.linear(xs, packed)
     assert ys.shape == (2, 100, 40)
-    assert torch.allclose(ys, quant.linear_reference(xs, packed), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(ys, quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)
     r, k = kernels.linear_group((x, packed), (x, packed))
     assert torch.equal(r, k) and torch.equal(r, y)
     out = torch.ones(4, 40)

@@ -2,6 +2,7 @@
 tolerance, token/sequence/chunked modes, batch invariance, packed files (convert, round trip, bad
 input), streamed synthetic checkpoints and bounded load memory."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -159,6 +160,48 @@ def test_mismatched_int8_file_is_refused(int8_file, tmp_path):
         rwkv_engine.load("rwkv-4-tiny", checkpoint=str(int8_file))
     with pytest.raises(ValueError, match="int8 checkpoint loads with weights='int8'"):
         rwkv_engine.load(str(int8_file), weights="float16")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("Infinity", "must be a positive integer, got inf"), ("[96]", "must be a positive integer, got [96]"),
+    ('"96"', "must be a positive integer, got '96'"), ("96.5", "got 96.5"), ("true", "got True"),
+    ("0", "got 0"), ("1e400", "got inf")])
+def test_packed_metadata_with_a_bad_in_features_value_is_one_line(int8_file, tmp_path, value, message):
+    """Issue 19 item 19: before, OverflowError / TypeError from int(); 96.5 loaded as 96."""
+    def edit(sd, meta):
+        d = json.loads(meta["rwkv_engine.in_features"])
+        key = sorted(d)[0]
+        meta["rwkv_engine.in_features"] = json.dumps(d).replace(f'"{key}": {d[key]}', f'"{key}": {value}')
+    path = _rewrite(int8_file, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(CheckpointError, match=r"metadata rwkv_engine.in_features\['blocks.0.att.key.weight'\] .*" + re.escape(message)):
+        rwkv_engine.load(str(path))
+
+
+@pytest.mark.parametrize("text", ["5", '"blocks"', "[1, 2]", "null", "{not json"])
+def test_packed_metadata_that_is_not_an_object_is_one_line(int8_file, tmp_path, text):
+    def edit(sd, meta):
+        meta["rwkv_engine.in_features"] = text
+    path = _rewrite(int8_file, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(CheckpointError, match=r"metadata rwkv_engine.in_features (must be a JSON object|is not valid JSON)"):
+        rwkv_engine.load(str(path))
+
+
+def test_overlapping_tensor_offsets_are_not_called_truncated(int8_file, tmp_path):
+    import struct
+    raw = int8_file.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    a0, _ = header[first]["data_offsets"]
+    b0, b1 = header[second]["data_offsets"]
+    header[second]["data_offsets"] = [a0, a0 + b1 - b0]                      # the same bytes as `first`
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = tmp_path / "overlap.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header: tensor byte ranges overlap") as e:
+        rwkv_engine.load(str(path))
+    assert "truncated" not in str(e.value)
 
 
 def test_convert_cli_errors_are_one_line(int8_file, tmp_path, capsys):

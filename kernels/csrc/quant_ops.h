@@ -31,6 +31,13 @@
 #include <string.h>
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3 };   /* F32: cpu_ops.c's rows() */
+/* The enum as data: the format records of kernels/formats.py are checked against it when the library
+ * loads (format_name(code) for codes 0, 1, ... until NULL). */
+static const char *const FMT_NAMES[] = {[FMT_F32] = "float32", [FMT_F16] = "float16", [FMT_BF16] = "bfloat16",
+                                        [FMT_Q8] = "int8"};
+const char *format_name(int64_t code) {
+    return code >= 0 && code < (int64_t)(sizeof FMT_NAMES / sizeof *FMT_NAMES) ? FMT_NAMES[code] : 0;
+}
 #define QB 32
 /* Software prefetch distance (bytes ahead in each row) of the 512-bit int8 and 16-bit loops. Decode
  * streams each weight once; with four rows in flight per thread the hardware prefetchers alone left

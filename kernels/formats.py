@@ -1,0 +1,312 @@
+"""The weight formats: one record each, from which every other table is derived (ggml's type_traits).
+
+A record (`WeightFormat`) says everything the engine knows about a format: its name, its code in the C
+kernels' enum (`csrc/quant_ops.h`; checked against the records when the library loads, None for a
+format without C kernels), bytes per weight, block size, the embedding table's dtype, how a float
+matrix is packed and dequantised, the float64 reference of the kernels' arithmetic, and which `linear`
+implementations serve it on which device and shape (`serves`: the rows `kernels.dispatch.TABLE` gets,
+with their fallbacks). Everything else reads the records: `kernels.quant` (kernels, byte counts), the
+decode step's codes (`kernels.decode`), the dispatch rows, the packed files of `rwkv_engine.weights`,
+the CLI choices and fit checks of `bench`. Adding a format is one `register(record)` plus its kernels.
+
+Built in, in this order: "float32", "float16", "bfloat16" (plain torch tensors of that dtype) and
+`Q8_0`, blocks of 32 int8 values with one float16 scale each (`Int8Weight`, ggml's Q8_0). Block scales
+keep an outlier weight from flattening its whole row (a per-row scale would), see
+`bench.quality --outliers`. Activations, state and accumulation stay float32 in every format.
+
+A packed type (a format that is not a plain tensor) has: `shape` (out, in), `device`, `nbytes`,
+`in_features`, `dequantize()` -> float32 [out, in], `check(name)` (ValueError, one line, or self) and
+`parts()` -> its tensors in the order of the record's `file_parts` (how a packed file stores it:
+KEY + suffix); `register` sets its `format` attribute to the record's name.
+"""
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 32
+BLOCK_VALUES = torch.int8       # Q8_0's values, and the activation blocks its kernel multiplies them with
+MIN_SCALE = 2.0 ** -14          # smallest normal float16: an all-zero block still gets a scale > 0
+
+
+@dataclass(frozen=True)
+class Serve:
+    """One dispatch row of a format's `linear`: on `device` with `compute` activations, products of
+    `shape` ("token", "short", "sequence" or "*") run `impl`, or `fallback` without the C build."""
+    device: str
+    compute: str
+    shape: str
+    impl: str
+    fallback: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    code: Optional[int]                     # the C enum value (csrc/quant_ops.h); None: no C kernels
+    bytes_per_weight: float
+    embedding_dtype: torch.dtype            # the (only indexed) embedding table's dtype
+    pack: Callable                          # (float W [out, in], after_slice=None) -> the weight
+    dequantize: Callable                    # weight -> float32 [out, in], the format's exact values
+    reference: Callable                     # (x [B, in] float32, weight) -> y: the kernels' arithmetic in float64
+    serves: Tuple[Serve, ...] = ()          # the `linear` rows of the dispatch table; else its catch-all
+    block: int = 1                          # weights per scale (1: no scales)
+    dtype: Optional[torch.dtype] = None     # a plain tensor format: the tensor's dtype
+    packed_type: Optional[type] = None      # else: the packed weight's class (see the module)
+    file_parts: Tuple[str, ...] = ("",)     # key suffixes of the packed type's parts() in a file
+    c_parts: Optional[Callable] = field(default=None, compare=False)   # weight -> (values, scales or None)
+
+
+_FORMATS = {}
+_BY_DTYPE = {}
+_BY_TYPE = {}
+_listeners = []
+
+
+def register(fmt):
+    """Make `fmt` a weight format everywhere (load, convert, bench, dispatch); returns it."""
+    if fmt.name in _FORMATS:
+        raise ValueError(f"weight format {fmt.name!r} is already registered")
+    if (fmt.dtype is None) == (fmt.packed_type is None):
+        raise ValueError(f"weight format {fmt.name!r}: give exactly one of dtype and packed_type")
+    if fmt.code is not None and any(f.code == fmt.code for f in _FORMATS.values()):
+        raise ValueError(f"weight format {fmt.name!r}: C code {fmt.code} is taken")
+    _FORMATS[fmt.name] = fmt
+    if fmt.dtype is not None:
+        _BY_DTYPE[fmt.dtype] = fmt
+    else:
+        fmt.packed_type.format = fmt.name
+        _BY_TYPE[fmt.packed_type] = fmt
+    _changed()
+    return fmt
+
+
+def unregister(name):
+    """Undo `register` (tests)."""
+    fmt = _FORMATS.pop(name)
+    _BY_DTYPE.pop(fmt.dtype, None)
+    _BY_TYPE.pop(fmt.packed_type, None)
+    _changed()
+
+
+def on_change(callback):
+    """Call `callback()` whenever a format is registered or removed (the dispatch table rebuilds)."""
+    _listeners.append(callback)
+
+
+def _changed():
+    for callback in _listeners:
+        callback()
+
+
+def names():
+    """The registered format names, in registration order."""
+    return tuple(_FORMATS)
+
+
+class _Names(Sequence):
+    """The registered format names as a live sequence (argparse `choices=`, `in` tests): a format
+    registered later is in it too."""
+
+    def __getitem__(self, i):
+        return names()[i]
+
+    def __len__(self):
+        return len(_FORMATS)
+
+    def __contains__(self, name):
+        return name in _FORMATS
+
+    def __repr__(self):
+        return repr(names())
+
+
+NAMES = _Names()
+
+
+def all_formats():
+    return tuple(_FORMATS.values())
+
+
+def get(name):
+    """The record of `name`; ValueError (one line, with the choices) for an unknown one."""
+    fmt = _FORMATS.get(name)
+    if fmt is None:
+        raise ValueError(f"unknown weight format {name!r}: use one of {', '.join(_FORMATS)}")
+    return fmt
+
+
+def of(w):
+    """The record of a weight (a plain tensor by its dtype, a packed weight by its type); None if none."""
+    return _BY_DTYPE.get(w.dtype) if isinstance(w, torch.Tensor) else _BY_TYPE.get(type(w))
+
+
+def name_of(w):
+    """The format name of a tensor (its dtype's name if no format has it) or packed weight."""
+    if isinstance(w, torch.Tensor):
+        fmt = _BY_DTYPE.get(w.dtype)
+        return fmt.name if fmt is not None else str(w.dtype).removeprefix("torch.")
+    return w.format
+
+
+def is_packed(w):
+    return not isinstance(w, torch.Tensor) and type(w) in _BY_TYPE
+
+
+def plain_dtypes():
+    """{name: torch dtype} of the plain tensor formats."""
+    return {f.name: f.dtype for f in _FORMATS.values() if f.dtype is not None}
+
+
+def dequantize(w):
+    """Any weight -> float32 [out, in]."""
+    return w.float() if isinstance(w, torch.Tensor) else _BY_TYPE[type(w)].dequantize(w)
+
+
+def c_codes():
+    """{name: C enum code} of the formats the C kernels take."""
+    return {f.name: f.code for f in _FORMATS.values() if f.code is not None}
+
+
+def check_c_enum(format_name):
+    """Raise RuntimeError unless the C library's formats (`format_name(code)` -> bytes or None, for
+    codes 0, 1, ... until None) are exactly the records' codes and names."""
+    in_c, code = {}, 0
+    while (name := format_name(code)) is not None:
+        in_c[name.decode()] = code
+        code += 1
+    if in_c != c_codes():
+        raise RuntimeError(f"kernels: the C format enum (csrc/quant_ops.h) {in_c} disagrees with the "
+                           f"format records (kernels/formats.py) {c_codes()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain tensor formats
+
+def _plain(name, code, dtype, embedding_dtype, serves):
+    def pack(w, after_slice=None):
+        out = w.detach().to(dtype).contiguous()
+        if after_slice is not None:
+            after_slice(w)
+        return out
+    return WeightFormat(name, code, dtype.itemsize, embedding_dtype, pack, lambda w: w.float(),
+                        lambda x, w: (x.double() @ w.double().T).float(), serves, dtype=dtype,
+                        c_parts=lambda w: (w, None))
+
+
+# float32 weights: the batched C kernel of cpu_ops for token mode and short prompts, torch's GEMM else
+_F32_SERVES = (Serve("cpu", "float32", "token", "c", "torch"), Serve("cpu", "float32", "short", "c", "torch"))
+# compressed weights with float32 activations (kernels/quant.py): the C kernels read each compressed
+# weight once (token mode, short prompts); longer prompts dequantise slices for torch's GEMM
+PACKED_SERVES = (Serve("cpu", "float32", "token", "quant_c", "quant_torch"),
+                 Serve("cpu", "float32", "short", "quant_c", "quant_torch"),
+                 Serve("cpu", "float32", "sequence", "quant_gemm", "quant_torch"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks of 32 int8 values with a float16 scale each (ggml's Q8_0)
+
+@dataclass
+class Int8Weight:
+    """W [out, in] ~ q * scale, blockwise: q int8 [out, in_padded], scale float16 [out, in_padded / 32].
+    in_padded is `in` rounded up to 32; the padding weights are 0."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+
+    @property
+    def shape(self):
+        return torch.Size((self.q.shape[0], self.in_features))
+
+    @property
+    def device(self):
+        return self.q.device
+
+    @property
+    def nbytes(self):
+        return self.q.nbytes + self.scale.nbytes
+
+    def parts(self):
+        return self.q, self.scale
+
+    def dequantize(self):
+        """-> float32 [out, in] (exact: every int8 x float16 product is a float32)."""
+        O, Ip = self.q.shape
+        w = self.q.float().view(O, Ip // BLOCK, BLOCK) * self.scale.float()[..., None]
+        return w.view(O, Ip)[:, :self.in_features]
+
+    def check(self, name="weight"):
+        """Raise ValueError (one line) if the tensors cannot be a quantised matrix."""
+        O, Ip = self.q.shape if self.q.dim() == 2 else (None, None)
+        if self.q.dtype != torch.int8 or O is None or Ip % BLOCK or not 0 < self.in_features <= Ip < self.in_features + BLOCK:
+            raise ValueError(f"{name}: {self.format} values must be int8 [out, in rounded up to {BLOCK}], got "
+                             f"{self.q.dtype} {list(self.q.shape)} for in_features {self.in_features}")
+        if self.scale.dtype != torch.float16 or tuple(self.scale.shape) != (O, Ip // BLOCK):
+            raise ValueError(f"{name}: scales must be float16 {[O, Ip // BLOCK]}, got {self.scale.dtype} {list(self.scale.shape)}")
+        s = self.scale.float()
+        if not bool((torch.isfinite(s) & (s > 0)).all()):
+            raise ValueError(f"{name}: corrupt {self.format} scales (NaN, Inf, zero or negative)")
+        return self
+
+
+def quantize_int8(w, rows_per_step=None, after_slice=None):
+    """float W [out, in] -> Int8Weight: per block of 32, scale = max|w| / 127 (stored as float16, at
+    least MIN_SCALE), q = round(w / scale) in [-127, 127]. Works through slices of rows so that the
+    float32 temporaries stay small whatever the matrix (a 14B head is 1 GB in float32);
+    `after_slice(rows)` is called with each source slice once it is done."""
+    O, I = w.shape
+    Ip = -(-I // BLOCK) * BLOCK
+    q = torch.empty(O, Ip, dtype=torch.int8)
+    scale = torch.empty(O, Ip // BLOCK, dtype=torch.float16)
+    step = rows_per_step or max(1, (1 << 20) // Ip)
+    for r0 in range(0, O, step):
+        q[r0:r0 + step], scale[r0:r0 + step] = _quantize_rows(w[r0:r0 + step].detach().float(), Ip)
+        if after_slice is not None:
+            after_slice(w[r0:r0 + step])
+    return Int8Weight(q, scale, I)
+
+
+def _quantize_rows(w, Ip):
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("cannot quantise a matrix with NaN or Inf values")
+    O, I = w.shape
+    blocks = F.pad(w, (0, Ip - I)).view(O, Ip // BLOCK, BLOCK)
+    scale = (blocks.abs().amax(-1) / 127).clamp_(min=MIN_SCALE)
+    if bool((scale > torch.finfo(torch.float16).max).any()):
+        raise ValueError(f"weights too large for {Q8_0.name} blocks with float16 scales (|w| > 8e6)")
+    scale16 = scale.to(torch.float16)
+    q = torch.round(blocks / scale16.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(O, Ip), scale16
+
+
+def quantize_rows_reference(x):
+    """x [B, I] float32 -> (q int8 [B, Ip], d float32 [B, Ip / 32]): the activation blocks the block
+    kernel multiplies with (d = max|x| / 127 per block, q = round(x / d), half to even)."""
+    B, I = x.shape
+    Ip = -(-I // BLOCK) * BLOCK
+    blocks = F.pad(x.float(), (0, Ip - I)).view(B, Ip // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None]).to(torch.int8)
+    return q.view(B, Ip), d
+
+
+def block_matvec_reference(x, w):
+    """x [B, in] float32, w Int8Weight -> y [B, out]: integer block dot products with x quantised to
+    the same blocks (as ggml's vec_dot_q8_0_q8_0), in float64."""
+    qx, dx = quantize_rows_reference(x)
+    B, O, nb = x.shape[0], w.q.shape[0], w.q.shape[1] // BLOCK
+    dots = torch.einsum("bkj,okj->bok", qx.view(B, nb, BLOCK).double(), w.q.view(O, nb, BLOCK).double())
+    return (dots * dx.double()[:, None, :] * w.scale.double()[None]).sum(-1).float()
+
+
+FLOAT32 = register(_plain("float32", 0, torch.float32, torch.float32, _F32_SERVES))
+FLOAT16 = register(_plain("float16", 1, torch.float16, torch.float16, PACKED_SERVES))
+BFLOAT16 = register(_plain("bfloat16", 2, torch.bfloat16, torch.bfloat16, PACKED_SERVES))
+Q8_0 = register(WeightFormat(
+    "int8", 3, 1 + 2 / BLOCK, torch.float16,
+    pack=lambda w, after_slice=None: quantize_int8(w, after_slice=after_slice),
+    dequantize=Int8Weight.dequantize, reference=block_matvec_reference, serves=PACKED_SERVES, block=BLOCK,
+    packed_type=Int8Weight, file_parts=("", ".scale"), c_parts=lambda w: (w.q, w.scale)))
