@@ -60,6 +60,8 @@ def main():
     rank = int(os.environ["RANK"])
     seen = {"given": [], "read": set()}
     record_keys(seen)
+    if scenario == "signal" and rank == 0:
+        pipeline.stop_on_signals()
     model = pipeline.load(ckpt, exit_workers=scenario not in ("parity", "idle"), **kwargs)
     stage = model.stage.model
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
@@ -74,6 +76,13 @@ def main():
         time.sleep(2.5 * kwargs["timeout_s"])
         again, _ = model.forward(PROMPTS)
         torch.save({"first": first, "again": again}, out_dir / "results.pt")
+    elif scenario == "signal":                   # generate until SIGTERM/SIGINT, as bench.generate does
+        (out_dir / "ready").write_text("1")
+        try:
+            while True:
+                model.generate(PROMPTS, 4, temperature=1.0, seed=1)
+        except pipeline.Stopped as e:
+            (out_dir / "stopped").write_text(str(e))
     elif scenario.startswith("kill"):           # kill:RANK or stop:RANK, then keep using the pipeline
         (out_dir / "ready").write_text("1")
         t0 = time.monotonic()

@@ -228,6 +228,20 @@ def test_a_dead_or_hung_rank_ends_every_rank_with_its_name(ckpt, tmp_path, how, 
         assert expect in last_line(err), f"rank {rank}: {last_line(err)}"
 
 
+@pytest.mark.parametrize("to", ["every rank", "rank 0"])
+def test_sigterm_shuts_the_pipeline_down_and_every_rank_exits_0(ckpt, tmp_path, to):
+    """torchrun forwards SIGTERM/SIGINT to every rank: the workers outlive it, rank 0 stops at its next
+    operation (rwkv_engine.pipeline.stop_on_signals, as bench.generate --pipeline uses) and shuts
+    them down; signalling rank 0 alone does the same."""
+    procs = launch(2, "signal", ckpt, tmp_path, timeout_s=20)
+    wait_for(tmp_path / "ready", procs)
+    for p in procs if to == "every rank" else procs[:1]:
+        p.send_signal(signal.SIGTERM)
+    for rank, (rc, err) in enumerate(finish(procs, timeout=30)):
+        assert rc == 0 and "Traceback" not in err, f"rank {rank}: {err[-1500:]}"
+    assert (tmp_path / "stopped").read_text() == "stopped by SIGTERM"
+
+
 def test_idle_workers_outlive_the_timeout(ckpt, tmp_path):
     """Rank 0 pings idle workers: a pause longer than timeout_s is not a fault."""
     for rank, (rc, err) in enumerate(finish(launch(2, "idle", ckpt, tmp_path, timeout_s=2.0))):
