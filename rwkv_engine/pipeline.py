@@ -30,9 +30,9 @@ import torch.distributed as dist
 
 from . import load as load_model, resolve
 from .checkpoint import open_checkpoint, write_synthetic
-from .generation import generate, stream
+from .generation import Sampler, generate, stream
 from .contract import as_dtype
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
 from .state import State
 
@@ -444,27 +444,29 @@ def decode_interleaved(model, prompt, max_new_tokens, groups=None, sampling=None
     every stage stays busy across decode steps (generate() waits for all streams at each step).
 
     prompt: token ids [B, T]. Returns {"tokens": [B][max_new_tokens], "prefill_s", "decode_s"}.
-    The tokens equal generate()'s with the same sampling and seed (groups draw in stream order)."""
+    The tokens equal generate()'s with the same sampling and seed (groups draw in stream order;
+    each stream runs the library's StreamLoop)."""
     ids = model.stage.model._check_tokens(prompt)
     B = ids.shape[0]
-    sampling = sampling or SamplingParams(temperature=0)
-    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    sampler = Sampler(sampling or SamplingParams(temperature=0), B, model.vocab_size, model.device, seed)
+    loops = sampler.loops(max_new_tokens)
     g = max(1, min(groups or len(model.split), B))
     rows = [(B * i // g, B * (i + 1) // g) for i in range(g)]
     states = [model.new_state(r1 - r0) for r0, r1 in rows]
     t0 = time.perf_counter()
     pending = [model.submit(ids[r0:r1], st, micro_batches=1) for (r0, r1), st in zip(rows, states)]
-    tokens, prefill_s = [[] for _ in range(B)], None
+    prefill_s = None
     for step in range(max_new_tokens):
         for k, ((r0, r1), st) in enumerate(zip(rows, states)):
-            chosen = sample(pending[k].result(), sampling, None, generator)
-            for i, t in enumerate(chosen.tolist()):
-                tokens[r0 + i].append(t)
+            chosen = sampler(pending[k].result(), step, rows=(r0, r1))
+            for loop, token in zip(loops[r0:r1], chosen.tolist()):
+                loop.take(token)
             if step < max_new_tokens - 1:
                 pending[k] = model.submit(chosen[:, None], st, micro_batches=1)
         if step == 0:
             prefill_s = time.perf_counter() - t0
-    return {"tokens": tokens, "prefill_s": prefill_s, "decode_s": time.perf_counter() - t0 - prefill_s}
+    return {"tokens": [loop.tokens for loop in loops], "prefill_s": prefill_s,
+            "decode_s": time.perf_counter() - t0 - prefill_s}
 
 
 # ---------------------------------------------------------------------------------------------

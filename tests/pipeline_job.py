@@ -16,6 +16,7 @@ import torch
 import rwkv_engine.model as model_module
 from rwkv_engine import SamplingParams, pipeline
 
+PENALISED = SamplingParams(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.4)
 PROMPTS = torch.tensor([[5, 17, 3, 99, 42, 7, 250, 11], [8, 1, 300, 2, 64, 33, 12, 9], [400, 6, 7, 8, 9, 10, 11, 12]])
 
 
@@ -52,6 +53,7 @@ def parity(model):
     out["gen_greedy"] = model.generate(PROMPTS[0], 6, temperature=0).tokens
     out["interleaved_seeded"] = pipeline.decode_interleaved(
         model, PROMPTS, 6, sampling=SamplingParams(temperature=1.0), seed=123)["tokens"]
+    out["interleaved_penalised"] = pipeline.decode_interleaved(model, PROMPTS, 6, sampling=PENALISED, seed=5)["tokens"]
     return out
 
 

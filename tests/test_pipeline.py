@@ -22,7 +22,7 @@ from rwkv_engine.pipeline import PipelineError, plan, split_layers
 REPO = Path(__file__).resolve().parent.parent
 JOB = Path(__file__).resolve().parent / "pipeline_job.py"
 sys.path.insert(0, str(JOB.parent))
-from pipeline_job import PROMPTS  # noqa: E402
+from pipeline_job import PENALISED, PROMPTS  # noqa: E402
 
 CFG = RWKVConfig(n_layer=4, n_embd=64, vocab_size=500)
 
@@ -190,6 +190,8 @@ def test_pipeline_matches_one_process_bit_for_bit(ckpt, tmp_path, world, micro, 
     assert got["gen_greedy"] == model.generate(PROMPTS[0], 6, temperature=0).tokens
     # streams in groups that never wait for each other: the same tokens as generate()
     assert got["interleaved_seeded"] == model.generate(PROMPTS, 6, temperature=1.0, seed=123).tokens
+    # with penalties too (decode_interleaved used to drop them): the same per-stream loop as generate()
+    assert got["interleaved_penalised"] == model.generate(PROMPTS, 6, sampling=PENALISED, seed=5).tokens
 
     split = split_layers(CFG.n_layer, world)
     for rank in range(world):
