@@ -268,6 +268,12 @@ class PipelinedRWKV:
     (default: the number of stages). prompt_chunk: sequence-mode inputs flow in chunks of this many
     tokens (default: whole; the logits then equal one process fed the same chunks)."""
 
+    # What a server may ask of it (as RWKV's): the ranks split a batch into micro-batches of their
+    # own, so several prompts are not prefilled in one forward
+    batched_token_mode = True
+    batched_prefill = False
+    state_copy = True
+
     def __init__(self, stage: Stage, split, micro_batches=None, prompt_chunk=None):
         self.stage, self.boundary, self.split = stage, stage.boundary, split
         m = stage.model
