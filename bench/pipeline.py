@@ -269,11 +269,18 @@ def generate_pipelined(args, fail):
     if "RANK" not in os.environ:
         fail("--pipeline runs under torchrun, e.g. torchrun --standalone --nproc-per-node 2 -m bench.generate "
              f"--model {args.model} --pipeline")
-    if not args.model.lower().startswith("rwkv"):
+    from bench import models
+    try:
+        kind, _ = models.resolve(args.model)        # a name, an alias or a checkpoint path, as without --pipeline
+    except ValueError as e:
+        fail(str(e))
+    if kind != models.RWKV:
         fail(f"--pipeline splits RWKV models only, not {args.model}")
     import torch
     from rwkv_engine import SamplingParams, pipeline
     from rwkv_engine.pipeline import parse_layers_per_rank
+    if int(os.environ["RANK"]) == 0:
+        pipeline.stop_on_signals()               # SIGTERM/SIGINT: shut the pipeline down, exit 0
     try:
         per_rank = parse_layers_per_rank(args.layers_per_rank) if args.layers_per_rank else None
         model = pipeline.load(args.model, checkpoint=args.checkpoint, dtype=args.dtype, layers_per_rank=per_rank,
@@ -291,6 +298,10 @@ def generate_pipelined(args, fail):
         res = model.generate(prompt, args.tokens, sampling=paper, seed=args.seed)
     except pipeline.PipelineError as e:
         fail(str(e))
+    except pipeline.Stopped as e:
+        model.close()
+        print(f"bench.generate: {e}: the pipeline is shut down, nothing measured", file=sys.stderr)
+        sys.exit(0)
     total = res.prefill_s + sum(res.step_s)
     summary = {"model": args.model, "ranks": len(model.split), "layers": [[r.start, r.stop] for r in model.split],
                "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "batch": args.batch,

@@ -1,7 +1,7 @@
 """The registry of runners: each implementation that `bench.runner` can measure, behind one shape.
 
     RUNNERS[name](spec) -> Loaded            name: "ours", "blinkdl", "transformers"
-    Loaded.generate(n, on_step=None) -> Generation (prefill time, per-step times, chosen ids)
+    Loaded.generate(n, on_step=None) -> GenerationTimes (prefill time, per-step times, chosen ids)
 
 "ours" is this project (RWKV engine or a transformer baseline) through the engine's own generation
 loop. "blinkdl" is BlinkDL's `rwkv` package (`RWKV(model=path, strategy="cpu fp32")`, RWKV_JIT_ON=1,
@@ -18,7 +18,7 @@ from typing import Callable, List
 # Child side: what a runner returns
 
 @dataclass
-class Generation:
+class GenerationTimes:
     """What generating N tokens produced: timings and the chosen ids of every stream."""
     prefill_s: float                     # prompt forward + first sample
     step_s: List[float]                  # each later step
@@ -27,7 +27,7 @@ class Generation:
 
 @dataclass
 class Loaded:
-    """A loaded implementation, ready to generate: `generate(n, on_step)` -> Generation."""
+    """A loaded implementation, ready to generate: `generate(n, on_step)` -> GenerationTimes."""
     generate: Callable
     load_s: float
     prompt_tokens: int
@@ -68,14 +68,14 @@ def paper_sampling():
 
 
 def generate_with_loop(model, ids, n, seed, on_step=None):
-    """The engine's own generation loop (`rwkv_engine.generation.stream`) -> Generation."""
+    """The engine's own generation loop (`rwkv_engine.generation.stream`) -> GenerationTimes."""
     from rwkv_engine.generation import stream
     run = stream(model, ids, n, sampling=paper_sampling(), seed=seed)
     for i, _ in enumerate(run):
         if on_step:
             on_step(i + 1)
     result = run.result
-    return Generation(result.prefill_s, list(result.step_s), [list(t) for t in result.tokens])
+    return GenerationTimes(result.prefill_s, list(result.step_s), [list(t) for t in result.tokens])
 
 
 def load_ours(spec):
@@ -172,7 +172,7 @@ def _hf_generate(model, ids, n, seed, on_step=None):
                          min_new_tokens=n, use_cache=True, streamer=clock, pad_token_id=0)
     arrivals = [start] + clock.times[1:]                     # times[0]: the prompt being echoed
     steps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return Generation(steps[0], steps[1:], out[:, ids.shape[1]:].tolist())
+    return GenerationTimes(steps[0], steps[1:], out[:, ids.shape[1]:].tolist())
 
 
 def load_transformers(spec):

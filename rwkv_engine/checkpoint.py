@@ -189,12 +189,14 @@ def read_checkpoint(path, layers=None):
     layers: a range of layers (a pipeline stage): only the tensors of `stage_keys` are fetched,
     checked and returned; the other keys' names are checked against the config."""
     entries, cfg = open_checkpoint(path)
-    keep = None if layers is None else stage_keys(cfg, layers)
-    if keep is not None:
-        validate_names(entries, cfg, path)
-    sd = {k: fetch() for k, (_, _, fetch) in entries.items() if keep is None or k in keep}
     meta = read_metadata(path) if Path(path).suffix == ".safetensors" else {}
-    if weights.META_FORMAT in meta:                 # a packed file (python -m rwkv_engine.convert --weights)
+    packed = weights.META_FORMAT in meta            # a packed file (python -m rwkv_engine.convert --weights)
+    keep = None if layers is None else stage_keys(cfg, layers)
+    if keep is not None:                            # an int8 matrix comes with its scales
+        validate_names({k: v for k, v in entries.items() if not (packed and k.endswith(".scale"))}, cfg, path)
+    fetched = keep if keep is None or not packed else keep | {k + ".scale" for k in keep}
+    sd = {k: fetch() for k, (_, _, fetch) in entries.items() if fetched is None or k in fetched}
+    if packed:
         try:
             sd, _ = weights.unpack_file(sd, meta, path)
         except ValueError as e:

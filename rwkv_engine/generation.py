@@ -10,12 +10,12 @@ chooses each token and one `TextStream` per stream turns tokens into text and ap
 """
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
 from .contract import prompt_to_ids
-from .sampling import NonFiniteLogitsError, SamplingParams, sample
+from .sampling import NonFiniteLogitsError, SamplingParams, plain_temperature, sample
 
 REPLACEMENT = "\ufffd"      # what a decoder gives for bytes that are not (yet) valid UTF-8
 
@@ -171,51 +171,98 @@ def decode_one_token(model, next_ids, state):
 
 class Sampler:
     """How one batch chooses its tokens: the parameters, a seeded generator, and the counts of
-    tokens generated so far (only kept when a penalty needs them)."""
+    tokens generated so far [B, V] (only kept when a penalty needs them; row i is stream i's
+    `StreamLoop.counts`, which its loop updates)."""
 
     def __init__(self, params: SamplingParams, batch_size, vocab_size, device, seed=None):
         self.params = params
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
-        needs_counts = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        self.counts = torch.zeros(batch_size, vocab_size, device=device) if needs_counts else None
+        self.batch_size = batch_size
+        self.counts = torch.zeros(batch_size, vocab_size, device=device) if needs_counts(params) else None
 
-    def __call__(self, logits, step):
-        """logits [B, V] -> LongTensor [B]; non-finite logits raise, naming the step."""
+    def __call__(self, logits, step, rows=None):
+        """logits [B, V] (of streams rows[0]:rows[1] when given) -> LongTensor [B]; non-finite
+        logits raise, naming the step."""
+        counts = self.counts if rows is None or self.counts is None else self.counts[rows[0]:rows[1]]
         try:
-            return sample(logits, self.params, self.counts, self.generator)
+            return sample(logits, self.params, counts, self.generator)
         except NonFiniteLogitsError as e:
             raise NonFiniteLogitsError(f"step {step}: {e}") from None
 
-    def seen(self, ids):
-        if self.counts is not None:
-            self.counts.scatter_add_(1, ids[:, None], torch.ones(len(ids), 1, device=self.counts.device))
+    def loops(self, max_tokens, stop_tokens=(), make_text=lambda: None):
+        """One StreamLoop per stream, sharing this sampler's generator and counts (row i: stream i)."""
+        B = self.batch_size
+        rows = [None] * B if self.counts is None else [self.counts[i:i + 1] for i in range(B)]
+        return [StreamLoop(self.params, max_tokens, generator=self.generator, counts=rows[i],
+                           stop_tokens=stop_tokens, text=make_text()) for i in range(B)]
 
 
-class _Stream:
-    """One stream's bookkeeping: its tokens, why it stopped, and its text (with a tokenizer)."""
+def needs_counts(params: SamplingParams):
+    """Whether sampling by `params` reads the counts of tokens generated so far (a penalty)."""
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
 
-    def __init__(self, stop_tokens, text: Optional[TextStream]):
-        self.stop_tokens, self.text = stop_tokens, text
-        self.tokens = text.tokens if text is not None else []
-        self.done, self.stop_reason = False, "length"
 
-    def add(self, token, last):
-        """-> (the id to report, -1 once stopped; the new text or None without tokenizer)."""
-        if self.done:
-            return -1, ("" if self.text else None)
+class Taken(NamedTuple):
+    """What one chosen token did to a stream (StreamLoop.take)."""
+    token: Optional[int]            # the token to report; None for a stop token (not emitted)
+    text: Optional[str]             # the new text (None without tokenizer)
+    finish: Optional[str]           # None while it goes on, else "length", "stop_token" or "stop_string"
+
+
+class StreamLoop:
+    """One stream of a decode loop, the same for the library (`generate`, `stream`), the server's
+    scheduler and the pipeline's `decode_interleaved`: what choosing its tokens needs (sampling
+    parameters, generator, penalty counts: a [1, V] row or None), and what happens to each token
+    once chosen (`take`: stop tokens, max_tokens, text and stop strings).
+
+    Only tokens a live stream takes count in its penalties: a finished stream takes no more."""
+
+    def __init__(self, params: SamplingParams, max_tokens, *, generator=None, counts=None, stop_tokens=(),
+                 text: Optional[TextStream] = None):
+        self.params, self.generator, self.counts = params, generator, counts
+        self.max_tokens, self.stop_tokens, self.text = max_tokens, stop_tokens, text
+        self.tokens = text.tokens if text is not None else []      # what it generated (see TextStream)
+        self.n_tokens, self.finish = 0, None
+
+    @property
+    def done(self):
+        return self.finish is not None
+
+    def plain_temperature(self, vocab_size):
+        """Sampled by temperature alone (no penalties, top-k or top-p): rows of such streams can be
+        drawn together (sampling.sample_temperature_rows)."""
+        return plain_temperature(self.params, vocab_size, self.counts)
+
+    def sample(self, logits):
+        """logits [1, V] -> this stream's next token, by its own parameters, counts and generator."""
+        return int(sample(logits, self.params, self.counts, self.generator))
+
+    def take(self, token) -> Taken:
+        """Apply the chosen token: a stop token ends the stream (not emitted); any other is
+        generated (counted, its text pushed) and ends the stream at a stop string or max_tokens."""
         if token in self.stop_tokens:
-            self.done, self.stop_reason = True, "stop_token"
-            return -1, (self.text.finish() if self.text else None)
+            self.finish = "stop_token"
+            return Taken(None, self.text.finish() if self.text is not None else None, self.finish)
+        self.n_tokens += 1
+        if self.counts is not None:
+            self.counts[0, token] += 1
+        last = self.n_tokens >= self.max_tokens
         if self.text is None:
             self.tokens.append(token)
-            self.done = last
-            return token, None
+            self.finish = "length" if last else None
+            return Taken(token, None, self.finish)
         piece = self.text.push(token)
         if self.text.stopped:
-            self.done, self.stop_reason = True, "stop_string"
+            self.finish = "stop_string"
         elif last:
-            self.done, piece = True, piece + self.text.finish()
-        return token, piece
+            self.finish, piece = "length", piece + self.text.finish()
+        return Taken(token, piece, self.finish)
+
+    def end(self):
+        """End the stream for a reason of the caller's (cancelled, an error): the text it still held
+        back ("" when it has none)."""
+        self.finish = self.finish or "ended"
+        return self.text.finish() if self.text is not None else ""
 
 
 def _sampling_params(sampling, kwargs):
@@ -252,8 +299,8 @@ class Generation:
         self.ids = prompt_to_ids(prompt, tokenizer, model.vocab_size).to(model.device)
         B, T = self.ids.shape
         self.sampler = Sampler(params, B, model.vocab_size, model.device, seed)
-        self.streams = [_Stream(stops, TextStream(tokenizer, stop_strings) if tokenizer else None)
-                        for _ in range(B)]
+        self.streams = self.sampler.loops(max_new_tokens, stops, lambda: TextStream(tokenizer, stop_strings)
+                                          if tokenizer else None)
         self.result = GenerationResult([s.tokens for s in self.streams], None, T, 0.0, 0.0,
                                        stop_reason=["length"] * B)
         if tokenizer is not None:
@@ -274,11 +321,9 @@ class Generation:
             next_ids = self.sampler(logits, step)                        # [B]
             chosen = next_ids.tolist()                                   # syncs the device
             self._time(step, time.perf_counter() - t0)
-            last = step == self.max_new_tokens - 1
-            yield self._record(chosen, last)
-            if last or all(s.done for s in self.streams):
+            yield self._record(chosen)
+            if all(s.done for s in self.streams):
                 return
-            self.sampler.seen(next_ids)
             t0 = time.perf_counter()
             logits, self.result.state = decode_one_token(self.model, next_ids, self.result.state)
 
@@ -289,13 +334,16 @@ class Generation:
             self.result.step_s.append(seconds)
             self.result.decode_s += seconds
 
-    def _record(self, chosen, last) -> Step:
-        ids, pieces = zip(*(s.add(tok, last) for s, tok in zip(self.streams, chosen)))
-        self.result.stop_reason = [s.stop_reason for s in self.streams]
+    def _record(self, chosen) -> Step:
+        """Each live stream takes its token; a finished one reports -1 (and "" with a tokenizer)."""
+        none = "" if self.result.text is not None else None
+        taken = [s.take(token) if not s.done else Taken(-1, none, None) for s, token in zip(self.streams, chosen)]
+        self.result.stop_reason = [s.finish or "length" for s in self.streams]
+        ids = [-1 if t.token is None else t.token for t in taken]
         if self.result.text is None:
-            return Step(list(ids))
+            return Step(ids)
         self.result.text = [s.text.text for s in self.streams]
-        return Step(list(ids), list(pieces))
+        return Step(ids, [t.text for t in taken])
 
 
 def stream(model, prompt, max_new_tokens=64, **kwargs) -> Generation:

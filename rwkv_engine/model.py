@@ -117,6 +117,11 @@ def check_layer_range(layers, n_layer):
 class RWKV:
     """An RWKV-4 model ready for inference. Build it with `rwkv_engine.load`."""
 
+    # What a server may ask of it (rwkv_engine.serve reads these, never the class):
+    batched_token_mode = True   # one token-mode forward steps B streams, each row as it would alone
+    batched_prefill = True      # sequence mode over stacked states, rows independent under dispatch.rows_independent()
+    state_copy = True           # state.clone(), state.select(rows), State.cat(states)
+
     def __init__(self, cfg: RWKVConfig, sd, device="cpu", dtype="float32", source="", synthetic=False,
                  tokenizer=None, rescale_every=None, wkv_backend=None, weights=None, progress=None, layers=None):
         self.config = cfg

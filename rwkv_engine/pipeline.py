@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -29,15 +30,50 @@ import torch.distributed as dist
 
 from . import load as load_model, resolve
 from .checkpoint import open_checkpoint, write_synthetic
-from .generation import generate, stream
+from .generation import Sampler, generate, stream
 from .contract import as_dtype
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
 from .state import State
 
 OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_SELECT_STATE, OP_CAT_STATES, OP_PING, OP_SHUTDOWN = range(1, 9)
 
-__all__ = ["load", "split_layers", "decode_interleaved", "PipelinedRWKV", "PipelineState", "PipelineError", "Worker"]
+__all__ = ["load", "split_layers", "decode_interleaved", "PipelinedRWKV", "PipelineState", "PipelineError", "Worker",
+           "Stopped", "stop_on_signals"]
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: torchrun forwards SIGTERM/SIGINT to every rank (and Ctrl-C reaches the whole process
+# group), so a worker outlives them: rank 0 decides, shuts the pipeline down, and the workers exit 0
+# when it says so (or, with rank 0 gone, when the timeout says so).
+
+class Stopped(Exception):
+    """Rank 0 got SIGTERM or SIGINT inside `stop_on_signals`: raised at the start of the next
+    pipeline operation, so no forward is left half done and close() shuts the workers down."""
+
+
+_stop_signal = None             # the signal stop_on_signals() caught, if any
+
+
+def _note_signal(signum, frame):
+    global _stop_signal
+    _stop_signal = signum
+
+
+def stop_on_signals():
+    """On rank 0 (call it in the main thread, before or after `load`): from now on SIGTERM and SIGINT
+    make the next operation of the pipeline raise `Stopped`; the caller closes the pipeline and
+    exits 0. (`python -m rwkv_engine.serve --pipeline` drains its requests itself instead.)"""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _note_signal)
+
+
+def _outlive_stop_signals():
+    """A worker: SIGTERM/SIGINT do nothing (see above); only in the main thread, where handlers go."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +268,12 @@ class PipelinedRWKV:
     (default: the number of stages). prompt_chunk: sequence-mode inputs flow in chunks of this many
     tokens (default: whole; the logits then equal one process fed the same chunks)."""
 
+    # What a server may ask of it (as RWKV's): the ranks split a batch into micro-batches of their
+    # own, so several prompts are not prefilled in one forward
+    batched_token_mode = True
+    batched_prefill = False
+    state_copy = True
+
     def __init__(self, stage: Stage, split, micro_batches=None, prompt_chunk=None):
         self.stage, self.boundary, self.split = stage, stage.boundary, split
         m = stage.model
@@ -241,6 +283,7 @@ class PipelinedRWKV:
         self.prompt_chunk = prompt_chunk
         self._lock = threading.Lock()
         self._freed, self._next_id, self._closed, self._broken = [], 1, False, None
+        self._in_flight = []            # submitted forwards whose result() is still to come
         self._last_sent = time.monotonic()
         self._keepalive = threading.Thread(target=self._keep_workers_alive, daemon=True)
         if len(split) > 1:
@@ -260,6 +303,8 @@ class PipelinedRWKV:
 
     # -- operations (each one holds the lock: the keep-alive thread sends between them) ----------
     def _op(self, *header, payload=()):
+        if _stop_signal is not None and not self._broken:
+            raise Stopped(f"stopped by {signal.Signals(_stop_signal).name}")
         if self._closed:
             raise PipelineError("the pipeline is closed")
         if self._broken:
@@ -277,6 +322,8 @@ class PipelinedRWKV:
         with self._lock:
             try:
                 return fn(*args)
+            except Stopped:                # raised before anything was sent: the pipeline is intact
+                raise
             except PipelineError as e:
                 self._broken = self._broken or str(e)
                 raise
@@ -335,9 +382,12 @@ class PipelinedRWKV:
         incoming = [] if b.world == 1 else [b.post_recv(stage.logits_shape(it, all_logits), torch.float32,
                                                          b.last, TAG_LOGITS) for it in items if it.logits]
         sends, logits = stage.forward_items(items, state.local, all_logits, tokens)
-        return Pending(self, incoming, sends, logits, len({it.cols for it in items}), all_logits)
+        pending = Pending(self, incoming, sends, logits, len({it.cols for it in items}), all_logits)
+        self._in_flight.append(pending)
+        return pending
 
     def _finish(self, pending):
+        self._in_flight = [p for p in self._in_flight if p is not pending]
         b = self.boundary
         logits = pending.local + [b.wait(p) for p in pending.incoming]
         b.wait_all(pending.sends)
@@ -379,6 +429,8 @@ class PipelinedRWKV:
             self._closed = True
             if not self._broken and len(self.split) > 1:
                 try:
+                    for pending in list(self._in_flight):      # e.g. Stopped between two submits
+                        self._finish(pending)
                     self.boundary.send_header(OP_SHUTDOWN)
                 except PipelineError:
                     pass
@@ -398,27 +450,29 @@ def decode_interleaved(model, prompt, max_new_tokens, groups=None, sampling=None
     every stage stays busy across decode steps (generate() waits for all streams at each step).
 
     prompt: token ids [B, T]. Returns {"tokens": [B][max_new_tokens], "prefill_s", "decode_s"}.
-    The tokens equal generate()'s with the same sampling and seed (groups draw in stream order)."""
+    The tokens equal generate()'s with the same sampling and seed (groups draw in stream order;
+    each stream runs the library's StreamLoop)."""
     ids = model.stage.model._check_tokens(prompt)
     B = ids.shape[0]
-    sampling = sampling or SamplingParams(temperature=0)
-    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    sampler = Sampler(sampling or SamplingParams(temperature=0), B, model.vocab_size, model.device, seed)
+    loops = sampler.loops(max_new_tokens)
     g = max(1, min(groups or len(model.split), B))
     rows = [(B * i // g, B * (i + 1) // g) for i in range(g)]
     states = [model.new_state(r1 - r0) for r0, r1 in rows]
     t0 = time.perf_counter()
     pending = [model.submit(ids[r0:r1], st, micro_batches=1) for (r0, r1), st in zip(rows, states)]
-    tokens, prefill_s = [[] for _ in range(B)], None
+    prefill_s = None
     for step in range(max_new_tokens):
         for k, ((r0, r1), st) in enumerate(zip(rows, states)):
-            chosen = sample(pending[k].result(), sampling, None, generator)
-            for i, t in enumerate(chosen.tolist()):
-                tokens[r0 + i].append(t)
+            chosen = sampler(pending[k].result(), step, rows=(r0, r1))
+            for loop, token in zip(loops[r0:r1], chosen.tolist()):
+                loop.take(token)
             if step < max_new_tokens - 1:
                 pending[k] = model.submit(chosen[:, None], st, micro_batches=1)
         if step == 0:
             prefill_s = time.perf_counter() - t0
-    return {"tokens": tokens, "prefill_s": prefill_s, "decode_s": time.perf_counter() - t0 - prefill_s}
+    return {"tokens": [loop.tokens for loop in loops], "prefill_s": prefill_s,
+            "decode_s": time.perf_counter() - t0 - prefill_s}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +561,8 @@ def load(name_or_path, *, exit_workers=True, **kwargs):
     (default nccl when CUDA is available). threads: torch threads of this rank (default: its share
     of the host's cores).
     """
+    if int(os.environ.get("RANK", 0)) != 0:
+        _outlive_stop_signals()
     try:
         return _load(name_or_path, exit_workers=exit_workers, **kwargs)
     except (PipelineError, ValueError) as e:

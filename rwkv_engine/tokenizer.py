@@ -18,6 +18,11 @@ class Tokenizer:
     def vocab_size(self):
         return self._tok.get_vocab_size()
 
+    @property
+    def eos_id(self):
+        """The id of <|endoftext|> (None when the vocabulary has none): where a text ends."""
+        return self._tok.token_to_id("<|endoftext|>")
+
     def encode(self, text):
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__}")

@@ -16,6 +16,7 @@ import torch
 import rwkv_engine.model as model_module
 from rwkv_engine import SamplingParams, pipeline
 
+PENALISED = SamplingParams(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.4)
 PROMPTS = torch.tensor([[5, 17, 3, 99, 42, 7, 250, 11], [8, 1, 300, 2, 64, 33, 12, 9], [400, 6, 7, 8, 9, 10, 11, 12]])
 
 
@@ -52,6 +53,7 @@ def parity(model):
     out["gen_greedy"] = model.generate(PROMPTS[0], 6, temperature=0).tokens
     out["interleaved_seeded"] = pipeline.decode_interleaved(
         model, PROMPTS, 6, sampling=SamplingParams(temperature=1.0), seed=123)["tokens"]
+    out["interleaved_penalised"] = pipeline.decode_interleaved(model, PROMPTS, 6, sampling=PENALISED, seed=5)["tokens"]
     return out
 
 
@@ -60,6 +62,8 @@ def main():
     rank = int(os.environ["RANK"])
     seen = {"given": [], "read": set()}
     record_keys(seen)
+    if scenario == "signal" and rank == 0:
+        pipeline.stop_on_signals()
     model = pipeline.load(ckpt, exit_workers=scenario not in ("parity", "idle"), **kwargs)
     stage = model.stage.model
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
@@ -74,6 +78,13 @@ def main():
         time.sleep(2.5 * kwargs["timeout_s"])
         again, _ = model.forward(PROMPTS)
         torch.save({"first": first, "again": again}, out_dir / "results.pt")
+    elif scenario == "signal":                   # generate until SIGTERM/SIGINT, as bench.generate does
+        (out_dir / "ready").write_text("1")
+        try:
+            while True:
+                model.generate(PROMPTS, 4, temperature=1.0, seed=1)
+        except pipeline.Stopped as e:
+            (out_dir / "stopped").write_text(str(e))
     elif scenario.startswith("kill"):           # kill:RANK or stop:RANK, then keep using the pipeline
         (out_dir / "ready").write_text("1")
         t0 = time.monotonic()

@@ -22,7 +22,7 @@ from rwkv_engine.pipeline import PipelineError, plan, split_layers
 REPO = Path(__file__).resolve().parent.parent
 JOB = Path(__file__).resolve().parent / "pipeline_job.py"
 sys.path.insert(0, str(JOB.parent))
-from pipeline_job import PROMPTS  # noqa: E402
+from pipeline_job import PENALISED, PROMPTS  # noqa: E402
 
 CFG = RWKVConfig(n_layer=4, n_embd=64, vocab_size=500)
 
@@ -190,6 +190,8 @@ def test_pipeline_matches_one_process_bit_for_bit(ckpt, tmp_path, world, micro, 
     assert got["gen_greedy"] == model.generate(PROMPTS[0], 6, temperature=0).tokens
     # streams in groups that never wait for each other: the same tokens as generate()
     assert got["interleaved_seeded"] == model.generate(PROMPTS, 6, temperature=1.0, seed=123).tokens
+    # with penalties too (decode_interleaved used to drop them): the same per-stream loop as generate()
+    assert got["interleaved_penalised"] == model.generate(PROMPTS, 6, sampling=PENALISED, seed=5).tokens
 
     split = split_layers(CFG.n_layer, world)
     for rank in range(world):
@@ -226,6 +228,20 @@ def test_a_dead_or_hung_rank_ends_every_rank_with_its_name(ckpt, tmp_path, how, 
     for rank, (rc, err) in zip((0, 2), results):
         assert rc == 1, f"rank {rank}: {err[-1500:]}"
         assert expect in last_line(err), f"rank {rank}: {last_line(err)}"
+
+
+@pytest.mark.parametrize("to", ["every rank", "rank 0"])
+def test_sigterm_shuts_the_pipeline_down_and_every_rank_exits_0(ckpt, tmp_path, to):
+    """torchrun forwards SIGTERM/SIGINT to every rank: the workers outlive it, rank 0 stops at its next
+    operation (rwkv_engine.pipeline.stop_on_signals, as bench.generate --pipeline uses) and shuts
+    them down; signalling rank 0 alone does the same."""
+    procs = launch(2, "signal", ckpt, tmp_path, timeout_s=20)
+    wait_for(tmp_path / "ready", procs)
+    for p in procs if to == "every rank" else procs[:1]:
+        p.send_signal(signal.SIGTERM)
+    for rank, (rc, err) in enumerate(finish(procs, timeout=30)):
+        assert rc == 0 and "Traceback" not in err, f"rank {rank}: {err[-1500:]}"
+    assert (tmp_path / "stopped").read_text() == "stopped by SIGTERM"
 
 
 def test_idle_workers_outlive_the_timeout(ckpt, tmp_path):

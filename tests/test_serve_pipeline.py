@@ -28,14 +28,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_ranks(args, world=2):
+def start_ranks(args, world=2, model=MODEL):
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        procs.append(subprocess.Popen([sys.executable, "-m", "rwkv_engine.serve", "--model", MODEL, "--port", "0",
+        procs.append(subprocess.Popen([sys.executable, "-m", "rwkv_engine.serve", "--model", str(model), "--port", "0",
                                        "--pipeline", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return procs
@@ -87,3 +87,46 @@ def test_layers_per_rank_needs_pipeline():
     proc = subprocess.run([sys.executable, "-m", "rwkv_engine.serve", "--model", MODEL, "--layers-per-rank", "1,1"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--layers-per-rank needs --pipeline" in proc.stderr
+
+
+def test_sigterm_to_every_rank_on_a_checkpoint_path_ends_both_with_0(tmp_path):
+    """torchrun forwards SIGTERM to every rank: the worker outlives it until rank 0, draining, shuts it
+    down (it used to die of the signal). The model is a checkpoint path (issue 19.11)."""
+    path = write_synthetic(rwkv_engine.get_config(MODEL), tmp_path / "tiny.pth", seed=5)
+    procs = start_ranks([], model=path)
+    try:
+        url = ready_url(procs[0])
+        r = httpx.post(url + "/v1/completions", timeout=60, json={"model": str(path), "prompt": [1, 2, 3], "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in procs]
+        assert codes == [0, 0], codes
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.mark.parametrize("fmt", ["pth", "int8"])
+def test_bench_generate_pipeline_takes_the_checkpoint_paths_it_takes_alone(tmp_path, fmt):
+    """`--pipeline` used to refuse any --model not named rwkv* ("splits RWKV models only, not
+    ckpt.pth"), and a stage could not read a file packed by convert --weights int8."""
+    import json
+    from rwkv_engine.config import RWKVConfig
+    path = write_synthetic(RWKVConfig(n_layer=2, n_embd=64, vocab_size=500), tmp_path / "ckpt.pth", seed=3)
+    if fmt == "int8":
+        subprocess.run([sys.executable, "-m", "rwkv_engine.convert", str(path), str(tmp_path / "c8.safetensors"),
+                        "--weights", "int8"], cwd=REPO, check=True, capture_output=True)
+        path = tmp_path / "c8.safetensors"
+    out = tmp_path / "p.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "bench.generate", "--model", str(path), "--pipeline", "--tokens", "4", "--batch", "2",
+                        "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(out.read_text())["summary"]["token_ids"]
+    model = rwkv_engine.load(path)
+    ids = [i % model.vocab_size for i in range(7, 7 + 41 * 97, 97)]           # bench.generate's prompt without a tokenizer
+    assert got == model.generate([ids] * 2, 4, temperature=1.0, seed=0).tokens

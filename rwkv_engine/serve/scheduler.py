@@ -1,20 +1,23 @@
 """Continuous batching: one thread owns the model and steps every active stream together
 (vLLM's `Scheduler` + `LLMEngine.step`, for a model whose whole per-stream cache is a fixed-size state).
 
-Each iteration of the loop:
-  1. drops cancelled requests, admits waiting ones while slots are free (`max_batch` streams);
-  2. prefill: runs one step of prompt chunks in sequence mode: the oldest job's next chunk, with the
-     next chunks of the same length of other waiting jobs (states stacked along B, at most
-     `prefill_rows` tokens; a pipeline's jobs run one at a time). Chunk boundaries sit at absolute
-     multiples of `chunk` tokens whatever the load, and the products run on row-independent kernels
-     (`kernels.dispatch.rows_independent`), so a prompt's results do not depend on its neighbours;
-     a long prompt delays the decoding streams by one chunk step at a time;
-  3. decode: one batched token-mode forward for all decoding streams (their states stacked along B),
-     then each stream samples from its own row with its own generator, so a stream's tokens do not
-     depend on its neighbours (given batch-invariant kernels); the rows of streams that sample by
-     temperature alone are sampled in one call per temperature (each row alone, rows in parallel);
-  4. retires finished streams (their rows leave the stacked state).
-Results go back through each job's `emit(Event)` callback, called on the scheduler thread.
+Each iteration of the loop admits waiting requests while slots are free (`max_batch` streams), then
+runs one step in three parts (vLLM's schedule -> execute_model -> process_outputs):
+  1. `Planner` decides, without touching the model, which prompt chunks run: the oldest job's next
+     chunk, with the next chunks of the same length of other waiting jobs when the model prefills
+     several prompts at once (`model.batched_prefill`; at most `prefill_rows` tokens). Chunk
+     boundaries sit at absolute multiples of `chunk` tokens whatever the load, and the products run
+     on row-independent kernels (`kernels.dispatch.rows_independent`), so a prompt's results do not
+     depend on its neighbours; a long prompt delays the decoding streams by one chunk step at a time;
+     every decoding stream steps.
+  2. `Executor` runs the model: prompt states (fresh or from the prefix cache), the chunks' forward
+     (states stacked along B), the decoding streams' one batched token-mode forward.
+  3. The output step (the `Scheduler`'s own methods) samples each stream from its own row with its
+     own generator (rows of streams sampled by temperature alone: one call per temperature, each
+     row alone), applies its `StreamLoop` (stop token, stop strings, max_tokens, text), emits events
+     and retires finished streams (their rows leave the stacked state).
+A failure ends the jobs or streams it concerns with an error event (`Scheduler._fail`), never the
+thread. Results go back through each job's `emit(Event)` callback, called on the scheduler thread.
 """
 import logging
 import secrets
@@ -28,15 +31,15 @@ import torch
 
 from kernels import dispatch
 
-from ..generation import TextStream
-from ..model import RWKV
-from ..sampling import SamplingParams, plain_temperature, sample, sample_temperature_rows
+from ..generation import StreamLoop, TextStream
+from ..sampling import SamplingParams, sample_temperature_rows
 from ..state import State
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, prefix_keys
 
 log = logging.getLogger("rwkv_engine.serve")
-EOS = 0                                   # <|endoftext|> of the GPT-NeoX-20B tokenizer
+FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length"}    # StreamLoop's -> the API's
+FAILED = object()                         # what Scheduler._guarded returns when the call failed
 
 
 class QueueFull(Exception):
@@ -83,18 +86,113 @@ class Job:
 
 
 class Stream:
-    """One choice being decoded: its generator, penalty counts and text."""
+    """One choice being decoded: its job, its state until it joins the batch, its per-stream loop."""
 
-    def __init__(self, job, index, state, vocab_size, tokenizer, device):
-        self.job, self.index, self.state = job, index, state
-        seed = job.seed + index if job.seed is not None else secrets.randbits(62)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        p = job.sampling
-        self.counts = torch.zeros(1, vocab_size, device=device) \
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 else None
-        self.text = TextStream(tokenizer, job.stop) if tokenizer is not None else None
-        self.n_tokens, self.next_token, self.done = 0, None, False
+    def __init__(self, job, index, state, loop: StreamLoop):
+        self.job, self.index, self.state, self.loop = job, index, state, loop
+        self.next_token = None
 
+    @property
+    def done(self):
+        return self.loop.done
+
+
+def stream_loop(job, index, vocab_size, tokenizer, eos, device):
+    """Choice `index` of `job`: its generator (seed + index), penalty counts, stop token and text."""
+    seed = job.seed + index if job.seed is not None else secrets.randbits(62)
+    p = job.sampling
+    counts = torch.zeros(1, vocab_size, device=device) \
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 else None
+    return StreamLoop(p, job.max_tokens, generator=torch.Generator(device=device).manual_seed(seed), counts=counts,
+                      stop_tokens={eos} if job.stop_at_eos and eos is not None else (),
+                      text=TextStream(tokenizer, job.stop) if tokenizer is not None else None)
+
+
+def rows_sampled_together(logits):
+    """Whether rows of these logits can go to sampling.sample_temperature_rows (kernels.sample_rows'
+    input: CPU float32). TODO: ask kernels.dispatch once its query for sample_rows lands (the
+    dispatch-table helper's branch); until then this is the rule it will answer."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Planning: what runs this step (never touches the model)
+
+class Planner:
+    def __init__(self, chunk, prefill_rows, batched_prefill):
+        self.chunk, self.prefill_rows, self.batched_prefill = chunk, prefill_rows, batched_prefill
+
+    def chunk_end(self, job):
+        """Where the job's next chunk ends: the next absolute multiple of `chunk`, or the prompt's end."""
+        return min(len(job.prompt), (job.pos // self.chunk + 1) * self.chunk)
+
+    def chunk_group(self, jobs):
+        """-> (the jobs whose next chunks run together, their length): the first job's next chunk and,
+        with batched prefill, those of the following jobs of the same length, at most `prefill_rows`
+        tokens in all."""
+        group, length = [], None
+        for job in jobs:
+            n = self.chunk_end(job) - job.pos
+            if length is None:
+                length = n
+            elif n != length or (len(group) + 1) * n > self.prefill_rows:
+                continue
+            group.append(job)
+            if not self.batched_prefill:
+                break
+        return group, length
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Execution: the only part that runs the model
+
+class Executor:
+    def __init__(self, model, cache: Optional[PrefixCache], metrics: Metrics, chunk):
+        self.model, self.cache, self.metrics, self.chunk = model, cache, metrics, chunk
+
+    def start_prompt(self, job):
+        """The job's prompt state: the longest cached prefix, else a fresh state."""
+        hit = self.cache.lookup(job.prompt) if self.cache is not None else None
+        if self.cache is not None:
+            (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
+            job.keys = prefix_keys(job.prompt, self.chunk)
+        if hit:
+            job.pos, job.state, job.cached_tokens = hit.length, hit.state, hit.length
+            job.logits = None if hit.logits is None else hit.logits[None]
+        else:
+            job.pos, job.state = 0, self.model.new_state(1)
+
+    def run_chunks(self, group, length):
+        """The next `length` prompt tokens of every job in `group` in one sequence-mode forward, under
+        row-independent kernels; each job's state is updated -> logits [len(group), V]."""
+        ids = torch.tensor([job.prompt[job.pos:job.pos + length] for job in group], dtype=torch.long,
+                           device=self.model.device)
+        state = group[0].state if len(group) == 1 else type(group[0].state).cat([j.state for j in group])
+        with dispatch.rows_independent():
+            logits, _ = self.model.forward(ids, state)          # state updated in place
+        if len(group) > 1:
+            for i, job in enumerate(group):
+                job.state = state.select([i])
+        return logits
+
+    def fork(self, job):
+        """One state per choice: the prompt's own for the last, copies for the others."""
+        return [job.state if i == job.n - 1 else job.state.clone() for i in range(job.n)]
+
+    def stack(self, batch_state, states):
+        """New streams' states stacked under the batch's (a State, or a pipeline's on every rank)."""
+        states = ([batch_state] if batch_state is not None else []) + states
+        return type(states[0]).cat(states)
+
+    def decode(self, tokens, batch_state):
+        """One token per decoding stream [B] -> logits [B, V], in one batched token-mode forward."""
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.model.device)
+        logits, _ = self.model.forward(ids, batch_state)
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler: its thread, its queues, and the output step
 
 class Scheduler:
     def __init__(self, model, max_batch=32, max_queue=64, chunk=32, cache: Optional[PrefixCache] = None,
@@ -103,13 +201,16 @@ class Scheduler:
                             ("prefill_rows", prefill_rows)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.model, self.max_batch, self.max_queue, self.chunk = model, max_batch, max_queue, chunk
-        self.prefill_rows = prefill_rows
-        # several prompts' chunks in one forward: for a model in this process (a pipeline's ranks
-        # split a batch into micro-batches of their own, so its prompts keep running one at a time)
-        self.batch_prefill = isinstance(model, RWKV)
+        if not (getattr(model, "batched_token_mode", False) and getattr(model, "state_copy", False)):
+            raise ValueError(f"the scheduler decodes streams in one batch of stacked states: {model!r} does not "
+                             "say it can (batched_token_mode, state_copy)")
+        self.max_batch, self.max_queue, self.chunk, self.prefill_rows = max_batch, max_queue, chunk, prefill_rows
         self.cache, self.metrics = cache, metrics or Metrics()
+        # a pipeline's ranks split a batch into micro-batches of their own: its prompts run one at a time
+        self.planner = Planner(chunk, prefill_rows, bool(getattr(model, "batched_prefill", False)))
+        self.executor = Executor(model, cache, self.metrics, chunk)
         self.tokenizer = getattr(model, "tokenizer", None)
+        self.eos = getattr(self.tokenizer, "eos_id", None)     # the stop token comes from the tokenizer
         self.on_logits = None           # debug hook: f(job, index, logits [1, V]) before each sample
         self.waiting, self.prefilling, self.decoding = deque(), [], []
         self.batch_state: Optional[State] = None       # rows in the order of self.decoding
@@ -118,6 +219,14 @@ class Scheduler:
         self._stopping = self._closed = self._cancel_requested = False
         self._drain_timer = None
         self._thread = threading.Thread(target=self._run, name="rwkv-scheduler", daemon=True)
+
+    @property
+    def model(self):
+        return self.executor.model
+
+    @model.setter
+    def model(self, model):
+        self.executor.model = model
 
     # -- called from other threads --------------------------------------------------------------
     def start(self):
@@ -184,21 +293,10 @@ class Scheduler:
                     for job in list(self.waiting) + self.prefilling + [s.job for s in self.decoding]:
                         job.cancel()
                 self._admit()
-            try:
-                self._prefill()
-            except Exception as e:                        # noqa: BLE001 - fail these jobs, serve on
-                log.exception("prefill step failed")
-                for job in list(self.prefilling):
-                    self.prefilling.remove(job)
-                    self._fail(job, e)
-            try:
-                self._decode()
-            except Exception as e:                        # noqa: BLE001
-                log.exception("decode step failed")
-                for s in self.decoding:
-                    if not s.done:
-                        self._finish(s, "error", error=f"{type(e).__name__}: {e}")
-                self._retire()
+            self._guarded("prefill step", self._prefill_step, jobs=lambda: self.prefilling)
+            self._guarded("decode step", self._decode_step, streams=lambda: self.decoding)
+            if self._guarded("retiring", self._retire, streams=lambda: self.decoding) is FAILED:
+                self.decoding, self.batch_state = [], None          # their rows cannot be taken out
         self._cancel_all()
 
     def _admit(self):
@@ -213,79 +311,32 @@ class Scheduler:
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.active.set(self.active_streams)
 
-    def _prefill(self):
-        """Run one step of prompt chunks. With a local model, the oldest waiting job's next chunk runs
-        together with the next chunks of the following jobs of the same length (states stacked along
-        B, at most `prefill_rows` prompt tokens in all), under `dispatch.rows_independent()`: each
-        prompt's results are the same whether it runs alone or with others. Chunk boundaries stay at
-        absolute multiples of `chunk`, so the decoding streams wait for one (batched) chunk at most."""
+    def _prefill_step(self):
+        """Prompt states for new jobs, then one (batched) step of prompt chunks; a job whose prompt is
+        done (or was wholly cached) starts its streams."""
         for job in [j for j in self.prefilling if j.cancelled]:
-            self.prefilling.remove(job)
+            self._unqueue(job)
             self._end_job(job, "cancelled")
-        group, length = [], None
-        for job in list(self.prefilling):
-            try:
-                if job.state is None:
-                    self._start_prefill(job)
-            except Exception as e:                        # noqa: BLE001 - one bad job, not the server
-                log.exception("prefill failed")
-                self.prefilling.remove(job)
-                self._fail(job, e)
-                continue
-            if job.pos == len(job.prompt):                # the whole prompt was cached
-                self.prefilling.remove(job)
-                self._start_streams(job)
-                continue
-            n = self._chunk_end(job) - job.pos
-            if length is None:
-                length = n
-            elif n != length or (len(group) + 1) * n > self.prefill_rows:
-                continue
-            group.append(job)
-            if not self.batch_prefill:
-                break
-        if group:
-            self._run_chunks(group, length)
-
-    def _chunk_end(self, job):
-        return min(len(job.prompt), (job.pos // self.chunk + 1) * self.chunk)
-
-    def _run_chunks(self, group, length):
-        """The next `length` prompt tokens of every job in `group` in one sequence-mode forward; a job
-        whose prompt is then done starts its streams."""
-        try:
-            ids = torch.tensor([job.prompt[job.pos:job.pos + length] for job in group], dtype=torch.long,
-                               device=self.model.device)
-            state = group[0].state if len(group) == 1 else type(group[0].state).cat([j.state for j in group])
-            with dispatch.rows_independent():
-                logits, _ = self.model.forward(ids, state)          # (B, V); state updated in place
-        except Exception as e:                            # noqa: BLE001 - these jobs, not the server
-            log.exception("prefill failed")
-            for job in group:
-                self.prefilling.remove(job)
-                self._fail(job, e)
+        for job in [j for j in self.prefilling if j.state is None]:
+            self._guarded("prefill", lambda: self.executor.start_prompt(job), jobs=[job])
+        for job in [j for j in self.prefilling if j.pos == len(j.prompt)]:     # the whole prompt was cached
+            self._unqueue(job)
+            self._start_streams(job)
+        group, length = self.planner.chunk_group(self.prefilling)
+        if not group:
+            return
+        logits = self._guarded("prefill", lambda: self.executor.run_chunks(group, length), jobs=group)
+        if logits is FAILED:
             return
         for i, job in enumerate(group):
-            if len(group) > 1:
-                job.state = state.select([i])
             job.logits = logits[i:i + 1]
             self._chunk_done(job, job.pos + length)
             if job.pos == len(job.prompt):
-                self.prefilling.remove(job)
+                self._unqueue(job)
                 self._start_streams(job)
 
-    def _start_prefill(self, job):
-        hit = self.cache.lookup(job.prompt) if self.cache is not None else None
-        if self.cache is not None:
-            (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
-            job.keys = prefix_keys(job.prompt, self.chunk)
-        if hit:
-            job.pos, job.state, job.cached_tokens = hit.length, hit.state, hit.length
-            job.logits = None if hit.logits is None else hit.logits[None]
-        else:
-            job.pos, job.state = 0, self.model.new_state(1)
-
     def _chunk_done(self, job, end):
+        """The job's prompt ran up to `end`: cache the state at a chunk boundary and at the prompt's end."""
         self.metrics.prefill_tokens.inc(end - job.pos)
         job.pos = end
         if self.cache is not None:
@@ -295,18 +346,26 @@ class Scheduler:
                 self.cache.put(job.keys[end], job.state, job.logits[0])
             self.metrics.cache_bytes.set(self.cache.bytes)
 
+    def _decode_step(self):
+        """One token for every decoding stream: the batched forward, then each stream samples its row."""
+        self._retire()
+        if not self.decoding:
+            return
+        logits = self.executor.decode([s.next_token for s in self.decoding], self.batch_state)
+        self.metrics.batch_size.set(len(self.decoding))
+        self.metrics.decode_batch.observe(len(self.decoding))
+        self._sample_rows(logits)
+
+    # -- 3. output: sample, apply each stream's loop, emit, retire ----------------------------
     def _start_streams(self, job):
         """The prompt is done: sample each choice's first token; live choices join the batch."""
         if job.cancelled:
             return self._end_job(job, "cancelled")
         self.metrics.ttft.observe(time.perf_counter() - job.submitted)
         job.open_choices = job.n
-        try:
-            streams = [Stream(job, i, job.state if i == job.n - 1 else job.state.clone(), self.model.vocab_size,
-                              self.tokenizer, self.model.device) for i in range(job.n)]
-        except Exception as e:                            # noqa: BLE001 - e.g. out of memory; nothing sent yet
-            log.exception("starting the streams failed")
-            return self._fail(job, e)
+        streams = self._guarded("starting the streams", lambda: self._new_streams(job), jobs=[job])
+        if streams is FAILED:
+            return
         # the first tokens' events go out once the streams are in the batch: a client that has its
         # first token finds its stream counted in active_streams (/health, /metrics)
         self._held = []
@@ -314,119 +373,90 @@ class Scheduler:
             for s in streams:
                 self._accept_or_fail(s, job.logits)
             job.state = job.logits = None
-            self._join([s for s in streams if not s.done])
+            joined = [s for s in streams if not s.done]
+            if joined:
+                self._guarded("joining the batch", lambda: self._join(joined), streams=joined)
         finally:
             held, self._held = self._held, None
             for event in held:
                 self._emit(*event)
 
+    def _new_streams(self, job):
+        vocab, device = self.model.vocab_size, self.model.device
+        return [Stream(job, i, state, stream_loop(job, i, vocab, self.tokenizer, self.eos, device))
+                for i, state in enumerate(self.executor.fork(job))]
+
     def _join(self, joined):
         """Stack the states of new streams under the batch's."""
-        if not joined:
-            return
-        states = ([self.batch_state] if self.batch_state is not None else []) + [s.state for s in joined]
-        try:
-            self.batch_state = type(states[0]).cat(states)     # a State, or a pipeline's state on every rank
-        except Exception as e:                            # noqa: BLE001 - these streams end; the batch goes on
-            log.exception("joining the batch failed")
-            for s in joined:
-                self._finish(s, "error", error=f"{type(e).__name__}: {e}")
-            return
+        self.batch_state = self.executor.stack(self.batch_state, [s.state for s in joined])
         for s in joined:
             s.state = None
         self.decoding.extend(joined)
 
-    def _decode(self):
-        """One token for every decoding stream in one batched forward."""
-        if not self.decoding:
-            return
-        self._retire()
-        if not self.decoding:
-            return
-        tokens = torch.tensor([[s.next_token] for s in self.decoding], dtype=torch.long,
-                              device=self.model.device)
-        logits, _ = self.model.forward(tokens, self.batch_state)       # (B, V)
-        self.metrics.batch_size.set(len(self.decoding))
-        self.metrics.decode_batch.observe(len(self.decoding))
+    def _sample_rows(self, logits):
+        """Each decoding stream samples from its own row; rows of streams sampled by temperature alone
+        go together, one call per temperature."""
         plain = {}                  # temperature -> rows of streams sampled by temperature alone
-        c_rows = logits.device.type == "cpu" and logits.dtype == torch.float32     # kernels.sample_rows' input
+        together = rows_sampled_together(logits)
         for row, s in enumerate(self.decoding):
-            if c_rows and plain_temperature(s.job.sampling, logits.shape[-1], s.counts):
+            if together and s.loop.plain_temperature(logits.shape[-1]):
                 plain.setdefault(s.job.sampling.temperature, []).append(row)
             else:
                 self._accept_or_fail(s, logits[row:row + 1])
         for temperature, rows in plain.items():
             self._accept_rows(rows, logits, temperature)
-        self._retire()
 
     def _accept_rows(self, rows, logits, temperature):
         """`_accept` for the streams of `rows`, all sampled by `temperature` alone, in one call:
         each row with its stream's generator, so the tokens are those `_accept` would draw."""
-        live = []
-        for row in rows:
-            s = self.decoding[row]
-            if self.on_logits is not None:
-                self.on_logits(s.job, s.index, logits[row:row + 1])
-            if s.job.cancelled:
-                self._finish(s, "cancelled")
-            else:
-                live.append(row)
+        live = [row for row in rows if self._still_wanted(self.decoding[row], logits[row:row + 1])]
         if not live:
             return
-        try:
-            picked = logits if len(live) == logits.shape[0] else logits[live]
-            tokens = sample_temperature_rows(picked, temperature, [self.decoding[r].generator for r in live])
-        except Exception as e:                            # noqa: BLE001 - e.g. no memory: these streams
-            log.exception("sampling failed")
-            for row in live:
-                self._finish(self.decoding[row], "error", error=f"{type(e).__name__}: {e}")
+        picked = logits if len(live) == logits.shape[0] else logits[live]
+        streams = [self.decoding[r] for r in live]
+        tokens = self._guarded("sampling", lambda: sample_temperature_rows(
+            picked, temperature, [s.loop.generator for s in streams]), streams=streams)
+        if tokens is FAILED:
             return
-        for row, token in zip(live, tokens):
-            s = self.decoding[row]
-            try:
-                if isinstance(token, Exception):
-                    raise token
-                self._take(s, token)
-            except Exception as e:                        # noqa: BLE001 - this stream only
-                log.error("sampling failed: %s: %s", type(e).__name__, e)
-                self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+        for s, token in zip(streams, tokens):
+            if isinstance(token, Exception):            # this row's logits were not finite: this stream only
+                log.error("sampling failed: %s: %s", type(token).__name__, token)
+                self._fail(token, streams=[s])
+            else:
+                self._guarded("sampling", lambda: self._take(s, token), streams=[s])
 
     def _accept_or_fail(self, s: Stream, logits):
-        try:
-            self._accept(s, logits)
-        except Exception as e:                            # noqa: BLE001 - e.g. non-finite logits: this stream only
-            log.exception("sampling failed")
-            self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+        """Sample one token for stream `s` from logits (1, V) and send what it adds (a failure, e.g.
+        non-finite logits, ends this stream only)."""
+        if self._still_wanted(s, logits):
+            self._guarded("sampling", lambda: self._take(s, s.loop.sample(logits)), streams=[s])
 
-    def _accept(self, s: Stream, logits):
-        """Sample one token for stream `s` from logits (1, V) and send what it adds."""
+    def _still_wanted(self, s: Stream, logits):
+        """Show the debug hook the row; a cancelled stream ends here instead of sampling."""
         if self.on_logits is not None:
             self.on_logits(s.job, s.index, logits)
         if s.job.cancelled:
-            return self._finish(s, "cancelled")
-        self._take(s, int(sample(logits, s.job.sampling, s.counts, s.generator)))
+            self._finish(s, "cancelled")
+            return False
+        return True
 
     def _take(self, s: Stream, token):
-        """Stream `s` drew `token`: end it at EOS, a stop string or max_tokens, else send its text."""
-        if s.job.stop_at_eos and self.tokenizer is not None and token == EOS:
-            return self._finish(s, "stop")
-        s.n_tokens += 1
-        self.metrics.generated_tokens.inc()
-        if s.counts is not None:
-            s.counts[0, token] += 1
-        piece = s.text.push(token) if s.text is not None else ""
-        if s.text is not None and s.text.stopped:
-            return self._finish(s, "stop", token, piece)
-        if s.n_tokens >= s.job.max_tokens:
-            return self._finish(s, "length", token, piece + (s.text.finish() if s.text is not None else ""))
+        """Stream `s` drew `token`: its loop ends it (stop token, stop string, max_tokens) or not;
+        send what it adds."""
+        taken = s.loop.take(token)
+        if taken.token is not None:
+            self.metrics.generated_tokens.inc()
+        text = taken.text or ""
+        if taken.finish is not None:
+            return self._finish(s, FINISH[taken.finish], taken.token, text)
         s.next_token = token
-        self._emit(s.job, Event(s.index, piece, token))
+        self._emit(s.job, Event(s.index, text, token))
 
     def _finish(self, s: Stream, reason, token=None, text=None, error=None):
-        """End stream `s`; `text` is its last piece (default: whatever its text still holds back)."""
-        s.done = True
+        """Send stream `s`'s last event; `text` is its last piece (default: whatever its text still
+        holds back, for a stream ended from outside its loop)."""
         if text is None:
-            text = s.text.finish() if s.text is not None and not s.text.stopped else ""
+            text = s.loop.end()
         self._emit(s.job, Event(s.index, text, token, reason, error))
         s.job.open_choices -= 1
         if s.job.open_choices == 0:
@@ -446,6 +476,32 @@ class Scheduler:
         if not self.decoding:
             self.metrics.batch_size.set(0)
 
+    # -- failures, endings, events --------------------------------------------------------------
+    def _guarded(self, what, fn, jobs=(), streams=()):
+        """fn() -> its result; if it raises, the jobs and streams concerned (lists, or callables giving
+        them at the time of the failure) end with an error event and FAILED is returned: one failure
+        ends what it concerns, never the scheduler thread."""
+        try:
+            return fn()
+        except Exception as e:                        # noqa: BLE001 - these jobs/streams, not the server
+            log.exception("%s failed", what)
+            self._fail(e, jobs() if callable(jobs) else jobs, streams() if callable(streams) else streams)
+            return FAILED
+
+    def _fail(self, exc, jobs=(), streams=()):
+        """End `jobs` (taken out of prefill; no streams yet) and the live ones of `streams` with an
+        error event naming `exc`; failed streams leave the batch at the next retire."""
+        error = f"{type(exc).__name__}: {exc}"
+        for job in list(jobs):
+            self._unqueue(job)
+            self._end_job(job, "error", error=error)
+        for s in list(streams):
+            if not s.done:
+                self._finish(s, "error", error=error)
+
+    def _unqueue(self, job):
+        self.prefilling = [j for j in self.prefilling if j is not job]
+
     def _end_job(self, job, reason, error=None):
         """End every choice of a job that has no streams yet."""
         job.state = job.logits = None
@@ -453,14 +509,12 @@ class Scheduler:
             self._emit(job, Event(i, finish_reason=reason, error=error))
         self.metrics.requests.labels(outcome=reason).inc()
 
-    def _fail(self, job, exc):
-        self._end_job(job, "error", error=f"{type(exc).__name__}: {exc}")
-
     def _cancel_all(self):
         for job in list(self.waiting) + self.prefilling:
             self._end_job(job, "cancelled")
         for s in self.decoding:
-            self._finish(s, "cancelled")
+            if not s.done:
+                self._finish(s, "cancelled")
         self.waiting.clear()
         self.prefilling, self.decoding, self.batch_state = [], [], None
 
