@@ -38,12 +38,26 @@ enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3 };   /* F32: cpu_ops.c
  * beyond L3); these distances measured best there (int8 +28%, 16-bit +18%; float32 gained nothing). */
 #define PF_DIST 4096
 #define PF_DIST16 2048
+/* The 256-bit loops prefetch too (AVX2-only Zen 3, one thread, head-shaped int8 from DRAM: 6.7-8.5 ms
+ * without, 5.1-5.4 with), each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least these distances
+ * (float16, 50277 x 768: 11.1-12.1 ms at a fixed 2 KB, 9.4-9.7 ms one group ahead; int8 alike; two groups
+ * ahead or into L2 only measured the same). 0 turns a prefetch off (a -D for experiments). */
 #ifndef PF_DIST_AVX2
-#define PF_DIST_AVX2 2048       /* the same for the 256-bit int8 loop (2048-4096 measured alike on Zen 3) */
+#define PF_DIST_AVX2 2048
 #endif
 #ifndef PF_DIST16_AVX2
 #define PF_DIST16_AVX2 2048
 #endif
+#ifndef PF_GROUPS_AVX2
+#define PF_GROUPS_AVX2 1
+#endif
+/* bytes ahead of the position being read in each row: PF_GROUPS_AVX2 groups of 4 rows ahead (the same
+ * position in the row 4 rows on), at least the fixed distance; with short rows (768 int8 weights) a
+ * fixed 2 KB ahead in a row lands in the rows the same group is reading anyway */
+static inline int64_t pf_ahead(int64_t row_bytes, int64_t dist) {
+    int64_t g = PF_GROUPS_AVX2 * 4 * row_bytes;
+    return g > dist ? g : dist;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define WIDE 1
@@ -125,14 +139,14 @@ static inline __m512 load16_bf16(const uint16_t *w) {
 /* 4 rows . x at once: four weight streams in flight, x loaded once for the four. Rows are passed
  * as pointers, so the last rows of a matrix repeat a row and every row is computed the same way. */
 #define DOT16X4(NAME, LOAD8, LOAD16, SCALAR)                                                 \
-static void NAME(const uint16_t *const *w, const float *x, int64_t I, float *out) {          \
+static void NAME(const uint16_t *const *w, const float *x, int64_t I, int64_t pf, float *out) {          \
     int64_t i = 0;                                                                           \
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                   \
     WIDE_LOOP4(LOAD16)                                                                       \
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                              \
     for (; i + 8 <= I; i += 8) {                                                             \
-        if (!WIDE && PF_DIST16_AVX2 && (i & 31) == 0)         /* a line (32 weights) per row */ \
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + PF_DIST16_AVX2, _MM_HINT_T0); \
+        if (!WIDE && pf && (i & 31) == 0)            /* a line (32 weights) per row */ \
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0);          \
         __m256 xv = _mm256_loadu_ps(x + i);                                                  \
         a0 = _mm256_fmadd_ps(LOAD8(w[0] + i), xv, a0);                                       \
         a1 = _mm256_fmadd_ps(LOAD8(w[1] + i), xv, a1);                                       \
@@ -234,7 +248,8 @@ static inline __m256 block_dot256(const int8_t *w, const int8_t *x, const uint8_
  * rounded to float32 first; then hsum8_fixed(E + D); then a last odd block, if any, the same way into a
  * fresh accumulator, hsum8_fixed'd and added. */
 static inline __attribute__((always_inline)) void dotn_q8(const int R, const int8_t *const *w,
-        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t nb, float *out) {
+        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t nb, int64_t pf,
+        float *out) {
     int64_t j = 0;
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if WIDE
@@ -279,13 +294,13 @@ static inline __attribute__((always_inline)) void dotn_q8(const int R, const int
                 for (int r = 0; r < R; r++)
                     for (int64_t t = j; t < nb; t++) c[r][t - j] = _cvtsh_ss(sw[r][t]) * dx[t];
             }
-            if (PF_DIST_AVX2) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(sw[r] + j) + PF_DIST_AVX2 / 16, _MM_HINT_T0);
+            if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(sw[r] + j) + pf / 16, _MM_HINT_T0);
         }
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j * QB));
         const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + j * QB + QB));
         const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + j * QB));
         const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xa + j * QB + QB));
-        if (PF_DIST_AVX2) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + j * QB + PF_DIST_AVX2), _MM_HINT_T0);
+        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + j * QB + pf), _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w[r] + j * QB));
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w[r] + j * QB + QB));
@@ -305,8 +320,8 @@ static inline __attribute__((always_inline)) void dotn_q8(const int R, const int
 }
 
 static void dot4_q8(const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa,
-                    const float *dx, int64_t nb, float *out) {
-    dotn_q8(4, w, sw, xq, xa, dx, nb, out);
+                    const float *dx, int64_t nb, int64_t pf, float *out) {
+    dotn_q8(4, w, sw, xq, xa, dx, nb, pf, out);
 }
 
 /* ---- grouped products -------------------------------------------------------------------- */
@@ -332,13 +347,15 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
         const int8_t *w[4];
         const uint16_t *sw[4];
         for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
-        dot4_q8(w, sw, p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb, out);
+        dot4_q8(w, sw, p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
+                PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, out);
         return;
     }
     const uint16_t *w[4];
     for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + rr[k] * p->Ip;
-    if (p->fmt == FMT_F16) dot4_f16(w, p->x + b * p->I, p->I, out);
-    else dot4_bf16(w, p->x + b * p->I, p->I, out);
+    int64_t pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
+    if (p->fmt == FMT_F16) dot4_f16(w, p->x + b * p->I, p->I, pf, out);
+    else dot4_bf16(w, p->x + b * p->I, p->I, pf, out);
 }
 
 static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
