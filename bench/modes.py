@@ -13,6 +13,14 @@ a separate run per format cannot give.
 `--chunks 2,4,8,16,32,48` times one sequence-mode forward of a chunk of T tokens (from a state) with
 the products on the decode kernels ("short" in kernels.dispatch) and on the GEMM, alternating in one
 process: where the two cross is where `kernels.dispatch.SHORT_ROWS` belongs.
+`--profile` splits the decode step (token mode, `--batch` streams, `--steps` tokens per round, `--repeats`
+rounds) into its parts, counted inside the C kernels decode runs (`kernels.profile`): per matrix the
+product time with its weight bytes and GB/s, the activation quantisation (int8), the time pool threads
+spent without work (hand-offs, the wait for the last chunk), each element-wise op, the head and the rest
+(Python: embedding, the head's LayerNorm, bookkeeping); with `--against` the two formats alternate round
+by round and the step-time ratio is printed; `--json` writes the numbers:
+
+    python -m bench.modes --profile --weights int8 --against float32
 """
 import os
 import statistics
@@ -21,7 +29,8 @@ import time
 
 import torch
 
-from bench.cli import WEIGHT_FORMATS, OneLineParser, first_line, positive_int, positive_int_list
+from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, first_line, positive_int,
+                       positive_int_list, write_json_atomic)
 from bench.cpuload import OthersMeter, busy_warning
 
 
@@ -57,6 +66,124 @@ def chunk_table(model, args):
         print(f"{T:>5}{a:>22.1f}{b:>12.1f}{b / a:>16.2f}")
 
 
+_MATRIX_PARTS = (("att_receptance", "att r"), ("att_key", "att k"), ("att_value", "att v"), ("att_output", "att o"),
+                 ("ffn_receptance", "ffn r"), ("ffn_key", "ffn k"), ("ffn_value", "ffn v"), ("other", "head"))
+
+
+def profile_rounds(models, B, steps, repeats):
+    """models: {name: model}. Alternating rounds of `steps` decode steps per model (one warm-up round
+    first); -> {name: (counters summed over the timed rounds, wall seconds, steps)}."""
+    from kernels import profile
+    ids = torch.randint(0, min(m.vocab_size for m in models.values()), (B, steps),
+                        generator=torch.Generator().manual_seed(0))
+    totals = {name: None for name in models}
+    wall = {name: 0.0 for name in models}
+    for rnd in range(repeats + 1):
+        for name, m in models.items():
+            state = m.new_state(B)
+            profile.enable()
+            t0 = time.perf_counter()
+            for t in range(steps):
+                m.forward(ids[:, t:t + 1], state)
+            dt = time.perf_counter() - t0
+            counts = profile.read()
+            profile.enable(False)
+            if rnd == 0:
+                continue                                           # warm-up
+            wall[name] += dt
+            totals[name] = counts if totals[name] is None else _add_counts(totals[name], counts)
+    return {name: (totals[name], wall[name], steps * repeats) for name in models}
+
+
+def _add_counts(a, b):
+    if isinstance(a, dict):
+        return {k: _add_counts(a[k], b[k]) for k in a}
+    return a + b
+
+
+def profile_parts(counts, wall_s, steps):
+    """Counters of `steps` decode steps -> rows (part, ms per step, bytes per step or None), the step's
+    wall ms and the weight bytes per step."""
+    per = 1e6 * steps                                           # ns in total -> ms per step
+    prod = counts["products"]
+    rows = []
+    for tag, label in _MATRIX_PARTS:
+        c = prod[tag]
+        if c["products"]:
+            rows.append((f"{label} products", (c["work_ns"]) / per, c["bytes"] / steps))
+    quant = sum(c["quant_ns"] for c in prod.values()) / per
+    idle = sum(c["idle_ns"] for c in prod.values()) / per
+    rows.append(("activation quantisation", quant, None))
+    rows.append(("pool idle (hand-offs, last chunk)", idle, None))
+    for op, ns in counts["elementwise_ns"].items():
+        rows.append((op, ns / per, None))
+    inside = sum(prod[t]["wall_ns"] for t, _ in _MATRIX_PARTS if t != "other") + sum(counts["elementwise_ns"].values())
+    rows.append(("decode_layers rest (scratch, loops)", max(0, counts["step_ns"] - inside) / per, None))
+    step_ms = wall_s * 1e3 / steps
+    rows.append(("Python and the rest (embedding, head LN)", step_ms - counts["step_ns"] / per - prod["other"]["wall_ns"] / per,
+                 None))
+    weight_bytes = sum(c["bytes"] for c in prod.values()) / steps
+    return rows, step_ms, weight_bytes
+
+
+def print_profile(title, rows, step_ms, weight_bytes, B):
+    print(title)
+    print(f"{'part':<42}{'ms/step':>9}{'share':>8}{'MB/step':>9}{'GB/s':>7}")
+    for name, ms, nbytes in rows:
+        mb = f"{nbytes / 1e6:>9.1f}" if nbytes is not None else f"{'':>9}"
+        gbs = f"{nbytes / ms / 1e6:>7.1f}" if nbytes is not None and ms > 0 else f"{'':>7}"
+        print(f"{name:<42}{ms:>9.3f}{100 * ms / step_ms:>7.1f}%{mb}{gbs}")
+    print(f"{'step (wall)':<42}{step_ms:>9.3f}{100.0:>7.1f}%{weight_bytes / 1e6:>9.1f}{weight_bytes / step_ms / 1e6:>7.1f}"
+          f"   = {1e3 * B / step_ms:.1f} tok/s over {B} stream(s)")
+
+
+def profile_main(ap, args, model):
+    """--profile: the decode step's parts for --weights (and --against, alternating)."""
+    from bench import models
+    from kernels import cpu_c
+    if not cpu_c.available():
+        ap.exit(2, f"bench.modes: error: --profile counts inside the C kernels, which cannot run here: "
+                   f"{cpu_c.unavailable_reason()}\n")
+    fmts = {args.weights or "float32": model}
+    if args.against and args.against != (args.weights or "float32"):
+        fmts[args.against] = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
+    others = OthersMeter().start()
+    results = profile_rounds(fmts, args.batch, args.steps, args.repeats)
+    load = others.stop()
+    weights = "synthetic weights" if model.synthetic else str(model.source)
+    out = {"model": args.model, "synthetic": bool(model.synthetic), "batch": args.batch, "threads": args.threads,
+           "steps": args.steps, "repeats": args.repeats, "isa": cpu_c.ops().isa, "formats": {},
+           "others_cpu_pct": load["others_cpu_pct"], "loadavg_1m": load["loadavg_1m"]}
+    for fmt, (counts, wall_s, steps) in results.items():
+        rows, step_ms, weight_bytes = profile_parts(counts, wall_s, steps)
+        if counts["steps"] == 0:
+            print(f"note: {fmt}: no step ran through the C decode step (decode_layers): its parts are not counted",
+                  file=sys.stderr)
+        print_profile(f"{args.model} ({weights}), {fmt} weights, {args.batch} stream(s), {args.threads} threads, "
+                      f"{cpu_c.ops().isa} kernels: decode step parts over {steps} steps ({args.repeats} rounds"
+                      f"{', alternating formats' if len(results) > 1 else ''})", rows, step_ms, weight_bytes, args.batch)
+        out["formats"][fmt] = {"step_ms": step_ms, "tokens_per_s": 1e3 * args.batch / step_ms,
+                               "weight_bytes_per_step": weight_bytes,
+                               "parts": [{"part": n, "ms_per_step": ms, "bytes_per_step": b,
+                                          "GBps": (b / ms / 1e6 if b is not None and ms > 0 else None)}
+                                         for n, ms, b in rows],
+                               "counters": counts}
+        print()
+    if len(results) > 1:
+        (a, ra), (b, rb) = list(out["formats"].items())[:2]
+        print(f"step time {b} / {a}: {rb['step_ms'] / ra['step_ms']:.2f}x ({a} {ra['tokens_per_s']:.1f} tok/s, "
+              f"{b} {rb['tokens_per_s']:.1f} tok/s)")
+    if load["others_cpu_pct"] is not None:
+        print(f"other processes used {load['others_cpu_pct']:.1f}% of the CPU meanwhile "
+              f"(load average {load['loadavg_1m']:.2f})")
+    warning = busy_warning(load["others_cpu_pct"])
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.json:
+        write_json_atomic(args.json, out)
+    return 0
+
+
 def main(argv=None):
     ap = OneLineParser(prog="python -m bench.modes", description=__doc__)
     ap.add_argument("--model", default="rwkv-4-pile-169m")
@@ -70,7 +197,16 @@ def main(argv=None):
     ap.add_argument("--peer", action="store_true", help="also time BlinkDL's rwkv package")
     ap.add_argument("--chunks", default=None, type=positive_int_list,
                     help="comma-separated chunk lengths: time the short-chunk products against the GEMM")
+    ap.add_argument("--profile", action="store_true", help="split the decode step into its parts (see above)")
+    ap.add_argument("--steps", type=positive_int, default=32, help="--profile: decode steps per round (default 32)")
+    ap.add_argument("--batch", type=positive_int, default=1, help="--profile: streams decoded together (default 1)")
+    ap.add_argument("--json", default=None, help="--profile: also write the numbers here (JSON)")
     args = ap.parse_args(argv)
+    if args.json:
+        try:
+            check_writable_file(args.json, "--json")
+        except ValueError as e:
+            ap.exit(2, f"bench.modes: error: {first_line(e)}\n")
     torch.set_num_threads(args.threads)
     from threadpoolctl import threadpool_limits
     threadpool_limits(args.threads)
@@ -91,6 +227,8 @@ def main(argv=None):
         for t in range(ids.shape[1]):
             model.forward(ids[:, t:t + 1], state)
 
+    if args.profile:
+        return profile_main(ap, args, model)
     others = OthersMeter().start()
     if args.chunks:
         chunk_table(model, args)

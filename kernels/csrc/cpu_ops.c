@@ -9,6 +9,8 @@
  *    products (a layer's key, value and receptance) run as one job of the thread pool (pool.h):
  *    row chunks claimed dynamically, no barrier, so a thread that another process keeps off its
  *    core does not stall the token.
+ *    Tiles: 4 rows x 4 streams of accumulators on AVX-512 (32 registers), 4 x 3 on AVX2 (16 registers:
+ *    12 accumulators, 3 x vectors, 1 w vector), then 4 x 2 and 4 x 1 for the streams left over.
  *    Batch invariance: each (row, stream) dot product is one fixed instruction sequence (vector FMAs
  *    over the full blocks of the row, one masked block for the rest, one horizontal sum), the same
  *    whatever B is, whichever thread computes it and however the rows are chunked; so a stream's
@@ -167,7 +169,7 @@ static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I,
 #if defined(__AVX512F__)
     const int64_t tiles = B / 4 + (B % 4) / 2 + (B % 2);
 #else
-    const int64_t tiles = B / 2 + (B % 2);
+    const int64_t tiles = B / 3 + (B % 3) / 2 + (B % 3) % 2;
 #endif
     /* with several streams each block of 4 rows is computed on for a while: the block PF_AHEAD blocks
      * ahead (within this chunk) is prefetched meanwhile, spread over the block's tiles, a line or a
@@ -182,6 +184,8 @@ static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I,
         const int64_t step = (I / VW) * pk * 16;       /* floats of the next block each tile covers */
 #if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
         for (; b + 4 <= B; b += 4, pf = pf ? pf + step : NULL) dot_tile(4, 4, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);
+#else             /* 16 registers: 4 rows x 3 streams of accumulators, 3 x vectors and one w vector */
+        for (; b + 3 <= B; b += 3, pf = pf ? pf + step : NULL) dot_tile(4, 3, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);
 #endif
         for (; b + 2 <= B; b += 2, pf = pf ? pf + step : NULL) dot_tile(4, 2, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);
         if (b < B) dot_tile(4, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);

@@ -31,8 +31,8 @@ enum { M_ATT_R, M_ATT_K, M_ATT_V, M_ATT_O, M_FFN_R, M_FFN_K, M_FFN_V };
 int64_t decode_layout(int64_t which) { return which == 0 ? DECODE_PTRS : DECODE_DIMS; }
 
 static inline product decode_product(void *const *P, const int64_t *D, int m, const float *x, float *y) {
-    return (product){D[3 * m], D[3 * m + 1], D[3 * m + 2], 0, P[DECODE_VECS + 2 * m],
-                     (const uint16_t *)P[DECODE_VECS + 2 * m + 1], x, y, NULL, NULL};
+    return (product){.fmt = D[3 * m], .O = D[3 * m + 1], .I = D[3 * m + 2], .W = P[DECODE_VECS + 2 * m],
+                     .S = (const uint16_t *)P[DECODE_VECS + 2 * m + 1], .x = x, .y = y, .tag = 1 + m};
 }
 
 /* The element-wise work of a layer for several streams runs as a pool job, one chunk per stream
@@ -79,8 +79,10 @@ static void ew_stream(void *ctx, int64_t s) {
 
 static void ew_run(ew_job *e, int op, int64_t B, int64_t nthreads) {
     e->op = op;
+    uint64_t t0 = prof_on() ? pool_now_ns() : 0;
     if (B >= EW_PARALLEL_MIN_STREAMS) pool_run(ew_stream, e, B, nthreads);
     else for (int64_t s = 0; s < B; s++) ew_stream(e, s);
+    if (t0) prof_add(&prof.ew[op], (int64_t)(pool_now_ns() - t0));
 }
 
 /* Returns 0, or -1 if the scratch memory cannot be allocated (nothing is changed then). */
@@ -88,6 +90,7 @@ int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, 
                       float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B, int64_t C, int64_t F,
                       double eps, int64_t rescale_every, int64_t layer0, int64_t nthreads) {
     const int64_t BC = B * C;
+    const uint64_t t_step = prof_on() ? pool_now_ns() : 0;
     float *buf = malloc(sizeof(float) * (size_t)(7 * BC + B * F));
     if (buf == NULL) return -1;
     float *kx = buf, *vx = kx + BC, *rx = vx + BC, *r = rx + BC, *k = r + BC, *v = k + BC, *y = v + BC;
@@ -117,10 +120,17 @@ int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, 
         product fv = decode_product(P, D, M_FFN_V, fk, v);
         run_products(1, &fv, B, nthreads, 0);
         ew_run(&e, EW_GATE, B, nthreads);
-        if (rescale_every > 0 && (layer0 + j + 1) % rescale_every == 0)
+        if (rescale_every > 0 && (layer0 + j + 1) % rescale_every == 0) {
+            uint64_t t0 = prof_on() ? pool_now_ns() : 0;
             for (int64_t i = 0; i < BC; i++) x[i] *= 0.5f;
+            if (t0) prof_add(&prof.ew[PROF_EW - 1], (int64_t)(pool_now_ns() - t0));
+        }
     }
     free(buf);
+    if (t_step) {
+        prof_add(&prof.steps, 1);
+        prof_add(&prof.step_ns, (int64_t)(pool_now_ns() - t_step));
+    }
     return 0;
 }
 

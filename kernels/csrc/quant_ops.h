@@ -45,6 +45,26 @@ const char *format_name(int64_t code) {
  * beyond L3); these distances measured best there (int8 +28%, 16-bit +18%; float32 gained nothing). */
 #define PF_DIST 4096
 #define PF_DIST16 2048
+/* The 256-bit loops prefetch too (AVX2-only Zen 3, one thread, head-shaped int8 from DRAM: 6.7-8.5 ms
+ * without, 5.1-5.4 with), each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least these distances
+ * (float16, 50277 x 768: 11.1-12.1 ms at a fixed 2 KB, 9.4-9.7 ms one group ahead; int8 alike; two groups
+ * ahead or into L2 only measured the same). 0 turns a prefetch off (a -D for experiments). */
+#ifndef PF_DIST_AVX2
+#define PF_DIST_AVX2 2048
+#endif
+#ifndef PF_DIST16_AVX2
+#define PF_DIST16_AVX2 2048
+#endif
+#ifndef PF_GROUPS_AVX2
+#define PF_GROUPS_AVX2 1
+#endif
+/* bytes ahead of the position being read in each row: PF_GROUPS_AVX2 groups of 4 rows ahead (the same
+ * position in the row 4 rows on), at least the fixed distance; with short rows (768 int8 weights) a
+ * fixed 2 KB ahead in a row lands in the rows the same group is reading anyway */
+static inline int64_t pf_ahead(int64_t row_bytes, int64_t dist) {
+    int64_t g = PF_GROUPS_AVX2 * 4 * row_bytes;
+    return g > dist ? g : dist;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define WIDE 1
@@ -53,6 +73,47 @@ const char *format_name(int64_t code) {
 #endif
 
 int isa_level(void) { return WIDE ? 512 : 256; }
+
+/* ---- profile counters (bench.modes --profile), off unless profile_enable(1) -------------------
+ * Per product tag (0: products outside decode_layers, e.g. the head; 1 + m: matrix m of decode_step.h):
+ * products run, weight bytes read, wall time, activation quantisation, summed chunk time of all threads
+ * (work) and the time threads spent in a job without a chunk (idle: hand-offs, waiting for the last
+ * chunk), both per thread; a group's wall time is split among its products by their share of the work,
+ * so wall = quant + work / threads + idle per product. Element-wise ops and whole steps: decode_step.h. */
+#define PROF_TAGS 8
+#define PROF_FIELDS 6
+enum { PF_PRODUCTS, PF_BYTES, PF_WALL, PF_QUANT, PF_WORK, PF_IDLE };
+#define PROF_EW 6                /* decode_step.h's EW_* ops, then the rescale */
+static struct {
+    _Atomic int on;
+    _Atomic int64_t tag[PROF_TAGS][PROF_FIELDS];
+    _Atomic int64_t ew[PROF_EW];
+    _Atomic int64_t steps, step_ns;      /* decode_layers calls and their wall time */
+    _Atomic int next_tid;
+} prof;
+static __thread int prof_tid = -1;
+
+static inline int prof_on(void) { return atomic_load_explicit(&prof.on, memory_order_relaxed); }
+static inline void prof_add(_Atomic int64_t *c, int64_t v) { atomic_fetch_add_explicit(c, v, memory_order_relaxed); }
+
+void profile_enable(int64_t on) {
+    atomic_store(&prof.on, 0);
+    for (int t = 0; t < PROF_TAGS; t++) for (int f = 0; f < PROF_FIELDS; f++) atomic_store(&prof.tag[t][f], 0);
+    for (int e = 0; e < PROF_EW; e++) atomic_store(&prof.ew[e], 0);
+    atomic_store(&prof.steps, 0);
+    atomic_store(&prof.step_ns, 0);
+    atomic_store(&prof.on, (int)on);
+}
+
+/* out [PROF_TAGS * PROF_FIELDS + PROF_EW + 2]: the tags' fields, the element-wise ns, steps, step ns. */
+int64_t profile_read(int64_t *out) {
+    int64_t k = 0;
+    for (int t = 0; t < PROF_TAGS; t++) for (int f = 0; f < PROF_FIELDS; f++) out[k++] = atomic_load(&prof.tag[t][f]);
+    for (int e = 0; e < PROF_EW; e++) out[k++] = atomic_load(&prof.ew[e]);
+    out[k++] = atomic_load(&prof.steps);
+    out[k++] = atomic_load(&prof.step_ns);
+    return k;
+}
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -85,12 +146,14 @@ static inline __m512 load16_bf16(const uint16_t *w) {
 /* 4 rows . x at once: four weight streams in flight, x loaded once for the four. Rows are passed
  * as pointers, so the last rows of a matrix repeat a row and every row is computed the same way. */
 #define DOT16X4(NAME, LOAD8, LOAD16, SCALAR)                                                 \
-static void NAME(const uint16_t *const *w, const float *x, int64_t I, float *out) {          \
+static void NAME(const uint16_t *const *w, const float *x, int64_t I, int64_t pf, float *out) {          \
     int64_t i = 0;                                                                           \
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                   \
     WIDE_LOOP4(LOAD16)                                                                       \
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                              \
     for (; i + 8 <= I; i += 8) {                                                             \
+        if (!WIDE && pf && (i & 31) == 0)            /* a line (32 weights) per row */ \
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0);          \
         __m256 xv = _mm256_loadu_ps(x + i);                                                  \
         a0 = _mm256_fmadd_ps(LOAD8(w[0] + i), xv, a0);                                       \
         a1 = _mm256_fmadd_ps(LOAD8(w[1] + i), xv, a1);                                       \
@@ -168,17 +231,32 @@ static void quantize_x(const float *x, int64_t I, int64_t Ip, int8_t *q, float *
     }
 }
 
-/* one block of 32: exact integer dot product of int8 w and int8 x (AVX2 sign trick + maddubs) */
-static inline __m256 block_dot256(const int8_t *w, const int8_t *x) {
+/* The sum of 8 float lanes in one fixed order, the same in both builds (the int8 kernel's results are
+ * identical between them): ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)). */
+static inline float hsum8_fixed(__m256 v) {
+    __m128 u = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));   /* v_k + v_k+4 */
+    u = _mm_add_ps(u, _mm_movehl_ps(u, u));                                           /* u0+u2, u1+u3 */
+    return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
+}
+
+/* one block of 32: the exact integer dot product of int8 w and int8 x in 8 int32 lanes (lane k: bytes
+ * 4k..4k+3), as floats. AVX2 has no signed x signed byte multiply: maddubs takes |x| (u8, computed once
+ * per stream: xa) times w with x's sign (s8); |w|, |x| <= 127, so no pair sum saturates int16. */
+static inline __m256 block_dot256(const int8_t *w, const int8_t *x, const uint8_t *xa) {
     __m256i qw = _mm256_loadu_si256((const __m256i *)w), qx = _mm256_loadu_si256((const __m256i *)x);
-    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+    __m256i p16 = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)xa), _mm256_sign_epi8(qw, qx));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-/* R rows of int8 blocks . the quantised x: sum over blocks of (integer dot) * scale_w * scale_x.
- * Each row's result is the same instruction sequence whatever R is. */
+/* R rows of int8 blocks . the quantised x: sum over blocks of (integer dot) * (scale_w * scale_x).
+ * The float order, the same in both builds and whatever R is: per row, blocks in pairs (j, j+1), each
+ * block's 8 int32 lanes converted and FMA'd lane-wise into an accumulator of its own for even and odd
+ * blocks (E, D: the two halves of one 512-bit register on AVX-512), with the product of the two scales
+ * rounded to float32 first; then hsum8_fixed(E + D); then a last odd block, if any, the same way into a
+ * fresh accumulator, hsum8_fixed'd and added. */
 static inline __attribute__((always_inline)) void dotn_q8(const int R, const int8_t *const *w,
-        const uint16_t *const *sw, const int8_t *xq, const float *dx, int64_t nb, float *out) {
+        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t nb, int64_t pf,
+        float *out) {
     int64_t j = 0;
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if WIDE
@@ -202,22 +280,55 @@ static inline __attribute__((always_inline)) void dotn_q8(const int R, const int
             acc[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(swv, dxv), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
-#endif
-    if (j < nb) {
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (; j < nb; j++)
-            for (int r = 0; r < R; r++)
-                a[r] = _mm256_fmadd_ps(block_dot256(w[r] + j * QB, xq + j * QB),
-                                       _mm256_set1_ps(_cvtsh_ss(sw[r][j]) * dx[j]), a[r]);
-        for (int r = 0; r < R; r++) s[r] += hsum256(a[r]);
+    for (int r = 0; r < R; r++)
+        s[r] = hsum8_fixed(_mm256_add_ps(_mm512_castps512_ps256(acc[r]),
+                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1))));
+#else
+    /* per 8 blocks the 8 combined scales of each row at once (F16C), kept in c[][] and broadcast from
+     * there; per block and row: load, sign, maddubs, madd, convert, FMA */
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 e[4], d[4];
+    for (int r = 0; r < R; r++) e[r] = d[r] = _mm256_setzero_ps();
+    float c[4][8] __attribute__((aligned(32)));
+    for (; j + 2 <= nb; j += 2) {
+        const int k = (int)(j & 7);
+        if (k == 0) {
+            if (j + 8 <= nb) {
+                __m256 dxv = _mm256_loadu_ps(dx + j);
+                for (int r = 0; r < R; r++)
+                    _mm256_store_ps(c[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j))), dxv));
+            } else {
+                for (int r = 0; r < R; r++)
+                    for (int64_t t = j; t < nb; t++) c[r][t - j] = _cvtsh_ss(sw[r][t]) * dx[t];
+            }
+            if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(sw[r] + j) + pf / 16, _MM_HINT_T0);
+        }
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j * QB));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + j * QB + QB));
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + j * QB));
+        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xa + j * QB + QB));
+        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + j * QB + pf), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w[r] + j * QB));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w[r] + j * QB + QB));
+            __m256 f0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(w0, x0)), ones));
+            __m256 f1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(w1, x1)), ones));
+            e[r] = _mm256_fmadd_ps(f0, _mm256_broadcast_ss(&c[r][k]), e[r]);
+            d[r] = _mm256_fmadd_ps(f1, _mm256_broadcast_ss(&c[r][k + 1]), d[r]);
+        }
     }
+    for (int r = 0; r < R; r++) s[r] = hsum8_fixed(_mm256_add_ps(e[r], d[r]));
+#endif
+    if (j < nb)                                 /* the last block of an odd count */
+        for (int r = 0; r < R; r++)
+            s[r] += hsum8_fixed(_mm256_fmadd_ps(block_dot256(w[r] + j * QB, xq + j * QB, xa + j * QB),
+                                                _mm256_set1_ps(_cvtsh_ss(sw[r][j]) * dx[j]), _mm256_setzero_ps()));
     for (int r = 0; r < R; r++) out[r] = s[r];
 }
 
-static void dot4_q8(const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const float *dx,
-                    int64_t nb, float *out) {
-    dotn_q8(4, w, sw, xq, dx, nb, out);
+static void dot4_q8(const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa,
+                    const float *dx, int64_t nb, int64_t pf, float *out) {
+    dotn_q8(4, w, sw, xq, xa, dx, nb, pf, out);
 }
 
 /* ---- grouped products -------------------------------------------------------------------- */
@@ -230,6 +341,8 @@ typedef struct {
     float *y;                   /* [B, O] */
     int8_t *xq;                 /* Q8 scratch: [B, Ip] */
     float *dx;                  /* Q8 scratch: [B, Ip / 32] */
+    uint8_t *xa;                /* Q8 scratch: |xq| [B, Ip] */
+    int64_t tag;                /* profile counters: 0, or 1 + the matrix of decode_step.h */
 } product;
 
 /* rows r..r+3 (clamped to the last row) . stream b */
@@ -241,13 +354,15 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
         const int8_t *w[4];
         const uint16_t *sw[4];
         for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
-        dot4_q8(w, sw, p->xq + b * p->Ip, p->dx + b * nb, nb, out);
+        dot4_q8(w, sw, p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
+                PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, out);
         return;
     }
     const uint16_t *w[4];
     for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + rr[k] * p->Ip;
-    if (p->fmt == FMT_F16) dot4_f16(w, p->x + b * p->I, p->I, out);
-    else dot4_bf16(w, p->x + b * p->I, p->I, out);
+    int64_t pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
+    if (p->fmt == FMT_F16) dot4_f16(w, p->x + b * p->I, p->I, pf, out);
+    else dot4_bf16(w, p->x + b * p->I, p->I, pf, out);
 }
 
 static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
@@ -273,6 +388,9 @@ typedef struct {
     product ps[MAX_GROUP];
     int64_t chunk_rows[MAX_GROUP];
     int64_t first_chunk[MAX_GROUP + 1];           /* product j owns chunks [first[j], first[j+1]) */
+    int prof;                                     /* profiling: chunk time per product, threads used */
+    _Atomic int64_t work_ns[MAX_GROUP];
+    _Atomic uint64_t threads;
 } job_t;
 
 static void chunk_rows_of(void *ctx, int64_t chunk) {
@@ -282,20 +400,53 @@ static void chunk_rows_of(void *ctx, int64_t chunk) {
     const product *p = &job->ps[j];
     int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
     int64_t o1 = o0 + job->chunk_rows[j] < p->O ? o0 + job->chunk_rows[j] : p->O;
+    if (!job->prof) {
+        qrows(p, job->B, o0, o1, (int)job->acc);
+        return;
+    }
+    if (prof_tid < 0) prof_tid = atomic_fetch_add(&prof.next_tid, 1) & 63;
+    uint64_t t0 = pool_now_ns();
     qrows(p, job->B, o0, o1, (int)job->acc);
+    prof_add((_Atomic int64_t *)&((job_t *)ctx)->work_ns[j], (int64_t)(pool_now_ns() - t0));
+    atomic_fetch_or_explicit(&((job_t *)ctx)->threads, (uint64_t)1 << prof_tid, memory_order_relaxed);
+}
+
+static int64_t row_bytes_of(const product *p) {
+    return p->fmt == FMT_Q8 ? p->Ip + p->Ip / QB * 2 : (p->fmt == FMT_F32 ? 4 : 2) * p->I;
+}
+
+/* a job's times -> the counters of its products' tags (see prof) */
+static void prof_job(const job_t *job, const int64_t *quant_ns, int64_t wall_ns) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < job->n; j++) total += atomic_load(&job->work_ns[j]);
+    int64_t nthr = __builtin_popcountll(atomic_load(&job->threads));
+    if (nthr < 1) nthr = 1;
+    double idle = (double)wall_ns * nthr - total;
+    for (int64_t j = 0; j < job->n; j++) {
+        const product *p = &job->ps[j];
+        _Atomic int64_t *c = prof.tag[p->tag >= 0 && p->tag < PROF_TAGS ? p->tag : 0];
+        double share = total > 0 ? (double)atomic_load(&job->work_ns[j]) / total : 1.0 / job->n;
+        prof_add(&c[PF_PRODUCTS], 1);
+        prof_add(&c[PF_BYTES], p->O * row_bytes_of(p));
+        prof_add(&c[PF_WALL], quant_ns[j] + (int64_t)(wall_ns * share));
+        prof_add(&c[PF_QUANT], quant_ns[j]);
+        prof_add(&c[PF_WORK], atomic_load(&job->work_ns[j]) / nthr);
+        prof_add(&c[PF_IDLE], (int64_t)(idle * share / nthr));
+    }
 }
 
 /* n products (described in ps[0..n-1], n <= MAX_GROUP) as one job of the thread pool (pool.h: chunks
  * claimed dynamically, no barrier): activations quantised first (Q8, by the caller), then chunks of rows. */
 static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthreads, int64_t acc) {
-    job_t job = {.n = n, .B = B, .acc = acc};
+    job_t job = {.n = n, .B = B, .acc = acc, .prof = prof_on()};
+    int64_t quant_ns[MAX_GROUP] = {0};
     int64_t scratch = 0;
     for (int64_t j = 0; j < n; j++) {
         product *p = &job.ps[j];
         *p = ps[j];
         p->Ip = p->fmt == FMT_Q8 ? (p->I + QB - 1) / QB * QB : p->I;
-        if (p->fmt == FMT_Q8) scratch += B * p->Ip + B * (p->Ip / QB) * (int64_t)sizeof(float);
-        int64_t row_bytes = p->fmt == FMT_Q8 ? p->Ip + p->Ip / QB * 2 : (p->fmt == FMT_F32 ? 4 : 2) * p->I;
+        if (p->fmt == FMT_Q8) scratch += 2 * B * p->Ip + B * (p->Ip / QB) * (int64_t)sizeof(float);
+        int64_t row_bytes = row_bytes_of(p);
         int64_t r = CHUNK_BYTES * (B >= 8 ? CHUNK_MULT_MANY : 1) / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
         job.chunk_rows[j] = r < 4 ? 4 : r;
         job.first_chunk[j + 1] = job.first_chunk[j] + (p->O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
@@ -306,12 +457,20 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
         if (p->fmt != FMT_Q8) continue;
         p->dx = (float *)at;
         at += B * (p->Ip / QB) * sizeof(float);
+        uint64_t t0 = job.prof ? pool_now_ns() : 0;
         p->xq = (int8_t *)at;
+        at += B * p->Ip;
+        p->xa = (uint8_t *)at;
         at += B * p->Ip;
         for (int64_t b = 0; b < B; b++)
             quantize_x(p->x + b * p->I, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * (p->Ip / QB));
+        for (int64_t i = 0; i < B * p->Ip; i += QB)      /* |x| once per stream, for the sign trick */
+            _mm256_storeu_si256((__m256i *)(p->xa + i), _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)(p->xq + i))));
+        if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
     }
+    uint64_t t1 = job.prof ? pool_now_ns() : 0;
     pool_run(chunk_rows_of, &job, job.first_chunk[n], nthreads);
+    if (job.prof) prof_job(&job, quant_ns, (int64_t)(pool_now_ns() - t1));
     free(buf);
 }
 
