@@ -150,8 +150,9 @@ def guarded_protocol(read_timeout, max_connections):
     """uvicorn's h11 protocol with two bounds on clients: a request whose headers and body have not
     all arrived `read_timeout` seconds after the connection opened (or after its previous response
     ended) gets 408 and the connection is closed (a client that sends headers and never the body
-    would otherwise hold its connection forever); a connection beyond `max_connections` open ones
-    gets 503 and is closed at once, so slow clients cannot take every file descriptor."""
+    would otherwise hold its connection forever; one that sent nothing is closed silently, as an
+    idle keep-alive connection is); a connection beyond `max_connections` open ones gets 503 and is
+    closed at once, so slow clients cannot take every file descriptor."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from .api import raw_error
 
@@ -162,6 +163,7 @@ def guarded_protocol(read_timeout, max_connections):
 
     class GuardedH11Protocol(H11Protocol):
         _deadline = _waiting_for = None
+        _received = False                              # bytes of the awaited request arrived
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -172,6 +174,7 @@ def guarded_protocol(read_timeout, max_connections):
             self._arm()
 
         def data_received(self, data):
+            self._received = True
             super().data_received(data)
             self._disarm_when_read()
 
@@ -187,6 +190,7 @@ def guarded_protocol(read_timeout, max_connections):
         def _arm(self):
             self._disarm()
             self._waiting_for = self.cycle             # done once a newer cycle has its whole body
+            self._received = False
             self._deadline = self.loop.call_later(read_timeout, self._read_timed_out)
 
         def _disarm(self):
@@ -205,7 +209,8 @@ def guarded_protocol(read_timeout, max_connections):
             if self.transport.is_closing():
                 return
             cycle = self.cycle
-            if cycle is None or cycle is self._waiting_for or not cycle.response_started:
+            waiting = cycle is None or cycle is self._waiting_for
+            if (waiting and self._received) or not (waiting or cycle.response_started):
                 self.transport.write(timed_out)
             self.transport.close()                     # the app sees the client disconnect
 
