@@ -243,7 +243,7 @@ BAD_CHAT = [
      400, "messages.0.content", "not valid Unicode"),
     ("part lone surrogate", b'{"model": "rwkv-4-tiny", "messages": [{"role": "user", "content": '
                             b'[{"type": "text", "text": "\\udc00"}]}]}', 400, "messages.0.content.0.text", "Unicode"),
-    ("temperature NaN", b'{"model": "rwkv-4-tiny", "messages": [{"role": "user", "content": "hi"}], '
+    ("chat temperature NaN", b'{"model": "rwkv-4-tiny", "messages": [{"role": "user", "content": "hi"}], '
                         b'"temperature": NaN}', 400, "temperature", "finite number"),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "not supported"),
     ("response_format json", chat(response_format={"type": "json_object"}), 400, "response_format", "not supported"),
