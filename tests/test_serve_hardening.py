@@ -210,3 +210,11 @@ def test_the_ready_line_says_synthetic_weights_for_a_pipeline_too(tiny_cfg):
         assert ("synthetic weights" in describe(handle)) == synthetic, describe(handle)
     single = rwkv_engine.load(MODEL)
     assert single.synthetic and describe(single).count("synthetic") == 1, describe(single)
+
+
+def test_an_unknown_log_level_is_refused_in_one_line(capsys):
+    from rwkv_engine.serve.__main__ import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", MODEL, "--log-level", "loud"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--log-level" in err, err

@@ -12,6 +12,7 @@ import time
 import uvicorn
 
 MAX_CONNECTIONS = 512
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")      # uvicorn's
 MAX_SECONDS = 86400.0          # timeouts above a day are a typo (threading refuses ~1e10 s and more)
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                         "or its previous response ended (default 30); then 408 and the connection is closed")
     p.add_argument("--max-connections", default=str(MAX_CONNECTIONS),
                    help=f"open client connections; one more is answered 503 and closed (default {MAX_CONNECTIONS})")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     args = p.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk", "prefill_rows",
                  "max_connections"):

@@ -308,6 +308,7 @@ class JobBuilder:
         return ids
 
     def job(self, body: _Generation, ids, max_tokens, extra_stop=()):
+        self.check_model(body.model)
         if max_tokens > self.limits.max_tokens:
             raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit "
                                 f"max_tokens={self.limits.max_tokens}", "max_tokens")
