@@ -200,6 +200,7 @@ BAD = [
     ("n over limit", body(n=100), 400, "n", "n<="),
     ("too many stops", body(stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
     ("empty stop", body(stop=[""]), 400, "stop", "non-empty"),
+    ("stop too long", body(stop=["a" * 1001]), 400, "stop", "at most 1000 characters"),
     ("temperature too small", body(temperature=1e-9), 400, None, "temperature"),
     ("echo", body(echo=True), 400, "echo", "not supported"),
     # issue 19: every float finite, every number in the range its consumer takes, text valid Unicode,

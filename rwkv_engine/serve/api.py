@@ -32,6 +32,7 @@ ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assist
 BODY_BASE_BYTES = 2**20         # a request body may hold this much besides its prompt
 BODY_BYTES_PER_TOKEN = 64       # prompt bytes per allowed token: text is ~4 bytes a token, JSON-escaped
                                 # text at most ~6 a character, token ids at most 7 ("50276, ")
+MAX_STOP_CHARS = 1000           # each token's stop check compares every prefix of every stop string
 SEED_RANGE = (-2**63, 2**63 - 1)  # int64; choice i of n uses seed + i, which torch's generator takes
 
 
@@ -319,6 +320,9 @@ class JobBuilder:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or not all(stop):
             raise ApiError(400, f"stop must hold at most 4 non-empty strings, got {stop!r}", "stop")
+        if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+            raise ApiError(400, f"a stop string may hold at most {MAX_STOP_CHARS} characters, got "
+                                f"{max(map(len, stop))}", "stop")
         if stop and self.tokenizer is None:
             raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
         if body.temperature is not None and 0 < body.temperature < MIN_TEMPERATURE:
