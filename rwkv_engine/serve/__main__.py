@@ -223,7 +223,7 @@ class DrainingServer(uvicorn.Server):
     seconds, then ends them (a stream gets a last chunk with finish_reason "cancelled"). The server
     keeps answering meanwhile (a new request gets 503); once nothing is in flight uvicorn stops
     accepting connections, every connection closes cleanly and the process exits 0. A second
-    signal stops the server at once."""
+    signal cancels what is still in flight at once."""
 
     def __init__(self, config, scheduler, grace_s):
         super().__init__(config)
@@ -235,6 +235,7 @@ class DrainingServer(uvicorn.Server):
             self.draining_since = time.monotonic()
             self.scheduler.drain(self.grace_s)
             return
+        self.scheduler.drain(0)                        # a second signal: cancel what is in flight now
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter):
