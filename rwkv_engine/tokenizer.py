@@ -28,6 +28,13 @@ class Tokenizer:
             raise ValueError(f"encode takes a str, got {type(text).__name__}")
         return self._tok.encode(text).ids
 
+    def encode_releasing_gil(self, text):
+        """encode(text), letting other threads run meanwhile (a server's event loop while a worker
+        thread tokenizes a long prompt): tokenizers' encode holds the GIL, encode_batch does not."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a str, got {type(text).__name__}")
+        return self._tok.encode_batch([text])[0].ids
+
     def decode(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 

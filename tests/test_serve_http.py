@@ -98,6 +98,16 @@ def body(**kw):
     return {"model": MODEL, "prompt": "The dragons of", "max_tokens": 8, "seed": 1, **kw}
 
 
+def chat(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1, **kw}
+
+
+def raw(**fields):
+    """A completion body as bytes, each of `fields` spliced in as raw JSON text (NaN, \\ud800, ...)."""
+    text = json.dumps({k: v for k, v in body().items() if k not in fields})[:-1]
+    return (text + "".join(f", {json.dumps(k)}: {v}" for k, v in fields.items()) + "}").encode()
+
+
 def test_openai_client_completions_chat_and_streaming(server):
     from openai import OpenAI
     from rwkv_engine.tokenizer import tokenizer
@@ -190,13 +200,61 @@ BAD = [
     ("n over limit", body(n=100), 400, "n", "n<="),
     ("too many stops", body(stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
     ("empty stop", body(stop=[""]), 400, "stop", "non-empty"),
+    ("stop too long", body(stop=["a" * 1001]), 400, "stop", "at most 1000 characters"),
     ("temperature too small", body(temperature=1e-9), 400, None, "temperature"),
     ("echo", body(echo=True), 400, "echo", "not supported"),
+    # issue 19: every float finite, every number in the range its consumer takes, text valid Unicode,
+    # unknown fields refused (OpenAI's answer), unusable JSON a 400 (never a 500)
+    *[(f"{field} {value}", raw(**{field: value}), 400, field, "finite number")
+      for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+      for value in ("NaN", "Infinity", "-Infinity")],
+    ("temperature 1e400", raw(temperature="1e400"), 400, "temperature", "finite number"),
+    ("seed over int64", body(seed=2**63), 400, "seed", "less than or equal"),
+    ("seed 2**64", body(seed=2**64), 400, "seed", "less than or equal"),
+    ("seed under int64", body(seed=-2**63 - 1), 400, "seed", "greater than or equal"),
+    ("repetition_penalty huge", body(repetition_penalty=1e30), 400, "repetition_penalty", "less than or equal"),
+    ("repetition_penalty tiny", body(repetition_penalty=1e-300), 400, "repetition_penalty", "greater than"),
+    ("top_k negative", body(top_k=-1), 400, "top_k", "greater than or equal to 0"),
+    ("n zero", body(n=0), 400, "n", "greater than or equal to 1"),
+    ("max_tokens huge", body(max_tokens=10**30), 400, "max_tokens", "limit max_tokens=100000"),
+    ("temperature under the minimum", body(temperature=5e-5), 400, "temperature", "use 0 for greedy"),
+    ("prompt lone surrogate", raw(prompt='"dragons \\ud800"'), 400, "prompt", "not valid Unicode"),
+    ("prompt list lone surrogate", raw(prompt='["\\udfff x"]'), 400, "prompt.0", "not valid Unicode"),
+    ("stop lone surrogate", raw(stop='["\\ud800"]'), 400, "stop.0", "not valid Unicode"),
+    ("model lone surrogate", raw(model='"\\ud800"'), 400, "model", "not valid Unicode"),
+    ("unknown field", body(foo=1), 400, "foo", "Unrecognized request argument supplied: foo"),
+    ("misspelt field", body(max_token=5), 400, "max_token", "Unrecognized request argument"),
+    ("chat-only field", body(max_completion_tokens=5), 400, "max_completion_tokens", "Unrecognized"),
+    ("logit_bias", body(logit_bias={"50": 10}), 400, "logit_bias", "not supported"),
+    ("logprobs", body(logprobs=2), 400, "logprobs", "not supported"),
+    ("suffix", body(suffix="x"), 400, "suffix", "not supported"),
+    ("best_of over n", body(best_of=2), 400, "best_of", "not supported"),
+    ("unknown stream option", body(stream_options={"bogus": True}), 400, "stream_options.bogus", "Extra inputs"),
+    ("empty body", b"", 400, None, "empty"),
+    ("nested too deeply", b"[" * 100000 + b"]" * 100000, 400, None, "not valid JSON"),
+    ("integer of 5000 digits", raw(max_tokens="1" * 5000), 400, None, "not valid JSON"),
+    ("not UTF-8", b'{"model": "rwkv-4-tiny", "prompt": "\xff\xfe"}', 400, None, "not valid UTF-8"),
+    ("token ids empty", body(prompt=[[]]), 400, "prompt", "empty"),
 ]
 BAD_CHAT = [
     ("no messages", {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
     ("bad role", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "robot"),
     ("content a number", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content", ""),
+    ("content lone surrogate", b'{"model": "rwkv-4-tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+     400, "messages.0.content", "not valid Unicode"),
+    ("part lone surrogate", b'{"model": "rwkv-4-tiny", "messages": [{"role": "user", "content": '
+                            b'[{"type": "text", "text": "\\udc00"}]}]}', 400, "messages.0.content.0.text", "Unicode"),
+    ("chat temperature NaN", b'{"model": "rwkv-4-tiny", "messages": [{"role": "user", "content": "hi"}], '
+                        b'"temperature": NaN}', 400, "temperature", "finite number"),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "not supported"),
+    ("response_format json", chat(response_format={"type": "json_object"}), 400, "response_format", "not supported"),
+    ("chat logprobs", chat(logprobs=True), 400, "logprobs", "not supported"),
+    ("unknown message field", chat(messages=[{"role": "user", "content": "x", "mood": "happy"}]), 400,
+     "messages.0.mood", "Unrecognized request argument supplied: messages.0.mood"),
+    ("message tool_calls", chat(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]),
+     400, "messages.0.tool_calls", "not supported"),
+    ("image part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     400, "messages.0.content", ""),
 ]
 
 
@@ -212,6 +270,44 @@ def test_bad_request_gets_openai_error(server, path, name, payload, status, para
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert message in err["message"] and (param is None or (err["param"] or "").startswith(param)), err
+
+
+OK = [
+    ("/v1/completions", body(logit_bias={}, user="u1", metadata={"k": "v"}, store=False, echo=False, logprobs=None,
+                             suffix=None, best_of=1, stream_options={"include_usage": False}, seed=2**63 - 1)),
+    ("/v1/completions", body(seed=-2**63, repetition_penalty=100.0, presence_penalty=-2, frequency_penalty=2,
+                             top_k=10**30, temperature=2, top_p=1e-9)),
+    ("/v1/chat/completions", chat(tool_choice="none", tools=[], response_format={"type": "text"},
+                                  parallel_tool_calls=True, service_tier="auto", logprobs=False, n=8,
+                                  messages=[{"role": "user", "content": "Hi", "name": "ann"},
+                                            {"role": "assistant", "content": "Hello", "refusal": None,
+                                             "tool_calls": None, "annotations": []},
+                                            {"role": "user", "content": [{"type": "text", "text": "more"}]}])),
+]
+
+
+@pytest.mark.parametrize("path,payload", OK, ids=["completion no-ops", "extreme values", "chat no-ops"])
+def test_no_op_values_of_unsupported_fields_and_extreme_valid_values_are_served(server, path, payload):
+    r = server.http.post(path, json=payload)
+    assert r.status_code == 200, r.text
+    assert all(c["finish_reason"] in ("length", "stop") for c in r.json()["choices"])
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain",
+                                          "application/json; charset=utf-8"])
+def test_a_json_body_is_read_whatever_its_content_type(server, content_type):
+    """curl -d sends application/x-www-form-urlencoded unless told otherwise."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = server.http.post("/v1/completions", content=json.dumps(body()).encode(), headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 8
+
+
+def test_a_form_encoded_body_is_refused_naming_its_content_type(server):
+    r = server.http.post("/v1/completions", data={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "not valid JSON" in message and "application/x-www-form-urlencoded" in message, message
 
 
 def test_unknown_route_and_method_get_error_bodies(server):
@@ -239,10 +335,10 @@ def test_sigterm_finishes_cleanly_with_exit_0(small_server):
             lines = r.iter_lines()
             assert next(l for l in lines if l.startswith("data:"))
             s.proc.send_signal(signal.SIGTERM)
-            try:                                       # admits no more: 503, or no connection at all
-                assert s.http.post("/v1/completions", json=body()).status_code == 503
-            except httpx.TransportError:
-                pass
+            time.sleep(0.3)                            # the signal is handled
+            with httpx.Client(base_url=s.url, timeout=30) as fresh:   # a new connection: answered 503
+                r = fresh.post("/v1/completions", json=body())
+                assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
             rest = [l for l in lines if l]             # cancelled after the 1 s grace period
             assert rest[-1] == "data: [DONE]"
             assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "cancelled"

@@ -2,17 +2,30 @@
 import argparse
 import ctypes
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+import time
 
 import uvicorn
 
+MAX_CONNECTIONS = 512
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")      # uvicorn's
+MAX_SECONDS = 86400.0          # timeouts above a day are a typo (threading refuses ~1e10 s and more)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line on stderr, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message}\n")
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rwkv_engine.serve",
-                                description="Serve an RWKV-4 model over the OpenAI HTTP API.")
+    p = OneLineParser(prog="python -m rwkv_engine.serve",
+                      description="Serve an RWKV-4 model over the OpenAI HTTP API.")
     p.add_argument("--model", required=True, help="registered name (e.g. rwkv-4-pile-169m) or checkpoint path; "
                                                    "also the model id clients ask for")
     p.add_argument("--checkpoint", help="checkpoint for a registered name (default: synthetic weights)")
@@ -24,30 +37,53 @@ def parse_args(argv=None):
                         "the other ranks hold their layers")
     p.add_argument("--layers-per-rank", default=None, help="with --pipeline: e.g. 6,6 (default: even split)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
-    p.add_argument("--max-batch", type=int, default=32, help="streams decoded together (default 32)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
-    p.add_argument("--max-prompt-tokens", type=int, default=4096)
-    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--prefix-cache-mb", type=float, default=256, help="prefix-state cache size (0: off)")
-    p.add_argument("--prefill-chunk", type=int, default=32, help="prompt tokens per prefill chunk (default 32)")
-    p.add_argument("--prefill-rows", type=int, default=64,
+    p.add_argument("--port", default="8000", help="0 picks a free port (printed when ready)")
+    p.add_argument("--max-batch", default="32", help="streams decoded together (default 32)")
+    p.add_argument("--max-queue", default="64", help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", default="4096", help="longest prompt in tokens (default 4096); "
+                   "also bounds the request body (1 MiB + 64 bytes per token)")
+    p.add_argument("--max-tokens", default="1024", help="largest max_tokens a request may ask for")
+    p.add_argument("--prefix-cache-mb", default="256", help="prefix-state cache size (0: off)")
+    p.add_argument("--prefill-chunk", default="32", help="prompt tokens per prefill chunk (default 32)")
+    p.add_argument("--prefill-rows", default="64",
                    help="prompt tokens of several requests' equal-length chunks run in one step (default 64)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+    p.add_argument("--shutdown-timeout", default="10",
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--read-timeout", default="30",
+                   help="seconds a client has to send a request's headers and body, from when it connects "
+                        "or its previous response ended (default 30); then 408 and the connection is closed")
+    p.add_argument("--max-connections", default=str(MAX_CONNECTIONS),
+                   help=f"open client connections; one more is answered 503 and closed (default {MAX_CONNECTIONS})")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk",
-                 "prefill_rows"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.prefix_cache_mb < 0 or not 0 <= args.port < 65536:
-        p.error("--prefix-cache-mb must be >= 0 and --port in [0, 65535]")
+    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk", "prefill_rows",
+                 "max_connections"):
+        setattr(args, name, number(p, name, args, int, 1))
+    args.port = number(p, "port", args, int, 0, 65535)
+    args.prefix_cache_mb = number(p, "prefix_cache_mb", args, float, 0, 2.0**40)
+    args.shutdown_timeout = number(p, "shutdown_timeout", args, float, 0, MAX_SECONDS)
+    args.read_timeout = number(p, "read_timeout", args, float, 0, MAX_SECONDS, low_open=True)
     if args.layers_per_rank is not None and not args.pipeline:
         p.error("--layers-per-rank needs --pipeline")
     if args.pipeline and args.weights not in (None, args.dtype):
         p.error(f"--weights {args.weights} is not supported with --pipeline (the stages hold --dtype weights)")
     return args
+
+
+def number(parser, name, args, kind, low, high=None, low_open=False):
+    """args.<name> (a string) as a finite `kind` in [low, high] (low excluded with low_open), or a
+    one-line usage error naming the option."""
+    text, option = getattr(args, name), "--" + name.replace("_", "-")
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        parser.error(f"{option} must be a finite {'integer' if kind is int else 'number'}, got {text!r}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        rule = f"> {low:g}" if low_open else f">= {low:g}"
+        parser.error(f"{option} must be {rule}" + ("" if high is None else f" and <= {high:g}") + f", got {text}")
+    return value
 
 
 M_ARENA_MAX = -8                                      # glibc's mallopt parameter
@@ -90,19 +126,132 @@ def bind(host, port):
     return sock
 
 
+FD_RESERVE = 128               # open files besides the connections: checkpoint, tokenizer, libraries, pipes
+
+
+def fit_open_files(max_connections):
+    """Raise the soft limit on open files to fit `max_connections` connections; None when done (or
+    not needed), else a one-line reason (the hard limit is lower)."""
+    try:
+        import resource
+    except ImportError:                                # not POSIX: nothing to check
+        return None
+    need = max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    if hard != resource.RLIM_INFINITY and hard < need:
+        return (f"--max-connections {max_connections} needs {need} open files, over this process's limit "
+                f"of {hard} (ulimit -n): lower --max-connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return None
+
+
+def guarded_protocol(read_timeout, max_connections):
+    """uvicorn's h11 protocol with two bounds on clients: a request whose headers and body have not
+    all arrived `read_timeout` seconds after the connection opened (or after its previous response
+    ended) gets 408 and the connection is closed (a client that sends headers and never the body
+    would otherwise hold its connection forever; one that sent nothing is closed silently, as an
+    idle keep-alive connection is); a connection beyond `max_connections` open ones gets 503 and is
+    closed at once, so slow clients cannot take every file descriptor."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from .api import raw_error
+
+    timed_out = raw_error(408, f"the request did not arrive within {read_timeout:g} s (--read-timeout)",
+                          code="request_timeout")
+    too_many = raw_error(503, f"the server has {max_connections} open connections (--max-connections); "
+                              "retry later", code="too_many_connections", type_="server_error")
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline = _waiting_for = None
+        _received = False                              # bytes of the awaited request arrived
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(too_many)
+                transport.close()
+                return
+            self._arm()
+
+        def data_received(self, data):
+            self._received = True
+            super().data_received(data)
+            self._disarm_when_read()
+
+        def on_response_complete(self):
+            self._arm()                                # the next request gets read_timeout seconds
+            super().on_response_complete()              # (which may start a pipelined one)
+            self._disarm_when_read()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            self._disarm()
+            self._waiting_for = self.cycle             # done once a newer cycle has its whole body
+            self._received = False
+            self._deadline = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _disarm(self):
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _disarm_when_read(self):
+            cycle = self.cycle
+            if self._deadline is not None and cycle is not None and cycle is not self._waiting_for \
+                    and not cycle.more_body:
+                self._disarm()
+
+        def _read_timed_out(self):
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            waiting = cycle is None or cycle is self._waiting_for
+            if (waiting and self._received) or not (waiting or cycle.response_started):
+                self.transport.write(timed_out)
+            self.transport.close()                     # the app sees the client disconnect
+
+    return GuardedH11Protocol
+
+
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: uvicorn stops accepting connections; the scheduler stops admitting, lets
-    in-flight requests run `grace_s` more seconds, then ends them (a stream gets a last chunk with
-    finish_reason "cancelled"), so every connection closes cleanly and the process exits 0."""
+    """On SIGTERM/SIGINT the scheduler stops admitting, lets in-flight requests run `grace_s` more
+    seconds, then ends them (a stream gets a last chunk with finish_reason "cancelled"). The server
+    keeps answering meanwhile (a new request gets 503); once nothing is in flight uvicorn stops
+    accepting connections, every connection closes cleanly and the process exits 0. A second
+    signal cancels what is still in flight at once."""
 
     def __init__(self, config, scheduler, grace_s):
         super().__init__(config)
         self.scheduler, self.grace_s = scheduler, grace_s
+        self.draining_since = None
 
     def handle_exit(self, sig, frame):
-        if not self.should_exit:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
             self.scheduler.drain(self.grace_s)
+            return
+        self.scheduler.drain(0)                        # a second signal: cancel what is in flight now
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter):
+        if self.draining_since is not None and not self.should_exit:
+            s = self.scheduler
+            idle = s.active_streams == 0 and not s.waiting
+            self.should_exit = idle or time.monotonic() - self.draining_since > self.grace_s + 1
+        return await super().on_tick(counter)
+
+
+def describe(model):
+    """The model as the ready line names it, saying when its weights are synthetic."""
+    text = repr(model)
+    if getattr(model, "synthetic", False) and "synthetic" not in text:
+        text += " on synthetic weights"
+    return text
 
 
 def main(argv=None):
@@ -113,6 +262,10 @@ def main(argv=None):
     from .scheduler import Scheduler
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    problem = fit_open_files(args.max_connections)
+    if problem:
+        print(f"rwkv_engine.serve: error: {problem}", file=sys.stderr)
+        return 2
     try:
         model = load_model(args)
         sock = bind(args.host, args.port)
@@ -123,9 +276,10 @@ def main(argv=None):
     scheduler = Scheduler(model, args.max_batch, args.max_queue, args.prefill_chunk, cache,
                           prefill_rows=args.prefill_rows)
     host, port = sock.getsockname()[:2]
-    ready = lambda: print(f"rwkv_engine.serve: {model!r} ready at http://{host}:{port}", flush=True)
+    ready = lambda: print(f"rwkv_engine.serve: {describe(model)} ready at http://{host}:{port}", flush=True)
     app = create_app(scheduler, args.model, Limits(args.max_prompt_tokens, args.max_tokens), on_ready=ready)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
+                            http=guarded_protocol(args.read_timeout, args.max_connections),
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
     server = DrainingServer(config, scheduler, args.shutdown_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn re-raises the signal it shut down on

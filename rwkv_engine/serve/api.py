@@ -1,8 +1,10 @@
 """The HTTP layer: request validation, the OpenAI wire format, server-sent events.
 
-It never touches the model: it tokenizes, checks limits, hands a `Job` to the scheduler and turns
-the scheduler's events into responses. Errors use OpenAI's body
-`{"error": {"message", "type", "param", "code"}}`.
+It never touches the model: it reads the body (bounded in bytes), parses it as JSON whatever its
+Content-Type, validates every field, tokenizes (off the event loop), checks limits, hands a `Job` to
+the scheduler and turns the scheduler's events into responses. Errors use OpenAI's body
+`{"error": {"message", "type", "param", "code"}}`; a request field this server does not know gets
+400, as OpenAI answers.
 """
 import asyncio
 import json
@@ -15,14 +17,23 @@ from typing import List, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from ..sampling import SamplingParams
+from ..sampling import MIN_TEMPERATURE, SamplingParams
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 CHAT_STOP = ("\n\nUser:", "\n\nSystem:")
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+
+
+BODY_BASE_BYTES = 2**20         # a request body may hold this much besides its prompt
+BODY_BYTES_PER_TOKEN = 64       # prompt bytes per allowed token: text is ~4 bytes a token, JSON-escaped
+                                # text at most ~6 a character, token ids at most 7 ("50276, ")
+MAX_STOP_CHARS = 1000           # each token's stop check compares every prefix of every stop string
+SEED_RANGE = (-2**63, 2**63 - 1)  # int64; choice i of n uses seed + i, which torch's generator takes
 
 
 @dataclass
@@ -30,6 +41,11 @@ class Limits:
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     max_n: int = 8
+
+    @property
+    def max_body_bytes(self):
+        """Longer request bodies are refused (413) before they are parsed or tokenized."""
+        return BODY_BASE_BYTES + BODY_BYTES_PER_TOKEN * self.max_prompt_tokens
 
 
 class ApiError(Exception):
@@ -39,30 +55,61 @@ class ApiError(Exception):
         self.type, self.headers = type_, headers
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: renders any str (a lone surrogate a client sent,
+    quoted in an error message, would make UTF-8 encoding fail)."""
+
+    def render(self, content):
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+def error_body(message, param=None, code=None, type_="invalid_request_error"):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def error_response(status, message, param=None, code=None, type_="invalid_request_error", headers=None):
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return AsciiJSONResponse(error_body(message, param, code, type_), status_code=status, headers=headers)
 
 
-# -- request bodies (fields of the wrong type fail validation; unknown fields are ignored) ---------
+STATUS_REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
+
+
+def raw_error(status, message, code=None, type_="invalid_request_error"):
+    """A whole HTTP/1.1 response with OpenAI's error body that closes the connection: for the
+    connection guard, which answers below the ASGI app."""
+    body = json.dumps(error_body(message, None, code, type_)).encode("ascii")
+    head = (f"HTTP/1.1 {status} {STATUS_REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n"
+            + ("retry-after: 1\r\n" if status == 503 else "") + "\r\n")
+    return head.encode("ascii") + body
+
+
+# -- request bodies --------------------------------------------------------------------------------
+# Every number is checked against what its consumer takes (the sampler, torch's generator, the
+# limits), so no value that passes can make generation fail; floats must be finite.
+def Real(**bounds):
+    return Field(None, allow_inf_nan=False, **bounds)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
+    include_obfuscation: Optional[StrictBool] = None          # accepted, no effect (nothing to obfuscate)
 
 
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: StrictStr
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
-    temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)
-    top_p: Optional[StrictFloat] = Field(None, gt=0, le=1)
+    temperature: Optional[StrictFloat] = Real(ge=0, le=2)
+    top_p: Optional[StrictFloat] = Real(gt=0, le=1)
     top_k: Optional[StrictInt] = Field(None, ge=0)                    # extension
-    presence_penalty: Optional[StrictFloat] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[StrictFloat] = Field(None, ge=-2, le=2)
-    repetition_penalty: Optional[StrictFloat] = Field(None, gt=0)     # extension
+    presence_penalty: Optional[StrictFloat] = Real(ge=-2, le=2)
+    frequency_penalty: Optional[StrictFloat] = Real(ge=-2, le=2)
+    # extension; bounded so that scaling any finite logit by it cannot overflow float32
+    repetition_penalty: Optional[StrictFloat] = Real(ge=0.01, le=100)
     stop: Union[StrictStr, List[StrictStr], None] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: Optional[StrictInt] = Field(None, ge=1)
     stream: Optional[StrictBool] = None
     stream_options: Optional[StreamOptions] = None
@@ -71,26 +118,122 @@ class _Generation(BaseModel):
 
 class CompletionRequest(_Generation):
     prompt: Union[StrictStr, List[StrictStr], List[StrictInt], List[List[StrictInt]]]
-    echo: Optional[StrictBool] = None
-    logprobs: Optional[StrictInt] = None
     best_of: Optional[StrictInt] = None
-    suffix: Optional[StrictStr] = None
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: StrictStr
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: StrictStr
-    content: Union[str, List[TextPart], None] = None
+    content: Union[StrictStr, List[TextPart], None] = None
 
 
 class ChatRequest(_Generation):
     messages: List[Message] = Field(..., min_length=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
-    logprobs: Optional[StrictBool] = None
+
+
+# Fields OpenAI defines that change nothing here: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                     "safety_identifier"})
+# Fields OpenAI defines that this server does not implement: accepted only with a value that asks
+# for nothing (null or the one listed), refused with 400 otherwise.
+UNSUPPORTED = {"echo": (False,), "suffix": (), "logprobs": (False, 0), "top_logprobs": (0,),
+               "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+               "function_call": ("none",), "response_format": ({"type": "text"},), "modalities": (["text"],),
+               "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (), "verbosity": ()}
+# In a chat message: `name` is ignored; the fields of a reply the client sends back must be empty.
+MESSAGE_IGNORED = frozenset({"name"})
+MESSAGE_UNSUPPORTED = {"tool_calls": ([],), "function_call": (), "tool_call_id": (), "refusal": (), "audio": (),
+                       "annotations": ([],)}
+
+
+def asks_nothing(value, no_op_values):
+    return value is None or any(type(value) is type(v) and value == v for v in no_op_values)
+
+
+def known_fields(obj, model_cls, ignored, unsupported, where=""):
+    """The fields of the JSON object `obj` that `model_cls` reads. Ignored ones are dropped, an
+    unsupported one that asks for something and any field OpenAI does not define are refused."""
+    out = {}
+    for key, value in obj.items():
+        param = where + key
+        if key in model_cls.model_fields:
+            out[key] = value
+        elif key in unsupported:
+            if not asks_nothing(value, unsupported[key]):
+                raise ApiError(400, f"{param} is not supported by this server", param)
+        elif key not in ignored:
+            raise ApiError(400, f"Unrecognized request argument supplied: {param}", param)
+    return out
+
+
+def request_fields(obj, model_cls):
+    out = known_fields(obj, model_cls, IGNORED, UNSUPPORTED)
+    if model_cls is ChatRequest and isinstance(out.get("messages"), list):
+        out["messages"] = [known_fields(m, Message, MESSAGE_IGNORED, MESSAGE_UNSUPPORTED, f"messages.{i}.")
+                           if isinstance(m, dict) else m for i, m in enumerate(out["messages"])]
+    return out
+
+
+def ill_formed_text(obj):
+    """(path, str, UnicodeEncodeError) for a string value in the parsed JSON that is not valid
+    Unicode (a lone surrogate, which JSON's \\u escapes can spell); None when all are."""
+    todo = [("", obj)]                     # iterative: the depth is whatever json.loads accepted
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((f"{path}.{k}" if path else k, v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return path, value, e
+    return None
+
+
+def parse_body(raw: bytes, content_type, model_cls):
+    """The request body -> a validated `model_cls`. The body is read as JSON whatever the
+    Content-Type says (curl -d sends application/x-www-form-urlencoded)."""
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty: send a JSON object")
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except ValueError as e:                  # JSONDecodeError, or an integer of too many digits
+        media_type = (content_type or "application/json").split(";")[0].strip().lower()
+        hint = "" if media_type == "application/json" else \
+            f"; the body is read as JSON whatever its Content-Type ({content_type})"
+        raise ApiError(400, f"the request body is not valid JSON ({e}){hint}") from None
+    bad = ill_formed_text(obj)
+    if bad is not None:
+        path, text, e = bad
+        raise ApiError(400, f"{path} is not valid Unicode ({e.reason} at index {e.start}: "
+                            f"{text[e.start:e.end]!r}); send well-formed text", path)
+    if isinstance(obj, dict):
+        obj = request_fields(obj, model_cls)
+    try:
+        return model_cls.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors()[0]) from None
+
+
+def validation_error(err):
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({err.get('msg')})")
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return ApiError(400, f"{param or 'body'}: {err.get('msg')}", param)
 
 
 # -- the chat prompt format ---------------------------------------------------------------------
@@ -111,9 +254,31 @@ def chat_prompt(messages):
 
 # -- turning a request into a Job -----------------------------------------------------------------
 class JobBuilder:
+    """Request body -> validated Job. Its entry points (`completion`, `chat`) do CPU work (JSON,
+    validation, tokenizing up to a megabyte of text): the app runs them in a worker thread."""
+
     def __init__(self, model_name, tokenizer, vocab_size, limits: Limits, max_batch):
         self.model_name, self.tokenizer, self.vocab_size = model_name, tokenizer, vocab_size
         self.limits, self.max_batch = limits, max_batch
+        # tokenizers' encode holds the GIL (the event loop would stop meanwhile); this one does not
+        self.encode = None if tokenizer is None else getattr(tokenizer, "encode_releasing_gil", tokenizer.encode)
+
+    def completion(self, raw, content_type):
+        """-> (job, stream, include_usage) for POST /v1/completions."""
+        body = parse_body(raw, content_type, CompletionRequest)
+        self.check_model(body.model)
+        if body.best_of not in (None, body.n or 1):
+            raise ApiError(400, "best_of is not supported by this server", "best_of")
+        ids = self.prompt_ids(body.prompt)
+        return self.job(body, ids, 16 if body.max_tokens is None else body.max_tokens), *streaming(body)
+
+    def chat(self, raw, content_type):
+        """-> (job, stream, include_usage) for POST /v1/chat/completions."""
+        body = parse_body(raw, content_type, ChatRequest)
+        self.check_model(body.model)
+        ids = self.prompt_ids(chat_prompt(body.messages))
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, self.limits.max_tokens)
+        return self.job(body, ids, max_tokens, extra_stop=CHAT_STOP), *streaming(body)
 
     def check_model(self, name):
         if name != self.model_name:
@@ -130,7 +295,7 @@ class JobBuilder:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.encode(prompt)
         else:
             ids = list(prompt)
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -155,8 +320,14 @@ class JobBuilder:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or not all(stop):
             raise ApiError(400, f"stop must hold at most 4 non-empty strings, got {stop!r}", "stop")
+        if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+            raise ApiError(400, f"a stop string may hold at most {MAX_STOP_CHARS} characters, got "
+                                f"{max(map(len, stop))}", "stop")
         if stop and self.tokenizer is None:
             raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
+        if body.temperature is not None and 0 < body.temperature < MIN_TEMPERATURE:
+            raise ApiError(400, f"temperature={body.temperature!r} is below {MIN_TEMPERATURE:g} (logits divided "
+                                "by it overflow): use 0 for greedy decoding", "temperature")
         try:
             sampling = SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -167,6 +338,31 @@ class JobBuilder:
             raise ApiError(400, str(e)) from None
         return Job(prompt=ids, max_tokens=max_tokens, sampling=sampling, n=n, seed=body.seed,
                    stop=tuple(stop) + tuple(extra_stop), stop_at_eos=not body.ignore_eos)
+
+
+def streaming(body: _Generation):
+    """(stream, include_usage) as the request asks."""
+    return bool(body.stream), bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def read_body(request: Request, max_bytes):
+    """The whole request body, refused with 413 as soon as it is known to exceed `max_bytes` (from
+    Content-Length, or while it arrives)."""
+    too_large = ApiError(413, f"the request body is over this server's limit of {max_bytes} bytes "
+                              "(1 MiB + 64 bytes per token of max_prompt_tokens)", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before sending the whole body") from None
+    return b"".join(chunks)
 
 
 # -- the wire format of responses -------------------------------------------------------------------
@@ -331,40 +527,24 @@ def create_app(scheduler: Scheduler, model_name, limits: Limits = None, on_ready
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, e: RequestValidationError):
-        metrics.requests.labels(outcome="invalid").inc()
-        err = e.errors()[0]
-        if err.get("type") == "json_invalid":
-            return error_response(400, f"the request body is not valid JSON ({err.get('msg')})")
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        return error_response(400, f"{param or 'body'}: {err.get('msg')}", param)
+        return await api_error(request, validation_error(e.errors()[0]))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
+    async def generate(request: Request, prepare, fmt_cls):
+        raw = await read_body(request, limits.max_body_bytes)
+        job, stream, include_usage = await run_in_threadpool(prepare, raw, request.headers.get("content-type"))
+        return await respond(request, scheduler, job, fmt_cls(model_name, job.n), stream, include_usage)
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        builder.check_model(body.model)
-        for name, ok in (("echo", not body.echo), ("logprobs", not body.logprobs), ("suffix", body.suffix is None),
-                         ("best_of", body.best_of in (None, body.n or 1))):
-            if not ok:
-                raise ApiError(400, f"{name} is not supported by this server", name)
-        ids = builder.prompt_ids(body.prompt)
-        job = builder.job(body, ids, 16 if body.max_tokens is None else body.max_tokens)
-        return await respond(request, scheduler, job, WireFormat(model_name, job.n), bool(body.stream),
-                             bool(body.stream_options and body.stream_options.include_usage))
+    async def completions(request: Request):
+        return await generate(request, builder.completion, WireFormat)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        builder.check_model(body.model)
-        if body.logprobs:
-            raise ApiError(400, "logprobs is not supported by this server", "logprobs")
-        ids = builder.prompt_ids(chat_prompt(body.messages))
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limits.max_tokens)
-        job = builder.job(body, ids, max_tokens, extra_stop=CHAT_STOP)
-        return await respond(request, scheduler, job, ChatFormat(model_name, job.n), bool(body.stream),
-                             bool(body.stream_options and body.stream_options.include_usage))
+    async def chat_completions(request: Request):
+        return await generate(request, builder.chat, ChatFormat)
 
     @app.get("/v1/models")
     async def models():
