@@ -17,7 +17,7 @@ from . import generation
 from . import weights as wformat
 from .config import RWKVConfig
 from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
-from .state import State
+from .state import State, StateInUseError  # noqa: F401  (StateInUseError: what forward raises)
 
 
 @dataclass
@@ -176,7 +176,11 @@ class RWKV:
     def forward(self, tokens, state=None, all_logits=False):
         """tokens: LongTensor [B, T] (or [T] / list for one stream).
         Returns logits float32 [B, V] for the last position ([B, T, V] with all_logits) and the
-        state, which is updated in place (clone it first to keep the old one)."""
+        state, which is updated in place (clone it first to keep the old one).
+
+        One forward per state at a time: a state that a forward in another thread is updating is
+        refused with StateInUseError (both would otherwise return wrong logits); give each thread
+        its own state."""
         if len(self.layers) != self.config.n_layer:
             raise ValueError(f"this model holds layers {self.layers.start}..{self.layers.stop - 1} only "
                              "(a pipeline stage): run it through rwkv_engine.pipeline")
@@ -188,9 +192,11 @@ class RWKV:
             raise ValueError(f"state must be a rwkv_engine.State, got {type(state).__name__}")
         else:
             state.check(self.config.n_layer, B, self.config.n_embd, self.device, self.dtype)
-        x = self.embed(tokens)
-        x = self.run_blocks(x, state)
-        return self.head_logits(x, all_logits), state
+        state.claim()
+        try:
+            return self.head_logits(self.run_blocks(self.embed(tokens), state), all_logits), state
+        finally:
+            state.release()
 
     # The forward in three pieces; a pipeline stage (rwkv_engine.pipeline) runs those it holds.
     def embed(self, tokens):

@@ -4,6 +4,7 @@ an error (21), meta tensors get the device message (22), one forward per state a
 prompts run in bounded memory (26), and a state prints on one line (9)."""
 import json
 import struct
+import threading
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ from safetensors.torch import load_file, save_file
 
 import baselines
 import rwkv_engine
-from rwkv_engine.checkpoint import read_checkpoint, write_hf
+from rwkv_engine import model as model_module
+from rwkv_engine.checkpoint import read_checkpoint, synthetic_state_dict, write_hf
+from rwkv_engine.config import RWKVConfig
 from rwkv_engine.files import CheckpointError
+from rwkv_engine.state import State, StateInUseError
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +177,67 @@ def test_meta_tokens_get_the_device_message(tiny_model, tmp_path):
                    r"^prompt: unsupported device 'meta': use cpu or cuda$")
     pythia = baselines.load(str(tiny_pythia(tmp_path)))
     one_line_error(ValueError, lambda: pythia.forward(tokens), r"^tokens: unsupported device 'meta'")
+
+
+# ---------------------------------------------------------------------------------------------
+# 23. One forward per state at a time
+
+@pytest.mark.parametrize("prompt", [[4], [4, 5, 6]], ids=["token-mode", "sequence-mode"])
+def test_a_state_in_use_by_another_forward_is_refused(tiny_model, monkeypatch, prompt):
+    """Thread 1's forward is held inside the model (its state claimed) until thread 2 has tried the
+    same state: thread 2 is refused at once, a fresh state runs, and thread 1's logits are the serial ones."""
+    entered, leave = threading.Event(), threading.Event()
+    run_blocks = tiny_model.run_blocks
+
+    def held(x, state):
+        if threading.current_thread() is not threading.main_thread():
+            entered.set()
+            leave.wait(10)
+        return run_blocks(x, state)
+    state, first = tiny_model.new_state(), {}
+    expected, _ = tiny_model.forward([1, 2, 3])
+    monkeypatch.setattr(tiny_model, "run_blocks", held)
+    worker = threading.Thread(target=lambda: first.update(out=tiny_model.forward([1, 2, 3], state)))
+    worker.start()
+    try:
+        assert entered.wait(10)
+        one_line_error(StateInUseError, lambda: tiny_model.forward(prompt, state),
+                       r"^state State\(1 stream, 3 layers.*in use by a forward\) is already being updated by another "
+                       r"forward: one forward per state at a time")
+        tiny_model.forward(prompt, tiny_model.new_state())
+    finally:
+        leave.set()
+        worker.join(10)
+    assert not worker.is_alive()
+    assert torch.equal(first["out"][0], expected)
+    tiny_model.forward(prompt, state)              # free again once the first forward returned
+
+
+def test_a_forward_that_fails_frees_its_state(tiny_model, monkeypatch):
+    def broken(x, state):
+        raise RuntimeError("kernel failed")
+    state = tiny_model.new_state()
+    monkeypatch.setattr(tiny_model, "run_blocks", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        tiny_model.forward([1, 2], state)
+    monkeypatch.undo()
+    tiny_model.forward([1, 2], state)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    cfg = RWKVConfig(n_layer=1, n_embd=32, vocab_size=50)
+    return model_module.RWKV(cfg, synthetic_state_dict(cfg, seed=3))
+
+
+# ---------------------------------------------------------------------------------------------
+# 9 (part). print(state): one line
+
+def test_a_state_prints_on_one_line_without_its_tensors(tiny_model, small_model):
+    text = repr(tiny_model.new_state(2))
+    assert text == "State(2 streams, 3 layers, n_embd 96, float32 token shift, float32 wkv, cpu, 0.01 MiB)"
+    assert str(tiny_model.new_state(2)) == text
+    half = model_module.RWKV(small_model.config, synthetic_state_dict(small_model.config), dtype="bfloat16")
+    assert repr(half.new_state()) == "State(1 stream, 1 layers, n_embd 32, bfloat16 token shift, float32 wkv, cpu, 0.00 MiB)"
+    malformed = State(att_x=None, att_a=None, att_b=None, att_p=None, ffn_x=None)
+    assert repr(malformed) == "State(malformed: att_x is a NoneType)"
