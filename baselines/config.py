@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Tuple
 
+from rwkv_engine.files import dimension_problem
+
 from .family import ALIASES, FAMILIES, MODELS  # noqa: F401  (filled by the family modules)
 
 
@@ -58,6 +60,9 @@ class TransformerConfig:
         for key in ("n_layer", "n_embd", "n_head", "vocab_size", "ffn_dim", "max_len"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ValueError(f"config {key} must be a positive int, got {getattr(self, key)!r}")
+            problem = dimension_problem(key, getattr(self, key))     # before shapes() lists the tensors
+            if problem:
+                raise ValueError(f"config {problem}")
         if self.head_dim == 0:
             if self.n_embd % self.n_head:
                 raise ValueError(f"config n_embd {self.n_embd} is not divisible by n_head {self.n_head}")

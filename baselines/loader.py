@@ -61,7 +61,8 @@ def read_weights(path, config, device="cpu", dtype=torch.float32):
             if name in origin:
                 raise CheckpointError(f"{f}: key {key!r} appears twice (also in {origin[name]})")
             if shape != expected[name]:
-                raise CheckpointError(f"{f}: key {key!r} has shape {list(shape)}, expected {list(expected[name])}")
+                raise CheckpointError(f"{f}: key {key!r} has shape {list(shape)}, expected {list(expected[name])} "
+                                      f"(from config.json)")
             problem = dtype_problem(dt)
             if problem:
                 raise CheckpointError(f"{f}: key {key!r} {problem}")
@@ -73,7 +74,7 @@ def read_weights(path, config, device="cpu", dtype=torch.float32):
     missing = [k for k in expected if k not in sd]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: missing key {missing[0]!r}{more}")
+        raise CheckpointError(f"{path}: missing key {missing[0]!r}{more} (config.json implies it)")
     return sd
 
 

@@ -17,7 +17,7 @@ import torch
 from . import weights
 from .config import RWKVConfig, get_config
 from .files import (CheckpointError, atomic_dir, atomic_write, cache_dir, dtype_problem, release_pages,  # noqa: F401 (re-exported)
-                    open_weights, read_config_json, synthetic_path, value_problem, weight_files)
+                    dimension_problem, open_weights, read_config_json, synthetic_path, value_problem, weight_files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,9 +59,13 @@ def infer_config(sd, source):
         raise CheckpointError(f"{source}: blocks.0.ffn.key.weight has shape {list(shape('blocks.0.ffn.key.weight'))}, "
                               f"expected [ffn_dim, n_embd]")
     vocab, n_embd = shape("emb.weight")
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d{1,9})\.", k))}
     n_layer = max(layers) + 1
     ffn_dim = shape("blocks.0.ffn.key.weight")[0]
+    for key, value in (("n_layer", n_layer), ("n_embd", n_embd), ("vocab_size", vocab), ("ffn_dim", ffn_dim)):
+        problem = dimension_problem(key, value)         # before anything is built from the shapes
+        if problem:
+            raise CheckpointError(f"{source}: {problem}")
     try:
         return RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, ffn_dim=ffn_dim)
     except ValueError as e:
@@ -184,6 +188,29 @@ def _hf_eps(hf_cfg, default, source):
     return float(eps)
 
 
+# config.json keys of RwkvForCausalLM -> the RWKVConfig field the weights' shapes give, and where
+# (a key absent or null in config.json states nothing: HF then derives it from hidden_size).
+HF_SHAPE_KEYS = (("hidden_size", "n_embd", "emb.weight [vocab, n_embd]"),
+                 ("attention_hidden_size", "n_embd", "emb.weight [vocab, n_embd]"),
+                 ("num_hidden_layers", "n_layer", "the blocks.<i> present"),
+                 ("vocab_size", "vocab_size", "emb.weight [vocab, n_embd]"),
+                 ("intermediate_size", "ffn_dim", "blocks.0.ffn.key.weight [ffn_dim, n_embd]"))
+
+
+def check_hf_shapes(hf_cfg, cfg: RWKVConfig, source):
+    """A Hugging Face directory's config.json must agree with the shapes of its weights: a
+    contradiction is an error naming both values (the weights would otherwise win silently)."""
+    for key, field, where in HF_SHAPE_KEYS:
+        stated = hf_cfg.get(key)
+        if stated is None:
+            continue
+        if isinstance(stated, bool) or not isinstance(stated, int):
+            raise CheckpointError(f"{source / 'config.json'}: {key} must be an int, got {stated!r}")
+        if stated != getattr(cfg, field):
+            raise CheckpointError(f"{source / 'config.json'}: {key} is {stated} but the weights have "
+                                  f"{field} {getattr(cfg, field)} (from {where})")
+
+
 def read_checkpoint(path, layers=None):
     """Load any supported checkpoint -> (dict of BlinkDL-named tensors, RWKVConfig), validated.
     layers: a range of layers (a pipeline stage): only the tensors of `stage_keys` are fetched,
@@ -214,6 +241,7 @@ def open_checkpoint(path):
     entries, hf_cfg = _entries(path)
     cfg = infer_config({k: shape for k, (shape, _, _) in entries.items()}, path)
     if hf_cfg is not None:
+        check_hf_shapes(hf_cfg, cfg, path)
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim,
                          layer_norm_eps=_hf_eps(hf_cfg, cfg.layer_norm_eps, path))
     return entries, cfg

@@ -10,6 +10,8 @@ from typing import Iterator, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
+from .config import DEVICE_TYPES
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -85,6 +87,8 @@ def _as_int_tensor(tokens, what):
     if ids.dtype not in TOKEN_DTYPES:
         raise ValueError(f"{what} must be a LongTensor [B, T] or a list of ints (any integer dtype), got dtype "
                          f"{ids.dtype}: floats and bools are refused, never truncated")
+    if ids.device.type not in DEVICE_TYPES:             # e.g. meta: holds no values to read
+        raise ValueError(f"{what}: unsupported device {str(ids.device)!r}: use cpu or cuda")
     return ids
 
 

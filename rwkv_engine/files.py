@@ -35,6 +35,12 @@ DTYPE_TAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 # Every weight must stay finite in every dtype a model may be loaded in: the largest float16.
 MAX_ABS_WEIGHT = 65504.0
 
+# Model dimensions no real checkpoint comes near (RWKV-4 14B: 40 layers, n_embd 5120, ffn 20480;
+# the largest vocabularies ship ~256k rows). A checkpoint or config.json declaring more is refused
+# before any tensor is read: its shapes would have the loaders build or scan absurd tensors.
+DIMENSION_LIMITS = {"n_layer": 1 << 10, "n_embd": 1 << 16, "n_head": 1 << 16, "ffn_dim": 1 << 18,
+                    "vocab_size": 1 << 21, "max_len": 1 << 20}
+
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -317,6 +323,14 @@ def weight_files(path):
     raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or *.index.json found")
 
 
+def dimension_problem(key, value):
+    """None when a model dimension (a DIMENSION_LIMITS key) is within its bound, else what is wrong."""
+    limit = DIMENSION_LIMITS[key]
+    if value > limit:
+        return f"{key} {value} is above {limit}, far beyond any real model (a corrupt or crafted file?)"
+    return None
+
+
 def _open_safetensors(f):
     from safetensors import SafetensorError, safe_open
     try:
@@ -357,7 +371,28 @@ def _open_pth(f):
             raise CheckpointError(f"{f}: key {k!r} holds a {type(t).__name__}, expected a tensor")
         if t.layout != torch.strided:
             raise CheckpointError(f"{f}: key {k!r} is a {t.layout} tensor; only dense tensors are supported")
+        if t.device.type != "cpu":                  # map_location="cpu" moves all but meta tensors
+            raise CheckpointError(f"{f}: key {k!r}: unsupported device {str(t.device)!r}: use cpu or cuda "
+                                  f"(a {t.device.type} tensor holds no values)")
+        problem = storage_problem(t)
+        if problem:
+            raise CheckpointError(f"{f}: key {k!r} {problem}")
     return {k: (tuple(t.shape), t.dtype, lambda t=t: t) for k, t in sd.items()}
+
+
+def storage_problem(t):
+    """None when `t`'s elements are distinct places of its storage, else what is wrong. Metadata
+    only: a view that repeats values (stride 0, overlapping strides) can declare far more elements
+    than its file holds, and checking its values would then take hours; no checkpoint holds one.
+    (torch.load already bounds each storage by its record in the file, and each view by its storage.)"""
+    inner = 1                       # 1 + the farthest offset the inner dimensions reach
+    for stride, size in sorted((d, s) for s, d in zip(t.shape, t.stride()) if s > 1):
+        if stride < inner:
+            return (f"declares shape {list(t.shape)} with strides {list(t.stride())} ({t.numel():,} values) over "
+                    f"a storage of {t.untyped_storage().nbytes():,} bytes: a view that repeats values, not a "
+                    f"checkpoint tensor")
+        inner += (size - 1) * stride
+    return None
 
 
 def open_weights(f):

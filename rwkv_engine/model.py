@@ -3,8 +3,8 @@
     logits, state = model.forward(tokens [B, T], state)
 
 T == 1 is token mode (one decode step per stream); T > 1 is sequence mode (matrix-matrix
-products and one WKV scan over time). Both update `state` in place and return it, so a prompt
-can be fed in chunks with the state carried.
+products and one WKV scan over time; a long prompt in chunks of SEQUENCE_CHUNK tokens). Both
+update `state` in place and return it, so a prompt can be fed in chunks with the state carried.
 """
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from . import generation
 from . import weights as wformat
 from .config import RWKVConfig
 from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
-from .state import State
+from .state import State, StateInUseError  # noqa: F401  (StateInUseError: what forward raises)
 
 
 @dataclass
@@ -105,6 +105,22 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
                 ln_out_b=vec(sd["ln_out.bias"]), head=head)
 
 
+# Sequence mode runs a prompt of more than SEQUENCE_CHUNK tokens per stream in chunks, the state
+# carried from one to the next, so its working memory (the [B, T, ffn_dim] activations of a layer)
+# is that of one chunk whatever the prompt's length. Chunks are near-equal (never a short tail), so
+# every chunk's products stay on the GEMM rows of kernels.dispatch ("sequence", > SHORT_ROWS rows):
+# on the CPU (MKL) the logits are bit-identical to one call over the whole prompt, and prompts up
+# to SEQUENCE_CHUNK tokens run exactly as before on every device.
+SEQUENCE_CHUNK = 4096
+
+
+def sequence_chunks(T, chunk=None):
+    """[(start, stop), ...]: T positions in the fewest near-equal chunks of at most `chunk`."""
+    n = -(-T // (chunk or SEQUENCE_CHUNK))
+    bounds = [i * T // n for i in range(n + 1)]         # lengths differ by at most one
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def check_layer_range(layers, n_layer):
     """None -> all layers; else a non-empty range(i0, i1) inside [0, n_layer)."""
     if layers is None:
@@ -186,7 +202,12 @@ class RWKV:
     def forward(self, tokens, state=None, all_logits=False):
         """tokens: LongTensor [B, T] (or [T] / list for one stream).
         Returns logits float32 [B, V] for the last position ([B, T, V] with all_logits) and the
-        state, which is updated in place (clone it first to keep the old one)."""
+        state, which is updated in place (clone it first to keep the old one).
+
+        One forward per state at a time: a state that a forward in another thread is updating is
+        refused with StateInUseError (both would otherwise return wrong logits); give each thread
+        its own state. A prompt of more than SEQUENCE_CHUNK tokens runs in chunks with the state
+        carried, so memory besides the returned logits does not grow with its length."""
         if len(self.layers) != self.config.n_layer:
             raise ValueError(f"this model holds layers {self.layers.start}..{self.layers.stop - 1} only "
                              "(a pipeline stage): run it through rwkv_engine.pipeline")
@@ -198,9 +219,23 @@ class RWKV:
             raise ValueError(f"state must be a rwkv_engine.State, got {type(state).__name__}")
         else:
             state.check(self.config.n_layer, B, self.config.n_embd, self.device, self.dtype)
-        x = self.embed(tokens)
-        x = self.run_blocks(x, state)
-        return self.head_logits(x, all_logits), state
+        state.claim()
+        try:
+            if T <= SEQUENCE_CHUNK:
+                return self.head_logits(self.run_blocks(self.embed(tokens), state), all_logits), state
+            return self._forward_chunked(tokens, state, all_logits), state
+        finally:
+            state.release()
+
+    def _forward_chunked(self, tokens, state, all_logits):
+        """A long prompt chunk by chunk (see SEQUENCE_CHUNK); [B, T, V] is filled as the chunks run."""
+        B, T = tokens.shape
+        out = torch.empty(B, T, self.vocab_size, device=self.device) if all_logits else None
+        for start, stop in sequence_chunks(T):
+            x = self.run_blocks(self.embed(tokens[:, start:stop]), state)
+            if all_logits:
+                out[:, start:stop] = self.head_logits(x, all_logits=True)
+        return out if all_logits else self.head_logits(x)
 
     # The forward in three pieces; a pipeline stage (rwkv_engine.pipeline) runs those it holds.
     def embed(self, tokens):

@@ -1,4 +1,5 @@
 """The recurrent state of an RWKV-4 model for B independent streams."""
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -12,6 +13,12 @@ WKV_FIELDS = ("att_a", "att_b", "att_p")          # always float32
 SHIFT_FIELDS = ("att_x", "ffn_x")                 # the model's dtype
 SHIFT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_CLAIMS = threading.Lock()        # makes a state's check-and-set of "in use" atomic (held for a few bytecodes)
+
+
+class StateInUseError(ValueError):
+    """A state passed to a forward while another forward (another thread) is updating it."""
+
 
 @dataclass
 class State:
@@ -22,6 +29,8 @@ class State:
     att_b: torch.Tensor
     att_p: torch.Tensor
     ffn_x: torch.Tensor
+
+    _busy = False           # not a field: True while a forward updates this state (claim/release)
 
     @classmethod
     def zeros(cls, n_layer, batch_size, n_embd, device="cpu", dtype=torch.float32):
@@ -44,6 +53,31 @@ class State:
     @property
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def __repr__(self):
+        """One line: streams, layers, width, dtypes, device, size (never the tensors)."""
+        try:
+            n_layer, batch, n_embd = self.att_x.shape
+            busy = ", in use by a forward" if self._busy else ""
+            return (f"State({batch} stream{'s' if batch != 1 else ''}, {n_layer} layers, n_embd {n_embd}, "
+                    f"{str(self.att_x.dtype).removeprefix('torch.')} token shift, float32 wkv, "
+                    f"{self.att_x.device}, {self.nbytes / 2**20:.2f} MiB{busy})")
+        except (AttributeError, TypeError, ValueError):             # a malformed state: check() says what
+            return f"State(malformed: att_x is a {type(self.att_x).__name__})"
+
+    def claim(self):
+        """Mark the state in use by one forward; raise StateInUseError if another forward holds it
+        (two forwards interleaving their in-place updates would both return wrong logits)."""
+        with _CLAIMS:
+            if self._busy:
+                raise StateInUseError(f"state {self!r} is already being updated by another forward: one forward "
+                                      "per state at a time (give each thread its own state, e.g. state.clone())")
+            self._busy = True
+        return self
+
+    def release(self):
+        """End `claim`."""
+        self._busy = False
 
     def clone(self):
         """An independent copy (fork a conversation)."""
