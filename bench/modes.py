@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.cli import WEIGHT_FORMATS, OneLineParser, first_line, positive_int, positive_int_list
+from bench.cli import WEIGHT_FORMATS, OneLineParser, command, first_line, positive_int, positive_int_list
 from bench.cpuload import OthersMeter, busy_warning
 
 
@@ -57,6 +57,7 @@ def chunk_table(model, args):
         print(f"{T:>5}{a:>22.1f}{b:>12.1f}{b / a:>16.2f}")
 
 
+@command("bench.modes")
 def main(argv=None):
     ap = OneLineParser(prog="python -m bench.modes", description=__doc__)
     ap.add_argument("--model", default="rwkv-4-pile-169m")
