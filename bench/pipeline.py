@@ -167,6 +167,9 @@ def main(argv=None):
         else:
             get_config(args.model)                       # unknown names fail here, with the list
             if args.checkpoint is None:
+                from rwkv_engine.checkpoint import synthetic_notice
+                if synthetic_notice(args.model):
+                    print(synthetic_notice(args.model), file=sys.stderr, flush=True)
                 write_synthetic(args.model)              # once, here, not by every rank at once
     except ValueError as e:
         fail(f"{e}")

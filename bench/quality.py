@@ -106,6 +106,9 @@ def checkpoint_path(model, checkpoint, outliers, seed=0):
     if checkpoint:
         return Path(checkpoint)
     if not outliers:
+        from rwkv_engine.checkpoint import synthetic_notice
+        if synthetic_notice(model, seed=seed):
+            print(synthetic_notice(model, seed=seed), file=sys.stderr, flush=True)
         return rwkv_engine.write_synthetic(model, seed=seed)
     path = cache_dir() / "synthetic" / f"{get_config(model).name}-fp32-seed{seed}-outliers2.pth"
     if not path.exists():

@@ -259,12 +259,10 @@ def _signals_unwind():
     """While a temporary is written, SIGTERM and SIGHUP that would kill the process outright (their
     default action) instead raise, so the writer's `finally` removes the temporary; the signal is
     then delivered again with its default action, so the process still ends as killed by it.
-    Handlers the program installed itself are left alone, as is every thread but the main one."""
-    signals = (signal.SIGTERM, signal.SIGHUP)
-    if threading.current_thread() is not threading.main_thread() or \
-            any(signal.getsignal(s) is not signal.SIG_DFL for s in signals):
-        yield
-        return
+    Handlers the program installed itself (or SIG_IGN) are left alone, as is every thread but the
+    main one."""
+    main = threading.current_thread() is threading.main_thread()
+    signals = [s for s in (signal.SIGTERM, signal.SIGHUP) if main and signal.getsignal(s) is signal.SIG_DFL]
 
     def unwind(signum, frame):
         raise _Terminated(signum)

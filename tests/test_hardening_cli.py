@@ -17,8 +17,7 @@ import rwkv_engine
 from bench import generate, pipeline, quality, serve
 from bench.cli import check_writable_file
 from bench.machine import cache_path, default_threads
-from rwkv_engine import files
-from rwkv_engine.checkpoint import synthetic_notice, synthetic_path, write_synthetic
+from rwkv_engine.checkpoint import synthetic_path, write_synthetic
 from rwkv_engine.convert import main as convert_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +71,7 @@ def one_stderr_line(p):
 # 19.1 the first-use notice describes what is written, for every format and size
 
 def test_first_use_notice_describes_the_checkpoint_the_format_is_made_from(fresh_cache):
+    from rwkv_engine.checkpoint import synthetic_notice
     fp32 = synthetic_notice("rwkv-4-pile-169m")
     assert "677.37 MB float32 .pth file" in fp32 and "about as much RAM as its size" in fp32
     int8 = synthetic_notice("rwkv-4-pile-169m", "int8")
