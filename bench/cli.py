@@ -1,7 +1,8 @@
 """What every `python -m bench.<name>` command shares: one-line argument errors, argument types that
-reject nonsense (0 tokens, negative timeouts), checking an output path before any work, atomic
-JSON writes (both through `rwkv_engine.files`), and number formatting. Nothing here imports another
-bench module."""
+reject nonsense (0 tokens, negative timeouts), the top level that turns the project's own errors
+into one line and exit 2 (`command`, from `rwkv_engine.cli`), checking an output path before any
+work, atomic writes of JSON, text and figures (both through `rwkv_engine.files`), and number
+formatting. Nothing here imports another bench module."""
 import argparse
 import json
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from kernels import formats
 from rwkv_engine import files
+from rwkv_engine.cli import command, run_command  # noqa: F401 (re-exported: every command's top level)
 
 WEIGHT_FORMATS = formats.NAMES          # --weights choices: the registered weight formats (live)
 
@@ -67,35 +69,43 @@ def positive_int_list(text):
 
 
 def check_writable_file(path, what="output"):
-    """Raise ValueError (one line) unless `path` can be written as a regular file: checked before
-    any work, so a long run never fails at its last step. Creates no file."""
+    """Raise ValueError (one line, naming `what` and the path) unless `path` can be written as a
+    regular file: checked before any work, by creating its directory and a temporary file there
+    (removed), so a long run never fails at its last step. An existing directory is refused."""
     try:
-        files.check_output_path(path, "file")
+        files.probe_output(path, what, "file")
     except files.WriteError as e:
-        raise ValueError(f"{what} {first_line(e)}") from None
+        raise ValueError(first_line(e)) from None
 
 
 def check_writable_dir(path, what="output directory"):
-    """Raise ValueError unless `path` is (or can be created as) a writable directory."""
+    """Raise ValueError unless `path` is (or is now created as) a directory a file can be written in."""
     try:
-        files.check_output_path(path, "dir")
+        files.probe_output(path, what, "dir", inside=True)
     except files.WriteError as e:
-        raise ValueError(f"{what} {first_line(e)}") from None
+        raise ValueError(first_line(e)) from None
 
 
 def write_json_atomic(path, obj):
-    """Write JSON to `path` through the engine's one atomic writer; no temporary file is left behind."""
+    """Write JSON to `path` through the engine's one atomic writer; no temporary file is left behind
+    (a full disk raises WriteError, one line naming the path)."""
     text = json.dumps(obj, indent=1, allow_nan=False, default=str)
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path, text):
+    """Write text to `path` atomically (a temporary beside it, then os.replace)."""
     files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def save_figure_atomic(fig, path):
+    """fig.savefig(path) through a temporary beside it: a full disk leaves no partial PNG."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+
+
 def fmt_bytes(n):
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    return "-" if n is None else files.format_bytes(n)
 
 
 def fmt_params(n):

@@ -150,14 +150,12 @@ def parse_args(argv):
     if args.weights is not None and args.weights not in WEIGHT_FORMATS:
         p.error(f"unknown --weights {args.weights!r}: use one of {', '.join(WEIGHT_FORMATS)}")
     if args.json:
-        _check_writable(p, args.json)
+        from bench.cli import check_writable_file
+        try:
+            check_writable_file(args.json, "--json")
+        except ValueError as e:
+            p.error(str(e))
     return args
-
-
-def _check_writable(parser, path):
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        parser.error(f"--json {path}: not a writable file path")
 
 
 def _exit_on(signum, _frame):
@@ -165,6 +163,11 @@ def _exit_on(signum, _frame):
 
 
 def main(argv=None):
+    from bench.cli import run_command
+    return run_command("bench.contention", _main, argv)
+
+
+def _main(argv=None):
     args = parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on)
@@ -180,15 +183,11 @@ def main(argv=None):
     rows = add_ratios(rows)
     print(table(rows))
     if args.json:
-        from bench.generate import write_json_atomic
+        from bench.cli import write_json_atomic
         write_json_atomic(args.json, {"model": args.model, "weights": model.weights, "tokens": args.tokens, "repeats": args.repeats,
                                       "cpus": os.cpu_count(), "load_avg_before": load_before, "rows": rows})
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from bench import DRAGON_PROMPT, PROMPT_TOKENS
-from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, fail, fmt_bytes, fmt_params,
+from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, fail, fmt_bytes, fmt_params,
                        positive_float, positive_int, write_json_atomic)
 from bench.cpuload import busy_warning
 from bench.pipeline import add_pipeline_arguments
@@ -173,14 +173,19 @@ def build_parser(prog="python -m bench.generate"):
     return p
 
 
-def first_use_note(model):
-    """A line saying what a first run must write (a synthetic checkpoint of GBs), or ''."""
+def first_use_note(model, weights=None):
+    """A line saying what a first run must write (the synthetic checkpoint the run's weight format
+    is made from: its format, size and the memory writing it takes), or ''."""
     from bench import models
-    need = models.synthetic_checkpoint_missing(model)
+    kind, key = models.resolve(model)
+    if kind == "rwkv":
+        from rwkv_engine.checkpoint import synthetic_notice
+        return "" if Path(key).exists() else synthetic_notice(key, weights)
+    need = models.synthetic_checkpoint_missing(model)            # baselines.write_synthetic
     if not need:
         return ""
-    return (f"first use of {model}: writing a synthetic checkpoint of {fmt_bytes(need)} to the cache "
-            f"(once; it takes about that much RAM while it is written)")
+    return (f"first use of {key}: writing its synthetic checkpoint to the cache once: a {fmt_bytes(need)} float16 "
+            f"Hugging Face directory, written block by block (little RAM)")
 
 
 def run_repeats(spec, args, prog):
@@ -223,6 +228,7 @@ def main_pipelined(args, prog):
                                       "runs": [summary]})
 
 
+@command("bench.generate")
 def main(argv=None):
     prog = "bench.generate"
     args = build_parser().parse_args(argv)
@@ -235,7 +241,7 @@ def main(argv=None):
                 batch=args.batch, prompt=args.prompt, checkpoint=args.checkpoint, threads=threads, seed=args.seed,
                 protocol=args.protocol)
     machine = machine_get(args.device, threads)
-    note = first_use_note(args.model) if args.checkpoint is None else ""
+    note = first_use_note(args.model, args.weights) if args.checkpoint is None else ""
     if note:
         print(note, file=sys.stderr)
     runs = run_repeats(spec, args, prog)

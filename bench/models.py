@@ -4,7 +4,6 @@ and estimates, before loading anything, how much memory and time a run will need
 Families and sizes come from the registries of `rwkv_engine` (config.MODELS) and `baselines`;
 nothing about shapes is repeated here.
 """
-import json
 import shutil
 import subprocess
 import sys
@@ -51,7 +50,8 @@ def resolve(name):
     p = Path(name)
     if p.exists():
         if p.is_dir() and (p / "config.json").is_file():
-            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+            from rwkv_engine.files import read_json       # CheckpointError unless a JSON object
+            model_type = read_json(p / "config.json").get("model_type")
             return ("rwkv" if model_type == "rwkv" else "baseline"), str(p)
         return "rwkv", str(p)
     from rwkv_engine.config import ALIASES, MODELS
@@ -165,15 +165,16 @@ def bytes_per_weight(dtype="float32", weights=None):
     return BYTES[dtype]
 
 
-def synthetic_checkpoint_missing(name):
+def synthetic_checkpoint_missing(name, weights=None):
     """Bytes of disk a first run must write for the synthetic checkpoint of a registered name
-    (0 when it is already cached, or `name` is a checkpoint path)."""
+    with weight format `weights` (0 when it is already cached, or `name` is a checkpoint path)."""
     kind, key = resolve(name)
     if Path(key).exists():
         return 0
-    if kind == "rwkv":                               # rwkv_engine.write_synthetic: fp32 .pth
-        from rwkv_engine.files import synthetic_path
-        return 0 if synthetic_path(config(name).name).exists() else n_params(name) * 4
+    if kind == "rwkv":                               # what rwkv_engine.load(name, weights=) reads
+        from rwkv_engine.checkpoint import synthetic_plan
+        plan = synthetic_plan(key, weights)
+        return 0 if plan["exists"] else plan["bytes"]
     from baselines.loader import synthetic_dir       # baselines.write_synthetic: fp16 safetensors
     return 0 if (synthetic_dir(key) / "model.safetensors").is_file() else n_params(name) * 2
 
@@ -234,7 +235,7 @@ def fits(name, device="cpu", tokens=512, prompt_tokens=PROMPT_TOKENS, protocol="
     limit = max_positions(name)
     if limit is not None and prompt_tokens + tokens > limit:
         return False, f"{prompt_tokens}+{tokens} positions exceed its {limit} max positions"
-    need_disk = synthetic_checkpoint_missing(name)
+    need_disk = synthetic_checkpoint_missing(name, weights)
     if need_disk:
         from rwkv_engine.checkpoint import cache_dir
         d = cache_dir()

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, first_line, positive_int,
+from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, first_line, positive_int,
                        positive_int_list, write_json_atomic)
 from bench.cpuload import OthersMeter, busy_warning
 
@@ -184,6 +184,7 @@ def profile_main(ap, args, model):
     return 0
 
 
+@command("bench.modes")
 def main(argv=None):
     ap = OneLineParser(prog="python -m bench.modes", description=__doc__)
     ap.add_argument("--model", default="rwkv-4-pile-169m")

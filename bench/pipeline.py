@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cli import positive_int_list
+from bench.cli import check_writable_file, command, positive_float, positive_int, positive_int_list, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def build_parser():
     p.add_argument("--threads-per-rank", default="share", choices=["share", "all"])
     p.add_argument("--threads", type=int, help="torch threads of every rank (overrides --threads-per-rank's count)")
     p.add_argument("--layers-per-rank", help="e.g. 5,7: the split of the runs with that many ranks (others: even)")
-    p.add_argument("--timeout", type=float, default=900, help="kill a torchrun after this many seconds")
+    p.add_argument("--timeout", type=positive_float, default=900, help="kill a torchrun after this many seconds")
     p.add_argument("--json", help="write every result here")
     return p
 
@@ -148,6 +148,7 @@ def table(rows, batches):
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
+@command("bench.pipeline")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
@@ -155,6 +156,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.tokens < 2:
         fail(f"--tokens must be >= 2, got {args.tokens}")
+    if args.json:
+        check_writable_file(args.json, "--json")          # before any run (the top level makes it one line)
     from rwkv_engine import write_synthetic
     from rwkv_engine.config import get_config
     try:
@@ -164,6 +167,9 @@ def main(argv=None):
         else:
             get_config(args.model)                       # unknown names fail here, with the list
             if args.checkpoint is None:
+                from rwkv_engine.checkpoint import synthetic_notice
+                if synthetic_notice(args.model):
+                    print(synthetic_notice(args.model), file=sys.stderr, flush=True)
                 write_synthetic(args.model)              # once, here, not by every rank at once
     except ValueError as e:
         fail(f"{e}")
@@ -187,8 +193,8 @@ def main(argv=None):
     rows = summarise(per_ranks, args.batch)
     print(table(rows, args.batch))
     if args.json:
-        Path(args.json).write_text(json.dumps({"schema": "bench.pipeline/1", "args": vars(args), "rows": rows,
-                                               "raw": {str(k): v for k, v in per_ranks.items()}}, indent=1))
+        write_json_atomic(args.json, {"schema": "bench.pipeline/1", "args": vars(args), "rows": rows,
+                                      "raw": {str(k): v for k, v in per_ranks.items()}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,9 +263,10 @@ def add_pipeline_arguments(p):
     p.add_argument("--pipeline", action="store_true",
                    help="split the layers among the ranks of a torchrun (RWKV only; see bench.pipeline)")
     p.add_argument("--layers-per-rank", help="with --pipeline: e.g. 13,14,13 (default: even)")
-    p.add_argument("--micro-batches", type=int, help="with --pipeline: groups of streams in flight (default: ranks)")
-    p.add_argument("--prompt-chunk", type=int, help="with --pipeline: prompt tokens per chunk (default: whole)")
-    p.add_argument("--pipeline-timeout", type=float, default=60.0,
+    p.add_argument("--micro-batches", type=positive_int,
+                   help="with --pipeline: groups of streams in flight (default: ranks)")
+    p.add_argument("--prompt-chunk", type=positive_int, help="with --pipeline: prompt tokens per chunk (default: whole)")
+    p.add_argument("--pipeline-timeout", type=positive_float, default=60.0,
                    help="with --pipeline: seconds before a silent rank is declared dead or hung (default 60)")
 
 

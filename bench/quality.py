@@ -22,17 +22,16 @@ random weights lack: a few channels with 16x activations entering every matrix, 
 columns 8x the others, and heavy-tailed weights, injected so that the float32 model computes nearly
 the same function (see `outlier_state_dict`). That is where a quantisation scheme breaks.
 """
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 import rwkv_engine
+from bench.cli import OneLineParser, check_writable_file, command, write_json_atomic
 from kernels import quant
 from rwkv_engine.checkpoint import SYNTHETIC, CheckpointError, cache_dir, read_checkpoint, save_pth, synthetic_state_dict
-from rwkv_engine.files import atomic_write
+from rwkv_engine.files import atomic_write, regular_file
 from rwkv_engine.config import get_config
 from rwkv_engine.model import RWKV
 from rwkv_engine.weights import is_matrix
@@ -44,11 +43,6 @@ TEXT = ("The RWKV language model is a recurrent neural network that can be train
         "memory it needs does not depend on how long the conversation has been. Each layer mixes the "
         "current token with the previous one, then applies a time-decaying weighted average over the "
         "past, followed by a channel-mixing feed-forward block. ")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,10 +86,29 @@ def outlier_state_dict(cfg, seed=0, n_channels=4, tails=True):
     return sd
 
 
+def read_text(path):
+    """--text: a regular file (a FIFO would block) holding text -> str; ValueError (one line) if not."""
+    try:
+        regular_file(path)
+        text = Path(path).read_text()
+    except CheckpointError as e:
+        raise ValueError(f"--text {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"--text {path}: cannot read ({e.strerror})") from None
+    if not text.strip():
+        raise ValueError(f"--text {path}: the file is empty (nothing to measure perplexity on)")
+    return text
+
+
 def checkpoint_path(model, checkpoint, outliers, seed=0):
     if checkpoint:
         return Path(checkpoint)
     if not outliers:
+        from rwkv_engine.checkpoint import synthetic_notice
+        if synthetic_notice(model, seed=seed):
+            print(synthetic_notice(model, seed=seed), file=sys.stderr, flush=True)
         return rwkv_engine.write_synthetic(model, seed=seed)
     path = cache_dir() / "synthetic" / f"{get_config(model).name}-fp32-seed{seed}-outliers2.pth"
     if not path.exists():
@@ -155,6 +168,8 @@ def measure(path, prompt_len, new_tokens, text, formats, simulate=True):
     tok = rwkv_engine.tokenizer()
     ids = torch.tensor(tok.encode(text if text else TEXT * (1 + prompt_len // 60)))
     ids = ids % ref_model.vocab_size                 # a test checkpoint with a small vocabulary
+    if text and len(ids) < 2:
+        raise ValueError(f"--text: {len(ids)} token, needs at least 2 (a prompt and a target)")
     prompt = ids[:prompt_len] if not text else ids[:-1]
     state = ref_model.new_state(1)
     logits, _ = ref_model.forward(prompt[None], state)
@@ -183,8 +198,9 @@ def table(result):
     return "\n".join(lines)
 
 
+@command("bench.quality")
 def main(argv=None):
-    ap = OneLineParser(prog="bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="bench.quality", description=__doc__)
     ap.add_argument("--model", required=True, help="registered name, e.g. rwkv-4-pile-169m")
     ap.add_argument("--checkpoint", help="real weights (else synthetic weights of the model's shapes)")
     ap.add_argument("--text", help="a text file: the prompt, and perplexity over it")
@@ -193,26 +209,25 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--no-sim", action="store_true", help="skip the simulated schemes")
-    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--json", help="write the results here too (checked before any work, written atomically)")
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
-    try:
-        get_config(args.model)
-        for f in formats:
-            quant.check_format(f)
-        if args.checkpoint and args.outliers:
-            raise ValueError("--outliers applies to synthetic weights, not to --checkpoint")
-        if args.prompt_tokens < 1 or args.new_tokens < 1:
-            raise ValueError("--prompt-tokens and --new-tokens must be positive")
-        text = Path(args.text).read_text() if args.text else None
-        path = checkpoint_path(args.model, args.checkpoint, args.outliers)
-        result = measure(path, args.prompt_tokens, args.new_tokens, text, formats, not args.no_sim)
-    except (ValueError, CheckpointError, OSError) as e:
-        ap.exit(2, f"bench.quality: error: {e}\n")
+    get_config(args.model)
+    for f in formats:
+        quant.check_format(f)
+    if args.checkpoint and args.outliers:
+        raise ValueError("--outliers applies to synthetic weights, not to --checkpoint")
+    if args.prompt_tokens < 1 or args.new_tokens < 1:
+        raise ValueError("--prompt-tokens and --new-tokens must be positive")
+    if args.json:
+        check_writable_file(args.json, "--json")
+    text = read_text(args.text) if args.text else None
+    path = checkpoint_path(args.model, args.checkpoint, args.outliers)
+    result = measure(path, args.prompt_tokens, args.new_tokens, text, formats, not args.no_sim)
     result.update(model=args.model, outliers=args.outliers, synthetic=not args.checkpoint)
     print(table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json_atomic(args.json, result)
     return 0
 
 

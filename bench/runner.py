@@ -292,13 +292,32 @@ def die_with_parent():
         os._exit(1)
 
 
+INTERNAL = ("bench.runner: error: an internal entry point, not a command: the benchmarks (e.g. python -m "
+            "bench.generate --help) start it with one JSON spec argument")
+
+
+def spec_argument(argv):
+    """The one JSON object argument the parent passes, or None (a person ran this by hand)."""
+    if len(argv) != 1:
+        return None
+    try:
+        spec = json.loads(argv[0])
+    except ValueError:
+        return None
+    return spec if isinstance(spec, dict) else None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    spec = spec_argument(argv)
+    if spec is None:
+        print(INTERNAL, file=sys.stderr)
+        return 2
     result_fd = os.dup(1)                                 # the result goes here; stray prints to stderr
     os.dup2(2, 1)
     die_with_parent()
     try:
-        result = measure(json.loads(argv[0])).to_dict()
+        result = measure(spec).to_dict()
     except KeyboardInterrupt:
         print("bench.runner: interrupted", file=sys.stderr)
         return 130

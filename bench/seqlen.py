@@ -15,11 +15,13 @@ estimated memory does not fit is skipped with the reason. Resumable like bench.s
 Outputs in OUT (default results/): seqlen_runs.jsonl, seqlen.csv, seqlen_steps.csv, seqlen.png.
 """
 import csv
+import io
 import sys
 from pathlib import Path
 
 from bench import PROMPT_TOKENS, models
-from bench.cli import OneLineParser, check_writable_dir, fail, fmt_bytes, positive_float, positive_int
+from bench.cli import (OneLineParser, check_writable_dir, command, fail, fmt_bytes, positive_float, positive_int,
+                       write_text_atomic)
 from bench.sweep import execute, read_rows, run_key
 
 DEFAULT_MODELS = ["rwkv-4-pile-169m", "pythia-160m", "opt-125m", "gpt-neo-125m", "bloom-560m"]
@@ -72,29 +74,33 @@ def curves(rows):
     return out
 
 
+def write_csv_atomic(path, rows):
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
 def write_outputs(out_dir, rows, title):
     from bench.plots import seqlen_figure
     out_dir = Path(out_dir)
     cs = curves(rows)
-    with open(out_dir / "seqlen.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "family", "device", "tokens", "positions", "peak_bytes", "total_s", "tokens_per_s",
-                    "expected_runtime_bytes", "mem_method", "status", "error"])
-        for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["tokens"])):
-            w.writerow([r["model"], models.family_of(r["model"]), r["device"], r["tokens"],
-                        PROMPT_TOKENS + r["tokens"], r.get("peak_bytes"), r.get("total_s"), r.get("tokens_per_s"),
-                        r.get("expected_runtime_bytes"), r.get("mem_method"), r["status"], r.get("error", "")])
-    with open(out_dir / "seqlen_steps.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "device", "position", "step_s", "peak_bytes_so_far"])
-        for c in cs:
-            trace = c["mem_trace"][1:] if c["mem_trace"] else [None] * len(c["raw_step_s"])
-            for pos, s, m in zip(c["step_positions"], c["raw_step_s"], trace):
-                w.writerow([c["model"], c["device"], pos, s, m])
+    table = [["model", "family", "device", "tokens", "positions", "peak_bytes", "total_s", "tokens_per_s",
+              "expected_runtime_bytes", "mem_method", "status", "error"]]
+    for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["tokens"])):
+        table.append([r["model"], models.family_of(r["model"]), r["device"], r["tokens"],
+                      PROMPT_TOKENS + r["tokens"], r.get("peak_bytes"), r.get("total_s"), r.get("tokens_per_s"),
+                      r.get("expected_runtime_bytes"), r.get("mem_method"), r["status"], r.get("error", "")])
+    write_csv_atomic(out_dir / "seqlen.csv", table)
+    steps = [["model", "device", "position", "step_s", "peak_bytes_so_far"]]
+    for c in cs:
+        trace = c["mem_trace"][1:] if c["mem_trace"] else [None] * len(c["raw_step_s"])
+        steps += [[c["model"], c["device"], pos, s, m] for pos, s, m in zip(c["step_positions"], c["raw_step_s"], trace)]
+    write_csv_atomic(out_dir / "seqlen_steps.csv", steps)
     fig = seqlen_figure(cs, out_dir / "seqlen.png", title)
     return [out_dir / "seqlen.csv", out_dir / "seqlen_steps.csv", fig], cs
 
 
+@command("bench.seqlen")
 def main(argv=None):
     prog = "bench.seqlen"
     p = OneLineParser(prog="python -m bench.seqlen", description=__doc__)

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 from bench import DRAGON_PROMPT
-from bench.cli import OneLineParser, fail, nonnegative_float, write_json_atomic
+from bench.cli import (OneLineParser, check_writable_file, command, fail, nonnegative_float, save_figure_atomic,
+                       write_json_atomic)
 from bench.cpuload import busy_warning, n_cpus, others_share, read_proc_stat, wait_quiet
 from bench.runner import child_env, run_child
 
@@ -254,9 +255,10 @@ def plot(result, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ def parse_args(argv, prog):
     p.add_argument("--clients", default="1,2,4,8,16,32", help="comma-separated N (default 1,2,4,8,16,32)")
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
-    p.add_argument("--prefix-cache-mb", type=float, default=32,
+    p.add_argument("--prefix-cache-mb", type=nonnegative_float, default=32,
                    help="server's prefix-state cache (default 32; it fills during the run and counts in RSS)")
     p.add_argument("--library-repeats", type=int, default=3, help="library decode runs (median; default 3)")
     p.add_argument("--wait-quiet", type=nonnegative_float, default=0, metavar="SECONDS",
@@ -290,6 +292,8 @@ def parse_args(argv, prog):
             fail(prog, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         fail(prog, f"--threads must be >= 1, got {args.threads}")
+    check_writable_file(args.json, "--json")          # before any work (the top level makes it one line)
+    check_writable_file(args.plot, "--plot")
     return args
 
 
@@ -315,6 +319,7 @@ def state_bytes(args):
     return State.zeros(cfg.n_layer, 1, cfg.n_embd, "meta", as_dtype(args.dtype)).nbytes
 
 
+@command("bench.serve")
 def main(argv=None, prog="python -m bench.serve"):
     args = parse_args(argv, prog)
     result = {"model": args.model, "device": args.device, "dtype": args.dtype, "weights": args.weights,

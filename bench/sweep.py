@@ -29,8 +29,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import models
-from bench.cli import (OneLineParser, check_writable_dir, fail, fmt_bytes, fmt_params, nonnegative_float,
-                       positive_float, positive_int, write_json_atomic)
+from bench.cli import (OneLineParser, check_writable_dir, command, fail, fmt_bytes, fmt_params, nonnegative_float,
+                       positive_float, positive_int, write_json_atomic, write_text_atomic)
 from bench.cpuload import BUSY_PCT, busy_warning, wait_quiet
 from bench.generate import add_run_arguments
 from bench.runner import run_child
@@ -246,7 +246,7 @@ def write_outputs(out_dir, rows, skipped, protocol, machines):
             r["bandwidth_pct"] = 100 * r["weight_GBps"] / m["read_bandwidth_GBps"]
     paths = [out_dir / f"sweep_{protocol}.csv", out_dir / f"sweep_{protocol}.md", out_dir / f"sweep_{protocol}.json"]
     write_csv(paths[0], summary)
-    paths[1].write_text(markdown(summary, skipped, protocol, machines))
+    write_text_atomic(paths[1], markdown(summary, skipped, protocol, machines))
     write_json_atomic(paths[2], {"schema": "bench.sweep/1", "protocol": protocol, "machines": machines,
                                  "summary": summary, "skipped": skipped})
     paths += sweep_figures(summary, out_dir, protocol)
@@ -361,6 +361,7 @@ def report(args, out, tokens, threads, skipped, machines):
     print("wrote " + ", ".join(str(x) for x in paths))
 
 
+@command("bench.sweep")
 def main(argv=None):
     prog = "bench.sweep"
     args = parse(argv)

@@ -9,8 +9,8 @@ from pathlib import Path
 import kernels  # noqa: F401  (first: it sets torch's OpenMP spin before torch loads; see kernels/__init__)
 import torch
 
-from .checkpoint import (CheckpointError, check_against_registry, read_checkpoint, read_metadata, release_pages,
-                         weight_format, write_synthetic)
+from .checkpoint import (CheckpointError, check_against_registry, model_name, read_checkpoint, read_metadata,
+                         release_pages, synthetic_for, weight_format, write_synthetic)
 from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
 from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
 from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
@@ -71,14 +71,14 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     device = as_device(device)
     name, path = resolve(name_or_path, checkpoint)
     synthetic = path is None
-    if synthetic and weights not in (None, "float32"):
-        path = write_synthetic(name, seed=seed, dtype=torch.bfloat16, fmt="hf")
-    elif synthetic:
-        path = write_synthetic(name, seed=seed)
+    if synthetic:
+        path = synthetic_for(name, weights, seed)
     sd, cfg = read_checkpoint(path, layers)
     if weights is None:
         weights = weight_format(path)             # a packed file loads in its own format
-    synthetic = synthetic or read_metadata(path).get("synthetic") == "true"
+    meta = read_metadata(path)
+    synthetic = synthetic or meta.get("synthetic") == "true"
+    name = name or model_name(meta)               # a converted synthetic checkpoint keeps its model's name
     if name:
         check_against_registry(cfg, name, path)
         reg = get_config(name)

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from . import weights
-from .config import RWKVConfig, get_config
-from .files import (CheckpointError, atomic_dir, atomic_write, cache_dir, dtype_problem, release_pages,  # noqa: F401 (re-exported)
-                    dimension_problem, open_weights, read_config_json, synthetic_path, value_problem, weight_files)
+from .config import RWKVConfig, canonical_name, get_config
+from .files import (CheckpointError, atomic_dir, atomic_write, cache_dir, dtype_problem, format_bytes,  # noqa: F401 (re-exported)
+                    dimension_problem, release_pages, open_weights, read_config_json, synthetic_path, value_problem,
+                    weight_files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +276,9 @@ def read_metadata(path):
     try:
         if path.is_dir():
             cfg = read_config_json(path)
-            return {"synthetic": "true"} if cfg.get("synthetic") is True else {}
+            if cfg.get("synthetic") is not True:
+                return {}
+            return synthetic_metadata(canonical_name(cfg.get("_name_or_path")))
         if path.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(path), framework="pt") as f:
@@ -344,6 +347,17 @@ def synthetic_tensors(cfg: RWKVConfig, seed=0, dtype=torch.float32, device="cpu"
 
 
 SYNTHETIC = {"synthetic": "true"}         # the metadata label every synthetic checkpoint carries
+MODEL_KEY = "model"                        # metadata: the registered name a file's shapes are (kept by convert)
+
+
+def synthetic_metadata(name=None):
+    """The metadata of a synthetic checkpoint: the label, and the registered model's name when known."""
+    return dict(SYNTHETIC, **({MODEL_KEY: name} if name else {}))
+
+
+def model_name(meta):
+    """The registered name a checkpoint's metadata records (read_metadata's dict), or None."""
+    return canonical_name(meta.get(MODEL_KEY))
 
 
 def save_pth(sd, path, metadata=None):
@@ -364,7 +378,8 @@ def write_synthetic(name_or_cfg, path=None, seed=0, dtype=torch.float32, fmt="pt
     """Write a synthetic checkpoint once (atomically) and return its path; reuses an existing one.
     fmt "pth" | "safetensors" hold the whole state dict in memory while writing; "hf" streams it
     tensor by tensor into a Hugging Face directory of ~1 GB safetensors shards (bounded memory: a 14B
-    model is written on a 24 GB machine), with a progress bar on stderr."""
+    model is written on a 24 GB machine), with a progress bar on stderr. `synthetic_notice` says
+    beforehand what a call will write. SIGTERM during the write leaves no temporary behind."""
     cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     path = Path(path) if path is not None else synthetic_path(cfg.name or "custom", dtype, seed, fmt)
     if path.exists():
@@ -373,7 +388,53 @@ def write_synthetic(name_or_cfg, path=None, seed=0, dtype=torch.float32, fmt="pt
         return _write_sharded(cfg, path, seed, dtype)
     sd = synthetic_state_dict(cfg, seed, dtype)
     save = save_safetensors if fmt == "safetensors" else save_pth
-    return atomic_write(path, lambda p: save(sd, p, SYNTHETIC), need=_nbytes(sd))
+    return atomic_write(path, lambda p: save(sd, p, synthetic_metadata(cfg.name)), need=_nbytes(sd))
+
+
+def synthetic_source(weights=None):
+    """(dtype, fmt) of the synthetic checkpoint a registered name loads with weight format `weights`:
+    float32 weights come from a float32 .pth; 16-bit and int8 ones from a bfloat16 Hugging Face
+    directory, streamed shard by shard (int8 is packed from it at load)."""
+    return (torch.float32, "pth") if weights in (None, "float32") else (torch.bfloat16, "hf")
+
+
+def synthetic_for(name, weights=None, seed=0):
+    """The synthetic checkpoint `rwkv_engine.load(name, weights=weights)` reads, written on first use."""
+    dtype, fmt = synthetic_source(weights)
+    return write_synthetic(name, seed=seed, dtype=dtype, fmt=fmt)
+
+
+def synthetic_plan(name, weights=None, seed=0):
+    """What `synthetic_for` writes for a registered name: {path, exists, dtype, fmt, bytes (on disk),
+    ram_bytes (held in memory while it is written)}. Writes nothing."""
+    cfg = get_config(name)
+    dtype, fmt = synthetic_source(weights)
+    path = synthetic_path(cfg.name, dtype, seed, fmt)
+    size = cfg.n_params * torch.tensor([], dtype=dtype).element_size()
+    # a .pth is built whole in memory; the sharded writer holds one shard (and one tensor) at a time
+    ram = size if fmt != "hf" else min(size, SHARD_BYTES + _largest_tensor_bytes(cfg, dtype))
+    return {"path": path, "exists": path.exists(), "dtype": str(dtype).removeprefix("torch."), "fmt": fmt,
+            "bytes": size, "ram_bytes": ram}
+
+
+def synthetic_notice(name, weights=None, seed=0):
+    """One line telling what the first use of `name` (with weight format `weights`) writes: the
+    format, its size on disk and the memory writing it takes; '' when it is already written."""
+    plan = synthetic_plan(name, weights, seed)
+    if plan["exists"]:
+        return ""
+    size = format_bytes(plan["bytes"])
+    what = (f"a {size} {plan['dtype']} .pth file, built in memory" if plan["fmt"] == "pth" else
+            f"a {size} {plan['dtype']} Hugging Face directory, written shard by shard")
+    ram = ("about as much RAM as its size while it is written" if plan["ram_bytes"] >= plan["bytes"] else
+           f"at most about {format_bytes(plan['ram_bytes'])} of RAM while it is written")
+    made = f"; the {weights} weights are made from it at load" if weights not in (None, plan["dtype"]) else ""
+    return (f"first use of {get_config(name).name}" + (f" with --weights {weights}" if weights else "") +
+            f": writing its synthetic checkpoint to the cache once: {what} ({ram}){made}")
+
+
+def _largest_tensor_bytes(cfg, dtype):
+    return max(cfg.vocab_size, cfg.ffn_dim) * cfg.n_embd * torch.tensor([], dtype=dtype).element_size()
 
 
 SHARD_BYTES = 1 << 30
@@ -392,7 +453,7 @@ def _write_sharded(cfg, path, seed, dtype):
 
         def flush():
             name = f"model-{len(names) + 1:05d}.safetensors"
-            save_safetensors(shard, tmp / name, SYNTHETIC)
+            save_safetensors(shard, tmp / name, synthetic_metadata(cfg.name))
             weight_map.update({k: name for k in shard})
             names.append(name)
         with tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, file=sys.stderr,
@@ -406,7 +467,7 @@ def _write_sharded(cfg, path, seed, dtype):
                 bar.update(t.nbytes)
             flush()
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, SYNTHETIC), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, synthetic_metadata(cfg.name)), indent=2))
     return atomic_dir(path, fill, need=total)
 
 
@@ -423,6 +484,8 @@ def hf_config(cfg: RWKVConfig, metadata=None):
               "rescale_every": 0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
     if (metadata or {}).get("synthetic") == "true":
         config["synthetic"] = True
+    if model_name(metadata or {}):
+        config["_name_or_path"] = model_name(metadata)
     return config
 
 

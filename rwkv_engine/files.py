@@ -8,6 +8,7 @@ what is then fetched. Writing: `check_output_path` before any work, then `atomic
 `atomic_dir` (a directory, swapped in whole): a temporary beside the destination, fsync, os.replace.
 Temporaries carry the writer's pid, so `clean_stale_temps` can remove those of dead writers.
 """
+import contextlib
 import errno
 import json
 import math
@@ -16,9 +17,11 @@ import pickle
 import re
 import secrets
 import shutil
+import signal
 import stat
 import struct
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -126,6 +129,37 @@ def check_output_path(path, kind="file", overwrite=True):
     return path
 
 
+def probe_output(path, what="output", kind="file", overwrite=True, inside=False):
+    """Check before any work that `path` can really be written, by doing it: check_output_path, then
+    create the directory that will hold it (its parent; with `inside`, a directory `path` itself,
+    for outputs written into it) and a temporary file in it, removed at once. Catches what the
+    permission bits do not tell (a parent that cannot be created, /proc, a read-only mount, root's
+    access). Raises WriteError naming `what` (e.g. "--json") and the path, in one line; returns
+    the path."""
+    path = Path(path)
+    try:
+        check_output_path(path, kind, overwrite)
+        where = path if kind == "dir" and inside else path.parent
+        where.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(where / "probe")
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except WriteError as e:
+        raise WriteError(f"{what} {first_line(e)}") from None
+    except OSError as e:
+        where = f": {e.filename}" if e.filename and str(e.filename) != str(path) else ""
+        raise WriteError(f"{what} {path}: cannot be written ({e.strerror or first_line(e)}{where})") from None
+    return path
+
+
+def format_bytes(n):
+    """677370000 -> '677.37 MB' (decimal units, as disk sizes are given)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
 def check_free_space(path, need, what="the output"):
     """Refuse before writing when the file system holding `path` has less than `need` bytes free."""
     free = shutil.disk_usage(_existing_ancestor(Path(path) / "x")).free
@@ -222,21 +256,52 @@ def _prepare(path, kind, overwrite, need):
     return path, temp_path(path)
 
 
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP arrived while a temporary was being written (raised to unwind its cleanup)."""
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """While a temporary is written, SIGTERM and SIGHUP that would kill the process outright (their
+    default action) instead raise, so the writer's `finally` removes the temporary; the signal is
+    then delivered again with its default action, so the process still ends as killed by it.
+    Handlers the program installed itself (or SIG_IGN) are left alone, as is every thread but the
+    main one."""
+    main = threading.current_thread() is threading.main_thread()
+    signals = [s for s in (signal.SIGTERM, signal.SIGHUP) if main and signal.getsignal(s) is signal.SIG_DFL]
+
+    def unwind(signum, frame):
+        raise _Terminated(signum)
+    for s in signals:
+        signal.signal(s, unwind)
+    try:
+        yield
+    except _Terminated as t:
+        for s in signals:
+            signal.signal(s, signal.SIG_DFL)
+        os.kill(os.getpid(), t.args[0])
+        raise SystemExit(128 + t.args[0]) from None         # not reached: the default action kills
+    finally:
+        for s in signals:
+            signal.signal(s, signal.SIG_DFL)
+
+
 def atomic_write(path, write, overwrite=True, need=None):
     """write(tmp) fills a temporary beside `path`, which then replaces `path` in one rename: a reader
     sees the old file or the whole new one, never a part. The file gets the umask's usual mode.
     Returns `path`; raises WriteError (nothing left behind) when the path or the disk refuses."""
     path, tmp = _prepare(path, "file", overwrite, need)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())         # some writers (safetensors) create files 0600
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    except (OSError, RuntimeError) as e:
-        raise _write_failed(path, e) from None
-    finally:
-        _remove(tmp)
+    with _signals_unwind():
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask())         # some writers (safetensors) create files 0600
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)
+        except (OSError, RuntimeError) as e:
+            raise _write_failed(path, e) from None
+        finally:
+            _remove(tmp)
     return path
 
 
@@ -244,18 +309,19 @@ def atomic_dir(path, fill, overwrite=False, need=None):
     """fill(tmp_dir) writes a whole directory beside `path`, which then replaces `path` as one set
     (an existing directory is moved aside first, so old and new files never mix). Returns `path`."""
     path, tmp = _prepare(path, "dir", overwrite, need)
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        os.chmod(tmp, 0o777 & ~umask())
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask())
-            _fsync(f)
-        replace_dir(tmp, path)
-    except (OSError, RuntimeError) as e:
-        raise _write_failed(path, e) from None
-    finally:
-        _remove(tmp)
+    with _signals_unwind():
+        try:
+            tmp.mkdir()
+            fill(tmp)
+            os.chmod(tmp, 0o777 & ~umask())
+            for f in tmp.iterdir():
+                os.chmod(f, 0o666 & ~umask())
+                _fsync(f)
+            replace_dir(tmp, path)
+        except (OSError, RuntimeError) as e:
+            raise _write_failed(path, e) from None
+        finally:
+            _remove(tmp)
     return path
 
 

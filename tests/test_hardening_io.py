@@ -365,10 +365,11 @@ def test_convert_help(capsys):
 @pytest.mark.parametrize("out", ["c.pth", "c.safetensors", "c_hf"])
 def test_converting_a_synthetic_checkpoint_keeps_the_label(tmp_path, out):
     src = rwkv_engine.write_synthetic("rwkv-4-tiny", path=tmp_path / "tiny.pth")
-    assert read_metadata(src) == {"synthetic": "true"}
+    assert read_metadata(src) == {"synthetic": "true", "model": "rwkv-4-tiny"}
     assert convert_main([str(src), str(tmp_path / out), "--dtype", "bfloat16"]) == 0
     model = rwkv_engine.load(str(tmp_path / out))
     assert model.synthetic and "synthetic" in repr(model)
+    assert repr(model).startswith("RWKV(rwkv-4-tiny:")
     if out.endswith(".safetensors"):
         with safe_open(str(tmp_path / out), "pt") as f:
             assert f.metadata()["synthetic"] == "true"
