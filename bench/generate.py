@@ -51,9 +51,15 @@ def median_summary(runs):
 
 
 def add_machine_share(summary, machine):
+    """The achieved bandwidth as a share of the measured one, with what qualifies that share
+    (bandwidth_note: a suspect baseline, or why it is above 100%) and the baseline's problem."""
+    from bench.machine import baseline_problem, share_caveats
     if machine and summary.get("weight_GBps") is not None:
         summary["machine_read_GBps"] = machine["read_bandwidth_GBps"]
         summary["bandwidth_pct"] = 100 * summary["weight_GBps"] / machine["read_bandwidth_GBps"]
+        summary["bandwidth_note"] = "; ".join(share_caveats(summary["bandwidth_pct"], machine,
+                                                            summary.get("weight_bytes_per_token")))
+        summary["baseline_problem"] = baseline_problem(machine)
     return summary
 
 
@@ -65,8 +71,8 @@ def _fmt_load(s):
 
 def table(s):
     """Two-column table of one model's median results."""
-    bw = (f"{s['weight_GBps']:.1f} GB/s ({s['bandwidth_pct']:.0f}% of {s['machine_read_GBps']:.1f} GB/s measured)"
-          if s.get("bandwidth_pct") is not None else "-")
+    bw = (f"{s['weight_GBps']:.1f} GB/s ({s['bandwidth_pct']:.0f}% of {s['machine_read_GBps']:.1f} GB/s measured"
+          + (f"; {s['bandwidth_note']})" if s.get("bandwidth_note") else ")") if s.get("bandwidth_pct") is not None else "-")
     per_stream = f"{s['tokens_per_s']:.2f} (decode only: " + (
         f"{s['decode_tokens_per_s']:.2f})" if s["decode_tokens_per_s"] else "-)")
     rows = [
@@ -85,6 +91,8 @@ def table(s):
         rows.append((f"tokens/s, {s['batch']} streams", f"{s['aggregate_tokens_per_s']:.2f}"))
     rows += [
         ("weight bandwidth", bw),
+        *([("bandwidth baseline", f"suspect: {s['baseline_problem']} (not cached; measure again on a quiet machine: "
+                                  "python -m bench.machine --refresh)")] if s.get("baseline_problem") else []),
         ("peak memory excl. params", f"{fmt_bytes(s['peak_bytes'])} ({s['mem_method']}; state/KV alone "
                                      f"{fmt_bytes(s.get('expected_runtime_bytes'))})"),
         ("machine load", _fmt_load(s)),
