@@ -221,6 +221,9 @@ def markdown(summary, skipped, protocol, machines):
     lines = [f"Protocol: **{protocol}** (" + ("transformers with a KV cache" if protocol == "kv-cache" else
              "transformers recompute the whole sequence every step, no KV cache, as the paper's code") +
              "; RWKV is recurrent either way). Median of the repeats; each run a fresh process.", ""]
+    from bench.plots import synthetic_note
+    if synthetic_note(summary):
+        lines += [f"**{synthetic_note(summary)}**", ""]
     for m in machines.values():
         problem = baseline_problem(m)
         lines.append(f"- {m['device']}: {m['device_name']}, {m['threads']} threads, measured read bandwidth "

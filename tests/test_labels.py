@@ -207,3 +207,78 @@ def test_the_generate_table_flags_a_suspect_baseline():
     line = next(ln for ln in text.splitlines() if ln.startswith("weight bandwidth"))
     assert "114% of 20.5 GB/s measured; suspect baseline; above 100%: faster than the measured baseline" in line
     assert re.search(r"^bandwidth baseline +suspect: measured while other processes used 48% of the CPU", text, re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic weights and busy runs in the sweep's table and figures
+
+def summary_rows():
+    """Summary rows as bench.sweep.summarize gives them: two quiet, two busy, one failed, one real."""
+    from bench import models, sweep
+    rows = [sweep_row("rwkv-4-pile-169m"), sweep_row("rwkv-4-pile-430m", others_cpu_pct=48.0),
+            sweep_row("pythia-160m"), sweep_row("pythia-410m", others_cpu_pct=51.0),
+            {"key": "x", "model": "opt-125m", "device": "cpu", "tokens": 16, "protocol": "kv-cache",
+             "status": "timeout", "error": "killed after 5 s"}]
+    summary = sweep.summarize(rows, "kv-cache")
+    assert {r["model"] for r in summary} == {r["model"] for r in rows} and models.RWKV
+    return summary
+
+
+def figure_texts(fig):
+    """The title and footnotes: every text placed on the figure itself (not in a panel)."""
+    return " ".join(t.get_text() for t in fig.texts)
+
+
+def hollow_points(fig):
+    """(x, y) of every point drawn with a hollow marker, per panel."""
+    return [sorted((x, y) for line in ax.get_lines() if line.get_markerfacecolor() == "white"
+                   for x, y in zip(line.get_xdata(), line.get_ydata())) for ax in fig.axes]
+
+
+@pytest.mark.parametrize("kind", ["memory", "time"])
+def test_sweep_figures_say_synthetic_and_draw_busy_runs_hollow(kind):
+    import matplotlib.pyplot as plt
+    from bench import models, plots
+    summary = summary_rows()
+    fig = plots.sweep_figure(summary, kind, "kv-cache")
+    try:
+        text = figure_texts(fig)
+        assert "[synthetic weights]" in fig._suptitle.get_text()
+        assert "Synthetic weights (random values in each release's shapes" in text and "every model" in text
+        assert "Hollow markers: other processes used more than 5% of the CPU" in text
+        y = (lambda r: r["peak_bytes"] / 1e6) if kind == "memory" else (lambda r: r["total_s"])
+        busy = sorted((models.n_params(m), y(r)) for r in summary for m in [r["model"]]
+                      if m in ("rwkv-4-pile-430m", "pythia-410m"))
+        cpu, gpu = hollow_points(fig)
+        assert cpu == busy and gpu == []
+    finally:
+        plt.close(fig)
+
+
+def test_a_quiet_sweep_on_real_weights_has_no_footnotes():
+    import matplotlib.pyplot as plt
+    from bench import plots, sweep
+    summary = sweep.summarize([sweep_row("rwkv-4-pile-169m", synthetic=False), sweep_row("pythia-160m",
+                                                                                        synthetic=False)], "kv-cache")
+    fig = plots.sweep_figure(summary, "time", "kv-cache")
+    try:
+        assert [t for t in fig.texts if t is not fig._suptitle] == [] and "synthetic" not in figure_texts(fig)
+        assert hollow_points(fig) == [[], []]
+    finally:
+        plt.close(fig)
+
+
+def test_mixed_weights_name_the_synthetic_models():
+    from bench import plots
+    rows = [sweep_row("rwkv-4-pile-169m", synthetic=False), sweep_row("pythia-160m")]
+    assert plots.synthetic_note(rows).startswith("Synthetic weights") and "for pythia-160m:" in plots.synthetic_note(rows)
+    assert not plots.all_synthetic(rows)
+
+
+def test_the_sweep_markdown_says_synthetic(tmp_path):
+    from bench import sweep
+    paths, _ = sweep.write_outputs(tmp_path, [sweep_row("rwkv-4-pile-169m"), sweep_row("pythia-160m")], [], "kv-cache",
+                                   {})
+    md = (tmp_path / "sweep_kv-cache.md").read_text()
+    assert "**Synthetic weights (random values in each release's shapes, not the trained weights) for every model" in md
+    assert all(p.stat().st_size > 0 for p in paths)
