@@ -22,6 +22,19 @@ With --pipeline (RWKV only) the layers are split among the ranks of a torchrun a
 one rank; rank 0 generates once, in this process, and prints the table:
 
     torchrun --standalone --nproc-per-node 2 -m bench.generate --model rwkv-4-pile-169m --pipeline --json p.json
+
+--json writes one schema (`bench.generate/1`) with or without --pipeline:
+    args           the command's arguments
+    machine        the bandwidth baseline divided by (null with --pipeline)
+    summary        the run's facts (model, family, n_params, synthetic, weights, source, device, dtype,
+                   weight_format, threads, batch, protocol, prompt_tokens, new_tokens ...) and the median
+                   over the repeats of each timing and memory field (prefill_s, decode_s, total_s,
+                   tokens_per_s and decode_tokens_per_s per stream, aggregate_tokens_per_s for all
+                   streams, weight_GBps, peak_bytes ...); never the per-run lists
+    runs           one record per repeat, with everything, including token_ids [stream][token], step_s
+    probe_overhead --probe-overhead's ratios, else null
+With --pipeline there is one run; what it does not measure is null (peak_bytes, weight_GBps,
+others_cpu_pct) and ranks, layers and rank0_peak_rss are added.
 """
 import os
 import statistics
@@ -224,11 +237,12 @@ def main_pipelined(args, prog):
     if args.weights not in (None, args.dtype):
         fail(prog, f"--weights {args.weights} is not supported with --pipeline (the stages hold --dtype weights)")
     check_paths(args, prog)
-    summary = generate_pipelined(args, lambda message: fail(prog, message))      # workers exit inside
+    run = generate_pipelined(args, lambda message: fail(prog, message))      # workers exit inside
+    summary = median_summary([run])
     print(pipelined_table(summary))
     if args.json:
-        write_json_atomic(args.json, {"schema": "bench.generate/1", "args": vars(args), "summary": summary,
-                                      "runs": [summary]})
+        write_json_atomic(args.json, {"schema": "bench.generate/1", "args": vars(args), "machine": None,
+                                      "summary": summary, "runs": [run], "probe_overhead": None})
 
 
 def main(argv=None):

@@ -265,7 +265,9 @@ def add_pipeline_arguments(p):
 
 def generate_pipelined(args, fail):
     """Load this rank's layers, and on rank 0 generate as bench.generate does (the paper's sampling,
-    seeded) and return the summary; other ranks serve until rank 0 is done, then exit."""
+    seeded) and return the run's record, in the shape of a single-process run's (bench.runner's
+    RunResult; what the pipeline does not measure is None, and ranks/layers/rank0_peak_rss are
+    added); other ranks serve until rank 0 is done, then exit."""
     if "RANK" not in os.environ:
         fail("--pipeline runs under torchrun, e.g. torchrun --standalone --nproc-per-node 2 -m bench.generate "
              f"--model {args.model} --pipeline")
@@ -274,6 +276,7 @@ def generate_pipelined(args, fail):
     import torch
     from rwkv_engine import SamplingParams, pipeline
     from rwkv_engine.pipeline import parse_layers_per_rank
+    t0 = time.perf_counter()
     try:
         per_rank = parse_layers_per_rank(args.layers_per_rank) if args.layers_per_rank else None
         model = pipeline.load(args.model, checkpoint=args.checkpoint, dtype=args.dtype, layers_per_rank=per_rank,
@@ -282,35 +285,56 @@ def generate_pipelined(args, fail):
                               backend="nccl" if args.device == "cuda" else "gloo")
     except (ValueError, pipeline.PipelineError) as e:
         fail(str(e))
+    load_s = time.perf_counter() - t0
     tok = model.tokenizer
     ids = tok.encode(args.prompt) if tok else [i % model.vocab_size for i in range(7, 7 + 41 * 97, 97)]
     prompt = torch.tensor([ids] * args.batch)
     paper = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
     try:
+        t0 = time.perf_counter()
         model.generate(prompt, min(4, args.tokens), sampling=paper, seed=args.seed)       # warm-up
+        warmup_s = time.perf_counter() - t0
         res = model.generate(prompt, args.tokens, sampling=paper, seed=args.seed)
     except pipeline.PipelineError as e:
         fail(str(e))
-    total = res.prefill_s + sum(res.step_s)
-    summary = {"model": args.model, "ranks": len(model.split), "layers": [[r.start, r.stop] for r in model.split],
-               "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "batch": args.batch,
-               "prompt_tokens": len(ids), "new_tokens": args.tokens, "prefill_s": res.prefill_s,
-               "decode_s": sum(res.step_s), "total_s": total, "tokens_per_s": args.batch * args.tokens / total,
-               "decode_tokens_per_s": args.batch * len(res.step_s) / sum(res.step_s) if res.step_s else None,
-               "rank0_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               "token_ids": res.tokens, "synthetic": model.synthetic}
+    run = pipelined_run(args, model, ids, "own tokenizer" if tok else "no tokenizer: fixed ids", res, load_s, warmup_s)
     model.close()
-    return summary
+    return run
+
+
+def pipelined_run(args, model, ids, prompt_note, res, load_s, warmup_s):
+    """The record of one pipelined generation: bench.runner's RunResult, as a single-process run
+    gives it, plus the pipeline's own fields."""
+    import torch
+    from bench.runner import RunResult
+    not_measured = {"others_cpu_s": None, "others_cpu_pct": None, "loadavg_1m": None}     # the other ranks are "others"
+    info = {"family": "rwkv", "n_params": int(model.config.n_params), "synthetic": bool(model.synthetic),
+            "weights": "synthetic" if model.synthetic else str(model.source), "source": str(model.source),
+            "weight_bytes_per_token": None, "expected_runtime_bytes": None, "version": None,
+            "torch": torch.__version__, "baseline_bytes": None}
+    extra = {"ranks": len(model.split), "layers": [[r.start, r.stop] for r in model.split],
+             "rank0_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = RunResult(model=args.model, peer="ours", device=args.device, dtype=args.dtype, weight_format=args.dtype,
+                       threads=torch.get_num_threads(), batch=args.batch, protocol="recurrent", seed=args.seed,
+                       prompt_tokens=len(ids), prompt_note=prompt_note, new_tokens=args.tokens, load_s=load_s,
+                       warmup_s=warmup_s, prefill_s=res.prefill_s, step_s=list(res.step_s), token_ids=res.tokens,
+                       peak_bytes=None, mem_method=None, machine_load=not_measured, info=info, extra=extra)
+    return {**result.to_dict(), "status": "ok"}
 
 
 def pipelined_table(s):
+    """Two-column table of a pipelined run's summary (bench.generate's summary shape)."""
+    decode = s["decode_tokens_per_s"]
     rows = [("model", f"{s['model']} over {s['ranks']} ranks, layers "
                       + ", ".join(f"{a}-{b - 1}" for a, b in s["layers"])),
+            ("weights", f"synthetic, the release's shapes ({s['source']})" if s["synthetic"] else s["weights"]),
             ("device / dtype / threads per rank", f"{s['device']} / {s['dtype']} / {s['threads']}"),
             ("streams x prompt tokens", f"{s['batch']} x {s['prompt_tokens']}"),
             ("prefill", f"{s['prefill_s']:.3f} s"),
             (f"decode ({s['new_tokens'] - 1} steps)", f"{s['decode_s']:.3f} s"),
-            ("tokens/s (all streams)", f"{s['tokens_per_s']:.2f} (decode only: {s['decode_tokens_per_s'] or 0:.2f})"),
+            ("tokens/s per stream", f"{s['tokens_per_s']:.2f} (decode only: " + (f"{decode:.2f})" if decode else "-)")),
+            ("tokens/s (all streams)", f"{s['aggregate_tokens_per_s']:.2f} (decode only: "
+                                       + (f"{s['batch'] * decode:.2f})" if decode else "-)")),
             ("rank 0 peak RSS", f"{s['rank0_peak_rss'] / 1e6:.0f} MB")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

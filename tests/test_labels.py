@@ -282,3 +282,54 @@ def test_the_sweep_markdown_says_synthetic(tmp_path):
     md = (tmp_path / "sweep_kv-cache.md").read_text()
     assert "**Synthetic weights (random values in each release's shapes, not the trained weights) for every model" in md
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.generate --json: one schema with and without --pipeline
+
+FROM_THE_MACHINE = {"machine_read_GBps", "bandwidth_pct", "bandwidth_note", "baseline_problem"}
+
+
+@pytest.fixture
+def quiet_machine(tmp_path, monkeypatch):
+    """A cached clean measurement, so bench.generate measures no bandwidth."""
+    import json
+    from bench.machine import cache_path, default_threads
+    monkeypatch.setenv("BENCH_MACHINE_CACHE", str(tmp_path / "machine"))
+    path = cache_path("cpu", default_threads())
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(machine_record(threads=default_threads(), bandwidth_spread=1.0, bandwidth_disagree=False,
+                                              measured_others_cpu_pct=0.0)))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_generate_json_has_one_schema_with_and_without_pipeline(tmp_path, quiet_machine):
+    """A one-rank pipeline (the environment torchrun would give it) against the single-process run."""
+    import json
+    common = ["-m", "bench.generate", "--model", "rwkv-4-tiny", "--tokens", "4", "--batch", "2"]
+    rank0 = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
+    docs = {}
+    for name, extra, env in (("plain", [], None), ("piped", ["--pipeline"], rank0)):
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, *common, *extra, "--json", str(out)], capture_output=True, text=True,
+                           cwd=REPO, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "synthetic, the release's shapes" in r.stdout
+        docs[name] = json.loads(out.read_text())
+    plain, piped = docs["plain"], docs["piped"]
+    assert set(plain) == set(piped) and plain["schema"] == piped["schema"]
+    assert set(plain["summary"]) - FROM_THE_MACHINE <= set(piped["summary"])
+    assert set(plain["runs"][0]) <= set(piped["runs"][0])
+    for doc in (plain, piped):
+        assert "token_ids" not in doc["summary"] and "step_s" not in doc["summary"]
+        assert len(doc["runs"]) == 1 and doc["summary"]["synthetic"] is True
+        assert doc["summary"]["aggregate_tokens_per_s"] == pytest.approx(2 * doc["summary"]["tokens_per_s"])
+    assert piped["runs"][0]["token_ids"] == plain["runs"][0]["token_ids"]          # same seed, same tokens
+    assert piped["summary"]["ranks"] == 1 and piped["summary"]["peak_bytes"] is None
