@@ -15,7 +15,9 @@ Each run records the CPU time other processes used meanwhile; --wait-quiet SECON
 that long) before each run for the machine to be quiet.
 Outputs in OUT (default results/): runs.jsonl (every run), sweep_<protocol>.csv, .json and .md
 (medians; the .md is the table docs/results.md links), fig13_memory_<protocol>.png and
-fig14_time_<protocol>.png.
+fig14_time_<protocol>.png. Tables and figures say which models ran on synthetic weights, mark the
+runs made on a busy machine (figures: hollow markers) and flag a suspect bandwidth baseline.
+--plot-only rebuilds them from OUT/runs.jsonl without running anything.
 """
 import contextlib
 import csv
@@ -274,9 +276,17 @@ def write_outputs(out_dir, rows, skipped, protocol, machines):
 
 # ---------------------------------------------------------------------------------------------
 
+def describe_preset(name):
+    preset = PRESETS[name]
+    which = f"{len(preset['models'])} small models" if preset["models"] else "every registered size of every family"
+    return f"{which}, {preset['tokens']} tokens, {preset['repeats']} repeat{'s' if preset['repeats'] > 1 else ''}"
+
+
 def parse(argv):
     p = OneLineParser(prog="python -m bench.sweep", description=__doc__)
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="what to run (default: quick): " + "; ".join(f"{name}: {describe_preset(name)}"
+                                                                      for name in sorted(PRESETS, reverse=True)))
     p.add_argument("--models", help="comma-separated names or families (rwkv, pythia, opt, gpt-neo, bloom) "
                                     "instead of the preset's")
     add_run_arguments(p, device_help="cpu, cuda or cpu,cuda",

@@ -333,3 +333,24 @@ def test_generate_json_has_one_schema_with_and_without_pipeline(tmp_path, quiet_
         assert doc["summary"]["aggregate_tokens_per_s"] == pytest.approx(2 * doc["summary"]["tokens_per_s"])
     assert piped["runs"][0]["token_ids"] == plain["runs"][0]["token_ids"]          # same seed, same tokens
     assert piped["summary"]["ranks"] == 1 and piped["summary"]["peak_bytes"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's documentation
+
+def test_preset_help_says_what_each_preset_runs_and_the_default(capsys):
+    from bench import sweep
+    with pytest.raises(SystemExit):
+        sweep.parse(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--preset {paper,quick} what to run (default: quick): quick: 8 small models, 64 tokens, 1 repeat; " \
+           "paper: every registered size of every family, 512 tokens, 3 repeats" in help_text
+
+
+def test_the_readme_has_a_sweep_section():
+    from bench import sweep
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Sweep\n", 1)[1].split("\n## ", 1)[0]
+    for needed in ("--preset paper", "quick", "--plot-only", "results/", "runs.jsonl", "fig14_time_", "minutes"):
+        assert needed in section, needed
+    assert all(name.split("-")[-1] in section for name in sweep.PRESETS["quick"]["models"])
