@@ -128,6 +128,14 @@ def summarise(per_ranks, batches):
     return rows
 
 
+def weights_line(per_ranks):
+    """What the table's runs ran on: synthetic weights (said so) or the checkpoint."""
+    r0 = next(iter(per_ranks.values()))[0]
+    if r0.get("synthetic"):
+        return f"weights: synthetic, the release's shapes ({r0['source']}): speeds and memory are real, text is not"
+    return f"weights: {r0.get('source', '?')}"
+
+
 def table(rows, batches):
     head = ["ranks", "layers", "thr", "B=1 tok/s", "vs 1 rank", "+ms/boundary"]
     for B in batches:
@@ -185,6 +193,7 @@ def main(argv=None):
             fail(f"{e}")
         print(f"{ranks} rank(s): done in {time.time() - t0:.0f} s", file=sys.stderr)
     rows = summarise(per_ranks, args.batch)
+    print(weights_line(per_ranks))
     print(table(rows, args.batch))
     if args.json:
         Path(args.json).write_text(json.dumps({"schema": "bench.pipeline/1", "args": vars(args), "rows": rows,
@@ -219,7 +228,8 @@ def child(spec, out):
     model = pipeline.load(spec["model"], checkpoint=spec["checkpoint"], dtype=spec["dtype"], layers_per_rank=per_rank,
                           threads=spec["threads"], exit_workers=False, timeout_s=300)
     stage = model.stage.model
-    info = {"rank": rank, "layers": [stage.layers.start, stage.layers.stop], "threads": torch.get_num_threads()}
+    info = {"rank": rank, "layers": [stage.layers.start, stage.layers.stop], "threads": torch.get_num_threads(),
+            "synthetic": bool(model.synthetic), "source": str(model.source)}
     if rank == 0:
         info["runs"] = measure(model, spec, DRAGON_PROMPT)
         model.close()

@@ -354,3 +354,10 @@ def test_the_readme_has_a_sweep_section():
     for needed in ("--preset paper", "quick", "--plot-only", "results/", "runs.jsonl", "fig14_time_", "minutes"):
         assert needed in section, needed
     assert all(name.split("-")[-1] in section for name in sweep.PRESETS["quick"]["models"])
+
+
+def test_bench_pipeline_says_synthetic_weights_above_its_table():
+    from bench import pipeline
+    synthetic = {1: [{"synthetic": True, "source": "cache/synthetic/rwkv-4-tiny-fp32-seed0.pth"}]}
+    assert pipeline.weights_line(synthetic).startswith("weights: synthetic, the release's shapes (cache/synthetic/")
+    assert pipeline.weights_line({1: [{"synthetic": False, "source": "/data/real.pth"}]}) == "weights: /data/real.pth"
