@@ -32,12 +32,31 @@ def _isolated_cache(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in CACHE_VARS}
     os.environ.pop("BENCH_MACHINE_CACHE", None)
     os.environ["RWKV_ENGINE_CACHE"] = os.environ.get(TEST_CACHE_ENV) or str(tmp_path_factory.mktemp("rwkv_engine_cache"))
+    if not os.environ.get(TEST_CACHE_ENV):
+        _seed_machine_cache()
     yield
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def _seed_machine_cache():
+    """A clean machine measurement for every CPU thread count, so no command a test runs spends
+    seconds measuring bandwidth (a busy machine's measurement is never cached: each command would
+    measure again). Tests of the measurement itself monkeypatch it."""
+    import json
+    from bench.machine import cache_path, cpu_model
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        path = cache_path("cpu", threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "hostname": "pytest", "device": "cpu", "device_name": cpu_model(), "threads": threads,
+            "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "fixed by tests/conftest.py",
+            "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
+            "measured_others_cpu_pct": 0.0, "baseline_problem": "", "last_level_cache_bytes": None,
+            "gemm_fp32_GFLOPs": 100.0, "memory_total_bytes": 8 << 30}))
 
 
 @pytest.fixture(autouse=True)
