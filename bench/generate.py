@@ -84,8 +84,10 @@ def _fmt_load(s):
 
 def table(s):
     """Two-column table of one model's median results."""
-    bw = (f"{s['weight_GBps']:.1f} GB/s ({s['bandwidth_pct']:.0f}% of {s['machine_read_GBps']:.1f} GB/s measured"
-          + (f"; {s['bandwidth_note']})" if s.get("bandwidth_note") else ")") if s.get("bandwidth_pct") is not None else "-")
+    bw = "-"
+    if s.get("bandwidth_pct") is not None:
+        note = f"; {s['bandwidth_note']}" if s.get("bandwidth_note") else ""
+        bw = f"{s['weight_GBps']:.1f} GB/s ({s['bandwidth_pct']:.0f}% of {s['machine_read_GBps']:.1f} GB/s measured{note})"
     per_stream = f"{s['tokens_per_s']:.2f} (decode only: " + (
         f"{s['decode_tokens_per_s']:.2f})" if s["decode_tokens_per_s"] else "-)")
     rows = [

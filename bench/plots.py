@@ -30,7 +30,7 @@ def synthetic_note(rows):
         return ""
     what = "Synthetic weights (random values in each release's shapes, not the trained weights)"
     if all_synthetic(rows):
-        return f"{what} for every model: times and memory are those of the real shapes; the generated text means nothing."
+        return f"{what} for every model: times and memory are those of the real shapes; the text means nothing."
     return f"{what} for {', '.join(names)}: their times and memory are those of the real shapes."
 
 

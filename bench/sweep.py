@@ -220,17 +220,17 @@ def bandwidth_cell(r):
 
 
 def markdown(summary, skipped, protocol, machines):
+    from bench.plots import synthetic_note
     lines = [f"Protocol: **{protocol}** (" + ("transformers with a KV cache" if protocol == "kv-cache" else
              "transformers recompute the whole sequence every step, no KV cache, as the paper's code") +
              "; RWKV is recurrent either way). Median of the repeats; each run a fresh process.", ""]
-    from bench.plots import synthetic_note
     if synthetic_note(summary):
         lines += [f"**{synthetic_note(summary)}**", ""]
     for m in machines.values():
         problem = baseline_problem(m)
         lines.append(f"- {m['device']}: {m['device_name']}, {m['threads']} threads, measured read bandwidth "
                      f"{m['read_bandwidth_GBps']:.1f} GB/s, fp32 GEMM {m['gemm_fp32_GFLOPs']:.0f} GFLOP/s"
-                     + (f" (**suspect baseline: {problem}**; the % of measured below divide by it)" if problem else ""))
+                     + (f" (**suspect baseline: {problem}**; the shares of it below are too)" if problem else ""))
     lines += ["", "| model | params | device | weights | tokens | total time (s) | tokens/s | weight GB/s (% of measured) "
               "| peak mem excl. params | state / KV alone | others' CPU | runs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

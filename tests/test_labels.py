@@ -271,7 +271,8 @@ def test_a_quiet_sweep_on_real_weights_has_no_footnotes():
 def test_mixed_weights_name_the_synthetic_models():
     from bench import plots
     rows = [sweep_row("rwkv-4-pile-169m", synthetic=False), sweep_row("pythia-160m")]
-    assert plots.synthetic_note(rows).startswith("Synthetic weights") and "for pythia-160m:" in plots.synthetic_note(rows)
+    note = plots.synthetic_note(rows)
+    assert note.startswith("Synthetic weights") and "for pythia-160m:" in note
     assert not plots.all_synthetic(rows)
 
 
