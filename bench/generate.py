@@ -22,6 +22,19 @@ With --pipeline (RWKV only) the layers are split among the ranks of a torchrun a
 one rank; rank 0 generates once, in this process, and prints the table:
 
     torchrun --standalone --nproc-per-node 2 -m bench.generate --model rwkv-4-pile-169m --pipeline --json p.json
+
+--json writes one schema (`bench.generate/1`) with or without --pipeline:
+    args           the command's arguments
+    machine        the bandwidth baseline divided by (null with --pipeline)
+    summary        the run's facts (model, family, n_params, synthetic, weights, source, device, dtype,
+                   weight_format, threads, batch, protocol, prompt_tokens, new_tokens ...) and the median
+                   over the repeats of each timing and memory field (prefill_s, decode_s, total_s,
+                   tokens_per_s and decode_tokens_per_s per stream, aggregate_tokens_per_s for all
+                   streams, weight_GBps, peak_bytes ...); never the per-run lists
+    runs           one record per repeat, with everything, including token_ids [stream][token], step_s
+    probe_overhead --probe-overhead's ratios, else null
+With --pipeline there is one run; what it does not measure is null (peak_bytes, weight_GBps,
+others_cpu_pct) and ranks, layers and rank0_peak_rss are added.
 """
 import os
 import statistics
@@ -51,9 +64,15 @@ def median_summary(runs):
 
 
 def add_machine_share(summary, machine):
+    """The achieved bandwidth as a share of the measured one, with what qualifies that share
+    (bandwidth_note: a suspect baseline, or why it is above 100%) and the baseline's problem."""
+    from bench.machine import baseline_problem, share_caveats
     if machine and summary.get("weight_GBps") is not None:
         summary["machine_read_GBps"] = machine["read_bandwidth_GBps"]
         summary["bandwidth_pct"] = 100 * summary["weight_GBps"] / machine["read_bandwidth_GBps"]
+        summary["bandwidth_note"] = "; ".join(share_caveats(summary["bandwidth_pct"], machine,
+                                                            summary.get("weight_bytes_per_token")))
+        summary["baseline_problem"] = baseline_problem(machine)
     return summary
 
 
@@ -65,8 +84,10 @@ def _fmt_load(s):
 
 def table(s):
     """Two-column table of one model's median results."""
-    bw = (f"{s['weight_GBps']:.1f} GB/s ({s['bandwidth_pct']:.0f}% of {s['machine_read_GBps']:.1f} GB/s measured)"
-          if s.get("bandwidth_pct") is not None else "-")
+    bw = "-"
+    if s.get("bandwidth_pct") is not None:
+        note = f"; {s['bandwidth_note']}" if s.get("bandwidth_note") else ""
+        bw = f"{s['weight_GBps']:.1f} GB/s ({s['bandwidth_pct']:.0f}% of {s['machine_read_GBps']:.1f} GB/s measured{note})"
     per_stream = f"{s['tokens_per_s']:.2f} (decode only: " + (
         f"{s['decode_tokens_per_s']:.2f})" if s["decode_tokens_per_s"] else "-)")
     rows = [
@@ -85,6 +106,8 @@ def table(s):
         rows.append((f"tokens/s, {s['batch']} streams", f"{s['aggregate_tokens_per_s']:.2f}"))
     rows += [
         ("weight bandwidth", bw),
+        *([("bandwidth baseline", f"suspect: {s['baseline_problem']} (not cached; measure again on a quiet machine: "
+                                  "python -m bench.machine --refresh)")] if s.get("baseline_problem") else []),
         ("peak memory excl. params", f"{fmt_bytes(s['peak_bytes'])} ({s['mem_method']}; state/KV alone "
                                      f"{fmt_bytes(s.get('expected_runtime_bytes'))})"),
         ("machine load", _fmt_load(s)),
@@ -221,11 +244,12 @@ def main_pipelined(args, prog):
     if args.weights not in (None, args.dtype):
         fail(prog, f"--weights {args.weights} is not supported with --pipeline (the stages hold --dtype weights)")
     check_paths(args, prog)
-    summary = generate_pipelined(args, lambda message: fail(prog, message))      # workers exit inside
+    run = generate_pipelined(args, lambda message: fail(prog, message))      # workers exit inside
+    summary = median_summary([run])
     print(pipelined_table(summary))
     if args.json:
-        write_json_atomic(args.json, {"schema": "bench.generate/1", "args": vars(args), "summary": summary,
-                                      "runs": [summary]})
+        write_json_atomic(args.json, {"schema": "bench.generate/1", "args": vars(args), "machine": None,
+                                      "summary": summary, "runs": [run], "probe_overhead": None})
 
 
 @command("bench.generate")

@@ -7,11 +7,17 @@ tokens/s <= bandwidth / weight_bytes_per_token. The bandwidth is the *median* of
 kernels (CPU: torch sum and matrix-vector product on the requested threads, numpy sum on one; GPU:
 torch sum and matvec) over an array at least 8x the last-level cache (1 GiB at least): one method
 that reads from cache or overlaps cannot inflate it. When the methods disagree by more than
-DISAGREE_RATIO the result says so (`bandwidth_disagree`) and `describe` prints a warning. GEMM is a square fp32 matmul
-(TF32 off on GPU). Results are cached as JSON in $RWKV_ENGINE_CACHE/machine/ keyed by hostname, CPU
-(or GPU) model and thread count ($BENCH_MACHINE_CACHE overrides the folder); --refresh measures again.
+DISAGREE_RATIO the result says so (`bandwidth_disagree`) and `describe` prints a warning. The CPU time
+other processes used during the measurement is recorded too (`measured_others_cpu_pct`); above
+bench.cpuload.BUSY_PCT the baseline is suspect. A suspect baseline (busy or disagreeing) is measured
+once more, and if it stays suspect it is used for this run only, never cached, and every table that
+divides by it says so (`baseline_problem`). GEMM is a square fp32 matmul (TF32 off on GPU). Clean
+results are cached as JSON in $RWKV_ENGINE_CACHE/machine/ keyed by hostname, CPU (or GPU) model and
+thread count ($BENCH_MACHINE_CACHE overrides the folder); --refresh measures again. A cache that
+cannot be written (disk full) is reported in one line naming the folder, and the run goes on.
 """
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -27,13 +33,20 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from bench.cli import OneLineParser, check_writable_file, positive_int, write_json_atomic
+from bench.cli import OneLineParser, check_writable_file, first_line, positive_int, write_json_atomic
+from bench.cpuload import BUSY_PCT, OthersMeter
+from rwkv_engine.files import WriteError
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_ARRAY_BYTES = 1 << 30      # at least 1 GiB, and at least LLC_FACTOR x the last-level cache
 LLC_FACTOR = 8
 GPU_ARRAY_BYTES = 4 << 30      # 4 GiB: far beyond the 50-60 MB L2 of an A100/H100/H200
 DISAGREE_RATIO = 1.25          # fastest / slowest method above this: the figure is suspect
+ATTEMPTS = 2                   # a suspect bandwidth is measured once more before it is used uncached
+
+
+class MachineError(ValueError):
+    """The measurement could not be made (one line, for the command to print)."""
 
 
 def cache_dir():
@@ -151,17 +164,59 @@ def _key(device, threads):
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
+def baseline_problem(m):
+    """Why a measurement's bandwidth is not a trustworthy baseline, or '' (also for records from
+    before the busy meter, which cannot say)."""
+    why = []
+    pct = m.get("measured_others_cpu_pct")
+    if pct is not None and pct > BUSY_PCT:
+        why.append(f"measured while other processes used {pct:.0f}% of the CPU")
+    if m.get("bandwidth_disagree"):
+        why.append(f"its methods disagreed {m['bandwidth_spread']:.2f}x")
+    return "; ".join(why)
+
+
+def share_caveats(pct, machine, weight_bytes=None):
+    """What a reader must know about "pct% of the measured bandwidth": short phrases, [] when it can
+    be taken at face value. Above 100% always says why (a decode cannot outrun memory unless its
+    weights sit in the cache or the baseline is too low)."""
+    notes = ["suspect baseline"] if baseline_problem(machine) else []
+    if pct is not None and pct > 100:
+        llc = machine.get("last_level_cache_bytes")
+        if weight_bytes and llc and weight_bytes <= llc:
+            notes.append("above 100%: the weights fit in the last-level cache")
+        else:
+            notes.append("above 100%: faster than the measured baseline, so the baseline is too low")
+    return notes
+
+
+def measure_bandwidth_quietly(device, attempts=ATTEMPTS, meter=None):
+    """The bandwidth and the share of the CPU other processes took meanwhile; a suspect result
+    (busy or disagreeing) is measured again, up to `attempts` times in all; the last one counts."""
+    for _ in range(attempts):
+        others = (meter or OthersMeter)().start()
+        bw = measure_bandwidth(device)
+        result = {**summarize_bandwidth(bw), "bandwidth_by_method_GBps": bw,
+                  "measured_others_cpu_pct": others.stop()["others_cpu_pct"]}
+        if not baseline_problem(result):
+            break
+    return result
+
+
 def measure(device="cpu", threads=None):
     threads = threads or default_threads()
     set_threads(threads)
-    bw = measure_bandwidth(device)
-    return {"hostname": socket.gethostname(), "device": device, "device_name": device_name(device),
-            "threads": threads, **summarize_bandwidth(bw), "bandwidth_by_method_GBps": bw,
-            "last_level_cache_bytes": last_level_cache_bytes() if device == "cpu" else None,
-            "gemm_fp32_GFLOPs": measure_gemm(device),
-            "memory_total_bytes": (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
-                                   else _ram_total()),
-            "torch": torch.__version__, "numpy": np.__version__, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    bw = measure_bandwidth_quietly(device)
+    result = {"hostname": socket.gethostname(), "device": device, "device_name": device_name(device),
+              "threads": threads, **bw,
+              "last_level_cache_bytes": last_level_cache_bytes() if device == "cpu" else None,
+              "gemm_fp32_GFLOPs": measure_gemm(device),
+              "memory_total_bytes": (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
+                                     else _ram_total()),
+              "torch": torch.__version__, "numpy": np.__version__,
+              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result["baseline_problem"] = baseline_problem(result)
+    return result
 
 
 def _ram_total():
@@ -174,36 +229,61 @@ def cache_path(device="cpu", threads=None):
 
 
 def read_cached(path):
-    """A cached measurement, or None if missing, unreadable or from before the median rule."""
+    """A cached measurement, or None if missing, unreadable, from before the busy meter, or suspect
+    (such a file was written by an older version: measure again)."""
     try:
         m = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return m if isinstance(m, dict) and "bandwidth_spread" in m else None
+    if not isinstance(m, dict) or "bandwidth_spread" not in m or "measured_others_cpu_pct" not in m:
+        return None
+    return None if baseline_problem(m) else m
 
 
 def get(device="cpu", threads=None, refresh=False):
     """The cached measurement for this machine, device and thread count. On a miss it is measured
-    in a child process, so the caller never holds the 1-4 GB test arrays or a CUDA context."""
+    in a child process, so the caller never holds the 1-4 GB test arrays or a CUDA context; the
+    child's warnings (suspect baseline, cache not writable) go to stderr. MachineError (one line)
+    when the measurement itself fails."""
     threads = threads or default_threads()
     path = cache_path(device, threads)
     if not refresh:
         cached = read_cached(path)
         if cached is not None:
             return cached
-    cmd = [sys.executable, "-m", "bench.machine", "--device", device, "--threads", str(threads), "--refresh", "--quiet"]
+    cmd = [sys.executable, "-m", "bench.machine", "--device", device, "--threads", str(threads), "--refresh", "--quiet",
+           "--emit-json"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    subprocess.run(cmd, check=True, env=env)
-    return json.loads(path.read_text())
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    if proc.returncode != 0:
+        last = lines[-1].removeprefix("bench.machine: error: ") if lines else f"exit status {proc.returncode}"
+        raise MachineError(f"measuring the {device} bandwidth failed: {last}")
+    for line in lines:
+        print(line, file=sys.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def store(result, path):
+    """Cache a clean measurement atomically; '' when stored, else the one-line reason it was not
+    (a suspect baseline, or a cache folder that cannot be written: nothing is left behind)."""
+    if result["baseline_problem"]:
+        return (f"the {result['device']} bandwidth baseline is suspect ({result['baseline_problem']}): not cached; "
+                f"it is used for this run only and flagged; measure again on a quiet machine")
+    try:
+        write_json_atomic(path, result)
+    except (WriteError, OSError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "disk full" in str(e)
+        return (f"cache folder {path.parent} " + ("is full" if full else "cannot be written")
+                + f" ({first_line(e)}): the machine measurement is not cached")
+    return ""
 
 
 def measure_and_cache(device="cpu", threads=None):
     result = measure(device, threads)
-    path = cache_path(device, result["threads"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    why = store(result, cache_path(device, result["threads"]))
+    if why:
+        print(f"bench.machine: warning: {why}", file=sys.stderr)
     return result
 
 
@@ -214,9 +294,9 @@ def describe(m):
              + ", ".join(f"{k} {v:.1f}" for k, v in m["bandwidth_by_method_GBps"].items()) + ")",
              f"  fp32 GEMM       {m['gemm_fp32_GFLOPs']:8.1f} GFLOP/s",
              f"  memory          {m['memory_total_bytes'] / 2**30:8.1f} GiB"]
-    if m.get("bandwidth_disagree"):
-        lines.append(f"  WARNING: the bandwidth methods disagree ({m['bandwidth_spread']:.1f}x between fastest and "
-                     f"slowest); measure again on a quiet machine (--refresh)")
+    if baseline_problem(m):
+        lines.append(f"  WARNING: the bandwidth baseline is suspect ({baseline_problem(m)}); "
+                     f"measure again on a quiet machine (--refresh)")
     return "\n".join(lines)
 
 
@@ -227,6 +307,7 @@ def main(argv=None):
     p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     p.add_argument("--json", help="also write the measurement to this file")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)     # get(): the result on stdout
     args = p.parse_args(argv)
     if args.json:
         try:
@@ -241,6 +322,8 @@ def main(argv=None):
         m = measure_and_cache(args.device, args.threads)
     if not args.quiet:
         print(describe(m))
+    if args.emit_json:
+        print(json.dumps(m))
     if args.json:
         write_json_atomic(args.json, m)
 

@@ -128,6 +128,14 @@ def summarise(per_ranks, batches):
     return rows
 
 
+def weights_line(per_ranks):
+    """What the table's runs ran on: synthetic weights (said so) or the checkpoint."""
+    r0 = next(iter(per_ranks.values()))[0]
+    if r0.get("synthetic"):
+        return f"weights: synthetic, the release's shapes ({r0['source']}): speeds and memory are real, text is not"
+    return f"weights: {r0.get('source', '?')}"
+
+
 def table(rows, batches):
     head = ["ranks", "layers", "thr", "B=1 tok/s", "vs 1 rank", "+ms/boundary"]
     for B in batches:
@@ -191,6 +199,7 @@ def main(argv=None):
             fail(f"{e}")
         print(f"{ranks} rank(s): done in {time.time() - t0:.0f} s", file=sys.stderr)
     rows = summarise(per_ranks, args.batch)
+    print(weights_line(per_ranks))
     print(table(rows, args.batch))
     if args.json:
         write_json_atomic(args.json, {"schema": "bench.pipeline/1", "args": vars(args), "rows": rows,
@@ -225,7 +234,8 @@ def child(spec, out):
     model = pipeline.load(spec["model"], checkpoint=spec["checkpoint"], dtype=spec["dtype"], layers_per_rank=per_rank,
                           threads=spec["threads"], exit_workers=False, timeout_s=300)
     stage = model.stage.model
-    info = {"rank": rank, "layers": [stage.layers.start, stage.layers.stop], "threads": torch.get_num_threads()}
+    info = {"rank": rank, "layers": [stage.layers.start, stage.layers.stop], "threads": torch.get_num_threads(),
+            "synthetic": bool(model.synthetic), "source": str(model.source)}
     if rank == 0:
         info["runs"] = measure(model, spec, DRAGON_PROMPT)
         model.close()
@@ -272,7 +282,9 @@ def add_pipeline_arguments(p):
 
 def generate_pipelined(args, fail):
     """Load this rank's layers, and on rank 0 generate as bench.generate does (the paper's sampling,
-    seeded) and return the summary; other ranks serve until rank 0 is done, then exit."""
+    seeded) and return the run's record, in the shape of a single-process run's (bench.runner's
+    RunResult; what the pipeline does not measure is None, and ranks/layers/rank0_peak_rss are
+    added); other ranks serve until rank 0 is done, then exit."""
     if "RANK" not in os.environ:
         fail("--pipeline runs under torchrun, e.g. torchrun --standalone --nproc-per-node 2 -m bench.generate "
              f"--model {args.model} --pipeline")
@@ -288,6 +300,7 @@ def generate_pipelined(args, fail):
     from rwkv_engine.pipeline import parse_layers_per_rank
     if int(os.environ["RANK"]) == 0:
         pipeline.stop_on_signals()               # SIGTERM/SIGINT: shut the pipeline down, exit 0
+    t0 = time.perf_counter()
     try:
         per_rank = parse_layers_per_rank(args.layers_per_rank) if args.layers_per_rank else None
         model = pipeline.load(args.model, checkpoint=args.checkpoint, dtype=args.dtype, layers_per_rank=per_rank,
@@ -296,12 +309,15 @@ def generate_pipelined(args, fail):
                               backend="nccl" if args.device == "cuda" else "gloo")
     except (ValueError, pipeline.PipelineError) as e:
         fail(str(e))
+    load_s = time.perf_counter() - t0
     tok = model.tokenizer
     ids = tok.encode(args.prompt) if tok else [i % model.vocab_size for i in range(7, 7 + 41 * 97, 97)]
     prompt = torch.tensor([ids] * args.batch)
     paper = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
     try:
+        t0 = time.perf_counter()
         model.generate(prompt, min(4, args.tokens), sampling=paper, seed=args.seed)       # warm-up
+        warmup_s = time.perf_counter() - t0
         res = model.generate(prompt, args.tokens, sampling=paper, seed=args.seed)
     except pipeline.PipelineError as e:
         fail(str(e))
@@ -309,26 +325,44 @@ def generate_pipelined(args, fail):
         model.close()
         print(f"bench.generate: {e}: the pipeline is shut down, nothing measured", file=sys.stderr)
         sys.exit(0)
-    total = res.prefill_s + sum(res.step_s)
-    summary = {"model": args.model, "ranks": len(model.split), "layers": [[r.start, r.stop] for r in model.split],
-               "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "batch": args.batch,
-               "prompt_tokens": len(ids), "new_tokens": args.tokens, "prefill_s": res.prefill_s,
-               "decode_s": sum(res.step_s), "total_s": total, "tokens_per_s": args.batch * args.tokens / total,
-               "decode_tokens_per_s": args.batch * len(res.step_s) / sum(res.step_s) if res.step_s else None,
-               "rank0_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               "token_ids": res.tokens, "synthetic": model.synthetic}
+    run = pipelined_run(args, model, ids, "own tokenizer" if tok else "no tokenizer: fixed ids", res, load_s, warmup_s)
     model.close()
-    return summary
+    return run
+
+
+def pipelined_run(args, model, ids, prompt_note, res, load_s, warmup_s):
+    """The record of one pipelined generation: bench.runner's RunResult, as a single-process run
+    gives it, plus the pipeline's own fields."""
+    import torch
+    from bench.runner import RunResult
+    not_measured = {"others_cpu_s": None, "others_cpu_pct": None, "loadavg_1m": None}     # the other ranks are "others"
+    info = {"family": "rwkv", "n_params": int(model.config.n_params), "synthetic": bool(model.synthetic),
+            "weights": "synthetic" if model.synthetic else str(model.source), "source": str(model.source),
+            "weight_bytes_per_token": None, "expected_runtime_bytes": None, "version": None,
+            "torch": torch.__version__, "baseline_bytes": None}
+    extra = {"ranks": len(model.split), "layers": [[r.start, r.stop] for r in model.split],
+             "rank0_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = RunResult(model=args.model, peer="ours", device=args.device, dtype=args.dtype, weight_format=args.dtype,
+                       threads=torch.get_num_threads(), batch=args.batch, protocol="recurrent", seed=args.seed,
+                       prompt_tokens=len(ids), prompt_note=prompt_note, new_tokens=args.tokens, load_s=load_s,
+                       warmup_s=warmup_s, prefill_s=res.prefill_s, step_s=list(res.step_s), token_ids=res.tokens,
+                       peak_bytes=None, mem_method=None, machine_load=not_measured, info=info, extra=extra)
+    return {**result.to_dict(), "status": "ok"}
 
 
 def pipelined_table(s):
+    """Two-column table of a pipelined run's summary (bench.generate's summary shape)."""
+    decode = s["decode_tokens_per_s"]
     rows = [("model", f"{s['model']} over {s['ranks']} ranks, layers "
                       + ", ".join(f"{a}-{b - 1}" for a, b in s["layers"])),
+            ("weights", f"synthetic, the release's shapes ({s['source']})" if s["synthetic"] else s["weights"]),
             ("device / dtype / threads per rank", f"{s['device']} / {s['dtype']} / {s['threads']}"),
             ("streams x prompt tokens", f"{s['batch']} x {s['prompt_tokens']}"),
             ("prefill", f"{s['prefill_s']:.3f} s"),
             (f"decode ({s['new_tokens'] - 1} steps)", f"{s['decode_s']:.3f} s"),
-            ("tokens/s (all streams)", f"{s['tokens_per_s']:.2f} (decode only: {s['decode_tokens_per_s'] or 0:.2f})"),
+            ("tokens/s per stream", f"{s['tokens_per_s']:.2f} (decode only: " + (f"{decode:.2f})" if decode else "-)")),
+            ("tokens/s (all streams)", f"{s['aggregate_tokens_per_s']:.2f} (decode only: "
+                                       + (f"{s['batch'] * decode:.2f})" if decode else "-)")),
             ("rank 0 peak RSS", f"{s['rank0_peak_rss'] / 1e6:.0f} MB")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

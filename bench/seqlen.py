@@ -70,7 +70,7 @@ def curves(rows):
                     "peak_bytes": [r["peak_bytes"] for r in group],
                     "step_positions": list(range(first, first + len(longest["step_s"]))),
                     "step_s": rolling_median(longest["step_s"]), "raw_step_s": longest["step_s"],
-                    "mem_trace": longest.get("mem_trace", [])})
+                    "mem_trace": longest.get("mem_trace", []), "synthetic": longest.get("synthetic")})
     return out
 
 

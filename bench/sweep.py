@@ -15,7 +15,9 @@ Each run records the CPU time other processes used meanwhile; --wait-quiet SECON
 that long) before each run for the machine to be quiet.
 Outputs in OUT (default results/): runs.jsonl (every run), sweep_<protocol>.csv, .json and .md
 (medians; the .md is the table docs/results.md links), fig13_memory_<protocol>.png and
-fig14_time_<protocol>.png.
+fig14_time_<protocol>.png. Tables and figures say which models ran on synthetic weights, mark the
+runs made on a busy machine (figures: hollow markers) and flag a suspect bandwidth baseline.
+--plot-only rebuilds them from OUT/runs.jsonl without running anything.
 """
 import contextlib
 import csv
@@ -33,6 +35,7 @@ from bench.cli import (OneLineParser, check_writable_dir, command, fail, fmt_byt
                        positive_float, positive_int, write_json_atomic, write_text_atomic)
 from bench.cpuload import BUSY_PCT, busy_warning, wait_quiet
 from bench.generate import add_run_arguments
+from bench.machine import baseline_problem, share_caveats
 from bench.runner import run_child
 
 PRESETS = {
@@ -181,14 +184,16 @@ def summarize(rows, protocol):
             row[m] = statistics.median(vals) if vals else None
         if ok:
             row.update(mem_method=ok[0]["mem_method"], expected_runtime_bytes=ok[0].get("expected_runtime_bytes"),
-                       synthetic=ok[0]["synthetic"], threads=ok[0]["threads"])
+                       synthetic=ok[0]["synthetic"], threads=ok[0]["threads"],
+                       weight_bytes_per_token=ok[0].get("weight_bytes_per_token"))
         out.append(row)
     return sorted(out, key=lambda r: (r["device"], r["family"] != models.RWKV, r["family"], r["n_params"]))
 
 
 CSV_FIELDS = ["family", "model", "n_params", "device", "protocol", "weight_format", "tokens", "status", "runs_ok", "runs",
               "total_s", "prefill_s", "decode_s", "tokens_per_s", "decode_tokens_per_s", "weight_GBps", "bandwidth_pct",
-              "peak_bytes", "expected_runtime_bytes", "mem_method", "threads", "synthetic", "others_cpu_pct", "error"]
+              "peak_bytes", "expected_runtime_bytes", "mem_method", "threads", "synthetic", "others_cpu_pct", "error",
+              "bandwidth_note"]
 
 
 def write_csv(path, summary):
@@ -203,13 +208,29 @@ def write_csv(path, summary):
         tmp.unlink(missing_ok=True)
 
 
+def bandwidth_cell(r):
+    """'23.4 (114%, suspect baseline, above 100%: ...)': the share of the measured bandwidth with
+    what qualifies it."""
+    if not r.get("weight_GBps"):
+        return "-"
+    if r.get("bandwidth_pct") is None:
+        return f"{r['weight_GBps']:.1f}"
+    note = r.get("bandwidth_note")
+    return f"{r['weight_GBps']:.1f} ({r['bandwidth_pct']:.0f}%" + (f", {note})" if note else ")")
+
+
 def markdown(summary, skipped, protocol, machines):
+    from bench.plots import synthetic_note
     lines = [f"Protocol: **{protocol}** (" + ("transformers with a KV cache" if protocol == "kv-cache" else
              "transformers recompute the whole sequence every step, no KV cache, as the paper's code") +
              "; RWKV is recurrent either way). Median of the repeats; each run a fresh process.", ""]
+    if synthetic_note(summary):
+        lines += [f"**{synthetic_note(summary)}**", ""]
     for m in machines.values():
+        problem = baseline_problem(m)
         lines.append(f"- {m['device']}: {m['device_name']}, {m['threads']} threads, measured read bandwidth "
-                     f"{m['read_bandwidth_GBps']:.1f} GB/s, fp32 GEMM {m['gemm_fp32_GFLOPs']:.0f} GFLOP/s")
+                     f"{m['read_bandwidth_GBps']:.1f} GB/s, fp32 GEMM {m['gemm_fp32_GFLOPs']:.0f} GFLOP/s"
+                     + (f" (**suspect baseline: {problem}**; the shares of it below are too)" if problem else ""))
     lines += ["", "| model | params | device | weights | tokens | total time (s) | tokens/s | weight GB/s (% of measured) "
               "| peak mem excl. params | state / KV alone | others' CPU | runs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -221,8 +242,7 @@ def markdown(summary, skipped, protocol, machines):
                          f"{r['status']}: {r['error']} | | | | | | 0/{r['runs']} |")
             continue
         others = f"{r['others_cpu_pct']:.0f}%" if r.get("others_cpu_pct") is not None else "-"
-        bw = f"{r['weight_GBps']:.1f}" + (f" ({r['bandwidth_pct']:.0f}%)" if r.get("bandwidth_pct") else "") \
-            if r["weight_GBps"] else "-"
+        bw = bandwidth_cell(r)
         lines.append(f"| {r['model']} | {fmt_params(r['n_params'])} | {r['device']} | {fmt} | {r['tokens']} | "
                      f"{r['total_s']:.2f} | {r['tokens_per_s']:.2f} | {bw} | {fmt_bytes(r['peak_bytes'])} | "
                      f"{fmt_bytes(r['expected_runtime_bytes'])} | {others} | {r['runs_ok']}/{r['runs']} |")
@@ -244,6 +264,7 @@ def write_outputs(out_dir, rows, skipped, protocol, machines):
         m = machines.get(r["device"])
         if m and r.get("weight_GBps"):
             r["bandwidth_pct"] = 100 * r["weight_GBps"] / m["read_bandwidth_GBps"]
+            r["bandwidth_note"] = ", ".join(share_caveats(r["bandwidth_pct"], m, r.get("weight_bytes_per_token")))
     paths = [out_dir / f"sweep_{protocol}.csv", out_dir / f"sweep_{protocol}.md", out_dir / f"sweep_{protocol}.json"]
     write_csv(paths[0], summary)
     write_text_atomic(paths[1], markdown(summary, skipped, protocol, machines))
@@ -255,9 +276,17 @@ def write_outputs(out_dir, rows, skipped, protocol, machines):
 
 # ---------------------------------------------------------------------------------------------
 
+def describe_preset(name):
+    preset = PRESETS[name]
+    which = f"{len(preset['models'])} small models" if preset["models"] else "every registered size of every family"
+    return f"{which}, {preset['tokens']} tokens, {preset['repeats']} repeat{'s' if preset['repeats'] > 1 else ''}"
+
+
 def parse(argv):
     p = OneLineParser(prog="python -m bench.sweep", description=__doc__)
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="what to run (default: quick): " + "; ".join(f"{name}: {describe_preset(name)}"
+                                                                      for name in sorted(PRESETS, reverse=True)))
     p.add_argument("--models", help="comma-separated names or families (rwkv, pythia, opt, gpt-neo, bloom) "
                                     "instead of the preset's")
     add_run_arguments(p, device_help="cpu, cuda or cpu,cuda",

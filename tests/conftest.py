@@ -17,13 +17,46 @@ def pytest_configure(config):
                                        "a faster test covers the same property")
 
 
+# Every generated file of the project (synthetic checkpoints, compiled kernels, bench.peers' copies,
+# the machine measurement) lives under RWKV_ENGINE_CACHE; BENCH_MACHINE_CACHE moves the last one.
+CACHE_VARS = ("RWKV_ENGINE_CACHE", "BENCH_MACHINE_CACHE")
+# Opt-in: tests use this directory as their cache instead of a fresh one (to reuse checkpoints
+# written before, e.g. a 169m one for the slow tests). The user's RWKV_ENGINE_CACHE is never used.
+TEST_CACHE_ENV = "RWKV_ENGINE_TEST_CACHE"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Synthetic checkpoints written by tests go to a per-session directory, unless the user
-    points RWKV_ENGINE_CACHE somewhere on purpose (e.g. to reuse a 169m checkpoint)."""
-    if not os.environ.get("RWKV_ENGINE_CACHE"):
-        os.environ["RWKV_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("rwkv_engine_cache"))
+    """The whole session writes into a cache of its own under pytest's temporary directory (or
+    $RWKV_ENGINE_TEST_CACHE when set), whatever RWKV_ENGINE_CACHE / BENCH_MACHINE_CACHE say."""
+    saved = {k: os.environ.get(k) for k in CACHE_VARS}
+    os.environ.pop("BENCH_MACHINE_CACHE", None)
+    os.environ["RWKV_ENGINE_CACHE"] = os.environ.get(TEST_CACHE_ENV) or str(tmp_path_factory.mktemp("rwkv_engine_cache"))
+    if not os.environ.get(TEST_CACHE_ENV):
+        _seed_machine_cache()
     yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _seed_machine_cache():
+    """A clean machine measurement for every CPU thread count, so no command a test runs spends
+    seconds measuring bandwidth (a busy machine's measurement is never cached: each command would
+    measure again). Tests of the measurement itself monkeypatch it."""
+    import json
+    from bench.machine import cache_path, cpu_model
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        path = cache_path("cpu", threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "hostname": "pytest", "device": "cpu", "device_name": cpu_model(), "threads": threads,
+            "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "fixed by tests/conftest.py",
+            "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
+            "measured_others_cpu_pct": 0.0, "baseline_problem": "", "last_level_cache_bytes": None,
+            "gemm_fp32_GFLOPs": 100.0, "memory_total_bytes": 8 << 30}))
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,7 @@ def fake_machine(tmp_path_factory):
         "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": default_threads(),
         "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "median of torch_sum",
         "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
+        "measured_others_cpu_pct": 0.0,
         "gemm_fp32_GFLOPs": 100.0,
         "memory_total_bytes": 8 << 30}))
     yield

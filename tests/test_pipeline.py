@@ -314,5 +314,5 @@ def test_bench_generate_pipelined_tokens_equal_one_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.generate", *common, "--json", str(plain)],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(piped.read_text())["summary"]["token_ids"]
+    got = json.loads(piped.read_text())["runs"][0]["token_ids"]
     assert got == json.loads(plain.read_text())["runs"][0]["token_ids"] and len(got) == 2 and len(got[0]) == 8
