@@ -197,6 +197,37 @@ static void NAME(const uint16_t *const *w, const float *x, int64_t I, int64_t pf
 DOT16X4(dot4_f16, load8_f16, load16_f16, _cvtsh_ss)
 DOT16X4(dot4_bf16, load8_bf16, load16_bf16, bf16_to_f32)
 
+/* AVX2 build, several streams: 4 rows x S streams (S <= 3: 12 accumulators, 3 x vectors, 1 widened w
+ * vector in the 16 registers), each 8 weights widened once for the S streams. Each (row, stream) is the
+ * instruction sequence of DOT16X4's 256-bit path whatever S is (the same FMAs, hsum256, scalar tail), so
+ * a stream's result does not depend on the batch. out[s * 4 + r]. */
+#define DOT16_TILE(NAME, LOAD8, SCALAR)                                                      \
+static inline __attribute__((always_inline)) void NAME(const int S, const uint16_t *const *w, \
+        const float *x, int64_t I, int64_t pf, float *out) {                                 \
+    __m256 a[4][3];                                                                          \
+    for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) a[r][t] = _mm256_setzero_ps();    \
+    int64_t i = 0;                                                                           \
+    for (; i + 8 <= I; i += 8) {                                                             \
+        if (pf && (i & 31) == 0)                                                             \
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0); \
+        __m256 xv[3];                                                                        \
+        for (int t = 0; t < S; t++) xv[t] = _mm256_loadu_ps(x + t * I + i);                  \
+        for (int r = 0; r < 4; r++) {                                                        \
+            __m256 wv = LOAD8(w[r] + i);                                                     \
+            for (int t = 0; t < S; t++) a[r][t] = _mm256_fmadd_ps(wv, xv[t], a[r][t]);        \
+        }                                                                                    \
+    }                                                                                        \
+    for (int t = 0; t < S; t++)                                                              \
+        for (int r = 0; r < 4; r++) {                                                        \
+            float sum = 0.0f;                                                                \
+            sum += hsum256(a[r][t]);                                                         \
+            for (int64_t k = i; k < I; k++) sum += SCALAR(w[r][k]) * x[t * I + k];           \
+            out[t * 4 + r] = sum;                                                            \
+        }                                                                                    \
+}
+DOT16_TILE(tile_f16, load8_f16, _cvtsh_ss)
+DOT16_TILE(tile_bf16, load8_bf16, bf16_to_f32)
+
 /* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
 
 /* x [I] -> q [Ip] int8 and d [Ip / 32] float: per block d = amax / 127, q = round(x / d) (half to
@@ -371,6 +402,36 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
         return;
     }
     float s[4];
+#if !WIDE
+    if (p->fmt != FMT_Q8) {                       /* 16-bit weights: tiles of 4 rows x 3, 2, 1 streams */
+        const int64_t I = p->I, pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
+        float t[12];
+        for (int64_t o = o0; o < o1; o += 4) {
+            const uint16_t *w[4];
+            for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + (o + k < p->O ? o + k : p->O - 1) * p->Ip;
+            for (int64_t b = 0; b < B;) {
+                const int S = B - b >= 3 ? 3 : (int)(B - b);
+                const float *xb = p->x + b * I;
+                const int64_t pfb = b == 0 ? pf : 0;  /* the first tile prefetches for the others */
+                if (p->fmt == FMT_F16) {
+                    if (S == 3) tile_f16(3, w, xb, I, pfb, t);
+                    else if (S == 2) tile_f16(2, w, xb, I, pfb, t);
+                    else tile_f16(1, w, xb, I, pfb, t);
+                } else {
+                    if (S == 3) tile_bf16(3, w, xb, I, pfb, t);
+                    else if (S == 2) tile_bf16(2, w, xb, I, pfb, t);
+                    else tile_bf16(1, w, xb, I, pfb, t);
+                }
+                for (int u = 0; u < S; u++) {
+                    float *yo = p->y + (b + u) * p->O;
+                    for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
+                }
+                b += S;
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t o = o0; o < o1; o += 4)
         for (int64_t b = 0; b < B; b++) {
             dot4(p, o, b, s);
