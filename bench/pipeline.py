@@ -337,6 +337,7 @@ def pipelined_run(args, model, ids, prompt_note, res, load_s, warmup_s):
     from bench.runner import RunResult
     not_measured = {"others_cpu_s": None, "others_cpu_pct": None, "loadavg_1m": None}     # the other ranks are "others"
     info = {"family": "rwkv", "n_params": int(model.config.n_params), "synthetic": bool(model.synthetic),
+            "provenance": "synthetic" if model.synthetic else str(model.source),
             "weights": "synthetic" if model.synthetic else str(model.source), "source": str(model.source),
             "weight_bytes_per_token": None, "expected_runtime_bytes": None, "version": None,
             "torch": torch.__version__, "baseline_bytes": None}

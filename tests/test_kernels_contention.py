@@ -70,7 +70,7 @@ def test_runs_and_reports_a_table_and_json(tiny_pth, tmp_path):
     (["--threads", "0"], "--threads must be >= 1"),
     (["--threads", "a,b"], "--threads must be comma-separated integers"),
     (["--competitor", "gpu"], "unknown --competitor 'gpu'"),
-    (["--json", "/"], "--json /: not a writable file path"),
+    (["--json", "/"], "--json /: is a directory, expected a file path"),
     (["--weights", "int4"], "unknown --weights 'int4'"),
 ])
 def test_bad_arguments_fail_in_one_line(args, message, tmp_path):
