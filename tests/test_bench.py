@@ -405,8 +405,14 @@ def test_child_prints_progress_and_the_result_is_unchanged(capfd):
 
 def _children_running(pid):
     import psutil
+
+    def is_runner(c):                   # a child that already exited (an unreaped zombie, or gone) is not
+        try:
+            return "bench.runner" in " ".join(c.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
     try:
-        return [c for c in psutil.Process(pid).children(recursive=True) if "bench.runner" in " ".join(c.cmdline())]
+        return [c for c in psutil.Process(pid).children(recursive=True) if is_runner(c)]
     except psutil.NoSuchProcess:
         return []
 

@@ -352,13 +352,22 @@ def test_sigterm_during_a_synthetic_write_removes_the_temporary(tmp_path, fmt):
     assert list(out.iterdir()) == []
 
 
+def _is_runner(process):
+    """Whether a child process is a bench.runner; a child that already exited (a zombie nobody has reaped
+    yet, e.g. a compiler the parent ran, or gone) is not."""
+    import psutil
+    try:
+        return "bench.runner" in " ".join(process.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def test_ctrl_c_on_generate_exits_130_quietly_and_kills_the_child(tmp_path, machine_cache):
     import psutil
     env = dict(os.environ, PYTHONPATH=str(REPO))
     parent = subprocess.Popen([sys.executable, "-m", "bench.generate", "--model", TINY, "--tokens", "10000000"],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    runners = lambda: [c for c in psutil.Process(parent.pid).children(recursive=True)
-                       if "bench.runner" in " ".join(c.cmdline())]
+    runners = lambda: [c for c in psutil.Process(parent.pid).children(recursive=True) if _is_runner(c)]
     try:
         deadline = time.monotonic() + 60
         while not (children := runners()) and time.monotonic() < deadline:
@@ -374,5 +383,5 @@ def test_ctrl_c_on_generate_exits_130_quietly_and_kills_the_child(tmp_path, mach
     finally:
         parent.kill()
         for c in psutil.Process().children(recursive=True):
-            if "bench.runner" in " ".join(c.cmdline()):
+            if _is_runner(c):
                 c.kill()
