@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import kernels
+import rwkv_kernels
 from rwkv_engine import as_dtype, as_token_batch, generate, stream
 
 from .cache import KVCache, TokenHistory
@@ -23,9 +23,9 @@ from .cache import KVCache, TokenHistory
 # Ops
 
 def linear(x, weight, bias=None):
-    """x [..., in] @ weight[out, in]^T + bias -> [..., out] through `kernels.linear` (its dispatch picks
+    """x [..., in] @ weight[out, in]^T + bias -> [..., out] through `rwkv_kernels.linear` (its dispatch picks
     the implementation: the C decode kernels for small batches on CPU, else torch's GEMM)."""
-    y = kernels.linear(x, weight)
+    y = rwkv_kernels.linear(x, weight)
     if bias is not None:
         y += bias
     return y

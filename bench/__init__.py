@@ -13,7 +13,7 @@ registered in `bench.runners`) that dies with its parent; see `bench.memory` for
 excluding parameters is measured and `bench.cpuload` for how the machine's load during a run is
 recorded. `bench.cli` holds what the commands share (one-line errors, argument and path checks).
 """
-import kernels  # noqa: F401,E402  (first: sets torch's OpenMP spin before torch loads; see kernels/__init__)
+import rwkv_kernels  # noqa: F401,E402  (first: sets torch's OpenMP spin before torch loads; see rwkv_kernels/__init__)
 
 
 # The paper's prompt: a leading newline, then one paragraph: PROMPT_TOKENS tokens with the 20B

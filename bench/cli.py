@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from kernels import formats
+from rwkv_kernels import formats
 from rwkv_engine import files
 from rwkv_engine.cli import command, run_command  # noqa: F401 (re-exported: every command's top level)
 

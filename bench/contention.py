@@ -51,9 +51,9 @@ def _die_with_parent():
 def competitor_env():
     """The environment as the user gave it: a competing torch program keeps libgomp's default spin
     (the engine's GOMP_SPINCOUNT, set at import, would make it a gentler neighbour than it is)."""
-    import kernels
+    import rwkv_kernels
     env = dict(os.environ)
-    if kernels.SPIN_SET_HERE:
+    if rwkv_kernels.SPIN_SET_HERE:
         env.pop("GOMP_SPINCOUNT", None)
     return env
 

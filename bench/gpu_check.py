@@ -128,17 +128,17 @@ def triton_wkv_api():
     -> (launch_config(C) -> (block_c, num_warps), wkv_triton(w, u, k, v, state, block_c=, num_warps=),
     is_interpreted()), all public names. A missing name raises (ImportError/AttributeError): the check
     then fails."""
-    from kernels.wkv_triton import is_interpreted, launch_config, wkv_triton
+    from rwkv_kernels.wkv_triton import is_interpreted, launch_config, wkv_triton
     return launch_config, wkv_triton, is_interpreted
 
 
 def wkv_timing(rows, quick=False):
     import torch
-    from kernels.wkv_reference import new_wkv_state
+    from rwkv_kernels.wkv_reference import new_wkv_state
     launch_config, wkv_forward, is_interpreted = triton_wkv_api()
 
     if is_interpreted():
-        raise RuntimeError("kernels.wkv_triton was built for the interpreter (TRITON_INTERPRET=1)")
+        raise RuntimeError("rwkv_kernels.wkv_triton was built for the interpreter (TRITON_INTERPRET=1)")
     B = 8
     entries = []
 
@@ -273,7 +273,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="skip the slowest timing sizes")
     args = parser.parse_args(argv)
 
-    os.environ["TRITON_INTERPRET"] = "0"         # before kernels.wkv_triton is imported: compiled kernel
+    os.environ["TRITON_INTERPRET"] = "0"         # before rwkv_kernels.wkv_triton is imported: compiled kernel
     import torch
     if not torch.cuda.is_available():
         print("gpu_check: CUDA is not available (torch.cuda.is_available() is False); run it on a GPU machine",

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from bench import PROMPT_TOKENS
-from kernels import formats
+from rwkv_kernels import formats
 
 RWKV = "rwkv"
 RWKV_LABEL, RWKV_STYLE = "RWKV-4", ("tab:red", "o")
@@ -25,7 +25,7 @@ BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16"
 
 class _WeightBytes(Mapping):
     """Bytes per stored weight of each weight format (`--weights`), read from the format records
-    (`kernels.formats`; e.g. the Q8_0 blocks keep one fp16 scale per 32 weights, 34 / 32 bytes)."""
+    (`rwkv_kernels.formats`; e.g. the Q8_0 blocks keep one fp16 scale per 32 weights, 34 / 32 bytes)."""
 
     def __getitem__(self, name):
         if name not in formats.NAMES:

@@ -11,10 +11,10 @@ alternates the two models' sequence-mode runs (same process, same minutes), prin
 rates and their ratio: on a machine whose speed drifts by 10-20% between runs, that ratio is what
 a separate run per format cannot give.
 `--chunks 2,4,8,16,32,48` times one sequence-mode forward of a chunk of T tokens (from a state) with
-the products on the decode kernels ("short" in kernels.dispatch) and on the GEMM, alternating in one
-process: where the two cross is where `kernels.dispatch.SHORT_ROWS` belongs.
+the products on the decode kernels ("short" in rwkv_kernels.dispatch) and on the GEMM, alternating in one
+process: where the two cross is where `rwkv_kernels.dispatch.SHORT_ROWS` belongs.
 `--profile` splits the decode step (token mode, `--batch` streams, `--steps` tokens per round, `--repeats`
-rounds) into its parts, counted inside the C kernels decode runs (`kernels.profile`): per matrix the
+rounds) into its parts, counted inside the C kernels decode runs (`rwkv_kernels.profile`): per matrix the
 product time with its weight bytes and GB/s, the activation quantisation (int8), the time pool threads
 spent without work (hand-offs, the wait for the last chunk), each element-wise op, the head and the rest
 (Python: embedding, the head's LayerNorm, bookkeeping); with `--against` the two formats alternate round
@@ -46,7 +46,7 @@ def _median_time(fn, repeats):
 
 def chunk_table(model, args):
     """ms per forward of a T-token chunk, products on the decode kernels vs the GEMM, alternating."""
-    from kernels import dispatch
+    from rwkv_kernels import dispatch
     gemm = "torch" if (args.weights or "float32") == "float32" else "quant_gemm"
     short = "c" if gemm == "torch" else "quant_c"
     print(f"{args.model}, {args.weights or 'float32'} weights, {args.threads} threads: one sequence-mode forward "
@@ -73,7 +73,7 @@ _MATRIX_PARTS = (("att_receptance", "att r"), ("att_key", "att k"), ("att_value"
 def profile_rounds(models, B, steps, repeats):
     """models: {name: model}. Alternating rounds of `steps` decode steps per model (one warm-up round
     first); -> {name: (counters summed over the timed rounds, wall seconds, steps)}."""
-    from kernels import profile
+    from rwkv_kernels import profile
     ids = torch.randint(0, min(m.vocab_size for m in models.values()), (B, steps),
                         generator=torch.Generator().manual_seed(0))
     totals = {name: None for name in models}
@@ -140,7 +140,7 @@ def print_profile(title, rows, step_ms, weight_bytes, B):
 def profile_main(ap, args, model):
     """--profile: the decode step's parts for --weights (and --against, alternating)."""
     from bench import models
-    from kernels import cpu_c
+    from rwkv_kernels import cpu_c
     if not cpu_c.available():
         ap.exit(2, f"bench.modes: error: --profile counts inside the C kernels, which cannot run here: "
                    f"{cpu_c.unavailable_reason()}\n")

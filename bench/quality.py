@@ -29,7 +29,7 @@ import torch
 
 import rwkv_engine
 from bench.cli import OneLineParser, check_writable_file, command, write_json_atomic
-from kernels import quant
+from rwkv_kernels import quant
 from rwkv_engine.checkpoint import SYNTHETIC, CheckpointError, cache_dir, read_checkpoint, save_pth, synthetic_state_dict
 from rwkv_engine.files import atomic_write, regular_file
 from rwkv_engine.config import get_config

@@ -6,7 +6,7 @@
 """
 from pathlib import Path
 
-import kernels  # noqa: F401  (first: it sets torch's OpenMP spin before torch loads; see kernels/__init__)
+import rwkv_kernels  # noqa: F401  (first: it sets torch's OpenMP spin before torch loads; see rwkv_kernels/__init__)
 import torch
 
 from .checkpoint import (CheckpointError, check_against_registry, model_name, read_checkpoint, read_metadata,
@@ -59,8 +59,8 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     WKV state is float32. rescale_every: halve the residual every N layers (default 6 for float16,
     off otherwise).
     weights: the weight format the matrices are stored in: None (as dtype) or a name of
-    `kernels.formats.names()`: "float32", "float16", "bfloat16", or ggml's Q8_0 (8-bit values in
-    blocks of 32 with a float16 scale each; see kernels.formats); with a format, activations, state
+    `rwkv_kernels.formats.names()`: "float32", "float16", "bfloat16", or ggml's Q8_0 (8-bit values in
+    blocks of 32 with a float16 scale each; see rwkv_kernels.formats); with a format, activations, state
     and accumulation stay float32 (CPU). Packed at load, matrix by matrix from the memory-mapped file;
     a file written by `python -m rwkv_engine.convert SRC DST --weights FORMAT` loads as it is. A
     registered name with 16-bit or 8-bit weights uses a synthetic checkpoint written in bfloat16

@@ -9,7 +9,7 @@ DST is written atomically (a file, or a directory for
 --to hf, replaced as one set): an existing DST is replaced only with --overwrite. A synthetic SRC
 stays labelled synthetic in DST's metadata, with its model's name. Typical use: turn a released bf16 .pth into fp32 so that
 this engine, BlinkDL's `rwkv` package and transformers can be compared bit for bit on the same weights.
-With --weights FORMAT (a weight format of `kernels.formats`: float16, bfloat16, the 8-bit blocks
+With --weights FORMAT (a weight format of `rwkv_kernels.formats`: float16, bfloat16, the 8-bit blocks
 of ggml's Q8_0, or a registered one), the matrices are packed (`rwkv_engine.weights`) into one safetensors file whose
 metadata records the format; `rwkv_engine.load(DST)` maps it back without converting anything.
 --weights and --dtype do not combine (--weights sets how the matrices are stored; the other
@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kernels import formats
+from rwkv_kernels import formats
 
 from . import weights as wformat
 from .checkpoint import (MODEL_KEY, model_name, read_checkpoint, read_metadata, save_pth, save_safetensors,

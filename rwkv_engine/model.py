@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
+import rwkv_kernels
 
 from . import generation
 from . import weights as wformat
@@ -47,7 +47,7 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
     """The one place raw checkpoint tensors become what the forward reads.
 
     Float32 tensors already on the target device are used as they are (memory-mapped files
-    stay memory-mapped); others are converted once. With `weights` (a format of `kernels.quant`),
+    stay memory-mapped); others are converted once. With `weights` (a format of `rwkv_kernels.quant`),
     the matrices are packed into it one at a time and the embedding is kept in 16 bits
     (`rwkv_engine.weights`); `progress` wraps the layer loop (a tqdm). With `rescale_every` R > 0, the output
     matrices of layer i are divided by 2^(i // R) and the forward halves x after every R-th layer:
@@ -108,7 +108,7 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
 # Sequence mode runs a prompt of more than SEQUENCE_CHUNK tokens per stream in chunks, the state
 # carried from one to the next, so its working memory (the [B, T, ffn_dim] activations of a layer)
 # is that of one chunk whatever the prompt's length. Chunks are near-equal (never a short tail), so
-# every chunk's products stay on the GEMM rows of kernels.dispatch ("sequence", > SHORT_ROWS rows):
+# every chunk's products stay on the GEMM rows of rwkv_kernels.dispatch ("sequence", > SHORT_ROWS rows):
 # on the CPU (MKL) the logits are bit-identical to one call over the whole prompt, and prompts up
 # to SEQUENCE_CHUNK tokens run exactly as before on every device.
 SEQUENCE_CHUNK = 4096
@@ -152,16 +152,16 @@ class RWKV:
         if isinstance(rescale_every, bool) or not isinstance(rescale_every, int) or rescale_every < 0:
             raise ValueError(f"rescale_every must be an int >= 0 (0: off), got {rescale_every!r}")
         self.rescale_every = rescale_every
-        self.wkv_backend = wkv_backend          # None: chosen by device in kernels.wkv
+        self.wkv_backend = wkv_backend          # None: chosen by device in rwkv_kernels.wkv
         self.layers = check_layer_range(layers, cfg.n_layer)   # a pipeline stage holds only some
         packed = wformat.resolve(weights, self.dtype, self.device)
         if packed is not None and rescale_every:
             raise ValueError("rescale_every applies to float16 compute only, not to packed weights")
         w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers, packed, progress)
-        self.weights = packed or next(k for k, v in kernels.quant.FLOAT_FORMATS.items() if v == self.dtype)
+        self.weights = packed or next(k for k, v in rwkv_kernels.quant.FLOAT_FORMATS.items() if v == self.dtype)
         self.emb, self.blocks, self.head = w["emb"], w["blocks"], w["head"]
         self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]
-        self._decode = kernels.DecodeLayers(self.blocks, cfg.n_embd, cfg.layer_norm_eps, rescale_every,
+        self._decode = rwkv_kernels.DecodeLayers(self.blocks, cfg.n_embd, cfg.layer_norm_eps, rescale_every,
                                             self.layers.start)
 
     # -- facts the benchmark and the generation loop read -----------------------------------
@@ -175,12 +175,12 @@ class RWKV:
 
     @property
     def weight_format(self):
-        """The format of the large matrices (a name of `kernels.formats`); `weights` is the same."""
+        """The format of the large matrices (a name of `rwkv_kernels.formats`); `weights` is the same."""
         return self.weights
 
     @property
     def weight_bytes_per_token(self):
-        return int(self.config.weight_bytes_per_token(kernels.quant.bytes_per_weight(self.weights)))
+        return int(self.config.weight_bytes_per_token(rwkv_kernels.quant.bytes_per_weight(self.weights)))
 
     def state_bytes(self, batch_size=1):
         return State.zeros(len(self.layers), batch_size, self.config.n_embd, "meta", self.dtype).nbytes
@@ -246,9 +246,9 @@ class RWKV:
 
     def run_blocks(self, x, state):
         """Run the layers this model holds on x; `state` holds those layers only (in order).
-        Token mode is one `kernels.decode_layers` step (one C call on the CPU)."""
+        Token mode is one `rwkv_kernels.decode_layers` step (one C call on the CPU)."""
         if x.dim() == 2:
-            return kernels.decode_layers(self._decode, x, (state.att_x, state.att_a, state.att_b, state.att_p,
+            return rwkv_kernels.decode_layers(self._decode, x, (state.att_x, state.att_a, state.att_b, state.att_p,
                                                            state.ffn_x), self.wkv_backend)
         for j, blk in enumerate(self.blocks):
             x = self._sequence_block(x, blk, state, j)
@@ -263,7 +263,7 @@ class RWKV:
         if not all_logits:
             x = x[:, -1:]
         x = F.layer_norm(x, (x.shape[-1],), self.ln_out_w, self.ln_out_b, self.config.layer_norm_eps)
-        logits = kernels.linear(x, self.head).float()                 # (B, T or 1, V)
+        logits = rwkv_kernels.linear(x, self.head).float()                 # (B, T or 1, V)
         return logits if all_logits else logits[:, 0]
 
     __call__ = forward
@@ -282,21 +282,21 @@ class RWKV:
         vx = torch.lerp(sx, xx, blk.att_mix_v)
         rx = torch.lerp(sx, xx, blk.att_mix_r)
         s.att_x[i] = xx[:, -1]
-        r, k, v = kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
+        r, k, v = rwkv_kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
         r, k, v = torch.sigmoid(r), k.float(), v.float()
-        y, (a, b, p) = kernels.wkv(blk.att_w, blk.att_u, k, v, (s.att_a[i], s.att_b[i], s.att_p[i]),
+        y, (a, b, p) = rwkv_kernels.wkv(blk.att_w, blk.att_u, k, v, (s.att_a[i], s.att_b[i], s.att_p[i]),
                                    self.wkv_backend)
         s.att_a[i], s.att_b[i], s.att_p[i] = a, b, p
-        x = x + kernels.linear(r * y.to(x.dtype), blk.att_output)
+        x = x + rwkv_kernels.linear(r * y.to(x.dtype), blk.att_output)
 
         xx = self._ln(x, blk.ln2_w, blk.ln2_b)
         sx = torch.cat([s.ffn_x[i][:, None], xx[:, :-1]], dim=1)
         kx = torch.lerp(sx, xx, blk.ffn_mix_k)
         rx = torch.lerp(sx, xx, blk.ffn_mix_r)
         s.ffn_x[i] = xx[:, -1]
-        r, k = kernels.linear_group((rx, blk.ffn_receptance), (kx, blk.ffn_key))
+        r, k = rwkv_kernels.linear_group((rx, blk.ffn_receptance), (kx, blk.ffn_key))
         r, k = torch.sigmoid(r), torch.square(torch.relu(k))
-        return x + r * kernels.linear(k, blk.ffn_value)
+        return x + r * rwkv_kernels.linear(k, blk.ffn_value)
 
     # -- generation (the loop shared with the baselines) --------------------------------------
     def generate(self, prompt, max_new_tokens=64, **kwargs):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kernels
+import rwkv_kernels
 
 # Below this, logits / temperature overflow float32 for ordinary logits: use 0 (greedy) instead.
 MIN_TEMPERATURE = 1e-4
@@ -104,7 +104,7 @@ def sample(logits, params, counts=None, generator=None):
     Raises NonFiniteLogitsError when the logits, or the probabilities derived from them, are not finite."""
     logits = logits.float()
     if _plain_temperature(logits, params, counts):
-        # one pass-pair in C per row (kernels.sample_rows), the same u draw as multinomial() below
+        # one pass-pair in C per row (rwkv_kernels.sample_rows), the same u draw as multinomial() below
         tokens = _sample_rows(logits, params.temperature, _uniform(logits.shape[0], generator, logits.device))
         if int(tokens.min()) < 0:                  # a row without a token
             raise _no_token_error(logits)
@@ -129,17 +129,17 @@ def plain_temperature(params, vocab_size, counts=None):
 
 
 def _plain_temperature(logits, params, counts):
-    """Temperature sampling alone of logits `kernels.sample_rows` has a kernel for (the table says)."""
-    return plain_temperature(params, logits.shape[-1], counts) and kernels.sample_rows_serves(logits)
+    """Temperature sampling alone of logits `rwkv_kernels.sample_rows` has a kernel for (the table says)."""
+    return plain_temperature(params, logits.shape[-1], counts) and rwkv_kernels.sample_rows_serves(logits)
 
 
 def sample_temperature_rows(logits, temperature, generators):
     """Plain temperature sampling of every row of CPU float32 logits [B, V], row i with its own
     generators[i]: the token sample(logits[i:i+1], SamplingParams(temperature), None, generators[i])
-    gives, for all rows in one `kernels.sample_rows` call (rows in parallel). Returns a list with,
+    gives, for all rows in one `rwkv_kernels.sample_rows` call (rows in parallel). Returns a list with,
     per row, its token, or for a row holding NaN or infinity the NonFiniteLogitsError sample()
     raises for it (the other rows are unaffected)."""
-    if not (kernels.sample_rows_serves(logits) and logits.shape[0] == len(generators) and not temperature == 0):
+    if not (rwkv_kernels.sample_rows_serves(logits) and logits.shape[0] == len(generators) and not temperature == 0):
         raise ValueError("sample_temperature_rows takes CPU float32 logits [B, V], B generators and a "
                          f"temperature > 0; got {tuple(logits.shape)} {logits.dtype} on {logits.device}, "
                          f"{len(generators)} generators, temperature {temperature}")
@@ -155,17 +155,17 @@ def _uniform(n, generator, device):
 
 
 def _sample_rows(logits, temperature, u):
-    return kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(), 1.0 / temperature, u)
+    return rwkv_kernels.sample_rows(logits if logits.is_contiguous() else logits.contiguous(), 1.0 / temperature, u)
 
 
 def _no_token_error(logits):
-    """Why kernels.sample_rows gave no token for `logits`: a NonFiniteLogitsError naming the first
+    """Why rwkv_kernels.sample_rows gave no token for `logits`: a NonFiniteLogitsError naming the first
     NaN/inf, else a MemoryError (its scratch could not be allocated)."""
     try:
         check_finite(logits)
     except NonFiniteLogitsError as e:
         return e
-    return MemoryError("kernels.sample_rows: cannot allocate its scratch")
+    return MemoryError("rwkv_kernels.sample_rows: cannot allocate its scratch")
 
 
 def multinomial(probs, generator=None):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.wkv_reference import P_INIT
+from rwkv_kernels.wkv_reference import P_INIT
 
 from .files import CheckpointError, atomic_write, first_line, regular_file
 

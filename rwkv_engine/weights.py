@@ -1,7 +1,7 @@
 """Choosing and applying a weight format to a model's matrices, and packed checkpoint files.
 
     weights=None        every tensor in the compute dtype (as before)
-    weights=<a format of kernels.formats> (`kernels.formats.names()`: float32, float16, bfloat16, the
+    weights=<a format of rwkv_kernels.formats> (`rwkv_kernels.formats.names()`: float32, float16, bfloat16, the
         8-bit blocks of ggml's Q8_0, and any registered one)
         the large matrices (att/ffn key, value, receptance, output; head) stored in that format, the
         embedding in the format's embedding dtype (it is only indexed), everything else and all
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import formats
+from rwkv_kernels import formats
 
 from .files import atomic_write, release_pages
 

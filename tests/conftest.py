@@ -1,14 +1,14 @@
 import os
 
 # Triton kernels run in Triton's CPU interpreter unless told otherwise (TRITON_INTERPRET=0 on a GPU
-# machine). Must be set before triton decorates any kernel, i.e. before kernels.wkv_triton is imported.
+# machine). Must be set before triton decorates any kernel, i.e. before rwkv_kernels.wkv_triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # The official `rwkv` package (a test-only reference) reads these at import time.
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 import pytest  # noqa: E402
-import kernels  # noqa: E402,F401  (before torch: its OpenMP spin default, as the CLIs get it)
+import rwkv_kernels  # noqa: E402,F401  (before torch: its OpenMP spin default, as the CLIs get it)
 import torch  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""kernels.decode_layers: a whole decode step through the layers in one C call, against the same step
+"""rwkv_kernels.decode_layers: a whole decode step through the layers in one C call, against the same step
 composed of the model's ops (dispatched one by one), for every weight format and every
 instruction-set build this machine runs; and when dispatch must not take the C path."""
 import time
@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-import kernels
+import rwkv_kernels
 import rwkv_engine
-from kernels import cpu_c, decode, dispatch
+from rwkv_kernels import cpu_c, decode, dispatch
 from rwkv_engine.checkpoint import synthetic_state_dict
 from rwkv_engine.config import RWKVConfig
 
@@ -34,7 +34,7 @@ def _run(model, tokens, impl, isa=None):
             x = decode.decode_layers_c(model._decode, x, s5, isa=isa)
         else:
             with dispatch.force(decode_layers="composed"):
-                x = kernels.decode_layers(model._decode, x, s5)
+                x = rwkv_kernels.decode_layers(model._decode, x, s5)
         out.append(model.head_logits(x))
     return torch.stack(out), state
 

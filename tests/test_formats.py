@@ -1,4 +1,4 @@
-"""A weight format is one record (kernels/formats.py) plus its kernels: a toy format defined here, inside
+"""A weight format is one record (rwkv_kernels/formats.py) plus its kernels: a toy format defined here, inside
 the test (int8 with one float32 scale per row, served by the dequantising torch kernel), registered and
 nothing else, loads with `rwkv_engine.load(weights=...)`, runs token and sequence mode, converts with
 `python -m rwkv_engine.convert --weights`, and counts in the benchmark's fit check. Also: the records
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rwkv_engine
-from kernels import cpu_c, dispatch, formats
+from rwkv_kernels import cpu_c, dispatch, formats
 from rwkv_engine.convert import main as convert_main
 
 TOY = "q8row"
@@ -126,7 +126,7 @@ def test_registration_is_checked(toy_format):
 def test_every_table_is_derived_from_the_records():
     import bench.cli
     import bench.models
-    from kernels import quant
+    from rwkv_kernels import quant
     for fmt in formats.all_formats():
         assert quant.bytes_per_weight(fmt.name) == bench.models.WEIGHT_BYTES[fmt.name] == fmt.bytes_per_weight
         assert fmt.name in bench.cli.WEIGHT_FORMATS and fmt.name in quant.FORMATS

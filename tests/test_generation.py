@@ -193,7 +193,7 @@ def test_overflow_after_temperature_is_caught():
     # the torch path (top-p) divides by the temperature first: 3e38 / 0.5 overflows, and is caught
     with pytest.raises(rwkv_engine.NonFiniteLogitsError, match="after temperature"):
         sample(logits, SamplingParams(temperature=0.5, top_p=0.9))
-    # plain temperature sampling (kernels.sample_rows) subtracts the maximum first: no overflow, and
+    # plain temperature sampling (rwkv_kernels.sample_rows) subtracts the maximum first: no overflow, and
     # the other weights are exp(-1.2e39) = exp(-3e38 / 0.5) = 0, so the maximum is certain
     g = torch.Generator().manual_seed(0)
     assert [int(sample(logits, SamplingParams(temperature=0.5), generator=g)) for _ in range(20)] == [0] * 20

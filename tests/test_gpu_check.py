@@ -35,7 +35,7 @@ def test_only_not_applicable_counts_as_skipped():
 
 
 def test_the_kernel_functions_it_times_exist():
-    """The one place gpu_check imports kernels.wkv_triton from resolves here (no GPU needed)."""
+    """The one place gpu_check imports rwkv_kernels.wkv_triton from resolves here (no GPU needed)."""
     from bench import gpu_check
     launch_config, wkv_forward, is_interpreted = gpu_check.triton_wkv_api()
     block_c, num_warps = launch_config(5120)

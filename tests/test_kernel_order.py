@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import cpu_c, quant
+from rwkv_kernels import cpu_c, quant
 
 REPO = Path(__file__).resolve().parent.parent
 ISAS = quant.supported_isas() if quant.available() else []
@@ -100,7 +100,7 @@ def test_simulated_avx2_only_cpu_gives_the_same_int8_bits(tmp_path):
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(5, 300, generator=g), quant.pack(torch.randn(37, 300, generator=g), "int8")
     torch.save({"x": x, "q": w.q, "s": w.scale}, tmp_path / "in.pt")
-    code = ("import sys, torch; from kernels import quant; d = torch.load(sys.argv[1]); "
+    code = ("import sys, torch; from rwkv_kernels import quant; d = torch.load(sys.argv[1]); "
             "w = quant.Int8Weight(d['q'], d['s'], 300); assert quant._lib().isa_level() == 256; "
             "torch.save(quant.matvec_group([(d['x'], w)])[0], sys.argv[2])")
     env = {**os.environ, "RWKV_ENGINE_CPU_FEATURES": "avx2,fma,f16c"}

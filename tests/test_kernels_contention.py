@@ -121,14 +121,14 @@ def _spin_stderr(code, **env):
 
 
 def test_a_spin_setting_that_came_too_late_is_said_once_at_first_use():
-    from kernels import cpu_c
+    from rwkv_kernels import cpu_c
     if not cpu_c.available():
         pytest.skip(f"no C kernels here ({cpu_c.unavailable_reason()}): nothing to slow down")
-    use = ("import torch, kernels, sys\nsys.stderr.write('imported\\n')\n"
-           "for _ in range(3): kernels.relu_square_(torch.randn(8))\n")
+    use = ("import torch, rwkv_kernels, sys\nsys.stderr.write('imported\\n')\n"
+           "for _ in range(3): rwkv_kernels.relu_square_(torch.randn(8))\n")
     err = _spin_stderr(use)
     assert err.count("torch was imported before rwkv_engine") == 1, err     # once per process
     assert err.index("imported") < err.index("torch was imported before")    # at first use, not import
     assert "decode slows" in err and "GOMP_SPINCOUNT=10000" in err            # the consequence, the fix
-    assert "torch was imported" not in _spin_stderr(use.replace("import torch, kernels", "import kernels, torch"))
+    assert "torch was imported" not in _spin_stderr(use.replace("import torch, rwkv_kernels", "import rwkv_kernels, torch"))
     assert "torch was imported" not in _spin_stderr(use, GOMP_SPINCOUNT="77")    # the user chose

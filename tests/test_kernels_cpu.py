@@ -4,8 +4,8 @@ kernels cannot be built (no compiler, no AVX2)."""
 import pytest
 import torch
 
-from kernels import cpu_c, fused, wkv_reference
-from kernels.wkv_reference import new_wkv_state
+from rwkv_kernels import cpu_c, fused, wkv_reference
+from rwkv_kernels.wkv_reference import new_wkv_state
 
 ISAS_HERE = cpu_c.supported_isas()
 
@@ -161,7 +161,7 @@ def test_wkv_seq(ops, B, T, C):
     assert all(torch.equal(a, b) for a, b in zip(state, before))   # input state untouched
 
 
-# -- sampling (kernels/sampling.py, csrc/sample.h) ----------------------------------------------------
+# -- sampling (rwkv_kernels/sampling.py, csrc/sample.h) ----------------------------------------------------
 
 def _clear_rows(logits, inv_temp, u, rel=1e-6):
     """Rows where u * sum(w) is not within `rel` (of the sum) of a CDF boundary, where float32
@@ -176,7 +176,7 @@ def _clear_rows(logits, inv_temp, u, rel=1e-6):
 
 @pytest.mark.parametrize("V", [1, 7, 16, 37, 1000, 50277])
 def test_sample_rows_matches_its_reference(ops, V):
-    from kernels.sampling import sample_rows_reference
+    from rwkv_kernels.sampling import sample_rows_reference
     g = torch.Generator().manual_seed(V)
     checked = 0
     for inv_temp in (1.0, 1 / 0.7, 1 / 3.0, 1e4):
@@ -205,7 +205,7 @@ def test_sample_rows_names_the_first_non_finite_logit(ops):
 
 
 def test_sampler_uses_the_c_rows_and_draws_from_the_softmax():
-    """rwkv_engine.sample with plain temperature goes through kernels.sample_rows (C here) and its
+    """rwkv_engine.sample with plain temperature goes through rwkv_kernels.sample_rows (C here) and its
     tokens follow softmax(logits / T): counts over many draws against the probabilities."""
     from rwkv_engine.sampling import SamplingParams, sample
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])

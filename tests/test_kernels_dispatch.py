@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import kernels
+import rwkv_kernels
 import rwkv_engine
-from kernels import cpu_c, dispatch, formats
+from rwkv_kernels import cpu_c, dispatch, formats
 
 needs_c = pytest.mark.skipif(not cpu_c.available(), reason=f"C kernels unavailable: {cpu_c.unavailable_reason()}")
 
@@ -59,7 +59,7 @@ def test_unknown_combination_and_backend_are_clear_errors():
         assert dispatch.TABLE.index(rule) < next(i for i, r in enumerate(dispatch.TABLE)
                                                   if r.op == "linear" and r.device == "*")
         with pytest.raises(ValueError, match="linear implementation 'int4_missing' is not registered"):
-            kernels.linear(torch.randn(2, 4), Packed())
+            rwkv_kernels.linear(torch.randn(2, 4), Packed())
     finally:
         formats.unregister("int4")
     assert not any(r.weights == "int4" for r in dispatch.TABLE)
@@ -71,7 +71,7 @@ def test_unknown_combination_and_backend_are_clear_errors():
         finally:
             dispatch.TABLE[:] = saved
     with pytest.raises(ValueError, match="unknown linear backend 'gpu'"):
-        kernels.linear(torch.randn(2, 4), torch.randn(3, 4), backend="gpu")
+        rwkv_kernels.linear(torch.randn(2, 4), torch.randn(3, 4), backend="gpu")
     with pytest.raises(ValueError, match="unknown op 'nope'"):
         with dispatch.force(nope="c"):
             pass
@@ -81,11 +81,11 @@ def test_unknown_combination_and_backend_are_clear_errors():
 def test_unsupported_device_raises_before_any_kernel(device):
     x, W = torch.empty(1, 8, device=device), torch.empty(4, 8, device=device)
     with pytest.raises(ValueError, match="device 'meta' are not supported"):
-        kernels.linear(x, W)
+        rwkv_kernels.linear(x, W)
     with pytest.raises(ValueError, match="device 'meta'"):
-        kernels.wkv_step_gated(*(torch.empty(8, device=device),) * 2, *(torch.empty(1, 8, device=device),) * 6)
+        rwkv_kernels.wkv_step_gated(*(torch.empty(8, device=device),) * 2, *(torch.empty(1, 8, device=device),) * 6)
     with pytest.raises(ValueError, match="device 'meta'"):
-        kernels.wkv(torch.empty(8, device=device), torch.empty(8, device=device),
+        rwkv_kernels.wkv(torch.empty(8, device=device), torch.empty(8, device=device),
                     torch.empty(1, 2, 8, device=device), torch.empty(1, 2, 8, device=device))
 
 
@@ -93,28 +93,28 @@ def test_unsupported_device_raises_before_any_kernel(device):
 def test_force_and_backend_select_the_implementation(monkeypatch):
     calls = []
     spy = lambda pairs, out=None, accumulate=False: calls.append(len(pairs)) or \
-        kernels.linear.__globals__["linear_reference_impl"](pairs, out, accumulate)
+        rwkv_kernels.linear.__globals__["linear_reference_impl"](pairs, out, accumulate)
     dispatch.register_impl("linear", "spy", spy)
     x, W = torch.randn(2, 16), torch.randn(8, 16)
     with dispatch.force(linear="spy"):
         assert dispatch.choose("linear", linear_key(x, W)) == "spy"
-        y = kernels.linear(x, W)
-        kernels.linear_group((x, W), (x, W))
+        y = rwkv_kernels.linear(x, W)
+        rwkv_kernels.linear_group((x, W), (x, W))
     assert calls == [1, 2]                                  # a group is one call of the implementation
     assert dispatch.choose("linear", linear_key(x, W)) == "c"   # restored after the block
     torch.testing.assert_close(y, x @ W.T)
-    assert kernels.linear(x, W, backend="spy") is not None and calls == [1, 2, 1]
+    assert rwkv_kernels.linear(x, W, backend="spy") is not None and calls == [1, 2, 1]
 
 
 def test_linear_entry_points_agree_across_implementations():
     x3, x2, W = torch.randn(2, 3, 33), torch.randn(5, 33), torch.randn(19, 33)
     for backend in ["torch", "reference"] + (["c"] if cpu_c.available() else []):
-        torch.testing.assert_close(kernels.linear(x3, W, backend=backend), x3 @ W.T, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(rwkv_kernels.linear(x3, W, backend=backend), x3 @ W.T, rtol=1e-5, atol=1e-4)
         out = torch.randn(5, 19)
         want = out + x2 @ W.T
-        kernels.linear_accumulate_(x2, W, out, backend=backend)
+        rwkv_kernels.linear_accumulate_(x2, W, out, backend=backend)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
-        a, b = kernels.linear_group((x2, W), (x3, W), backend=backend)
+        a, b = rwkv_kernels.linear_group((x2, W), (x3, W), backend=backend)
         torch.testing.assert_close(b, x3 @ W.T, rtol=1e-5, atol=1e-4)
 
 
@@ -125,11 +125,11 @@ def run_python(code, **env):
 
 
 def test_failed_c_build_warns_once_and_falls_back(tmp_path):
-    code = ("import torch, kernels\n"
+    code = ("import torch, rwkv_kernels\n"
             "x, W = torch.randn(2, 16), torch.randn(8, 16)\n"
-            "for _ in range(3): assert torch.allclose(kernels.linear(x, W), x @ W.T, atol=1e-5)\n"
-            "kernels.relu_square_(torch.randn(4))\n"
-            "print(kernels.dispatch.choose('linear', ('cpu', 'float32', 'float32', 'token')))\n")
+            "for _ in range(3): assert torch.allclose(rwkv_kernels.linear(x, W), x @ W.T, atol=1e-5)\n"
+            "rwkv_kernels.relu_square_(torch.randn(4))\n"
+            "print(rwkv_kernels.dispatch.choose('linear', ('cpu', 'float32', 'float32', 'token')))\n")
     r = run_python(code, CC="/bin/false", RWKV_ENGINE_CACHE=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "torch"
@@ -167,9 +167,9 @@ def test_build_refuses_an_isa_the_cpu_lacks(monkeypatch):
 
 @needs_c
 def test_simulated_avx2_machine_runs_the_avx2_build(tmp_path):
-    code = ("import torch, kernels\nfrom kernels import cpu_c\n"
+    code = ("import torch, rwkv_kernels\nfrom kernels import cpu_c\n"
             "x, W = torch.randn(3, 37), torch.randn(9, 37)\n"
-            "assert torch.allclose(kernels.linear(x, W), x @ W.T, atol=1e-4)\n"
+            "assert torch.allclose(rwkv_kernels.linear(x, W), x @ W.T, atol=1e-4)\n"
             "print(cpu_c.ops().isa, sorted(p.name.split('-')[1] for p in (cpu_c._cache_dir()).glob('*.so')))\n")
     r = run_python(code, RWKV_ENGINE_CPU_FEATURES="avx2,fma,f16c", RWKV_ENGINE_CACHE=str(tmp_path))
     assert r.returncode == 0, r.stderr

@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def project_cache_dirs():
     """Every place the project writes generated files to."""
-    import kernels.cpu_c
+    import rwkv_kernels.cpu_c
     from bench import machine, peers
     from rwkv_engine import files
-    return {"files.cache_dir": files.cache_dir(), "kernels": kernels.cpu_c._cache_dir(),
+    return {"files.cache_dir": files.cache_dir(), "kernels": rwkv_kernels.cpu_c._cache_dir(),
             "bench.machine": machine.cache_dir(), "bench.peers": peers._rwkv_cache()}
 
 

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAYERS = ("kernels", "rwkv_engine", "baselines", "bench")          # each may import only those before it
+LAYERS = ("rwkv_kernels", "rwkv_engine", "baselines", "bench")          # each may import only those before it
 # what the baselines may import from the engine: the package's public API, and the shared runtime
 # modules whose public (no underscore) names are there for every model family
 SHARED_RUNTIME = ("rwkv_engine", "rwkv_engine.config", "rwkv_engine.files", "rwkv_engine.contract")
@@ -96,7 +96,7 @@ def test_every_import_runs_downward():
 
 
 def test_the_layer_check_catches_an_upward_import(tmp_path):
-    cases = {"kernels.x": "import rwkv_engine\n", "rwkv_engine.y": "def f():\n    from bench import cli\n",
+    cases = {"rwkv_kernels.x": "import rwkv_engine\n", "rwkv_engine.y": "def f():\n    from bench import cli\n",
              "baselines.z": "from bench.models import load\n", "rwkv_engine.serve.w": "from ...bench import cli\n"}
     for module, source in cases.items():
         f = tmp_path / f"{module}.py"

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import kernels
+import rwkv_kernels
 import rwkv_engine
-from kernels import cpu_c, dispatch
+from rwkv_kernels import cpu_c, dispatch
 from rwkv_engine import State
 
 
@@ -56,8 +56,8 @@ def test_short_prompt_chunk_runs_the_c_products_and_matches_the_gemm(tiny_model,
     torch.testing.assert_close(s_short.att_a, s_gemm.att_a, rtol=1e-5, atol=1e-5)
     W = tiny_model.blocks[0].att_key
     xs = torch.randn(dispatch.SHORT_ROWS, W.shape[1], generator=torch.Generator().manual_seed(4))
-    few = kernels.linear(xs[None, :5], W)[0]
-    many = kernels.linear(xs[None], W)[0]
+    few = rwkv_kernels.linear(xs[None, :5], W)[0]
+    many = rwkv_kernels.linear(xs[None], W)[0]
     assert torch.equal(few, many[:5])
 
 

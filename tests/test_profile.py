@@ -1,4 +1,4 @@
-"""The decode profile: the C kernels' counters (kernels.profile) and `bench.modes --profile`, on tiny
+"""The decode profile: the C kernels' counters (rwkv_kernels.profile) and `bench.modes --profile`, on tiny
 shapes. The counters are checked against numbers known without them (products run, weight bytes from
 the packed tensors' sizes), and the printed parts against the step they split."""
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu_c, profile, quant
+from rwkv_kernels import cpu_c, profile, quant
 
 REPO = Path(__file__).resolve().parent.parent
 needs_c = pytest.mark.skipif(not cpu_c.available() or not quant.available(), reason="no C kernels here")

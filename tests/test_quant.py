@@ -1,10 +1,10 @@
-"""kernels.quant: the packed formats, every C kernel build this CPU runs against its torch reference,
+"""rwkv_kernels.quant: the packed formats, every C kernel build this CPU runs against its torch reference,
 batch invariance, the instruction-set choice, and bad input."""
 import pytest
 import torch
 
-import kernels
-from kernels import quant
+import rwkv_kernels
+from rwkv_kernels import quant
 
 ISAS = quant.supported_isas() if quant.available() else []
 FORMATS16 = ("float16", "bfloat16")
@@ -209,7 +209,7 @@ def _python(code, **env):
     import subprocess
     import sys
     full = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_ENGINE_") or k == "RWKV_ENGINE_CACHE"}
-    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning:kernels.dispatch", "-c", code],
+    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning:rwkv_kernels.dispatch", "-c", code],
                           capture_output=True, text=True, env={**full, "PYTHONPATH": os.getcwd(), **env}, timeout=120)
 
 
@@ -220,7 +220,7 @@ def test_one_isa_choice_read_once_at_first_use_for_every_kernel():
     code = ("import os, torch, kernels\nfrom kernels import cpu_c, quant\n"
             "os.environ['RWKV_ENGINE_CPU_FEATURES'] = 'avx2,fma,f16c'      # after import: still counts\n"
             "x, w = torch.randn(2, 64), quant.pack(torch.randn(8, 64), 'int8')\n"
-            "kernels.linear(x, w)\n"
+            "rwkv_kernels.linear(x, w)\n"
             "os.environ['RWKV_ENGINE_ISA'] = 'avx512'                      # after first use: ignored\n"
             "os.environ['RWKV_ENGINE_NO_C_KERNELS'] = '1'\n"
             "assert quant._lib() is cpu_c.ops().lib and quant.available() and cpu_c.available()\n"
@@ -228,13 +228,13 @@ def test_one_isa_choice_read_once_at_first_use_for_every_kernel():
     r = _python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["avx2", "256"]
-    r = _python("import os, kernels\nos.environ['RWKV_ENGINE_NO_C_KERNELS'] = '1'\n"
-                "from kernels import quant\nprint(quant.available())")
+    r = _python("import os, rwkv_kernels\nos.environ['RWKV_ENGINE_NO_C_KERNELS'] = '1'\n"
+                "from rwkv_kernels import quant\nprint(quant.available())")
     assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels.linear dispatches on the weight's type
+# rwkv_kernels.linear dispatches on the weight's type
 
 @pytest.mark.parametrize("fmt", PACKED)
 def test_linear_dispatch_decode_and_prompt_shapes(fmt):
@@ -242,14 +242,14 @@ def test_linear_dispatch_decode_and_prompt_shapes(fmt):
     packed = quant.pack(w, fmt)
     tol = _format_bound(x, w, fmt) + 1e-5
     exact = x @ w.T
-    y = kernels.linear(x, packed)                                # token mode: [B, C]
+    y = rwkv_kernels.linear(x, packed)                                # token mode: [B, C]
     assert y.shape == (4, 40) and bool(((y - exact).abs() <= tol).all())
     xs = torch.randn(2, 100, 96)                                 # a prompt: [B, T, C]
-    ys = kernels.linear(xs, packed)
+    ys = rwkv_kernels.linear(xs, packed)
     assert ys.shape == (2, 100, 40)
     assert torch.allclose(ys, quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)
-    r, k = kernels.linear_group((x, packed), (x, packed))
+    r, k = rwkv_kernels.linear_group((x, packed), (x, packed))
     assert torch.equal(r, k) and torch.equal(r, y)
     out = torch.ones(4, 40)
-    kernels.linear_accumulate_(x, packed, out)
+    rwkv_kernels.linear_accumulate_(x, packed, out)
     assert torch.allclose(out, 1 + y, atol=1e-6)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rwkv_engine
-from kernels import quant
+from rwkv_kernels import quant
 from rwkv_engine import CheckpointError, RWKV
 from rwkv_engine.checkpoint import read_checkpoint, read_metadata, synthetic_state_dict, write_synthetic
 from rwkv_engine.convert import main as convert_main

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import kernels
-from kernels import wkv_cpu, wkv_cpu_step, wkv_numpy, wkv_reference
-from kernels.wkv_cpu import wkv_cpu_c
+import rwkv_kernels
+from rwkv_kernels import wkv_cpu, wkv_cpu_step, wkv_numpy, wkv_reference
+from rwkv_kernels.wkv_cpu import wkv_cpu_c
 
 
 def make_inputs(B, T, C, seed=0, k_scale=5.0):
@@ -57,7 +57,7 @@ def test_wkv_chunked_equals_whole():
 def test_wkv_step_equals_sequence():
     w, u, k, v = make_inputs(3, 20, 24)
     y, (a, b, p) = wkv_cpu(w, u, k, v)
-    sa, sb, sp = kernels.new_wkv_state(3, 24)
+    sa, sb, sp = rwkv_kernels.new_wkv_state(3, 24)
     for t in range(20):
         yt = wkv_cpu_step(w, u, k[:, t].contiguous(), v[:, t].contiguous(), sa, sb, sp)
         torch.testing.assert_close(yt, y[:, t], rtol=1e-6, atol=1e-6)
@@ -92,23 +92,23 @@ def test_wkv_100k_tokens_extreme_values_stay_finite_and_bounded():
 
 def test_dispatch_rule_picks_cpu_and_rejects_unknown_backend():
     w, u, k, v = make_inputs(1, 3, 4)
-    y, _ = kernels.wkv(w, u, k, v)
+    y, _ = rwkv_kernels.wkv(w, u, k, v)
     assert torch.equal(y, wkv_cpu(w, u, k, v)[0])
     with pytest.raises(ValueError, match="unknown WKV backend 'gpu'"):
-        kernels.wkv(w, u, k, v, backend="gpu")
+        rwkv_kernels.wkv(w, u, k, v, backend="gpu")
 
 
 def test_linear_cpu_matches_torch():
     x = torch.randn(5, 7, 33)
     W = torch.randn(19, 33)
-    torch.testing.assert_close(kernels.linear(x, W), kernels.linear_reference(x, W), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rwkv_kernels.linear(x, W), rwkv_kernels.linear_reference(x, W), rtol=1e-5, atol=1e-5)
     x1 = torch.randn(1, 1, 33)
-    torch.testing.assert_close(kernels.linear(x1, W), kernels.linear_reference(x1, W), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rwkv_kernels.linear(x1, W), rwkv_kernels.linear_reference(x1, W), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,O,I", [(1, 768, 768), (1, 13, 37), (3, 7, 8), (8, 129, 250), (2, 4, 3)])
 def test_decode_matvec_kernel_matches_reference(B, O, I):
-    from kernels import cpu_c
+    from rwkv_kernels import cpu_c
     if not cpu_c.available():
         pytest.skip(f"C kernels unavailable: {cpu_c.unavailable_reason()}")
     x, W = torch.randn(B, I), torch.randn(O, I)
@@ -116,5 +116,5 @@ def test_decode_matvec_kernel_matches_reference(B, O, I):
     y, y2 = cpu_c.ops().matvec_group([(x, W), (x2, W2)])
     torch.testing.assert_close(y, x @ W.T, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(y2, x2 @ W2.T, rtol=1e-5, atol=1e-4)
-    a, b = kernels.linear_group((x, W), (x2, W2))
+    a, b = rwkv_kernels.linear_group((x, W), (x2, W2))
     assert torch.equal(a, y) and torch.equal(b, y2)

@@ -15,11 +15,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.wkv_reference import P_INIT, wkv_reference
-from kernels.wkv_triton import is_interpreted, launch_config, wkv_triton, wkv_triton_step
+from rwkv_kernels.wkv_reference import P_INIT, wkv_reference
+from rwkv_kernels.wkv_triton import is_interpreted, launch_config, wkv_triton, wkv_triton_step
 
 if not is_interpreted() and not torch.cuda.is_available():
-    raise RuntimeError("kernels.wkv_triton is compiled for the GPU (TRITON_INTERPRET was not 1 when it was "
+    raise RuntimeError("rwkv_kernels.wkv_triton is compiled for the GPU (TRITON_INTERPRET was not 1 when it was "
                        "imported) and there is no GPU: run pytest from the repo root so tests/conftest.py sets it")
 DEVICE = "cpu" if is_interpreted() else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -7,7 +7,7 @@ runs one step in three parts (vLLM's schedule -> execute_model -> process_output
      chunk, with the next chunks of the same length of other waiting jobs when the model prefills
      several prompts at once (`model.batched_prefill`; at most `prefill_rows` tokens). Chunk
      boundaries sit at absolute multiples of `chunk` tokens whatever the load, and the products run
-     on row-independent kernels (`kernels.dispatch.rows_independent`), so a prompt's results do not
+     on row-independent kernels (`rwkv_kernels.dispatch.rows_independent`), so a prompt's results do not
      depend on its neighbours; a long prompt delays the decoding streams by one chunk step at a time;
      every decoding stream steps.
   2. `Executor` runs the model: prompt states (fresh or from the prefix cache), the chunks' forward
@@ -29,7 +29,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from kernels import dispatch
+from rwkv_kernels import dispatch
 
 from ..generation import StreamLoop, TextStream
 from ..sampling import SamplingParams, sample_temperature_rows
@@ -109,8 +109,8 @@ def stream_loop(job, index, vocab_size, tokenizer, eos, device):
 
 
 def rows_sampled_together(logits):
-    """Whether rows of these logits can go to sampling.sample_temperature_rows (kernels.sample_rows'
-    input: CPU float32). TODO: ask kernels.dispatch once its query for sample_rows lands (the
+    """Whether rows of these logits can go to sampling.sample_temperature_rows (rwkv_kernels.sample_rows'
+    input: CPU float32). TODO: ask rwkv_kernels.dispatch once its query for sample_rows lands (the
     dispatch-table helper's branch); until then this is the rule it will answer."""
     return logits.device.type == "cpu" and logits.dtype == torch.float32
 

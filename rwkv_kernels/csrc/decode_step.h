@@ -5,11 +5,11 @@
  * reading the int8 weights. Here a whole step is one call: per layer the same kernels the per-op
  * path uses (ln_shift_mix, the grouped products of quant_ops.h / rows(), wkv_step_gated,
  * relu_square, add_gated), in the same order, so the result is bit-identical to the per-op path
- * (kernels/decode.py: `decode_layers` with the "composed" implementation; tested). Four products
+ * (rwkv_kernels/decode.py: `decode_layers` with the "composed" implementation; tested). Four products
  * per layer run as jobs of the thread pool (pool.h); so does the element-wise work for 4 or more
  * streams (one chunk per stream), else it runs on the caller.
  *
- * Layout of one layer in the flat arrays built by kernels/decode.py (DECODE_PTRS pointers, DECODE_DIMS
+ * Layout of one layer in the flat arrays built by rwkv_kernels/decode.py (DECODE_PTRS pointers, DECODE_DIMS
  * int64 per layer):
  *   ptrs[0..10]  float32 [C] vectors: ln1_w, ln1_b, att_mix_k, att_mix_v, att_mix_r, att_w, att_u,
  *                ln2_w, ln2_b, ffn_mix_k, ffn_mix_r

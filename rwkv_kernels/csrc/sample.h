@@ -1,5 +1,5 @@
 /* Temperature sampling by inverting the CDF, one row of logits per chunk of the pool
- * (kernels/sampling.py: `sample_rows`, whose torch reference defines the result):
+ * (rwkv_kernels/sampling.py: `sample_rows`, whose torch reference defines the result):
  *   w_i = exp((x_i - max_j x_j) * inv_temp),  token = first i with sum_{j<=i} w_j >= u * sum_j w_j.
  * Two passes over the row instead of torch's five (isfinite, softmax, isfinite, cumsum, search):
  * (1) max, and a sum of (x - x) that is NaN exactly when some logit is not finite; (2) w in vector

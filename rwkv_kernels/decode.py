@@ -1,14 +1,14 @@
 """One decode step (token mode) through a run of RWKV-4 layers: `decode_layers`.
 
-Two implementations of one signature, chosen by `kernels.dispatch` (op "decode_layers"):
+Two implementations of one signature, chosen by `rwkv_kernels.dispatch` (op "decode_layers"):
   * "composed": the step written as the model's ops (`ln_shift_mix`, `linear_group`,
     `wkv_step_gated`, `linear_accumulate_`, `relu_square_`, `add_gated_`), each of which is
     dispatched on its own: runs on every device and dtype, and is the reference.
   * "c": the same step as one call into the C library (`csrc/decode_step.h`): the same kernels in
     the same order, so bit-identical to "composed" on the C path, without ~90 Python-level calls
     per token (which cost more than reading Q8_0 weights at 169m). CPU, float32 activations and
-    state, any weight format of `kernels.quant`, contiguous tensors.
-The table decides: its "c" rows are those of the formats with a C code (`kernels.formats`); forcing
+    state, any weight format of `rwkv_kernels.quant`, contiguous tensors.
+The table decides: its "c" rows are those of the formats with a C code (`rwkv_kernels.formats`); forcing
 any of the component ops (`dispatch.force(linear=...)`, or a `wkv_backend`) selects "composed"
 (`dispatch.COMPOSED_OF`), so a forced implementation is never bypassed; layers the C plan cannot take
 (e.g. a non-contiguous weight) take the row's fallback, with one warning.

@@ -1,7 +1,7 @@
 """Ops of the RWKV-4 model, each with a plain reference of the same signature beside it.
 
-Which implementation runs is decided by one table, `kernels.dispatch.TABLE` (op x device x compute
-dtype x weight format x shape class; `python -m kernels` prints it). Token mode and
+Which implementation runs is decided by one table, `rwkv_kernels.dispatch.TABLE` (op x device x compute
+dtype x weight format x shape class; `python -m rwkv_kernels` prints it). Token mode and
 sequence mode both go through it; each op takes `backend=` to pick one explicitly, and
 `dispatch.force(op=impl)` forces one in a block.
   * `wkv`, `wkv_step` (wkv_ops.py): WKV over a sequence / one token.
@@ -15,7 +15,7 @@ The C CPU kernels, their builder and their one binding are in `cpu_c.py` / `csrc
 are records in `formats.py` (one per format: everything else derives from them), their kernels in
 `quant.py`.
 
-Import-time state: `import kernels` does one thing at import, in `kernels.spin`: it shortens the
+Import-time state: `import rwkv_kernels` does one thing at import, in `rwkv_kernels.spin`: it shortens the
 spin of torch's OpenMP threads (GOMP_SPINCOUNT, read by libgomp when torch loads; never over a
 user's value), and says once, at the first use of the C kernels, when torch was imported first and it
 could not. Everything else (the C build and its instruction set, thread counts) is read at first use.

@@ -16,7 +16,7 @@
  * Every (row, stream) dot product is computed the same way whatever B and the thread count are, so a
  * stream's result is bit-identical however many streams share the batch. Rows are processed 4 at a
  * time (four weight streams in flight; each row read once for all B streams while it sits in L1), in
- * chunks that the threads of kernels/csrc/pool.h claim dynamically (no barrier: a thread another
+ * chunks that the threads of rwkv_kernels/csrc/pool.h claim dynamically (no barrier: a thread another
  * process keeps off its core holds nobody up), and a group of products runs as one pool job.
  * Dequantisation for sequence mode runs on OpenMP (torch's pool, like the GEMM that follows).
  */
@@ -31,7 +31,7 @@
 #include <string.h>
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3 };   /* F32: cpu_ops.c's rows() */
-/* The enum as data: the format records of kernels/formats.py are checked against it when the library
+/* The enum as data: the format records of rwkv_kernels/formats.py are checked against it when the library
  * loads (format_name(code) for codes 0, 1, ... until NULL). */
 static const char *const FMT_NAMES[] = {[FMT_F32] = "float32", [FMT_F16] = "float16", [FMT_BF16] = "bfloat16",
                                         [FMT_Q8] = "int8"};

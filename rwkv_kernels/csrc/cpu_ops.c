@@ -1,4 +1,4 @@
-/* CPU kernels for RWKV-4 (float32, contiguous rows), built once per instruction set: kernels/cpu_c.py
+/* CPU kernels for RWKV-4 (float32, contiguous rows), built once per instruction set: rwkv_kernels/cpu_c.py
  * compiles this file with -mavx2 -mfma -mf16c, and with -mavx512f ... as well where the CPU has it.
  *
  * Decode (token mode):
@@ -17,7 +17,7 @@
  *    logits are bit-identical alone or in a batch.
  * 2. The element-wise work of a layer fused into a few passes (LayerNorm + token-shift mixes, the
  *    WKV step with its receptance gate, relu^2, the gated residual), each with a torch reference of
- *    the same signature in kernels/fused.py.
+ *    the same signature in rwkv_kernels/fused.py.
  * Prefill (sequence mode):
  * 3. The WKV recurrence over a sequence (wkv_seq): blocks of neighbouring channels (one vector each)
  *    claimed from the library's pool, time walked with the state in registers. (A short prompt
@@ -262,7 +262,7 @@ void ln_shift_mix(const float *x, const float *ln_w, const float *ln_b, double e
     }
 }
 
-/* One WKV token in the running-max form (see kernels/wkv_reference.py), gated by the receptance:
+/* One WKV token in the running-max form (see rwkv_kernels/wkv_reference.py), gated by the receptance:
  * out = sigmoid(r) * wkv; the state (a, b, p) is updated in place. w, u: [C]; the rest [B, C]. */
 void wkv_step_gated(const float *w, const float *u, const float *r, const float *k, const float *v,
                     float *a, float *b, float *p, float *out, int64_t B, int64_t C) {
@@ -309,7 +309,7 @@ void add_gated(float *x, const float *r, const float *v, int64_t n) {
     }
 }
 
-/* WKV over a sequence (running-max form, see kernels/wkv_reference.py): k, v, y [B, T, C];
+/* WKV over a sequence (running-max form, see rwkv_kernels/wkv_reference.py): k, v, y [B, T, C];
  * state a, b, p [B, C] updated in place. Channels are independent: a vector of VW neighbouring
  * channels of one stream per chunk of the library's pool (each channel's recurrence is the scalar one,
  * in vector lanes; k, v, y rows of one time step are contiguous across channels). On the pool rather
@@ -356,14 +356,14 @@ void wkv_seq(const float *w, const float *u, const float *k, const float *v, flo
     pool_run(wkv_seq_chunk, &job, B * job.nblk, nthreads);
 }
 
-/* The kernels for 16-bit and int8 weights (kernels/quant.py) live in the same library, so every
+/* The kernels for 16-bit and int8 weights (rwkv_kernels/quant.py) live in the same library, so every
  * decode product runs on one thread pool. */
 #include "quant_ops.h"
 
-/* Temperature sampling of rows of logits (kernels/sampling.py). */
+/* Temperature sampling of rows of logits (rwkv_kernels/sampling.py). */
 #include "sample.h"
 
-/* A whole decode step through a run of layers in one call (kernels/decode.py). */
+/* A whole decode step through a run of layers in one call (rwkv_kernels/decode.py). */
 #include "decode_step.h"
 
 /* Test hook for the pool's stall policy (tests/test_decode.py): one job of n chunks on nthreads; the

@@ -8,7 +8,7 @@ Both model modes go through it: token mode (one token per stream) and sequence m
   * compute: the activations' dtype name ("float32", "float16", "bfloat16"); "mixed" when the
     tensors of an element-wise op disagree.
   * weight_format: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
-    (the name of its record in `kernels.formats`); "-" for ops without a weight matrix.
+    (the name of its record in `rwkv_kernels.formats`); "-" for ops without a weight matrix.
   * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
     "short" for a sequence of at most SHORT_ROWS rows in all (a prompt chunk or a few prompt tokens),
     and "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
@@ -16,13 +16,13 @@ The first matching row of TABLE wins ("*" matches anything). A row whose impleme
 C build names a fallback, used (with one warning per process) when the build is unavailable. An op
 made of others (`COMPOSED_OF`: the decode step) runs composed when any of its parts is forced.
 
-The rows of each weight format come from its record (`kernels.formats`, `Serve`): registering a
+The rows of each weight format come from its record (`rwkv_kernels.formats`, `Serve`): registering a
 format adds them. Implementations register themselves by name (`register_impl`, called by the modules
 that define them), so this module imports none of them. An implementation that finds at run time that
 it cannot take its inputs (the C decode step's plan) takes its row's fallback through `fall_back`,
 with one warning per process. Callers that need a rule's answer ask (`has_kernel`) instead of
 repeating it. Tests force a choice per op with `force(linear="reference")`; callers
-pass `backend=` to the op itself. `python -m kernels` prints the table and whether this machine
+pass `backend=` to the op itself. `python -m rwkv_kernels` prints the table and whether this machine
 has the C build.
 """
 import contextlib
@@ -60,7 +60,7 @@ class Rule:
 
 
 # The rows that do not depend on a weight format. The format rows (`linear` per format, `decode_layers`
-# per format with a C code) come from the format records (kernels/formats.py, `Serve`), placed before
+# per format with a C code) come from the format records (rwkv_kernels/formats.py, `Serve`), placed before
 # their op's catch-all row.
 _FIXED = [
     #     op                device  compute    format     shape         impl         fallback
@@ -79,7 +79,7 @@ _FIXED = [
     Rule("add_gated_",      "*",    "*",       "-",       "*",          "reference"),
     Rule("sample_rows",     "cpu",  "float32", "-",       "contiguous", "c",         "reference"),
     Rule("sample_rows",     "*",    "*",       "-",       "*",          "reference"),
-    # a whole decode step through a run of layers (kernels/decode.py): one C call on the CPU path for
+    # a whole decode step through a run of layers (rwkv_kernels/decode.py): one C call on the CPU path for
     # every format the C step takes (the per-format rows), the ops composed otherwise
     Rule("decode_layers",   "*",    "*",       "*",       "*",          "composed"),
 ]
@@ -139,7 +139,7 @@ def force(**op_impls):
     """Within the block, run the named implementation of each given op: force(linear="reference")."""
     for op, name in op_impls.items():
         if not any(r.op == op for r in TABLE):
-            raise ValueError(f"kernels.dispatch.force: unknown op {op!r}")
+            raise ValueError(f"rwkv_kernels.dispatch.force: unknown op {op!r}")
     saved = dict(_forced)
     _forced.update(op_impls)
     _choice_cache.clear()

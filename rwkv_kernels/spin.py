@@ -2,7 +2,7 @@
 
 torch's OpenMP (GNU libgomp) threads spin for ~300000 rounds (~10-20 ms here) after each parallel
 region before they sleep, and a spinning thread holds a core that the library's own pool (which runs
-the decode and short-prompt products) then waits for. `set_default()`, called by `import kernels`,
+the decode and short-prompt products) then waits for. `set_default()`, called by `import rwkv_kernels`,
 sets GOMP_SPINCOUNT=10000 (about half a millisecond: threads stay hot between the ops of one forward)
 unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY (a user's value is never
 overridden). libgomp reads it once, when torch loads, so this must happen before `import torch`: a

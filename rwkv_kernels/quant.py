@@ -1,5 +1,5 @@
-"""The kernels of the weight formats (`kernels.formats`) for y = x W^T with float32 activations: the C
-kernels (`csrc/quant_ops.h`, part of the cpu_ops library, bound by `kernels.cpu_c`) and a torch
+"""The kernels of the weight formats (`rwkv_kernels.formats`) for y = x W^T with float32 activations: the C
+kernels (`csrc/quant_ops.h`, part of the cpu_ops library, bound by `rwkv_kernels.cpu_c`) and a torch
 reference of the same signature beside each.
 
 Decode (token mode, any number of streams B): the C matrix-vector kernels read each compressed weight
@@ -61,7 +61,7 @@ def dequantized_linear(x, w):
 
 
 # ---------------------------------------------------------------------------------------------
-# The C build: one library for every kernel, bound (and its ISA chosen, once) by kernels.cpu_c
+# The C build: one library for every kernel, bound (and its ISA chosen, once) by rwkv_kernels.cpu_c
 
 SOURCE = cpu_c.SOURCE          # csrc/cpu_ops.c includes csrc/quant_ops.h: one library, one thread pool
 cpu_features, supported_isas, best_isa = cpu_c.cpu_features, cpu_c.supported_isas, cpu_c.best_isa

@@ -9,7 +9,7 @@ simulates another CPU's flags and `RWKV_ENGINE_ISA=avx512` picks a level; tests 
 
 Run: decode products run on the library's own thread pool (`csrc/pool.h`, sized by
 `torch.get_num_threads()`); the prefill WKV scan runs on torch's OpenMP pool. Callers pass float32,
-contiguous CPU tensors: `kernels.dispatch` decides when these functions run.
+contiguous CPU tensors: `rwkv_kernels.dispatch` decides when these functions run.
 """
 import ctypes
 import hashlib
@@ -124,8 +124,8 @@ def build(source, isa):
 
 class CpuOps:
     """The functions of one build of cpu_ops.c (one ISA level), taking and returning tensors: the one
-    place that declares the library's C signatures (kernels.quant calls `lib` for its kernels), and
-    checks its format enum against the format records (kernels/formats.py) when it loads."""
+    place that declares the library's C signatures (rwkv_kernels.quant calls `lib` for its kernels), and
+    checks its format enum against the format records (rwkv_kernels/formats.py) when it loads."""
 
     def __init__(self, lib, isa):
         self.lib, self.isa = lib, isa
@@ -209,7 +209,7 @@ class CpuOps:
 
 
     def sample_rows(self, logits, inv_temp, u):
-        """logits [B, V] float32 contiguous, u [B] float64 -> int64 [B] (kernels/sampling.py)."""
+        """logits [B, V] float32 contiguous, u [B] float64 -> int64 [B] (rwkv_kernels/sampling.py)."""
         B, V = logits.shape
         out = torch.empty(B, dtype=torch.int64)
         self.lib.sample_rows(logits.data_ptr(), B, V, float(inv_temp), u.data_ptr(), out.data_ptr(),

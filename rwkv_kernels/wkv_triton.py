@@ -189,7 +189,7 @@ def _wkv_forward(w, u, k, v, state=None, out_state=None, block_c=None, num_warps
     interpreted = is_interpreted()
     if not interpreted and k.device.type == "cpu":
         raise ValueError("wkv_triton: k is a CPU tensor; the compiled Triton kernel needs GPU tensors "
-                         "(set TRITON_INTERPRET=1 before importing kernels.wkv_triton to run on CPU)")
+                         "(set TRITON_INTERPRET=1 before importing rwkv_kernels.wkv_triton to run on CPU)")
     if block_c is not None and (block_c < 1 or block_c & (block_c - 1)):
         raise ValueError(f"wkv_triton: block_c must be a power of two, got {block_c}")
 

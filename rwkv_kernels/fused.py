@@ -1,5 +1,5 @@
 """Fused element-wise ops of one RWKV-4 decode step, each beside its torch reference (same
-signature). `kernels.dispatch` picks the C version (`cpu_c`) for float32 contiguous CPU tensors and
+signature). `rwkv_kernels.dispatch` picks the C version (`cpu_c`) for float32 contiguous CPU tensors and
 the reference elsewhere (CUDA, 16-bit); the references are the definition of what each op computes."""
 import torch
 import torch.nn.functional as F

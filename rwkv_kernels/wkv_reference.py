@@ -1,6 +1,6 @@
 """Plain-loop reference for the RWKV-4 WKV recurrence.
 
-Every fast WKV implementation in `kernels/` has this exact signature and is tested against this
+Every fast WKV implementation in `rwkv_kernels/` has this exact signature and is tested against this
 function run in float64.
 
 The recurrence (per channel c, decay w = -exp(time_decay) < 0, bonus u = time_first):

@@ -1,5 +1,5 @@
 """The WKV entry points, sequence (`wkv`) and single token (`wkv_step`), dispatched by
-`kernels.dispatch` to the implementations beside their reference: `wkv_cpu` (C, numpy),
+`rwkv_kernels.dispatch` to the implementations beside their reference: `wkv_cpu` (C, numpy),
 `wkv_triton` (CUDA, or Triton's interpreter on CPU), `wkv_reference` (the definition)."""
 from . import dispatch
 from .wkv_cpu import wkv_cpu_c, wkv_cpu_step, wkv_numpy

@@ -1,6 +1,6 @@
 """Profile counters of the C decode kernels (`csrc/quant_ops.h`: `prof`), read by `bench.modes --profile`.
 
-    from kernels import profile
+    from rwkv_kernels import profile
     profile.enable()            # zero the counters and start counting
     ...                         # decode steps (the same kernels as always: counting adds two clock reads per chunk)
     counts = profile.read()

@@ -4,9 +4,9 @@ A record (`WeightFormat`) says everything the engine knows about a format: its n
 kernels' enum (`csrc/quant_ops.h`; checked against the records when the library loads, None for a
 format without C kernels), bytes per weight, block size, the embedding table's dtype, how a float
 matrix is packed and dequantised, the float64 reference of the kernels' arithmetic, and which `linear`
-implementations serve it on which device and shape (`serves`: the rows `kernels.dispatch.TABLE` gets,
-with their fallbacks). Everything else reads the records: `kernels.quant` (kernels, byte counts), the
-decode step's codes (`kernels.decode`), the dispatch rows, the packed files of `rwkv_engine.weights`,
+implementations serve it on which device and shape (`serves`: the rows `rwkv_kernels.dispatch.TABLE` gets,
+with their fallbacks). Everything else reads the records: `rwkv_kernels.quant` (kernels, byte counts), the
+decode step's codes (`rwkv_kernels.decode`), the dispatch rows, the packed files of `rwkv_engine.weights`,
 the CLI choices and fit checks of `bench`. Adding a format is one `register(record)` plus its kernels.
 
 Built in, in this order: "float32", "float16", "bfloat16" (plain torch tensors of that dtype) and
@@ -179,7 +179,7 @@ def check_c_enum(format_name):
         code += 1
     if in_c != c_codes():
         raise RuntimeError(f"kernels: the C format enum (csrc/quant_ops.h) {in_c} disagrees with the "
-                           f"format records (kernels/formats.py) {c_codes()}")
+                           f"format records (rwkv_kernels/formats.py) {c_codes()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def _plain(name, code, dtype, embedding_dtype, serves):
 
 # float32 weights: the batched C kernel of cpu_ops for token mode and short prompts, torch's GEMM else
 _F32_SERVES = (Serve("cpu", "float32", "token", "c", "torch"), Serve("cpu", "float32", "short", "c", "torch"))
-# compressed weights with float32 activations (kernels/quant.py): the C kernels read each compressed
+# compressed weights with float32 activations (rwkv_kernels/quant.py): the C kernels read each compressed
 # weight once (token mode, short prompts); longer prompts dequantise slices for torch's GEMM
 PACKED_SERVES = (Serve("cpu", "float32", "token", "quant_c", "quant_torch"),
                  Serve("cpu", "float32", "short", "quant_c", "quant_torch"),

@@ -1,4 +1,4 @@
-"""y = x W^T for the model's matrices, on the implementation `kernels.dispatch` picks.
+"""y = x W^T for the model's matrices, on the implementation `rwkv_kernels.dispatch` picks.
 
 Every implementation has one signature, `impl(pairs, out=None, accumulate=False)`: pairs
 [(x [rows, in], W), ...] with the same rows, returning [y [rows, out], ...] (written into `out` when
