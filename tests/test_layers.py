@@ -103,7 +103,7 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
         f.write_text(source)
         assert len(upward_imports([(f, module)])) == 1, module
     ok = tmp_path / "ok.py"
-    ok.write_text("import torch\nfrom kernels import quant\nfrom . import helper\n")
+    ok.write_text("import torch\nfrom rwkv_kernels import quant\nfrom . import helper\n")
     assert upward_imports([(ok, "rwkv_engine.ok")]) == []
 
 
