@@ -466,9 +466,10 @@ for _layout, _spec in SPECS.items():
             dequantize=TYPES[_name].dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
             packed_type=TYPES[_name],
             file_parts=("",) + (".qh",) * (_spec.bits == 5) + (".d",) + (".m",) * _spec.has_min + (".col",) * _cols))
-TYPES["int8" + OUTLIER_SUFFIX] = Int8ColsWeight
-RECORDS["int8" + OUTLIER_SUFFIX] = formats.register(formats.WeightFormat(
-    "int8" + OUTLIER_SUFFIX, None, formats.Q8_0.bytes_per_weight, torch.float16,
+_name = formats.Q8_0.name + OUTLIER_SUFFIX             # "int8+cols"
+TYPES[_name] = Int8ColsWeight
+RECORDS[_name] = formats.register(formats.WeightFormat(
+    _name, None, formats.Q8_0.bytes_per_weight, torch.float16,
     pack=lambda w, after_slice=None: quantize_int8_cols(w, after_slice=after_slice),
     dequantize=Int8ColsWeight.dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
     packed_type=Int8ColsWeight, file_parts=("", ".scale", ".col")))
