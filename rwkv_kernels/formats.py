@@ -56,7 +56,8 @@ class WeightFormat:
     dtype: Optional[torch.dtype] = None     # a plain tensor format: the tensor's dtype
     packed_type: Optional[type] = None      # else: the packed weight's class (see the module)
     file_parts: Tuple[str, ...] = ("",)     # key suffixes of the packed type's parts() in a file
-    c_parts: Optional[Callable] = field(default=None, compare=False)   # weight -> (values, scales or None)
+    c_parts: Optional[Callable] = field(default=None, compare=False)   # weight -> (values, scales or None[,
+                                            # 5th-bit planes, minimums, column scales]): the C decode step's parts
 
 
 _FORMATS = {}

@@ -57,6 +57,9 @@ class Spec:
 
 
 SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41)}
+# the formats' codes in the C library's format enum (csrc/quant_ops.h FMT_*; checked when it loads): the
+# decode step (csrc/decode_step.h) runs their products through lowbit_ops.h
+C_CODES = {"q5_0": 4, "q5_0+cols": 5, "q4_1": 6, "q4_1+cols": 7, "int8+cols": 8}
 OUTLIER_SUFFIX = "+cols"
 LB_Q8 = 8                       # csrc/lowbit_ops.h's code of the int8 blocks (int8+cols)
 COL_EXPONENT = 1.0              # col_j = 2^round(a log2(rms_j / median rms)) (docs/lowbit_choice.md)
@@ -165,6 +168,7 @@ class BlockWeight:
         return self
 
     def c_parts(self):
+        """The parts the C decode step takes: values, scales, 5th-bit planes, minimums, column scales."""
         return self.qs, self.d, self.qh, self.m, self.col
 
 
@@ -461,15 +465,15 @@ for _layout, _spec in SPECS.items():
         _name = _layout + OUTLIER_SUFFIX * _cols
         TYPES[_name] = _block_type(_layout, _cols)
         RECORDS[_name] = formats.register(formats.WeightFormat(
-            _name, None, _spec.bytes_per_weight, torch.float16,
+            _name, C_CODES[_name], _spec.bytes_per_weight, torch.float16,
             pack=lambda w, after_slice=None, _l=_layout, _c=_cols: quantize(w, _l, _c, after_slice=after_slice),
             dequantize=TYPES[_name].dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
-            packed_type=TYPES[_name],
+            packed_type=TYPES[_name], c_parts=BlockWeight.c_parts,
             file_parts=("",) + (".qh",) * (_spec.bits == 5) + (".d",) + (".m",) * _spec.has_min + (".col",) * _cols))
 _name = formats.Q8_0.name + OUTLIER_SUFFIX             # "int8+cols"
 TYPES[_name] = Int8ColsWeight
 RECORDS[_name] = formats.register(formats.WeightFormat(
-    _name, None, formats.Q8_0.bytes_per_weight, torch.float16,
+    _name, C_CODES[_name], formats.Q8_0.bytes_per_weight, torch.float16,
     pack=lambda w, after_slice=None: quantize_int8_cols(w, after_slice=after_slice),
     dequantize=Int8ColsWeight.dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
-    packed_type=Int8ColsWeight, file_parts=("", ".scale", ".col")))
+    packed_type=Int8ColsWeight, file_parts=("", ".scale", ".col"), c_parts=Int8ColsWeight.c_parts))

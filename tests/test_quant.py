@@ -217,7 +217,7 @@ def _python(code, **env):
 def test_one_isa_choice_read_once_at_first_use_for_every_kernel():
     """The quant kernels and the other C kernels are one library with one ISA choice: the environment
     is read at the first use (not at import) and never again."""
-    code = ("import os, torch, kernels\nfrom kernels import cpu_c, quant\n"
+    code = ("import os, torch, rwkv_kernels\nfrom rwkv_kernels import cpu_c, quant\n"
             "os.environ['RWKV_ENGINE_CPU_FEATURES'] = 'avx2,fma,f16c'      # after import: still counts\n"
             "x, w = torch.randn(2, 64), quant.pack(torch.randn(8, 64), 'int8')\n"
             "rwkv_kernels.linear(x, w)\n"
