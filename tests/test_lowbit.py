@@ -469,3 +469,22 @@ def test_quality_outliers_table_takes_strength_and_count(tiny_cfg, monkeypatch, 
     sd = torch.load(quality.checkpoint_path("rwkv-4-tiny", None, True, strength=12, channels=2), weights_only=True)
     gain = sd["blocks.0.ln1.weight"] / synthetic_state_dict(tiny_cfg)["blocks.0.ln1.weight"]
     assert int(torch.isclose(gain, torch.tensor(12.0)).sum()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# bench: the CLI choices and the fit check come from the records
+
+@pytest.mark.parametrize("fmt", ALL)
+def test_bench_accepts_the_formats_and_counts_their_bytes(fmt):
+    import bench.cli
+    import bench.models
+    assert fmt in bench.cli.WEIGHT_FORMATS
+    per_weight = formats.get(fmt).bytes_per_weight
+    assert bench.models.bytes_per_weight(weights=fmt) == per_weight
+    assert per_weight < formats.get("int8").bytes_per_weight or fmt.startswith("int8")
+    n = bench.models.n_params("rwkv-4-pile-169m")
+    assert bench.models.estimate("rwkv-4-pile-169m", 8, weights=fmt)["params_bytes"] == int(n * per_weight)
+    ok, why = bench.models.fits("rwkv-4-pile-169m", tokens=8, weights=fmt, budget_bytes=1)
+    assert not ok and "needs" in why
+    from bench.generate import build_parser
+    assert build_parser().parse_args(["--model", "rwkv-4-pile-169m", "--weights", fmt]).weights == fmt
