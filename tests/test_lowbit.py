@@ -351,12 +351,14 @@ def test_converted_file_equals_quantised_at_load(tiny_pth, q5_file, tokens):
     assert q5_file.stat().st_size < tiny_pth.stat().st_size * 0.5     # (the float16 embedding dominates here)
 
 
-def test_int8_with_column_scales_file_round_trip(tiny_pth, tmp_path, tokens):
-    out = tmp_path / "tiny-int8+cols.safetensors"
-    assert convert_main([str(tiny_pth), str(out), "--weights", "int8+cols"]) == 0
-    a = rwkv_engine.load(str(tiny_pth), weights="int8+cols").forward(tokens)[0]
-    b = rwkv_engine.load(str(out)).forward(tokens)[0]
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("fmt", ("int8+cols", "q4_1"))
+def test_file_round_trip(tiny_pth, tmp_path, tokens, fmt):
+    out = tmp_path / f"tiny-{fmt}.safetensors"
+    assert convert_main([str(tiny_pth), str(out), "--weights", fmt]) == 0
+    at_load, from_file = rwkv_engine.load(str(tiny_pth), weights=fmt), rwkv_engine.load(str(out))
+    assert from_file.weight_format == fmt and type(from_file.head) is lowbit.TYPES[fmt]
+    assert all(torch.equal(t, u) for t, u in zip(at_load.head.parts(), from_file.head.parts()))
+    assert torch.equal(at_load.forward(tokens)[0], from_file.forward(tokens)[0])
 
 
 def _rewrite(src, dst, edit):
