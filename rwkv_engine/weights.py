@@ -178,6 +178,8 @@ def unpack_file(sd, meta, source):
     for key, t in sd.items():
         if extra and key.endswith(extra):
             continue
+        if "." in key and is_matrix(key.rsplit(".", 1)[0]):     # a part of another format (KEY.col in a q5_0 file)
+            raise ValueError(f"{source}: a {name} file has an unexpected tensor {key}")
         if is_matrix(key):
             if any(key + suffix not in sd for suffix in extra) or key not in in_features:
                 raise ValueError(f"{source}: {name} matrix {key} has no scales or no in_features entry")

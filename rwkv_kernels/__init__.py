@@ -27,6 +27,7 @@ SPIN_DEFAULT = spin.DEFAULT
 SPIN_SET_HERE = spin.set_here       # bench.contention's competitors get it removed
 
 from . import dispatch, formats, quant
+from . import lowbit  # noqa: F401  (registers the low-bit formats)
 from .decode import DecodeLayers, decode_layers
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group, linear_reference

@@ -159,6 +159,11 @@ class CpuOps:
         lib.decode_layout.restype = _I64
         for f in (lib.ln_shift_mix, lib.wkv_step_gated, lib.relu_square, lib.add_gated, lib.wkv_seq):
             f.restype = None
+        lib.lowbit_matvec_group.argtypes = [_I64, _P(_I64), _P(_VP), _I64, _I64, _I64]
+        lib.lowbit_matvec_group.restype = _I64
+        lib.lowbit_quantize_rows.argtypes = [_VP, _VP, _I64, _I64, _I64, _VP, _VP, _VP]
+        lib.lowbit_dequantize.argtypes = [_I64, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64]
+        lib.lowbit_quantize_rows.restype = lib.lowbit_dequantize.restype = None
         self.max_group = lib.matvec_max_group()
 
     def matvec_group(self, pairs, out=None, accumulate=False):

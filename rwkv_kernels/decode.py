@@ -81,10 +81,10 @@ def _build_plan(layers, C, F):
             if tuple(w.shape) != want[name] or fmt is None or fmt.code is None:
                 raise ValueError(f"decode_layers: layer {i} {name} is {dispatch.weight_format(w)} {list(w.shape)}, "
                                  f"expected one of {sorted(formats.c_codes())} {list(want[name])}")
-            values, scales = fmt.c_parts(w)
-            if not values.is_contiguous() or (scales is not None and not scales.is_contiguous()):
+            parts = (*fmt.c_parts(w), None, None, None, None)[:5]   # values, scales, [qh, m, col]
+            if not all(t is None or t.is_contiguous() for t in parts):
                 raise ValueError(f"decode_layers: layer {i} {name} is not contiguous")
-            ptrs += (values.data_ptr(), None if scales is None else scales.data_ptr())
+            ptrs += tuple(None if t is None else t.data_ptr() for t in parts)
             dims += (fmt.code, *want[name])
     lib = cpu_c.ops().lib
     assert lib.decode_layout(0) * len(layers) == len(ptrs) and lib.decode_layout(1) * len(layers) == len(dims)

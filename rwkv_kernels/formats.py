@@ -13,6 +13,8 @@ Built in, in this order: "float32", "float16", "bfloat16" (plain torch tensors o
 `Q8_0`, blocks of 32 int8 values with one float16 scale each (`Int8Weight`, ggml's Q8_0). Block scales
 keep an outlier weight from flattening its whole row (a per-row scale would), see
 `bench.quality --outliers`. Activations, state and accumulation stay float32 in every format.
+`rwkv_kernels.lowbit` registers the 5- and 4-bit block formats ("q5_0", "q4_1") and the outlier treatment's
+"+cols" variants (also "int8+cols") through the same `register`.
 
 A packed type (a format that is not a plain tensor) has: `shape` (out, in), `device`, `nbytes`,
 `in_features`, `dequantize()` -> float32 [out, in], `check(name)` (ValueError, one line, or self) and
@@ -56,7 +58,8 @@ class WeightFormat:
     dtype: Optional[torch.dtype] = None     # a plain tensor format: the tensor's dtype
     packed_type: Optional[type] = None      # else: the packed weight's class (see the module)
     file_parts: Tuple[str, ...] = ("",)     # key suffixes of the packed type's parts() in a file
-    c_parts: Optional[Callable] = field(default=None, compare=False)   # weight -> (values, scales or None)
+    c_parts: Optional[Callable] = field(default=None, compare=False)   # weight -> (values, scales or None[,
+                                            # 5th-bit planes, minimums, column scales]): the C decode step's parts
 
 
 _FORMATS = {}

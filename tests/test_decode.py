@@ -9,12 +9,12 @@ import torch
 
 import rwkv_kernels
 import rwkv_engine
-from rwkv_kernels import cpu_c, decode, dispatch
+from rwkv_kernels import cpu_c, decode, dispatch, formats
 from rwkv_engine.checkpoint import synthetic_state_dict
 from rwkv_engine.config import RWKVConfig
 
 needs_c = pytest.mark.skipif(not cpu_c.available(), reason=f"C kernels unavailable: {cpu_c.unavailable_reason()}")
-FORMATS = ("float32", "float16", "bfloat16", "int8")
+FORMATS = tuple(formats.c_codes())      # every format the C step takes: float32 ... int8, q5_0, q4_1, +cols
 
 
 def _model(fmt, n_embd=40, rescale_every=0, seed=3):
@@ -54,6 +54,26 @@ def test_fused_step_is_bit_identical_to_the_composed_ops(fmt, B):
 
 
 @needs_c
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if formats.get(f).dtype is None])
+def test_fused_step_is_batch_invariant(fmt):
+    """A stream's logits and state from the C step are the same bits alone as in a batch of 5."""
+    model = _model(fmt)
+    tokens = torch.randint(0, 300, (5, 4), generator=torch.Generator().manual_seed(1))
+    batched, s_batched = _run(model, tokens, "c")
+    for b in (0, 3):
+        alone, s_alone = _run(model, tokens[b:b + 1], "c")
+        assert torch.equal(alone[:, 0], batched[:, b])
+        for name, t in s_alone.tensors().items():
+            assert torch.equal(t[:, 0], s_batched.tensors()[name][:, b]), name
+
+
+@needs_c
+def test_the_low_bit_formats_take_the_c_step():
+    for fmt in ("q5_0", "q4_1", "q5_0+cols", "q4_1+cols", "int8+cols"):
+        assert dispatch.choose("decode_layers", ("cpu", "float32", fmt, "contiguous")) == "c"
+
+
+@needs_c
 def test_fused_step_honours_rescale_every():
     model = _model("float32", rescale_every=2)
     tokens = torch.randint(0, 300, (2, 4))
@@ -73,7 +93,7 @@ def test_every_isa_build_agrees_with_the_torch_reference(isa, fmt):
                 wkv_step_gated="composed", relu_square_="reference", add_gated_="reference")
     with dispatch.force(**refs):
         want, _ = _run(model, tokens, "composed")
-    tol = {"float32": 2e-5, "float16": 2e-5, "bfloat16": 2e-5, "int8": 5e-2}[fmt]   # int8: x is quantised too
+    tol = 2e-5 if formats.get(fmt).dtype is not None else 5e-2      # the block formats: x is quantised too
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 

@@ -8,6 +8,7 @@ import torch
 from bench import quality
 from rwkv_engine.checkpoint import synthetic_state_dict
 from rwkv_engine.model import RWKV
+from rwkv_kernels import formats
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +21,10 @@ def result(tmp_path_factory, tiny_pth):
 
 def test_quality_rows_and_orderings(result):
     rows = result["formats"]
-    assert set(rows) == {"float32", "float16", "bfloat16", "int8", "int8-row (sim)", "int4-block (sim)"}
+    assert set(rows) == {"float32", *formats.names(), "8bit-row (sim)", "4bit-block (sim)"}   # every format
     assert rows["float32"] == {"max_rel_diff": 0.0, "mean_kl": 0.0, "top1_agreement": 1.0}
     assert 0 < rows["float16"]["mean_kl"] < rows["bfloat16"]["mean_kl"] < rows["int8"]["mean_kl"]
-    assert rows["int8"]["mean_kl"] < rows["int4-block (sim)"]["mean_kl"]
+    assert rows["int8"]["mean_kl"] < rows["4bit-block (sim)"]["mean_kl"]
     assert result["prompt_tokens"] == 24 and result["new_tokens"] == 4
 
 

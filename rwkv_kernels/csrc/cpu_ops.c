@@ -359,6 +359,7 @@ void wkv_seq(const float *w, const float *u, const float *k, const float *v, flo
 /* The kernels for 16-bit and int8 weights (rwkv_kernels/quant.py) live in the same library, so every
  * decode product runs on one thread pool. */
 #include "quant_ops.h"
+#include "lowbit_ops.h"   /* 5- and 4-bit block formats, int8 with column scales (rwkv_kernels/lowbit.py) */
 
 /* Temperature sampling of rows of logits (rwkv_kernels/sampling.py). */
 #include "sample.h"

@@ -13,8 +13,12 @@
  * int64 per layer):
  *   ptrs[0..10]  float32 [C] vectors: ln1_w, ln1_b, att_mix_k, att_mix_v, att_mix_r, att_w, att_u,
  *                ln2_w, ln2_b, ffn_mix_k, ffn_mix_r
- *   ptrs[11 + 2m], ptrs[12 + 2m]: values and scales (NULL unless int8) of matrix m, in the order
- *                att_receptance, att_key, att_value, att_output, ffn_receptance, ffn_key, ffn_value
+ *   ptrs[11 + 5m .. 15 + 5m]: the parts of matrix m (NULL where the format has none), in the order
+ *                att_receptance, att_key, att_value, att_output, ffn_receptance, ffn_key, ffn_value:
+ *                values, scales, then (low-bit formats, lowbit_ops.h) the 5th-bit planes, the minimums
+ *                and the column scales
+ * The products of the low-bit formats run lowbit_ops.h's kernels (the same calls the per-op path makes
+ * through rwkv_kernels/lowbit.py), the others quant_ops.h's.
  *   dims[3m..3m+2]: (format code, rows O, columns I) of matrix m
  * The state tensors are (n_layers, B, C) float32, contiguous; x (B, C) float32 is updated in place.
  */
@@ -23,7 +27,8 @@
 
 #define DECODE_VECS 11
 #define DECODE_MATS 7
-#define DECODE_PTRS (DECODE_VECS + 2 * DECODE_MATS)
+#define DECODE_PARTS 5
+#define DECODE_PTRS (DECODE_VECS + DECODE_PARTS * DECODE_MATS)
 #define DECODE_DIMS (3 * DECODE_MATS)
 
 enum { M_ATT_R, M_ATT_K, M_ATT_V, M_ATT_O, M_FFN_R, M_FFN_K, M_FFN_V };
@@ -31,8 +36,40 @@ enum { M_ATT_R, M_ATT_K, M_ATT_V, M_ATT_O, M_FFN_R, M_FFN_K, M_FFN_V };
 int64_t decode_layout(int64_t which) { return which == 0 ? DECODE_PTRS : DECODE_DIMS; }
 
 static inline product decode_product(void *const *P, const int64_t *D, int m, const float *x, float *y) {
-    return (product){.fmt = D[3 * m], .O = D[3 * m + 1], .I = D[3 * m + 2], .W = P[DECODE_VECS + 2 * m],
-                     .S = (const uint16_t *)P[DECODE_VECS + 2 * m + 1], .x = x, .y = y, .tag = 1 + m};
+    return (product){.fmt = D[3 * m], .O = D[3 * m + 1], .I = D[3 * m + 2], .W = P[DECODE_VECS + DECODE_PARTS * m],
+                     .S = (const uint16_t *)P[DECODE_VECS + DECODE_PARTS * m + 1], .x = x, .y = y, .tag = 1 + m};
+}
+
+/* the LB_* layout of lowbit_ops.h that runs a format's products, or -1 (quant_ops.h runs them) */
+static inline int64_t decode_lowbit_layout(int64_t fmt) {
+    switch (fmt) {
+    case FMT_Q5_0: case FMT_Q5_0C: return LB_Q5_0;
+    case FMT_Q4_1: case FMT_Q4_1C: return LB_Q4_1;
+    case FMT_Q8C: return LB_Q8;
+    default: return -1;
+    }
+}
+
+/* n products of one layer (n <= 3) as pool jobs: the low-bit ones through lowbit_ops.h, the rest through
+ * quant_ops.h (each product's result is the same whichever job it is in). Returns 0, or -1 when the low-bit
+ * kernels' scratch cannot be allocated. */
+static int64_t decode_products(int n, const product *ps, void *const *P, const int64_t *D, int64_t B,
+                               int64_t nthreads, int64_t acc) {
+    product plain[3];
+    lb_product low[3];
+    int np = 0, nl = 0;
+    for (int j = 0; j < n; j++) {
+        int m = (int)ps[j].tag - 1;
+        int64_t layout = decode_lowbit_layout(ps[j].fmt);
+        if (layout < 0) { plain[np++] = ps[j]; continue; }
+        void *const *q = P + DECODE_VECS + DECODE_PARTS * m;
+        low[nl++] = (lb_product){.fmt = layout, .O = ps[j].O, .I = ps[j].I, .qs = q[0], .d = q[1], .qh = q[2],
+                                 .m = q[3], .col = q[4], .x = ps[j].x, .y = ps[j].y};
+    }
+    if (np) run_products(np, plain, B, nthreads, acc);
+    if (nl && lb_run_products(nl, low, B, nthreads, acc) != 0) return -1;
+    (void)D;
+    return 0;
 }
 
 /* The element-wise work of a layer for several streams runs as a pool job, one chunk per stream
@@ -106,19 +143,19 @@ int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, 
         ew_run(&e, EW_LN_ATT, B, nthreads);
         product g3[3] = {decode_product(P, D, M_ATT_R, rx, r), decode_product(P, D, M_ATT_K, kx, k),
                          decode_product(P, D, M_ATT_V, vx, v)};
-        run_products(3, g3, B, nthreads, 0);
+        if (decode_products(3, g3, P, D, B, nthreads, 0)) { free(buf); return -1; }
         ew_run(&e, EW_WKV, B, nthreads);
         product o = decode_product(P, D, M_ATT_O, y, x);
-        run_products(1, &o, B, nthreads, 1);
+        if (decode_products(1, &o, P, D, B, nthreads, 1)) { free(buf); return -1; }
 
         /* channel mix: x += sigmoid(x_r W_r^T) * (relu(x_k W_k^T)^2 W_v^T) */
         e.shift = ffn_x + j * BC;
         ew_run(&e, EW_LN_FFN, B, nthreads);
         product g2[2] = {decode_product(P, D, M_FFN_R, rx, r), decode_product(P, D, M_FFN_K, kx, fk)};
-        run_products(2, g2, B, nthreads, 0);
+        if (decode_products(2, g2, P, D, B, nthreads, 0)) { free(buf); return -1; }
         ew_run(&e, EW_RELU, B, nthreads);
         product fv = decode_product(P, D, M_FFN_V, fk, v);
-        run_products(1, &fv, B, nthreads, 0);
+        if (decode_products(1, &fv, P, D, B, nthreads, 0)) { free(buf); return -1; }
         ew_run(&e, EW_GATE, B, nthreads);
         if (rescale_every > 0 && (layer0 + j + 1) % rescale_every == 0) {
             uint64_t t0 = prof_on() ? pool_now_ns() : 0;

@@ -1,0 +1,336 @@
+/* CPU kernels for the 5- and 4-bit block weight formats of rwkv_kernels/lowbit.py (and int8 with
+ * per-column scales): y[b, o] (+)= sum_i W[o, i] x[b, i], x and y float32. Included by cpu_ops.c
+ * (one library, one thread pool: pool.h); every name here starts with lb_ or lowbit_.
+ *
+ * Formats (codes as rwkv_kernels/lowbit.py's SPECS), blocks of 32 along i; rows padded with zero weights
+ * to Ip = I rounded up to the format's group (64 for 4 bits, 256 for 5, 32 for int8):
+ *   LB_Q4_0 40, LB_Q4_1 41, LB_Q5_0 50, LB_Q5_1 51: qs uint8 [O, Ip / 2], blocks in pairs, 32 bytes
+ *            per pair: byte k = element k of the first block (low nibble) | element k of the second
+ *            (high nibble); qh uint8 [O, Ip / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the
+ *            5th bit of element k of block b; d float16 [O, Ip / 32] (signed for "_0"), m float16
+ *            [O, Ip / 32] ("_1" only); w = d q + m, with m = -2^(bits-1) d for the "_0" formats.
+ *   LB_Q8 8: int8 values [O, Ip] and float16 d [O, Ip / 32] (rwkv_kernels/quant.py's int8 layout).
+ *   col:     NULL, or float32 [I] powers of two: x is multiplied by col before it is quantised (the
+ *            outlier treatment; the matrix stored is W diag(1/col)).
+ *
+ * Decode (AVX2): x col is quantised per stream to int8 blocks of 32 (d_x = amax / 127, round half to
+ * even, as rwkv_kernels/quant.py's quantize_rows_reference), with each block's integer sum s. One 32-byte
+ * load and and / shift / and give a pair of blocks as bytes (5-bit: plus an and, a shift and an or
+ * per block from the 8-block bit plane), maddubs multiplies them (unsigned) with x's bytes (signed),
+ * madd sums to int32, and one FMA adds the block's exact integer dot times d * d_x; the offset
+ * m * d_x * s is accumulated apart, 8 blocks per FMA. The layouts were chosen for this: with ggml's
+ * (16 nibble bytes per block, 4 bytes of 5th bits expanded by shuffle/compare) the 4-bit kernel ran
+ * ~30% and the 5-bit ~65% slower per weight on the Zen 3 (docs/lowbit_choice.md).
+ * Every (row, stream) result is the same instruction sequence whatever B, the rows around it and the
+ * thread count are, so a stream's outputs are bit-identical however many streams share the batch.
+ * Sequence mode: lowbit_dequantize (rows -> float32, then torch's GEMM), on OpenMP like quant_ops.h.
+ */
+#ifndef RWKV_LOWBIT_OPS_H
+#define RWKV_LOWBIT_OPS_H
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "pool.h"
+
+enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q5_0 = 50, LB_Q5_1 = 51 };
+#define LB_QB 32
+#define LB_MAX_GROUP 16
+#define LB_CHUNK_BYTES 32768      /* weight bytes per claimed chunk of the pool (whole groups of 4 rows) */
+
+static inline int lb_bits(int64_t fmt) { return fmt == LB_Q8 ? 8 : (int)(fmt / 10); }
+static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1; }
+/* rows are padded to this many weights: pairs of blocks, 8 blocks with 5th-bit planes */
+static inline int64_t lb_group(int64_t fmt) { return fmt == LB_Q8 ? LB_QB : lb_bits(fmt) == 5 ? 8 * LB_QB : 2 * LB_QB; }
+static inline int64_t lb_padded(int64_t fmt, int64_t I) { return (I + lb_group(fmt) - 1) / lb_group(fmt) * lb_group(fmt); }
+static inline int lb_known(int64_t fmt) {
+    return fmt == LB_Q8 || fmt == LB_Q4_0 || fmt == LB_Q4_1 || fmt == LB_Q5_0 || fmt == LB_Q5_1;
+}
+
+typedef struct {
+    int64_t fmt, O, I, Ip;
+    const uint8_t *qs;          /* nibbles, or int8 values for LB_Q8 */
+    const uint8_t *qh;          /* 5-bit: the 5th-bit planes [O, Ip / 8] */
+    const uint16_t *d, *m;
+    const float *col;
+    const float *x;             /* [B, I] */
+    float *y;                   /* [B, O] */
+    int8_t *xq;                 /* scratch [B, Ip] */
+    float *dx, *sx;             /* scratch [B, Ip / 32]: x's block scales, and d_x * (integer block sum) */
+} lb_product;
+
+static inline float lb_hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+}
+
+/* ---- activations ---------------------------------------------------------------------------- */
+
+/* x [I] (times col) -> q [Ip] int8, d [Ip / 32] = amax / 127, s [Ip / 32] = d * sum(q) per block */
+static void lb_quantize_x(const float *x, const float *col, int64_t I, int64_t Ip, int8_t *q, float *d, float *s) {
+    float blk[LB_QB];
+    for (int64_t b0 = 0; b0 < Ip; b0 += LB_QB) {
+        float amax = 0.0f;
+        for (int k = 0; k < LB_QB; k++) {
+            int64_t i = b0 + k;
+            blk[k] = i < I ? (col ? x[i] * col[i] : x[i]) : 0.0f;
+            amax = fmaxf(amax, fabsf(blk[k]));
+        }
+        float dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
+        int sum = 0;
+        for (int k = 0; k < LB_QB; k++) {
+            int v = (int)nearbyintf(blk[k] * id);        /* half to even, as torch.round */
+            q[b0 + k] = (int8_t)v;
+            sum += v;
+        }
+        d[b0 / LB_QB] = dd;
+        s[b0 / LB_QB] = dd * (float)sum;
+    }
+}
+
+/* ---- blocks of weights as bytes --------------------------------------------------------------- */
+
+/* bytes of 8 blocks' 5th-bit plane, for block b of the eight: 0x10 where the bit is set */
+static inline __m256i lb_high(__m256i plane, const int b) {
+    __m256i bit = _mm256_and_si256(plane, _mm256_set1_epi8((char)(1 << b)));
+    return b < 4 ? _mm256_slli_epi16(bit, 4 - b) : b > 4 ? _mm256_srli_epi16(bit, b - 4) : bit;
+}
+
+/* the exact integer dot of 32 weight bytes with x's 32 bytes, summed into 8 int32 lanes -> float */
+static inline __m256 lb_dot_u8(__m256i q, __m256i xv) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), _mm256_set1_epi16(1)));
+}
+
+static inline __m256 lb_dot_s8(const int8_t *w, __m256i xv) {
+    __m256i qw = _mm256_loadu_si256((const __m256i *)w);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(xv, qw)),
+                                                _mm256_set1_epi16(1)));
+}
+
+/* R rows . one stream's quantised x, for one format FMT (a constant: each format's loop is compiled
+ * on its own). Row r: sum over blocks of dot * (d * d_x), plus offset_scale * sum over blocks of
+ * m' * s_x (m' = m, or d for the "_0" formats: offset_scale = -2^(bits-1)). Blocks go 8 at a time
+ * (their d * d_x and offsets as vectors; the nibbles one pair of blocks per load), then the tail
+ * (4-bit: pairs; int8: single blocks) with scalar scales. */
+static inline __attribute__((always_inline)) void lb_dotn(const int R, const int64_t FMT, const lb_product *p,
+        const int64_t *rr, const int8_t *xq, const float *dx, const float *sx, float *out) {
+    const int64_t nb = p->Ip / LB_QB;
+    const int q8 = FMT == LB_Q8, has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
+    const int64_t row_bytes = q8 ? p->Ip : p->Ip / 2;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const uint8_t *qs[4], *qh[4];
+    const uint16_t *d[4], *m[4];
+    __m256 acc[4], off[4];
+    float offs[4];
+    for (int r = 0; r < R; r++) {
+        qs[r] = p->qs + rr[r] * row_bytes;
+        qh[r] = five ? (const uint8_t *)p->qh + rr[r] * (p->Ip / 8) : NULL;
+        d[r] = p->d + rr[r] * nb;
+        m[r] = has_min ? p->m + rr[r] * nb : d[r];
+        acc[r] = off[r] = _mm256_setzero_ps();
+        offs[r] = 0.0f;
+    }
+    int64_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        float ds[4][8];
+        __m256 dxv = _mm256_loadu_ps(dx + j), sxv = _mm256_loadu_ps(sx + j);
+        __m256i plane[4];
+        for (int r = 0; r < R; r++) {
+            _mm256_storeu_ps(ds[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d[r] + j))), dxv));
+            if (!q8)
+                off[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m[r] + j))), sxv, off[r]);
+            if (five) plane[r] = _mm256_loadu_si256((const __m256i *)(qh[r] + j * 4));
+        }
+        if (q8) {
+            for (int k = 0; k < 8; k++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (j + k) * LB_QB));
+                for (int r = 0; r < R; r++)
+                    acc[r] = _mm256_fmadd_ps(lb_dot_s8((const int8_t *)qs[r] + (j + k) * LB_QB, xv),
+                                             _mm256_broadcast_ss(&ds[r][k]), acc[r]);
+            }
+            continue;
+        }
+#pragma GCC unroll 4
+        for (int k = 0; k < 8; k += 2) {
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + (j + k) * LB_QB));
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + (j + k + 1) * LB_QB));
+            for (int r = 0; r < R; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(qs[r] + (j + k) * (LB_QB / 2)));
+                __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                if (five) {
+                    a = _mm256_or_si256(a, lb_high(plane[r], k));
+                    b = _mm256_or_si256(b, lb_high(plane[r], k + 1));
+                }
+                acc[r] = _mm256_fmadd_ps(lb_dot_u8(a, xa), _mm256_broadcast_ss(&ds[r][k]), acc[r]);
+                acc[r] = _mm256_fmadd_ps(lb_dot_u8(b, xb), _mm256_broadcast_ss(&ds[r][k + 1]), acc[r]);
+            }
+        }
+    }
+    /* the tail: 5-bit rows have none (a multiple of 8 blocks); 4-bit rows end in pairs */
+    for (; j < nb; j += q8 ? 1 : 2) {
+        for (int h = 0; h < (q8 ? 1 : 2); h++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (j + h) * LB_QB));
+            for (int r = 0; r < R; r++) {
+                __m256 dot;
+                if (q8) {
+                    dot = lb_dot_s8((const int8_t *)qs[r] + j * LB_QB, xv);
+                } else {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(qs[r] + j * (LB_QB / 2)));
+                    dot = lb_dot_u8(_mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4), xv);
+                    offs[r] = fmaf(_cvtsh_ss(m[r][j + h]), sx[j + h], offs[r]);
+                }
+                acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(d[r][j + h]) * dx[j + h]), acc[r]);
+            }
+        }
+    }
+    const float scale = has_min ? 1.0f : -(float)(1 << (lb_bits(FMT) - 1));
+    for (int r = 0; r < R; r++)
+        out[r] = lb_hsum(acc[r]) + (q8 ? 0.0f : scale * (lb_hsum(off[r]) + offs[r]));
+}
+
+static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, const float *dx, const float *sx, float *out) {
+    switch (p->fmt) {
+    case LB_Q8: lb_dotn(4, LB_Q8, p, rr, xq, dx, sx, out); break;
+    case LB_Q4_0: lb_dotn(4, LB_Q4_0, p, rr, xq, dx, sx, out); break;
+    case LB_Q4_1: lb_dotn(4, LB_Q4_1, p, rr, xq, dx, sx, out); break;
+    case LB_Q5_0: lb_dotn(4, LB_Q5_0, p, rr, xq, dx, sx, out); break;
+    case LB_Q5_1: lb_dotn(4, LB_Q5_1, p, rr, xq, dx, sx, out); break;
+    }
+}
+
+static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    const int64_t nb = p->Ip / LB_QB;
+    float s[4];
+    for (int64_t o = o0; o < o1; o += 4) {
+        int64_t rr[4];
+        for (int k = 0; k < 4; k++) rr[k] = o + k < p->O ? o + k : p->O - 1;   /* the last rows repeat */
+        for (int64_t b = 0; b < B; b++) {
+            lb_dot4(p, rr, p->xq + b * p->Ip, p->dx + b * nb, p->sx + b * nb, s);
+            float *yo = p->y + b * p->O;
+            for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + s[r - o] : s[r - o];
+        }
+    }
+}
+
+/* ---- grouped products on the pool ---------------------------------------------------------- */
+
+typedef struct {
+    int64_t n, B, acc;
+    lb_product ps[LB_MAX_GROUP];
+    int64_t chunk_rows[LB_MAX_GROUP];
+    int64_t first_chunk[LB_MAX_GROUP + 1];          /* product j owns chunks [first[j], first[j+1]) */
+} lb_job;
+
+static void lb_chunk(void *ctx, int64_t chunk) {
+    const lb_job *job = ctx;
+    int64_t j = 0;
+    while (chunk >= job->first_chunk[j + 1]) j++;
+    const lb_product *p = &job->ps[j];
+    int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
+    int64_t o1 = o0 + job->chunk_rows[j] < p->O ? o0 + job->chunk_rows[j] : p->O;
+    lb_rows(p, job->B, o0, o1, (int)job->acc);
+}
+
+static int64_t lb_row_bytes(const lb_product *p) {
+    int64_t nb = p->Ip / LB_QB;
+    int64_t v = p->fmt == LB_Q8 ? p->Ip : p->Ip / 2;
+    return v + nb * (2 + 2 * lb_has_min(p->fmt)) + (p->qh != NULL) * p->Ip / 8;
+}
+
+/* n products as one job of the thread pool; x quantised first (on the caller). 0, -1 for a bad
+ * argument (n outside 1..LB_MAX_GROUP, an unknown format), -2 when scratch cannot be allocated. */
+static int64_t lb_run_products(int64_t n, lb_product *ps, int64_t B, int64_t nthreads, int64_t acc) {
+    if (n < 1 || n > LB_MAX_GROUP) return -1;
+    lb_job job = {.n = n, .B = B, .acc = acc};
+    int64_t scratch = 0;
+    for (int64_t j = 0; j < n; j++) {
+        lb_product *p = &job.ps[j];
+        *p = ps[j];
+        if (!lb_known(p->fmt)) return -1;
+        p->Ip = lb_padded(p->fmt, p->I);
+        scratch += B * p->Ip + 2 * B * (p->Ip / LB_QB) * (int64_t)sizeof(float);
+        int64_t r = LB_CHUNK_BYTES / lb_row_bytes(p) / 4 * 4;
+        job.chunk_rows[j] = r < 4 ? 4 : r;
+        job.first_chunk[j + 1] = job.first_chunk[j] + (p->O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
+    }
+    char *buf = malloc(scratch), *at = buf;
+    if (buf == NULL) return -2;
+    for (int64_t j = 0; j < n; j++) {
+        lb_product *p = &job.ps[j];
+        int64_t nb = p->Ip / LB_QB;
+        p->dx = (float *)at;
+        p->sx = p->dx + B * nb;
+        at += 2 * B * nb * sizeof(float);
+        p->xq = (int8_t *)at;
+        at += B * p->Ip;
+        for (int64_t b = 0; b < B; b++)
+            lb_quantize_x(p->x + b * p->I, p->col, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * nb, p->sx + b * nb);
+    }
+    pool_run(lb_chunk, &job, job.first_chunk[n], nthreads);
+    free(buf);
+    return 0;
+}
+
+/* dims[3j..3j+2] = (format, O, I); ptrs[7j..7j+6] = (qs, qh, d, m, col, x, y), NULL where absent. */
+int64_t lowbit_matvec_group(int64_t n, const int64_t *dims, void *const *ptrs, int64_t B, int64_t nthreads, int64_t acc) {
+    if (n < 1 || n > LB_MAX_GROUP) return -1;
+    lb_product ps[LB_MAX_GROUP];
+    for (int64_t j = 0; j < n; j++) {
+        void *const *q = ptrs + 7 * j;
+        ps[j] = (lb_product){.fmt = dims[3 * j], .O = dims[3 * j + 1], .I = dims[3 * j + 2], .qs = q[0], .qh = q[1],
+                             .d = q[2], .m = q[3], .col = q[4], .x = q[5], .y = q[6]};
+    }
+    return lb_run_products(n, ps, B, nthreads, acc);
+}
+
+/* x [B, I] -> q [B, Ip], d and s [B, Ip / 32]: exposed so tests can check it against torch */
+void lowbit_quantize_rows(const float *x, const float *col, int64_t B, int64_t I, int64_t Ip, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < B; b++)
+        lb_quantize_x(x + b * I, col, I, Ip, q + b * Ip, d + b * (Ip / LB_QB), s + b * (Ip / LB_QB));
+}
+
+/* rows [o0, o1) of the stored matrix (without col) -> float32 out [o1 - o0, I]: fl(d q + m) */
+void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const uint16_t *D, const uint16_t *M,
+                       float *out, int64_t o0, int64_t o1, int64_t I, int64_t nthreads) {
+    const int64_t Ip = lb_padded(fmt, I), nb = Ip / LB_QB;
+    const int has_min = lb_has_min(fmt);
+    const float half = (float)(1 << (lb_bits(fmt) - 1));
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t o = o0; o < o1; o++) {
+        float *dst = out + (o - o0) * I;
+        for (int64_t j = 0; j < nb; j++) {
+            float dd = _cvtsh_ss(D[o * nb + j]);
+            float mm = fmt == LB_Q8 ? 0.0f : has_min ? _cvtsh_ss(M[o * nb + j]) : -half * dd;
+            uint8_t q[LB_QB];
+            if (fmt == LB_Q8) {
+                memcpy(q, QS + o * Ip + j * LB_QB, LB_QB);
+            } else {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(QS + o * (Ip / 2) + (j / 2) * LB_QB));
+                v = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+                if (QH) {
+                    __m256i plane = _mm256_loadu_si256((const __m256i *)(QH + o * (Ip / 8) + (j / 8) * LB_QB));
+                    __m256i bit = _mm256_set1_epi8((char)(1 << (j % 8)));
+                    v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(plane, bit), bit),
+                                                            _mm256_set1_epi8(0x10)));
+                }
+                _mm256_storeu_si256((__m256i *)q, v);
+            }
+            int64_t i0 = j * LB_QB, k = 0;
+            if (fmt != LB_Q8 && i0 + LB_QB <= I) {
+                __m256 vd = _mm256_set1_ps(dd), vm = _mm256_set1_ps(mm);
+                for (; k < LB_QB; k += 8) {
+                    __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k))));
+                    _mm256_storeu_ps(dst + i0 + k, _mm256_add_ps(_mm256_mul_ps(qf, vd), vm));
+                }
+            }
+            for (; k < LB_QB && i0 + k < I; k++)
+                dst[i0 + k] = fmt == LB_Q8 ? (float)(int8_t)q[k] * dd : (float)q[k] * dd + mm;
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,479 @@
+"""5- and 4-bit block weight formats for y = x W^T with float32 activations (CPU), and the outlier
+treatment (per-input-channel scales, "+cols") they and int8 can carry: records of `rwkv_kernels.formats`.
+
+Layouts (`SPECS`), blocks of 32 weights along the input dimension, values unsigned q in [0, 2^bits):
+  "q5_0"  5.5 bits/weight: float16 d per block, w = d (q - 16)           (ggml's Q5_0)
+  "q4_1"  5.0 bits/weight: float16 d and m per block, w = d q + m         (ggml's Q4_1)
+chosen by docs/lowbit_choice.md (q4_0 and q5_1 were measured there and left out: q4_0 misses the 4-bit
+quality target, q5_1 costs half a bit more than q5_0 for little). Storage (`BlockWeight`), planar like
+`Int8Weight`, laid out for the AVX2 kernel's unpacking: rows padded with zero weights to a multiple of
+`Spec.group` (64 for 4 bits, 256 for 5); qs uint8 [out, in_padded / 2]: blocks in pairs, 32 bytes per
+pair, byte k = element k of the first block (low nibble) | element k of the second (high nibble); qh
+uint8 [out, in_padded / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the 5th bit of element k
+of block b of the eight; d float16 [out, blocks] (signed for "_0": ggml's choice, see `quantize`), m
+float16 [out, blocks] ("_1" only).
+
+Outlier treatment ("+cols", `col`): trained models have a few input channels whose activations are
+10-16x the others, and the matrices that read them have small columns there. With `col` (float32
+[in], powers of two, chosen from the weights alone: `column_scales`), the matrix stored is W diag(1/col)
+and the kernels multiply x by col before they quantise it: y = (x diag(col)) (W diag(1/col))^T = x W^T;
+powers of two make both scalings exact. "int8+cols" is the int8 blocks of `formats.Int8Weight` with it.
+
+Decode (token mode and short prompts): `csrc/lowbit_ops.h` quantises x (times col) to int8 blocks of 32
+once per product, unpacks each block's nibbles into bytes and multiplies them with x's bytes (maddubs),
+the block's offset (m, or -16 d) times the block's sum of x added per block. Batch invariant. The same
+AVX2 code runs in the AVX-512 build (bit-identical across builds). Sequence mode: dequantise a slice
+of rows (col applied, exact) into a reused float32 buffer, then torch's GEMM.
+"""
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_c, dispatch, formats
+from .formats import BLOCK, MIN_SCALE, Int8Weight, quantize_int8, quantize_rows_reference
+from .linear import write_outputs
+
+
+@dataclass(frozen=True)
+class Spec:
+    bits: int
+    has_min: bool
+    code: int                   # the layout's number in csrc/lowbit_ops.h (LB_*)
+
+    @property
+    def levels(self):
+        return (1 << self.bits) - 1
+
+    @property
+    def group(self):
+        """Rows are padded to a multiple of this many weights (pairs of blocks; 8 blocks with a qh plane)."""
+        return 8 * BLOCK if self.bits == 5 else 2 * BLOCK
+
+    @property
+    def bytes_per_weight(self):
+        return (self.bits + 16 * (1 + self.has_min) / BLOCK) / 8
+
+
+SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41)}
+# the formats' codes in the C library's format enum (csrc/quant_ops.h FMT_*; checked when it loads): the
+# decode step (csrc/decode_step.h) runs their products through lowbit_ops.h
+C_CODES = {"q5_0": 4, "q5_0+cols": 5, "q4_1": 6, "q4_1+cols": 7, "int8+cols": 8}
+OUTLIER_SUFFIX = "+cols"
+LB_Q8 = 8                       # csrc/lowbit_ops.h's code of the int8 blocks (int8+cols)
+COL_EXPONENT = 1.0              # col_j = 2^round(a log2(rms_j / median rms)) (docs/lowbit_choice.md)
+COL_MAX_SHIFT = 8               # |log2 col| at most this
+
+
+def check_col(col, in_features, name):
+    if col.dtype != torch.float32 or tuple(col.shape) != (in_features,):
+        raise ValueError(f"{name}: column scales must be float32 [{in_features}], got {col.dtype} {list(col.shape)}")
+    m, e = torch.frexp(col)
+    if not bool(((m == 0.5) & ((e - 1).abs() <= COL_MAX_SHIFT)).all()):
+        raise ValueError(f"{name}: corrupt column scales (each must be a power of two within 2^+-{COL_MAX_SHIFT})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed types: one class per record (the registry finds a weight's record by its type)
+
+class BlockWeight:
+    """W [out, in] ~ (d q + m) per block of 32 along in (m = -2^(bits-1) d without a stored min), times
+    col per input column in the "+cols" formats. Built from the tensors in the order of the record's
+    `file_parts` and in_features: BlockWeight(qs, [qh], d, [m], [col], in_features)."""
+    layout = None               # "q5_0", set per subclass
+    cols = False                # whether the format has column scales
+
+    def __init__(self, qs, *rest):
+        *parts, self.in_features = rest
+        spec = SPECS[self.layout]
+        names = ("qh",) * (spec.bits == 5) + ("d",) + ("m",) * spec.has_min + ("col",) * self.cols
+        if len(parts) != len(names):
+            raise TypeError(f"{self.format} takes {len(names) + 2} arguments, got {len(rest) + 1}")
+        self.qs, self.qh, self.m, self.col = qs, None, None, None
+        for name, t in zip(names, parts):
+            setattr(self, name, t)
+
+    @property
+    def spec(self):
+        return SPECS[self.layout]
+
+    @property
+    def shape(self):
+        return torch.Size((self.qs.shape[0], self.in_features))
+
+    @property
+    def device(self):
+        return self.qs.device
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in self.parts())
+
+    def parts(self):
+        return tuple(t for t in (self.qs, self.qh, self.d, self.m, self.col) if t is not None)
+
+    def values(self):
+        """-> q uint8 [out, in_padded] (0 .. 2^bits - 1)."""
+        O, half = self.qs.shape
+        qs = self.qs.view(O, half // BLOCK, 1, BLOCK)
+        q = torch.cat([qs & 15, qs >> 4], 2)                           # [O, pairs, 2, 32]
+        if self.qh is not None:
+            planes = self.qh.view(O, -1, 1, BLOCK)                       # [O, groups of 8, 1, 32]
+            bits = (planes >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+            q = q.view(O, -1, 8, BLOCK) | (bits << 4)
+        return q.reshape(O, 2 * half)
+
+    def offsets(self):
+        """-> m float32 [out, blocks]: the value of q = 0 in each block."""
+        if self.m is not None:
+            return self.m.float()
+        return -float(1 << (self.spec.bits - 1)) * self.d.float()
+
+    def dequantize_stored(self):
+        """The stored matrix (W diag(1/col)) -> float32 [out, in]: fl(d q + m)."""
+        O, Ip = self.qs.shape[0], 2 * self.qs.shape[1]
+        q = self.values().float().view(O, Ip // BLOCK, BLOCK)
+        w = q * self.d.float()[..., None] + self.offsets()[..., None]
+        return w.view(O, Ip)[:, :self.in_features]
+
+    def dequantize(self):
+        """-> float32 [out, in], the matrix the format means (col applied: exact, powers of two)."""
+        w = self.dequantize_stored()
+        return w * self.col if self.col is not None else w
+
+    def check(self, name="weight"):
+        """Raise ValueError (one line) if the tensors cannot be a matrix of this format."""
+        spec = self.spec
+        O, half = self.qs.shape if self.qs.dim() == 2 else (None, None)
+        Ip = None if half is None else 2 * half
+        if self.qs.dtype != torch.uint8 or O is None or Ip % spec.group or not 0 < self.in_features <= Ip < self.in_features + spec.group:
+            raise ValueError(f"{name}: {self.format} nibbles must be uint8 [out, (in rounded up to {spec.group}) / 2], "
+                             f"got {self.qs.dtype} {list(self.qs.shape)} for in_features {self.in_features}")
+        nb = Ip // BLOCK
+        want = {"d": (self.d, torch.float16, nb), "m": (self.m, torch.float16 if spec.has_min else None, nb),
+                "qh": (self.qh, torch.uint8 if spec.bits == 5 else None, Ip // 8)}
+        for part, (t, dtype, n) in want.items():
+            if dtype is None:
+                continue
+            if t.dtype != dtype or tuple(t.shape) != (O, n):
+                raise ValueError(f"{name}: {self.format} {part} must be {dtype} {[O, n]}, got {t.dtype} {list(t.shape)}")
+        d = self.d.float()
+        if not bool((torch.isfinite(d) & (d != 0) & ((d > 0) | (not spec.has_min))).all()):
+            raise ValueError(f"{name}: corrupt {self.format} scales (NaN, Inf, zero, or negative with a min)")
+        if self.m is not None and not bool(torch.isfinite(self.m.float()).all()):
+            raise ValueError(f"{name}: corrupt {self.format} minimums (NaN or Inf)")
+        if self.col is not None:
+            check_col(self.col, self.in_features, name)
+        return self
+
+    def c_parts(self):
+        """The parts the C decode step takes: values, scales, 5th-bit planes, minimums, column scales."""
+        return self.qs, self.d, self.qh, self.m, self.col
+
+
+class Int8ColsWeight(Int8Weight):
+    """The int8 blocks of `formats.Int8Weight` holding W diag(1/col), with the column scales col."""
+
+    def __init__(self, q, scale, col, in_features):
+        super().__init__(q, scale, in_features)
+        self.col = col
+
+    @property
+    def nbytes(self):
+        return super().nbytes + self.col.nbytes
+
+    def parts(self):
+        return self.q, self.scale, self.col
+
+    def dequantize_stored(self):
+        """The stored matrix (W diag(1/col)) -> float32 [out, in]."""
+        return super().dequantize()
+
+    def dequantize(self):
+        return self.dequantize_stored() * self.col
+
+    def check(self, name="weight"):
+        super().check(name)
+        check_col(self.col, self.in_features, name)
+        return self
+
+    def c_parts(self):
+        return self.q, self.scale, None, None, self.col
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantising
+
+def column_scales(w, exponent=COL_EXPONENT, rows_per_step=None, after_slice=None):
+    """Per-input-channel scales from the weights alone: col_j = 2^round(a log2(r_j / c)), r_j the root
+    mean square of column j and c the median of r: the stored W diag(1/col) has a column far smaller
+    (or larger) than the typical one brought back to it, and x col the channel that column reads brought
+    down by the same factor. The RMS, not the maximum: one heavy-tailed weight must not rescale its whole
+    column (measured, docs/lowbit_choice.md). A power of two within 2^+-COL_MAX_SHIFT; W read in slices
+    of rows (`after_slice(rows)` after each)."""
+    O, I = w.shape
+    step = rows_per_step or max(1, (1 << 20) // max(1, I))
+    sumsq = torch.zeros(I, dtype=torch.float64)
+    for r0 in range(0, O, step):
+        part = w[r0:r0 + step].detach()
+        if not bool(torch.isfinite(part).all()):
+            raise ValueError("cannot quantise a matrix with NaN or Inf values")
+        sumsq += part.double().pow(2).sum(0)
+        if after_slice is not None:
+            after_slice(part)
+    rms = (sumsq / O).sqrt().float()
+    typical = rms.median().clamp(min=1e-30)
+    ratio = (rms.clamp(min=typical * 2.0 ** -COL_MAX_SHIFT) / typical).log2() * exponent
+    return torch.exp2(ratio.round().clamp(-COL_MAX_SHIFT, COL_MAX_SHIFT)).float()
+
+
+def quantize(w, layout, cols=False, rows_per_step=None, after_slice=None):
+    """float W [out, in] -> the BlockWeight of `layout` (with column scales if `cols`). Per block of 32:
+    with a stored min, m = min w, d = (max w - m) / (2^bits - 1); without, d = the largest-magnitude
+    weight / -2^(bits-1) (it maps to q = 0 exactly, ggml's choice); d and m rounded to float16, then
+    q = round((w - m) / d) clamped to the range. Works through slices of rows so the float32
+    temporaries stay small; `after_slice(rows)` is called with each source slice once done."""
+    spec = SPECS[layout]
+    O, I = w.shape
+    Ip = -(-I // spec.group) * spec.group
+    nb = Ip // BLOCK
+    col = column_scales(w, rows_per_step=rows_per_step, after_slice=after_slice) if cols else None
+    qs = torch.empty(O, Ip // 2, dtype=torch.uint8)
+    qh = torch.empty(O, Ip // 8, dtype=torch.uint8) if spec.bits == 5 else None
+    d = torch.empty(O, nb, dtype=torch.float16)
+    m = torch.empty(O, nb, dtype=torch.float16) if spec.has_min else None
+    step = rows_per_step or max(1, (1 << 20) // Ip)
+    for r0 in range(0, O, step):
+        src = w[r0:r0 + step].detach().float()
+        if col is not None:
+            src = src / col
+        q, dd, mm = _quantize_rows(src, spec, Ip)
+        qs[r0:r0 + step], d[r0:r0 + step] = _pack_nibbles(q), dd
+        if qh is not None:
+            qh[r0:r0 + step] = _pack_high(q)
+        if m is not None:
+            m[r0:r0 + step] = mm
+        if after_slice is not None:
+            after_slice(w[r0:r0 + step])
+    parts = [t for t in (qh, d, m, col) if t is not None]
+    return TYPES[layout + OUTLIER_SUFFIX * cols](qs, *parts, I)
+
+
+def _quantize_rows(w, spec, Ip):
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("cannot quantise a matrix with NaN or Inf values")
+    O, I = w.shape
+    blocks = F.pad(w, (0, Ip - I)).view(O, Ip // BLOCK, BLOCK)
+    if spec.has_min:
+        lo, hi = blocks.amin(-1), blocks.amax(-1)
+        d = ((hi - lo) / spec.levels).clamp_(min=MIN_SCALE)
+        m16 = lo.to(torch.float16)
+        mf = m16.float()
+    else:
+        half = float(1 << (spec.bits - 1))
+        big = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0]
+        d = big / -half
+        d = torch.where(d.abs() < MIN_SCALE, torch.full_like(d, MIN_SCALE), d)
+        m16 = None
+    if bool((d.abs() > torch.finfo(torch.float16).max).any()) or (m16 is not None and not bool(torch.isfinite(m16).all())):
+        raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
+    d16 = d.to(torch.float16)
+    if spec.has_min:
+        q = torch.round((blocks - mf[..., None]) / d16.float()[..., None])
+    else:
+        q = torch.round(blocks / d16.float()[..., None]) + half
+    return q.clamp_(0, spec.levels).to(torch.uint8).view(O, Ip), d16, m16
+
+
+def _pack_nibbles(q):
+    """q [O, Ip] (Ip a multiple of 64) -> the paired-block nibbles [O, Ip / 2]."""
+    O, Ip = q.shape
+    b = q.view(O, Ip // (2 * BLOCK), 2, BLOCK) & 15
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(O, Ip // 2)
+
+
+def _pack_high(q):
+    """q [O, Ip] (Ip a multiple of 256) -> the 5th-bit planes [O, Ip / 8]."""
+    O, Ip = q.shape
+    bits = (q.view(O, Ip // (8 * BLOCK), 8, BLOCK) >> 4) & 1
+    return (bits << torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)).sum(2, dtype=torch.uint8).reshape(O, Ip // 8)
+
+
+def quantize_int8_cols(w, rows_per_step=None, after_slice=None):
+    """float W -> Int8ColsWeight: column scales from the weights, then the int8 blocks of W diag(1/col)."""
+    col = column_scales(w, rows_per_step=rows_per_step, after_slice=after_slice)
+    inner = quantize_int8(_ScaledRows(w, col), rows_per_step,
+                          after_slice=after_slice and (lambda part: after_slice(part.source)))
+    return Int8ColsWeight(inner.q, inner.scale, col, inner.in_features)
+
+
+class _ScaledRows:
+    """W diag(1/col), sliced lazily (quantize_int8 reads slices of rows); each slice knows its source."""
+
+    def __init__(self, w, col):
+        self.w, self.col, self.shape = w, col, w.shape
+
+    def __getitem__(self, rows):
+        src = self.w[rows]
+        part = _Slice(src.detach().float() / self.col)
+        part.source = src
+        return part
+
+
+class _Slice(torch.Tensor):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Float64 reference of the kernels' arithmetic
+
+def scaled_x(x, w):
+    """x times the weight's column scales (exact: powers of two), float32."""
+    return x.float() * w.col if getattr(w, "col", None) is not None else x.float()
+
+
+def matvec_reference(x, w):
+    """x [B, in] float32 -> y [B, out], computed the kernel's way in float64: x' = x col quantised to
+    int8 blocks (formats.quantize_rows_reference), per block the integer dot of q and x'q times d dx,
+    plus the block's offset m times dx times the integer sum of x'q."""
+    if isinstance(w, Int8ColsWeight):
+        return formats.block_matvec_reference(scaled_x(x, w), w)
+    B, O, nb = x.shape[0], w.qs.shape[0], w.d.shape[1]
+    qx, dx = quantize_rows_reference(F.pad(scaled_x(x, w), (0, nb * BLOCK - x.shape[1])))
+    qxb = qx.view(B, nb, BLOCK).double()
+    dots = torch.einsum("bkj,okj->bok", qxb, w.values().view(O, nb, BLOCK).double())
+    sums = qxb.sum(-1)                                                        # [B, nb]
+    y = dots * w.d.double()[None] + sums[:, None, :] * w.offsets().double()[None]
+    return (y * dx.double()[:, None, :]).sum(-1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The C kernels (csrc/lowbit_ops.h, part of the cpu_ops library)
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _c_code(w):
+    return LB_Q8 if isinstance(w, Int8ColsWeight) else w.spec.code
+
+
+def _c_pointers(w):
+    """-> (qs, qh, d, m, col) pointers of the stored matrix."""
+    if isinstance(w, Int8ColsWeight):
+        return w.q.data_ptr(), None, w.scale.data_ptr(), None, w.col.data_ptr()
+    return w.qs.data_ptr(), _ptr(w.qh), w.d.data_ptr(), _ptr(w.m), _ptr(w.col)
+
+
+def matvec_group(pairs, out=None, accumulate=False, isa=None):
+    """[(x [B, in] float32 contiguous, w a low-bit or +cols weight), ...] -> [y [B, out], ...], y = x W^T
+    (y += with `accumulate`, into `out`). One pool job per 16 products; batch invariant."""
+    B = pairs[0][0].shape[0]
+    if out is None:
+        out = [torch.empty(B, w.shape[0]) for _, w in pairs]
+    lib = cpu_c.ops(isa).lib
+    for lo in range(0, len(pairs), 16):
+        dims, ptrs = [], []
+        for (x, w), y in zip(pairs[lo:lo + 16], out[lo:lo + 16]):
+            dims += (_c_code(w), w.shape[0], w.shape[1])
+            ptrs += (*_c_pointers(w), x.data_ptr(), y.data_ptr())
+        rc = lib.lowbit_matvec_group(len(dims) // 3, (cpu_c.I64 * len(dims))(*dims), (cpu_c.VP * len(ptrs))(*ptrs),
+                                     B, torch.get_num_threads(), int(accumulate))
+        if rc == -2:
+            raise MemoryError(f"lowbit: cannot allocate activation scratch for {B} streams")
+        if rc:
+            raise ValueError("lowbit: bad product group (unknown format code)")
+    return out
+
+
+def quantize_rows(x, col=None, isa=None):
+    """The C activation quantiser: x [B, I] (times col) -> (q int8 [B, Ip], d [B, nb], s [B, nb])."""
+    B, I = x.shape
+    Ip = -(-I // BLOCK) * BLOCK
+    q, d, s = torch.empty(B, Ip, dtype=torch.int8), torch.empty(B, Ip // BLOCK), torch.empty(B, Ip // BLOCK)
+    cpu_c.ops(isa).lib.lowbit_quantize_rows(x.data_ptr(), _ptr(col), B, I, Ip, q.data_ptr(), d.data_ptr(), s.data_ptr())
+    return q, d, s
+
+
+def dequantize_rows(w, r0, r1, out, isa=None):
+    """Rows [r0, r1) of the stored matrix (W diag(1/col)) -> out float32 [r1 - r0, in] (C, OpenMP)."""
+    qs, qh, d, m, _ = _c_pointers(w)
+    cpu_c.ops(isa).lib.lowbit_dequantize(_c_code(w), qs, qh, d, m, out.data_ptr(), r0, r1, w.shape[1],
+                                         torch.get_num_threads())
+    return out
+
+
+_buffers = threading.local()
+
+
+def _buffer(n):
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _buffers.buf = torch.empty(n)
+    return buf[:n]
+
+
+def gemm(x, w):
+    """x [rows, in] float32 -> x W^T [rows, out]: (x col) times slices of at most quant.GEMM_SLICE
+    dequantised stored weights."""
+    from .quant import GEMM_SLICE
+    O, I = w.shape
+    x = scaled_x(x, w)
+    step = max(64, GEMM_SLICE // I)
+    if step >= O:
+        return x @ dequantize_rows(w, 0, O, _buffer(O * I).view(O, I)).T
+    y = torch.empty(x.shape[0], O)
+    for r0 in range(0, O, step):
+        r1 = min(O, r0 + step)
+        y[:, r0:r1] = x @ dequantize_rows(w, r0, r1, _buffer((r1 - r0) * I).view(r1 - r0, I)).T
+    return y
+
+
+# Implementations with the dispatch signature: pairs [(x [rows, in] float32, w), ...]
+
+def linear_matvec(pairs, out=None, accumulate=False):
+    """Token mode (one token per stream, any B; also short prompts): the C kernels, batch invariant."""
+    return matvec_group([(x.contiguous(), w) for x, w in pairs], out, accumulate)
+
+
+def linear_gemm(pairs, out=None, accumulate=False):
+    """Sequence mode: dequantised slices of rows + torch's GEMM."""
+    return write_outputs(out, [gemm(x.contiguous(), w) for x, w in pairs], accumulate)
+
+
+dispatch.register_impl("linear", "lowbit_c", linear_matvec, needs_c=True)
+dispatch.register_impl("linear", "lowbit_gemm", linear_gemm, needs_c=True)
+
+# ---------------------------------------------------------------------------------------------
+# The records
+
+SERVES = (formats.Serve("cpu", "float32", "token", "lowbit_c", "quant_torch"),
+          formats.Serve("cpu", "float32", "short", "lowbit_c", "quant_torch"),
+          formats.Serve("cpu", "float32", "sequence", "lowbit_gemm", "quant_torch"))
+
+
+def _block_type(layout, cols):
+    name = layout.replace("_", "").upper() + ("Cols" if cols else "") + "Weight"
+    return type(name, (BlockWeight,), {"layout": layout, "cols": cols, "__module__": __name__})
+
+
+TYPES = {}
+RECORDS = {}
+for _layout, _spec in SPECS.items():
+    for _cols in (False, True):
+        _name = _layout + OUTLIER_SUFFIX * _cols
+        TYPES[_name] = _block_type(_layout, _cols)
+        RECORDS[_name] = formats.register(formats.WeightFormat(
+            _name, C_CODES[_name], _spec.bytes_per_weight, torch.float16,
+            pack=lambda w, after_slice=None, _l=_layout, _c=_cols: quantize(w, _l, _c, after_slice=after_slice),
+            dequantize=TYPES[_name].dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
+            packed_type=TYPES[_name], c_parts=BlockWeight.c_parts,
+            file_parts=("",) + (".qh",) * (_spec.bits == 5) + (".d",) + (".m",) * _spec.has_min + (".col",) * _cols))
+_name = formats.Q8_0.name + OUTLIER_SUFFIX             # "int8+cols"
+TYPES[_name] = Int8ColsWeight
+RECORDS[_name] = formats.register(formats.WeightFormat(
+    _name, C_CODES[_name], formats.Q8_0.bytes_per_weight, torch.float16,
+    pack=lambda w, after_slice=None: quantize_int8_cols(w, after_slice=after_slice),
+    dequantize=Int8ColsWeight.dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
+    packed_type=Int8ColsWeight, file_parts=("", ".scale", ".col"), c_parts=Int8ColsWeight.c_parts))
