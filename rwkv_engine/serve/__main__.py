@@ -11,6 +11,8 @@ import time
 
 import uvicorn
 
+from rwkv_kernels import formats
+
 MAX_CONNECTIONS = 512
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")      # uvicorn's
 MAX_SECONDS = 86400.0          # timeouts above a day are a typo (threading refuses ~1e10 s and more)
@@ -48,7 +50,8 @@ def add_model_options(p):
     p.add_argument("--checkpoint", help="checkpoint for a registered name (default: synthetic weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
-    p.add_argument("--weights", default=None, help="weight format, as rwkv_engine.load(weights=...) (e.g. int8)")
+    p.add_argument("--weights", default=None, choices=formats.NAMES, metavar="FORMAT",
+                   help=f"weight format, as rwkv_engine.load(weights=...): {', '.join(formats.names())}")
     p.add_argument("--pipeline", action="store_true",
                    help="run as one rank of a torchrun pipeline (rwkv_engine.pipeline): rank 0 serves HTTP, "
                         "the other ranks hold their layers")
