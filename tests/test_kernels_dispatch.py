@@ -186,7 +186,7 @@ def test_build_refuses_an_isa_the_cpu_lacks(monkeypatch):
 
 @needs_c
 def test_simulated_avx2_machine_runs_the_avx2_build(tmp_path):
-    code = ("import torch, rwkv_kernels\nfrom kernels import cpu_c\n"
+    code = ("import torch, rwkv_kernels\nfrom rwkv_kernels import cpu_c\n"
             "x, W = torch.randn(3, 37), torch.randn(9, 37)\n"
             "assert torch.allclose(rwkv_kernels.linear(x, W), x @ W.T, atol=1e-4)\n"
             "print(cpu_c.ops().isa, sorted(p.name.split('-')[1] for p in (cpu_c._cache_dir()).glob('*.so')))\n")
