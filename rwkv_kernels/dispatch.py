@@ -21,9 +21,9 @@ format adds them. Implementations register themselves by name (`register_impl`, 
 that define them), so this module imports none of them. An implementation that finds at run time that
 it cannot take its inputs (the C decode step's plan) takes its row's fallback through `fall_back`,
 with one warning per process. Callers that need a rule's answer ask (`has_kernel`) instead of
-repeating it. Tests force a choice per op with `force(linear="reference")`; callers
-pass `backend=` to the op itself. `python -m rwkv_kernels` prints the table and whether this machine
-has the C build.
+repeating it. Tests force a choice per op with `force(linear="reference")` and register a spy for a
+block with `registered(op, name, fn)`; callers pass `backend=` to the op itself.
+`python -m rwkv_kernels` prints the table and whether this machine has the C build.
 """
 import contextlib
 import threading
@@ -127,6 +127,35 @@ def register_impl(op, name, fn, needs_c=False):
     """Make `fn` available as implementation `name` of `op` (called by the module defining it)."""
     _impls[(op, name)] = (fn, needs_c)
     _choice_cache.clear()
+
+
+def unregister_impl(op, name):
+    """Undo `register_impl` (tests; `registered` does it for a block)."""
+    if _impls.pop((op, name), None) is None:
+        raise ValueError(f"kernels: {op} implementation {name!r} is not registered")
+    _choice_cache.clear()
+
+
+@contextlib.contextmanager
+def registered(op, name, fn, needs_c=False):
+    """`register_impl` for the block only: afterwards `name` is what it was before (another callable,
+    or nothing), so a spy a test registers does not leak into later tests."""
+    before = _impls.get((op, name))
+    register_impl(op, name, fn, needs_c)
+    try:
+        yield fn
+    finally:
+        if before is None:
+            unregister_impl(op, name)
+        else:
+            _impls[(op, name)] = before
+            _choice_cache.clear()
+
+
+def registrations():
+    """What decides now, as a value to compare: the implementations, the forced choices and the table
+    (the test suite checks that no test leaves one of them changed)."""
+    return {"implementations": dict(_impls), "forced": dict(_forced), "table": tuple(TABLE)}
 
 
 def is_forced(op):

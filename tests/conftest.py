@@ -64,6 +64,29 @@ def _seed():
     torch.manual_seed(0)
 
 
+def registrations():
+    """What decides which kernels run and which weight formats exist (all registered when
+    rwkv_kernels is imported, above): the dispatch table's implementations, forced choices and rows,
+    and the weight formats' records."""
+    from rwkv_kernels import dispatch, formats
+    return {**dispatch.registrations(), "formats": formats.all_formats()}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_registration(request):
+    """A test that registers a kernel implementation or a weight format, or forces a choice, undoes it
+    (dispatch.registered, dispatch.force, formats.unregister, monkeypatch): one test's registrations
+    must not change what later tests run. Set up before the test's own fixtures, checked after theirs
+    are torn down."""
+    before = registrations()
+    yield
+    after = registrations()
+    changed = sorted(k for k in before if before[k] != after[k])
+    if changed:
+        pytest.fail(f"{request.node.nodeid} left registrations behind ({', '.join(changed)}): "
+                    "undo them in the test (dispatch.registered, formats.unregister)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from rwkv_engine.config import RWKVConfig

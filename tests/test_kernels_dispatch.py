@@ -94,16 +94,35 @@ def test_force_and_backend_select_the_implementation(monkeypatch):
     calls = []
     spy = lambda pairs, out=None, accumulate=False: calls.append(len(pairs)) or \
         rwkv_kernels.linear.__globals__["linear_reference_impl"](pairs, out, accumulate)
-    dispatch.register_impl("linear", "spy", spy)
     x, W = torch.randn(2, 16), torch.randn(8, 16)
-    with dispatch.force(linear="spy"):
-        assert dispatch.choose("linear", linear_key(x, W)) == "spy"
-        y = rwkv_kernels.linear(x, W)
-        rwkv_kernels.linear_group((x, W), (x, W))
-    assert calls == [1, 2]                                  # a group is one call of the implementation
-    assert dispatch.choose("linear", linear_key(x, W)) == "c"   # restored after the block
-    torch.testing.assert_close(y, x @ W.T)
-    assert rwkv_kernels.linear(x, W, backend="spy") is not None and calls == [1, 2, 1]
+    with dispatch.registered("linear", "spy", spy):
+        with dispatch.force(linear="spy"):
+            assert dispatch.choose("linear", linear_key(x, W)) == "spy"
+            y = rwkv_kernels.linear(x, W)
+            rwkv_kernels.linear_group((x, W), (x, W))
+        assert calls == [1, 2]                                  # a group is one call of the implementation
+        assert dispatch.choose("linear", linear_key(x, W)) == "c"   # restored after the block
+        torch.testing.assert_close(y, x @ W.T)
+        assert rwkv_kernels.linear(x, W, backend="spy") is not None and calls == [1, 2, 1]
+    with pytest.raises(ValueError, match="unknown linear backend 'spy'"):       # gone after its block
+        rwkv_kernels.linear(x, W, backend="spy")
+
+
+def test_a_registration_lasts_its_block_only():
+    """`registered` puts back what the name meant before (another callable, or nothing), even when the
+    block raises; what decides (`registrations`) is then as it was."""
+    before = dispatch.registrations()
+    real = dispatch.implementation("wkv_step", "reference")
+    spy = lambda *a: real(*a)
+    with pytest.raises(RuntimeError, match="inside"):
+        with dispatch.registered("wkv_step", "reference", spy), dispatch.registered("wkv_step", "spy", spy):
+            assert dispatch.implementation("wkv_step", "reference") is spy
+            assert dispatch.registrations() != before
+            raise RuntimeError("inside")
+    assert dispatch.implementation("wkv_step", "reference") is real
+    assert dispatch.registrations() == before
+    with pytest.raises(ValueError, match="wkv_step implementation 'spy' is not registered"):
+        dispatch.unregister_impl("wkv_step", "spy")
 
 
 def test_linear_entry_points_agree_across_implementations():
@@ -182,14 +201,13 @@ def test_token_mode_follows_the_models_wkv_backend(tiny_model, monkeypatch):
     """`RWKV.wkv_backend` reaches the decode step too (the Triton test in test_model.py relies on it)."""
     seen = []
     real = dispatch.implementation("wkv_step", "reference")
-    dispatch.register_impl("wkv_step", "reference", lambda *a: seen.append(1) or real(*a))
-    try:
-        ref, s_ref = tiny_model.forward(torch.tensor([[5], [6]]))
-        tiny_model.wkv_backend = "reference"
-        got, s_got = tiny_model.forward(torch.tensor([[5], [6]]))
-    finally:
-        tiny_model.wkv_backend = None
-        dispatch.register_impl("wkv_step", "reference", real)
+    with dispatch.registered("wkv_step", "reference", lambda *a: seen.append(1) or real(*a)):
+        try:
+            ref, s_ref = tiny_model.forward(torch.tensor([[5], [6]]))
+            tiny_model.wkv_backend = "reference"
+            got, s_got = tiny_model.forward(torch.tensor([[5], [6]]))
+        finally:
+            tiny_model.wkv_backend = None
     assert len(seen) == tiny_model.config.n_layer
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 

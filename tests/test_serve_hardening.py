@@ -237,3 +237,24 @@ def test_a_second_sigterm_ends_the_in_flight_requests_at_once():
     finally:
         s.http.close()
         s.stop()
+
+
+def test_weights_choices_are_the_registered_formats(capsys):
+    """--weights takes the names of rwkv_kernels.formats' records (a format registered later too),
+    and refuses any other at parse time, in one line naming them."""
+    import torch
+    from rwkv_kernels import formats
+    from rwkv_engine.serve.__main__ import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", MODEL, "--weights", "int4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--weights" in err, err
+    assert all(repr(name) in err for name in formats.names()), err
+
+    class Packed:
+        pass
+    formats.register(formats.WeightFormat("int4", None, 0.5, torch.float16, None, None, None, packed_type=Packed))
+    try:
+        assert parse_args(["--model", MODEL, "--weights", "int4"]).weights == "int4"
+    finally:
+        formats.unregister("int4")

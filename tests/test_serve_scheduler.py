@@ -122,6 +122,23 @@ def test_same_tokens_and_logits_alone_or_among_15_others(scheduler_factory, samp
     assert total > hist, "no decode step ran with more than 8 streams"
 
 
+def test_rows_are_sampled_together_only_where_the_dispatch_table_says(scheduler_factory, monkeypatch):
+    """The scheduler asks rwkv_kernels.sample_rows_serves (the table's answer) whether temperature-alone
+    rows go to one sample_rows call; where the table has no kernel for the logits, each row is sampled
+    alone and every stream still finishes with its own tokens."""
+    import rwkv_kernels
+    from rwkv_engine import sampling
+    asked, batched = [], []
+    real_rows = sampling.sample_temperature_rows
+    monkeypatch.setattr(rwkv_kernels, "sample_rows_serves", lambda logits: asked.append(logits.shape) and False)
+    monkeypatch.setattr("rwkv_engine.serve.scheduler.sample_temperature_rows",
+                        lambda *a: batched.append(1) or real_rows(*a))
+    s = scheduler_factory(max_batch=8, chunk=16)
+    tokens, _ = run(s, [job(p, max_tokens=6, seed=k, temperature=0.8) for k, p in enumerate(prompts(4))])
+    assert any(shape[0] > 1 for shape in asked) and not batched      # asked for the batch, then row by row
+    assert all(len(t[0]) == 6 for t in tokens)
+
+
 def test_equal_length_prompts_prefill_together_with_the_logits_of_each_alone(tiny_model, monkeypatch):
     """Sixteen 13-token prompts queued at once run their chunks (8, then 5 tokens) as batched
     sequence-mode forwards; the target's tokens and logits are bit-identical to its run alone."""

@@ -11,6 +11,8 @@ import time
 
 import uvicorn
 
+from rwkv_kernels import formats
+
 MAX_CONNECTIONS = 512
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")      # uvicorn's
 MAX_SECONDS = 86400.0          # timeouts above a day are a typo (threading refuses ~1e10 s and more)
@@ -24,20 +26,44 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    read_numbers(parser, args)
+    check_combinations(parser, args)
+    return args
+
+
+def build_parser():
     p = OneLineParser(prog="python -m rwkv_engine.serve",
                       description="Serve an RWKV-4 model over the OpenAI HTTP API.")
+    add_model_options(p)
+    add_listening_options(p)
+    add_batching_options(p)
+    add_connection_options(p)
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    return p
+
+
+def add_model_options(p):
     p.add_argument("--model", required=True, help="registered name (e.g. rwkv-4-pile-169m) or checkpoint path; "
                                                    "also the model id clients ask for")
     p.add_argument("--checkpoint", help="checkpoint for a registered name (default: synthetic weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
-    p.add_argument("--weights", default=None, help="weight format, as rwkv_engine.load(weights=...) (e.g. int8)")
+    p.add_argument("--weights", default=None, choices=formats.NAMES, metavar="FORMAT",
+                   help=f"weight format, as rwkv_engine.load(weights=...): {', '.join(formats.names())}")
     p.add_argument("--pipeline", action="store_true",
                    help="run as one rank of a torchrun pipeline (rwkv_engine.pipeline): rank 0 serves HTTP, "
                         "the other ranks hold their layers")
     p.add_argument("--layers-per-rank", default=None, help="with --pipeline: e.g. 6,6 (default: even split)")
+
+
+def add_listening_options(p):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", default="8000", help="0 picks a free port (printed when ready)")
+
+
+def add_batching_options(p):
     p.add_argument("--max-batch", default="32", help="streams decoded together (default 32)")
     p.add_argument("--max-queue", default="64", help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-prompt-tokens", default="4096", help="longest prompt in tokens (default 4096); "
@@ -47,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill-chunk", default="32", help="prompt tokens per prefill chunk (default 32)")
     p.add_argument("--prefill-rows", default="64",
                    help="prompt tokens of several requests' equal-length chunks run in one step (default 64)")
+
+
+def add_connection_options(p):
     p.add_argument("--shutdown-timeout", default="10",
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
     p.add_argument("--read-timeout", default="30",
@@ -54,20 +83,27 @@ def parse_args(argv=None):
                         "or its previous response ended (default 30); then 408 and the connection is closed")
     p.add_argument("--max-connections", default=str(MAX_CONNECTIONS),
                    help=f"open client connections; one more is answered 503 and closed (default {MAX_CONNECTIONS})")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
-    args = p.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk", "prefill_rows",
-                 "max_connections"):
+
+
+COUNT_OPTIONS = ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk", "prefill_rows",
+                 "max_connections")                     # integers >= 1
+
+
+def read_numbers(p, args):
+    """The numeric options (strings as parsed) as numbers in their ranges, or a usage error."""
+    for name in COUNT_OPTIONS:
         setattr(args, name, number(p, name, args, int, 1))
     args.port = number(p, "port", args, int, 0, 65535)
     args.prefix_cache_mb = number(p, "prefix_cache_mb", args, float, 0, 2.0**40)
     args.shutdown_timeout = number(p, "shutdown_timeout", args, float, 0, MAX_SECONDS)
     args.read_timeout = number(p, "read_timeout", args, float, 0, MAX_SECONDS, low_open=True)
+
+
+def check_combinations(p, args):
     if args.layers_per_rank is not None and not args.pipeline:
         p.error("--layers-per-rank needs --pipeline")
     if args.pipeline and args.weights not in (None, args.dtype):
         p.error(f"--weights {args.weights} is not supported with --pipeline (the stages hold --dtype weights)")
-    return args
 
 
 def number(parser, name, args, kind, low, high=None, low_open=False):
@@ -161,61 +197,66 @@ def guarded_protocol(read_timeout, max_connections):
                           code="request_timeout")
     too_many = raw_error(503, f"the server has {max_connections} open connections (--max-connections); "
                               "retry later", code="too_many_connections", type_="server_error")
+    return type("GuardedH11Protocol", (ConnectionGuard, H11Protocol),
+                {"read_timeout": read_timeout, "max_connections": max_connections,
+                 "timed_out": timed_out, "too_many": too_many})
 
-    class GuardedH11Protocol(H11Protocol):
-        _deadline = _waiting_for = None
-        _received = False                              # bytes of the awaited request arrived
 
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                transport.write(too_many)
-                transport.close()
-                return
-            self._arm()
+class ConnectionGuard:
+    """The bounds of `guarded_protocol`, mixed into uvicorn's H11Protocol; the class that mixes it in
+    sets read_timeout, max_connections and the two raw responses (timed_out, too_many)."""
+    read_timeout = max_connections = timed_out = too_many = None
+    _deadline = _waiting_for = None
+    _received = False                                  # bytes of the awaited request arrived
 
-        def data_received(self, data):
-            self._received = True
-            super().data_received(data)
-            self._disarm_when_read()
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.write(self.too_many)
+            transport.close()
+            return
+        self._arm()
 
-        def on_response_complete(self):
-            self._arm()                                # the next request gets read_timeout seconds
-            super().on_response_complete()              # (which may start a pipelined one)
-            self._disarm_when_read()
+    def data_received(self, data):
+        self._received = True
+        super().data_received(data)
+        self._disarm_when_read()
 
-        def connection_lost(self, exc):
-            self._disarm()
-            super().connection_lost(exc)
+    def on_response_complete(self):
+        self._arm()                                    # the next request gets read_timeout seconds
+        super().on_response_complete()                  # (which may start a pipelined one)
+        self._disarm_when_read()
 
-        def _arm(self):
-            self._disarm()
-            self._waiting_for = self.cycle             # done once a newer cycle has its whole body
-            self._received = False
-            self._deadline = self.loop.call_later(read_timeout, self._read_timed_out)
+    def connection_lost(self, exc):
+        self._disarm()
+        super().connection_lost(exc)
 
-        def _disarm(self):
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+    def _arm(self):
+        self._disarm()
+        self._waiting_for = self.cycle                 # done once a newer cycle has its whole body
+        self._received = False
+        self._deadline = self.loop.call_later(self.read_timeout, self._read_timed_out)
 
-        def _disarm_when_read(self):
-            cycle = self.cycle
-            if self._deadline is not None and cycle is not None and cycle is not self._waiting_for \
-                    and not cycle.more_body:
-                self._disarm()
-
-        def _read_timed_out(self):
+    def _disarm(self):
+        if self._deadline is not None:
+            self._deadline.cancel()
             self._deadline = None
-            if self.transport.is_closing():
-                return
-            cycle = self.cycle
-            waiting = cycle is None or cycle is self._waiting_for
-            if (waiting and self._received) or not (waiting or cycle.response_started):
-                self.transport.write(timed_out)
-            self.transport.close()                     # the app sees the client disconnect
 
-    return GuardedH11Protocol
+    def _disarm_when_read(self):
+        cycle = self.cycle
+        if self._deadline is not None and cycle is not None and cycle is not self._waiting_for \
+                and not cycle.more_body:
+            self._disarm()
+
+    def _read_timed_out(self):
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        waiting = cycle is None or cycle is self._waiting_for
+        if (waiting and self._received) or not (waiting or cycle.response_started):
+            self.transport.write(self.timed_out)
+        self.transport.close()                         # the app sees the client disconnect
 
 
 class DrainingServer(uvicorn.Server):

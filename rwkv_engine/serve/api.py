@@ -505,20 +505,27 @@ def create_app(scheduler: Scheduler, model_name, limits: Limits = None, on_ready
     """The FastAPI app serving `scheduler`'s model under `model_name`. The scheduler is started on
     startup and stopped (in-flight requests cancelled, thread joined) on shutdown."""
     limits = limits or Limits()
-    model = scheduler.model
-    builder = JobBuilder(model_name, scheduler.tokenizer, model.vocab_size, limits, scheduler.max_batch)
-    metrics = scheduler.metrics
+    app = FastAPI(title="rwkv_engine", lifespan=lifespan(scheduler, on_ready))
+    add_error_handlers(app, scheduler.metrics)
+    add_generation_routes(app, scheduler, model_name, limits)
+    add_info_routes(app, scheduler, model_name)
+    return app
 
+
+def lifespan(scheduler, on_ready):
+    """The app's lifespan: the scheduler runs while the app does; `on_ready()` once it has started."""
     @asynccontextmanager
-    async def lifespan(app):
+    async def run_scheduler(app):
         scheduler.start()
         if on_ready is not None:
             on_ready()
         yield
         scheduler.stop()
+    return run_scheduler
 
-    app = FastAPI(title="rwkv_engine", lifespan=lifespan)
 
+def add_error_handlers(app, metrics):
+    """Every error answers in OpenAI's body; ApiErrors are counted by outcome."""
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
         outcome = {429: "queue_full", 404: "not_found"}.get(e.status, "invalid" if e.status < 500 else "error")
@@ -533,6 +540,11 @@ def create_app(scheduler: Scheduler, model_name, limits: Limits = None, on_ready
     async def http_error(request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
+
+def add_generation_routes(app, scheduler, model_name, limits):
+    """POST /v1/completions and /v1/chat/completions."""
+    builder = JobBuilder(model_name, scheduler.tokenizer, scheduler.model.vocab_size, limits, scheduler.max_batch)
+
     async def generate(request: Request, prepare, fmt_cls):
         raw = await read_body(request, limits.max_body_bytes)
         job, stream, include_usage = await run_in_threadpool(prepare, raw, request.headers.get("content-type"))
@@ -545,6 +557,11 @@ def create_app(scheduler: Scheduler, model_name, limits: Limits = None, on_ready
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await generate(request, builder.chat, ChatFormat)
+
+
+def add_info_routes(app, scheduler, model_name):
+    """GET /v1/models, /health and /metrics."""
+    metrics = scheduler.metrics
 
     @app.get("/v1/models")
     async def models():
@@ -559,5 +576,3 @@ def create_app(scheduler: Scheduler, model_name, limits: Limits = None, on_ready
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
-
-    return app

@@ -14,8 +14,9 @@ runs one step in three parts (vLLM's schedule -> execute_model -> process_output
      (states stacked along B), the decoding streams' one batched token-mode forward.
   3. The output step (the `Scheduler`'s own methods) samples each stream from its own row with its
      own generator (rows of streams sampled by temperature alone: one call per temperature, each
-     row alone), applies its `StreamLoop` (stop token, stop strings, max_tokens, text), emits events
-     and retires finished streams (their rows leave the stacked state).
+     row alone, where the dispatch table has a `sample_rows` kernel for the logits), applies its
+     `StreamLoop` (stop token, stop strings, max_tokens, text), emits events and retires finished
+     streams (their rows leave the stacked state).
 A failure ends the jobs or streams it concerns with an error event (`Scheduler._fail`), never the
 thread. Results go back through each job's `emit(Event)` callback, called on the scheduler thread.
 """
@@ -29,6 +30,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+import rwkv_kernels
 from rwkv_kernels import dispatch
 
 from ..generation import StreamLoop, TextStream
@@ -106,13 +108,6 @@ def stream_loop(job, index, vocab_size, tokenizer, eos, device):
     return StreamLoop(p, job.max_tokens, generator=torch.Generator(device=device).manual_seed(seed), counts=counts,
                       stop_tokens={eos} if job.stop_at_eos and eos is not None else (),
                       text=TextStream(tokenizer, job.stop) if tokenizer is not None else None)
-
-
-def rows_sampled_together(logits):
-    """Whether rows of these logits can go to sampling.sample_temperature_rows (rwkv_kernels.sample_rows'
-    input: CPU float32). TODO: ask rwkv_kernels.dispatch once its query for sample_rows lands (the
-    dispatch-table helper's branch); until then this is the rule it will answer."""
-    return logits.device.type == "cpu" and logits.dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,9 +390,10 @@ class Scheduler:
 
     def _sample_rows(self, logits):
         """Each decoding stream samples from its own row; rows of streams sampled by temperature alone
-        go together, one call per temperature."""
+        go together, one call per temperature, where `rwkv_kernels.sample_rows` has a kernel for these
+        logits (the table says; else each row alone)."""
         plain = {}                  # temperature -> rows of streams sampled by temperature alone
-        together = rows_sampled_together(logits)
+        together = rwkv_kernels.sample_rows_serves(logits)      # the dispatch table's answer
         for row, s in enumerate(self.decoding):
             if together and s.loop.plain_temperature(logits.shape[-1]):
                 plain.setdefault(s.job.sampling.temperature, []).append(row)
