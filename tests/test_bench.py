@@ -349,7 +349,10 @@ def test_sweep_one_line_errors(tmp_path, case):
 
 
 def test_weight_format_counts_in_the_fit_check_and_the_run_key():
-    assert models.WEIGHT_BYTES == {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1.0625}
+    per_block = {"int8": 32 + 2, "q5_0": 32 * 5 // 8 + 2, "q4_1": 32 * 4 // 8 + 2 + 2}   # values + fp16 scale (+ min)
+    expected = {"float32": 4, "float16": 2, "bfloat16": 2, **{k: v / 32 for k, v in per_block.items()}}
+    expected.update({f"{k}+cols": v for k, v in expected.items() if k in per_block})   # column scales: O(in), not O(in x out)
+    assert models.WEIGHT_BYTES == expected
     n = models.n_params("rwkv-4-pile-1b5")
     assert models.estimate("rwkv-4-pile-1b5", 16, weights="int8")["params_bytes"] == int(n * 1.0625)
     assert models.estimate("rwkv-4-pile-1b5", 16, weights="bfloat16")["params_bytes"] == n * 2
