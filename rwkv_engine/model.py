@@ -211,7 +211,7 @@ class RWKV:
         if len(self.layers) != self.config.n_layer:
             raise ValueError(f"this model holds layers {self.layers.start}..{self.layers.stop - 1} only "
                              "(a pipeline stage): run it through rwkv_engine.pipeline")
-        tokens = self._check_tokens(tokens)
+        tokens = self.check_tokens(tokens)
         B, T = tokens.shape
         if state is None:
             state = self.new_state(B)
@@ -268,7 +268,9 @@ class RWKV:
 
     __call__ = forward
 
-    def _check_tokens(self, tokens):
+    def check_tokens(self, tokens):
+        """tokens as forward takes them -> LongTensor [B, T] on this model's device (one-line ValueError
+        for ids outside the vocabulary, an empty batch, a wrong dtype); a pipeline checks with it too."""
         return as_token_batch(tokens, self.vocab_size, self.device)
 
     def _ln(self, x, w, b):

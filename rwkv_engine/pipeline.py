@@ -358,7 +358,7 @@ class PipelinedRWKV:
         """Same contract as RWKV.forward: tokens [B, T] -> (logits float32 [B, V] ([B, T, V] with
         all_logits), state updated in place)."""
         if state is None:
-            state = self.new_state(self.stage.model._check_tokens(tokens).shape[0])
+            state = self.new_state(self.stage.model.check_tokens(tokens).shape[0])
         return self.submit(tokens, state, all_logits).result(), state
 
     @torch.inference_mode()
@@ -366,7 +366,7 @@ class PipelinedRWKV:
         """Start a forward and return at once (after rank 0's own layers) with a `Pending` whose
         result() gives the logits. Several submits on different states may be in flight: the
         stages then work on them at the same time (`decode_interleaved`)."""
-        tokens = self.stage.model._check_tokens(tokens)
+        tokens = self.stage.model.check_tokens(tokens)
         B, T = tokens.shape
         if not isinstance(state, PipelineState) or state._model is not self:
             raise ValueError(f"state must come from this pipeline's new_state(), got {type(state).__name__}")
@@ -452,7 +452,7 @@ def decode_interleaved(model, prompt, max_new_tokens, groups=None, sampling=None
     prompt: token ids [B, T]. Returns {"tokens": [B][max_new_tokens], "prefill_s", "decode_s"}.
     The tokens equal generate()'s with the same sampling and seed (groups draw in stream order;
     each stream runs the library's StreamLoop)."""
-    ids = model.stage.model._check_tokens(prompt)
+    ids = model.stage.model.check_tokens(prompt)
     B = ids.shape[0]
     sampler = Sampler(sampling or SamplingParams(temperature=0), B, model.vocab_size, model.device, seed)
     loops = sampler.loops(max_new_tokens)
