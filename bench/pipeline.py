@@ -235,7 +235,7 @@ def child(spec, out):
                           threads=spec["threads"], exit_workers=False, timeout_s=300)
     stage = model.stage.model
     info = {"rank": rank, "layers": [stage.layers.start, stage.layers.stop], "threads": torch.get_num_threads(),
-            "synthetic": bool(model.synthetic), "source": str(model.source)}
+            "synthetic": bool(stage.synthetic), "source": str(stage.source)}
     if rank == 0:
         info["runs"] = measure(model, spec, DRAGON_PROMPT)
         model.close()

@@ -4,6 +4,7 @@
     model = rwkv_engine.load("rwkv-4-pile-169m")          # synthetic weights unless checkpoint= is given
     print(model.generate("The dragons", max_new_tokens=32, temperature=0).text[0])
 """
+from dataclasses import replace
 from pathlib import Path
 
 import rwkv_kernels  # noqa: F401  (first: it sets torch's OpenMP spin before torch loads; see rwkv_kernels/__init__)
@@ -14,14 +15,15 @@ from .checkpoint import (CheckpointError, check_against_registry, model_name, re
 from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
 from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
 from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
-from .model import RWKV
+from .model import RWKV, LoadOptions
 from .sampling import NonFiniteLogitsError, SamplingParams, sample
 from .state import State
 from .tokenizer import NEOX_VOCAB_SIZE, Tokenizer, tokenizer
 
 __all__ = ["load", "RWKV", "State", "RWKVConfig", "MODELS", "tokenizer", "Tokenizer", "generate", "stream",
            "SamplingParams", "sample", "GenerationResult", "CheckpointError", "write_synthetic", "Model", "DTYPES",
-           "as_dtype", "as_token_batch", "prompt_to_ids", "Generation", "Step", "TextStream", "NonFiniteLogitsError", "resolve"]
+           "as_dtype", "as_token_batch", "prompt_to_ids", "Generation", "Step", "TextStream", "NonFiniteLogitsError", "resolve",
+           "LoadOptions"]
 
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors", ".bin")
 
@@ -47,7 +49,7 @@ def resolve(name_or_path, checkpoint=None):
 
 
 def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, rescale_every=None, weights=None,
-         layers=None):
+         layers=None, *, options=None):
     """Load an RWKV-4 model.
 
     name_or_path: a registered name (see `MODELS`, e.g. "rwkv-4-pile-169m", or its hub name
@@ -67,15 +69,21 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
     (streamed, shard by shard: 7B/14B fit here).
     layers: a range of layers: build only those (a pipeline stage, see rwkv_engine.pipeline); only
     their tensors are read from the (memory-mapped) checkpoint.
+    options: a `LoadOptions` in place of device, dtype, rescale_every, weights and layers (then leave
+    those at their defaults).
     """
-    device = as_device(device)
+    if options is None:
+        options = LoadOptions(device, dtype, weights, rescale_every, layers)
+    elif (device, dtype, rescale_every, weights, layers) != ("cpu", "float32", None, None, None):
+        raise TypeError("give either options= or device/dtype/rescale_every/weights/layers, not both")
+    options = replace(options, device=as_device(options.device))
     name, path = resolve(name_or_path, checkpoint)
     synthetic = path is None
     if synthetic:
-        path = synthetic_for(name, weights, seed)
-    sd, cfg = read_checkpoint(path, layers)
-    if weights is None:
-        weights = weight_format(path)             # a packed file loads in its own format
+        path = synthetic_for(name, options.weights, seed)
+    sd, cfg = read_checkpoint(path, options.layers)
+    if options.weights is None:
+        options = replace(options, weights=weight_format(path))    # a packed file loads in its own format
     meta = read_metadata(path)
     synthetic = synthetic or meta.get("synthetic") == "true"
     name = name or model_name(meta)               # a converted synthetic checkpoint keeps its model's name
@@ -85,8 +93,8 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
         cfg = RWKVConfig(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_dim, reg.ctx_len,
                          cfg.layer_norm_eps, name=reg.name)
     tok = tokenizer() if cfg.vocab_size == NEOX_VOCAB_SIZE else None
-    model = RWKV(cfg, sd, device, dtype, source=path, synthetic=synthetic, tokenizer=tok,
-                 rescale_every=rescale_every, weights=weights, progress=_progress(weights, cfg), layers=layers)
+    model = RWKV(cfg, sd, options, source=path, synthetic=synthetic, tokenizer=tok,
+                 progress=_progress(options.weights, cfg))
     release_pages(sd.values(), model)          # raw tensors the model converted (its emb has ln0 applied)
     return model
 

@@ -6,7 +6,7 @@ T == 1 is token mode (one decode step per stream); T > 1 is sequence mode (matri
 products and one WKV scan over time; a long prompt in chunks of SEQUENCE_CHUNK tokens). Both
 update `state` in place and return it, so a prompt can be fed in chunks with the state carried.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -130,31 +130,72 @@ def check_layer_range(layers, n_layer):
     return layers
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is built from its checkpoint: what `rwkv_engine.load`, `RWKV` and the pipeline's
+    ranks are given (the checkpoint itself, its provenance and the tokenizer are not options).
+
+    device: cpu or cuda. dtype: the compute dtype (float32, float16, bfloat16). weights: the weight
+    format of the large matrices (a name of `rwkv_kernels.formats.names()`; None: as dtype, or a packed
+    file's own). rescale_every: halve the residual every N layers (None: 6 for float16, else 0).
+    layers: a range of layers to build (a pipeline stage; None: all). wkv_backend: None (chosen by
+    device in rwkv_kernels.wkv) or a backend name."""
+    device: "str | torch.device" = "cpu"
+    dtype: "str | torch.dtype" = "float32"
+    weights: "str | None" = None
+    rescale_every: "int | None" = None
+    layers: "range | None" = None
+    wkv_backend: "str | None" = None
+
+    def __post_init__(self):
+        r = self.rescale_every
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"rescale_every must be an int >= 0 (0: off), got {r!r}")
+
+    @classmethod
+    def of(cls, options=None, **keywords):
+        """A LoadOptions from either an instance or its fields as keywords (not both)."""
+        if options is None:
+            return cls(**keywords)
+        if not isinstance(options, cls):
+            raise TypeError(f"options must be a rwkv_engine.LoadOptions, got {type(options).__name__}")
+        if keywords:
+            raise TypeError(f"give either options= or {', '.join(sorted(keywords))}, not both")
+        return options
+
+    @classmethod
+    def names(cls):
+        return tuple(f.name for f in fields(cls))
+
+
 class RWKV:
-    """An RWKV-4 model ready for inference. Build it with `rwkv_engine.load`."""
+    """An RWKV-4 model ready for inference. Build it with `rwkv_engine.load`.
+
+    RWKV(cfg, sd, options) with a `LoadOptions`, or RWKV(cfg, sd, dtype="float16", ...) with its fields as
+    keywords; source/synthetic say where the weights came from, progress wraps the layer loop (a tqdm)."""
 
     # What a server may ask of it (rwkv_engine.serve reads these, never the class):
     batched_token_mode = True   # one token-mode forward steps B streams, each row as it would alone
     batched_prefill = True      # sequence mode over stacked states, rows independent under dispatch.rows_independent()
     state_copy = True           # state.clone(), state.select(rows), State.cat(states)
 
-    def __init__(self, cfg: RWKVConfig, sd, device="cpu", dtype="float32", source="", synthetic=False,
-                 tokenizer=None, rescale_every=None, wkv_backend=None, weights=None, progress=None, layers=None):
+    def __init__(self, cfg: RWKVConfig, sd, options: LoadOptions = None, *, tokenizer=None, source="",
+                 synthetic=False, progress=None, **option_keywords):
+        options = LoadOptions.of(options, **option_keywords)
         self.config = cfg
-        self.device = torch.device(device)
-        self.dtype = as_dtype(dtype)
+        self.device = torch.device(options.device)
+        self.dtype = as_dtype(options.dtype)
         self.source = str(source)
         self.synthetic = synthetic
         self.tokenizer = tokenizer
         # float16 needs the residual rescaled (the official packages use 6 as well); others do not
+        rescale_every = options.rescale_every
         if rescale_every is None:
             rescale_every = 6 if self.dtype == torch.float16 else 0
-        if isinstance(rescale_every, bool) or not isinstance(rescale_every, int) or rescale_every < 0:
-            raise ValueError(f"rescale_every must be an int >= 0 (0: off), got {rescale_every!r}")
         self.rescale_every = rescale_every
-        self.wkv_backend = wkv_backend          # None: chosen by device in rwkv_kernels.wkv
-        self.layers = check_layer_range(layers, cfg.n_layer)   # a pipeline stage holds only some
-        packed = wformat.resolve(weights, self.dtype, self.device)
+        self.wkv_backend = options.wkv_backend          # None: chosen by device in rwkv_kernels.wkv
+        self.layers = check_layer_range(options.layers, cfg.n_layer)   # a pipeline stage holds only some
+        packed = wformat.resolve(options.weights, self.dtype, self.device)
         if packed is not None and rescale_every:
             raise ValueError("rescale_every applies to float16 compute only, not to packed weights")
         w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers, packed, progress)

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from . import load as load_model, resolve
 from .checkpoint import open_checkpoint, write_synthetic
 from .generation import Sampler, generate, stream
 from .contract import as_dtype
+from .model import LoadOptions
 from .sampling import SamplingParams
 from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
 from .state import State
@@ -39,7 +40,7 @@ from .state import State
 OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_SELECT_STATE, OP_CAT_STATES, OP_PING, OP_SHUTDOWN = range(1, 9)
 
 __all__ = ["load", "split_layers", "decode_interleaved", "PipelinedRWKV", "PipelineState", "PipelineError", "Worker",
-           "Stopped", "stop_on_signals"]
+           "Stopped", "stop_on_signals", "PipelineOptions"]
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -545,6 +546,25 @@ def default_threads(local_world):
     return max(1, cores // local_world)
 
 
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the ranks run one model (pipeline.load's keywords besides the model's own LoadOptions and
+    its checkpoint); see `load`."""
+    layers_per_rank: "list | None" = None
+    micro_batches: "int | None" = None
+    prompt_chunk: "int | None" = None
+    timeout_s: float = 60.0
+    load_timeout_s: float = 600.0
+    backend: "str | None" = None
+    threads: "int | None" = None
+
+    def __post_init__(self):
+        for name in ("micro_batches", "prompt_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PipelineError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def load(name_or_path, *, exit_workers=True, **kwargs):
     """Start this rank's part of a pipeline (call it on every rank, as launched by torchrun).
 
@@ -554,17 +574,17 @@ def load(name_or_path, *, exit_workers=True, **kwargs):
     Every rank checks before any work that the layer split fits the model and that all ranks have
     the same checkpoint.
 
-    checkpoint, device, dtype, seed: as rwkv_engine.load. layers_per_rank: e.g. [10, 10, 12]
-    (default: even). micro_batches, prompt_chunk: see PipelinedRWKV. timeout_s bounds every wait
-    once running (a dead or hung rank -> PipelineError naming it, on every rank); load_timeout_s
-    bounds start-up (loading, the first forward that pages the weights in). backend: gloo or nccl
-    (default nccl when CUDA is available). threads: torch threads of this rank (default: its share
-    of the host's cores).
+    checkpoint, device, dtype, seed: as rwkv_engine.load (device None: cuda:LOCAL_RANK with nccl, else
+    cpu). The rest are PipelineOptions: layers_per_rank: e.g. [10, 10, 12] (default: even).
+    micro_batches, prompt_chunk: see PipelinedRWKV. timeout_s bounds every wait once running (a dead
+    or hung rank -> PipelineError naming it, on every rank); load_timeout_s bounds start-up (loading,
+    the first forward that pages the weights in). backend: gloo or nccl (default nccl when CUDA is
+    available). threads: torch threads of this rank (default: its share of the host's cores).
     """
     if int(os.environ.get("RANK", 0)) != 0:
         _outlive_stop_signals()
     try:
-        return _load(name_or_path, exit_workers=exit_workers, **kwargs)
+        return _load(name_or_path, *split_options(kwargs), exit_workers=exit_workers)
     except (PipelineError, ValueError) as e:
         if int(os.environ.get("RANK", 0)) == 0 or not exit_workers:
             raise
@@ -572,55 +592,71 @@ def load(name_or_path, *, exit_workers=True, **kwargs):
         os._exit(1)                 # not sys.exit: a broken process group can hang in its destructor
 
 
-def _load(name_or_path, *, checkpoint=None, device=None, dtype="float32", layers_per_rank=None,
-          micro_batches=None, prompt_chunk=None, timeout_s=60.0, load_timeout_s=600.0, backend=None,
-          threads=None, seed=0, exit_workers=True):
-    for name, value in (("micro_batches", micro_batches), ("prompt_chunk", prompt_chunk)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise PipelineError(f"{name} must be an int >= 1, got {value!r}")
+def split_options(kwargs):
+    """pipeline.load's keywords -> (checkpoint, seed, LoadOptions, PipelineOptions); an unknown
+    keyword is a TypeError naming it."""
+    kw = dict(kwargs)
+    checkpoint, seed = kw.pop("checkpoint", None), kw.pop("seed", 0)
+    model = LoadOptions(device=kw.pop("device", None), dtype=kw.pop("dtype", "float32"))
+    unknown = sorted(set(kw) - {f.name for f in fields(PipelineOptions)})
+    if unknown:
+        raise TypeError(f"pipeline.load() got an unexpected keyword argument {unknown[0]!r}")
+    return checkpoint, seed, model, PipelineOptions(**kw)
+
+
+def _load(name_or_path, checkpoint, seed, options: LoadOptions, run: PipelineOptions, exit_workers=True):
     if dist.is_initialized():
         raise PipelineError("pipeline.load initialises torch.distributed itself (with the store faults are "
                             "reported in): call it before any init_process_group")
-    store = init(backend, load_timeout_s)
+    store = init(run.backend, run.load_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if device is None:
-        device = f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu"
-    torch.set_num_threads(threads or default_threads(local_world))
+    if options.device is None:
+        options = replace(options, device=f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu")
+    torch.set_num_threads(run.threads or default_threads(local_world))
     path = _checkpoint_path(name_or_path, checkpoint, seed, local_rank)
-
-    info = {"host": hostname(), "path": str(path), "error": None,
-            "args": {"dtype": str(as_dtype(dtype)).replace("torch.", ""), "layers_per_rank": layers_per_rank}}
-    try:
-        entries, cfg = open_checkpoint(path)
-        info.update(hash=fingerprint(entries, cfg),
-                    summary=f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}")
-        split = split_layers(cfg.n_layer, world, layers_per_rank)
-    except (ValueError, PipelineError) as e:
-        info["error"] = str(e)
-    infos = _agree(info, "config")
-    _check_same_checkpoint(infos)
-
-    try:
-        model = load_model(name_or_path, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed,
-                           layers=split[rank])
-        info = {"host": info["host"], "error": None}
-    except (ValueError, OSError, RuntimeError, MemoryError) as e:
-        info = {"host": info["host"], "error": f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)}
-    infos = _agree(info, "load")
-    boundary = Boundary(store, device, load_timeout_s)
-    boundary.hosts = {r: i["host"] for r, i in enumerate(infos)}
-    stage = Stage(model, boundary)
+    split = _agree_on_checkpoint(path, options, run, world)
+    stage = _load_stage(name_or_path, checkpoint, seed, replace(options, layers=split[rank]), store, run)
     if rank == 0:
-        pipe = PipelinedRWKV(stage, split, micro_batches, prompt_chunk)
+        pipe = PipelinedRWKV(stage, split, run.micro_batches, run.prompt_chunk)
         pipe.forward([[0]])                  # pages every rank's weights in, under the start-up timeout
-        boundary.timeout = datetime.timedelta(seconds=timeout_s)
+        stage.boundary.timeout = datetime.timedelta(seconds=run.timeout_s)
         atexit.register(pipe.close)
         return pipe
-    worker = Worker(stage, datetime.timedelta(seconds=timeout_s))
+    worker = Worker(stage, datetime.timedelta(seconds=run.timeout_s))
     worker.run()
     dist.destroy_process_group()
     if exit_workers:
         raise SystemExit(0)
     return worker
+
+
+def _agree_on_checkpoint(path, options, run, world):
+    """Every rank reads its checkpoint's listing; all must agree (arguments, checkpoint) -> the split."""
+    info = {"host": hostname(), "path": str(path), "error": None,
+            "args": {"dtype": str(as_dtype(options.dtype)).replace("torch.", ""),
+                     "layers_per_rank": run.layers_per_rank}}
+    split = None
+    try:
+        entries, cfg = open_checkpoint(path)
+        info.update(hash=fingerprint(entries, cfg),
+                    summary=f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}")
+        split = split_layers(cfg.n_layer, world, run.layers_per_rank)
+    except (ValueError, PipelineError) as e:
+        info["error"] = str(e)
+    _check_same_checkpoint(_agree(info, "config"))
+    return split
+
+
+def _load_stage(name_or_path, checkpoint, seed, options, store, run):
+    """Load this rank's layers (every rank learns whether all loaded) -> its Stage."""
+    try:
+        model = load_model(name_or_path, checkpoint=checkpoint, seed=seed, options=options)
+        info = {"host": hostname(), "error": None}
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
+        info = {"host": hostname(), "error": f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)}
+    infos = _agree(info, "load")
+    boundary = Boundary(store, options.device, run.load_timeout_s)
+    boundary.hosts = {r: i["host"] for r, i in enumerate(infos)}
+    return Stage(model, boundary)

@@ -131,3 +131,55 @@ def test_the_public_names_check_lets_the_api_through():
     source = ("import rwkv_engine\nfrom rwkv_engine import generate, tokenizer\n"
               "from rwkv_engine.files import first_line\nx = rwkv_engine.load\n")
     assert private_engine_uses(source, "baselines.x") == []
+
+
+def private_names(source):
+    """The underscore names a file defines: top-level functions, classes and assignments, methods and
+    class attributes of its classes, and attributes it assigns on `self` (dunders are not private)."""
+    tree = ast.parse(source)
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names |= {m.name for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            names |= {t.id for m in node.body if isinstance(m, ast.Assign) for t in m.targets
+                      if isinstance(t, ast.Name)}
+        if isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
+              and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def cross_module_private_uses(sources):
+    """{module: source} -> [(module, line, what)]: every `from x import _y`, and every `obj._name` where
+    `_name` is private to another module of the tree and not defined by the file itself."""
+    defined = {m: private_names(s) for m, s in sources.items()}
+    bad = []
+    for module, source in sources.items():
+        others = set().union(*(d for m, d in defined.items() if m != module)) - defined[module]
+        for line, target, name in imports(source, module):
+            if name and name.startswith("_") and not name.startswith("__"):
+                bad.append((module, line, f"from {target} import {name}"))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr in others:
+                bad.append((module, node.lineno, f".{node.attr}"))
+    return bad
+
+
+def test_no_module_uses_another_modules_private_names():
+    sources = {m: p.read_text() for p, m in _tree_files()}
+    assert "rwkv_engine.pipeline" in sources and len(sources) > 40
+    assert cross_module_private_uses(sources) == []
+
+
+def test_the_private_names_check_catches_a_cross_module_call():
+    model = "class RWKV:\n    def _check_tokens(self, tokens):\n        return tokens\n"
+    old_pipeline = "def forward(self, tokens):\n    return self.stage.model._check_tokens(tokens)\n"   # the old call
+    found = cross_module_private_uses({"rwkv_engine.model": model, "rwkv_engine.pipeline": old_pipeline})
+    assert found == [("rwkv_engine.pipeline", 2, "._check_tokens")]
+    imported = cross_module_private_uses({"a.b": "from .c import _helper\n", "a.c": "def _helper():\n    pass\n"})
+    assert imported == [("a.b", 1, "from a.c import _helper")]
+    own = "class S:\n    def __init__(self):\n        self._lock = 1\n    def f(self, o):\n        return o._lock\n"
+    assert cross_module_private_uses({"a.s": own, "a.t": "x = 1\n"}) == []          # its own private name

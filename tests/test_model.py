@@ -191,3 +191,30 @@ def test_engine_with_triton_wkv_matches_cpu_path(tiny_pth, tiny_model):
         got, s_got = triton_model.forward(torch.tensor([[3], [4]]), s_got)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_got.att_p, s_ref.att_p, rtol=1e-5, atol=1e-5)
+
+
+def test_load_options_build_the_same_model_as_the_keywords(tiny_pth):
+    """rwkv_engine.load, RWKV and the pipeline take one LoadOptions; the keyword API stays."""
+    import dataclasses
+    from rwkv_engine import LoadOptions
+    from rwkv_engine.checkpoint import synthetic_state_dict
+    from rwkv_engine.model import RWKV
+    x = ids(1, 9)
+    by_keywords = rwkv_engine.load(str(tiny_pth), dtype="bfloat16", rescale_every=3)
+    by_options = rwkv_engine.load(str(tiny_pth), options=LoadOptions(dtype="bfloat16", rescale_every=3))
+    assert by_options.dtype == torch.bfloat16 and by_options.rescale_every == 3 and by_options.source == str(tiny_pth)
+    assert torch.equal(by_keywords.forward(x)[0], by_options.forward(x)[0])
+    with pytest.raises(TypeError, match="either options= or"):
+        rwkv_engine.load(str(tiny_pth), dtype="float16", options=LoadOptions())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LoadOptions().dtype = "float16"
+    with pytest.raises(ValueError, match="rescale_every must be an int >= 0"):
+        LoadOptions(rescale_every=-1)
+    cfg = by_keywords.config
+    sd = synthetic_state_dict(cfg, seed=4)
+    a, b = RWKV(cfg, sd, LoadOptions(layers=range(0, 1))), RWKV(cfg, sd, layers=range(0, 1))
+    assert a.layers == b.layers == range(0, 1) and len(a.blocks) == 1
+    with pytest.raises(TypeError, match="either options= or layers"):
+        RWKV(cfg, sd, LoadOptions(), layers=range(0, 1))
+    with pytest.raises(TypeError, match="options must be a rwkv_engine.LoadOptions"):
+        RWKV(cfg, sd, "cpu")

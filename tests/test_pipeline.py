@@ -112,6 +112,19 @@ def test_ranks_started_with_different_arguments_are_refused():
         _check_same_checkpoint([info("a", "float32"), info("b", "float16")])
 
 
+def test_load_keywords_become_one_load_options_and_one_pipeline_options():
+    from rwkv_engine import LoadOptions
+    from rwkv_engine.pipeline import PipelineOptions, split_options
+    checkpoint, seed, model, run = split_options(dict(checkpoint="m.pth", dtype="float16", seed=3, micro_batches=2,
+                                                      layers_per_rank=[1, 3], timeout_s=5.0))
+    assert (checkpoint, seed) == ("m.pth", 3) and model == LoadOptions(device=None, dtype="float16")
+    assert run == PipelineOptions(layers_per_rank=[1, 3], micro_batches=2, timeout_s=5.0)
+    with pytest.raises(TypeError, match="pipeline.load.. got an unexpected keyword argument 'weigths'"):
+        split_options(dict(weigths="int8"))
+    with pytest.raises(PipelineError, match="micro_batches must be an int >= 1, got 0"):
+        split_options(dict(micro_batches=0))
+
+
 def test_plan_keeps_each_micro_batch_chunks_in_order():
     items = plan(5, 7, micro_batches=2, chunk=3, all_logits=False)
     assert [(it.rows, it.cols, it.logits) for it in items] == [
