@@ -34,7 +34,7 @@ from .generation import Sampler, generate, stream
 from .contract import as_dtype
 from .model import LoadOptions
 from .sampling import SamplingParams
-from .stage import TAG_LOGITS, TAG_X, Boundary, PipelineError, hostname, init
+from .stage import TAG_LOGITS, TAG_X, Boundary, Header, PipelineError, hostname, init
 from .state import State
 
 OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_SELECT_STATE, OP_CAT_STATES, OP_PING, OP_SHUTDOWN = range(1, 9)
@@ -187,23 +187,23 @@ class Worker:
         """Serve until rank 0 sends shutdown. A failure raises PipelineError (naming the rank)."""
         b = self.boundary
         while True:
-            (op, a, B, T, all_logits, micro, chunk), payload = b.recv_header()
+            h, payload = b.recv_header()
             try:
-                if op == OP_SHUTDOWN:
+                if h.op == OP_SHUTDOWN:
                     return
-                if op == OP_NEW_STATE:
-                    self.states[a] = self.stage.model.new_state(B)
-                elif op == OP_FREE_STATE:
-                    self.states.pop(a, None)
-                elif op == OP_CLONE_STATE:
-                    self.states[B] = self.states[a].clone()
-                elif op == OP_SELECT_STATE:
-                    self.states[B] = self.states[a].select(payload)
-                elif op == OP_CAT_STATES:
-                    self.states[a] = State.cat([self.states[i] for i in payload])
-                elif op == OP_FORWARD:
-                    items = plan(B, T, micro, chunk, bool(all_logits))
-                    sends, _ = self.stage.forward_items(items, self.states[a], bool(all_logits))
+                if h.op == OP_NEW_STATE:
+                    self.states[h.new_state] = self.stage.model.new_state(h.batch)
+                elif h.op == OP_FREE_STATE:
+                    self.states.pop(h.state, None)
+                elif h.op == OP_CLONE_STATE:
+                    self.states[h.new_state] = self.states[h.state].clone()
+                elif h.op == OP_SELECT_STATE:
+                    self.states[h.new_state] = self.states[h.state].select(payload)
+                elif h.op == OP_CAT_STATES:
+                    self.states[h.new_state] = State.cat([self.states[i] for i in payload])
+                elif h.op == OP_FORWARD:
+                    items = plan(h.batch, h.length, h.micro_batches, h.prompt_chunk, bool(h.all_logits))
+                    sends, _ = self.stage.forward_items(items, self.states[h.state], bool(h.all_logits))
                     b.wait_all(sends)
                     b.timeout = self.timeout          # after the first (warm-up) forward
             except PipelineError:
@@ -303,7 +303,7 @@ class PipelinedRWKV:
         return State.zeros(self.config.n_layer, batch_size, self.config.n_embd, "meta", self.dtype).nbytes
 
     # -- operations (each one holds the lock: the keep-alive thread sends between them) ----------
-    def _op(self, *header, payload=()):
+    def _op(self, header: Header, payload=()):
         if _stop_signal is not None and not self._broken:
             raise Stopped(f"stopped by {signal.Signals(_stop_signal).name}")
         if self._closed:
@@ -311,12 +311,12 @@ class PipelinedRWKV:
         if self._broken:
             raise PipelineError(f"the pipeline stopped earlier: {self._broken}")
         while self._freed:
-            self._send(OP_FREE_STATE, self._freed.pop())
-        self._send(*header, payload=payload)
+            self._send(Header(OP_FREE_STATE, state=self._freed.pop()))
+        self._send(header, payload=payload)
 
-    def _send(self, *header, payload=()):
+    def _send(self, header: Header, payload=()):
         if len(self.split) > 1:
-            self.boundary.send_header(*header, payload=payload)
+            self.boundary.send_header(header, payload=payload)
         self._last_sent = time.monotonic()
 
     def _guarded(self, fn, *args):
@@ -342,16 +342,16 @@ class PipelinedRWKV:
 
         def op():
             sid, self._next_id = self._next_id, self._next_id + 1
-            self._op(OP_NEW_STATE, sid, batch_size)
+            self._op(Header(OP_NEW_STATE, new_state=sid, batch=batch_size))
             return PipelineState(self, sid, batch_size, local)
         return self._guarded(op)
 
     def _derive(self, op_code, batch_size, local, src=None, payload=()):
         """A new state made on every rank from existing ones (clone, select, cat); rank 0's part is
-        `local`. Header: (op, src, new id) for clone/select, (op, new id) for cat."""
+        `local`; clone and select read the state `src`, cat the states in `payload`."""
         def op():
             sid, self._next_id = self._next_id, self._next_id + 1
-            self._op(*((op_code, sid) if src is None else (op_code, src, sid)), payload=payload)
+            self._op(Header(op_code, state=0 if src is None else src, new_state=sid), payload=payload)
             return PipelineState(self, sid, batch_size, local)
         return self._guarded(op)
 
@@ -378,7 +378,8 @@ class PipelinedRWKV:
     def _submit(self, tokens, state, all_logits, micro_batches):
         B, T = tokens.shape
         items = plan(B, T, micro_batches, self.prompt_chunk, all_logits)
-        self._op(OP_FORWARD, state.id, B, T, int(all_logits), micro_batches, self.prompt_chunk or 0)
+        self._op(Header(OP_FORWARD, state=state.id, batch=B, length=T, all_logits=int(all_logits),
+                        micro_batches=micro_batches, prompt_chunk=self.prompt_chunk or 0))
         b, stage = self.boundary, self.stage
         incoming = [] if b.world == 1 else [b.post_recv(stage.logits_shape(it, all_logits), torch.float32,
                                                          b.last, TAG_LOGITS) for it in items if it.logits]
@@ -416,7 +417,7 @@ class PipelinedRWKV:
                 continue
             try:
                 if not self._closed and not self._broken:
-                    self._send(OP_PING)
+                    self._send(Header(OP_PING))
             except PipelineError as e:
                 self._broken = str(e)
             finally:
@@ -432,7 +433,7 @@ class PipelinedRWKV:
                 try:
                     for pending in list(self._in_flight):      # e.g. Stopped between two submits
                         self._finish(pending)
-                    self.boundary.send_header(OP_SHUTDOWN)
+                    self.boundary.send_header(Header(OP_SHUTDOWN))
                 except PipelineError:
                     pass
         if not self._broken:

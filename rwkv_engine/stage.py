@@ -19,11 +19,28 @@ import os
 import socket
 import time
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 TAG_HEADER, TAG_X, TAG_LOGITS = 1, 2, 3
-HEADER_LEN = 8
+
+
+class Header(NamedTuple):
+    """What rank 0 tells every worker at the start of an operation; one int64 per field on the
+    wire, then the length of the operation's payload (a list of ints, e.g. stream indices)."""
+    op: int                      # pipeline.OP_*
+    state: int = 0               # the state the operation reads: forward, free, clone / select source
+    new_state: int = 0           # the state it makes: new, clone, select, cat
+    batch: int = 0               # streams: of the new state, or the tokens' B of a forward
+    length: int = 0              # the tokens' T of a forward
+    all_logits: int = 0          # a forward returns every position's logits (0 / 1)
+    micro_batches: int = 0       # a forward's micro-batches
+    prompt_chunk: int = 0        # a forward's prompt chunk (0: none)
+
+
+HEADER_LEN = len(Header._fields) + 1             # the fields, then the payload's length
 FAULT_GRACE_S = 2.0          # how long a rank that saw a failure waits for the others' reports
 
 
@@ -53,29 +70,27 @@ class Boundary:
         self.hosts = {}          # rank -> hostname, filled by the start-up check
 
     # -- headers: rank 0 -> every worker ----------------------------------------------------
-    def send_header(self, *fields, payload=()):
-        """Rank 0 -> every worker: up to HEADER_LEN - 1 ints, then `payload` (a list of ints, e.g.
-        stream indices), whose length travels in the header's last field."""
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
-        header[:len(fields)] = torch.tensor(fields, dtype=torch.int64)
-        header[-1] = len(payload)
+    def send_header(self, header: Header, payload=()):
+        """Rank 0 -> every worker: the header, then `payload` (a list of ints), whose length travels
+        in the wire header's last field."""
+        header = torch.tensor([*header, len(payload)], dtype=torch.int64, device=self.device)
         tensors = [header] + ([torch.tensor(payload, dtype=torch.int64, device=self.device)] if payload else [])
         works = [self.send(t, dst, TAG_HEADER) for dst in range(1, self.world) for t in tensors]
         self.wait_all(works, tensors)
 
     def recv_header(self):
         """Worker: wait for rank 0's next header (rank 0 pings idle workers well within the timeout)
-        -> (fields, payload)."""
+        -> (Header, payload)."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         try:
             dist.irecv(header, 0, tag=TAG_HEADER).wait(self.timeout)
         except RuntimeError as e:
             self.fail(0, _kind_of(e), idle=True)
-        fields = header.tolist()
-        if fields[-1] == 0:
-            return fields[:-1], []
-        payload = self.wait(self.post_recv((fields[-1],), torch.int64, 0, TAG_HEADER))
-        return fields[:-1], payload.tolist()
+        *fields, n_payload = header.tolist()
+        if n_payload == 0:
+            return Header(*fields), []
+        payload = self.wait(self.post_recv((n_payload,), torch.int64, 0, TAG_HEADER))
+        return Header(*fields), payload.tolist()
 
     # -- data -------------------------------------------------------------------------------
     def post_recv(self, shape, dtype, src, tag):
