@@ -343,7 +343,7 @@ def pipelined_run(args, model, ids, prompt_note, res, load_s, warmup_s):
             "torch": torch.__version__, "baseline_bytes": None}
     extra = {"ranks": len(model.split), "layers": [[r.start, r.stop] for r in model.split],
              "rank0_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    result = RunResult(model=args.model, peer="ours", device=args.device, dtype=args.dtype, weight_format=args.dtype,
+    result = RunResult(model=args.model, peer="ours", device=args.device, dtype=args.dtype, weight_format=model.weight_format,
                        threads=torch.get_num_threads(), batch=args.batch, protocol="recurrent", seed=args.seed,
                        prompt_tokens=len(ids), prompt_note=prompt_note, new_tokens=args.tokens, load_s=load_s,
                        warmup_s=warmup_s, prefill_s=res.prefill_s, step_s=list(res.step_s), token_ids=res.tokens,

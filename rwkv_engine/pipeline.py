@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.distributed as dist
 
+import rwkv_kernels
+
 from . import load as load_model, resolve
 from .checkpoint import open_checkpoint, write_synthetic
 from .generation import Sampler, generate, stream
@@ -280,6 +282,7 @@ class PipelinedRWKV:
         m = stage.model
         self.config, self.device, self.dtype, self.tokenizer = m.config, m.device, m.dtype, m.tokenizer
         self.synthetic, self.source, self.rescale_every = m.synthetic, m.source, m.rescale_every
+        self.weight_format = m.weight_format        # the file's format (every rank reads the same file)
         self.micro_batches = micro_batches or len(split)
         self.prompt_chunk = prompt_chunk
         self._lock = threading.Lock()
@@ -292,7 +295,8 @@ class PipelinedRWKV:
 
     vocab_size = property(lambda self: self.config.vocab_size)
     n_params = property(lambda self: self.config.n_params)
-    weight_bytes_per_token = property(lambda self: self.config.weight_bytes_per_token(self.dtype.itemsize))
+    weight_bytes_per_token = property(lambda self: int(self.config.weight_bytes_per_token(
+        rwkv_kernels.quant.bytes_per_weight(self.weight_format))))
 
     def __repr__(self):
         c = self.config

@@ -126,7 +126,10 @@ def test_bench_generate_pipeline_takes_the_checkpoint_paths_it_takes_alone(tmp_p
                         "-m", "bench.generate", "--model", str(path), "--pipeline", "--tokens", "4", "--batch", "2",
                         "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(out.read_text())["runs"][0]["token_ids"]            # one schema: token ids per run
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["weight_format"] == ("int8" if fmt == "int8" else "float32")     # the file's, not --dtype's
+    got = run["token_ids"]                                                   # one schema: token ids per run
     model = rwkv_engine.load(path)
     ids = [i % model.vocab_size for i in range(7, 7 + 41 * 97, 97)]           # bench.generate's prompt without a tokenizer
     assert got == model.generate([ids] * 2, 4, temperature=1.0, seed=0).tokens
+
