@@ -13,6 +13,7 @@ import queue
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 import rwkv_engine
@@ -133,3 +134,33 @@ def test_bench_generate_pipeline_takes_the_checkpoint_paths_it_takes_alone(tmp_p
     ids = [i % model.vocab_size for i in range(7, 7 + 41 * 97, 97)]           # bench.generate's prompt without a tokenizer
     assert got == model.generate([ids] * 2, 4, temperature=1.0, seed=0).tokens
 
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_launcher_stopped_by_a_signal_exits_0_with_every_rank(tmp_path, sig):
+    """torchrun signalled itself reports the signal as its failure (exit 1, a SignalException
+    traceback) although its ranks shut down cleanly; rwkv_engine.launch is torchrun, stopped cleanly."""
+    path = write_synthetic(rwkv_engine.get_config(MODEL), tmp_path / "tiny.pth", seed=5)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "rwkv_engine.launch", "--standalone", "--nproc-per-node", "2",
+                             "-m", "rwkv_engine.serve", "--model", str(path), "--pipeline", "--port", "0"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        url = ready_url(proc)
+        r = httpx.post(url + "/v1/completions", timeout=60, json={"model": str(path), "prompt": [1, 2, 3], "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        (torchrun,) = psutil.Process(proc.pid).children()
+        ranks = torchrun.children()
+        assert len(ranks) == 2 and all("rwkv_engine.serve" in " ".join(p.cmdline()) for p in ranks)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=90) == 0
+        assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]    # no orphan
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_launcher_without_a_command_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "rwkv_engine.launch"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "torchrun's options" in r.stderr
