@@ -10,31 +10,16 @@ from pathlib import Path
 
 from rwkv_kernels import formats
 from rwkv_engine import files
-from rwkv_engine.cli import command, run_command  # noqa: F401 (re-exported: every command's top level)
+from rwkv_engine.cli import OneLineParser, command, run_command  # noqa: F401 (re-exported: every command's top level)
+from rwkv_engine.files import first_line  # noqa: F401 (re-exported)
 
 WEIGHT_FORMATS = formats.NAMES          # --weights choices: the registered weight formats (live)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line on stderr (exit code 2) and shows the
-    module docstring, as written, in --help."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message}\n")
 
 
 def fail(prog, message):
     """Print `prog: error: message` (one line) and exit with status 2."""
     print(f"{prog}: error: {first_line(message)}", file=sys.stderr)
     sys.exit(2)
-
-
-def first_line(message):
-    """The first non-empty line of a message or exception (its type name when empty)."""
-    return files.first_line(message)
 
 
 def _number(kind, minimum, inclusive):

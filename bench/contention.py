@@ -15,7 +15,7 @@ The machine must otherwise be quiet: the load average is recorded and a warning 
 and each quiet row records the CPU time other processes (and, in a VM, the hypervisor's steal) took
 during it (`others_cpu_pct`, bench.cpuload).
 """
-import ctypes
+import functools
 import json
 import os
 import signal
@@ -40,14 +40,6 @@ SETTLE_S = 1.0                      # competitor start-up (imports) before measu
 PROMPT = list(range(1, 17))         # token ids of a short prompt
 
 
-def _die_with_parent():
-    """In the child, before exec: SIGKILL when the parent dies, however it dies (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def competitor_env():
     """The environment as the user gave it: a competing torch program keeps libgomp's default spin
     (the engine's GOMP_SPINCOUNT, set at import, would make it a gentler neighbour than it is)."""
@@ -59,8 +51,11 @@ def competitor_env():
 
 
 def start_competitor(name):
+    """A competitor process, SIGKILLed by the kernel if this process dies (however it dies)."""
+    from rwkv_engine.process import die_with_parent
     return subprocess.Popen([sys.executable, "-c", COMPETITORS[name]], stdin=subprocess.DEVNULL, env=competitor_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=functools.partial(die_with_parent, signal.SIGKILL))
 
 
 def stop(procs):

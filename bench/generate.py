@@ -200,7 +200,7 @@ def first_use_note(model, weights=None):
     """A line saying what a first run must write (the synthetic checkpoint the run's weight format
     is made from: its format, size and the memory writing it takes), or ''."""
     from bench import models
-    kind, key = models.resolve(model)
+    kind, key = models.classify(model)
     if kind == "rwkv":
         from rwkv_engine.checkpoint import synthetic_notice
         return "" if Path(key).exists() else synthetic_notice(key, weights)
@@ -259,8 +259,9 @@ def main(argv=None):
     if args.pipeline:
         return main_pipelined(args, prog)
     validate(args, prog)
-    from bench.machine import default_threads, get as machine_get
-    threads = args.threads or default_threads()
+    from bench.machine import get as machine_get
+    from rwkv_engine.process import usable_cores
+    threads = args.threads or usable_cores()
     spec = dict(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, tokens=args.tokens,
                 batch=args.batch, prompt=args.prompt, checkpoint=args.checkpoint, threads=threads, seed=args.seed,
                 protocol=args.protocol)

@@ -35,7 +35,9 @@ from threadpoolctl import threadpool_limits
 
 from bench.cli import OneLineParser, check_writable_file, first_line, positive_int, write_json_atomic
 from bench.cpuload import BUSY_PCT, OthersMeter
+from rwkv_engine import files
 from rwkv_engine.files import WriteError
+from rwkv_engine.process import usable_cores
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_ARRAY_BYTES = 1 << 30      # at least 1 GiB, and at least LLC_FACTOR x the last-level cache
@@ -49,15 +51,12 @@ class MachineError(ValueError):
     """The measurement could not be made (one line, for the command to print)."""
 
 
-def cache_dir():
-    """$BENCH_MACHINE_CACHE, else $RWKV_ENGINE_CACHE/machine, else ~/.cache/rwkv_engine/machine."""
+def machine_cache_dir():
+    """$BENCH_MACHINE_CACHE, else `machine/` in the engine's cache ($RWKV_ENGINE_CACHE or
+    ~/.cache/rwkv_engine)."""
     if os.environ.get("BENCH_MACHINE_CACHE"):
         return Path(os.environ["BENCH_MACHINE_CACHE"])
-    return Path(os.environ.get("RWKV_ENGINE_CACHE") or Path.home() / ".cache" / "rwkv_engine") / "machine"
-
-
-def default_threads():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return files.cache_dir() / "machine"
 
 
 def set_threads(n):
@@ -204,7 +203,7 @@ def measure_bandwidth_quietly(device, attempts=ATTEMPTS, meter=None):
 
 
 def measure(device="cpu", threads=None):
-    threads = threads or default_threads()
+    threads = threads or usable_cores()
     set_threads(threads)
     bw = measure_bandwidth_quietly(device)
     result = {"hostname": socket.gethostname(), "device": device, "device_name": device_name(device),
@@ -225,7 +224,7 @@ def _ram_total():
 
 
 def cache_path(device="cpu", threads=None):
-    return cache_dir() / f"{device}-{_key(device, threads or default_threads())}.json"
+    return machine_cache_dir() / f"{device}-{_key(device, threads or usable_cores())}.json"
 
 
 def read_cached(path):
@@ -245,7 +244,7 @@ def get(device="cpu", threads=None, refresh=False):
     in a child process, so the caller never holds the 1-4 GB test arrays or a CUDA context; the
     child's warnings (suspect baseline, cache not writable) go to stderr. MachineError (one line)
     when the measurement itself fails."""
-    threads = threads or default_threads()
+    threads = threads or usable_cores()
     path = cache_path(device, threads)
     if not refresh:
         cached = read_cached(path)

@@ -19,7 +19,6 @@ whole prefill and a few decode steps, which touches every weight before the rese
 the baseline and not in the difference. Freed heap memory that glibc keeps after warm-up would hide
 later allocations of the same size, so `reset()` first runs `gc.collect()` and `malloc_trim(0)`.
 """
-import ctypes
 import gc
 import os
 import re
@@ -57,13 +56,11 @@ def clear_refs_works():
         return False
 
 
-def trim_heap():
-    """Give freed memory back to the OS so it cannot hide later allocations."""
+def collect_and_trim():
+    """Collect garbage and give freed memory back to the OS, so it cannot hide later allocations."""
+    from rwkv_engine.process import trim_heap       # late: this module is imported before torch
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 class _RssSampler(threading.Thread):
@@ -115,7 +112,7 @@ class PeakMemory:
         self._sampler = None
 
     def reset(self):
-        trim_heap()
+        collect_and_trim()
         if self.method == "cuda_max_allocated":
             import torch
             torch.cuda.synchronize()

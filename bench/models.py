@@ -45,7 +45,7 @@ WEIGHT_BYTES = _WeightBytes()
 # ---------------------------------------------------------------------------------------------
 # Names
 
-def resolve(name):
+def classify(name):
     """('rwkv' | 'baseline', registered name or checkpoint path); ValueError if neither."""
     p = Path(name)
     if p.exists():
@@ -67,7 +67,7 @@ def resolve(name):
 @lru_cache(maxsize=None)
 def config(name):
     """The shape config of a registered name or checkpoint path (nothing is loaded for names)."""
-    kind, key = resolve(name)
+    kind, key = classify(name)
     if kind == "rwkv":
         if Path(key).exists():
             from rwkv_engine.checkpoint import read_checkpoint
@@ -83,7 +83,7 @@ def config(name):
 
 def family_of(name):
     """'rwkv' or the baseline family ('pythia', 'opt', 'gpt-neo', 'bloom'); ValueError if unknown."""
-    kind, _ = resolve(name)
+    kind, _ = classify(name)
     return RWKV if kind == "rwkv" else config(name).family
 
 
@@ -106,7 +106,7 @@ def family_style(family):
 
 
 def canonical(name):
-    return resolve(name)[1]
+    return classify(name)[1]
 
 
 def families(include_test=False):
@@ -137,7 +137,7 @@ def max_positions(name):
 def load(name, device="cpu", dtype="float32", checkpoint=None, protocol="kv-cache", weights=None):
     """Load `name` (optionally with real weights from `checkpoint`) through its own package.
     weights: the weight format (see WEIGHT_BYTES); passed on only when given."""
-    kind, key = resolve(name)
+    kind, key = classify(name)
     if kind == "rwkv":
         import rwkv_engine
         return _call(rwkv_engine.load, weights, key, device=device, dtype=dtype, checkpoint=checkpoint)
@@ -168,7 +168,7 @@ def bytes_per_weight(dtype="float32", weights=None):
 def synthetic_checkpoint_missing(name, weights=None):
     """Bytes of disk a first run must write for the synthetic checkpoint of a registered name
     with weight format `weights` (0 when it is already cached, or `name` is a checkpoint path)."""
-    kind, key = resolve(name)
+    kind, key = classify(name)
     if Path(key).exists():
         return 0
     if kind == "rwkv":                               # what rwkv_engine.load(name, weights=) reads

@@ -63,7 +63,7 @@ def prepare(name, checkpoint=None):
             "source": str(given) if given else "synthetic"}
 
 
-def prompt_ids(name, prompt):
+def peers_prompt_ids(name, prompt):
     """The 20B tokenizer's ids of the prompt, clipped to the model's vocabulary: one id list for all."""
     from rwkv_engine import tokenizer
     V = models.config(name).vocab_size
@@ -73,7 +73,7 @@ def prompt_ids(name, prompt):
 # ---------------------------------------------------------------------------------------------
 # Parent side
 
-def available(peer):
+def peer_available(peer):
     if peer == "ours":
         return True, ""
     pkg = PACKAGES[peer]
@@ -132,7 +132,7 @@ def validate(args, prog):
 def run_peers(peers, base, timeout):
     results = []
     for peer in peers:
-        ok, why = available(peer)
+        ok, why = peer_available(peer)
         if not ok:
             print(why, file=sys.stderr)
             continue
@@ -148,8 +148,8 @@ def main(argv=None):
     prog = "bench.peers"
     args = parse(argv)
     family = validate(args, prog)
-    from bench.machine import default_threads
-    threads = args.threads or default_threads()
+    from rwkv_engine.process import usable_cores
+    threads = args.threads or usable_cores()
     peers = RWKV_PEERS if family == models.RWKV else BASELINE_PEERS
     if args.peers:
         peers = [x for x in peers if x in args.peers.split(",")]
@@ -157,7 +157,7 @@ def main(argv=None):
         paths = prepare(args.model, args.checkpoint)
     except Exception as e:                                   # noqa: BLE001 - one line, whatever it was
         fail(prog, f"{args.model}: {first_line(e)}")
-    ids = prompt_ids(args.model, DRAGON_PROMPT)
+    ids = peers_prompt_ids(args.model, DRAGON_PROMPT)
     base = dict(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, tokens=args.tokens,
                 threads=threads, seed=args.seed, prompt_ids=ids, **paths)
     results = run_peers(peers, base, args.timeout)

@@ -13,7 +13,6 @@ default) or all of them with idle OpenMP threads asleep (`all`: OMP_WAIT_POLICY=
 stream only one rank works at a time). Every torchrun is killed (its whole process group) on
 timeout or Ctrl-C.
 """
-import argparse
 import json
 import os
 import resource
@@ -25,22 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cli import check_writable_file, command, positive_float, positive_int, positive_int_list, write_json_atomic
+from bench.cli import OneLineParser, check_writable_file, command, fail, positive_float, positive_int, positive_int_list, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def fail(message):
-    print(f"bench.pipeline: error: {message}", file=sys.stderr)
-    sys.exit(2)
+PROG = "bench.pipeline"
 
 
 def build_parser():
@@ -63,7 +52,8 @@ def build_parser():
 # Parent: one torchrun per rank count
 
 def run_torchrun(ranks, spec, timeout):
-    cores = len(os.sched_getaffinity(0))
+    from rwkv_engine.process import usable_cores
+    cores = usable_cores()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     threads = spec["threads"] or (max(1, cores // ranks) if spec["threads_per_rank"] == "share" else cores)
     env.update(OMP_NUM_THREADS=str(threads))
@@ -163,7 +153,7 @@ def main(argv=None):
         return child(json.loads(argv[1]), Path(argv[2]))
     args = build_parser().parse_args(argv)
     if args.tokens < 2:
-        fail(f"--tokens must be >= 2, got {args.tokens}")
+        fail(PROG, f"--tokens must be >= 2, got {args.tokens}")
     if args.json:
         check_writable_file(args.json, "--json")          # before any run (the top level makes it one line)
     from rwkv_engine import write_synthetic
@@ -180,14 +170,14 @@ def main(argv=None):
                     print(synthetic_notice(args.model), file=sys.stderr, flush=True)
                 write_synthetic(args.model)              # once, here, not by every rank at once
     except ValueError as e:
-        fail(f"{e}")
+        fail(PROG, f"{e}")
     if args.threads is not None and args.threads < 1:
-        fail(f"--threads must be >= 1, got {args.threads}")
+        fail(PROG, f"--threads must be >= 1, got {args.threads}")
     from rwkv_engine.pipeline import parse_layers_per_rank
     try:
         per_rank = parse_layers_per_rank(args.layers_per_rank) if args.layers_per_rank else None
     except ValueError as e:
-        fail(str(e))
+        fail(PROG, str(e))
     spec = {k: getattr(args, k) for k in ("model", "checkpoint", "batch", "tokens", "dtype", "threads_per_rank", "threads")}
     spec["layers_per_rank"] = per_rank
     per_ranks = {}
@@ -196,7 +186,7 @@ def main(argv=None):
         try:
             per_ranks[ranks] = run_torchrun(ranks, spec, args.timeout)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
-            fail(f"{e}")
+            fail(PROG, f"{e}")
         print(f"{ranks} rank(s): done in {time.time() - t0:.0f} s", file=sys.stderr)
     rows = summarise(per_ranks, args.batch)
     print(weights_line(per_ranks))
@@ -290,7 +280,7 @@ def generate_pipelined(args, fail):
              f"--model {args.model} --pipeline")
     from bench import models
     try:
-        kind, _ = models.resolve(args.model)        # a name, an alias or a checkpoint path, as without --pipeline
+        kind, _ = models.classify(args.model)        # a name, an alias or a checkpoint path, as without --pipeline
     except ValueError as e:
         fail(str(e))
     if kind != models.RWKV:

@@ -229,10 +229,11 @@ def measure(spec):
     """spec -> RunResult: load, warm up, reset the memory and machine-load meters, generate."""
     import torch
     from bench.cpuload import OthersMeter
-    from bench.machine import default_threads, set_threads
+    from bench.machine import set_threads
+    from rwkv_engine.process import usable_cores
     from bench.memory import PeakMemory
     spec = check_spec(spec)
-    spec["threads"] = spec["threads"] or default_threads()
+    spec["threads"] = spec["threads"] or usable_cores()
     set_threads(spec["threads"])
     loaded = RUNNERS[spec["peer"] or "ours"](spec)
     with torch.inference_mode():
@@ -280,14 +281,11 @@ def check_spec(spec):
     return spec
 
 
-def die_with_parent():
+def exit_with_parent():
     """Ask Linux to SIGKILL this process when its parent exits; exit now if it already has."""
+    from rwkv_engine.process import die_with_parent
     parent = os.environ.get(PARENT_PID_ENV)
-    if sys.platform.startswith("linux"):
-        import ctypes
-        PR_SET_PDEATHSIG = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent(signal.SIGKILL)
     if parent and os.getppid() != int(parent):           # the parent died before prctl took effect
         os._exit(1)
 
@@ -315,7 +313,7 @@ def main(argv=None):
         return 2
     result_fd = os.dup(1)                                 # the result goes here; stray prints to stderr
     os.dup2(2, 1)
-    die_with_parent()
+    exit_with_parent()
     try:
         result = measure(spec).to_dict()
     except KeyboardInterrupt:

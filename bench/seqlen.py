@@ -127,8 +127,8 @@ def main(argv=None):
         import torch
         if not torch.cuda.is_available():
             fail(prog, "--device cuda but no CUDA GPU is available")
-    from bench.machine import default_threads
-    threads = args.threads or default_threads()
+    from rwkv_engine.process import usable_cores
+    threads = args.threads or usable_cores()
     budget = args.mem_budget_gb * 1e9 if args.mem_budget_gb else None
     runs = []
     for name in names:

@@ -68,7 +68,7 @@ def run_key(spec, repeat):
     return "|".join(str(x) for x in parts)
 
 
-def plan(names, devices, tokens, repeats, protocol="kv-cache", dtype="float32", threads=None, budget_bytes=None,
+def plan_runs(names, devices, tokens, repeats, protocol="kv-cache", dtype="float32", threads=None, budget_bytes=None,
          weights=None):
     """-> (runs, skipped). runs: [(key, spec)] in order, repeats of a model together;
     skipped: [{model, device, reason}] for what does not fit (counting the weight format's bytes)."""
@@ -156,7 +156,7 @@ def execute(runs, results_path, runner=run_child, timeout=None, retry_failed=Fal
 # ---------------------------------------------------------------------------------------------
 # Summaries
 
-def weight_format(row):
+def row_format(row):
     """A row's weight format: recorded by the child, else the spec's --weights (failed runs), else fp32
     (rows written before --weights existed)."""
     spec_format = row.get("weights") if row.get("weights") in models.WEIGHT_BYTES else None
@@ -170,7 +170,7 @@ def summarize(rows, protocol):
     for r in {r["key"]: r for r in rows}.values():
         if r["protocol"] not in (protocol, "recurrent"):
             continue
-        fmt = weight_format(r)
+        fmt = row_format(r)
         groups.setdefault((r["model"], r["device"], r["tokens"], fmt), []).append(r)
     out = []
     for (name, device, tokens, fmt), group in groups.items():
@@ -361,7 +361,7 @@ def make_plan(args, names, devices, threads):
         devices = [d for d in devices if d != "cuda"]
         skipped += [{"model": n, "device": "cuda", "reason": "no CUDA GPU on this machine"} for n in names]
     budget = args.mem_budget_gb * 1e9 if args.mem_budget_gb else None
-    runs, more = plan(names, devices, tokens, repeats, args.protocol, args.dtype, threads, budget, args.weights)
+    runs, more = plan_runs(names, devices, tokens, repeats, args.protocol, args.dtype, threads, budget, args.weights)
     machines = {d: machine_get(d, threads) for d in devices}
 
     def estimate(s):
@@ -394,8 +394,8 @@ def report(args, out, tokens, threads, skipped, machines):
 def main(argv=None):
     prog = "bench.sweep"
     args = parse(argv)
-    from bench.machine import default_threads
-    threads = args.threads or default_threads()
+    from rwkv_engine.process import usable_cores
+    threads = args.threads or usable_cores()
     out = Path(args.out)
     try:
         names, devices = expand_models(args.models, PRESETS[args.preset]), expand_devices(args.device)

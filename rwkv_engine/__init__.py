@@ -11,7 +11,7 @@ import rwkv_kernels  # noqa: F401  (first: it sets torch's OpenMP spin before to
 import torch
 
 from .checkpoint import (CheckpointError, check_against_registry, model_name, read_checkpoint, read_metadata,
-                         release_pages, synthetic_for, weight_format, write_synthetic)
+                         release_pages, synthetic_for, recorded_format, write_synthetic)
 from .config import MODELS, RWKVConfig, as_device, canonical_name, get_config
 from .contract import DTYPES, Model, as_dtype, as_token_batch, prompt_to_ids
 from .generation import Generation, GenerationResult, Step, TextStream, generate, stream
@@ -83,7 +83,7 @@ def load(name_or_path, device="cpu", dtype="float32", checkpoint=None, seed=0, r
         path = synthetic_for(name, options.weights, seed)
     sd, cfg = read_checkpoint(path, options.layers)
     if options.weights is None:
-        options = replace(options, weights=weight_format(path))    # a packed file loads in its own format
+        options = replace(options, weights=recorded_format(path))    # a packed file loads in its own format
     meta = read_metadata(path)
     synthetic = synthetic or meta.get("synthetic") == "true"
     name = name or model_name(meta)               # a converted synthetic checkpoint keeps its model's name

@@ -169,7 +169,7 @@ def _entries(path):
     else:
         files = [path]
     entries = {}
-    packed = not path.is_dir() and weight_format(path) is not None    # packed values: checked when unpacked
+    packed = not path.is_dir() and recorded_format(path) is not None    # packed values: checked when unpacked
     for f in files:
         for key, (shape, dtype, fetch) in open_weights(f).items():
             name = rename(key)
@@ -257,7 +257,7 @@ def validate_names(entries, cfg, source):
             raise CheckpointError(f"{source}: {what} key {odd[0]!r}" + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""))
 
 
-def weight_format(path):
+def recorded_format(path):
     """The weight format a packed safetensors file records, or None for a plain checkpoint."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():

@@ -2,10 +2,23 @@
 the project's own errors, wherever in the command they are raised (argument resolution, a first-use
 write, a load, the last write), end it with one line `PROG: error: ...` on stderr and exit status 2;
 Ctrl-C ends it with one line and status 130, without a traceback."""
+import argparse
 import functools
 import sys
 
 from .files import first_line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line on stderr (exit code 2) and shows the
+    description (a module docstring) as written in --help."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message}\n")
 
 
 def user_errors():

@@ -23,7 +23,7 @@ from rwkv_kernels import formats
 
 from . import weights as wformat
 from .checkpoint import (MODEL_KEY, model_name, read_checkpoint, read_metadata, save_pth, save_safetensors,
-                         synthetic_for, synthetic_metadata, synthetic_notice, weight_format, write_hf)
+                         synthetic_for, synthetic_metadata, synthetic_notice, recorded_format, write_hf)
 from .cli import run_command
 from .config import canonical_name
 from .files import atomic_write, probe_output
@@ -92,8 +92,8 @@ def convert_packed(src, dst, to, weights, overwrite=False, notice=None):
         raise ValueError(f"--weights writes a .safetensors file, not {to!r}")
     dst = probe_output(dst, "DST", "file", overwrite)
     path, name = source(src, weights, notice)
-    if weight_format(path) is not None:
-        raise ValueError(f"{src}: already a packed ({weight_format(path)}) checkpoint; convert the original")
+    if recorded_format(path) is not None:
+        raise ValueError(f"{src}: already a packed ({recorded_format(path)}) checkpoint; convert the original")
     metadata = output_metadata(path, name)
     sd, _ = read_checkpoint(path)
     from tqdm import tqdm

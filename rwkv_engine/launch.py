@@ -14,7 +14,6 @@ torchrun:
 
     python -m rwkv_engine.launch --standalone --nproc-per-node 2 -m rwkv_engine.serve --model rwkv-4-pile-169m --pipeline
 """
-import ctypes
 import os
 import signal
 import subprocess
@@ -22,16 +21,9 @@ import sys
 
 import psutil
 
+from .process import die_with_parent
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent():
-    """In the child: the kernel sends it SIGTERM when this launcher dies (no orphaned torchrun)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):          # not Linux: the launcher's own handlers still stop it
-        pass
 
 
 def ranks_of(pid):
@@ -45,7 +37,7 @@ def ranks_of(pid):
 class Launcher:
     def __init__(self, argv):
         self.proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     preexec_fn=die_with_parent)      # SIGTERM if the launcher dies: no orphan
         self.signals = 0
 
     def on_signal(self, signum, _frame):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import rwkv_kernels
 
-from . import generation
+from . import generation, process
 from . import weights as wformat
 from .config import RWKVConfig
 from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
@@ -95,12 +95,12 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
             ffn_receptance=mat(g("ffn.receptance.weight")),
         ))
         if weights is not None:
-            wformat.trim_heap()
+            process.trim_heap()
     if not last:
         return dict(emb=emb, blocks=blocks, ln_out_w=None, ln_out_b=None, head=None)
     head = mat(sd["head.weight"])
     if weights is not None:
-        wformat.trim_heap()
+        process.trim_heap()
     return dict(emb=emb, blocks=blocks, ln_out_w=vec(sd["ln_out.weight"]),
                 ln_out_b=vec(sd["ln_out.bias"]), head=head)
 
@@ -195,7 +195,7 @@ class RWKV:
         self.rescale_every = rescale_every
         self.wkv_backend = options.wkv_backend          # None: chosen by device in rwkv_kernels.wkv
         self.layers = check_layer_range(options.layers, cfg.n_layer)   # a pipeline stage holds only some
-        packed = wformat.resolve(options.weights, self.dtype, self.device)
+        packed = wformat.pack_target(options.weights, self.dtype, self.device)
         if packed is not None and rescale_every:
             raise ValueError("rescale_every applies to float16 compute only, not to packed weights")
         w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers, packed, progress)
@@ -221,7 +221,7 @@ class RWKV:
 
     @property
     def weight_bytes_per_token(self):
-        return int(self.config.weight_bytes_per_token(rwkv_kernels.quant.bytes_per_weight(self.weights)))
+        return int(self.config.weight_bytes_per_token(rwkv_kernels.formats.get(self.weights).bytes_per_weight))
 
     def state_bytes(self, batch_size=1):
         return State.zeros(len(self.layers), batch_size, self.config.n_embd, "meta", self.dtype).nbytes

@@ -35,6 +35,7 @@ from .checkpoint import open_checkpoint, write_synthetic
 from .generation import Sampler, generate, stream
 from .contract import as_dtype
 from .model import LoadOptions
+from .process import usable_cores
 from .sampling import SamplingParams
 from .stage import TAG_LOGITS, TAG_X, Boundary, Header, PipelineError, hostname, init
 from .state import State
@@ -296,7 +297,7 @@ class PipelinedRWKV:
     vocab_size = property(lambda self: self.config.vocab_size)
     n_params = property(lambda self: self.config.n_params)
     weight_bytes_per_token = property(lambda self: int(self.config.weight_bytes_per_token(
-        rwkv_kernels.quant.bytes_per_weight(self.weight_format))))
+        rwkv_kernels.formats.get(self.weight_format).bytes_per_weight)))
 
     def __repr__(self):
         c = self.config
@@ -545,12 +546,6 @@ def _compare_ranks(infos):
                                 f"[{ref['summary']}, hash {ref['hash']}]")
 
 
-def default_threads(local_world):
-    """This rank's share of the host's cores (ranks on one host must not oversubscribe them)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores // local_world)
-
-
 @dataclass(frozen=True)
 class PipelineOptions:
     """How the ranks run one model (pipeline.load's keywords besides the model's own LoadOptions and
@@ -619,7 +614,7 @@ def _load(name_or_path, checkpoint, seed, options: LoadOptions, run: PipelineOpt
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if options.device is None:
         options = replace(options, device=f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu")
-    torch.set_num_threads(run.threads or default_threads(local_world))
+    torch.set_num_threads(run.threads or max(1, usable_cores() // local_world))     # ranks share a host's cores
     path = _checkpoint_path(name_or_path, checkpoint, seed, local_rank)
     split = _agree_on_checkpoint(path, options, run, world)
     stage = _load_stage(name_or_path, checkpoint, seed, replace(options, layers=split[rank]), store, run)

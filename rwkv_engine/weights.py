@@ -12,7 +12,6 @@ source tensor's pages are dropped from this process's memory (madvise) once pack
 stays near the packed size plus one matrix. `save_packed` writes the packed model as safetensors
 (format in the metadata) that `read_packed` maps back without converting anything.
 """
-import ctypes
 import json
 from pathlib import Path
 
@@ -33,7 +32,7 @@ def is_matrix(key):
     return key == "head.weight" or key.endswith(MATRIX_SUFFIXES)
 
 
-def resolve(weight_format, dtype, device):
+def pack_target(weight_format, dtype, device):
     """-> the weight format to pack into, or None for "same as the compute dtype" (plain casts)."""
     if weight_format is None:
         return None
@@ -92,15 +91,6 @@ def all_finite(t, step=1 << 22):
             return False
         release(part)
     return True
-
-
-def trim_heap():
-    """Return freed heap memory to the OS (glibc keeps freed slices of packing between long-lived
-    packed tensors, which would otherwise show as resident memory)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def release(t):

@@ -41,7 +41,7 @@ class DecodeLayers:
         self._plan = self._held = self.unusable = None
 
     def weight_format(self):
-        return dispatch.weight_format(self.layers[0].att_key) if self.layers else "float32"
+        return dispatch.format_name(self.layers[0].att_key) if self.layers else "float32"
 
     def c_plan(self):
         """(pointers, shapes) for the C step; rebuilt if a layer's tensor was replaced since (the plan
@@ -79,7 +79,7 @@ def _build_plan(layers, C, F):
             w = getattr(blk, name)
             fmt = formats.of(w)
             if tuple(w.shape) != want[name] or fmt is None or fmt.code is None:
-                raise ValueError(f"decode_layers: layer {i} {name} is {dispatch.weight_format(w)} {list(w.shape)}, "
+                raise ValueError(f"decode_layers: layer {i} {name} is {dispatch.format_name(w)} {list(w.shape)}, "
                                  f"expected one of {sorted(formats.c_codes())} {list(want[name])}")
             parts = (*fmt.c_parts(w), None, None, None, None)[:5]   # values, scales, [qh, m, col]
             if not all(t is None or t.is_contiguous() for t in parts):

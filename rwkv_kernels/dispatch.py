@@ -7,7 +7,7 @@ Both model modes go through it: token mode (one token per stream) and sequence m
     reaches C.
   * compute: the activations' dtype name ("float32", "float16", "bfloat16"); "mixed" when the
     tensors of an element-wise op disagree.
-  * weight_format: `weight_format(w)`: a tensor's dtype name, or a packed weight object's `.format`
+  * weight_format: `format_name(w)`: a tensor's dtype name, or a packed weight object's `.format`
     (the name of its record in `rwkv_kernels.formats`); "-" for ops without a weight matrix.
   * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
     "short" for a sequence of at most SHORT_ROWS rows in all (a prompt chunk or a few prompt tokens),
@@ -192,7 +192,7 @@ def dtype_name(dtype):
     return name
 
 
-def weight_format(w):
+def format_name(w):
     """A plain tensor's format is its dtype name; a packed weight object says its own (`.format`)."""
     return dtype_name(w.dtype) if isinstance(w, torch.Tensor) else w.format
 

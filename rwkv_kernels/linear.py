@@ -52,7 +52,7 @@ dispatch.register_impl("linear", "reference", linear_reference_impl)
 
 
 def _key(x, weight):
-    return (dispatch.device_of(x, weight), dispatch.dtype_name(x.dtype), dispatch.weight_format(weight),
+    return (dispatch.device_of(x, weight), dispatch.dtype_name(x.dtype), dispatch.format_name(weight),
             dispatch.product_shape(x))
 
 

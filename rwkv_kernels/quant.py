@@ -40,10 +40,6 @@ def pack(w, fmt):
     return formats.get(fmt).pack(w)
 
 
-def bytes_per_weight(fmt):
-    return formats.get(fmt).bytes_per_weight
-
-
 # ---------------------------------------------------------------------------------------------
 # Torch references (same signature as the C versions below)
 
@@ -79,10 +75,6 @@ def library(isa):
 
 def _lib(isa=None):
     return cpu_c.ops(isa).lib
-
-
-def available(isa=None):
-    return library(isa) is not None
 
 
 # ---------------------------------------------------------------------------------------------

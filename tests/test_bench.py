@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from bench import memory, models, sweep
-from bench.machine import cache_path, default_threads
+from bench.machine import cache_path
+from rwkv_engine.process import usable_cores
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "rwkv-4-tiny"
@@ -25,10 +26,10 @@ def fake_machine(tmp_path_factory):
     bandwidth (and the real cache is left alone)."""
     old = os.environ.get("BENCH_MACHINE_CACHE")
     os.environ["BENCH_MACHINE_CACHE"] = str(tmp_path_factory.mktemp("machine"))
-    path = cache_path("cpu", default_threads())
+    path = cache_path("cpu", usable_cores())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": default_threads(),
+        "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": usable_cores(),
         "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "median of torch_sum",
         "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
         "measured_others_cpu_pct": 0.0,
@@ -158,12 +159,12 @@ def test_sampler_overhead_times_with_and_without_the_sampler():
 # bench.sweep: planning, resume, outputs
 
 def test_sweep_skips_what_does_not_fit():
-    runs, skipped = sweep.plan(["rwkv-4-pile-169m", "rwkv-4-pile-14b", "opt-13b"], ["cpu"], tokens=512, repeats=2,
+    runs, skipped = sweep.plan_runs(["rwkv-4-pile-169m", "rwkv-4-pile-14b", "opt-13b"], ["cpu"], tokens=512, repeats=2,
                                budget_bytes=2e9)
     assert {s["model"] for s in skipped} == {"rwkv-4-pile-14b", "opt-13b"}
     assert all("GB" in s["reason"] and "needs" in s["reason"] for s in skipped)
     assert [spec["model"] for _, spec in runs] == ["rwkv-4-pile-169m"] * 2
-    _, skipped = sweep.plan(["opt-125m"], ["cpu"], tokens=4096, repeats=1, budget_bytes=1e12)
+    _, skipped = sweep.plan_runs(["opt-125m"], ["cpu"], tokens=4096, repeats=1, budget_bytes=1e12)
     assert "max positions" in skipped[0]["reason"]
 
 
@@ -176,7 +177,7 @@ def _fake_result(spec, timeout):
 
 def test_sweep_resume_loses_and_duplicates_nothing(tmp_path):
     names = ["rwkv-4-pile-169m", "pythia-160m", "opt-125m"]
-    runs, _ = sweep.plan(names, ["cpu"], tokens=16, repeats=2, budget_bytes=1e12)
+    runs, _ = sweep.plan_runs(names, ["cpu"], tokens=16, repeats=2, budget_bytes=1e12)
     results = tmp_path / "runs.jsonl"
     calls = []
 
@@ -200,13 +201,13 @@ def test_sweep_resume_loses_and_duplicates_nothing(tmp_path):
 
 def test_sweep_outputs_and_figures(tmp_path):
     import matplotlib.image
-    runs, _ = sweep.plan(["rwkv-4-pile-169m", "rwkv-4-pile-430m", "pythia-160m", "bloom-560m"], ["cpu"], tokens=16,
+    runs, _ = sweep.plan_runs(["rwkv-4-pile-169m", "rwkv-4-pile-430m", "pythia-160m", "bloom-560m"], ["cpu"], tokens=16,
                          repeats=1, budget_bytes=1e12)
     results = tmp_path / "runs.jsonl"
     sweep.execute(runs, results, runner=_fake_result, progress=False)
     sweep.append_row(results, {"key": "x", "model": "opt-125m", "device": "cpu", "tokens": 16, "protocol": "kv-cache",
                                "status": "timeout", "error": "killed after 5 s"})
-    machines = {"cpu": json.loads(cache_path("cpu", default_threads()).read_text())}
+    machines = {"cpu": json.loads(cache_path("cpu", usable_cores()).read_text())}
     skipped = [{"model": "opt-13b", "device": "cpu", "reason": "needs ~58 GB"}]
     paths, summary = sweep.write_outputs(tmp_path, sweep.read_rows(results), skipped, "kv-cache", machines)
     assert {p.name for p in paths} == {"sweep_kv-cache.csv", "sweep_kv-cache.md", "sweep_kv-cache.json",
@@ -323,7 +324,7 @@ def test_sweep_models_are_deduplicated(tmp_path):
     names = sweep.expand_models("rwkv-4-pile-169m,rwkv,RWKV-4-PILE-169M", sweep.PRESETS["quick"])
     assert names[0] == "rwkv-4-pile-169m" and names.count("rwkv-4-pile-169m") == 1
     assert names == list(dict.fromkeys(names)) and "rwkv-4-pile-430m" in names
-    runs, _ = sweep.plan([TINY], ["cpu"], tokens=4, repeats=2, budget_bytes=1e12)
+    runs, _ = sweep.plan_runs([TINY], ["cpu"], tokens=4, repeats=2, budget_bytes=1e12)
     assert len({k for k, _ in runs}) == 2
 
 
@@ -356,12 +357,12 @@ def test_weight_format_counts_in_the_fit_check_and_the_run_key():
     n = models.n_params("rwkv-4-pile-1b5")
     assert models.estimate("rwkv-4-pile-1b5", 16, weights="int8")["params_bytes"] == int(n * 1.0625)
     assert models.estimate("rwkv-4-pile-1b5", 16, weights="bfloat16")["params_bytes"] == n * 2
-    _, skipped = sweep.plan(["rwkv-4-pile-1b5"], ["cpu"], tokens=16, repeats=1, budget_bytes=3e9)
+    _, skipped = sweep.plan_runs(["rwkv-4-pile-1b5"], ["cpu"], tokens=16, repeats=1, budget_bytes=3e9)
     assert skipped                                                      # fp32: ~6 GB of weights
-    runs, skipped = sweep.plan(["rwkv-4-pile-1b5"], ["cpu"], tokens=16, repeats=1, budget_bytes=3e9, weights="int8")
+    runs, skipped = sweep.plan_runs(["rwkv-4-pile-1b5"], ["cpu"], tokens=16, repeats=1, budget_bytes=3e9, weights="int8")
     assert not skipped and runs[0][1]["weights"] == "int8" and runs[0][0].endswith("|w=int8")
-    fp32_key = sweep.plan([TINY], ["cpu"], 16, 1, budget_bytes=1e12)[0][0][0]
-    assert fp32_key == sweep.plan([TINY], ["cpu"], 16, 1, budget_bytes=1e12, weights="float32")[0][0][0]
+    fp32_key = sweep.plan_runs([TINY], ["cpu"], 16, 1, budget_bytes=1e12)[0][0][0]
+    assert fp32_key == sweep.plan_runs([TINY], ["cpu"], 16, 1, budget_bytes=1e12, weights="float32")[0][0][0]
     with pytest.raises(ValueError, match="int4"):
         models.estimate("rwkv-4-pile-169m", 16, weights="int4")
 

@@ -16,7 +16,8 @@ import torch
 import rwkv_engine
 from bench import generate, pipeline, quality, serve
 from bench.cli import check_writable_file
-from bench.machine import cache_path, default_threads
+from bench.machine import cache_path
+from rwkv_engine.process import usable_cores
 from rwkv_engine.checkpoint import synthetic_path, write_synthetic
 from rwkv_engine.convert import main as convert_main
 
@@ -37,10 +38,10 @@ def machine_cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("machine")
     old = os.environ.get("BENCH_MACHINE_CACHE")
     os.environ["BENCH_MACHINE_CACHE"] = str(d)
-    path = cache_path("cpu", default_threads())
+    path = cache_path("cpu", usable_cores())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": default_threads(),
+        "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": usable_cores(),
         "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "median of torch_sum",
         "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
         "gemm_fp32_GFLOPs": 100.0, "memory_total_bytes": 8 << 30}))

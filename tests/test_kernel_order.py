@@ -18,7 +18,7 @@ import torch
 from rwkv_kernels import cpu_c, quant
 
 REPO = Path(__file__).resolve().parent.parent
-ISAS = quant.supported_isas() if quant.available() else []
+ISAS = quant.supported_isas() if cpu_c.available() else []
 needs_c = pytest.mark.skipif(not ISAS, reason="no C compiler / AVX2 here")
 f32 = np.float32
 

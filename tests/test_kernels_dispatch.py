@@ -16,7 +16,7 @@ needs_c = pytest.mark.skipif(not cpu_c.available(), reason=f"C kernels unavailab
 
 
 def linear_key(x, w):
-    return (dispatch.device_of(x, w), dispatch.dtype_name(x.dtype), dispatch.weight_format(w),
+    return (dispatch.device_of(x, w), dispatch.dtype_name(x.dtype), dispatch.format_name(w),
             dispatch.product_shape(x))
 
 
@@ -44,8 +44,8 @@ def test_table_picks_by_shape_dtype_and_format():
 def test_weight_format_of_tensors_and_packed_objects():
     class Packed:
         format = "int8"
-    assert dispatch.weight_format(torch.zeros(2, 2, dtype=torch.bfloat16)) == "bfloat16"
-    assert dispatch.weight_format(Packed()) == "int8"
+    assert dispatch.format_name(torch.zeros(2, 2, dtype=torch.bfloat16)) == "bfloat16"
+    assert dispatch.format_name(Packed()) == "int8"
 
 
 def test_unknown_combination_and_backend_are_clear_errors():

@@ -21,7 +21,7 @@ def project_cache_dirs():
     from bench import machine, peers
     from rwkv_engine import files
     return {"files.cache_dir": files.cache_dir(), "kernels": rwkv_kernels.cpu_c._cache_dir(),
-            "bench.machine": machine.cache_dir(), "bench.peers": peers._rwkv_cache()}
+            "bench.machine": machine.machine_cache_dir(), "bench.peers": peers._rwkv_cache()}
 
 
 def test_the_cache_in_use_is_under_pytests_tmp_dir(tmp_path_factory):
@@ -295,11 +295,12 @@ FROM_THE_MACHINE = {"machine_read_GBps", "bandwidth_pct", "bandwidth_note", "bas
 def quiet_machine(tmp_path, monkeypatch):
     """A cached clean measurement, so bench.generate measures no bandwidth."""
     import json
-    from bench.machine import cache_path, default_threads
+    from bench.machine import cache_path
+    from rwkv_engine.process import usable_cores
     monkeypatch.setenv("BENCH_MACHINE_CACHE", str(tmp_path / "machine"))
-    path = cache_path("cpu", default_threads())
+    path = cache_path("cpu", usable_cores())
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(machine_record(threads=default_threads(), bandwidth_spread=1.0, bandwidth_disagree=False,
+    path.write_text(json.dumps(machine_record(threads=usable_cores(), bandwidth_spread=1.0, bandwidth_disagree=False,
                                               measured_others_cpu_pct=0.0)))
 
 

@@ -420,11 +420,11 @@ def test_unknown_format_names_the_choices(tiny_pth):
 
 LOAD_PEAK = """
 import sys, torch, rwkv_engine
-from bench.memory import PeakMemory, trim_heap
+from bench.memory import PeakMemory, collect_and_trim
 meter = PeakMemory("cpu", method="clear_refs")
 meter.reset()
 model = rwkv_engine.load(sys.argv[1], weights=sys.argv[2])
-trim_heap()
+collect_and_trim()
 print(meter.read()["peak_bytes"])
 """
 

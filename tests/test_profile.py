@@ -13,7 +13,7 @@ import torch
 from rwkv_kernels import cpu_c, profile, quant
 
 REPO = Path(__file__).resolve().parent.parent
-needs_c = pytest.mark.skipif(not cpu_c.available() or not quant.available(), reason="no C kernels here")
+needs_c = pytest.mark.skipif(not cpu_c.available(), reason="no C kernels here")
 
 
 def _weight_bytes(w):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import rwkv_kernels
-from rwkv_kernels import quant
+from rwkv_kernels import cpu_c, formats, quant
 
-ISAS = quant.supported_isas() if quant.available() else []
+ISAS = quant.supported_isas() if cpu_c.available() else []
 FORMATS16 = ("float16", "bfloat16")
 PACKED = (*FORMATS16, "int8")
 SHAPES = [(1, 1, 32), (3, 37, 70), (2, 9, 33), (5, 130, 768), (1, 64, 3072)]
@@ -84,7 +84,7 @@ def test_16bit_pack_rounds_to_nearest_even():
     bf16 = quant.pack(w, "bfloat16").view(torch.int16).tolist()[0]
     assert bf16[0] == 0x3F80 and bf16[3] == -0x3FE0 and bf16[6:] == [0x3F80, 0x3F82]
     assert quant.format_of(quant.pack(w, "int8")) == "int8" and quant.format_of(w.half()) == "float16"
-    assert quant.bytes_per_weight("int8") == 1.0625 and quant.bytes_per_weight("bfloat16") == 2
+    assert formats.get("int8").bytes_per_weight == 1.0625 and formats.get("bfloat16").bytes_per_weight == 2
 
 
 def test_bad_input_gives_one_line_errors():
@@ -223,13 +223,13 @@ def test_one_isa_choice_read_once_at_first_use_for_every_kernel():
             "rwkv_kernels.linear(x, w)\n"
             "os.environ['RWKV_ENGINE_ISA'] = 'avx512'                      # after first use: ignored\n"
             "os.environ['RWKV_ENGINE_NO_C_KERNELS'] = '1'\n"
-            "assert quant._lib() is cpu_c.ops().lib and quant.available() and cpu_c.available()\n"
+            "assert quant._lib() is cpu_c.ops().lib and cpu_c.available()\n"
             "print(cpu_c.ops().isa, quant._lib().isa_level())\n")
     r = _python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["avx2", "256"]
     r = _python("import os, rwkv_kernels\nos.environ['RWKV_ENGINE_NO_C_KERNELS'] = '1'\n"
-                "from rwkv_kernels import quant\nprint(quant.available())")
+                "from rwkv_kernels import cpu_c\nprint(cpu_c.available())")
     assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr
 
 

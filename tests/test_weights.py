@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rwkv_engine
-from rwkv_kernels import quant
+from rwkv_kernels import formats, quant
 from rwkv_engine import CheckpointError, RWKV
 from rwkv_engine.checkpoint import read_checkpoint, read_metadata, synthetic_state_dict, write_synthetic
 from rwkv_engine.convert import main as convert_main
@@ -244,11 +244,11 @@ def test_named_model_with_packed_weights_uses_a_bf16_synthetic(monkeypatch, tmp_
 
 LOAD_PEAK = """
 import sys, torch, rwkv_engine
-from bench.memory import PeakMemory, trim_heap
+from bench.memory import PeakMemory, collect_and_trim
 meter = PeakMemory("cpu", method="clear_refs")
 meter.reset()
 model = rwkv_engine.load(sys.argv[1], weights=sys.argv[2])
-trim_heap()
+collect_and_trim()
 print(meter.read()["peak_bytes"])
 """
 
@@ -265,7 +265,7 @@ def test_loading_int8_peak_memory_is_near_the_packed_size(tmp_path):
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     peak = int(out.stdout.split()[-1])
-    packed = file_bytes * quant.bytes_per_weight("int8") / 4
+    packed = file_bytes * formats.get("int8").bytes_per_weight / 4
     # measured here: ~115 MB (packed ~50 MB, imports, a few MB of slices in flight, allocator slack);
     # with the mapped float32 pages kept resident (no release) it is ~290 MB: packed + the whole file
     assert peak < packed + file_bytes / 2, (peak, packed, file_bytes)

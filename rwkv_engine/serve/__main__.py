@@ -1,5 +1,4 @@
 """python -m rwkv_engine.serve --model NAME [options]: see `python -m rwkv_engine.serve --help`."""
-import argparse
 import ctypes
 import logging
 import math
@@ -13,16 +12,11 @@ import uvicorn
 
 from rwkv_kernels import formats
 
+from ..cli import OneLineParser
+
 MAX_CONNECTIONS = 512
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")      # uvicorn's
 MAX_SECONDS = 86400.0          # timeouts above a day are a typo (threading refuses ~1e10 s and more)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line on stderr, exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message}\n")
 
 
 def parse_args(argv=None):
