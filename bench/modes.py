@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, first_line, positive_int,
+from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, positive_int,
                        positive_int_list, write_json_atomic)
 from bench.cpuload import OthersMeter, busy_warning
 
@@ -173,19 +173,13 @@ def profile_main(ap, args, model):
         (a, ra), (b, rb) = list(out["formats"].items())[:2]
         print(f"step time {b} / {a}: {rb['step_ms'] / ra['step_ms']:.2f}x ({a} {ra['tokens_per_s']:.1f} tok/s, "
               f"{b} {rb['tokens_per_s']:.1f} tok/s)")
-    if load["others_cpu_pct"] is not None:
-        print(f"other processes used {load['others_cpu_pct']:.1f}% of the CPU meanwhile "
-              f"(load average {load['loadavg_1m']:.2f})")
-    warning = busy_warning(load["others_cpu_pct"])
-    if warning:
-        print(warning, file=sys.stderr)
+    report_load(load)
     if args.json:
         write_json_atomic(args.json, out)
     return 0
 
 
-@command("bench.modes")
-def main(argv=None):
+def build_parser():
     ap = OneLineParser(prog="python -m bench.modes", description=__doc__)
     ap.add_argument("--model", default="rwkv-4-pile-169m")
     ap.add_argument("--checkpoint", default=None)
@@ -202,24 +196,43 @@ def main(argv=None):
     ap.add_argument("--steps", type=positive_int, default=32, help="--profile: decode steps per round (default 32)")
     ap.add_argument("--batch", type=positive_int, default=1, help="--profile: streams decoded together (default 1)")
     ap.add_argument("--json", default=None, help="--profile: also write the numbers here (JSON)")
-    args = ap.parse_args(argv)
-    if args.json:
-        try:
-            check_writable_file(args.json, "--json")
-        except ValueError as e:
-            ap.exit(2, f"bench.modes: error: {first_line(e)}\n")
-    torch.set_num_threads(args.threads)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(args.threads)
-    from bench import models
-    try:
-        if models.family_of(args.model) != models.RWKV:
-            raise ValueError(f"--model {args.model}: bench.modes times RWKV models")
-        model = models.load(args.model, checkpoint=args.checkpoint, weights=args.weights)
-    except ValueError as e:
-        ap.exit(2, f"bench.modes: error: {first_line(e)}\n")
-    ids = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    return ap
 
+
+def report_load(load):
+    """The other processes' CPU share while measuring, and the loud warning when they took too much."""
+    if load["others_cpu_pct"] is not None:
+        print(f"other processes used {load['others_cpu_pct']:.1f}% of the CPU meanwhile "
+              f"(load average {load['loadavg_1m']:.2f})")
+    warning = busy_warning(load["others_cpu_pct"])
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+def against_main(args, model, ids, others):
+    """--against: the two formats' sequence-mode runs alternating, both rates and their ratio."""
+    from bench import models
+    other = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
+    runs = {"ours": [], "other": []}
+    for m in (model, other):
+        m.forward(ids, m.new_state(1))                         # warm-up
+    for _ in range(args.repeats):
+        for key, m in (("ours", model), ("other", other)):
+            t0 = time.perf_counter()
+            m.forward(ids, m.new_state(1))
+            runs[key].append(time.perf_counter() - t0)
+    a, b = statistics.median(runs["ours"]), statistics.median(runs["other"])
+    n = args.prompt_tokens
+    print(f"{args.model}, {n}-token prompt, sequence mode, {args.threads} threads, runs alternating, "
+          f"median of {args.repeats}")
+    print(f"{args.weights or 'float32'} weights: {n / a:.1f} tok/s; {args.against} weights: {n / b:.1f} tok/s; "
+          f"ratio {b / a:.3f}")
+    report_load(others.stop())
+    return 0
+
+
+def modes_main(args, model, ids, others):
+    """The default: sequence mode against token mode on one prompt (and the `rwkv` package with --peer)."""
     def sequence():
         model.forward(ids, model.new_state(1))
 
@@ -228,48 +241,13 @@ def main(argv=None):
         for t in range(ids.shape[1]):
             model.forward(ids[:, t:t + 1], state)
 
-    if args.profile:
-        return profile_main(ap, args, model)
-    others = OthersMeter().start()
-    if args.chunks:
-        chunk_table(model, args)
-        return 0
-    if args.against:
-        other = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
-        runs = {"ours": [], "other": []}
-        for m in (model, other):
-            m.forward(ids, m.new_state(1))                         # warm-up
-        for _ in range(args.repeats):
-            for key, m in (("ours", model), ("other", other)):
-                t0 = time.perf_counter()
-                m.forward(ids, m.new_state(1))
-                runs[key].append(time.perf_counter() - t0)
-        a, b = statistics.median(runs["ours"]), statistics.median(runs["other"])
-        n = args.prompt_tokens
-        print(f"{args.model}, {n}-token prompt, sequence mode, {args.threads} threads, runs alternating, "
-              f"median of {args.repeats}")
-        print(f"{args.weights or 'float32'} weights: {n / a:.1f} tok/s; {args.against} weights: {n / b:.1f} tok/s; "
-              f"ratio {b / a:.3f}")
-        load = others.stop()
-        if load["others_cpu_pct"] is not None:
-            print(f"other processes used {load['others_cpu_pct']:.1f}% of the CPU meanwhile")
-        return 0
     seq_s = _median_time(sequence, args.repeats)
     tok_s = _median_time(token, max(1, args.repeats // 3))
     load = others.stop()
     n = args.prompt_tokens
     rows = [("ours, sequence mode", seq_s), ("ours, token mode", tok_s)]
     if args.peer:
-        os.environ.setdefault("RWKV_JIT_ON", "1")
-        os.environ.setdefault("RWKV_CUDA_ON", "0")
-        try:
-            from rwkv.model import RWKV as Official
-        except ImportError:
-            print("peer skipped: the `rwkv` package is not installed", file=sys.stderr)
-        else:
-            off = Official(model=str(model.source)[:-len(".pth")], strategy="cpu fp32", verbose=False)
-            ids_list = ids[0].tolist()
-            rows.append(("rwkv package, sequence", _median_time(lambda: off.forward(ids_list, None), args.repeats)))
+        rows += peer_rows(args, model, ids)
     weights = "synthetic weights" if model.synthetic else model.source
     print(f"{args.model} ({weights}, {args.weights or 'float32'} weights), {n}-token prompt, {args.threads} threads, "
           f"median of {args.repeats}")
@@ -277,13 +255,47 @@ def main(argv=None):
     for name, s in rows:
         print(f"{name:<26}{s:>10.3f}{n / s:>11.1f}")
     print(f"sequence / token mode throughput: {tok_s / seq_s:.1f}x")
-    if load["others_cpu_pct"] is not None:
-        print(f"other processes used {load['others_cpu_pct']:.1f}% of the CPU meanwhile "
-              f"(load average {load['loadavg_1m']:.2f})")
-    warning = busy_warning(load["others_cpu_pct"])
-    if warning:
-        print(warning, file=sys.stderr)
+    report_load(load)
     return 0
+
+
+def peer_rows(args, model, ids):
+    """BlinkDL's `rwkv` package (cpu fp32, JIT on), sequence mode on the same checkpoint and prompt."""
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    os.environ.setdefault("RWKV_CUDA_ON", "0")
+    try:
+        from rwkv.model import RWKV as Official
+    except ImportError:
+        print("peer skipped: the `rwkv` package is not installed", file=sys.stderr)
+        return []
+    off = Official(model=str(model.source)[:-len(".pth")], strategy="cpu fp32", verbose=False)
+    ids_list = ids[0].tolist()
+    return [("rwkv package, sequence", _median_time(lambda: off.forward(ids_list, None), args.repeats))]
+
+
+@command("bench.modes")
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.json:
+        check_writable_file(args.json, "--json")           # a ValueError: one line, exit 2 (command)
+    torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(args.threads)
+    from bench import models
+    if models.family_of(args.model) != models.RWKV:
+        raise ValueError(f"--model {args.model}: bench.modes times RWKV models")
+    model = models.load(args.model, checkpoint=args.checkpoint, weights=args.weights)
+    if args.profile:
+        return profile_main(ap, args, model)
+    ids = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    others = OthersMeter().start()
+    if args.chunks:
+        chunk_table(model, args)
+        return 0
+    if args.against:
+        return against_main(args, model, ids, others)
+    return modes_main(args, model, ids, others)
 
 
 if __name__ == "__main__":

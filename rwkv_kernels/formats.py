@@ -209,27 +209,35 @@ PACKED_SERVES = (Serve("cpu", "float32", "token", "quant_c", "quant_torch"),
 
 
 # ---------------------------------------------------------------------------------------------
+# What every packed weight object has
+
+class PackedWeight:
+    """A packed matrix W [out, in]: its tensors (`parts()`, the first with one row per output row),
+    `in_features`, and `format` (its record's name). Shape, device and bytes follow from them."""
+
+    @property
+    def shape(self):
+        return torch.Size((self.parts()[0].shape[0], self.in_features))
+
+    @property
+    def device(self):
+        return self.parts()[0].device
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in self.parts())
+
+
+# ---------------------------------------------------------------------------------------------
 # Blocks of 32 int8 values with a float16 scale each (ggml's Q8_0)
 
 @dataclass
-class Int8Weight:
+class Int8Weight(PackedWeight):
     """W [out, in] ~ q * scale, blockwise: q int8 [out, in_padded], scale float16 [out, in_padded / 32].
     in_padded is `in` rounded up to 32; the padding weights are 0."""
     q: torch.Tensor
     scale: torch.Tensor
     in_features: int
-
-    @property
-    def shape(self):
-        return torch.Size((self.q.shape[0], self.in_features))
-
-    @property
-    def device(self):
-        return self.q.device
-
-    @property
-    def nbytes(self):
-        return self.q.nbytes + self.scale.nbytes
 
     def parts(self):
         return self.q, self.scale

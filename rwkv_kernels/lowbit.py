@@ -25,7 +25,6 @@ the block's offset (m, or -16 d) times the block's sum of x added per block. Bat
 AVX2 code runs in the AVX-512 build (bit-identical across builds). Sequence mode: dequantise a slice
 of rows (col applied, exact) into a reused float32 buffer, then torch's GEMM.
 """
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from . import cpu_c, dispatch, formats
 from .formats import BLOCK, MIN_SCALE, Int8Weight, quantize_int8, quantize_rows_reference
 from .linear import write_outputs
+from .quant import sliced_gemm
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def check_col(col, in_features, name):
 # ---------------------------------------------------------------------------------------------
 # The packed types: one class per record (the registry finds a weight's record by its type)
 
-class BlockWeight:
+class BlockWeight(formats.PackedWeight):
     """W [out, in] ~ (d q + m) per block of 32 along in (m = -2^(bits-1) d without a stored min), times
     col per input column in the "+cols" formats. Built from the tensors in the order of the record's
     `file_parts` and in_features: BlockWeight(qs, [qh], d, [m], [col], in_features)."""
@@ -97,18 +97,6 @@ class BlockWeight:
     @property
     def spec(self):
         return SPECS[self.layout]
-
-    @property
-    def shape(self):
-        return torch.Size((self.qs.shape[0], self.in_features))
-
-    @property
-    def device(self):
-        return self.qs.device
-
-    @property
-    def nbytes(self):
-        return sum(t.nbytes for t in self.parts())
 
     def parts(self):
         return tuple(t for t in (self.qs, self.qh, self.d, self.m, self.col) if t is not None)
@@ -178,10 +166,6 @@ class Int8ColsWeight(Int8Weight):
     def __init__(self, q, scale, col, in_features):
         super().__init__(q, scale, in_features)
         self.col = col
-
-    @property
-    def nbytes(self):
-        return super().nbytes + self.col.nbytes
 
     def parts(self):
         return self.q, self.scale, self.col
@@ -404,30 +388,10 @@ def dequantize_rows(w, r0, r1, out, isa=None):
     return out
 
 
-_buffers = threading.local()
-
-
-def _buffer(n):
-    buf = getattr(_buffers, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _buffers.buf = torch.empty(n)
-    return buf[:n]
-
-
 def gemm(x, w):
     """x [rows, in] float32 -> x W^T [rows, out]: (x col) times slices of at most quant.GEMM_SLICE
     dequantised stored weights."""
-    from .quant import GEMM_SLICE
-    O, I = w.shape
-    x = scaled_x(x, w)
-    step = max(64, GEMM_SLICE // I)
-    if step >= O:
-        return x @ dequantize_rows(w, 0, O, _buffer(O * I).view(O, I)).T
-    y = torch.empty(x.shape[0], O)
-    for r0 in range(0, O, step):
-        r1 = min(O, r0 + step)
-        y[:, r0:r1] = x @ dequantize_rows(w, r0, r1, _buffer((r1 - r0) * I).view(r1 - r0, I)).T
-    return y
+    return sliced_gemm(scaled_x(x, w), w, dequantize_rows)
 
 
 # Implementations with the dispatch signature: pairs [(x [rows, in] float32, w), ...]

@@ -138,8 +138,9 @@ def _buffer(n):
     return buf[:n]
 
 
-def gemm(x, w):
-    """x [rows, in] float32 -> x W^T [rows, out] through float32 slices of W (C dequantisation)."""
+def sliced_gemm(x, w, dequantize_rows):
+    """x [rows, in] float32 -> x W^T [rows, out] through float32 slices of at most GEMM_SLICE weights,
+    each made by `dequantize_rows(w, r0, r1, out)` in one per-thread buffer that every format reuses."""
     O, I = w.shape
     step = max(64, GEMM_SLICE // I)
     if step >= O:
@@ -150,6 +151,11 @@ def gemm(x, w):
         wf = dequantize_rows(w, r0, r1, _buffer((r1 - r0) * I).view(r1 - r0, I))
         y[:, r0:r1] = x @ wf.T
     return y
+
+
+def gemm(x, w):
+    """x [rows, in] float32 -> x W^T [rows, out] through float32 slices of W (C dequantisation)."""
+    return sliced_gemm(x, w, dequantize_rows)
 
 
 # ---------------------------------------------------------------------------------------------

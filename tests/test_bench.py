@@ -15,6 +15,7 @@ import torch
 from bench import memory, models, sweep
 from bench.machine import cache_path
 from rwkv_engine.process import usable_cores
+from helpers import fake_machine_cache
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "rwkv-4-tiny"
@@ -24,22 +25,8 @@ TINY = "rwkv-4-tiny"
 def fake_machine(tmp_path_factory):
     """A cached machine measurement in a private folder, so no test spends seconds measuring
     bandwidth (and the real cache is left alone)."""
-    old = os.environ.get("BENCH_MACHINE_CACHE")
-    os.environ["BENCH_MACHINE_CACHE"] = str(tmp_path_factory.mktemp("machine"))
-    path = cache_path("cpu", usable_cores())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": usable_cores(),
-        "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "median of torch_sum",
-        "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
-        "measured_others_cpu_pct": 0.0,
-        "gemm_fp32_GFLOPs": 100.0,
-        "memory_total_bytes": 8 << 30}))
-    yield
-    if old is None:
-        del os.environ["BENCH_MACHINE_CACHE"]
-    else:
-        os.environ["BENCH_MACHINE_CACHE"] = old
+    with fake_machine_cache(tmp_path_factory.mktemp("machine"), measured_others_cpu_pct=0.0):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,23 +17,11 @@ TOY = "q8row"
 
 
 @dataclass
-class RowInt8Weight:
+class RowInt8Weight(formats.PackedWeight):
     """W [out, in] ~ q * scale[:, None]: q int8 [out, in], scale float32 [out]."""
     q: torch.Tensor
     scale: torch.Tensor
     in_features: int
-
-    @property
-    def shape(self):
-        return torch.Size((self.q.shape[0], self.in_features))
-
-    @property
-    def device(self):
-        return self.q.device
-
-    @property
-    def nbytes(self):
-        return self.q.nbytes + self.scale.nbytes
 
     def parts(self):
         return self.q, self.scale

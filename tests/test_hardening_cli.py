@@ -1,7 +1,6 @@
 """Issue 19's command-line cases: the first-use notice says what is written, convert takes a registered
 name and keeps the model's name, every command's top level turns our errors into one line (exit 2),
 output paths are probed before any work and written atomically, and signals leave nothing behind."""
-import json
 import os
 import re
 import signal
@@ -16,10 +15,9 @@ import torch
 import rwkv_engine
 from bench import generate, pipeline, quality, serve
 from bench.cli import check_writable_file
-from bench.machine import cache_path
-from rwkv_engine.process import usable_cores
 from rwkv_engine.checkpoint import synthetic_path, write_synthetic
 from rwkv_engine.convert import main as convert_main
+from helpers import fake_machine_cache
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "rwkv-4-tiny"
@@ -35,21 +33,8 @@ def fresh_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def machine_cache(tmp_path_factory):
     """A cached machine measurement, so no command here spends seconds measuring bandwidth."""
-    d = tmp_path_factory.mktemp("machine")
-    old = os.environ.get("BENCH_MACHINE_CACHE")
-    os.environ["BENCH_MACHINE_CACHE"] = str(d)
-    path = cache_path("cpu", usable_cores())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "hostname": "test", "device": "cpu", "device_name": "test cpu", "threads": usable_cores(),
-        "read_bandwidth_GBps": 20.0, "read_bandwidth_method": "median of torch_sum",
-        "bandwidth_by_method_GBps": {"torch_sum": 20.0}, "bandwidth_spread": 1.0, "bandwidth_disagree": False,
-        "gemm_fp32_GFLOPs": 100.0, "memory_total_bytes": 8 << 30}))
-    yield d
-    if old is None:
-        del os.environ["BENCH_MACHINE_CACHE"]
-    else:
-        os.environ["BENCH_MACHINE_CACHE"] = old
+    with fake_machine_cache(tmp_path_factory.mktemp("machine")) as d:
+        yield d
 
 
 def exits_2_with_one_line(call, capsys, *needles):

@@ -18,18 +18,12 @@ from rwkv_engine.checkpoint import blinkdl_to_hf, read_checkpoint, read_metadata
 from rwkv_engine.config import ALIASES, MODELS, canonical_name
 from rwkv_engine.convert import main as convert_main
 from rwkv_engine.files import CheckpointError, WriteError
+from helpers import one_line_error
 
 
 @pytest.fixture(scope="module")
 def sd(tiny_pth):
     return torch.load(tiny_pth, weights_only=True)
-
-
-def one_line_error(exc_type, call, match):
-    with pytest.raises(exc_type, match=match) as err:
-        call()
-    assert "\n" not in str(err.value)
-    return err.value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,18 +19,12 @@ from rwkv_engine.checkpoint import read_checkpoint, synthetic_state_dict, write_
 from rwkv_engine.config import RWKVConfig
 from rwkv_engine.files import CheckpointError
 from rwkv_engine.state import State, StateInUseError
+from helpers import one_line_error
 
 
 @pytest.fixture(scope="module")
 def sd(tiny_pth):
     return torch.load(tiny_pth, weights_only=True)
-
-
-def one_line_error(exc_type, call, match):
-    with pytest.raises(exc_type, match=match) as err:
-        call()
-    assert "\n" not in str(err.value)
-    return err.value
 
 
 def saved(sd, path, **replace):

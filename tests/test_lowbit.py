@@ -418,35 +418,6 @@ def test_unknown_format_names_the_choices(tiny_pth):
         rwkv_engine.load(str(tiny_pth), weights="q3")
 
 
-LOAD_PEAK = """
-import sys, torch, rwkv_engine
-from bench.memory import PeakMemory, collect_and_trim
-meter = PeakMemory("cpu", method="clear_refs")
-meter.reset()
-model = rwkv_engine.load(sys.argv[1], weights=sys.argv[2])
-collect_and_trim()
-print(meter.read()["peak_bytes"])
-"""
-
-
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs /proc/self/clear_refs")
-def test_loading_4bit_peak_memory_is_near_the_packed_size(tmp_path):
-    from rwkv_engine.config import RWKVConfig
-    cfg = RWKVConfig(n_layer=12, n_embd=512, vocab_size=4096)
-    path = tmp_path / "mid.pth"
-    torch.save(synthetic_state_dict(cfg), path)
-    file_bytes = path.stat().st_size
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(path), "q4_1+cols"], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    peak = int(out.stdout.split()[-1])
-    packed = file_bytes * formats.get("q4_1").bytes_per_weight / 4
-    # the source pages are dropped slice by slice (both passes: column scales, then blocks): without
-    # that the whole float32 file (~170 MB) stays resident
-    assert peak < packed + file_bytes / 2, (peak, packed, file_bytes)
-
-
 # ---------------------------------------------------------------------------------------------
 # bench.quality --outliers with its strength and count
 
