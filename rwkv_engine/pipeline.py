@@ -28,8 +28,6 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.distributed as dist
 
-import rwkv_kernels
-
 from . import load as load_model, resolve
 from .checkpoint import open_checkpoint, write_synthetic
 from .generation import Sampler, generate, stream
@@ -296,8 +294,7 @@ class PipelinedRWKV:
 
     vocab_size = property(lambda self: self.config.vocab_size)
     n_params = property(lambda self: self.config.n_params)
-    weight_bytes_per_token = property(lambda self: int(self.config.weight_bytes_per_token(
-        rwkv_kernels.formats.get(self.weight_format).bytes_per_weight)))
+    weight_bytes_per_token = property(lambda self: self.stage.model.weight_bytes_per_token)   # the whole model's
 
     def __repr__(self):
         c = self.config
