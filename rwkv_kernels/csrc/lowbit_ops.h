@@ -38,7 +38,9 @@
 enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q5_0 = 50, LB_Q5_1 = 51 };
 #define LB_QB 32
 #define LB_MAX_GROUP 16
+#ifndef LB_CHUNK_BYTES
 #define LB_CHUNK_BYTES 32768      /* weight bytes per claimed chunk of the pool (whole groups of 4 rows) */
+#endif
 
 static inline int lb_bits(int64_t fmt) { return fmt == LB_Q8 ? 8 : (int)(fmt / 10); }
 static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1; }
@@ -202,7 +204,86 @@ static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, co
     }
 }
 
+#ifndef LB_ROWS
+#define LB_ROWS 1
+#endif
+#ifndef LB_PF
+#define LB_PF 1024
+#endif
+
+/* one row . one stream: the blocks in pairs, two accumulators (block a, block b of each pair) so
+ * that no FMA waits on the one before it, and the row LB_PF bytes ahead prefetched */
+static inline __attribute__((always_inline)) float lb_dot1(const int64_t FMT, const lb_product *p, int64_t row,
+        const int8_t *xq, const float *dx, const float *sx) {
+    const int64_t nb = p->Ip / LB_QB;
+    const int has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
+    const uint8_t *qs = p->qs + row * (p->Ip / 2);
+    const uint8_t *qh = five ? p->qh + row * (p->Ip / 8) : NULL;
+    const uint16_t *d = p->d + row * nb, *m = has_min ? p->m + row * nb : d;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 ea = _mm256_setzero_ps(), eb = _mm256_setzero_ps(), off = _mm256_setzero_ps();
+    float offs = 0.0f;
+    int64_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        float ds[8] __attribute__((aligned(32)));
+        __m256 dxv = _mm256_loadu_ps(dx + j);
+        _mm256_store_ps(ds, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j))), dxv));
+        off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j))), _mm256_loadu_ps(sx + j), off);
+        __m256i plane = five ? _mm256_loadu_si256((const __m256i *)(qh + j * 4)) : _mm256_setzero_si256();
+        if (LB_PF) {
+            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF, _MM_HINT_T0);
+            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF + 64, _MM_HINT_T0);
+            if (five) _mm_prefetch((const char *)(qh + j * 4) + LB_PF / 4, _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int k = 0; k < 8; k += 2) {
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + (j + k) * LB_QB));
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + (j + k + 1) * LB_QB));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (j + k) * (LB_QB / 2)));
+            __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            if (five) {
+                a = _mm256_or_si256(a, lb_high(plane, k));
+                b = _mm256_or_si256(b, lb_high(plane, k + 1));
+            }
+            ea = _mm256_fmadd_ps(lb_dot_u8(a, xa), _mm256_broadcast_ss(&ds[k]), ea);
+            eb = _mm256_fmadd_ps(lb_dot_u8(b, xb), _mm256_broadcast_ss(&ds[k + 1]), eb);
+        }
+    }
+    for (; j < nb; j += 2) {                    /* 4-bit rows end in pairs; 5-bit rows have no tail */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + j * (LB_QB / 2)));
+        for (int h = 0; h < 2; h++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (j + h) * LB_QB));
+            __m256 dot = lb_dot_u8(_mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4), xv);
+            offs = fmaf(_cvtsh_ss(m[j + h]), sx[j + h], offs);
+            __m256 sc = _mm256_set1_ps(_cvtsh_ss(d[j + h]) * dx[j + h]);
+            if (h) eb = _mm256_fmadd_ps(dot, sc, eb);
+            else ea = _mm256_fmadd_ps(dot, sc, ea);
+        }
+    }
+    const float scale = has_min ? 1.0f : -(float)(1 << (lb_bits(FMT) - 1));
+    return lb_hsum(_mm256_add_ps(ea, eb)) + scale * (lb_hsum(off) + offs);
+}
+
+static void lb_rows1(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    const int64_t nb = p->Ip / LB_QB;
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t b = 0; b < B; b++) {
+            const int8_t *xq = p->xq + b * p->Ip;
+            const float *dx = p->dx + b * nb, *sx = p->sx + b * nb;
+            float s;
+            switch (p->fmt) {
+            case LB_Q4_0: s = lb_dot1(LB_Q4_0, p, o, xq, dx, sx); break;
+            case LB_Q4_1: s = lb_dot1(LB_Q4_1, p, o, xq, dx, sx); break;
+            case LB_Q5_0: s = lb_dot1(LB_Q5_0, p, o, xq, dx, sx); break;
+            default: s = lb_dot1(LB_Q5_1, p, o, xq, dx, sx); break;
+            }
+            float *yo = p->y + b * p->O;
+            yo[o] = acc ? yo[o] + s : s;
+        }
+}
+
 static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    if (LB_ROWS == 1 && p->fmt != LB_Q8) { lb_rows1(p, B, o0, o1, acc); return; }
     const int64_t nb = p->Ip / LB_QB;
     float s[4];
     for (int64_t o = o0; o < o1; o += 4) {
