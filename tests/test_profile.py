@@ -10,26 +10,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_kernels import cpu_c, profile, quant
+from rwkv_kernels import cpu_c, lowbit, profile, quant
 
 REPO = Path(__file__).resolve().parent.parent
 needs_c = pytest.mark.skipif(not cpu_c.available(), reason="no C kernels here")
 
 
 def _weight_bytes(w):
-    return w.nbytes if isinstance(w, quant.Int8Weight) else w.numel() * w.element_size()
+    return w.nbytes if isinstance(w, (quant.Int8Weight, lowbit.BlockWeight)) else w.numel() * w.element_size()
+
+
+LOWBIT = ["q5_0", "q4_1", "q4_1+cols", "int8+cols"]
 
 
 @needs_c
-@pytest.mark.parametrize("fmt", ["int8", "float16", "float32"])
+@pytest.mark.parametrize("fmt", ["int8", "float16", "float32", *LOWBIT])
 def test_counters_count_the_products_and_their_weight_bytes(fmt):
-    w = quant.pack(torch.randn(130, 70), fmt)                  # int8: 70 -> 96 columns + 3 scales per row
+    # int8: 70 -> 96 columns + 3 scales per row; 4 bits: 70 -> 128; 5 bits: 70 -> 256
+    w = quant.pack(torch.randn(130, 70), fmt)
     x = torch.randn(3, 70)
     profile.enable()
     try:
         for _ in range(5):
             if fmt == "float32":
                 cpu_c.ops().matvec_group([(x, w)])
+            elif fmt in LOWBIT:
+                lowbit.matvec_group([(x, w)])
             else:
                 quant.matvec_group([(x, w)])
         c = profile.read()
@@ -38,7 +44,7 @@ def test_counters_count_the_products_and_their_weight_bytes(fmt):
     other = c["products"]["other"]
     assert other["products"] == 5 and other["bytes"] == 5 * _weight_bytes(w)
     assert all(v["products"] == 0 for tag, v in c["products"].items() if tag != "other")
-    assert (other["quant_ns"] > 0) == (fmt == "int8")
+    assert (other["quant_ns"] > 0) == (fmt in ("int8", *LOWBIT))
     assert other["work_ns"] > 0 and other["idle_ns"] >= 0
     # wall = quant + work + idle per product, up to the integer rounding of each share (ns)
     assert abs(other["wall_ns"] - other["quant_ns"] - other["work_ns"] - other["idle_ns"]) <= 5 * 3
@@ -53,7 +59,7 @@ def test_counters_stay_zero_when_not_enabled():
 
 
 @needs_c
-@pytest.mark.parametrize("fmt", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("fmt", ["int8", "bfloat16", "float32", "q5_0", "q4_1+cols"])
 def test_decode_steps_count_each_matrix_of_each_layer(tiny_pth, fmt):
     import rwkv_engine
     model = rwkv_engine.load(str(tiny_pth), weights=fmt)

@@ -64,7 +64,7 @@ static int64_t decode_products(int n, const product *ps, void *const *P, const i
         if (layout < 0) { plain[np++] = ps[j]; continue; }
         void *const *q = P + DECODE_VECS + DECODE_PARTS * m;
         low[nl++] = (lb_product){.fmt = layout, .O = ps[j].O, .I = ps[j].I, .qs = q[0], .d = q[1], .qh = q[2],
-                                 .m = q[3], .col = q[4], .x = ps[j].x, .y = ps[j].y};
+                                 .m = q[3], .col = q[4], .x = ps[j].x, .y = ps[j].y, .tag = ps[j].tag};
     }
     if (np) run_products(np, plain, B, nthreads, acc);
     if (nl && lb_run_products(nl, low, B, nthreads, acc) != 0) return -1;

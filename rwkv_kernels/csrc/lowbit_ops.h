@@ -61,6 +61,7 @@ typedef struct {
     float *y;                   /* [B, O] */
     int8_t *xq;                 /* scratch [B, Ip] */
     float *dx, *sx;             /* scratch [B, Ip / 32]: x's block scales, and d_x * (integer block sum) */
+    int64_t tag;                /* the profile's product tag (quant_ops.h's prof): 0 outside decode_layers */
 } lb_product;
 
 static inline float lb_hsum(__m256 v) {
@@ -300,10 +301,12 @@ static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int 
 /* ---- grouped products on the pool ---------------------------------------------------------- */
 
 typedef struct {
-    int64_t n, B, acc;
+    int64_t n, B, acc, prof;
     lb_product ps[LB_MAX_GROUP];
     int64_t chunk_rows[LB_MAX_GROUP];
     int64_t first_chunk[LB_MAX_GROUP + 1];          /* product j owns chunks [first[j], first[j+1]) */
+    _Atomic int64_t work_ns[LB_MAX_GROUP];          /* the profile's per-product chunk time, all threads */
+    _Atomic uint64_t threads;                       /* the profile's threads that ran a chunk */
 } lb_job;
 
 static void lb_chunk(void *ctx, int64_t chunk) {
@@ -313,7 +316,15 @@ static void lb_chunk(void *ctx, int64_t chunk) {
     const lb_product *p = &job->ps[j];
     int64_t o0 = (chunk - job->first_chunk[j]) * job->chunk_rows[j];
     int64_t o1 = o0 + job->chunk_rows[j] < p->O ? o0 + job->chunk_rows[j] : p->O;
+    if (!job->prof) {
+        lb_rows(p, job->B, o0, o1, (int)job->acc);
+        return;
+    }
+    if (prof_tid < 0) prof_tid = atomic_fetch_add(&prof.next_tid, 1) & 63;
+    uint64_t t0 = pool_now_ns();
     lb_rows(p, job->B, o0, o1, (int)job->acc);
+    prof_add((_Atomic int64_t *)&((lb_job *)ctx)->work_ns[j], (int64_t)(pool_now_ns() - t0));
+    atomic_fetch_or_explicit(&((lb_job *)ctx)->threads, (uint64_t)1 << prof_tid, memory_order_relaxed);
 }
 
 static int64_t lb_row_bytes(const lb_product *p) {
@@ -322,11 +333,32 @@ static int64_t lb_row_bytes(const lb_product *p) {
     return v + nb * (2 + 2 * lb_has_min(p->fmt)) + (p->qh != NULL) * p->Ip / 8;
 }
 
+/* a job's times -> quant_ops.h's profile counters of its products' tags, as prof_job does for its own */
+static void lb_prof_job(const lb_job *job, const int64_t *quant_ns, int64_t wall_ns) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < job->n; j++) total += atomic_load(&job->work_ns[j]);
+    int64_t nthr = __builtin_popcountll(atomic_load(&job->threads));
+    if (nthr < 1) nthr = 1;
+    double idle = (double)wall_ns * nthr - total;
+    for (int64_t j = 0; j < job->n; j++) {
+        const lb_product *p = &job->ps[j];
+        _Atomic int64_t *c = prof.tag[p->tag >= 0 && p->tag < PROF_TAGS ? p->tag : 0];
+        double share = total > 0 ? (double)atomic_load(&job->work_ns[j]) / total : 1.0 / job->n;
+        prof_add(&c[PF_PRODUCTS], 1);
+        prof_add(&c[PF_BYTES], p->O * lb_row_bytes(p) + (p->col ? p->I * (int64_t)sizeof(float) : 0));
+        prof_add(&c[PF_WALL], quant_ns[j] + (int64_t)(wall_ns * share));
+        prof_add(&c[PF_QUANT], quant_ns[j]);
+        prof_add(&c[PF_WORK], atomic_load(&job->work_ns[j]) / nthr);
+        prof_add(&c[PF_IDLE], (int64_t)(idle * share / nthr));
+    }
+}
+
 /* n products as one job of the thread pool; x quantised first (on the caller). 0, -1 for a bad
  * argument (n outside 1..LB_MAX_GROUP, an unknown format), -2 when scratch cannot be allocated. */
 static int64_t lb_run_products(int64_t n, lb_product *ps, int64_t B, int64_t nthreads, int64_t acc) {
     if (n < 1 || n > LB_MAX_GROUP) return -1;
-    lb_job job = {.n = n, .B = B, .acc = acc};
+    lb_job job = {.n = n, .B = B, .acc = acc, .prof = prof_on()};
+    int64_t quant_ns[LB_MAX_GROUP] = {0};
     int64_t scratch = 0;
     for (int64_t j = 0; j < n; j++) {
         lb_product *p = &job.ps[j];
@@ -348,10 +380,14 @@ static int64_t lb_run_products(int64_t n, lb_product *ps, int64_t B, int64_t nth
         at += 2 * B * nb * sizeof(float);
         p->xq = (int8_t *)at;
         at += B * p->Ip;
+        uint64_t t0 = job.prof ? pool_now_ns() : 0;
         for (int64_t b = 0; b < B; b++)
             lb_quantize_x(p->x + b * p->I, p->col, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * nb, p->sx + b * nb);
+        if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
     }
+    uint64_t t1 = job.prof ? pool_now_ns() : 0;
     pool_run(lb_chunk, &job, job.first_chunk[n], nthreads);
+    if (job.prof) lb_prof_job(&job, quant_ns, (int64_t)(pool_now_ns() - t1));
     free(buf);
     return 0;
 }
