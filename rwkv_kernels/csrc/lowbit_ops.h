@@ -73,25 +73,18 @@ static inline float lb_hsum(__m256 v) {
 
 /* ---- activations ---------------------------------------------------------------------------- */
 
-/* x [I] (times col) -> q [Ip] int8, d [Ip / 32] = amax / 127, s [Ip / 32] = d * sum(q) per block */
+/* x [I] (times col) -> q [Ip] int8, d [Ip / 32] = amax / 127, s [Ip / 32] = d * sum(q) per block:
+ * quant_ops.h's quantize_x_col (round half to even, as rwkv_kernels/quant.py's quantize_rows_reference),
+ * then each block's exact integer sum */
 static void lb_quantize_x(const float *x, const float *col, int64_t I, int64_t Ip, int8_t *q, float *d, float *s) {
-    float blk[LB_QB];
+    quantize_x_col(x, col, I, Ip, q, d);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     for (int64_t b0 = 0; b0 < Ip; b0 += LB_QB) {
-        float amax = 0.0f;
-        for (int k = 0; k < LB_QB; k++) {
-            int64_t i = b0 + k;
-            blk[k] = i < I ? (col ? x[i] * col[i] : x[i]) : 0.0f;
-            amax = fmaxf(amax, fabsf(blk[k]));
-        }
-        float dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
-        int sum = 0;
-        for (int k = 0; k < LB_QB; k++) {
-            int v = (int)nearbyintf(blk[k] * id);        /* half to even, as torch.round */
-            q[b0 + k] = (int8_t)v;
-            sum += v;
-        }
-        d[b0 / LB_QB] = dd;
-        s[b0 / LB_QB] = dd * (float)sum;
+        __m256i v = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(q + b0))), ones16);
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+        s[b0 / LB_QB] = d[b0 / LB_QB] * (float)_mm_cvtsi128_si32(h);
     }
 }
 

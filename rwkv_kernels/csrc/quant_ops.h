@@ -243,13 +243,20 @@ DOT16_TILE(tile_bf16, load8_bf16, bf16_to_f32)
 
 /* x [I] -> q [Ip] int8 and d [Ip / 32] float: per block d = amax / 127, q = round(x / d) (half to
  * even: the default rounding of cvtps_epi32 and nearbyintf) */
-static void quantize_x(const float *x, int64_t I, int64_t Ip, int8_t *q, float *d) {
+/* quantize_x of x * col (col NULL: of x); each product x[i] * col[i] is rounded once, as written */
+static void quantize_x_col(const float *x, const float *col, int64_t I, int64_t Ip, int8_t *q, float *d) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     int64_t b0 = 0;
     for (; b0 + QB <= I; b0 += QB) {                   /* whole blocks: 4 vectors of 8 */
         __m256 v0 = _mm256_loadu_ps(x + b0), v1 = _mm256_loadu_ps(x + b0 + 8);
         __m256 v2 = _mm256_loadu_ps(x + b0 + 16), v3 = _mm256_loadu_ps(x + b0 + 24);
+        if (col) {
+            v0 = _mm256_mul_ps(v0, _mm256_loadu_ps(col + b0));
+            v1 = _mm256_mul_ps(v1, _mm256_loadu_ps(col + b0 + 8));
+            v2 = _mm256_mul_ps(v2, _mm256_loadu_ps(col + b0 + 16));
+            v3 = _mm256_mul_ps(v3, _mm256_loadu_ps(col + b0 + 24));
+        }
         __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
@@ -265,12 +272,16 @@ static void quantize_x(const float *x, int64_t I, int64_t Ip, int8_t *q, float *
     }
     for (; b0 < Ip; b0 += QB) {                        /* the last, partial block and the padding */
         float amax = 0.0f;
-        for (int64_t i = b0; i < b0 + QB && i < I; i++) amax = fmaxf(amax, fabsf(x[i]));
+        for (int64_t i = b0; i < b0 + QB && i < I; i++) amax = fmaxf(amax, fabsf(col ? x[i] * col[i] : x[i]));
         float dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
         d[b0 / QB] = dd;
         for (int64_t i = b0; i < b0 + QB; i++)
-            q[i] = i < I ? (int8_t)nearbyintf(x[i] * id) : 0;
+            q[i] = i < I ? (int8_t)nearbyintf((col ? x[i] * col[i] : x[i]) * id) : 0;
     }
+}
+
+static void quantize_x(const float *x, int64_t I, int64_t Ip, int8_t *q, float *d) {
+    quantize_x_col(x, NULL, I, Ip, q, d);
 }
 
 /* The sum of 8 float lanes in one fixed order, the same in both builds (the int8 kernel's results are
