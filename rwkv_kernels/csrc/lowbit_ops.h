@@ -326,24 +326,15 @@ static int64_t lb_row_bytes(const lb_product *p) {
     return v + nb * (2 + 2 * lb_has_min(p->fmt)) + (p->qh != NULL) * p->Ip / 8;
 }
 
-/* a job's times -> quant_ops.h's profile counters of its products' tags, as prof_job does for its own */
-static void lb_prof_job(const lb_job *job, const int64_t *quant_ns, int64_t wall_ns) {
-    int64_t total = 0;
-    for (int64_t j = 0; j < job->n; j++) total += atomic_load(&job->work_ns[j]);
-    int64_t nthr = __builtin_popcountll(atomic_load(&job->threads));
-    if (nthr < 1) nthr = 1;
-    double idle = (double)wall_ns * nthr - total;
+/* a job's times -> quant_ops.h's profile counters of its products' tags */
+static void lb_prof_job(lb_job *job, const int64_t *quant_ns, int64_t wall_ns) {
+    int64_t tags[LB_MAX_GROUP], bytes[LB_MAX_GROUP];
     for (int64_t j = 0; j < job->n; j++) {
         const lb_product *p = &job->ps[j];
-        _Atomic int64_t *c = prof.tag[p->tag >= 0 && p->tag < PROF_TAGS ? p->tag : 0];
-        double share = total > 0 ? (double)atomic_load(&job->work_ns[j]) / total : 1.0 / job->n;
-        prof_add(&c[PF_PRODUCTS], 1);
-        prof_add(&c[PF_BYTES], p->O * lb_row_bytes(p) + (p->col ? p->I * (int64_t)sizeof(float) : 0));
-        prof_add(&c[PF_WALL], quant_ns[j] + (int64_t)(wall_ns * share));
-        prof_add(&c[PF_QUANT], quant_ns[j]);
-        prof_add(&c[PF_WORK], atomic_load(&job->work_ns[j]) / nthr);
-        prof_add(&c[PF_IDLE], (int64_t)(idle * share / nthr));
+        tags[j] = p->tag;
+        bytes[j] = p->O * lb_row_bytes(p) + (p->col ? p->I * (int64_t)sizeof(float) : 0);
     }
+    prof_count_job(job->n, tags, bytes, quant_ns, job->work_ns, atomic_load(&job->threads), wall_ns);
 }
 
 /* n products as one job of the thread pool; x quantised first (on the caller). 0, -1 for a bad

@@ -504,24 +504,35 @@ static int64_t row_bytes_of(const product *p) {
     return p->fmt == FMT_Q8 ? p->Ip + p->Ip / QB * 2 : (p->fmt == FMT_F32 ? 4 : 2) * p->I;
 }
 
-/* a job's times -> the counters of its products' tags (see prof) */
-static void prof_job(const job_t *job, const int64_t *quant_ns, int64_t wall_ns) {
+/* a job's times -> the counters of its products' tags (see prof): n products with their tags, weight
+ * bytes, quantisation ns and summed chunk ns, the mask of threads that ran a chunk, the job's wall ns.
+ * Shared by this file's jobs and lowbit_ops.h's. */
+static void prof_count_job(int64_t n, const int64_t *tags, const int64_t *bytes, const int64_t *quant_ns,
+                           _Atomic int64_t *work_ns, uint64_t threads, int64_t wall_ns) {
     int64_t total = 0;
-    for (int64_t j = 0; j < job->n; j++) total += atomic_load(&job->work_ns[j]);
-    int64_t nthr = __builtin_popcountll(atomic_load(&job->threads));
+    for (int64_t j = 0; j < n; j++) total += atomic_load(&work_ns[j]);
+    int64_t nthr = __builtin_popcountll(threads);
     if (nthr < 1) nthr = 1;
     double idle = (double)wall_ns * nthr - total;
-    for (int64_t j = 0; j < job->n; j++) {
-        const product *p = &job->ps[j];
-        _Atomic int64_t *c = prof.tag[p->tag >= 0 && p->tag < PROF_TAGS ? p->tag : 0];
-        double share = total > 0 ? (double)atomic_load(&job->work_ns[j]) / total : 1.0 / job->n;
+    for (int64_t j = 0; j < n; j++) {
+        _Atomic int64_t *c = prof.tag[tags[j] >= 0 && tags[j] < PROF_TAGS ? tags[j] : 0];
+        double share = total > 0 ? (double)atomic_load(&work_ns[j]) / total : 1.0 / n;
         prof_add(&c[PF_PRODUCTS], 1);
-        prof_add(&c[PF_BYTES], p->O * row_bytes_of(p));
+        prof_add(&c[PF_BYTES], bytes[j]);
         prof_add(&c[PF_WALL], quant_ns[j] + (int64_t)(wall_ns * share));
         prof_add(&c[PF_QUANT], quant_ns[j]);
-        prof_add(&c[PF_WORK], atomic_load(&job->work_ns[j]) / nthr);
+        prof_add(&c[PF_WORK], atomic_load(&work_ns[j]) / nthr);
         prof_add(&c[PF_IDLE], (int64_t)(idle * share / nthr));
     }
+}
+
+static void prof_job(job_t *job, const int64_t *quant_ns, int64_t wall_ns) {
+    int64_t tags[MAX_GROUP], bytes[MAX_GROUP];
+    for (int64_t j = 0; j < job->n; j++) {
+        tags[j] = job->ps[j].tag;
+        bytes[j] = job->ps[j].O * row_bytes_of(&job->ps[j]);
+    }
+    prof_count_job(job->n, tags, bytes, quant_ns, job->work_ns, atomic_load(&job->threads), wall_ns);
 }
 
 /* n products (described in ps[0..n-1], n <= MAX_GROUP) as one job of the thread pool (pool.h: chunks
