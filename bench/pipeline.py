@@ -202,7 +202,7 @@ def main(argv=None):
 def stage_weight_bytes(model):
     tensors = [model.emb, model.head, model.ln_out_w, model.ln_out_b]
     tensors += [t for blk in model.blocks for t in vars(blk).values()]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(t.nbytes for t in tensors if t is not None)
 
 
 def status_bytes(field):

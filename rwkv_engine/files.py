@@ -555,6 +555,16 @@ def _private_file_maps():
     return spans
 
 
+def in_file_mapping(t):
+    """Whether CPU tensor t lies wholly inside one private file mapping (a memory-mapped checkpoint).
+    Linux only (False elsewhere)."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return any(a <= start and end <= b for a, b in _private_file_maps())
+
+
 def release_pages(tensors, keep=None):
     """Drop the resident pages of memory-mapped checkpoint tensors the model did not keep (e.g. the
     raw embedding, which the model holds with ln0 applied): otherwise they stay in the process's RSS

@@ -73,7 +73,9 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
     emb = None
     if first:   # ln0 is applied to the embedding table once here instead of to x at every step.
         ln0_w, ln0_b = sd["blocks.0.ln0.weight"].reshape(-1).float(), sd["blocks.0.ln0.bias"].reshape(-1).float()
-        emb = wformat.embedding_with_ln0(sd["emb.weight"], ln0_w, ln0_b, eps, weights or "float32")
+        # packed weights on the CPU: looked up from the memory-mapped table (no resident copy of it)
+        emb = wformat.ln0_embedding(sd["emb.weight"], ln0_w, ln0_b, eps, weights or "float32",
+                                    lazy=weights is not None)
         if weights is None:
             emb = cast(emb)
     blocks = []

@@ -106,9 +106,29 @@ def test_converted_file_equals_quantised_at_load(tiny_pth, int8_file, tokens):
     from_file = rwkv_engine.load(str(int8_file))
     assert from_file.weights == "int8"
     a, b = at_load.blocks[1].ffn_value, from_file.blocks[1].ffn_value
-    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and torch.equal(at_load.emb, from_file.emb)
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and torch.equal(at_load.emb[:], from_file.emb[:])
     assert torch.equal(at_load.forward(tokens, all_logits=True)[0], from_file.forward(tokens, all_logits=True)[0])
     assert torch.equal(token_by_token(at_load, tokens[:, :4]), token_by_token(from_file, tokens[:, :4]))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4_1"])
+def test_lazy_embedding_equals_the_whole_table(tiny_pth, fmt, tokens):
+    """Packed weights look the embedding up from the mapped checkpoint, ln0 applied per row: the same
+    bits as the table computed whole at load, for one token, a batch of prompts and every row."""
+    from rwkv_engine import weights as wformat
+    from rwkv_engine.files import in_file_mapping
+    model = rwkv_engine.load(str(tiny_pth), weights=fmt)
+    emb = model.emb
+    assert isinstance(emb, wformat.LazyEmbedding) and in_file_mapping(emb.raw)
+    whole = wformat.embedding_with_ln0(emb.raw, emb.ln_w, emb.ln_b, emb.eps, fmt)
+    assert whole.dtype == emb[:].dtype == formats.get(fmt).embedding_dtype
+    assert torch.equal(emb[:], whole)
+    assert torch.equal(emb[tokens], whole[tokens]) and torch.equal(emb[tokens[:, 0]], whole[tokens[:, 0]])
+    assert emb.nbytes == emb.raw.nbytes and emb.shape == whole.shape
+    # a table that is not on a file mapping (a checkpoint read into memory) is computed whole
+    copy = emb.raw.clone()
+    table = wformat.ln0_embedding(copy, emb.ln_w, emb.ln_b, emb.eps, fmt, lazy=True)
+    assert isinstance(table, torch.Tensor) and torch.equal(table, whole)
 
 
 def test_packed_file_is_memory_mapped_and_small(int8_file, tiny_pth):
