@@ -39,8 +39,10 @@ def n_cpus():
 
 def others_share(busy_before, busy_after, own_before, own_after, wall_s, cpus):
     """{'others_cpu_s', 'others_cpu_pct'} from two snapshots (pure: the formula the meter uses)."""
-    others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
     capacity = wall_s * cpus
+    # both counters tick in jiffies (10 ms per CPU), so on a run of a few ticks the difference can
+    # come out past the machine's capacity or below zero: clamp it to what is physically possible
+    others = min(max(0.0, (busy_after - busy_before) - (own_after - own_before)), max(capacity, 0.0))
     return {"others_cpu_s": others, "others_cpu_pct": 100 * others / capacity if capacity > 0 else None}
 
 

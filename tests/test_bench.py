@@ -464,6 +464,9 @@ def test_others_share_formula():
     s = others_share(busy_before=100.0, busy_after=103.0, own_before=10.0, own_after=11.0, wall_s=2.0, cpus=2)
     assert s == {"others_cpu_s": pytest.approx(2.0), "others_cpu_pct": pytest.approx(50.0)}
     assert others_share(100.0, 101.0, 10.0, 11.0, 2.0, 2)["others_cpu_pct"] == 0.0
+    # a short run whose tick-rounded counters say others used more than the whole machine: clamped
+    short = others_share(busy_before=100.0, busy_after=100.12, own_before=10.0, own_after=10.0, wall_s=0.05, cpus=2)
+    assert short["others_cpu_pct"] == 100.0 and short["others_cpu_s"] == pytest.approx(0.1)
     assert "WARNING" in busy_warning(50.0) and busy_warning(1.0) == ""
 
 
