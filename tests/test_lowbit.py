@@ -229,6 +229,22 @@ def test_each_stream_is_bit_identical_whatever_the_batch_and_threads(isa, fmt):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs only the avx2 build: nothing to compare it with")
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("B, O, I", [(1, 37, 70), (5, 130, 768), (17, 9, 300), (3, 5, 3072)])
+def test_avx2_and_avx512_builds_give_the_same_bits(fmt, B, O, I):
+    """The integer block dots are exact in both (maddubs + madd on AVX2, vpdpbusd on AVX-512 VNNI), the
+    float order is the same: so every output is bitwise the same in every build."""
+    x, w = _data(B, O, I, seed=3)
+    x[0, : min(I, 40)] *= 30                               # blocks whose x quantises to +-127
+    packed = pack(w, fmt)
+    ys = {isa: lowbit.matvec_group([(x, packed)], isa=isa)[0] for isa in ISAS}
+    q = {isa: lowbit.quantize_rows(x, packed.col, isa=isa) for isa in ISAS}
+    for isa in ISAS[1:]:
+        assert torch.equal(ys[isa], ys[ISAS[0]]), (isa, ISAS[0])
+        assert all(torch.equal(a, b) for a, b in zip(q[isa], q[ISAS[0]]))
+
+
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("B, I", [(1, 32), (4, 70), (3, 768)])

@@ -13,7 +13,8 @@
  *   col:     NULL, or float32 [I] powers of two: x is multiplied by col before it is quantised (the
  *            outlier treatment; the matrix stored is W diag(1/col)).
  *
- * Decode (AVX2): x col is quantised per stream to int8 blocks of 32 (d_x = amax / 127, round half to
+ * Decode (AVX2; the AVX-512 build the same with VNNI's vpdpbusd for maddubs + madd and a masked add
+ * for the 5th bits, the same bits): x col is quantised per stream to int8 blocks of 32 (d_x = amax / 127, round half to
  * even, as rwkv_kernels/quant.py's quantize_rows_reference), with each block's integer sum s. One 32-byte
  * load and and / shift / and give a pair of blocks as bytes (5-bit: plus an and, a shift and an or
  * per block from the 8-block bit plane), maddubs multiplies them (unsigned) with x's bytes (signed),
@@ -96,15 +97,37 @@ static inline __m256i lb_high(__m256i plane, const int b) {
     return b < 4 ? _mm256_slli_epi16(bit, 4 - b) : b > 4 ? _mm256_srli_epi16(bit, b - 4) : bit;
 }
 
-/* the exact integer dot of 32 weight bytes with x's 32 bytes, summed into 8 int32 lanes -> float */
-static inline __m256 lb_dot_u8(__m256i q, __m256i xv) {
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), _mm256_set1_epi16(1)));
+/* nibbles q (bytes 0..15) with block b's 5th bits from the plane set: q | lb_high(plane, b); with
+ * AVX-512 BW + VL one test into a mask and one masked add (the bit is clear in q) */
+static inline __m256i lb_with_high(__m256i q, __m256i plane, const int b) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_mask_add_epi8(q, _mm256_test_epi8_mask(plane, _mm256_set1_epi8((char)(1 << b))), q,
+                                _mm256_set1_epi8(0x10));
+#else
+    return _mm256_or_si256(q, lb_high(plane, b));
+#endif
 }
+
+/* the exact integer dot of 32 weight bytes with x's 32 bytes, summed into 8 int32 lanes (lane k: bytes
+ * 4k..4k+3) -> float. AVX2: maddubs (pairs to int16) then madd (pairs of those to int32); no pair
+ * saturates int16 (|x| <= 127, weights <= 31 unsigned or |w| <= 127 with x's sign moved onto |w|'s
+ * partner), so the lanes are the exact sums, and AVX-512 VNNI's vpdpbusd (the same 4 bytes per int32
+ * lane, in one instruction) gives the same integers: the two builds return the same bits. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LB_VNNI 1
+static inline __m256i lb_idot(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+#else
+#define LB_VNNI 0
+static inline __m256i lb_idot(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#endif
+
+static inline __m256 lb_dot_u8(__m256i q, __m256i xv) { return _mm256_cvtepi32_ps(lb_idot(q, xv)); }
 
 static inline __m256 lb_dot_s8(const int8_t *w, __m256i xv) {
     __m256i qw = _mm256_loadu_si256((const __m256i *)w);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(xv, qw)),
-                                                _mm256_set1_epi16(1)));
+    return _mm256_cvtepi32_ps(lb_idot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(xv, qw)));
 }
 
 /* R rows . one stream's quantised x, for one format FMT (a constant: each format's loop is compiled
@@ -158,8 +181,8 @@ static inline __attribute__((always_inline)) void lb_dotn(const int R, const int
                 __m256i v = _mm256_loadu_si256((const __m256i *)(qs[r] + (j + k) * (LB_QB / 2)));
                 __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                 if (five) {
-                    a = _mm256_or_si256(a, lb_high(plane[r], k));
-                    b = _mm256_or_si256(b, lb_high(plane[r], k + 1));
+                    a = lb_with_high(a, plane[r], k);
+                    b = lb_with_high(b, plane[r], k + 1);
                 }
                 acc[r] = _mm256_fmadd_ps(lb_dot_u8(a, xa), _mm256_broadcast_ss(&ds[r][k]), acc[r]);
                 acc[r] = _mm256_fmadd_ps(lb_dot_u8(b, xb), _mm256_broadcast_ss(&ds[r][k + 1]), acc[r]);
@@ -236,8 +259,8 @@ static inline __attribute__((always_inline)) float lb_dot1(const int64_t FMT, co
             __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (j + k) * (LB_QB / 2)));
             __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             if (five) {
-                a = _mm256_or_si256(a, lb_high(plane, k));
-                b = _mm256_or_si256(b, lb_high(plane, k + 1));
+                a = lb_with_high(a, plane, k);
+                b = lb_with_high(b, plane, k + 1);
             }
             ea = _mm256_fmadd_ps(lb_dot_u8(a, xa), _mm256_broadcast_ss(&ds[k]), ea);
             eb = _mm256_fmadd_ps(lb_dot_u8(b, xb), _mm256_broadcast_ss(&ds[k + 1]), eb);
