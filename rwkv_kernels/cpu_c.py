@@ -56,6 +56,25 @@ def cpu_features():
     return set()
 
 
+def cpu_vendor():
+    """The CPU's vendor_id from /proc/cpuinfo ('AuthenticAMD', 'GenuineIntel'), or '' where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def int8_rows(vendor):
+    """Rows the 512-bit int8 decode loop walks at once on this vendor's CPUs (quant_ops.h's set_q8_rows;
+    the bits are the same either way): one row at a time on AMD (Zen 4: 1.2-1.4x faster), four on the
+    others (Sapphire Rapids, where four were measured)."""
+    return 1 if vendor == "AuthenticAMD" else 4
+
+
 def supported_isas(features=None):
     """ISA levels this CPU runs, best first."""
     features = cpu_features() if features is None else set(features)
@@ -139,6 +158,9 @@ class CpuOps:
         for f in (lib.quantize_rows, lib.dequantize):
             f.restype = None
         lib.isa_level.restype = ctypes.c_int
+        lib.set_q8_rows.argtypes = [_I64]
+        lib.get_q8_rows.restype = _I64
+        lib.set_q8_rows(int8_rows(cpu_vendor()))
         lib.matvec_group.argtypes = [_I64, _P(_VP), _P(_VP), _P(_VP), _P(_I64), _P(_I64), _I64, _I64, _I64]
         lib.matvec_group.restype = _I64
         lib.matvec_max_group.restype = _I64

@@ -151,6 +151,30 @@ def test_each_stream_is_bit_identical_whatever_the_batch(isa, fmt):
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
+def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
+    """The 512-bit int8 loop walks 1 row at a time on AMD and 4 elsewhere (cpu_c.int8_rows): the float
+    order per row is the same, so the outputs are bitwise the same; on AVX2 the setting is ignored."""
+    from rwkv_kernels import cpu_c
+    assert cpu_c.int8_rows("AuthenticAMD") == 1 and cpu_c.int8_rows("GenuineIntel") == 4
+    lib = cpu_c.ops(isa).lib
+    assert lib.get_q8_rows() == (cpu_c.int8_rows(cpu_c.cpu_vendor()) if isa == "avx512" else 1)
+    x, w = _data(5, 131, 1000, seed=4)
+    packed = quant.pack(w, "int8")
+    before = lib.get_q8_rows()
+    try:
+        ys = []
+        for rows in (1, 4):
+            lib.set_q8_rows(rows)
+            assert lib.get_q8_rows() == (rows if isa == "avx512" else 1)
+            ys.append(quant.matvec_group([(x, packed)], isa=isa)[0])
+    finally:
+        lib.set_q8_rows(before)
+    assert torch.equal(ys[0], ys[1])
+    assert bool(((ys[0] - quant.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed)).all())
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("B, I", [(1, 32), (4, 70), (3, 768)])
 def test_activation_quantisation_matches_torch_exactly(isa, B, I):
     x = torch.randn(B, I) * torch.logspace(-2, 2, I)

@@ -47,7 +47,6 @@ const char *format_name(int64_t code) {
  * streams each weight once; with four rows in flight per thread the hardware prefetchers alone left
  * the int8 and 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers
  * beyond L3); these distances measured best there (int8 +28%, 16-bit +18%; float32 gained nothing). */
-#define PF_DIST 4096
 #define PF_DIST16 2048
 /* The 256-bit loops prefetch too (AVX2-only Zen 3, one thread, head-shaped int8 from DRAM: 6.7-8.5 ms
  * without, 5.1-5.4 with), each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least these distances
@@ -65,6 +64,9 @@ const char *format_name(int64_t code) {
  * and 2.38x float32 with 4, 2.74x and 2.85x with 1. The float order per row is the same either way. */
 #ifndef Q8_ROWS_AVX2
 #define Q8_ROWS_AVX2 1
+#endif
+#ifndef PF_DIST
+#define PF_DIST 4096
 #endif
 #ifndef PF_GROUPS_AVX2
 #define PF_GROUPS_AVX2 1
@@ -84,6 +86,15 @@ static inline int64_t pf_ahead(int64_t row_bytes, int64_t dist) {
 #endif
 
 int isa_level(void) { return WIDE ? 512 : 256; }
+
+/* The same choice for the 512-bit loop, made at run time (set_q8_rows, by rwkv_kernels/cpu_c.py from the
+ * CPU's vendor): 2 threads, `bench.modes --profile --weights int8 --against float32`, builds alternating,
+ * on the Zen 4: 169m 2.29x and 2.35x float32 with 4 rows, 2.83x and 3.32x with 1 (1b5: 11.9 and 14.7
+ * int8 tok/s with 4, 17.6 and 18.8 with 1); on the Sapphire Rapids 4 rows measured 3.44x (169m), and 1
+ * was not measured there, so Intel CPUs keep 4. */
+static int q8_rows_wide = 4;
+void set_q8_rows(int64_t rows) { q8_rows_wide = rows == 1 ? 1 : 4; }
+int64_t get_q8_rows(void) { return WIDE ? q8_rows_wide : Q8_ROWS_AVX2; }
 
 /* ---- profile counters (bench.modes --profile), off unless profile_enable(1) -------------------
  * Per product tag (0: products outside decode_layers, e.g. the head; 1 + m: matrix m of decode_step.h):
@@ -407,14 +418,13 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
         const int8_t *w[4];
         const uint16_t *sw[4];
         for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
-#if !WIDE && Q8_ROWS_AVX2 == 1
-        for (int k = 0; k < 4; k++)
-            dotn_q8(1, &w[k], &sw[k], p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
-                    PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, &out[k]);
-#else
-        dot4_q8(w, sw, p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
-                PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, out);
-#endif
+        if (get_q8_rows() == 1)
+            for (int k = 0; k < 4; k++)
+                dotn_q8(1, &w[k], &sw[k], p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
+                        PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, &out[k]);
+        else
+            dot4_q8(w, sw, p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
+                    PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, out);
         return;
     }
     const uint16_t *w[4];
