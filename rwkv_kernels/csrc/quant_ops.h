@@ -47,7 +47,9 @@ const char *format_name(int64_t code) {
  * streams each weight once; with four rows in flight per thread the hardware prefetchers alone left
  * the int8 and 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers
  * beyond L3); these distances measured best there (int8 +28%, 16-bit +18%; float32 gained nothing). */
+#ifndef PF_DIST16
 #define PF_DIST16 2048
+#endif
 /* The 256-bit loops prefetch too (AVX2-only Zen 3, one thread, head-shaped int8 from DRAM: 6.7-8.5 ms
  * without, 5.1-5.4 with), each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least these distances
  * (float16, 50277 x 768: 11.1-12.1 ms at a fixed 2 KB, 9.4-9.7 ms one group ahead; int8 alike; two groups
@@ -165,59 +167,51 @@ static inline __m512 load16_bf16(const uint16_t *w) {
 }
 #endif
 
-/* 4 rows . x at once: four weight streams in flight, x loaded once for the four. Rows are passed
- * as pointers, so the last rows of a matrix repeat a row and every row is computed the same way. */
-#define DOT16X4(NAME, LOAD8, LOAD16, SCALAR)                                                 \
-static void NAME(const uint16_t *const *w, const float *x, int64_t I, int64_t pf, float *out) {          \
+/* R rows . x (R = 1 or 4): R weight streams in flight, x loaded once for the R. Rows are passed as
+ * pointers, so the last rows of a matrix repeat a row and every row is computed the same way. The
+ * float order of a row is the same whatever R is: on AVX-512 two accumulators (weights 0-15 and 16-31
+ * of each 32), then one more 16 into the first, their sum reduced; then 8 at a time in 256 bits, hsum256,
+ * then the scalar tail. */
+#define DOT16N(NAME, LOAD8, LOAD16, SCALAR)                                                  \
+static inline __attribute__((always_inline)) void NAME(const int R, const uint16_t *const *w, const float *x, \
+        int64_t I, int64_t pf, float *out) {                                                 \
     int64_t i = 0;                                                                           \
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                   \
-    WIDE_LOOP4(LOAD16)                                                                       \
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                              \
+    WIDE_LOOPN(LOAD16)                                                                       \
+    __m256 a[4];                                                                             \
+    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();                                  \
     for (; i + 8 <= I; i += 8) {                                                             \
-        if (!WIDE && pf && (i & 31) == 0)            /* a line (32 weights) per row */ \
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0);          \
+        if (!WIDE && pf && (i & 31) == 0)            /* a line (32 weights) per row */         \
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0); \
         __m256 xv = _mm256_loadu_ps(x + i);                                                  \
-        a0 = _mm256_fmadd_ps(LOAD8(w[0] + i), xv, a0);                                       \
-        a1 = _mm256_fmadd_ps(LOAD8(w[1] + i), xv, a1);                                       \
-        a2 = _mm256_fmadd_ps(LOAD8(w[2] + i), xv, a2);                                       \
-        a3 = _mm256_fmadd_ps(LOAD8(w[3] + i), xv, a3);                                       \
+        for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(LOAD8(w[r] + i), xv, a[r]);       \
     }                                                                                        \
-    s[0] += hsum256(a0); s[1] += hsum256(a1); s[2] += hsum256(a2); s[3] += hsum256(a3);      \
+    for (int r = 0; r < R; r++) s[r] += hsum256(a[r]);                                       \
     for (; i < I; i++)                                                                       \
-        for (int r = 0; r < 4; r++) s[r] += SCALAR(w[r][i]) * x[i];                          \
-    for (int r = 0; r < 4; r++) out[r] = s[r];                                               \
+        for (int r = 0; r < R; r++) s[r] += SCALAR(w[r][i]) * x[i];                          \
+    for (int r = 0; r < R; r++) out[r] = s[r];                                               \
 }
 #if WIDE
-#define WIDE_LOOP4(LOAD16)                                                                   \
-    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0;                              \
-    __m512 u0 = z0, u1 = z0, u2 = z0, u3 = z0;                                               \
+#define WIDE_LOOPN(LOAD16)                                                                   \
+    __m512 z[4], u[4];                                                                       \
+    for (int r = 0; r < R; r++) z[r] = u[r] = _mm512_setzero_ps();                           \
     for (; i + 32 <= I; i += 32) {        /* two accumulators per row: shorter FMA chains */ \
-        for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + PF_DIST16, _MM_HINT_T0); \
+        if (PF_DIST16) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + PF_DIST16, _MM_HINT_T0); \
         __m512 xv = _mm512_loadu_ps(x + i), xw = _mm512_loadu_ps(x + i + 16);               \
-        z0 = _mm512_fmadd_ps(LOAD16(w[0] + i), xv, z0);                                      \
-        z1 = _mm512_fmadd_ps(LOAD16(w[1] + i), xv, z1);                                      \
-        z2 = _mm512_fmadd_ps(LOAD16(w[2] + i), xv, z2);                                      \
-        z3 = _mm512_fmadd_ps(LOAD16(w[3] + i), xv, z3);                                      \
-        u0 = _mm512_fmadd_ps(LOAD16(w[0] + i + 16), xw, u0);                                 \
-        u1 = _mm512_fmadd_ps(LOAD16(w[1] + i + 16), xw, u1);                                 \
-        u2 = _mm512_fmadd_ps(LOAD16(w[2] + i + 16), xw, u2);                                 \
-        u3 = _mm512_fmadd_ps(LOAD16(w[3] + i + 16), xw, u3);                                 \
+        for (int r = 0; r < R; r++) z[r] = _mm512_fmadd_ps(LOAD16(w[r] + i), xv, z[r]);      \
+        for (int r = 0; r < R; r++) u[r] = _mm512_fmadd_ps(LOAD16(w[r] + i + 16), xw, u[r]); \
     }                                                                                        \
     for (; i + 16 <= I; i += 16) {                                                           \
         __m512 xv = _mm512_loadu_ps(x + i);                                                  \
-        z0 = _mm512_fmadd_ps(LOAD16(w[0] + i), xv, z0);                                      \
-        z1 = _mm512_fmadd_ps(LOAD16(w[1] + i), xv, z1);                                      \
-        z2 = _mm512_fmadd_ps(LOAD16(w[2] + i), xv, z2);                                      \
-        z3 = _mm512_fmadd_ps(LOAD16(w[3] + i), xv, z3);                                      \
+        for (int r = 0; r < R; r++) z[r] = _mm512_fmadd_ps(LOAD16(w[r] + i), xv, z[r]);      \
     }                                                                                        \
-    s[0] = _mm512_reduce_add_ps(_mm512_add_ps(z0, u0)); s[1] = _mm512_reduce_add_ps(_mm512_add_ps(z1, u1)); \
-    s[2] = _mm512_reduce_add_ps(_mm512_add_ps(z2, u2)); s[3] = _mm512_reduce_add_ps(_mm512_add_ps(z3, u3));
+    for (int r = 0; r < R; r++) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(z[r], u[r]));
 #else
-#define WIDE_LOOP4(LOAD16)
+#define WIDE_LOOPN(LOAD16)
 #endif
 
-DOT16X4(dot4_f16, load8_f16, load16_f16, _cvtsh_ss)
-DOT16X4(dot4_bf16, load8_bf16, load16_bf16, bf16_to_f32)
+DOT16N(dotn_f16, load8_f16, load16_f16, _cvtsh_ss)
+DOT16N(dotn_bf16, load8_bf16, load16_bf16, bf16_to_f32)
 
 /* AVX2 build, several streams: 4 rows x S streams (S <= 3: 12 accumulators, 3 x vectors, 1 widened w
  * vector in the 16 registers), each 8 weights widened once for the S streams. Each (row, stream) is the
@@ -430,8 +424,8 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
     const uint16_t *w[4];
     for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + rr[k] * p->Ip;
     int64_t pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
-    if (p->fmt == FMT_F16) dot4_f16(w, p->x + b * p->I, p->I, pf, out);
-    else dot4_bf16(w, p->x + b * p->I, p->I, pf, out);
+    if (p->fmt == FMT_F16) dotn_f16(4, w, p->x + b * p->I, p->I, pf, out);
+    else dotn_bf16(4, w, p->x + b * p->I, p->I, pf, out);
 }
 
 static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
@@ -478,7 +472,9 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
         }
 }
 
+#ifndef CHUNK_BYTES
 #define CHUNK_BYTES 65536         /* weight bytes per claimed chunk of the pool (whole groups of 4 rows) */
+#endif
 #define MAX_GROUP 16
 #define CHUNK_MULT_MANY 4         /* chunks 4x larger from 8 streams on (whole blocks to prefetch within) */
 
