@@ -175,6 +175,37 @@ def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_16bit_one_row_and_four_row_loops_give_the_same_bits(isa, fmt):
+    """The 512-bit 16-bit loop walks rows under 8 KB one at a time without software prefetch on AMD and
+    4 rows prefetching 2 KB ahead elsewhere (cpu_c.wide16): the float order per row is the same, so the
+    outputs are bitwise the same, for one stream and several; on AVX2 the setting is ignored."""
+    from rwkv_kernels import cpu_c
+    assert cpu_c.wide16("AuthenticAMD") == (8192, 0) and cpu_c.wide16("GenuineIntel") == (0, 2048)
+    lib = cpu_c.ops(isa).lib
+    if isa == "avx512":
+        assert (lib.get_wide16_one_row_below(), lib.get_wide16_pf()) == cpu_c.wide16(cpu_c.cpu_vendor())
+    before = lib.get_wide16_one_row_below(), lib.get_wide16_pf()
+    x, w = _data(5, 133, 1000, seed=7)
+    packed = quant.pack(w, fmt)
+    try:
+        ys = []
+        for setting in ((1 << 30, 0), (0, 2048), (1 << 30, 4096), (0, 0)):
+            lib.set_wide16(*setting)
+            if isa == "avx512":
+                assert (lib.get_wide16_one_row_below(), lib.get_wide16_pf()) == setting
+            ys.append(quant.matvec_group([(x, packed)], isa=isa)[0])
+            ys.append(quant.matvec_group([(x[2:3].contiguous(), packed)], isa=isa)[0])
+    finally:
+        lib.set_wide16(*before)
+    for k in range(2, len(ys), 2):
+        assert torch.equal(ys[0], ys[k]) and torch.equal(ys[1], ys[k + 1])
+    assert torch.equal(ys[1][0], ys[0][2])
+    assert bool(((ys[0] - quant.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed)).all())
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("B, I", [(1, 32), (4, 70), (3, 768)])
 def test_activation_quantisation_matches_torch_exactly(isa, B, I):
     x = torch.randn(B, I) * torch.logspace(-2, 2, I)
