@@ -314,6 +314,16 @@ static void lb_rows1(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int
 static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     if (LB_ROWS == 1 && p->fmt != LB_Q8) { lb_rows1(p, B, o0, o1, acc); return; }
     const int64_t nb = p->Ip / LB_QB;
+    if (LB_ROWS == 1) {        /* int8 (+cols): lb_dotn one row at a time, the same float order per row */
+        for (int64_t o = o0; o < o1; o++)
+            for (int64_t b = 0; b < B; b++) {
+                float s1;
+                lb_dotn(1, LB_Q8, p, &o, p->xq + b * p->Ip, p->dx + b * nb, p->sx + b * nb, &s1);
+                float *yo = p->y + b * p->O;
+                yo[o] = acc ? yo[o] + s1 : s1;
+            }
+        return;
+    }
     float s[4];
     for (int64_t o = o0; o < o1; o += 4) {
         int64_t rr[4];
