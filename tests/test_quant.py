@@ -151,6 +151,27 @@ def test_each_stream_is_bit_identical_whatever_the_batch(isa, fmt):
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("O, I", [(9, 77), (37, 1000), (130, 2080)])
+def test_int8_stream_tiles_give_each_stream_its_single_stream_bits(isa, O, I):
+    """Several streams run tiles of 4 rows x up to 4 streams (512-bit build) that share each weight load
+    and each stream's x across the tile: every stream's output is bitwise its output alone, whatever the
+    batch size and the stream's place in a tile, with odd block counts (77 and 2080 in) and rows that do
+    not fill a tile of 4 (9, 37, 130 out)."""
+    x, w = _data(17, O, I, seed=5)
+    x[3, : min(I, 40)] *= 30                                  # blocks whose x quantises to +-127
+    packed = quant.pack(w, "int8")
+    alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(17)])
+    for B in (2, 3, 4, 5, 8, 16, 17):
+        batched = quant.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0]
+        assert torch.equal(batched, alone[:B]), B
+    y0 = torch.randn(17, O)
+    y = quant.matvec_group([(x, packed)], out=[y0.clone()], accumulate=True, isa=isa)[0]
+    assert torch.equal(y, y0 + alone)
+    assert bool(((alone - quant.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed)).all())
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
 def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
     """The 512-bit int8 loop walks 1 row at a time on AMD and 4 elsewhere (cpu_c.int8_rows): the float
     order per row is the same, so the outputs are bitwise the same; on AVX2 the setting is ignored."""

@@ -458,13 +458,99 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
     else dotn_bf16(4, w, xb, p->I, pf, out);
 }
 
+#if WIDE
+/* Several streams, 512-bit build: R rows x S streams of int8 dots (R, S <= 4), each (row, stream) the
+ * instructions of dotn_q8's 512-bit path for that row and stream, so its bits do not depend on the
+ * batch. Per block pair, each stream's x, correction and dx are made once for the R rows, and each row's
+ * weights are loaded and offset, and its scales widened, once for the S streams. out[s * 4 + r]. */
+static inline __attribute__((always_inline)) void tile_q8(const int R, const int S, const int8_t *const *w,
+        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t Ip, int64_t nb,
+        int pf, float *out) {
+    const __m512i zero = _mm512_setzero_si512(), off = _mm512_set1_epi8((char)0x80);
+    const __m512i lo_hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++) for (int t = 0; t < S; t++) acc[r][t] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {
+        __m512i qx[4], corr[4];
+        __m512 dxv[4];
+        for (int t = 0; t < S; t++) {
+            qx[t] = _mm512_loadu_si512(xq + t * Ip + j * QB);
+            corr[t] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, qx[t]));
+            dxv[t] = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_castsi128_ps(
+                         _mm_loadl_epi64((const __m128i *)(dx + t * nb + j)))));
+        }
+        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + j * QB + PF_DIST), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) {
+            __m512i wx = _mm512_xor_si512(_mm512_loadu_si512(w[r] + j * QB), off);
+            __m512 swv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_cvtph_ps(
+                             _mm_cvtsi32_si128(*(const int32_t *)(sw[r] + j)))));
+            for (int t = 0; t < S; t++) {
+                __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr[t], wx, qx[t]));
+                acc[r][t] = _mm512_fmadd_ps(f, _mm512_mul_ps(swv, dxv[t]), acc[r][t]);
+            }
+        }
+    }
+    for (int t = 0; t < S; t++)
+        for (int r = 0; r < R; r++) {
+            float v = hsum8_fixed(_mm256_add_ps(_mm512_castps512_ps256(acc[r][t]),
+                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1))));
+            if (j < nb)                         /* the last block of an odd count */
+                v += hsum8_fixed(_mm256_fmadd_ps(block_dot256(w[r] + j * QB, xq + t * Ip + j * QB, xa + t * Ip + j * QB),
+                                                 _mm256_set1_ps(_cvtsh_ss(sw[r][j]) * dx[t * nb + j]), _mm256_setzero_ps()));
+            out[t * 4 + r] = v;
+        }
+}
+
+/* rows [o0, o1) of an int8 product for B >= 2 streams: tiles of 4 rows x Q8_TILE_S, ..., 1 streams */
+#ifndef Q8_TILE_S
+#define Q8_TILE_S 4
+#endif
+static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    const int64_t Ip = p->Ip, nb = Ip / QB;
+    float t[16];
+    for (int64_t o = o0; o < o1; o += 4) {
+        const int8_t *w[4];
+        const uint16_t *sw[4];
+        for (int k = 0; k < 4; k++) {
+            int64_t r = o + k < p->O ? o + k : p->O - 1;     /* the last rows repeat */
+            w[k] = (const int8_t *)p->W + r * Ip;
+            sw[k] = p->S + r * nb;
+        }
+        for (int64_t b = 0; b < B;) {
+            const int S = B - b >= Q8_TILE_S ? Q8_TILE_S : (int)(B - b);
+            const int8_t *xq = p->xq + b * Ip;
+            const uint8_t *xa = p->xa + b * Ip;
+            const float *dx = p->dx + b * nb;
+            const int pf = b == 0;              /* the first tile prefetches for the others */
+            switch (S) {
+            case 4: tile_q8(4, 4, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
+            case 3: tile_q8(4, 3, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
+            case 2: tile_q8(4, 2, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
+            default: tile_q8(4, 1, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
+            }
+            for (int u = 0; u < S; u++) {
+                float *yo = p->y + (b + u) * p->O;
+                for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
+            }
+            b += S;
+        }
+    }
+}
+#endif
+
 static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     if (p->fmt == FMT_F32) {                      /* float32 weights: the batched kernel of cpu_ops.c */
         rows((const float *)p->W, p->x, p->y, p->O, p->I, B, o0, o1, acc);
         return;
     }
     float s[4];
-#if !WIDE
+#if WIDE
+    if (p->fmt == FMT_Q8 && B > 1) {              /* int8 weights, several streams: tiles */
+        q8_rows_tiled(p, B, o0, o1, acc);
+        return;
+    }
+#else
     if (p->fmt != FMT_Q8) {                       /* 16-bit weights: tiles of 4 rows x 3, 2, 1 streams */
         const int64_t I = p->I, pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
         float t[12];
