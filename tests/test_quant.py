@@ -151,6 +151,25 @@ def test_each_stream_is_bit_identical_whatever_the_batch(isa, fmt):
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS16)
+@pytest.mark.parametrize("O, I", [(9, 91), (37, 1000), (6, 2067)])
+def test_16bit_stream_tiles_give_each_stream_its_single_stream_bits(isa, fmt, O, I):
+    """Several streams run tiles of 4 rows x up to 3 streams that widen each weight once for the tile:
+    every stream's output is bitwise its output alone, whatever the batch size, with every tail of the
+    row loop (91 = 2 x 32 + 16 + 8 + 3; 1000 ends in 8; 2067 in 16 + 3) and partial tiles of rows."""
+    x, w = _data(11, O, I, seed=6)
+    packed = quant.pack(w, fmt)
+    alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(11)])
+    for B in (2, 3, 4, 5, 7, 11):
+        assert torch.equal(quant.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), B
+    y0 = torch.randn(11, O)
+    y = quant.matvec_group([(x, packed)], out=[y0.clone()], accumulate=True, isa=isa)[0]
+    assert torch.equal(y, y0 + alone)
+    assert bool(((alone - quant.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed)).all())
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("O, I", [(9, 77), (37, 1000), (130, 2080)])
 def test_int8_stream_tiles_give_each_stream_its_single_stream_bits(isa, O, I):
     """Several streams run tiles of 4 rows x up to 4 streams (512-bit build) that share each weight load

@@ -262,6 +262,53 @@ static inline __attribute__((always_inline)) void NAME(const int S, const uint16
 DOT16_TILE(tile_f16, load8_f16, _cvtsh_ss)
 DOT16_TILE(tile_bf16, load8_bf16, bf16_to_f32)
 
+#if WIDE
+/* 512-bit build, several streams: 4 rows x S streams (S <= 3: 24 accumulators, 6 x vectors and the
+ * widened weights in the 32 registers), each 32 weights of a row widened once for the S streams. Each
+ * (row, stream) is the instruction sequence of DOT16N's path for that row (the same FMAs into the same
+ * two accumulators, the same reductions and tails), so a stream's result does not depend on the batch.
+ * out[s * 4 + r]. */
+#define DOT16_TILE_WIDE(NAME, LOAD8, LOAD16, SCALAR)                                         \
+static inline __attribute__((always_inline)) void NAME(const int S, const uint16_t *const *w, \
+        const float *x, int64_t I, int64_t pf, float *out) {                                 \
+    __m512 z[4][3], u[4][3];                                                                 \
+    for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) z[r][t] = u[r][t] = _mm512_setzero_ps(); \
+    int64_t i = 0;                                                                           \
+    for (; i + 32 <= I; i += 32) {                                                           \
+        if (pf) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0); \
+        __m512 xv[3], xw[3];                                                                 \
+        for (int t = 0; t < S; t++) { xv[t] = _mm512_loadu_ps(x + t * I + i); xw[t] = _mm512_loadu_ps(x + t * I + i + 16); } \
+        for (int r = 0; r < 4; r++) {                                                        \
+            __m512 wv = LOAD16(w[r] + i), ww = LOAD16(w[r] + i + 16);                        \
+            for (int t = 0; t < S; t++) {                                                    \
+                z[r][t] = _mm512_fmadd_ps(wv, xv[t], z[r][t]);                               \
+                u[r][t] = _mm512_fmadd_ps(ww, xw[t], u[r][t]);                               \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    for (; i + 16 <= I; i += 16) {                                                           \
+        __m512 xv[3];                                                                        \
+        for (int t = 0; t < S; t++) xv[t] = _mm512_loadu_ps(x + t * I + i);                  \
+        for (int r = 0; r < 4; r++) {                                                        \
+            __m512 wv = LOAD16(w[r] + i);                                                    \
+            for (int t = 0; t < S; t++) z[r][t] = _mm512_fmadd_ps(wv, xv[t], z[r][t]);       \
+        }                                                                                    \
+    }                                                                                        \
+    for (int t = 0; t < S; t++)                                                              \
+        for (int r = 0; r < 4; r++) {                                                        \
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(z[r][t], u[r][t]));               \
+            int64_t k = i;                                                                   \
+            __m256 a = _mm256_setzero_ps();                                                  \
+            for (; k + 8 <= I; k += 8) a = _mm256_fmadd_ps(LOAD8(w[r] + k), _mm256_loadu_ps(x + t * I + k), a); \
+            sum += hsum256(a);                                                               \
+            for (; k < I; k++) sum += SCALAR(w[r][k]) * x[t * I + k];                        \
+            out[t * 4 + r] = sum;                                                            \
+        }                                                                                    \
+}
+DOT16_TILE_WIDE(tilew_f16, load8_f16, load16_f16, _cvtsh_ss)
+DOT16_TILE_WIDE(tilew_bf16, load8_bf16, load16_bf16, bf16_to_f32)
+#endif
+
 /* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
 
 /* x [I] -> q [Ip] int8 and d [Ip / 32] float: per block d = amax / 127, q = round(x / d) (half to
@@ -548,6 +595,34 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
 #if WIDE
     if (p->fmt == FMT_Q8 && B > 1) {              /* int8 weights, several streams: tiles */
         q8_rows_tiled(p, B, o0, o1, acc);
+        return;
+    }
+    if (B > 1) {                                  /* 16-bit weights, several streams: 4 rows x 3, 2, 1 streams */
+        const int64_t I = p->I;
+        float t[12];
+        for (int64_t o = o0; o < o1; o += 4) {
+            const uint16_t *w[4];
+            for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + (o + k < p->O ? o + k : p->O - 1) * p->Ip;
+            for (int64_t b = 0; b < B;) {
+                const int S = B - b >= 3 ? 3 : (int)(B - b);
+                const float *xb = p->x + b * I;
+                const int64_t pfb = b == 0 ? pf16_wide : 0;  /* the first tile prefetches for the others */
+                if (p->fmt == FMT_F16) {
+                    if (S == 3) tilew_f16(3, w, xb, I, pfb, t);
+                    else if (S == 2) tilew_f16(2, w, xb, I, pfb, t);
+                    else tilew_f16(1, w, xb, I, pfb, t);
+                } else {
+                    if (S == 3) tilew_bf16(3, w, xb, I, pfb, t);
+                    else if (S == 2) tilew_bf16(2, w, xb, I, pfb, t);
+                    else tilew_bf16(1, w, xb, I, pfb, t);
+                }
+                for (int u = 0; u < S; u++) {
+                    float *yo = p->y + (b + u) * p->O;
+                    for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
+                }
+                b += S;
+            }
+        }
         return;
     }
 #else
