@@ -229,6 +229,27 @@ def test_each_stream_is_bit_identical_whatever_the_batch_and_threads(isa, fmt):
         torch.set_num_threads(threads)
 
 
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("O, I", [(7, 300), (5, 70), (3, 1100)])
+def test_stream_tiles_give_each_stream_its_single_stream_bits(isa, fmt, O, I):
+    """Several streams run tiles of one row x up to 4 streams that unpack each row's bytes once for the
+    tile: every stream's output has exactly the bits (compared as integers, so -0 and +0 differ) of its
+    output alone, for every batch size, with the tails of each layout (300 and 70 in: 4-bit pairs and
+    int8 single blocks after the groups of 8; 1100: 5-bit padding to 1280)."""
+    x, w = _data(9, O, I, seed=8)
+    x[2, : min(I, 40)] *= 30                               # blocks whose x quantises to +-127
+    packed = pack(w, fmt)
+    alone = torch.cat([lowbit.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(9)])
+    for B in (2, 3, 4, 5, 6, 9):
+        batched = lowbit.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0]
+        assert torch.equal(batched.view(torch.int32), alone[:B].view(torch.int32)), B
+    y0 = torch.randn(9, O)
+    y = lowbit.matvec_group([(x, packed)], out=[y0.clone()], accumulate=True, isa=isa)[0]
+    assert torch.equal(y, y0 + alone)
+
+
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs only the avx2 build: nothing to compare it with")
 @pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("B, O, I", [(1, 37, 70), (5, 130, 768), (17, 9, 300), (3, 5, 3072)])

@@ -311,7 +311,131 @@ static void lb_rows1(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int
         }
 }
 
+/* Several streams: one row x S streams (S <= LB_TILE_S), each (row, stream) the instruction sequence of
+ * lb_dot1 (int8: of lb_dotn with R = 1) for that row and stream, so its bits do not depend on the batch.
+ * The row's bytes are loaded and unpacked (nibbles, 5th bits; int8: |w|) once for the S streams; each
+ * stream has its own scales d * d_x, offsets and accumulators. out[t] for stream t. */
+static inline __attribute__((always_inline)) void lb_tile1(const int S, const int64_t FMT, const lb_product *p,
+        int64_t row, const int8_t *xq, const float *dx, const float *sx, float *out) {
+    const int64_t Ip = p->Ip, nb = Ip / LB_QB;
+    const int q8 = FMT == LB_Q8, has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
+    const uint8_t *qs = p->qs + row * (q8 ? Ip : Ip / 2);
+    const uint8_t *qh = five ? p->qh + row * (Ip / 8) : NULL;
+    const uint16_t *d = p->d + row * nb, *m = has_min ? p->m + row * nb : d;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 ea[4], eb[4], off[4];
+    float offs[4];
+    for (int t = 0; t < S; t++) { ea[t] = eb[t] = off[t] = _mm256_setzero_ps(); offs[t] = 0.0f; }
+    int64_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        float ds[4][8] __attribute__((aligned(32)));
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j)));
+        for (int t = 0; t < S; t++)
+            _mm256_store_ps(ds[t], _mm256_mul_ps(dv, _mm256_loadu_ps(dx + t * nb + j)));
+        if (q8) {
+            for (int k = 0; k < 8; k++) {
+                const __m256i qw = _mm256_loadu_si256((const __m256i *)(qs + (j + k) * LB_QB));
+                const __m256i aw = _mm256_sign_epi8(qw, qw);
+                for (int t = 0; t < S; t++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + t * Ip + (j + k) * LB_QB));
+                    ea[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lb_idot(aw, _mm256_sign_epi8(xv, qw))),
+                                            _mm256_broadcast_ss(&ds[t][k]), ea[t]);
+                }
+            }
+            continue;
+        }
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j)));
+        for (int t = 0; t < S; t++) off[t] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + t * nb + j), off[t]);
+        __m256i plane = five ? _mm256_loadu_si256((const __m256i *)(qh + j * 4)) : _mm256_setzero_si256();
+        if (LB_PF) {
+            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF, _MM_HINT_T0);
+            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF + 64, _MM_HINT_T0);
+            if (five) _mm_prefetch((const char *)(qh + j * 4) + LB_PF / 4, _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int k = 0; k < 8; k += 2) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (j + k) * (LB_QB / 2)));
+            __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            if (five) {
+                a = lb_with_high(a, plane, k);
+                b = lb_with_high(b, plane, k + 1);
+            }
+            for (int t = 0; t < S; t++) {
+                __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + t * Ip + (j + k) * LB_QB));
+                __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + t * Ip + (j + k + 1) * LB_QB));
+                ea[t] = _mm256_fmadd_ps(lb_dot_u8(a, xa), _mm256_broadcast_ss(&ds[t][k]), ea[t]);
+                eb[t] = _mm256_fmadd_ps(lb_dot_u8(b, xb), _mm256_broadcast_ss(&ds[t][k + 1]), eb[t]);
+            }
+        }
+    }
+    if (q8) {                                   /* int8 tail: single blocks, as lb_dotn */
+        for (; j < nb; j++) {
+            const __m256i qw = _mm256_loadu_si256((const __m256i *)(qs + j * LB_QB));
+            const __m256i aw = _mm256_sign_epi8(qw, qw);
+            for (int t = 0; t < S; t++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + t * Ip + j * LB_QB));
+                ea[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lb_idot(aw, _mm256_sign_epi8(xv, qw))),
+                                        _mm256_set1_ps(_cvtsh_ss(d[j]) * dx[t * nb + j]), ea[t]);
+            }
+        }
+        for (int t = 0; t < S; t++) out[t] = lb_hsum(ea[t]) + 0.0f;     /* as lb_dotn: -0 becomes +0 */
+        return;
+    }
+    for (; j < nb; j += 2) {                    /* 4-bit rows end in pairs; 5-bit rows have no tail */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + j * (LB_QB / 2)));
+        for (int h = 0; h < 2; h++) {
+            __m256i q = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4);
+            for (int t = 0; t < S; t++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + t * Ip + (j + h) * LB_QB));
+                __m256 dot = lb_dot_u8(q, xv);
+                offs[t] = fmaf(_cvtsh_ss(m[j + h]), sx[t * nb + j + h], offs[t]);
+                __m256 sc = _mm256_set1_ps(_cvtsh_ss(d[j + h]) * dx[t * nb + j + h]);
+                if (h) eb[t] = _mm256_fmadd_ps(dot, sc, eb[t]);
+                else ea[t] = _mm256_fmadd_ps(dot, sc, ea[t]);
+            }
+        }
+    }
+    const float scale = has_min ? 1.0f : -(float)(1 << (lb_bits(FMT) - 1));
+    for (int t = 0; t < S; t++) out[t] = lb_hsum(_mm256_add_ps(ea[t], eb[t])) + scale * (lb_hsum(off[t]) + offs[t]);
+}
+
+#ifndef LB_TILE_S
+#define LB_TILE_S 4
+#endif
+#define LB_TILE_CASES(FMT)                                                                   \
+    switch (S) {                                                                             \
+    case 4: lb_tile1(4, FMT, p, o, xq, dx, sx, t); break;                                    \
+    case 3: lb_tile1(3, FMT, p, o, xq, dx, sx, t); break;                                    \
+    case 2: lb_tile1(2, FMT, p, o, xq, dx, sx, t); break;                                    \
+    default: lb_tile1(1, FMT, p, o, xq, dx, sx, t); break;                                   \
+    }
+
+/* rows [o0, o1) for B >= 2 streams: each row in tiles of LB_TILE_S, ..., 1 streams */
+static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    const int64_t nb = p->Ip / LB_QB;
+    float t[4];
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t b = 0; b < B;) {
+            const int S = B - b >= LB_TILE_S ? LB_TILE_S : (int)(B - b);
+            const int8_t *xq = p->xq + b * p->Ip;
+            const float *dx = p->dx + b * nb, *sx = p->sx + b * nb;
+            switch (p->fmt) {
+            case LB_Q8: LB_TILE_CASES(LB_Q8) break;
+            case LB_Q4_0: LB_TILE_CASES(LB_Q4_0) break;
+            case LB_Q4_1: LB_TILE_CASES(LB_Q4_1) break;
+            case LB_Q5_0: LB_TILE_CASES(LB_Q5_0) break;
+            default: LB_TILE_CASES(LB_Q5_1) break;
+            }
+            for (int u = 0; u < S; u++) {
+                float *yo = p->y + (b + u) * p->O;
+                yo[o] = acc ? yo[o] + t[u] : t[u];
+            }
+            b += S;
+        }
+}
+
 static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    if (LB_ROWS == 1 && B > 1) { lb_rows_tiled(p, B, o0, o1, acc); return; }
     if (LB_ROWS == 1 && p->fmt != LB_Q8) { lb_rows1(p, B, o0, o1, acc); return; }
     const int64_t nb = p->Ip / LB_QB;
     if (LB_ROWS == 1) {        /* int8 (+cols): lb_dotn one row at a time, the same float order per row */
