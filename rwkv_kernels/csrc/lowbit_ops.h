@@ -240,81 +240,12 @@ static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, co
 #define LB_PF 1024
 #endif
 
-/* one row . one stream: the blocks in pairs, two accumulators (block a, block b of each pair) so
- * that no FMA waits on the one before it, and the row LB_PF bytes ahead prefetched */
-static inline __attribute__((always_inline)) float lb_dot1(const int64_t FMT, const lb_product *p, int64_t row,
-        const int8_t *xq, const float *dx, const float *sx) {
-    const int64_t nb = p->Ip / LB_QB;
-    const int has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
-    const uint8_t *qs = p->qs + row * (p->Ip / 2);
-    const uint8_t *qh = five ? p->qh + row * (p->Ip / 8) : NULL;
-    const uint16_t *d = p->d + row * nb, *m = has_min ? p->m + row * nb : d;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __m256 ea = _mm256_setzero_ps(), eb = _mm256_setzero_ps(), off = _mm256_setzero_ps();
-    float offs = 0.0f;
-    int64_t j = 0;
-    for (; j + 8 <= nb; j += 8) {
-        float ds[8] __attribute__((aligned(32)));
-        __m256 dxv = _mm256_loadu_ps(dx + j);
-        _mm256_store_ps(ds, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j))), dxv));
-        off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j))), _mm256_loadu_ps(sx + j), off);
-        __m256i plane = five ? _mm256_loadu_si256((const __m256i *)(qh + j * 4)) : _mm256_setzero_si256();
-        if (LB_PF) {
-            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF, _MM_HINT_T0);
-            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF + 64, _MM_HINT_T0);
-            if (five) _mm_prefetch((const char *)(qh + j * 4) + LB_PF / 4, _MM_HINT_T0);
-        }
-#pragma GCC unroll 4
-        for (int k = 0; k < 8; k += 2) {
-            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + (j + k) * LB_QB));
-            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + (j + k + 1) * LB_QB));
-            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (j + k) * (LB_QB / 2)));
-            __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            if (five) {
-                a = lb_with_high(a, plane, k);
-                b = lb_with_high(b, plane, k + 1);
-            }
-            ea = _mm256_fmadd_ps(lb_dot_u8(a, xa), _mm256_broadcast_ss(&ds[k]), ea);
-            eb = _mm256_fmadd_ps(lb_dot_u8(b, xb), _mm256_broadcast_ss(&ds[k + 1]), eb);
-        }
-    }
-    for (; j < nb; j += 2) {                    /* 4-bit rows end in pairs; 5-bit rows have no tail */
-        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + j * (LB_QB / 2)));
-        for (int h = 0; h < 2; h++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (j + h) * LB_QB));
-            __m256 dot = lb_dot_u8(_mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4), xv);
-            offs = fmaf(_cvtsh_ss(m[j + h]), sx[j + h], offs);
-            __m256 sc = _mm256_set1_ps(_cvtsh_ss(d[j + h]) * dx[j + h]);
-            if (h) eb = _mm256_fmadd_ps(dot, sc, eb);
-            else ea = _mm256_fmadd_ps(dot, sc, ea);
-        }
-    }
-    const float scale = has_min ? 1.0f : -(float)(1 << (lb_bits(FMT) - 1));
-    return lb_hsum(_mm256_add_ps(ea, eb)) + scale * (lb_hsum(off) + offs);
-}
-
-static void lb_rows1(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
-    const int64_t nb = p->Ip / LB_QB;
-    for (int64_t o = o0; o < o1; o++)
-        for (int64_t b = 0; b < B; b++) {
-            const int8_t *xq = p->xq + b * p->Ip;
-            const float *dx = p->dx + b * nb, *sx = p->sx + b * nb;
-            float s;
-            switch (p->fmt) {
-            case LB_Q4_0: s = lb_dot1(LB_Q4_0, p, o, xq, dx, sx); break;
-            case LB_Q4_1: s = lb_dot1(LB_Q4_1, p, o, xq, dx, sx); break;
-            case LB_Q5_0: s = lb_dot1(LB_Q5_0, p, o, xq, dx, sx); break;
-            default: s = lb_dot1(LB_Q5_1, p, o, xq, dx, sx); break;
-            }
-            float *yo = p->y + b * p->O;
-            yo[o] = acc ? yo[o] + s : s;
-        }
-}
-
-/* Several streams: one row x S streams (S <= LB_TILE_S), each (row, stream) the instruction sequence of
- * lb_dot1 (int8: of lb_dotn with R = 1) for that row and stream, so its bits do not depend on the batch.
- * The row's bytes are loaded and unpacked (nibbles, 5th bits; int8: |w|) once for the S streams; each
- * stream has its own scales d * d_x, offsets and accumulators. out[t] for stream t. */
+/* One row x S streams (S <= LB_TILE_S; one stream: S = 1). Per stream the blocks go in pairs into two
+ * accumulators (block a, block b of each pair) so that no FMA waits on the one before it (int8: one
+ * accumulator, lb_dotn's order with R = 1), the offsets apart; the row's bytes LB_PF ahead are
+ * prefetched. The row's bytes are loaded and unpacked (nibbles, 5th bits; int8: |w|) once for the S
+ * streams; each stream has its own scales d * d_x, offsets and accumulators, and its instruction
+ * sequence is the same whatever S is, so its bits do not depend on the batch. out[t] for stream t. */
 static inline __attribute__((always_inline)) void lb_tile1(const int S, const int64_t FMT, const lb_product *p,
         int64_t row, const int8_t *xq, const float *dx, const float *sx, float *out) {
     const int64_t Ip = p->Ip, nb = Ip / LB_QB;
@@ -410,7 +341,7 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
     default: lb_tile1(1, FMT, p, o, xq, dx, sx, t); break;                                   \
     }
 
-/* rows [o0, o1) for B >= 2 streams: each row in tiles of LB_TILE_S, ..., 1 streams */
+/* rows [o0, o1) one at a time, for the B streams in tiles of LB_TILE_S, ..., 1 streams */
 static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     const int64_t nb = p->Ip / LB_QB;
     float t[4];
@@ -435,19 +366,8 @@ static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1
 }
 
 static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
-    if (LB_ROWS == 1 && B > 1) { lb_rows_tiled(p, B, o0, o1, acc); return; }
-    if (LB_ROWS == 1 && p->fmt != LB_Q8) { lb_rows1(p, B, o0, o1, acc); return; }
+    if (LB_ROWS == 1) { lb_rows_tiled(p, B, o0, o1, acc); return; }
     const int64_t nb = p->Ip / LB_QB;
-    if (LB_ROWS == 1) {        /* int8 (+cols): lb_dotn one row at a time, the same float order per row */
-        for (int64_t o = o0; o < o1; o++)
-            for (int64_t b = 0; b < B; b++) {
-                float s1;
-                lb_dotn(1, LB_Q8, p, &o, p->xq + b * p->Ip, p->dx + b * nb, p->sx + b * nb, &s1);
-                float *yo = p->y + b * p->O;
-                yo[o] = acc ? yo[o] + s1 : s1;
-            }
-        return;
-    }
     float s[4];
     for (int64_t o = o0; o < o1; o += 4) {
         int64_t rr[4];

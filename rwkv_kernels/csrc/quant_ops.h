@@ -259,8 +259,10 @@ static inline __attribute__((always_inline)) void NAME(const int S, const uint16
             out[t * 4 + r] = sum;                                                            \
         }                                                                                    \
 }
+#if !WIDE
 DOT16_TILE(tile_f16, load8_f16, _cvtsh_ss)
 DOT16_TILE(tile_bf16, load8_bf16, bf16_to_f32)
+#endif
 
 #if WIDE
 /* 512-bit build, several streams: 4 rows x S streams (S <= 3: 24 accumulators, 6 x vectors and the
@@ -305,8 +307,8 @@ static inline __attribute__((always_inline)) void NAME(const int S, const uint16
             out[t * 4 + r] = sum;                                                            \
         }                                                                                    \
 }
-DOT16_TILE_WIDE(tilew_f16, load8_f16, load16_f16, _cvtsh_ss)
-DOT16_TILE_WIDE(tilew_bf16, load8_bf16, load16_bf16, bf16_to_f32)
+DOT16_TILE_WIDE(tile_f16, load8_f16, load16_f16, _cvtsh_ss)
+DOT16_TILE_WIDE(tile_bf16, load8_bf16, load16_bf16, bf16_to_f32)
 #endif
 
 /* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
@@ -586,6 +588,37 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
 }
 #endif
 
+/* rows [o0, o1) of a 16-bit product: tiles of 4 rows x 3, 2, 1 streams (tile_f16 / tile_bf16: DOT16_TILE
+ * in the AVX2 build, for every B; DOT16_TILE_WIDE in the 512-bit one, from 2 streams on), the first tile
+ * of each block of rows prefetching `pf` bytes ahead for the others */
+static void rows16_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc, int64_t pf) {
+    const int64_t I = p->I;
+    float t[12];
+    for (int64_t o = o0; o < o1; o += 4) {
+        const uint16_t *w[4];
+        for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + (o + k < p->O ? o + k : p->O - 1) * p->Ip;
+        for (int64_t b = 0; b < B;) {
+            const int S = B - b >= 3 ? 3 : (int)(B - b);
+            const float *xb = p->x + b * I;
+            const int64_t pfb = b == 0 ? pf : 0;
+            if (p->fmt == FMT_F16) {
+                if (S == 3) tile_f16(3, w, xb, I, pfb, t);
+                else if (S == 2) tile_f16(2, w, xb, I, pfb, t);
+                else tile_f16(1, w, xb, I, pfb, t);
+            } else {
+                if (S == 3) tile_bf16(3, w, xb, I, pfb, t);
+                else if (S == 2) tile_bf16(2, w, xb, I, pfb, t);
+                else tile_bf16(1, w, xb, I, pfb, t);
+            }
+            for (int u = 0; u < S; u++) {
+                float *yo = p->y + (b + u) * p->O;
+                for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
+            }
+            b += S;
+        }
+    }
+}
+
 static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     if (p->fmt == FMT_F32) {                      /* float32 weights: the batched kernel of cpu_ops.c */
         rows((const float *)p->W, p->x, p->y, p->O, p->I, B, o0, o1, acc);
@@ -597,61 +630,13 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
         q8_rows_tiled(p, B, o0, o1, acc);
         return;
     }
-    if (B > 1) {                                  /* 16-bit weights, several streams: 4 rows x 3, 2, 1 streams */
-        const int64_t I = p->I;
-        float t[12];
-        for (int64_t o = o0; o < o1; o += 4) {
-            const uint16_t *w[4];
-            for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + (o + k < p->O ? o + k : p->O - 1) * p->Ip;
-            for (int64_t b = 0; b < B;) {
-                const int S = B - b >= 3 ? 3 : (int)(B - b);
-                const float *xb = p->x + b * I;
-                const int64_t pfb = b == 0 ? pf16_wide : 0;  /* the first tile prefetches for the others */
-                if (p->fmt == FMT_F16) {
-                    if (S == 3) tilew_f16(3, w, xb, I, pfb, t);
-                    else if (S == 2) tilew_f16(2, w, xb, I, pfb, t);
-                    else tilew_f16(1, w, xb, I, pfb, t);
-                } else {
-                    if (S == 3) tilew_bf16(3, w, xb, I, pfb, t);
-                    else if (S == 2) tilew_bf16(2, w, xb, I, pfb, t);
-                    else tilew_bf16(1, w, xb, I, pfb, t);
-                }
-                for (int u = 0; u < S; u++) {
-                    float *yo = p->y + (b + u) * p->O;
-                    for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
-                }
-                b += S;
-            }
-        }
+    if (B > 1) {                                  /* 16-bit weights, several streams */
+        rows16_tiled(p, B, o0, o1, acc, pf16_wide);
         return;
     }
 #else
-    if (p->fmt != FMT_Q8) {                       /* 16-bit weights: tiles of 4 rows x 3, 2, 1 streams */
-        const int64_t I = p->I, pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
-        float t[12];
-        for (int64_t o = o0; o < o1; o += 4) {
-            const uint16_t *w[4];
-            for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + (o + k < p->O ? o + k : p->O - 1) * p->Ip;
-            for (int64_t b = 0; b < B;) {
-                const int S = B - b >= 3 ? 3 : (int)(B - b);
-                const float *xb = p->x + b * I;
-                const int64_t pfb = b == 0 ? pf : 0;  /* the first tile prefetches for the others */
-                if (p->fmt == FMT_F16) {
-                    if (S == 3) tile_f16(3, w, xb, I, pfb, t);
-                    else if (S == 2) tile_f16(2, w, xb, I, pfb, t);
-                    else tile_f16(1, w, xb, I, pfb, t);
-                } else {
-                    if (S == 3) tile_bf16(3, w, xb, I, pfb, t);
-                    else if (S == 2) tile_bf16(2, w, xb, I, pfb, t);
-                    else tile_bf16(1, w, xb, I, pfb, t);
-                }
-                for (int u = 0; u < S; u++) {
-                    float *yo = p->y + (b + u) * p->O;
-                    for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
-                }
-                b += S;
-            }
-        }
+    if (p->fmt != FMT_Q8) {                       /* 16-bit weights */
+        rows16_tiled(p, B, o0, o1, acc, PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0);
         return;
     }
 #endif
