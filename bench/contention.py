@@ -108,6 +108,13 @@ def add_ratios(rows):
     return rows
 
 
+def weights_line(model, weights, facts):
+    """The line above the table: the model, its weight format, where the weights come from (synthetic
+    weights say so) and the CPU by name."""
+    src = "synthetic weights (the release's shapes)" if facts["synthetic"] else f"weights from {facts['provenance']}"
+    return f"{model}, {weights}, {src}; cpu: {facts['device_name']}"
+
+
 def table(rows):
     lines = [f"{'threads':>7}  {'next to':13} {'tok/s':>8} {'x quiet':>8} {'x 1-thread quiet':>17}"]
     for r in rows:
@@ -176,11 +183,16 @@ def _main(argv=None):
     for threads in args.threads:
         rows += measure(model, threads, ["quiet", *args.competitor], args.tokens, args.repeats)
     rows = add_ratios(rows)
+    from bench.machine import cpu_model
+    facts = {"synthetic": bool(model.synthetic), "provenance": "synthetic" if model.synthetic else str(model.source),
+             "device_name": cpu_model()}
+    print(weights_line(args.model, model.weights, facts))
     print(table(rows))
     if args.json:
         from bench.cli import write_json_atomic
-        write_json_atomic(args.json, {"model": args.model, "weights": model.weights, "tokens": args.tokens, "repeats": args.repeats,
-                                      "cpus": os.cpu_count(), "load_avg_before": load_before, "rows": rows})
+        write_json_atomic(args.json, {"model": args.model, "weights": model.weights, **facts, "tokens": args.tokens,
+                                      "repeats": args.repeats, "cpus": os.cpu_count(), "load_avg_before": load_before,
+                                      "rows": rows})
     return 0
 
 

@@ -40,6 +40,7 @@ from bench.cli import (OneLineParser, check_writable_file, command, fail, nonneg
                        write_json_atomic)
 from bench.cpuload import busy_warning, n_cpus, others_share, read_proc_stat, wait_quiet
 from bench.runner import child_env, run_child
+from bench.machine import device_name
 
 START_TIMEOUT = 600
 
@@ -244,7 +245,8 @@ def plot(result, path):
     ax1.plot(ns, [p["per_stream_tok_s"] for p in result["phases"]], "s-", color="tab:blue", label="per stream")
     ax1.axhline(result["library_decode_tok_s"], color="gray", ls="--", label="library, 1 stream")
     ax1.set(xlabel="concurrent clients N", ylabel="generated tokens/s",
-            title=f"{result['model']} ({result['device']}, {result['dtype']}): throughput")
+            title=f"{result['model']} ({result['device']}, {result['weights'] or result['dtype']}"
+                  f"{', synthetic weights' if result['synthetic'] else ''}): throughput")
     ax2.plot(ns, [1000 * p["ttft_p50_s"] for p in result["phases"]], "o-", label="p50")
     ax2.plot(ns, [1000 * p["ttft_p99_s"] for p in result["phases"]], "s-", label="p99")
     ax2.set(xlabel="concurrent clients N", ylabel="ms", title="time to first token")
@@ -259,6 +261,14 @@ def plot(result, path):
         save_figure_atomic(fig, path)
     finally:
         plt.close(fig)
+
+
+def kernel_isa(device):
+    """The instruction set the C kernels run at on this CPU ("avx512", "avx2"), None on a GPU or without them."""
+    if device != "cpu":
+        return None
+    from rwkv_kernels import cpu_c
+    return cpu_c.best_isa()
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -298,14 +308,25 @@ def parse_args(argv, prog):
 
 
 def library_decode(args):
-    """Single-stream decode tokens/s of the library in a fresh process (bench.generate's measurement)."""
+    """Single-stream decode tokens/s of the library in a fresh process (bench.generate's measurement), and
+    what that run says of the weights: {"synthetic": bool, "provenance": "synthetic" or the checkpoint}."""
     spec = dict(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, tokens=args.max_tokens,
                 prompt=DRAGON_PROMPT, checkpoint=args.checkpoint, threads=args.threads)
     runs = [run_child(spec, timeout=1800) for _ in range(args.library_repeats)]
     bad = next((r for r in runs if r["status"] != "ok"), None)
     if bad:
         raise RuntimeError(f"library decode run failed: {bad.get('error')}")
-    return statistics.median(r["decode_tokens_per_s"] for r in runs)
+    return (statistics.median(r["decode_tokens_per_s"] for r in runs),
+            {"synthetic": bool(runs[0].get("synthetic")), "provenance": str(runs[0].get("provenance", ""))})
+
+
+def weights_line(result):
+    """The line above the table: model, weight format, where the weights come from (synthetic weights say
+    so), the device by name and the kernels' instruction set."""
+    fmt = result["weights"] or result["dtype"]
+    src = "synthetic weights (the release's shapes)" if result["synthetic"] else f"weights from {result['provenance']}"
+    isa = f", {result['kernels']} kernels" if result.get("kernels") else ""
+    return f"{result['model']}, {fmt}, {src}; {result['device']}: {result['device_name']}{isa}"
 
 
 def state_bytes(args):
@@ -322,7 +343,8 @@ def state_bytes(args):
 @command("bench.serve")
 def main(argv=None, prog="python -m bench.serve"):
     args = parse_args(argv, prog)
-    result = {"model": args.model, "device": args.device, "dtype": args.dtype, "weights": args.weights,
+    result = {"model": args.model, "device": args.device, "device_name": device_name(args.device),
+              "kernels": kernel_isa(args.device), "dtype": args.dtype, "weights": args.weights,
               "threads": args.threads,
               "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
               "prefix_cache_mb": args.prefix_cache_mb, "phases": []}
@@ -330,7 +352,8 @@ def main(argv=None, prog="python -m bench.serve"):
         result["state_bytes"] = state_bytes(args)
         print(f"library single-stream decode ({args.max_tokens} tokens, median of {args.library_repeats} "
               "fresh processes)...", flush=True)
-        result["library_decode_tok_s"] = library_decode(args)
+        result["library_decode_tok_s"], facts = library_decode(args)
+        result.update(facts)
     except (ValueError, RuntimeError, OSError) as e:
         fail(prog, str(e).splitlines()[0])
     server = None
@@ -367,6 +390,7 @@ def main(argv=None, prog="python -m bench.serve"):
         if server is not None:
             result["server_exit_code"] = server.stop()
     result["targets"] = [{"target": t, "value": v, "ok": ok} for t, v, ok in target_checks(result)]
+    print(weights_line(result))
     print(table(result))
     for t in result["targets"]:
         print(f"  {'ok ' if t['ok'] else 'MISS'} {t['target']}: {t['value']}")

@@ -59,11 +59,21 @@ def test_runs_and_reports_a_table_and_json(tiny_pth, tmp_path):
         assert busy["vs_quiet"] == round(busy["tok_s"] / quiet["tok_s"], 3)
     assert [r["vs_1thread_quiet"] for r in rows] == [round(r["tok_s"] / rows[0]["tok_s"], 3) for r in rows]
     lines = stdout.strip().splitlines()
-    assert "x quiet" in lines[0] and len(lines) == 5
-    for line, r in zip(lines[1:], rows):                 # the table prints the JSON's rows, in order
+    # the line above the table says where the weights come from (a plain .pth of ours: synthetic values,
+    # but not marked so, so it is named by its path) and which CPU ran it
+    assert result["synthetic"] is False and result["provenance"] == str(tiny_pth) and result["device_name"]
+    assert lines[0] == f"{tiny_pth}, int8, weights from {tiny_pth}; cpu: {result['device_name']}"
+    assert "x quiet" in lines[1] and len(lines) == 6
+    for line, r in zip(lines[2:], rows):                 # the table prints the JSON's rows, in order
         threads, condition, tok_s, vs_quiet, vs_one = line.split()
         assert (int(threads), condition) == (r["threads"], r["condition"])
         assert abs(float(tok_s) - r["tok_s"]) <= 0.05 + 1e-9 and abs(float(vs_quiet) - r["vs_quiet"]) <= 0.005 + 1e-9
+
+
+def test_the_weights_line_says_synthetic():
+    from bench.contention import weights_line
+    line = weights_line("rwkv-4-pile-169m", "float32", {"synthetic": True, "provenance": "synthetic", "device_name": "AMD EPYC"})
+    assert line == "rwkv-4-pile-169m, float32, synthetic weights (the release's shapes); cpu: AMD EPYC"
 
 
 @pytest.mark.parametrize("args, message", [

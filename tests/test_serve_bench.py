@@ -34,6 +34,20 @@ def test_bench_serve_smoke(tmp_path):
     assert result["library_decode_tok_s"] > 0 and result["server_exit_code"] == 0
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert "aggregate tok/s" in r.stdout and "others %" in r.stdout and "server N=1 per-stream / library decode" in r.stdout
+    # the run says its weights are synthetic (JSON, the line above the table, the figure's title) and names the CPU
+    assert result["synthetic"] is True and result["provenance"] == "synthetic"
+    assert result["device_name"] and result["kernels"] in ("avx2", "avx512", None)
+    assert "rwkv-4-tiny, float32, synthetic weights (the release's shapes); cpu: " + result["device_name"] in r.stdout
+
+
+def test_bench_serve_weights_line_names_real_weights_and_never_says_synthetic():
+    from bench.serve import weights_line
+    real = {"model": "rwkv-4-pile-169m", "weights": "int8", "dtype": "float32", "synthetic": False,
+            "provenance": "/data/RWKV-4-Pile-169M.pth", "device": "cpu", "device_name": "AMD EPYC", "kernels": "avx512"}
+    line = weights_line(real)
+    assert line == "rwkv-4-pile-169m, int8, weights from /data/RWKV-4-Pile-169M.pth; cpu: AMD EPYC, avx512 kernels"
+    assert "synthetic" not in line
+    assert "synthetic weights" in weights_line({**real, "synthetic": True, "provenance": "synthetic"})
 
 
 def test_bench_serve_rejects_bad_arguments(capsys):
