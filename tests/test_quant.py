@@ -192,8 +192,9 @@ def test_int8_stream_tiles_give_each_stream_its_single_stream_bits(isa, O, I):
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
 def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
-    """The 512-bit int8 loop walks 1 row at a time on AMD and 4 elsewhere (cpu_c.int8_rows): the float
-    order per row is the same, so the outputs are bitwise the same; on AVX2 the setting is ignored."""
+    """The 512-bit int8 single-stream loop walks 1 row at a time on AMD and 4 elsewhere (cpu_c.int8_rows):
+    the float order per row is the same, so each stream's outputs alone are bitwise the same either way,
+    and the same as in a batch (the stream tiles); on AVX2 the setting is ignored."""
     from rwkv_kernels import cpu_c
     assert cpu_c.int8_rows("AuthenticAMD") == 1 and cpu_c.int8_rows("GenuineIntel") == 4
     lib = cpu_c.ops(isa).lib
@@ -206,10 +207,12 @@ def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
         for rows in (1, 4):
             lib.set_q8_rows(rows)
             assert lib.get_q8_rows() == (rows if isa == "avx512" else 1)
-            ys.append(quant.matvec_group([(x, packed)], isa=isa)[0])
+            ys.append(torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0]
+                                 for b in range(5)]))
+        batched = quant.matvec_group([(x, packed)], isa=isa)[0]
     finally:
         lib.set_q8_rows(before)
-    assert torch.equal(ys[0], ys[1])
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], batched)
     assert bool(((ys[0] - quant.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed)).all())
 
 
