@@ -333,6 +333,9 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
 #ifndef LB_TILE_S
 #define LB_TILE_S 4
 #endif
+#if LB_TILE_S < 1 || LB_TILE_S > 4
+#error "LB_TILE_S: 1 to 4 streams per tile (lb_tile1's accumulators are [4])"
+#endif
 #define LB_TILE_CASES(FMT)                                                                   \
     switch (S) {                                                                             \
     case 4: lb_tile1(4, FMT, p, o, xq, dx, sx, t); break;                                    \

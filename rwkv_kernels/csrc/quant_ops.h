@@ -555,6 +555,9 @@ static inline __attribute__((always_inline)) void tile_q8(const int R, const int
 #ifndef Q8_TILE_S
 #define Q8_TILE_S 4
 #endif
+#if Q8_TILE_S < 1 || Q8_TILE_S > 4
+#error "Q8_TILE_S: 1 to 4 streams per tile (tile_q8's accumulators are [4][4])"
+#endif
 static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     const int64_t Ip = p->Ip, nb = Ip / QB;
     float t[16];
