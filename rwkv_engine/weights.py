@@ -24,6 +24,7 @@ from .files import atomic_write, in_file_mapping, release_pages
 
 META_FORMAT = "rwkv_engine.weights"         # the file's weight format (the key's name predates the word)
 META_SHAPES = "rwkv_engine.in_features"
+META_LAYOUT = "rwkv_engine.layout"         # the packed parts' layout, for formats that have one (int8: "g16")
 MATRIX_SUFFIXES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
                    "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 
@@ -165,6 +166,8 @@ def save_packed(sd, weight_format, path, metadata=None, progress=None, overwrite
         if n_in is not None:
             in_features[key] = n_in
     meta = dict(metadata or {}, format="pt", **{META_FORMAT: weight_format, META_SHAPES: json.dumps(in_features)})
+    if formats.get(weight_format).layout is not None:
+        meta[META_LAYOUT] = formats.get(weight_format).layout
     need = sum(t.nbytes for t in out.values())
     return atomic_write(Path(path), lambda p: save_file(out, str(p), metadata=meta), overwrite=overwrite, need=need)
 
@@ -207,6 +210,11 @@ def unpack_file(sd, meta, source):
             if any(key + suffix not in sd for suffix in extra) or key not in in_features:
                 raise ValueError(f"{source}: {name} matrix {key} has no scales or no in_features entry")
             parts = (t, *(sd[key + suffix] for suffix in extra))
+            if fmt.from_layout is not None:
+                try:
+                    parts = fmt.from_layout(parts, meta.get(META_LAYOUT))
+                except ValueError as e:
+                    raise ValueError(f"{source}: {key}: {e}") from None
             t = fmt.packed_type(*parts, in_features[key]).check(f"{source}: {key}")
         out[key] = t
     return out, name

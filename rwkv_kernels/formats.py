@@ -60,6 +60,9 @@ class WeightFormat:
     file_parts: Tuple[str, ...] = ("",)     # key suffixes of the packed type's parts() in a file
     c_parts: Optional[Callable] = field(default=None, compare=False)   # weight -> (values, scales or None[,
                                             # 5th-bit planes, minimums, column scales]): the C decode step's parts
+    layout: Optional[str] = None            # the parts' byte layout, recorded in packed files (None: the plain one)
+    from_layout: Optional[Callable] = field(default=None, compare=False)  # (parts, a file's layout or None)
+                                            # -> parts in `layout`; ValueError for a layout it cannot read
 
 
 _FORMATS = {}
@@ -231,10 +234,44 @@ class PackedWeight:
 # ---------------------------------------------------------------------------------------------
 # Blocks of 32 int8 values with a float16 scale each (ggml's Q8_0)
 
+GROUP = 16                      # Q8_0 blocks interleaved per group in a row (csrc/quant_ops.h)
+INT8_LAYOUT = "g16"             # the name packed files record for that layout
+
+
+def _group_view(q, transpose_from):
+    """[O, Ip] int8 rows -> the same bytes with every group of (up to) 16 blocks re-ordered between
+    [blocks][8 dwords][4] (row order) and [8 dwords][blocks][4] (interleaved): `transpose_from` says which
+    of the two `q` is in (1: row order, 2: interleaved); the result is the other."""
+    O, Ip = q.shape
+    nb = Ip // BLOCK
+    out = torch.empty_like(q)
+    full = nb // GROUP * GROUP
+    for j0, m, n in ((0, full, GROUP), (full, nb - full, nb - full)):    # whole groups, then the last one
+        if m == 0:
+            continue
+        part = q[:, j0 * BLOCK:(j0 + m) * BLOCK].reshape(O, m // n, *((n, 8) if transpose_from == 1 else (8, n)), 4)
+        out[:, j0 * BLOCK:(j0 + m) * BLOCK] = part.transpose(2, 3).reshape(O, m * BLOCK)
+    return out
+
+
+def interleave_blocks(q):
+    """Row-order Q8_0 values [O, Ip] -> the kernels' layout: in each row, every group of 16 blocks (the
+    last group: the blocks left) stored as [8][m][4], dword g of block l at byte 4 (g m + l) of the group,
+    so one 64-byte load holds the same dword of 16 blocks (one per 32-bit lane of the integer dot)."""
+    return _group_view(q, 1)
+
+
+def deinterleave_blocks(q):
+    """The inverse of `interleave_blocks`: the kernels' layout -> row order."""
+    return _group_view(q, 2)
+
+
 @dataclass
 class Int8Weight(PackedWeight):
     """W [out, in] ~ q * scale, blockwise: q int8 [out, in_padded], scale float16 [out, in_padded / 32].
-    in_padded is `in` rounded up to 32; the padding weights are 0."""
+    in_padded is `in` rounded up to 32; the padding weights are 0. Each row of `q` holds its blocks
+    interleaved in groups of 16 (`interleave_blocks`; `rows()` gives them in row order); `scale` is in
+    block order."""
     q: torch.Tensor
     scale: torch.Tensor
     in_features: int
@@ -242,10 +279,19 @@ class Int8Weight(PackedWeight):
     def parts(self):
         return self.q, self.scale
 
+    def rows(self):
+        """The values in row order: int8 [out, in_padded], block j of row o at [o, 32 j : 32 j + 32]."""
+        return deinterleave_blocks(self.q)
+
+    @classmethod
+    def from_rows(cls, q_rows, scale, in_features):
+        """An Int8Weight from values in row order (see `rows`)."""
+        return cls(interleave_blocks(q_rows), scale, in_features)
+
     def dequantize(self):
         """-> float32 [out, in] (exact: every int8 x float16 product is a float32)."""
         O, Ip = self.q.shape
-        w = self.q.float().view(O, Ip // BLOCK, BLOCK) * self.scale.float()[..., None]
+        w = self.rows().float().view(O, Ip // BLOCK, BLOCK) * self.scale.float()[..., None]
         return w.view(O, Ip)[:, :self.in_features]
 
     def check(self, name="weight"):
@@ -262,21 +308,23 @@ class Int8Weight(PackedWeight):
         return self
 
 
-def quantize_int8(w, rows_per_step=None, after_slice=None):
+def quantize_int8(w, rows_per_step=None, after_slice=None, row_order=False):
     """float W [out, in] -> Int8Weight: per block of 32, scale = max|w| / 127 (stored as float16, at
     least MIN_SCALE), q = round(w / scale) in [-127, 127]. Works through slices of rows so that the
     float32 temporaries stay small whatever the matrix (a 14B head is 1 GB in float32);
-    `after_slice(rows)` is called with each source slice once it is done."""
+    `after_slice(rows)` is called with each source slice once it is done. `row_order`: return the
+    (values in row order, scales) instead (what "int8+cols" stores)."""
     O, I = w.shape
     Ip = -(-I // BLOCK) * BLOCK
     q = torch.empty(O, Ip, dtype=torch.int8)
     scale = torch.empty(O, Ip // BLOCK, dtype=torch.float16)
     step = rows_per_step or max(1, (1 << 20) // Ip)
     for r0 in range(0, O, step):
-        q[r0:r0 + step], scale[r0:r0 + step] = _quantize_rows(w[r0:r0 + step].detach().float(), Ip)
+        rows, scale[r0:r0 + step] = _quantize_rows(w[r0:r0 + step].detach().float(), Ip)
+        q[r0:r0 + step] = rows if row_order else interleave_blocks(rows)
         if after_slice is not None:
             after_slice(w[r0:r0 + step])
-    return Int8Weight(q, scale, I)
+    return (q, scale) if row_order else Int8Weight(q, scale, I)
 
 
 def _quantize_rows(w, Ip):
@@ -304,12 +352,24 @@ def quantize_rows_reference(x):
     return q.view(B, Ip), d
 
 
+def _int8_from_layout(parts, layout):
+    """A packed file's int8 parts -> the current layout: files written before the interleaved groups
+    (no layout recorded) hold the values in row order."""
+    if layout == INT8_LAYOUT:
+        return parts
+    if layout is None:
+        q, scale = parts
+        return (interleave_blocks(q) if q.dim() == 2 and q.shape[1] % BLOCK == 0 else q), scale
+    raise ValueError(f"int8 values in layout {layout!r}, which this version cannot read (it writes {INT8_LAYOUT!r})")
+
+
 def block_matvec_reference(x, w):
     """x [B, in] float32, w Int8Weight -> y [B, out]: integer block dot products with x quantised to
     the same blocks (as ggml's vec_dot_q8_0_q8_0), in float64."""
     qx, dx = quantize_rows_reference(x)
-    B, O, nb = x.shape[0], w.q.shape[0], w.q.shape[1] // BLOCK
-    dots = torch.einsum("bkj,okj->bok", qx.view(B, nb, BLOCK).double(), w.q.view(O, nb, BLOCK).double())
+    q = w.rows()
+    B, O, nb = x.shape[0], q.shape[0], q.shape[1] // BLOCK
+    dots = torch.einsum("bkj,okj->bok", qx.view(B, nb, BLOCK).double(), q.view(O, nb, BLOCK).double())
     return (dots * dx.double()[:, None, :] * w.scale.double()[None]).sum(-1).float()
 
 
@@ -320,4 +380,5 @@ Q8_0 = register(WeightFormat(
     "int8", 3, 1 + 2 / BLOCK, torch.float16,
     pack=lambda w, after_slice=None: quantize_int8(w, after_slice=after_slice),
     dequantize=Int8Weight.dequantize, reference=block_matvec_reference, serves=PACKED_SERVES, block=BLOCK,
-    packed_type=Int8Weight, file_parts=("", ".scale"), c_parts=lambda w: (w.q, w.scale)))
+    packed_type=Int8Weight, file_parts=("", ".scale"), c_parts=lambda w: (w.q, w.scale),
+    layout=INT8_LAYOUT, from_layout=lambda parts, layout: _int8_from_layout(parts, layout)))

@@ -161,7 +161,8 @@ class BlockWeight(formats.PackedWeight):
 
 
 class Int8ColsWeight(Int8Weight):
-    """The int8 blocks of `formats.Int8Weight` holding W diag(1/col), with the column scales col."""
+    """The int8 blocks of `formats.Int8Weight` holding W diag(1/col), with the column scales col. Its
+    values are stored in row order (the low-bit kernels' int8 path reads them so), not interleaved."""
 
     def __init__(self, q, scale, col, in_features):
         super().__init__(q, scale, in_features)
@@ -169,6 +170,9 @@ class Int8ColsWeight(Int8Weight):
 
     def parts(self):
         return self.q, self.scale, self.col
+
+    def rows(self):
+        return self.q
 
     def dequantize_stored(self):
         """The stored matrix (W diag(1/col)) -> float32 [out, in]."""
@@ -287,9 +291,9 @@ def _pack_high(q):
 def quantize_int8_cols(w, rows_per_step=None, after_slice=None):
     """float W -> Int8ColsWeight: column scales from the weights, then the int8 blocks of W diag(1/col)."""
     col = column_scales(w, rows_per_step=rows_per_step, after_slice=after_slice)
-    inner = quantize_int8(_ScaledRows(w, col), rows_per_step,
-                          after_slice=after_slice and (lambda part: after_slice(part.source)))
-    return Int8ColsWeight(inner.q, inner.scale, col, inner.in_features)
+    q, scale = quantize_int8(_ScaledRows(w, col), rows_per_step, row_order=True,
+                             after_slice=after_slice and (lambda part: after_slice(part.source)))
+    return Int8ColsWeight(q, scale, col, w.shape[1])
 
 
 class _ScaledRows:

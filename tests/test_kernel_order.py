@@ -46,32 +46,28 @@ def _hsum8(v):
 
 
 def int8_emulated(x, w):
-    """y [B, O] float32 by the int8 kernel's documented order (csrc/quant_ops.h, dotn_q8)."""
+    """y [B, O] float32 by the int8 kernel's documented order (csrc/quant_ops.h, "int8 blocks"): per row,
+    16 lane accumulators, block j going to lane j mod 16 in order of j, each block's exact integer dot
+    times its rounded scale product sw_j * dx_j fused into its lane; then hsum8 of lanes 0-7 + 8-15."""
     qx, dx = quant.quantize_rows_reference(x)
     qx, dx = qx.numpy().astype(np.int64), dx.numpy().astype(np.float32)
-    qw, sw = w.q.numpy().astype(np.int64), w.scale.float().numpy().astype(np.float32)
+    qw, sw = w.rows().numpy().astype(np.int64), w.scale.float().numpy().astype(np.float32)
     B, O, nb = x.shape[0], qw.shape[0], qw.shape[1] // 32
     y = np.zeros((B, O), dtype=np.float32)
     for b in range(B):
         for o in range(O):
-            # lane k of block j: the exact integer sum of bytes 4k..4k+3 of the block
-            lanes = (qx[b].reshape(nb, 8, 4) * qw[o].reshape(nb, 8, 4)).sum(-1)
-            c = [f32(sw[o, j] * dx[b, j]) for j in range(nb)]
-            e, d = [f32(0)] * 8, [f32(0)] * 8
-            j = 0
-            while j + 2 <= nb:
-                e = [_fma32(lanes[j, k], c[j], e[k]) for k in range(8)]
-                d = [_fma32(lanes[j + 1, k], c[j + 1], d[k]) for k in range(8)]
-                j += 2
-            s = _hsum8([f32(e[k] + d[k]) for k in range(8)])
-            if j < nb:
-                s = f32(s + _hsum8([_fma32(lanes[j, k], c[j], f32(0)) for k in range(8)]))
-            y[b, o] = s
+            dots = (qx[b].reshape(nb, 32) * qw[o].reshape(nb, 32)).sum(-1)      # exact integers
+            acc = [f32(0)] * 16
+            for j in range(nb):
+                acc[j % 16] = _fma32(dots[j], f32(sw[o, j] * dx[b, j]), acc[j % 16])
+            y[b, o] = _hsum8([f32(acc[k] + acc[k + 8]) for k in range(8)])
     return torch.from_numpy(y)
 
 
-# nb = 1, 3 (odd), 9 (odd, not a multiple of 8), 10, 16 (two whole scale groups), 20; O not multiples of 4
-SHAPES = [(2, 3, 1), (3, 5, 70), (1, 7, 288), (2, 6, 300), (1, 9, 512), (4, 2, 640)]
+# nb = 1, 3, 9, 10, 16 (one whole group of 16), 20, 24 (a last group of 8), 29 (of 13), 35 (of 3);
+# O not multiples of 4; B past the 4-stream tile
+SHAPES = [(2, 3, 1), (3, 5, 70), (1, 7, 288), (2, 6, 300), (1, 9, 512), (4, 2, 640), (5, 6, 768), (6, 5, 900),
+          (3, 4, 1100)]
 
 
 @needs_c

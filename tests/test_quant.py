@@ -351,3 +351,28 @@ def test_linear_dispatch_decode_and_prompt_shapes(fmt):
     out = torch.ones(4, 40)
     rwkv_kernels.linear_accumulate_(x, packed, out)
     assert torch.allclose(out, 1 + y, atol=1e-6)
+
+
+@pytest.mark.parametrize("I", [32, 300, 512, 768, 900, 1100, 3072])
+def test_int8_interleaved_groups_put_each_dword_where_the_kernels_read_it(I):
+    """formats.interleave_blocks against the layout written out by hand (csrc/quant_ops.h): in each row,
+    group G of m <= 16 blocks at byte 512 G, dword g of its block l at byte 4 (g m + l); and back."""
+    g = torch.Generator().manual_seed(I)
+    w = torch.randn(3, I, generator=g)
+    p = quant.pack(w, "int8")
+    rows = p.rows()
+    Ip = rows.shape[1]
+    nb = Ip // 32
+    want = torch.empty_like(rows)
+    for j in range(nb):
+        G, l = divmod(j, 16)
+        m = min(16, nb - 16 * G)
+        for d in range(8):
+            at = 512 * G + 4 * (d * m + l)
+            want[:, at:at + 4] = rows[:, 32 * j + 4 * d:32 * j + 4 * d + 4]
+    assert torch.equal(p.q, want)
+    assert torch.equal(formats.deinterleave_blocks(p.q), rows)
+    assert torch.equal(p.dequantize(), (rows.float().view(3, nb, 32) * p.scale.float()[..., None]).view(3, Ip)[:, :I])
+    # the values themselves are what quantising in row order gives
+    q_rows, scale = formats.quantize_int8(w, row_order=True)
+    assert torch.equal(q_rows, rows) and torch.equal(scale, p.scale)

@@ -291,3 +291,36 @@ def test_loading_packed_peak_memory_is_near_the_packed_size(tmp_path, fmt):
     # with the mapped float32 pages kept resident (no release) it is ~290 MB: packed + the whole file.
     # q4_1+cols drops the source pages slice by slice in both passes (column scales, then blocks)
     assert peak < packed + file_bytes / 2, (peak, packed, file_bytes)
+
+
+# the int8 values' layout in files (formats.INT8_LAYOUT)
+
+def test_int8_file_records_its_layout(int8_file):
+    from rwkv_engine import weights as wformat
+    assert read_metadata(int8_file)[wformat.META_LAYOUT] == formats.INT8_LAYOUT == "g16"
+
+
+def test_int8_file_in_row_order_from_before_the_layout_loads_the_same(int8_file, tmp_path, tokens):
+    """A file written before the interleaved groups (values in row order, no layout recorded) is laid
+    out at load: the same weights and logits as the current file."""
+    from rwkv_engine import weights as wformat
+    def to_row_order(sd, meta):
+        meta.pop(wformat.META_LAYOUT)
+        for k, t in sd.items():
+            if t.dtype == torch.int8 and t.dim() == 2:
+                sd[k] = formats.deinterleave_blocks(t)
+    old = _rewrite(int8_file, tmp_path / "old-int8.safetensors", to_row_order)
+    a, b = rwkv_engine.load(str(int8_file)), rwkv_engine.load(str(old))
+    for name in ("att_key", "ffn_value"):
+        wa, wb = getattr(a.blocks[0], name), getattr(b.blocks[0], name)
+        assert torch.equal(wa.q, wb.q) and torch.equal(wa.rows(), wb.rows())
+    assert not torch.equal(formats.deinterleave_blocks(a.blocks[0].att_key.q), a.blocks[0].att_key.q)
+    assert torch.equal(a.forward(tokens, all_logits=True)[0], b.forward(tokens, all_logits=True)[0])
+
+
+def test_int8_file_in_an_unknown_layout_is_refused_in_one_line(int8_file, tmp_path):
+    from rwkv_engine import weights as wformat
+    bad = _rewrite(int8_file, tmp_path / "bad-int8.safetensors", lambda sd, meta: meta.update({wformat.META_LAYOUT: "g32"}))
+    with pytest.raises((ValueError, CheckpointError), match=r"layout 'g32'") as e:
+        rwkv_engine.load(str(bad))
+    assert "\n" not in str(e.value)

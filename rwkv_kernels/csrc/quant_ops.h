@@ -5,11 +5,12 @@
  *   FMT_F16   W float16 [O, I]: F16C widening (8 or 16 lanes), FMA with x.
  *   FMT_BF16  W bfloat16 [O, I]: bf16 -> fp32 is a 16-bit left shift of the integer lanes.
  *   FMT_Q8    W int8 [O, Ip] + float16 scale per block of 32 along i (ggml's Q8_0), Ip = I rounded up
- *             to 32 with zero weights. x is quantised per stream to the same blocks (int8 + fp32
- *             scale, round half to even as torch.round), then each block is an exact integer dot
- *             product times scale_w * scale_x (ggml's vec_dot_q8_0_q8_0): AVX2 has no signed x signed
- *             byte multiply, so |w| (u8) x sign(w)*x (s8) go through maddubs; AVX-512 VNNI does the
- *             same u8 x s8 in one vpdpbusd per 64 weights.
+ *             to 32 with zero weights, each row's blocks interleaved in groups of 16 (see "int8
+ *             blocks" below). x is quantised per stream to the same blocks (int8 + fp32 scale, round
+ *             half to even as torch.round), then each block is an exact integer dot product times
+ *             scale_w * scale_x (ggml's vec_dot_q8_0_q8_0): AVX2 has no signed x signed byte
+ *             multiply, so |x| (u8) x sign(x)*w (s8) go through maddubs; AVX-512 VNNI does u8 x s8
+ *             in one vpdpbusd per 64 weights.
  * The same source is compiled once per instruction set: with -mavx512f/bw/vl/vnni the 512-bit loops
  * are used, otherwise AVX2 (every x86-64-v3 CPU). Python picks the build from the CPU's flags.
  *
@@ -43,10 +44,11 @@ const char *format_name(int64_t code) {
     return code >= 0 && code < (int64_t)(sizeof FMT_NAMES / sizeof *FMT_NAMES) ? FMT_NAMES[code] : 0;
 }
 #define QB 32
-/* Software prefetch distance (bytes ahead in each row) of the 512-bit int8 and 16-bit loops. Decode
- * streams each weight once; with four rows in flight per thread the hardware prefetchers alone left
- * the int8 and 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers
- * beyond L3); these distances measured best there (int8 +28%, 16-bit +18%; float32 gained nothing). */
+/* Software prefetch distance (bytes ahead in each row) of the 512-bit 16-bit loop. Decode streams each
+ * weight once; with four rows in flight per thread the hardware prefetchers alone left the int8 and
+ * 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers beyond L3); this
+ * distance measured best there (16-bit +18%; int8 +28% with its four-row loop of the time; the int8
+ * loops over interleaved groups prefetch nothing: on the Zen 4 4 KB ahead cost them 10-40%). */
 #ifndef PF_DIST16
 #define PF_DIST16 2048
 #endif
@@ -66,9 +68,6 @@ const char *format_name(int64_t code) {
  * and 2.38x float32 with 4, 2.74x and 2.85x with 1. The float order per row is the same either way. */
 #ifndef Q8_ROWS_AVX2
 #define Q8_ROWS_AVX2 1
-#endif
-#ifndef PF_DIST
-#define PF_DIST 4096
 #endif
 #ifndef PF_GROUPS_AVX2
 #define PF_GROUPS_AVX2 1
@@ -364,96 +363,140 @@ static inline float hsum8_fixed(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
 }
 
-/* one block of 32: the exact integer dot product of int8 w and int8 x in 8 int32 lanes (lane k: bytes
- * 4k..4k+3), as floats. AVX2 has no signed x signed byte multiply: maddubs takes |x| (u8, computed once
- * per stream: xa) times w with x's sign (s8); |w|, |x| <= 127, so no pair sum saturates int16. */
-static inline __m256 block_dot256(const int8_t *w, const int8_t *x, const uint8_t *xa) {
-    __m256i qw = _mm256_loadu_si256((const __m256i *)w), qx = _mm256_loadu_si256((const __m256i *)x);
-    __m256i p16 = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)xa), _mm256_sign_epi8(qw, qx));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+/* ---- int8 blocks (Q8_0), 16 blocks interleaved per group -----------------------------------
+ * A row of Ip bytes (nb = Ip / 32 blocks; rwkv_kernels/formats.py: interleave_blocks) is stored as
+ * groups of QG = 16 blocks (fewer in a last group, m of them): group G at byte 512 G holds blocks
+ * 16G .. 16G + m - 1 as [8][m][4], dword g of block 16G + l (its bytes 4g .. 4g + 3) at byte
+ * 4 (g m + l). So the 64-byte load g of a group holds dword g of 16 blocks, one block per 32-bit lane,
+ * and 8 vpdpbusd (maddubs + madd in the AVX2 build) leave each lane one block's whole integer dot
+ * product: one convert, one scale multiply and one FMA per 16 blocks and stream, where a row-major
+ * block needs them per block. x is quantised to the same blocks once per product and stream, and laid
+ * out the same way.
+ * The float order of a row, the same in both builds, for R rows at once or one, and whatever the
+ * number of streams: 16 lane accumulators, lane l taking blocks l, 16 + l, 32 + l, ... in order, each
+ * block's exact integer dot converted to float (exact: |dot| <= 32 * 127 * 127 < 2^24) and FMA'd with
+ * the block's scale product sw_j * dx_j (rounded to float32 first); then hsum8_fixed(lanes 0-7 +
+ * lanes 8-15). Lanes past the last block of a short group add 0 * 0 or are skipped: the same thing,
+ * as an accumulator is never -0 (it starts at +0, and a nonzero exact sum of floats, a multiple of
+ * 2^-149, cannot round to zero). */
+#define QG 16
+
+/* stream scratch: xq (int8, the row layout above), xa = |xq| (AVX2's sign trick), dx [nb] the block
+ * scales, corr [nb rounded up to 16] = -128 x (the block's sum of xq) (vpdpbusd's unsigned offset) */
+static inline int64_t q8_corr_len(int64_t nb) { return (nb + QG - 1) / QG * QG; }
+
+/* row-major int8 [nb * 32] -> the interleaved layout (for x; the weights are laid out in Python) */
+static void q8_interleave(const int8_t *src, int8_t *dst, int64_t nb) {
+    for (int64_t j0 = 0; j0 < nb; j0 += QG) {
+        const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
+        const int8_t *s = src + j0 * QB;
+        int8_t *d = dst + j0 * QB;
+        for (int l = 0; l < m; l++)
+            for (int g = 0; g < 8; g++) memcpy(d + 4 * (g * m + l), s + l * QB + 4 * g, 4);
+    }
 }
 
-/* R rows of int8 blocks . the quantised x: sum over blocks of (integer dot) * (scale_w * scale_x).
- * The float order, the same in both builds and whatever R is: per row, blocks in pairs (j, j+1), each
- * block's 8 int32 lanes converted and FMA'd lane-wise into an accumulator of its own for even and odd
- * blocks (E, D: the two halves of one 512-bit register on AVX-512), with the product of the two scales
- * rounded to float32 first; then hsum8_fixed(E + D); then a last odd block, if any, the same way into a
- * fresh accumulator, hsum8_fixed'd and added. */
-static inline __attribute__((always_inline)) void dotn_q8(const int R, const int8_t *const *w,
-        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t nb, int64_t pf,
-        float *out) {
-    int64_t j = 0;
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if WIDE
-    /* vpdpbusd multiplies unsigned by signed bytes: w + 128 (w XOR 0x80) is unsigned, and the sum is
-     * started at -128 * (sum of x over each lane's 4 bytes), computed once per block pair for all rows:
-     * sum (w + 128) x - 128 sum x = sum w x, the same exact integer in 2 instructions per row */
-    const __m512i zero = _mm512_setzero_si512(), off = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const __m512i lo_hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    for (; j + 2 <= nb; j += 2) {               /* two blocks per 512-bit register: lanes 0-7 | 8-15 */
-        __m512i qx = _mm512_loadu_si512(xq + j * QB);
-        __m512i corr = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, qx));
-        __m512 dxv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_castsi128_ps(
-                         _mm_loadl_epi64((const __m128i *)(dx + j)))));                     /* dx[j] | dx[j+1] */
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + j * QB + PF_DIST), _MM_HINT_T0);
-        for (int r = 0; r < R; r++) {
-            __m512i qw = _mm512_loadu_si512(w[r] + j * QB);
-            __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, _mm512_xor_si512(qw, off), qx));
-            __m512 swv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_cvtph_ps(
-                             _mm_cvtsi32_si128(*(const int32_t *)(sw[r] + j)))));            /* sw[j] | sw[j+1] */
-            acc[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(swv, dxv), acc[r]);
-        }
+static inline __m512i q8_load(const void *p, const int masked, __mmask16 k) {
+    return masked ? _mm512_maskz_loadu_epi32(k, p) : _mm512_loadu_si512(p);
+}
+
+/* one group (m blocks from block j0) of R rows . one stream, into acc[r] (see the order above) */
+static inline __attribute__((always_inline)) void q8_group_rows(const int R, const int masked, const int m,
+        const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const int32_t *corr,
+        const float *dx, int64_t j0, __m512 *acc) {
+    const __mmask16 k = (__mmask16)((1u << m) - 1);
+    const __m512i off = _mm512_set1_epi8((char)0x80);
+    const int64_t base = j0 * QB;
+    __m512i xv[8];
+    for (int g = 0; g < 8; g++) xv[g] = q8_load(xq + base + 4 * g * m, masked, k);
+    const __m512i cv = q8_load(corr + j0, masked, k);
+    const __m512 dxv = masked ? _mm512_maskz_loadu_ps(k, dx + j0) : _mm512_loadu_ps(dx + j0);
+    for (int r = 0; r < R; r++) {
+        /* sum (w + 128) x - 128 sum x = sum w x (w XOR 0x80 is w + 128, unsigned), in two chains of 4
+         * (integer sums: exact in any order) */
+        __m512i a[4] = {cv, _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int g = 0; g < 8; g++)
+            a[g & 3] = _mm512_dpbusd_epi32(a[g & 3], _mm512_xor_si512(q8_load(w[r] + base + 4 * g * m, masked, k), off), xv[g]);
+        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+        const __m256i s16 = masked ? _mm256_maskz_loadu_epi16(k, sw[r] + j0) : _mm256_loadu_si256((const __m256i *)(sw[r] + j0));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_cvtph_ps(s16), dxv), acc[r]);
     }
-    for (int r = 0; r < R; r++)
-        s[r] = hsum8_fixed(_mm256_add_ps(_mm512_castps512_ps256(acc[r]),
-                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1))));
+}
+
+static inline float q8_reduce(__m512 acc) {
+    return hsum8_fixed(_mm256_add_ps(_mm512_castps512_ps256(acc),
+                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
+}
 #else
-    /* per 8 blocks the 8 combined scales of each row at once (F16C), kept in c[][] and broadcast from
-     * there; per block and row: load, sign, maddubs, madd, convert, FMA */
+/* the lanes [8h, 8h + 8) of a group's dword g, n of them valid (the others read as 0) */
+static inline __m256i q8_load_half(const void *p, int n) {
+    if (n >= 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_epi32((const int *)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+}
+
+/* one group of R rows . one stream in 256-bit halves: lo[r] takes lanes 0-7, hi[r] lanes 8-15 */
+static inline __attribute__((always_inline)) void q8_group_rows(const int R, const int m, const int8_t *const *w,
+        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t j0, int64_t pf,
+        __m256 *lo, __m256 *hi) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 e[4], d[4];
-    for (int r = 0; r < R; r++) e[r] = d[r] = _mm256_setzero_ps();
-    float c[4][8] __attribute__((aligned(32)));
-    for (; j + 2 <= nb; j += 2) {
-        const int k = (int)(j & 7);
-        if (k == 0) {
-            if (j + 8 <= nb) {
-                __m256 dxv = _mm256_loadu_ps(dx + j);
-                for (int r = 0; r < R; r++)
-                    _mm256_store_ps(c[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j))), dxv));
-            } else {
-                for (int r = 0; r < R; r++)
-                    for (int64_t t = j; t < nb; t++) c[r][t - j] = _cvtsh_ss(sw[r][t]) * dx[t];
-            }
-            if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(sw[r] + j) + pf / 16, _MM_HINT_T0);
+    const int64_t base = j0 * QB;
+    if (pf) for (int r = 0; r < R; r++) for (int g = 0; g < 8; g++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + pf, _MM_HINT_T0);
+    for (int h = 0; h < 2; h++) {
+        const int n = m - 8 * h >= 8 ? 8 : m - 8 * h;
+        if (n <= 0) break;        /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
+        __m256i xv[8], av[8];
+        for (int g = 0; g < 8; g++) {
+            xv[g] = q8_load_half(xq + base + 4 * g * m + 32 * h, n);
+            av[g] = q8_load_half(xa + base + 4 * g * m + 32 * h, n);
         }
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j * QB));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + j * QB + QB));
-        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + j * QB));
-        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xa + j * QB + QB));
-        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + j * QB + pf), _MM_HINT_T0);
+        __m256 dxv;
+        float c[4][8];
+        if (n == 8) dxv = _mm256_loadu_ps(dx + j0 + 8 * h);
+        else for (int r = 0; r < R; r++)
+            for (int i = 0; i < 8; i++) c[r][i] = i < n ? _cvtsh_ss(sw[r][j0 + 8 * h + i]) * dx[j0 + 8 * h + i] : 0.0f;
         for (int r = 0; r < R; r++) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w[r] + j * QB));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w[r] + j * QB + QB));
-            __m256 f0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(w0, x0)), ones));
-            __m256 f1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(w1, x1)), ones));
-            e[r] = _mm256_fmadd_ps(f0, _mm256_broadcast_ss(&c[r][k]), e[r]);
-            d[r] = _mm256_fmadd_ps(f1, _mm256_broadcast_ss(&c[r][k + 1]), d[r]);
+            __m256i a = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                __m256i wv = q8_load_half(w[r] + base + 4 * g * m + 32 * h, n);
+                a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(av[g], _mm256_sign_epi8(wv, xv[g])), ones));
+            }
+            __m256 cs = n == 8 ? _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0 + 8 * h))), dxv)
+                               : _mm256_loadu_ps(c[r]);
+            __m256 f = _mm256_cvtepi32_ps(a);
+            if (h == 0) lo[r] = _mm256_fmadd_ps(f, cs, lo[r]);
+            else hi[r] = _mm256_fmadd_ps(f, cs, hi[r]);
         }
     }
-    for (int r = 0; r < R; r++) s[r] = hsum8_fixed(_mm256_add_ps(e[r], d[r]));
+}
 #endif
-    if (j < nb)                                 /* the last block of an odd count */
-        for (int r = 0; r < R; r++)
-            s[r] += hsum8_fixed(_mm256_fmadd_ps(block_dot256(w[r] + j * QB, xq + j * QB, xa + j * QB),
-                                                _mm256_set1_ps(_cvtsh_ss(sw[r][j]) * dx[j]), _mm256_setzero_ps()));
-    for (int r = 0; r < R; r++) out[r] = s[r];
+
+/* R rows (R = 1 or 4) of int8 blocks . one stream's quantised x: the order above */
+static inline __attribute__((always_inline)) void dotn_q8(const int R, const int8_t *const *w,
+        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const int32_t *corr, const float *dx,
+        int64_t nb, int64_t pf, float *out) {
+    int64_t j0 = 0;
+#if WIDE
+    (void)xa; (void)pf;
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (; j0 + QG <= nb; j0 += QG) q8_group_rows(R, 0, QG, w, sw, xq, corr, dx, j0, acc);
+    if (j0 < nb) q8_group_rows(R, 1, (int)(nb - j0), w, sw, xq, corr, dx, j0, acc);
+    for (int r = 0; r < R; r++) out[r] = q8_reduce(acc[r]);
+#else
+    (void)corr;
+    __m256 lo[4], hi[4];
+    for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (; j0 + QG <= nb; j0 += QG) q8_group_rows(R, QG, w, sw, xq, xa, dx, j0, pf, lo, hi);
+    if (j0 < nb) q8_group_rows(R, (int)(nb - j0), w, sw, xq, xa, dx, j0, pf, lo, hi);
+    for (int r = 0; r < R; r++) out[r] = hsum8_fixed(_mm256_add_ps(lo[r], hi[r]));
+#endif
 }
 
 static void dot4_q8(const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa,
-                    const float *dx, int64_t nb, int64_t pf, float *out) {
-    dotn_q8(4, w, sw, xq, xa, dx, nb, pf, out);
+                    const int32_t *corr, const float *dx, int64_t nb, int64_t pf, float *out) {
+    dotn_q8(4, w, sw, xq, xa, corr, dx, nb, pf, out);
 }
 
 /* ---- grouped products -------------------------------------------------------------------- */
@@ -467,6 +510,7 @@ typedef struct {
     int8_t *xq;                 /* Q8 scratch: [B, Ip] */
     float *dx;                  /* Q8 scratch: [B, Ip / 32] */
     uint8_t *xa;                /* Q8 scratch: |xq| [B, Ip] */
+    int32_t *corr;              /* Q8 scratch: [B, q8_corr_len(Ip / 32)] */
     int64_t tag;                /* profile counters: 0, or 1 + the matrix of decode_step.h */
 } product;
 
@@ -479,13 +523,14 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
         const int8_t *w[4];
         const uint16_t *sw[4];
         for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
+        const int8_t *xq = p->xq + b * p->Ip;
+        const uint8_t *xa = p->xa + b * p->Ip;
+        const int32_t *corr = p->corr + b * q8_corr_len(nb);
+        const int64_t pf = PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0;
         if (get_q8_rows() == 1)
-            for (int k = 0; k < 4; k++)
-                dotn_q8(1, &w[k], &sw[k], p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
-                        PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, &out[k]);
+            for (int k = 0; k < 4; k++) dotn_q8(1, &w[k], &sw[k], xq, xa, corr, p->dx + b * nb, nb, pf, &out[k]);
         else
-            dot4_q8(w, sw, p->xq + b * p->Ip, p->xa + b * p->Ip, p->dx + b * nb, nb,
-                    PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0, out);
+            dot4_q8(w, sw, xq, xa, corr, p->dx + b * nb, nb, pf, out);
         return;
     }
     const uint16_t *w[4];
@@ -508,47 +553,88 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
 }
 
 #if WIDE
-/* Several streams, 512-bit build: R rows x S streams of int8 dots (R, S <= 4), each (row, stream) the
- * instructions of dotn_q8's 512-bit path for that row and stream, so its bits do not depend on the
- * batch. Per block pair, each stream's x, correction and dx are made once for the R rows, and each row's
- * weights are loaded and offset, and its scales widened, once for the S streams. out[s * 4 + r]. */
-static inline __attribute__((always_inline)) void tile_q8(const int R, const int S, const int8_t *const *w,
-        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t Ip, int64_t nb,
-        int pf, float *out) {
-    const __m512i zero = _mm512_setzero_si512(), off = _mm512_set1_epi8((char)0x80);
-    const __m512i lo_hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    __m512 acc[4][4];
-    for (int r = 0; r < R; r++) for (int t = 0; t < S; t++) acc[r][t] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 2 <= nb; j += 2) {
-        __m512i qx[4], corr[4];
-        __m512 dxv[4];
+/* Several streams, 512-bit build: 4 rows x S streams (S <= 4) of int8 dots, each (row, stream) the
+ * arithmetic of dotn_q8 for that row and stream (the same lanes, order and reduction), so its bits do
+ * not depend on the batch. Per group, each row's 8 loads are offset once for the S streams (8 registers)
+ * and its scales widened once; each stream's x is read from L1 for each row. out[s * 4 + r]. */
+static inline __attribute__((always_inline)) void q8_group_tile(const int S, const int masked, const int m,
+        const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx,
+        int64_t Ip, int64_t nc, int64_t nb, int64_t j0, __m512 acc[4][4]) {
+    const __mmask16 k = (__mmask16)((1u << m) - 1);
+    const __m512i off = _mm512_set1_epi8((char)0x80);
+    const int64_t base = j0 * QB;
+    for (int r = 0; r < 4; r++) {
+        __m512i wv[8];
+        for (int g = 0; g < 8; g++) wv[g] = _mm512_xor_si512(q8_load(w[r] + base + 4 * g * m, masked, k), off);
+        const __m512 swv = _mm512_cvtph_ps(masked ? _mm256_maskz_loadu_epi16(k, sw[r] + j0)
+                                                  : _mm256_loadu_si256((const __m256i *)(sw[r] + j0)));
         for (int t = 0; t < S; t++) {
-            qx[t] = _mm512_loadu_si512(xq + t * Ip + j * QB);
-            corr[t] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, qx[t]));
-            dxv[t] = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_castsi128_ps(
-                         _mm_loadl_epi64((const __m128i *)(dx + t * nb + j)))));
-        }
-        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + j * QB + PF_DIST), _MM_HINT_T0);
-        for (int r = 0; r < R; r++) {
-            __m512i wx = _mm512_xor_si512(_mm512_loadu_si512(w[r] + j * QB), off);
-            __m512 swv = _mm512_permutexvar_ps(lo_hi, _mm512_castps128_ps512(_mm_cvtph_ps(
-                             _mm_cvtsi32_si128(*(const int32_t *)(sw[r] + j)))));
-            for (int t = 0; t < S; t++) {
-                __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr[t], wx, qx[t]));
-                acc[r][t] = _mm512_fmadd_ps(f, _mm512_mul_ps(swv, dxv[t]), acc[r][t]);
-            }
+            __m512i a = q8_load(corr + t * nc + j0, masked, k);
+            for (int g = 0; g < 8; g++) a = _mm512_dpbusd_epi32(a, wv[g], q8_load(xq + t * Ip + base + 4 * g * m, masked, k));
+            const __m512 dxv = masked ? _mm512_maskz_loadu_ps(k, dx + t * nb + j0) : _mm512_loadu_ps(dx + t * nb + j0);
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(swv, dxv), acc[r][t]);
         }
     }
-    for (int t = 0; t < S; t++)
-        for (int r = 0; r < R; r++) {
-            float v = hsum8_fixed(_mm256_add_ps(_mm512_castps512_ps256(acc[r][t]),
-                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1))));
-            if (j < nb)                         /* the last block of an odd count */
-                v += hsum8_fixed(_mm256_fmadd_ps(block_dot256(w[r] + j * QB, xq + t * Ip + j * QB, xa + t * Ip + j * QB),
-                                                 _mm256_set1_ps(_cvtsh_ss(sw[r][j]) * dx[t * nb + j]), _mm256_setzero_ps()));
-            out[t * 4 + r] = v;
+}
+
+/* the last group of a tile when it has at most 8 blocks, then the tile's outputs */
+static inline __attribute__((always_inline)) void q8_tail_half(const int S, const int m, const int8_t *const *w,
+        const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx, int64_t Ip, int64_t nc,
+        int64_t nb, int64_t j0, __m512 acc[4][4], float *out) {
+    /* a last group of at most 8 blocks (169m's rows of 24): lanes 0-7 in 256 bits; lanes 8-15 would
+     * only add 0 * 0, which leaves an accumulator as it is (it is never -0: it starts at +0, and a
+     * nonzero exact sum of floats cannot round to zero) */
+    const __mmask8 k = (__mmask8)((1u << m) - 1);
+    const __m256i off = _mm256_set1_epi8((char)0x80);
+    const int64_t base = j0 * QB;
+    if (m == QG / 2) {            /* dwords g and g + 1 of the 8 blocks are adjacent: 512-bit loads of both */
+        const __m512i off2 = _mm512_set1_epi8((char)0x80);
+        for (int r = 0; r < 4; r++) {
+            __m512i wv[4];
+            for (int g = 0; g < 4; g++) wv[g] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + base + 64 * g), off2);
+            const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0)));
+            for (int t = 0; t < S; t++) {
+                __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(corr + t * nc + j0)));
+                a = _mm512_inserti64x4(a, _mm256_setzero_si256(), 1);
+                for (int g = 0; g < 4; g++) a = _mm512_dpbusd_epi32(a, wv[g], _mm512_loadu_si512(xq + t * Ip + base + 64 * g));
+                const __m256i d8 = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+                const __m256 c = _mm256_mul_ps(swv, _mm256_loadu_ps(dx + t * nb + j0));
+                const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d8), c, _mm512_castps512_ps256(acc[r][t]));
+                out[t * 4 + r] = hsum8_fixed(_mm256_add_ps(lo, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1))));
+            }
         }
+        return;
+    }
+    for (int r = 0; r < 4; r++) {
+        __m256i wv[8];
+        for (int g = 0; g < 8; g++) wv[g] = _mm256_xor_si256(_mm256_maskz_loadu_epi32(k, w[r] + base + 4 * g * m), off);
+        const __m256 swv = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k, sw[r] + j0));
+        for (int t = 0; t < S; t++) {
+            __m256i a = _mm256_maskz_loadu_epi32(k, corr + t * nc + j0);
+            for (int g = 0; g < 8; g++) a = _mm256_dpbusd_epi32(a, wv[g], _mm256_maskz_loadu_epi32(k, xq + t * Ip + base + 4 * g * m));
+            const __m256 c = _mm256_mul_ps(swv, _mm256_maskz_loadu_ps(k, dx + t * nb + j0));
+            const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), c, _mm512_castps512_ps256(acc[r][t]));
+            out[t * 4 + r] = hsum8_fixed(_mm256_add_ps(lo, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1))));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_q8(const int S, const int8_t *const *w,
+        const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx, int64_t Ip, int64_t nb,
+        float *out) {
+    const int64_t nc = q8_corr_len(nb);
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[r][t] = _mm512_setzero_ps();
+    int64_t j0 = 0;
+    for (; j0 + QG <= nb; j0 += QG) q8_group_tile(S, 0, QG, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
+    const int m = (int)(nb - j0);
+    if (m > QG / 2) q8_group_tile(S, 1, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
+    if (m == 0 || m > QG / 2) {
+        for (int t = 0; t < S; t++)
+            for (int r = 0; r < 4; r++) out[t * 4 + r] = q8_reduce(acc[r][t]);
+        return;
+    }
+    q8_tail_half(S, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc, out);
 }
 
 /* rows [o0, o1) of an int8 product for B >= 2 streams: tiles of 4 rows x Q8_TILE_S, ..., 1 streams */
@@ -559,7 +645,7 @@ static inline __attribute__((always_inline)) void tile_q8(const int R, const int
 #error "Q8_TILE_S: 1 to 4 streams per tile (tile_q8's accumulators are [4][4])"
 #endif
 static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
-    const int64_t Ip = p->Ip, nb = Ip / QB;
+    const int64_t Ip = p->Ip, nb = Ip / QB, nc = q8_corr_len(nb);
     float t[16];
     for (int64_t o = o0; o < o1; o += 4) {
         const int8_t *w[4];
@@ -572,14 +658,13 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
         for (int64_t b = 0; b < B;) {
             const int S = B - b >= Q8_TILE_S ? Q8_TILE_S : (int)(B - b);
             const int8_t *xq = p->xq + b * Ip;
-            const uint8_t *xa = p->xa + b * Ip;
+            const int32_t *corr = p->corr + b * nc;
             const float *dx = p->dx + b * nb;
-            const int pf = b == 0;              /* the first tile prefetches for the others */
             switch (S) {
-            case 4: tile_q8(4, 4, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
-            case 3: tile_q8(4, 3, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
-            case 2: tile_q8(4, 2, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
-            default: tile_q8(4, 1, w, sw, xq, xa, dx, Ip, nb, pf, t); break;
+            case 4: tile_q8(4, w, sw, xq, corr, dx, Ip, nb, t); break;
+            case 3: tile_q8(3, w, sw, xq, corr, dx, Ip, nb, t); break;
+            case 2: tile_q8(2, w, sw, xq, corr, dx, Ip, nb, t); break;
+            default: tile_q8(1, w, sw, xq, corr, dx, Ip, nb, t); break;
             }
             for (int u = 0; u < S; u++) {
                 float *yo = p->y + (b + u) * p->O;
@@ -730,7 +815,8 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
         product *p = &job.ps[j];
         *p = ps[j];
         p->Ip = p->fmt == FMT_Q8 ? (p->I + QB - 1) / QB * QB : p->I;
-        if (p->fmt == FMT_Q8) scratch += 2 * B * p->Ip + B * (p->Ip / QB) * (int64_t)sizeof(float);
+        if (p->fmt == FMT_Q8)
+            scratch += 3 * B * p->Ip + B * (p->Ip / QB) * (int64_t)sizeof(float) + B * q8_corr_len(p->Ip / QB) * 4;
         int64_t row_bytes = row_bytes_of(p);
         int64_t r = CHUNK_BYTES * (B >= 8 ? CHUNK_MULT_MANY : 1) / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
         job.chunk_rows[j] = r < 4 ? 4 : r;
@@ -747,8 +833,22 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
         at += B * p->Ip;
         p->xa = (uint8_t *)at;
         at += B * p->Ip;
-        for (int64_t b = 0; b < B; b++)
-            quantize_x(p->x + b * p->I, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * (p->Ip / QB));
+        int8_t *rowq = (int8_t *)at;                   /* x quantised in row order, then interleaved */
+        at += B * p->Ip;
+        const int64_t nb = p->Ip / QB, nc = q8_corr_len(nb);
+        p->corr = (int32_t *)at;
+        at += B * nc * 4;
+        for (int64_t b = 0; b < B; b++) {
+            int8_t *q = rowq + b * p->Ip;
+            int32_t *c = p->corr + b * nc;
+            quantize_x(p->x + b * p->I, p->I, p->Ip, q, p->dx + b * nb);
+            q8_interleave(q, p->xq + b * p->Ip, nb);
+            for (int64_t j = 0; j < nc; j++) {         /* -128 x the block sums (vpdpbusd's offset) */
+                int32_t sum = 0;
+                if (j < nb) for (int i = 0; i < QB; i++) sum += q[j * QB + i];
+                c[j] = -128 * sum;
+            }
+        }
         for (int64_t i = 0; i < B * p->Ip; i += QB)      /* |x| once per stream, for the sign trick */
             _mm256_storeu_si256((__m256i *)(p->xa + i), _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)(p->xq + i))));
         if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
@@ -786,11 +886,17 @@ void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o
         if (fmt == FMT_Q8) {
             const int8_t *w = (const int8_t *)W + o * Ip;
             const uint16_t *s = (const uint16_t *)S + o * (Ip / QB);
-            for (int64_t i0 = 0; i0 < I; i0 += QB) {
+            const int64_t nb = Ip / QB;
+            int8_t blk[QB];
+            for (int64_t j = 0; j * QB < I; j++) {     /* block j out of its group (see q8_interleave) */
+                const int64_t j0 = j / QG * QG;
+                const int m = nb - j0 >= QG ? QG : (int)(nb - j0), l = (int)(j - j0);
+                for (int g = 0; g < 8; g++) memcpy(blk + 4 * g, w + j0 * QB + 4 * (g * m + l), 4);
+                const int64_t i0 = j * QB;
 #if WIDE
                 if (i0 + QB <= I) {                    /* a whole block: 2 x 16 lanes */
-                    __m512 d16 = _mm512_set1_ps(_cvtsh_ss(s[i0 / QB]));
-                    __m256i q = _mm256_loadu_si256((const __m256i *)(w + i0));
+                    __m512 d16 = _mm512_set1_ps(_cvtsh_ss(s[j]));
+                    __m256i q = _mm256_loadu_si256((const __m256i *)blk);
                     _mm512_storeu_ps(dst + i0, _mm512_mul_ps(_mm512_cvtepi32_ps(
                         _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), d16));
                     _mm512_storeu_ps(dst + i0 + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(
@@ -798,13 +904,13 @@ void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o
                     continue;
                 }
 #endif
-                __m256 d = _mm256_set1_ps(_cvtsh_ss(s[i0 / QB]));
-                int64_t i = i0;
-                for (; i + 8 <= i0 + QB && i + 8 <= I; i += 8) {
-                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i)));
-                    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+                __m256 d = _mm256_set1_ps(_cvtsh_ss(s[j]));
+                int64_t i = 0;
+                for (; i + 8 <= QB && i0 + i + 8 <= I; i += 8) {
+                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + i)));
+                    _mm256_storeu_ps(dst + i0 + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
                 }
-                for (; i < i0 + QB && i < I; i++) dst[i] = (float)w[i] * _cvtsh_ss(s[i0 / QB]);
+                for (; i < QB && i0 + i < I; i++) dst[i0 + i] = (float)blk[i] * _cvtsh_ss(s[j]);
             }
         } else {
             const uint16_t *w = (const uint16_t *)W + o * Ip;
