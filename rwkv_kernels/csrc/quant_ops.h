@@ -553,68 +553,38 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
 }
 
 #if WIDE
-/* Several streams, 512-bit build: 4 rows x S streams (S <= 4) of int8 dots, each (row, stream) the
- * arithmetic of dotn_q8 for that row and stream (the same lanes, order and reduction), so its bits do
- * not depend on the batch. Per group, each row's 8 loads are offset once for the S streams (8 registers)
- * and its scales widened once; each stream's x is read from L1 for each row. out[s * 4 + r]. */
-static inline __attribute__((always_inline)) void q8_group_tile(const int S, const int masked, const int m,
+/* Several streams, 512-bit build: 4 rows x S streams (S <= 2) of int8 dots, dword-major: for each
+ * dword g of a group, the 4 rows' and the S streams' 64-byte loads are made once each and meet in
+ * 4 x S vpdpbusd into 4 x S integer accumulators (8 rows' and streams' loads for 8 multiplies, where
+ * one (row, stream) at a time loads one x per multiply). Each (row, stream) gets the arithmetic of
+ * dotn_q8 for that row and stream (the same exact block dots, scale products, lanes, order and
+ * reduction), so its bits do not depend on the batch. A last group of exactly 8 blocks (169m's rows of
+ * 24) is read as 4 loads of dwords (g, g + 1) and folded; its lanes 8-15 would add 0 * 0 (see above). */
+static inline __attribute__((always_inline)) void q8_tile_group(const int S, const int masked, const int m,
         const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx,
-        int64_t Ip, int64_t nc, int64_t nb, int64_t j0, __m512 acc[4][4]) {
+        int64_t Ip, int64_t nc, int64_t nb, int64_t j0, __m512 acc[4][2]) {
     const __mmask16 k = (__mmask16)((1u << m) - 1);
     const __m512i off = _mm512_set1_epi8((char)0x80);
     const int64_t base = j0 * QB;
+    __m512i a[4][2];
+    for (int t = 0; t < S; t++) {
+        const __m512i c = q8_load(corr + t * nc + j0, masked, k);
+        for (int r = 0; r < 4; r++) a[r][t] = c;
+    }
+    for (int g = 0; g < 8; g++) {
+        __m512i xv[2];
+        for (int t = 0; t < S; t++) xv[t] = q8_load(xq + t * Ip + base + 4 * g * m, masked, k);
+        for (int r = 0; r < 4; r++) {
+            const __m512i wv = _mm512_xor_si512(q8_load(w[r] + base + 4 * g * m, masked, k), off);
+            for (int t = 0; t < S; t++) a[r][t] = _mm512_dpbusd_epi32(a[r][t], wv, xv[t]);
+        }
+    }
     for (int r = 0; r < 4; r++) {
-        __m512i wv[8];
-        for (int g = 0; g < 8; g++) wv[g] = _mm512_xor_si512(q8_load(w[r] + base + 4 * g * m, masked, k), off);
         const __m512 swv = _mm512_cvtph_ps(masked ? _mm256_maskz_loadu_epi16(k, sw[r] + j0)
                                                   : _mm256_loadu_si256((const __m256i *)(sw[r] + j0)));
         for (int t = 0; t < S; t++) {
-            __m512i a = q8_load(corr + t * nc + j0, masked, k);
-            for (int g = 0; g < 8; g++) a = _mm512_dpbusd_epi32(a, wv[g], q8_load(xq + t * Ip + base + 4 * g * m, masked, k));
             const __m512 dxv = masked ? _mm512_maskz_loadu_ps(k, dx + t * nb + j0) : _mm512_loadu_ps(dx + t * nb + j0);
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(swv, dxv), acc[r][t]);
-        }
-    }
-}
-
-/* the last group of a tile when it has at most 8 blocks, then the tile's outputs */
-static inline __attribute__((always_inline)) void q8_tail_half(const int S, const int m, const int8_t *const *w,
-        const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx, int64_t Ip, int64_t nc,
-        int64_t nb, int64_t j0, __m512 acc[4][4], float *out) {
-    /* a last group of at most 8 blocks (169m's rows of 24): lanes 0-7 in 256 bits; lanes 8-15 would
-     * only add 0 * 0, which leaves an accumulator as it is (it is never -0: it starts at +0, and a
-     * nonzero exact sum of floats cannot round to zero) */
-    const __mmask8 k = (__mmask8)((1u << m) - 1);
-    const __m256i off = _mm256_set1_epi8((char)0x80);
-    const int64_t base = j0 * QB;
-    if (m == QG / 2) {            /* dwords g and g + 1 of the 8 blocks are adjacent: 512-bit loads of both */
-        const __m512i off2 = _mm512_set1_epi8((char)0x80);
-        for (int r = 0; r < 4; r++) {
-            __m512i wv[4];
-            for (int g = 0; g < 4; g++) wv[g] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + base + 64 * g), off2);
-            const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0)));
-            for (int t = 0; t < S; t++) {
-                __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(corr + t * nc + j0)));
-                a = _mm512_inserti64x4(a, _mm256_setzero_si256(), 1);
-                for (int g = 0; g < 4; g++) a = _mm512_dpbusd_epi32(a, wv[g], _mm512_loadu_si512(xq + t * Ip + base + 64 * g));
-                const __m256i d8 = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
-                const __m256 c = _mm256_mul_ps(swv, _mm256_loadu_ps(dx + t * nb + j0));
-                const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d8), c, _mm512_castps512_ps256(acc[r][t]));
-                out[t * 4 + r] = hsum8_fixed(_mm256_add_ps(lo, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1))));
-            }
-        }
-        return;
-    }
-    for (int r = 0; r < 4; r++) {
-        __m256i wv[8];
-        for (int g = 0; g < 8; g++) wv[g] = _mm256_xor_si256(_mm256_maskz_loadu_epi32(k, w[r] + base + 4 * g * m), off);
-        const __m256 swv = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k, sw[r] + j0));
-        for (int t = 0; t < S; t++) {
-            __m256i a = _mm256_maskz_loadu_epi32(k, corr + t * nc + j0);
-            for (int g = 0; g < 8; g++) a = _mm256_dpbusd_epi32(a, wv[g], _mm256_maskz_loadu_epi32(k, xq + t * Ip + base + 4 * g * m));
-            const __m256 c = _mm256_mul_ps(swv, _mm256_maskz_loadu_ps(k, dx + t * nb + j0));
-            const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), c, _mm512_castps512_ps256(acc[r][t]));
-            out[t * 4 + r] = hsum8_fixed(_mm256_add_ps(lo, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1))));
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][t]), _mm512_mul_ps(swv, dxv), acc[r][t]);
         }
     }
 }
@@ -623,30 +593,52 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
         const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx, int64_t Ip, int64_t nb,
         float *out) {
     const int64_t nc = q8_corr_len(nb);
-    __m512 acc[4][4];
+    __m512 acc[4][2];
     for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[r][t] = _mm512_setzero_ps();
     int64_t j0 = 0;
-    for (; j0 + QG <= nb; j0 += QG) q8_group_tile(S, 0, QG, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
+    for (; j0 + QG <= nb; j0 += QG) q8_tile_group(S, 0, QG, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
     const int m = (int)(nb - j0);
-    if (m > QG / 2) q8_group_tile(S, 1, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
-    if (m == 0 || m > QG / 2) {
-        for (int t = 0; t < S; t++)
-            for (int r = 0; r < 4; r++) out[t * 4 + r] = q8_reduce(acc[r][t]);
+    if (m != QG / 2) {
+        if (m) q8_tile_group(S, 1, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
+        for (int t = 0; t < S; t++) for (int r = 0; r < 4; r++) out[t * 4 + r] = q8_reduce(acc[r][t]);
         return;
     }
-    q8_tail_half(S, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc, out);
+    const __m512i off = _mm512_set1_epi8((char)0x80);
+    const int64_t base = j0 * QB;
+    __m512i a[4][2];
+    for (int t = 0; t < S; t++) {
+        const __m512i c = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(corr + t * nc + j0)));
+        for (int r = 0; r < 4; r++) a[r][t] = c;
+    }
+    for (int g = 0; g < 4; g++) {             /* lanes 0-7: dword 2g of the 8 blocks; 8-15: dword 2g + 1 */
+        __m512i xv[2];
+        for (int t = 0; t < S; t++) xv[t] = _mm512_loadu_si512(xq + t * Ip + base + 64 * g);
+        for (int r = 0; r < 4; r++) {
+            const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w[r] + base + 64 * g), off);
+            for (int t = 0; t < S; t++) a[r][t] = _mm512_dpbusd_epi32(a[r][t], wv, xv[t]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0)));
+        for (int t = 0; t < S; t++) {
+            const __m256i d8 = _mm256_add_epi32(_mm512_castsi512_si256(a[r][t]), _mm512_extracti64x4_epi64(a[r][t], 1));
+            const __m256 c = _mm256_mul_ps(swv, _mm256_loadu_ps(dx + t * nb + j0));
+            const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d8), c, _mm512_castps512_ps256(acc[r][t]));
+            out[t * 4 + r] = hsum8_fixed(_mm256_add_ps(lo, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1))));
+        }
+    }
 }
 
 /* rows [o0, o1) of an int8 product for B >= 2 streams: tiles of 4 rows x Q8_TILE_S, ..., 1 streams */
 #ifndef Q8_TILE_S
-#define Q8_TILE_S 4
+#define Q8_TILE_S 2
 #endif
-#if Q8_TILE_S < 1 || Q8_TILE_S > 4
-#error "Q8_TILE_S: 1 to 4 streams per tile (tile_q8's accumulators are [4][4])"
+#if Q8_TILE_S < 1 || Q8_TILE_S > 2
+#error "Q8_TILE_S: 1 or 2 streams per tile (tile_q8's accumulators are [4][2])"
 #endif
 static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     const int64_t Ip = p->Ip, nb = Ip / QB, nc = q8_corr_len(nb);
-    float t[16];
+    float t[8];
     for (int64_t o = o0; o < o1; o += 4) {
         const int8_t *w[4];
         const uint16_t *sw[4];
@@ -657,15 +649,8 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
         }
         for (int64_t b = 0; b < B;) {
             const int S = B - b >= Q8_TILE_S ? Q8_TILE_S : (int)(B - b);
-            const int8_t *xq = p->xq + b * Ip;
-            const int32_t *corr = p->corr + b * nc;
-            const float *dx = p->dx + b * nb;
-            switch (S) {
-            case 4: tile_q8(4, w, sw, xq, corr, dx, Ip, nb, t); break;
-            case 3: tile_q8(3, w, sw, xq, corr, dx, Ip, nb, t); break;
-            case 2: tile_q8(2, w, sw, xq, corr, dx, Ip, nb, t); break;
-            default: tile_q8(1, w, sw, xq, corr, dx, Ip, nb, t); break;
-            }
+            if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, t);
+            else tile_q8(1, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, t);
             for (int u = 0; u < S; u++) {
                 float *yo = p->y + (b + u) * p->O;
                 for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
