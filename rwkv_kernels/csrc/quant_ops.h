@@ -48,7 +48,7 @@ const char *format_name(int64_t code) {
  * weight once; with four rows in flight per thread the hardware prefetchers alone left the int8 and
  * 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers beyond L3); this
  * distance measured best there (16-bit +18%; int8 +28% with its four-row loop of the time; the int8
- * loops over interleaved groups prefetch nothing: on the Zen 4 4 KB ahead cost them 10-40%). */
+ * loops over interleaved groups prefetch into L2 instead: Q8_PF below). */
 #ifndef PF_DIST16
 #define PF_DIST16 2048
 #endif
@@ -380,6 +380,14 @@ static inline float hsum8_fixed(__m256 v) {
  * as an accumulator is never -0 (it starts at +0, and a nonzero exact sum of floats, a multiple of
  * 2^-149, cannot round to zero). */
 #define QG 16
+/* Software prefetch of the int8 loops: each 64-byte line this many bytes ahead, into L2 (_MM_HINT_T1).
+ * Zen 4, 2 threads, one 169m decode step's 85 int8 products alternating builds in one process
+ * (single stream): 5.24-5.44 ms with no prefetch or into L1 at 1-8 KB (those were slower still), 4.52
+ * ms with this, against 5.24 ms for the row-major loop of c2a3527 with its 4 KB into L1; 16 streams
+ * (the tiles, the first of each 4 rows prefetching): 16.9 -> 16.3 ms. 0: none (a -D for experiments). */
+#ifndef Q8_PF
+#define Q8_PF 8192
+#endif
 
 /* stream scratch: xq (int8, the row layout above), xa = |xq| (AVX2's sign trick), dx [nb] the block
  * scales, corr [nb rounded up to 16] = -128 x (the block's sum of xq) (vpdpbusd's unsigned offset) */
@@ -389,11 +397,28 @@ static inline int64_t q8_corr_len(int64_t nb) { return (nb + QG - 1) / QG * QG; 
 static void q8_interleave(const int8_t *src, int8_t *dst, int64_t nb) {
     for (int64_t j0 = 0; j0 < nb; j0 += QG) {
         const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
-        const int8_t *s = src + j0 * QB;
-        int8_t *d = dst + j0 * QB;
-        for (int l = 0; l < m; l++)
-            for (int g = 0; g < 8; g++) memcpy(d + 4 * (g * m + l), s + l * QB + 4 * g, 4);
+        int32_t s[QG * 8], d[QG * 8];                  /* dwords (aligned copies: no aliasing games) */
+        memcpy(s, src + j0 * QB, (size_t)m * QB);
+        for (int g = 0; g < 8; g++)
+            for (int l = 0; l < m; l++) d[g * m + l] = s[l * 8 + g];
+        memcpy(dst + j0 * QB, d, (size_t)m * QB);
     }
+}
+
+/* corr[j] = -128 x (the sum of block j of x), from x in the interleaved layout; 0 past the last block */
+static void q8_corrections(const int8_t *xq, int64_t nb, int32_t *corr) {
+#if WIDE
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t j0 = 0; j0 < nb; j0 += QG) {
+        const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
+        const __mmask16 k = (__mmask16)((1u << m) - 1);
+        __m512i a = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) a = _mm512_dpbusd_epi32(a, ones, _mm512_maskz_loadu_epi32(k, xq + j0 * QB + 4 * g * m));
+        _mm512_storeu_si512(corr + j0, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(a, 7)));
+    }
+#else
+    (void)xq; (void)nb; (void)corr;            /* the AVX2 build's sign trick needs none */
+#endif
 }
 
 #if WIDE
@@ -413,11 +438,13 @@ static inline __attribute__((always_inline)) void q8_group_rows(const int R, con
     const __m512i cv = q8_load(corr + j0, masked, k);
     const __m512 dxv = masked ? _mm512_maskz_loadu_ps(k, dx + j0) : _mm512_loadu_ps(dx + j0);
     for (int r = 0; r < R; r++) {
-        /* sum (w + 128) x - 128 sum x = sum w x (w XOR 0x80 is w + 128, unsigned), in two chains of 4
+        /* sum (w + 128) x - 128 sum x = sum w x (w XOR 0x80 is w + 128, unsigned), in four chains of 2
          * (integer sums: exact in any order) */
         __m512i a[4] = {cv, _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-        for (int g = 0; g < 8; g++)
+        for (int g = 0; g < 8; g++) {
+            if (Q8_PF) _mm_prefetch((const char *)(w[r] + base + 64 * g + Q8_PF), _MM_HINT_T1);
             a[g & 3] = _mm512_dpbusd_epi32(a[g & 3], _mm512_xor_si512(q8_load(w[r] + base + 4 * g * m, masked, k), off), xv[g]);
+        }
         const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
         const __m256i s16 = masked ? _mm256_maskz_loadu_epi16(k, sw[r] + j0) : _mm256_loadu_si256((const __m256i *)(sw[r] + j0));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_cvtph_ps(s16), dxv), acc[r]);
@@ -562,7 +589,7 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
  * 24) is read as 4 loads of dwords (g, g + 1) and folded; its lanes 8-15 would add 0 * 0 (see above). */
 static inline __attribute__((always_inline)) void q8_tile_group(const int S, const int masked, const int m,
         const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx,
-        int64_t Ip, int64_t nc, int64_t nb, int64_t j0, __m512 acc[4][2]) {
+        int64_t Ip, int64_t nc, int64_t nb, int64_t j0, int pf, __m512 acc[4][2]) {
     const __mmask16 k = (__mmask16)((1u << m) - 1);
     const __m512i off = _mm512_set1_epi8((char)0x80);
     const int64_t base = j0 * QB;
@@ -572,6 +599,7 @@ static inline __attribute__((always_inline)) void q8_tile_group(const int S, con
         for (int r = 0; r < 4; r++) a[r][t] = c;
     }
     for (int g = 0; g < 8; g++) {
+        if (Q8_PF && pf) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g + Q8_PF), _MM_HINT_T1);
         __m512i xv[2];
         for (int t = 0; t < S; t++) xv[t] = q8_load(xq + t * Ip + base + 4 * g * m, masked, k);
         for (int r = 0; r < 4; r++) {
@@ -591,15 +619,15 @@ static inline __attribute__((always_inline)) void q8_tile_group(const int S, con
 
 static inline __attribute__((always_inline)) void tile_q8(const int S, const int8_t *const *w,
         const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx, int64_t Ip, int64_t nb,
-        float *out) {
+        int pf, float *out) {
     const int64_t nc = q8_corr_len(nb);
     __m512 acc[4][2];
     for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[r][t] = _mm512_setzero_ps();
     int64_t j0 = 0;
-    for (; j0 + QG <= nb; j0 += QG) q8_tile_group(S, 0, QG, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
+    for (; j0 + QG <= nb; j0 += QG) q8_tile_group(S, 0, QG, w, sw, xq, corr, dx, Ip, nc, nb, j0, pf, acc);
     const int m = (int)(nb - j0);
     if (m != QG / 2) {
-        if (m) q8_tile_group(S, 1, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, acc);
+        if (m) q8_tile_group(S, 1, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, pf, acc);
         for (int t = 0; t < S; t++) for (int r = 0; r < 4; r++) out[t * 4 + r] = q8_reduce(acc[r][t]);
         return;
     }
@@ -649,8 +677,8 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
         }
         for (int64_t b = 0; b < B;) {
             const int S = B - b >= Q8_TILE_S ? Q8_TILE_S : (int)(B - b);
-            if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, t);
-            else tile_q8(1, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, t);
+            if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, b == 0, t);
+            else tile_q8(1, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, b == 0, t);
             for (int u = 0; u < S; u++) {
                 float *yo = p->y + (b + u) * p->O;
                 for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
@@ -828,11 +856,7 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
             int32_t *c = p->corr + b * nc;
             quantize_x(p->x + b * p->I, p->I, p->Ip, q, p->dx + b * nb);
             q8_interleave(q, p->xq + b * p->Ip, nb);
-            for (int64_t j = 0; j < nc; j++) {         /* -128 x the block sums (vpdpbusd's offset) */
-                int32_t sum = 0;
-                if (j < nb) for (int i = 0; i < QB; i++) sum += q[j * QB + i];
-                c[j] = -128 * sum;
-            }
+            q8_corrections(p->xq + b * p->Ip, nb, c);
         }
         for (int64_t i = 0; i < B * p->Ip; i += QB)      /* |x| once per stream, for the sign trick */
             _mm256_storeu_si256((__m256i *)(p->xa + i), _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)(p->xq + i))));
