@@ -52,13 +52,10 @@ const char *format_name(int64_t code) {
 #ifndef PF_DIST16
 #define PF_DIST16 2048
 #endif
-/* The 256-bit loops prefetch too (AVX2-only Zen 3, one thread, head-shaped int8 from DRAM: 6.7-8.5 ms
- * without, 5.1-5.4 with), each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least these distances
- * (float16, 50277 x 768: 11.1-12.1 ms at a fixed 2 KB, 9.4-9.7 ms one group ahead; int8 alike; two groups
- * ahead or into L2 only measured the same). 0 turns a prefetch off (a -D for experiments). */
-#ifndef PF_DIST_AVX2
-#define PF_DIST_AVX2 2048
-#endif
+/* The 256-bit 16-bit loop prefetches too, each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least
+ * this distance (AVX2-only Zen 3, one thread, from DRAM: float16 50277 x 768 11.1-12.1 ms at a fixed
+ * 2 KB, 9.4-9.7 ms one group ahead; the row-major int8 loop of the time alike, 6.7-8.5 ms without any,
+ * 5.1-5.4 with; two groups ahead or into L2 only measured the same). 0 turns it off (a -D for experiments). */
 #ifndef PF_DIST16_AVX2
 #define PF_DIST16_AVX2 2048
 #endif
@@ -380,11 +377,14 @@ static inline float hsum8_fixed(__m256 v) {
  * as an accumulator is never -0 (it starts at +0, and a nonzero exact sum of floats, a multiple of
  * 2^-149, cannot round to zero). */
 #define QG 16
-/* Software prefetch of the int8 loops: each 64-byte line this many bytes ahead, into L2 (_MM_HINT_T1).
- * Zen 4, 2 threads, one 169m decode step's 85 int8 products alternating builds in one process
- * (single stream): 5.24-5.44 ms with no prefetch or into L1 at 1-8 KB (those were slower still), 4.52
- * ms with this, against 5.24 ms for the row-major loop of c2a3527 with its 4 KB into L1; 16 streams
- * (the tiles, the first of each 4 rows prefetching): 16.9 -> 16.3 ms. 0: none (a -D for experiments). */
+/* Software prefetch of the int8 loops (both builds): each 64-byte line this many bytes ahead, into L2
+ * (_MM_HINT_T1). Zen 4, 2 threads, one 169m decode step's 85 int8 products alternating builds in one
+ * process (single stream), 512-bit build: 5.24-5.44 ms with no prefetch or into L1 at 1-8 KB (those were
+ * slower still), 4.52 ms with this, against 5.24 ms for the row-major loop of c2a3527 with its 4 KB into
+ * L1; 16 streams (the tiles, the first of each 4 rows prefetching): 16.9 -> 16.3 ms. The AVX2 build on
+ * the same CPU: 5.36-5.37 ms (4 KB: 5.63-5.68; into L1: 5.19-5.80 against 4.65 in that run; none: 5.40
+ * against 4.65) against the row-major loop's 5.83 ms; 16 streams 44.9 -> 35.9 ms. Not measured on an
+ * AVX2-only CPU (the Zen 3 chose the row-major loop's prefetch). 0: none (a -D for experiments). */
 #ifndef Q8_PF
 #define Q8_PF 8192
 #endif
@@ -463,35 +463,39 @@ static inline __m256i q8_load_half(const void *p, int n) {
     return _mm256_maskload_epi32((const int *)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
 }
 
-/* one group of R rows . one stream in 256-bit halves: lo[r] takes lanes 0-7, hi[r] lanes 8-15 */
+/* one group of R rows . one stream in 256-bit halves: lo[r] takes lanes 0-7, hi[r] lanes 8-15. Each
+ * row is read in order (both halves of a dword's 64 bytes, then the next dword), its integer dots
+ * summed in ah / al, then converted and FMA'd as in the 512-bit build. */
 static inline __attribute__((always_inline)) void q8_group_rows(const int R, const int m, const int8_t *const *w,
         const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t j0, int64_t pf,
         __m256 *lo, __m256 *hi) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t base = j0 * QB;
-    if (pf) for (int r = 0; r < R; r++) for (int g = 0; g < 8; g++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + pf, _MM_HINT_T0);
-    for (int h = 0; h < 2; h++) {
-        const int n = m - 8 * h >= 8 ? 8 : m - 8 * h;
-        if (n <= 0) break;        /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
-        __m256i xv[8], av[8];
+    const int n0 = m >= 8 ? 8 : m, n1 = m - 8;          /* valid lanes of each half (n1 <= 0: none) */
+    for (int r = 0; r < R; r++) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
         for (int g = 0; g < 8; g++) {
-            xv[g] = q8_load_half(xq + base + 4 * g * m + 32 * h, n);
-            av[g] = q8_load_half(xa + base + 4 * g * m + 32 * h, n);
+            const int64_t at = base + 4 * g * m;
+            if (pf) _mm_prefetch((const char *)(w[r] + base + 64 * g) + pf, _MM_HINT_T1);
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(q8_load_half(xa + at, n0),
+                     _mm256_sign_epi8(q8_load_half(w[r] + at, n0), q8_load_half(xq + at, n0))), ones));
+            if (n1 > 0)
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(q8_load_half(xa + at + 32, n1),
+                         _mm256_sign_epi8(q8_load_half(w[r] + at + 32, n1), q8_load_half(xq + at + 32, n1))), ones));
         }
-        __m256 dxv;
-        float c[4][8];
-        if (n == 8) dxv = _mm256_loadu_ps(dx + j0 + 8 * h);
-        else for (int r = 0; r < R; r++)
-            for (int i = 0; i < 8; i++) c[r][i] = i < n ? _cvtsh_ss(sw[r][j0 + 8 * h + i]) * dx[j0 + 8 * h + i] : 0.0f;
-        for (int r = 0; r < R; r++) {
-            __m256i a = _mm256_setzero_si256();
-            for (int g = 0; g < 8; g++) {
-                __m256i wv = q8_load_half(w[r] + base + 4 * g * m + 32 * h, n);
-                a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(av[g], _mm256_sign_epi8(wv, xv[g])), ones));
+        for (int h = 0; h < 2; h++) {
+            const int n = h ? n1 : n0;
+            if (n <= 0) break;    /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
+            __m256 cs;
+            if (n == 8)
+                cs = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0 + 8 * h))),
+                                   _mm256_loadu_ps(dx + j0 + 8 * h));
+            else {
+                float c[8];
+                for (int i = 0; i < 8; i++) c[i] = i < n ? _cvtsh_ss(sw[r][j0 + 8 * h + i]) * dx[j0 + 8 * h + i] : 0.0f;
+                cs = _mm256_loadu_ps(c);
             }
-            __m256 cs = n == 8 ? _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0 + 8 * h))), dxv)
-                               : _mm256_loadu_ps(c[r]);
-            __m256 f = _mm256_cvtepi32_ps(a);
+            const __m256 f = _mm256_cvtepi32_ps(h ? a1 : a0);
             if (h == 0) lo[r] = _mm256_fmadd_ps(f, cs, lo[r]);
             else hi[r] = _mm256_fmadd_ps(f, cs, hi[r]);
         }
@@ -553,7 +557,7 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
         const int8_t *xq = p->xq + b * p->Ip;
         const uint8_t *xa = p->xa + b * p->Ip;
         const int32_t *corr = p->corr + b * q8_corr_len(nb);
-        const int64_t pf = PF_DIST_AVX2 ? pf_ahead(p->Ip, PF_DIST_AVX2) : 0;
+        const int64_t pf = Q8_PF;
         if (get_q8_rows() == 1)
             for (int k = 0; k < 4; k++) dotn_q8(1, &w[k], &sw[k], xq, xa, corr, p->dx + b * nb, nb, pf, &out[k]);
         else
