@@ -10,7 +10,8 @@ decode step's codes (`rwkv_kernels.decode`), the dispatch rows, the packed files
 the CLI choices and fit checks of `bench`. Adding a format is one `register(record)` plus its kernels.
 
 Built in, in this order: "float32", "float16", "bfloat16" (plain torch tensors of that dtype) and
-`Q8_0`, blocks of 32 int8 values with one float16 scale each (`Int8Weight`, ggml's Q8_0). Block scales
+`Q8_0`, blocks of 32 int8 values with one float16 scale each (`Int8Weight`, ggml's Q8_0; each row's
+blocks stored interleaved in groups of 16, `interleave_blocks`, a layout packed files record). Block scales
 keep an outlier weight from flattening its whole row (a per-row scale would), see
 `bench.quality --outliers`. Activations, state and accumulation stay float32 in every format.
 `rwkv_kernels.lowbit` registers the 5- and 4-bit block formats ("q5_0", "q4_1") and the outlier treatment's
