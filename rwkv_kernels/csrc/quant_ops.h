@@ -661,6 +661,60 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
     }
 }
 
+#else
+/* Several streams, AVX2 build: 4 rows x S streams (S <= 2), dword-major like the 512-bit tile, each half
+ * (lanes 0-7, 8-15) of a group in turn: per dword, the 4 rows' and the S streams' 32-byte loads once
+ * each for 4 x S sign + maddubs + madd. Each (row, stream) is dotn_q8's arithmetic (the same integers,
+ * scale products and FMAs into the same halves, hsum8_fixed(lo + hi)), so its bits do not depend on
+ * the batch. */
+static inline __attribute__((always_inline)) void tile_q8(const int S, const int8_t *const *w,
+        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t Ip, int64_t nb,
+        int pf, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4][2];
+    for (int h = 0; h < 2; h++) for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[h][r][t] = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < nb; j0 += QG) {
+        const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
+        const int64_t base = j0 * QB;
+        for (int h = 0; h < 2; h++) {
+            const int n = h ? m - 8 : (m >= 8 ? 8 : m);
+            if (n <= 0) break;    /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
+            __m256i a[4][2];
+            for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) a[r][t] = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const int64_t at = base + 4 * g * m + 32 * h;
+                if (Q8_PF && pf && h == 0) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + Q8_PF, _MM_HINT_T1);
+                __m256i xv[2], av[2];
+                for (int t = 0; t < S; t++) {
+                    xv[t] = q8_load_half(xq + t * Ip + at, n);
+                    av[t] = q8_load_half(xa + t * Ip + at, n);
+                }
+                for (int r = 0; r < 4; r++) {
+                    const __m256i wv = q8_load_half(w[r] + at, n);
+                    for (int t = 0; t < S; t++)
+                        a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(av[t], _mm256_sign_epi8(wv, xv[t])), ones));
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < S; t++) {
+                    __m256 cs;
+                    if (n == 8)
+                        cs = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0 + 8 * h))),
+                                           _mm256_loadu_ps(dx + t * nb + j0 + 8 * h));
+                    else {
+                        float c[8];
+                        for (int i = 0; i < 8; i++) c[i] = i < n ? _cvtsh_ss(sw[r][j0 + 8 * h + i]) * dx[t * nb + j0 + 8 * h + i] : 0.0f;
+                        cs = _mm256_loadu_ps(c);
+                    }
+                    acc[h][r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][t]), cs, acc[h][r][t]);
+                }
+        }
+    }
+    for (int t = 0; t < S; t++)
+        for (int r = 0; r < 4; r++) out[t * 4 + r] = hsum8_fixed(_mm256_add_ps(acc[0][r][t], acc[1][r][t]));
+}
+#endif
+
 /* rows [o0, o1) of an int8 product for B >= 2 streams: tiles of 4 rows x Q8_TILE_S, ..., 1 streams */
 #ifndef Q8_TILE_S
 #define Q8_TILE_S 2
@@ -681,8 +735,14 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
         }
         for (int64_t b = 0; b < B;) {
             const int S = B - b >= Q8_TILE_S ? Q8_TILE_S : (int)(B - b);
-            if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, b == 0, t);
-            else tile_q8(1, w, sw, p->xq + b * Ip, p->corr + b * nc, p->dx + b * nb, Ip, nb, b == 0, t);
+#if WIDE
+            const void *xs = p->corr + b * nc;           /* the 512-bit build's offsets; AVX2: |x| */
+#else
+            const void *xs = p->xa + b * Ip;
+            (void)nc;
+#endif
+            if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+            else tile_q8(1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
             for (int u = 0; u < S; u++) {
                 float *yo = p->y + (b + u) * p->O;
                 for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
@@ -691,7 +751,6 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
         }
     }
 }
-#endif
 
 /* rows [o0, o1) of a 16-bit product: tiles of 4 rows x 3, 2, 1 streams (tile_f16 / tile_bf16: DOT16_TILE
  * in the AVX2 build, for every B; DOT16_TILE_WIDE in the 512-bit one, from 2 streams on), the first tile
@@ -740,6 +799,10 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
         return;
     }
 #else
+    if (p->fmt == FMT_Q8 && B > 1) {              /* int8 weights, several streams: tiles */
+        q8_rows_tiled(p, B, o0, o1, acc);
+        return;
+    }
     if (p->fmt != FMT_Q8) {                       /* 16-bit weights */
         rows16_tiled(p, B, o0, o1, acc, PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0);
         return;
