@@ -284,11 +284,6 @@ class Int8Weight(PackedWeight):
         """The values in row order: int8 [out, in_padded], block j of row o at [o, 32 j : 32 j + 32]."""
         return deinterleave_blocks(self.q)
 
-    @classmethod
-    def from_rows(cls, q_rows, scale, in_features):
-        """An Int8Weight from values in row order (see `rows`)."""
-        return cls(interleave_blocks(q_rows), scale, in_features)
-
     def dequantize(self):
         """-> float32 [out, in] (exact: every int8 x float16 product is a float32)."""
         O, Ip = self.q.shape

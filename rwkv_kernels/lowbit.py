@@ -17,7 +17,8 @@ Outlier treatment ("+cols", `col`): trained models have a few input channels who
 10-16x the others, and the matrices that read them have small columns there. With `col` (float32
 [in], powers of two, chosen from the weights alone: `column_scales`), the matrix stored is W diag(1/col)
 and the kernels multiply x by col before they quantise it: y = (x diag(col)) (W diag(1/col))^T = x W^T;
-powers of two make both scalings exact. "int8+cols" is the int8 blocks of `formats.Int8Weight` with it.
+powers of two make both scalings exact. "int8+cols" is the int8 blocks of `formats.Int8Weight` with it,
+kept in row order (not in Int8Weight's interleaved groups: the low-bit kernels read it).
 
 Decode (token mode and short prompts): `csrc/lowbit_ops.h` quantises x (times col) to int8 blocks of 32
 once per product, unpacks each block's nibbles into bytes and multiplies them with x's bytes (maddubs),
