@@ -4,6 +4,8 @@ treatment (per-input-channel scales, "+cols") they and int8 can carry: records o
 Layouts (`SPECS`), blocks of 32 weights along the input dimension, values unsigned q in [0, 2^bits):
   "q5_0"  5.5 bits/weight: float16 d per block, w = d (q - 16)           (ggml's Q5_0)
   "q4_1"  5.0 bits/weight: float16 d and m per block, w = d q + m         (ggml's Q4_1)
+  "q4_k"  4.5 bits/weight: q4_1's nibbles; per super-block of 8 blocks float16 D and Dmin and per block
+          6-bit sc and mn, d = D sc, m = -Dmin mn                          (the k-quant idea, ggml's Q4_K)
 chosen by docs/lowbit_choice.md (q4_0 and q5_1 were measured there and left out: q4_0 misses the 4-bit
 quality target, q5_1 costs half a bit more than q5_0 for little). Storage (`BlockWeight`), planar like
 `Int8Weight`, laid out for the AVX2 kernel's unpacking: rows padded with zero weights to a multiple of
@@ -11,7 +13,7 @@ quality target, q5_1 costs half a bit more than q5_0 for little). Storage (`Bloc
 pair, byte k = element k of the first block (low nibble) | element k of the second (high nibble); qh
 uint8 [out, in_padded / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the 5th bit of element k
 of block b of the eight; d float16 [out, blocks] (signed for "_0": ggml's choice, see `quantize`), m
-float16 [out, blocks] ("_1" only).
+float16 [out, blocks] ("_1" only); "q4_k": qs as q4_1's, sb uint8 [out, in_padded / 16] (`KBlockWeight`).
 
 Outlier treatment ("+cols", `col`): trained models have a few input channels whose activations are
 10-16x the others, and the matrices that read them have small columns there. With `col` (float32
@@ -42,6 +44,7 @@ class Spec:
     bits: int
     has_min: bool
     code: int                   # the layout's number in csrc/lowbit_ops.h (LB_*)
+    super_block: bool = False   # scales and mins of 6 bits per block, two float16 per 8 blocks (k-quant)
 
     @property
     def levels(self):
@@ -49,18 +52,21 @@ class Spec:
 
     @property
     def group(self):
-        """Rows are padded to a multiple of this many weights (pairs of blocks; 8 blocks with a qh plane)."""
-        return 8 * BLOCK if self.bits == 5 else 2 * BLOCK
+        """Rows are padded to a multiple of this many weights: pairs of blocks; 8 blocks with a qh plane
+        or a super-block."""
+        return 8 * BLOCK if self.bits == 5 or self.super_block else 2 * BLOCK
 
     @property
     def bytes_per_weight(self):
-        return (self.bits + 16 * (1 + self.has_min) / BLOCK) / 8
+        scale_bits = 8 * SUPER_BYTES / (8 * BLOCK) if self.super_block else 16 * (1 + self.has_min) / BLOCK
+        return (self.bits + scale_bits) / 8
 
 
-SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41)}
+SUPER_BYTES = 16                # bytes of scales per super-block of 8 blocks ("q4_k": see the module)
+SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41), "q4_k": Spec(4, True, 44, super_block=True)}
 # the formats' codes in the C library's format enum (csrc/quant_ops.h FMT_*; checked when it loads): the
 # decode step (csrc/decode_step.h) runs their products through lowbit_ops.h
-C_CODES = {"q5_0": 4, "q5_0+cols": 5, "q4_1": 6, "q4_1+cols": 7, "int8+cols": 8}
+C_CODES = {"q5_0": 4, "q5_0+cols": 5, "q4_1": 6, "q4_1+cols": 7, "int8+cols": 8, "q4_k": 9, "q4_k+cols": 10}
 OUTLIER_SUFFIX = "+cols"
 LB_Q8 = 8                       # csrc/lowbit_ops.h's code of the int8 blocks (int8+cols)
 COL_EXPONENT = 1.0              # col_j = 2^round(a log2(rms_j / median rms)) (docs/lowbit_choice.md)
@@ -161,6 +167,71 @@ class BlockWeight(formats.PackedWeight):
         return self.qs, self.d, self.qh, self.m, self.col
 
 
+class KBlockWeight(BlockWeight):
+    """A super-block format ("q4_k"): W [out, in] ~ d_j q + m_j per block j of 32, where per super-block of
+    8 blocks d_j = D sc_j and m_j = -Dmin mn_j, D and Dmin float16, sc_j and mn_j 6-bit integers (the
+    products are exact in float32). Built from KBlockWeight(qs, sb, [col], in_features); sb uint8
+    [out, (in_padded / 256) * 16], per super-block: D, Dmin (float16, little-endian), then byte k (k < 8)
+    = sc_k | (mn_k & 3) << 6, then nibble k of bytes 12..15 (low nibble first) = mn_k >> 2."""
+
+    def __init__(self, qs, *rest):
+        *parts, self.in_features = rest
+        if len(parts) != 1 + self.cols:
+            raise TypeError(f"{self.format} takes {len(parts) + 2} arguments, got {len(rest) + 1}")
+        self.qs, self.sb = qs, parts[0]
+        self.qh, self.col = None, parts[1] if self.cols else None
+
+    def parts(self):
+        return (self.qs, self.sb) + ((self.col,) if self.col is not None else ())
+
+    def _super(self):
+        """-> (D, Dmin float32 [out, supers], sc, mn int64 [out, supers, 8])."""
+        O = self.sb.shape[0]
+        sb = self.sb.view(O, -1, SUPER_BYTES)
+        dd = sb[..., :4].contiguous().view(torch.float16).float()                 # [O, supers, 2]
+        low = sb[..., 4:12].long()
+        high = sb[..., 12:16].long()
+        mn_high = torch.stack([high & 15, high >> 4], -1).view(O, -1, 8)
+        return dd[..., 0], dd[..., 1], low & 63, (low >> 6) | (mn_high << 2)
+
+    @property
+    def d(self):
+        """float32 [out, blocks]: each block's step D sc_j."""
+        D, _, sc, _ = self._super()
+        return (D[..., None] * sc.float()).view(D.shape[0], -1)
+
+    @property
+    def m(self):
+        """float32 [out, blocks]: each block's value at q = 0, -Dmin mn_j."""
+        _, Dmin, _, mn = self._super()
+        return (-Dmin[..., None] * mn.float()).view(Dmin.shape[0], -1)
+
+    def offsets(self):
+        return self.m
+
+    def check(self, name="weight"):
+        spec = self.spec
+        O, half = self.qs.shape if self.qs.dim() == 2 else (None, None)
+        Ip = None if half is None else 2 * half
+        if self.qs.dtype != torch.uint8 or O is None or Ip % spec.group or not 0 < self.in_features <= Ip < self.in_features + spec.group:
+            raise ValueError(f"{name}: {self.format} nibbles must be uint8 [out, (in rounded up to {spec.group}) / 2], "
+                             f"got {self.qs.dtype} {list(self.qs.shape)} for in_features {self.in_features}")
+        want = [O, Ip // spec.group * SUPER_BYTES]
+        if self.sb.dtype != torch.uint8 or list(self.sb.shape) != want:
+            raise ValueError(f"{name}: {self.format} super-block scales must be uint8 {want}, "
+                             f"got {self.sb.dtype} {list(self.sb.shape)}")
+        D, Dmin, _, _ = self._super()
+        if not bool((torch.isfinite(D) & (D > 0) & torch.isfinite(Dmin) & (Dmin >= 0)).all()):
+            raise ValueError(f"{name}: corrupt {self.format} scales (NaN, Inf, or not positive)")
+        if self.col is not None:
+            check_col(self.col, self.in_features, name)
+        return self
+
+    def c_parts(self):
+        """The C decode step's parts: values, the super-block scales (in the scales' place), column scales."""
+        return self.qs, self.sb, None, None, self.col
+
+
 class Int8ColsWeight(Int8Weight):
     """The int8 blocks of `formats.Int8Weight` holding W diag(1/col), with the column scales col. Its
     values are stored in row order (the low-bit kernels' int8 path reads them so), not interleaved."""
@@ -229,6 +300,8 @@ def quantize(w, layout, cols=False, rows_per_step=None, after_slice=None):
     nb = Ip // BLOCK
     col = column_scales(w, rows_per_step=rows_per_step, after_slice=after_slice) if cols else None
     qs = torch.empty(O, Ip // 2, dtype=torch.uint8)
+    if spec.super_block:
+        return _quantize_k(w, layout, col, qs, rows_per_step, after_slice)
     qh = torch.empty(O, Ip // 8, dtype=torch.uint8) if spec.bits == 5 else None
     d = torch.empty(O, nb, dtype=torch.float16)
     m = torch.empty(O, nb, dtype=torch.float16) if spec.has_min else None
@@ -273,6 +346,60 @@ def _quantize_rows(w, spec, Ip):
     else:
         q = torch.round(blocks / d16.float()[..., None]) + half
     return q.clamp_(0, spec.levels).to(torch.uint8).view(O, Ip), d16, m16
+
+
+def _quantize_k(w, layout, col, qs, rows_per_step, after_slice):
+    """`quantize` for a super-block layout: per block of 32, m = min(min w, 0) and d = (max w - m) / 15;
+    per super-block of 8, Dmin = max(-m) / 63 and D = max(d') / 63 rounded up to float16, mn = ceil(-m /
+    Dmin) and sc = ceil(d' / D) with d' = (max w + Dmin mn) / 15, so that the block's range fits its grid
+    (each weight off by at most half a step), then q = round((w - m_j) / d_j)."""
+    spec = SPECS[layout]
+    O, I = w.shape
+    Ip = qs.shape[1] * 2
+    sb = torch.empty(O, Ip // spec.group * SUPER_BYTES, dtype=torch.uint8)
+    step = rows_per_step or max(1, (1 << 20) // Ip)
+    for r0 in range(0, O, step):
+        src = w[r0:r0 + step].detach().float()
+        if col is not None:
+            src = src / col
+        q, packed = _quantize_rows_k(src, spec, Ip)
+        qs[r0:r0 + step], sb[r0:r0 + step] = _pack_nibbles(q), packed
+        if after_slice is not None:
+            after_slice(w[r0:r0 + step])
+    return TYPES[layout + OUTLIER_SUFFIX * (col is not None)](qs, sb, *(() if col is None else (col,)), I)
+
+
+def _f16_at_least(v):
+    """float64 tensor -> float16 values >= v (>= MIN_SCALE), as close as float16 allows."""
+    h = v.clamp(min=MIN_SCALE).to(torch.float16)
+    low = h.double() < v
+    return torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+
+
+def _quantize_rows_k(w, spec, Ip):
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("cannot quantise a matrix with NaN or Inf values")
+    O, I = w.shape
+    top = (1 << 6) - 1
+    blocks = F.pad(w, (0, Ip - I)).double().view(O, Ip // (8 * BLOCK), 8, BLOCK)
+    lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1)
+    dmin = _f16_at_least(-lo.amin(-1) / top)                                       # [O, supers]
+    mn = torch.ceil(-lo / dmin.double()[..., None]).clamp_(0, top)
+    m = -dmin.double()[..., None] * mn                                              # <= lo
+    d_need = (hi - m).clamp(min=0) / spec.levels
+    D = _f16_at_least(d_need.amax(-1) / top)
+    if bool((D.double() > torch.finfo(torch.float16).max).any() | (dmin.double() > torch.finfo(torch.float16).max).any()):
+        raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
+    sc = torch.ceil(d_need / D.double()[..., None]).clamp_(1, top)
+    d = D.double()[..., None] * sc
+    q = torch.round((blocks - m[..., None]) / d[..., None]).clamp_(0, spec.levels).to(torch.uint8)
+    sc8, mn8 = sc.to(torch.uint8), mn.to(torch.uint8)
+    head = torch.stack([D, dmin], -1).view(torch.uint8)                              # [O, supers, 4]
+    low = sc8 | ((mn8 & 3) << 6)
+    high = mn8 >> 2
+    high = high[..., 0::2] | (high[..., 1::2] << 4)
+    packed = torch.cat([head, low, high], -1).reshape(O, -1)
+    return q.view(O, Ip), packed
 
 
 def _pack_nibbles(q):
@@ -350,9 +477,8 @@ def _c_code(w):
 
 def _c_pointers(w):
     """-> (qs, qh, d, m, col) pointers of the stored matrix."""
-    if isinstance(w, Int8ColsWeight):
-        return w.q.data_ptr(), None, w.scale.data_ptr(), None, w.col.data_ptr()
-    return w.qs.data_ptr(), _ptr(w.qh), w.d.data_ptr(), _ptr(w.m), _ptr(w.col)
+    qs, d, qh, m, col = w.c_parts()
+    return qs.data_ptr(), _ptr(qh), d.data_ptr(), _ptr(m), _ptr(col)
 
 
 def matvec_group(pairs, out=None, accumulate=False, isa=None):
@@ -424,7 +550,13 @@ SERVES = (formats.Serve("cpu", "float32", "token", "lowbit_c", "quant_torch"),
 
 def _block_type(layout, cols):
     name = layout.replace("_", "").upper() + ("Cols" if cols else "") + "Weight"
-    return type(name, (BlockWeight,), {"layout": layout, "cols": cols, "__module__": __name__})
+    base = KBlockWeight if SPECS[layout].super_block else BlockWeight
+    return type(name, (base,), {"layout": layout, "cols": cols, "__module__": __name__})
+
+
+def _file_parts(spec, cols):
+    scales = (".sb",) if spec.super_block else (".qh",) * (spec.bits == 5) + (".d",) + (".m",) * spec.has_min
+    return ("",) + scales + (".col",) * cols
 
 
 TYPES = {}
@@ -437,8 +569,7 @@ for _layout, _spec in SPECS.items():
             _name, C_CODES[_name], _spec.bytes_per_weight, torch.float16,
             pack=lambda w, after_slice=None, _l=_layout, _c=_cols: quantize(w, _l, _c, after_slice=after_slice),
             dequantize=TYPES[_name].dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
-            packed_type=TYPES[_name], c_parts=BlockWeight.c_parts,
-            file_parts=("",) + (".qh",) * (_spec.bits == 5) + (".d",) + (".m",) * _spec.has_min + (".col",) * _cols))
+            packed_type=TYPES[_name], c_parts=TYPES[_name].c_parts, file_parts=_file_parts(_spec, _cols)))
 _name = formats.Q8_0.name + OUTLIER_SUFFIX             # "int8+cols"
 TYPES[_name] = Int8ColsWeight
 RECORDS[_name] = formats.register(formats.WeightFormat(

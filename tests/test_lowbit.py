@@ -141,6 +141,66 @@ def test_bad_input_gives_one_line_errors():
         lowbit.TYPES["q4_1"](q.qs, q.d, m, 64).check()
 
 
+def _k_bytes(D, Dmin, sc, mn):
+    """One q4_k super-block's 16 bytes, written from the layout's definition (lowbit_ops.h)."""
+    head = torch.tensor([D, Dmin], dtype=torch.float16).view(torch.uint8).tolist()
+    low = [s | ((m & 3) << 6) for s, m in zip(sc, mn)]
+    high = [(mn[2 * k] >> 2) | ((mn[2 * k + 1] >> 2) << 4) for k in range(4)]
+    return head + low + high
+
+
+def test_super_block_scales_read_as_the_layout_says():
+    """q4_k's 16 bytes per 8 blocks, written by hand: every block's step D sc and offset -Dmin mn, in the
+    Python reader, the C kernels (a row of ones in one block at a time) and the C dequantiser."""
+    sc, mn = [1, 63, 17, 32, 5, 48, 62, 33], [0, 63, 1, 62, 21, 42, 7, 56]
+    sb = torch.tensor([_k_bytes(0.25, 0.125, sc, mn) * 2], dtype=torch.uint8)       # 2 super-blocks
+    qs = torch.full((1, 256), 0x35, dtype=torch.uint8)      # q = 5 (first block of a pair), 3 (second)
+    p = lowbit.TYPES["q4_k"](qs, sb, 512).check()
+    want_d = torch.tensor([0.25 * s for s in sc] * 2)
+    want_m = torch.tensor([-0.125 * m for m in mn] * 2)
+    assert torch.equal(p.d[0], want_d) and torch.equal(p.m[0], want_m)
+    q = torch.tensor([5.0, 3.0] * 4 * 2).repeat_interleave(32)
+    assert torch.equal(p.dequantize()[0], q * want_d.repeat_interleave(32) + want_m.repeat_interleave(32))
+    if not ISAS:
+        return
+    for isa in ISAS:
+        out = torch.empty(1, 512)
+        assert torch.equal(lowbit.dequantize_rows(p, 0, 1, out, isa=isa), p.dequantize())
+        x = torch.zeros(16, 512)
+        for j in range(16):
+            x[j, 32 * j:32 * (j + 1)] = 1.0               # x's block j all ones: d_x = 1 / 127, q = 127
+        y = lowbit.matvec_group([(x, p)], isa=isa)[0][:, 0]
+        # 127 (ones) times (d q + m) per weight, 32 weights, times d_x = 1 / 127: one block's sum
+        expect = 32 * (q.view(16, 32)[:, 0] * want_d + want_m)
+        assert torch.allclose(y, expect, rtol=1e-6), isa
+
+
+def test_super_block_corruption_gives_one_line_errors():
+    p = lowbit.quantize(torch.randn(4, 256), "q4_k")
+    K = lowbit.TYPES["q4_k"]
+    with pytest.raises(ValueError, match="super-block scales must be uint8 \\[4, 16\\]"):
+        K(p.qs, p.sb[:, :8], 256).check()
+    with pytest.raises(ValueError, match="nibbles must be uint8"):
+        K(p.qs[:, :64], p.sb, 256).check()
+    for D, Dmin in ((float("nan"), 0.1), (0.0, 0.1), (0.5, float("inf")), (0.5, -0.25)):
+        sb = p.sb.clone()
+        sb[2, :4] = torch.tensor([D, Dmin], dtype=torch.float16).view(torch.uint8)
+        with pytest.raises(ValueError, match="corrupt q4_k scales"):
+            K(p.qs, sb, 256).check()
+
+
+def test_super_block_steps_are_within_a_sixty_third_of_the_block_range():
+    """The 6-bit scales cost little: each block's step is at most 1/63 of the super-block's largest step
+    above what the block's own range needs, and the mins cover each block's minimum."""
+    w = torch.randn(16, 1024) * torch.logspace(-2, 0, 1024)
+    p = lowbit.quantize(w, "q4_k")
+    blocks = w.view(16, 32, 32)
+    need = (blocks.amax(-1) - p.m) / 15
+    D = p.d.view(16, 4, 8).amax(-1, keepdim=True).expand(16, 4, 8).reshape(16, 32) / 63
+    assert bool((p.d >= need * (1 - 1e-6)).all()) and bool((p.d <= need + D * 1.01 + 1e-7).all())
+    assert bool((p.m <= blocks.amin(-1).clamp(max=0) + 1e-7).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # the outlier treatment
 

@@ -46,6 +46,7 @@ static inline int64_t decode_lowbit_layout(int64_t fmt) {
     case FMT_Q5_0: case FMT_Q5_0C: return LB_Q5_0;
     case FMT_Q4_1: case FMT_Q4_1C: return LB_Q4_1;
     case FMT_Q8C: return LB_Q8;
+    case FMT_Q4_K: case FMT_Q4_KC: return LB_Q4_K;
     default: return -1;
     }
 }

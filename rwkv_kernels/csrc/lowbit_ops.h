@@ -9,6 +9,10 @@
  *            (high nibble); qh uint8 [O, Ip / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the
  *            5th bit of element k of block b; d float16 [O, Ip / 32] (signed for "_0"), m float16
  *            [O, Ip / 32] ("_1" only); w = d q + m, with m = -2^(bits-1) d for the "_0" formats.
+ *   LB_Q4_K 44: qs as LB_Q4_1, rows padded to super-blocks of 8 blocks (256 weights); in d's place 16
+ *            bytes per super-block (the same 2 bytes per block): float16 D, Dmin, then byte k (k < 8) =
+ *            sc_k | (mn_k & 3) << 6, then nibble k of the last 4 bytes (low first) = mn_k >> 2, with 6-bit
+ *            sc and mn; block k's d = D sc_k, m = -Dmin mn_k (both exact in float32): w = d q + m.
  *   LB_Q8 8: int8 values [O, Ip] and float16 d [O, Ip / 32] (rwkv_kernels/quant.py's int8 layout).
  *   col:     NULL, or float32 [I] powers of two: x is multiplied by col before it is quantised (the
  *            outlier treatment; the matrix stored is W diag(1/col)).
@@ -36,7 +40,7 @@
 #include <string.h>
 #include "pool.h"
 
-enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q5_0 = 50, LB_Q5_1 = 51 };
+enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q4_K = 44, LB_Q5_0 = 50, LB_Q5_1 = 51 };
 #define LB_QB 32
 #define LB_MAX_GROUP 16
 /* Weight bytes per claimed chunk of the pool (whole groups of 4 rows): a product's bytes over
@@ -56,19 +60,21 @@ enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q5_0 = 50, LB_Q5_1 = 51 };
 #endif
 
 static inline int lb_bits(int64_t fmt) { return fmt == LB_Q8 ? 8 : (int)(fmt / 10); }
-static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1; }
-/* rows are padded to this many weights: pairs of blocks, 8 blocks with 5th-bit planes */
-static inline int64_t lb_group(int64_t fmt) { return fmt == LB_Q8 ? LB_QB : lb_bits(fmt) == 5 ? 8 * LB_QB : 2 * LB_QB; }
+static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1 || fmt == LB_Q4_K; }
+/* rows are padded to this many weights: pairs of blocks, 8 blocks with 5th-bit planes or super-blocks */
+static inline int64_t lb_group(int64_t fmt) {
+    return fmt == LB_Q8 ? LB_QB : lb_bits(fmt) == 5 || fmt == LB_Q4_K ? 8 * LB_QB : 2 * LB_QB;
+}
 static inline int64_t lb_padded(int64_t fmt, int64_t I) { return (I + lb_group(fmt) - 1) / lb_group(fmt) * lb_group(fmt); }
 static inline int lb_known(int64_t fmt) {
-    return fmt == LB_Q8 || fmt == LB_Q4_0 || fmt == LB_Q4_1 || fmt == LB_Q5_0 || fmt == LB_Q5_1;
+    return fmt == LB_Q8 || fmt == LB_Q4_0 || fmt == LB_Q4_1 || fmt == LB_Q4_K || fmt == LB_Q5_0 || fmt == LB_Q5_1;
 }
 
 typedef struct {
     int64_t fmt, O, I, Ip;
     const uint8_t *qs;          /* nibbles, or int8 values for LB_Q8 */
     const uint8_t *qh;          /* 5-bit: the 5th-bit planes [O, Ip / 8] */
-    const uint16_t *d, *m;
+    const uint16_t *d, *m;      /* LB_Q4_K: d holds the super-blocks' scales, m is unused */
     const float *col;
     const float *x;             /* [B, I] */
     float *y;                   /* [B, O] */
@@ -82,6 +88,26 @@ static inline float lb_hsum(__m256 v) {
     lo = _mm_hadd_ps(lo, lo);
     lo = _mm_hadd_ps(lo, lo);
     return _mm_cvtss_f32(lo);
+}
+
+/* LB_Q4_K: one super-block's 16 bytes -> its 8 blocks' d = D sc_k and m = -Dmin mn_k as vectors (exact) */
+static inline void lb_k_scales(const uint16_t *sb, __m256 *dv, __m256 *mv) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)sb), low6 = _mm_set1_epi8(0x3F);
+    const __m128i three = _mm_set1_epi8(3), low4 = _mm_set1_epi8(0x0F);
+    const __m128i b = _mm_srli_si128(v, 4), h = _mm_srli_si128(v, 12);      /* bytes 4..11, 12..15 */
+    const __m128i sc = _mm_and_si128(b, low6);
+    const __m128i mh = _mm_unpacklo_epi8(_mm_and_si128(h, low4), _mm_and_si128(_mm_srli_epi16(h, 4), low4));
+    const __m128i mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(b, 6), three), _mm_slli_epi16(mh, 2));
+    *dv = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(sb[0])), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+    *mv = _mm256_mul_ps(_mm256_set1_ps(-_cvtsh_ss(sb[1])), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
+}
+
+/* the same for block k of the super-block, as scalars (the dequantiser) */
+static inline void lb_k_scale(const uint16_t *sb, int k, float *d, float *m) {
+    const uint8_t *b = (const uint8_t *)sb;
+    int sc = b[4 + k] & 63, mn = (b[4 + k] >> 6) | (((b[12 + k / 2] >> (4 * (k % 2))) & 15) << 2);
+    *d = _cvtsh_ss(sb[0]) * (float)sc;
+    *m = -_cvtsh_ss(sb[1]) * (float)mn;
 }
 
 /* ---- activations ---------------------------------------------------------------------------- */
@@ -161,7 +187,7 @@ static inline __attribute__((always_inline)) void lb_dotn(const int R, const int
         qs[r] = p->qs + rr[r] * row_bytes;
         qh[r] = five ? (const uint8_t *)p->qh + rr[r] * (p->Ip / 8) : NULL;
         d[r] = p->d + rr[r] * nb;
-        m[r] = has_min ? p->m + rr[r] * nb : d[r];
+        m[r] = has_min && FMT != LB_Q4_K ? p->m + rr[r] * nb : d[r];
         acc[r] = off[r] = _mm256_setzero_ps();
         offs[r] = 0.0f;
     }
@@ -171,6 +197,13 @@ static inline __attribute__((always_inline)) void lb_dotn(const int R, const int
         __m256 dxv = _mm256_loadu_ps(dx + j), sxv = _mm256_loadu_ps(sx + j);
         __m256i plane[4];
         for (int r = 0; r < R; r++) {
+            if (FMT == LB_Q4_K) {
+                __m256 dv, mv;
+                lb_k_scales(d[r] + j, &dv, &mv);
+                _mm256_storeu_ps(ds[r], _mm256_mul_ps(dv, dxv));
+                off[r] = _mm256_fmadd_ps(mv, sxv, off[r]);
+                continue;
+            }
             _mm256_storeu_ps(ds[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d[r] + j))), dxv));
             if (!q8)
                 off[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m[r] + j))), sxv, off[r]);
@@ -228,6 +261,7 @@ static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, co
     case LB_Q8: lb_dotn(4, LB_Q8, p, rr, xq, dx, sx, out); break;
     case LB_Q4_0: lb_dotn(4, LB_Q4_0, p, rr, xq, dx, sx, out); break;
     case LB_Q4_1: lb_dotn(4, LB_Q4_1, p, rr, xq, dx, sx, out); break;
+    case LB_Q4_K: lb_dotn(4, LB_Q4_K, p, rr, xq, dx, sx, out); break;
     case LB_Q5_0: lb_dotn(4, LB_Q5_0, p, rr, xq, dx, sx, out); break;
     case LB_Q5_1: lb_dotn(4, LB_Q5_1, p, rr, xq, dx, sx, out); break;
     }
@@ -252,7 +286,7 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
     const int q8 = FMT == LB_Q8, has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
     const uint8_t *qs = p->qs + row * (q8 ? Ip : Ip / 2);
     const uint8_t *qh = five ? p->qh + row * (Ip / 8) : NULL;
-    const uint16_t *d = p->d + row * nb, *m = has_min ? p->m + row * nb : d;
+    const uint16_t *d = p->d + row * nb, *m = has_min && FMT != LB_Q4_K ? p->m + row * nb : d;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 ea[4], eb[4], off[4];
     float offs[4];
@@ -260,7 +294,9 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
     int64_t j = 0;
     for (; j + 8 <= nb; j += 8) {
         float ds[4][8] __attribute__((aligned(32)));
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j)));
+        __m256 dv, mv;
+        if (FMT == LB_Q4_K) lb_k_scales(d + j, &dv, &mv);
+        else dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j)));
         for (int t = 0; t < S; t++)
             _mm256_store_ps(ds[t], _mm256_mul_ps(dv, _mm256_loadu_ps(dx + t * nb + j)));
         if (q8) {
@@ -275,7 +311,7 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
             }
             continue;
         }
-        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j)));
+        if (FMT != LB_Q4_K) mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j)));
         for (int t = 0; t < S; t++) off[t] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + t * nb + j), off[t]);
         __m256i plane = five ? _mm256_loadu_si256((const __m256i *)(qh + j * 4)) : _mm256_setzero_si256();
         if (LB_PF) {
@@ -357,6 +393,7 @@ static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1
             case LB_Q8: LB_TILE_CASES(LB_Q8) break;
             case LB_Q4_0: LB_TILE_CASES(LB_Q4_0) break;
             case LB_Q4_1: LB_TILE_CASES(LB_Q4_1) break;
+            case LB_Q4_K: LB_TILE_CASES(LB_Q4_K) break;
             case LB_Q5_0: LB_TILE_CASES(LB_Q5_0) break;
             default: LB_TILE_CASES(LB_Q5_1) break;
             }
@@ -415,7 +452,7 @@ static void lb_chunk(void *ctx, int64_t chunk) {
 static int64_t lb_row_bytes(const lb_product *p) {
     int64_t nb = p->Ip / LB_QB;
     int64_t v = p->fmt == LB_Q8 ? p->Ip : p->Ip / 2;
-    return v + nb * (2 + 2 * lb_has_min(p->fmt)) + (p->qh != NULL) * p->Ip / 8;
+    return v + nb * (2 + 2 * (lb_has_min(p->fmt) && p->fmt != LB_Q4_K)) + (p->qh != NULL) * p->Ip / 8;
 }
 
 /* a job's times -> quant_ops.h's profile counters of its products' tags */
@@ -498,8 +535,13 @@ void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const 
     for (int64_t o = o0; o < o1; o++) {
         float *dst = out + (o - o0) * I;
         for (int64_t j = 0; j < nb; j++) {
-            float dd = _cvtsh_ss(D[o * nb + j]);
-            float mm = fmt == LB_Q8 ? 0.0f : has_min ? _cvtsh_ss(M[o * nb + j]) : -half * dd;
+            float dd, mm;
+            if (fmt == LB_Q4_K) {
+                lb_k_scale(D + o * nb + j / 8 * 8, (int)(j % 8), &dd, &mm);
+            } else {
+                dd = _cvtsh_ss(D[o * nb + j]);
+                mm = fmt == LB_Q8 ? 0.0f : has_min ? _cvtsh_ss(M[o * nb + j]) : -half * dd;
+            }
             uint8_t q[LB_QB];
             if (fmt == LB_Q8) {
                 memcpy(q, QS + o * Ip + j * LB_QB, LB_QB);
