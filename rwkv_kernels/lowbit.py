@@ -4,16 +4,17 @@ treatment (per-input-channel scales, "+cols") they and int8 can carry: records o
 Layouts (`SPECS`), blocks of 32 weights along the input dimension, values unsigned q in [0, 2^bits):
   "q5_0"  5.5 bits/weight: float16 d per block, w = d (q - 16)           (ggml's Q5_0)
   "q4_1"  5.0 bits/weight: float16 d and m per block, w = d q + m         (ggml's Q4_1)
-  "q4_k"  4.5 bits/weight: q4_1's nibbles; per super-block of 8 blocks float16 D and Dmin and per block
+  "q4_k"  4.5 bits/weight: w = d q + m; per super-block of 8 blocks float16 D and Dmin and per block
           6-bit sc and mn, d = D sc, m = -Dmin mn                          (the k-quant idea, ggml's Q4_K)
 chosen by docs/lowbit_choice.md (q4_0 and q5_1 were measured there and left out: q4_0 misses the 4-bit
 quality target, q5_1 costs half a bit more than q5_0 for little). Storage (`BlockWeight`), planar like
 `Int8Weight`, laid out for the AVX2 kernel's unpacking: rows padded with zero weights to a multiple of
-`Spec.group` (64 for 4 bits, 256 for 5); qs uint8 [out, in_padded / 2]: blocks in pairs, 32 bytes per
+`Spec.group` (64 for 4 bits, 256 for 5 and "q4_k"); qs uint8 [out, in_padded / 2]: blocks in pairs, 32 bytes per
 pair, byte k = element k of the first block (low nibble) | element k of the second (high nibble); qh
 uint8 [out, in_padded / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the 5th bit of element k
 of block b of the eight; d float16 [out, blocks] (signed for "_0": ggml's choice, see `quantize`), m
-float16 [out, blocks] ("_1" only); "q4_k": qs as q4_1's, sb uint8 [out, in_padded / 16] (`KBlockWeight`).
+float16 [out, blocks] ("_1" only); "q4_k": qs interleaved per super-block of 8 blocks so that one 32-byte
+load holds 8 weights of each of the 8 (`_pack_nibbles_k`), sb uint8 [out, in_padded / 16] (`KBlockWeight`).
 
 Outlier treatment ("+cols", `col`): trained models have a few input channels whose activations are
 10-16x the others, and the matrices that read them have small columns there. With `col` (float32
@@ -183,6 +184,10 @@ class KBlockWeight(BlockWeight):
 
     def parts(self):
         return (self.qs, self.sb) + ((self.col,) if self.col is not None else ())
+
+    def values(self):
+        """-> q uint8 [out, in_padded] (0 .. 15), from the nibbles interleaved per super-block."""
+        return _unpack_nibbles_k(self.qs)
 
     def _super(self):
         """-> (D, Dmin float32 [out, supers], sc, mn int64 [out, supers, 8])."""
@@ -363,7 +368,7 @@ def _quantize_k(w, layout, col, qs, rows_per_step, after_slice):
         if col is not None:
             src = src / col
         q, packed = _quantize_rows_k(src, spec, Ip)
-        qs[r0:r0 + step], sb[r0:r0 + step] = _pack_nibbles(q), packed
+        qs[r0:r0 + step], sb[r0:r0 + step] = _pack_nibbles_k(q), packed
         if after_slice is not None:
             after_slice(w[r0:r0 + step])
     return TYPES[layout + OUTLIER_SUFFIX * (col is not None)](qs, sb, *(() if col is None else (col,)), I)
@@ -400,6 +405,22 @@ def _quantize_rows_k(w, spec, Ip):
     high = high[..., 0::2] | (high[..., 1::2] << 4)
     packed = torch.cat([head, low, high], -1).reshape(O, -1)
     return q.view(O, Ip), packed
+
+
+def _pack_nibbles_k(q):
+    """q [O, Ip] (Ip a multiple of 256) -> the super-block nibbles [O, Ip / 2]: per super-block 4 chunks
+    of 32 bytes, byte 4 l + i of chunk c = weight 8 c + i of block l (low nibble) | weight 8 c + 4 + i
+    (high nibble), so that 32-bit lane l of a chunk holds block l's weights (lowbit_ops.h)."""
+    O, Ip = q.shape
+    b = q.view(O, Ip // (8 * BLOCK), 8, 4, 2, 4) & 15                 # [O, super, block l, chunk c, half, i]
+    return (b[:, :, :, :, 0] | (b[:, :, :, :, 1] << 4)).transpose(2, 3).reshape(O, Ip // 2)
+
+
+def _unpack_nibbles_k(qs):
+    """The inverse of `_pack_nibbles_k`."""
+    O, half = qs.shape
+    b = qs.view(O, half // (4 * BLOCK), 4, 8, 4).transpose(2, 3)       # [O, super, block l, chunk c, i]
+    return torch.stack([b & 15, b >> 4], 4).reshape(O, 2 * half)
 
 
 def _pack_nibbles(q):

@@ -94,7 +94,7 @@ def test_values_and_high_bits_round_trip(fmt):
     w = torch.randn(3, 96)
     p = lowbit.quantize(w, fmt)
     q = p.values()
-    assert torch.equal(lowbit._pack_nibbles(q), p.qs)
+    assert torch.equal((lowbit._pack_nibbles_k if lowbit.SPECS[fmt].super_block else lowbit._pack_nibbles)(q), p.qs)
     if p.qh is not None:
         assert torch.equal(lowbit._pack_high(q), p.qh) and int(q.max()) >= 16       # the 5th bit is used
     # the "_0" formats map the block's largest-magnitude weight to q = 0 exactly (ggml's choice)
@@ -154,12 +154,12 @@ def test_super_block_scales_read_as_the_layout_says():
     Python reader, the C kernels (a row of ones in one block at a time) and the C dequantiser."""
     sc, mn = [1, 63, 17, 32, 5, 48, 62, 33], [0, 63, 1, 62, 21, 42, 7, 56]
     sb = torch.tensor([_k_bytes(0.25, 0.125, sc, mn) * 2], dtype=torch.uint8)       # 2 super-blocks
-    qs = torch.full((1, 256), 0x35, dtype=torch.uint8)      # q = 5 (first block of a pair), 3 (second)
+    qs = torch.full((1, 256), 0x35, dtype=torch.uint8)      # q = 5 (weights 8c..8c+3), 3 (8c+4..8c+7)
     p = lowbit.TYPES["q4_k"](qs, sb, 512).check()
     want_d = torch.tensor([0.25 * s for s in sc] * 2)
     want_m = torch.tensor([-0.125 * m for m in mn] * 2)
     assert torch.equal(p.d[0], want_d) and torch.equal(p.m[0], want_m)
-    q = torch.tensor([5.0, 3.0] * 4 * 2).repeat_interleave(32)
+    q = torch.tensor(([5.0] * 4 + [3.0] * 4) * 4 * 16)
     assert torch.equal(p.dequantize()[0], q * want_d.repeat_interleave(32) + want_m.repeat_interleave(32))
     if not ISAS:
         return
@@ -171,7 +171,7 @@ def test_super_block_scales_read_as_the_layout_says():
             x[j, 32 * j:32 * (j + 1)] = 1.0               # x's block j all ones: d_x = 1 / 127, q = 127
         y = lowbit.matvec_group([(x, p)], isa=isa)[0][:, 0]
         # 127 (ones) times (d q + m) per weight, 32 weights, times d_x = 1 / 127: one block's sum
-        expect = 32 * (q.view(16, 32)[:, 0] * want_d + want_m)
+        expect = q.view(16, 32).sum(1) * want_d + 32 * want_m
         assert torch.allclose(y, expect, rtol=1e-6), isa
 
 

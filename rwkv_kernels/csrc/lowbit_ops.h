@@ -9,7 +9,9 @@
  *            (high nibble); qh uint8 [O, Ip / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the
  *            5th bit of element k of block b; d float16 [O, Ip / 32] (signed for "_0"), m float16
  *            [O, Ip / 32] ("_1" only); w = d q + m, with m = -2^(bits-1) d for the "_0" formats.
- *   LB_Q4_K 44: qs as LB_Q4_1, rows padded to super-blocks of 8 blocks (256 weights); in d's place 16
+ *   LB_Q4_K 44: qs uint8 [O, Ip / 2], rows padded to super-blocks of 8 blocks (256 weights), 128 bytes per
+ *            super-block: 4 chunks of 32 bytes, byte 4l + i of chunk c = weight 8c + i of block l (low
+ *            nibble) | weight 8c + 4 + i (high nibble), so that 32-bit lane l holds block l; in d's place 16
  *            bytes per super-block (the same 2 bytes per block): float16 D, Dmin, then byte k (k < 8) =
  *            sc_k | (mn_k & 3) << 6, then nibble k of the last 4 bytes (low first) = mn_k >> 2, with 6-bit
  *            sc and mn; block k's d = D sc_k, m = -Dmin mn_k (both exact in float32): w = d q + m.
@@ -90,16 +92,19 @@ static inline float lb_hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* LB_Q4_K: one super-block's 16 bytes -> its 8 blocks' d = D sc_k and m = -Dmin mn_k as vectors (exact) */
+/* LB_Q4_K: one super-block's 16 bytes -> its 8 blocks' d = D sc_k and Dmin mn_k (the offset m = -Dmin mn_k)
+ * as vectors, exact in float32 (11-bit float16 mantissas times 6-bit integers) */
 static inline void lb_k_scales(const uint16_t *sb, __m256 *dv, __m256 *mv) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)sb), low6 = _mm_set1_epi8(0x3F);
-    const __m128i three = _mm_set1_epi8(3), low4 = _mm_set1_epi8(0x0F);
-    const __m128i b = _mm_srli_si128(v, 4), h = _mm_srli_si128(v, 12);      /* bytes 4..11, 12..15 */
-    const __m128i sc = _mm_and_si128(b, low6);
-    const __m128i mh = _mm_unpacklo_epi8(_mm_and_si128(h, low4), _mm_and_si128(_mm_srli_epi16(h, 4), low4));
-    const __m128i mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(b, 6), three), _mm_slli_epi16(mh, 2));
-    *dv = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(sb[0])), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
-    *mv = _mm256_mul_ps(_mm256_set1_ps(-_cvtsh_ss(sb[1])), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
+    const uint8_t *b = (const uint8_t *)sb;
+    int32_t high;
+    memcpy(&high, b + 12, 4);
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 4)));   /* sc | (mn & 3) << 6 */
+    const __m256i sc = _mm256_and_si256(w, _mm256_set1_epi32(63));
+    const __m256i mh = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(high), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                        _mm256_set1_epi32(15));
+    const __m256i mn = _mm256_or_si256(_mm256_srli_epi32(w, 6), _mm256_slli_epi32(mh, 2));
+    *dv = _mm256_mul_ps(_mm256_cvtph_ps(_mm_set1_epi16((short)sb[0])), _mm256_cvtepi32_ps(sc));
+    *mv = _mm256_mul_ps(_mm256_cvtph_ps(_mm_set1_epi16((short)sb[1])), _mm256_cvtepi32_ps(mn));
 }
 
 /* the same for block k of the super-block, as scalars (the dequantiser) */
@@ -108,6 +113,18 @@ static inline void lb_k_scale(const uint16_t *sb, int k, float *d, float *m) {
     int sc = b[4 + k] & 63, mn = (b[4 + k] >> 6) | (((b[12 + k / 2] >> (4 * (k % 2))) & 15) << 2);
     *d = _cvtsh_ss(sb[0]) * (float)sc;
     *m = -_cvtsh_ss(sb[1]) * (float)mn;
+}
+
+/* LB_Q4_K: x's int8 blocks in the nibbles' order: per super-block, dword k (bytes 4k..4k+3) of block l
+ * moves to dword 8k + l, so that chunk c's low (high) nibbles meet x's dwords 16c + 0..7 (8..15). */
+static void lb_k_interleave_x(int8_t *q, int64_t Ip) {
+    for (int64_t s0 = 0; s0 < Ip; s0 += 8 * LB_QB) {
+        uint32_t in[64], out[64];
+        memcpy(in, q + s0, sizeof in);
+        for (int l = 0; l < 8; l++)
+            for (int k = 0; k < 8; k++) out[8 * k + l] = in[8 * l + k];
+        memcpy(q + s0, out, sizeof out);
+    }
 }
 
 /* ---- activations ---------------------------------------------------------------------------- */
@@ -163,6 +180,15 @@ static inline __m256i lb_idot(__m256i u, __m256i s) {
 
 static inline __m256 lb_dot_u8(__m256i q, __m256i xv) { return _mm256_cvtepi32_ps(lb_idot(q, xv)); }
 
+/* acc + the exact integer dot per int32 lane (the same integers in both builds, as lb_idot) */
+static inline __m256i lb_idot_acc(__m256i acc, __m256i u, __m256i s) {
+#if LB_VNNI
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, lb_idot(u, s));
+#endif
+}
+
 static inline __m256 lb_dot_s8(const int8_t *w, __m256i xv) {
     __m256i qw = _mm256_loadu_si256((const __m256i *)w);
     return _mm256_cvtepi32_ps(lb_idot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(xv, qw)));
@@ -187,7 +213,7 @@ static inline __attribute__((always_inline)) void lb_dotn(const int R, const int
         qs[r] = p->qs + rr[r] * row_bytes;
         qh[r] = five ? (const uint8_t *)p->qh + rr[r] * (p->Ip / 8) : NULL;
         d[r] = p->d + rr[r] * nb;
-        m[r] = has_min && FMT != LB_Q4_K ? p->m + rr[r] * nb : d[r];
+        m[r] = has_min ? p->m + rr[r] * nb : d[r];
         acc[r] = off[r] = _mm256_setzero_ps();
         offs[r] = 0.0f;
     }
@@ -197,13 +223,6 @@ static inline __attribute__((always_inline)) void lb_dotn(const int R, const int
         __m256 dxv = _mm256_loadu_ps(dx + j), sxv = _mm256_loadu_ps(sx + j);
         __m256i plane[4];
         for (int r = 0; r < R; r++) {
-            if (FMT == LB_Q4_K) {
-                __m256 dv, mv;
-                lb_k_scales(d[r] + j, &dv, &mv);
-                _mm256_storeu_ps(ds[r], _mm256_mul_ps(dv, dxv));
-                off[r] = _mm256_fmadd_ps(mv, sxv, off[r]);
-                continue;
-            }
             _mm256_storeu_ps(ds[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d[r] + j))), dxv));
             if (!q8)
                 off[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m[r] + j))), sxv, off[r]);
@@ -261,7 +280,6 @@ static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, co
     case LB_Q8: lb_dotn(4, LB_Q8, p, rr, xq, dx, sx, out); break;
     case LB_Q4_0: lb_dotn(4, LB_Q4_0, p, rr, xq, dx, sx, out); break;
     case LB_Q4_1: lb_dotn(4, LB_Q4_1, p, rr, xq, dx, sx, out); break;
-    case LB_Q4_K: lb_dotn(4, LB_Q4_K, p, rr, xq, dx, sx, out); break;
     case LB_Q5_0: lb_dotn(4, LB_Q5_0, p, rr, xq, dx, sx, out); break;
     case LB_Q5_1: lb_dotn(4, LB_Q5_1, p, rr, xq, dx, sx, out); break;
     }
@@ -269,6 +287,9 @@ static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, co
 
 #ifndef LB_ROWS
 #define LB_ROWS 1
+#endif
+#ifndef LB_PF_HINT
+#define LB_PF_HINT _MM_HINT_T0
 #endif
 #ifndef LB_PF
 #define LB_PF 1024
@@ -286,7 +307,7 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
     const int q8 = FMT == LB_Q8, has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
     const uint8_t *qs = p->qs + row * (q8 ? Ip : Ip / 2);
     const uint8_t *qh = five ? p->qh + row * (Ip / 8) : NULL;
-    const uint16_t *d = p->d + row * nb, *m = has_min && FMT != LB_Q4_K ? p->m + row * nb : d;
+    const uint16_t *d = p->d + row * nb, *m = has_min ? p->m + row * nb : d;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 ea[4], eb[4], off[4];
     float offs[4];
@@ -294,9 +315,7 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
     int64_t j = 0;
     for (; j + 8 <= nb; j += 8) {
         float ds[4][8] __attribute__((aligned(32)));
-        __m256 dv, mv;
-        if (FMT == LB_Q4_K) lb_k_scales(d + j, &dv, &mv);
-        else dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j)));
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j)));
         for (int t = 0; t < S; t++)
             _mm256_store_ps(ds[t], _mm256_mul_ps(dv, _mm256_loadu_ps(dx + t * nb + j)));
         if (q8) {
@@ -311,13 +330,13 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
             }
             continue;
         }
-        if (FMT != LB_Q4_K) mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j)));
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j)));
         for (int t = 0; t < S; t++) off[t] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + t * nb + j), off[t]);
         __m256i plane = five ? _mm256_loadu_si256((const __m256i *)(qh + j * 4)) : _mm256_setzero_si256();
         if (LB_PF) {
-            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF, _MM_HINT_T0);
-            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF + 64, _MM_HINT_T0);
-            if (five) _mm_prefetch((const char *)(qh + j * 4) + LB_PF / 4, _MM_HINT_T0);
+            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF, LB_PF_HINT);
+            _mm_prefetch((const char *)(qs + j * (LB_QB / 2)) + LB_PF + 64, LB_PF_HINT);
+            if (five) _mm_prefetch((const char *)(qh + j * 4) + LB_PF / 4, LB_PF_HINT);
         }
 #pragma GCC unroll 4
         for (int k = 0; k < 8; k += 2) {
@@ -366,6 +385,54 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
     for (int t = 0; t < S; t++) out[t] = lb_hsum(_mm256_add_ps(ea[t], eb[t])) + scale * (lb_hsum(off[t]) + offs[t]);
 }
 
+#ifndef LB_KTILE_S
+#define LB_KTILE_S 4
+#endif
+#if LB_KTILE_S < 1 || LB_KTILE_S > 8
+#error "LB_KTILE_S: 1 to 8 streams per q4_k tile"
+#endif
+/* LB_Q4_K: one row x S streams (S <= LB_KTILE_S), x interleaved as the nibbles (lb_k_interleave_x). Per super-block
+ * of 8 blocks, 4 chunks of 32 bytes: lane l of a chunk (bytes 4l..4l+3) holds 8 weights of block l, and
+ * two dpbusd (AVX2: maddubs + madd + add) per chunk and stream leave lane l block l's exact integer dot
+ * after the 4 chunks; then one convert and one FMA with the 8 blocks' d d_x add the super-block, and one
+ * FNMADD its offsets (Dmin mn d_x s). The chunks are loaded and unpacked once for the S streams; each
+ * stream's sequence is the same whatever S is (batch invariant). out[t] = hsum(acc) + hsum(off). */
+static inline __attribute__((always_inline)) void lb_ktile(const int S, const lb_product *p, int64_t row,
+        const int8_t *xq, const float *dx, const float *sx, float *out) {
+    const int64_t Ip = p->Ip, nb = Ip / LB_QB;
+    const uint8_t *qs = p->qs + row * (Ip / 2);
+    const uint16_t *sb = p->d + row * nb;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[LB_KTILE_S], off[LB_KTILE_S];
+    for (int t = 0; t < S; t++) acc[t] = off[t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; j += 8) {
+        const uint8_t *w = qs + j * (LB_QB / 2);
+        if (LB_PF) {
+            _mm_prefetch((const char *)w + LB_PF, LB_PF_HINT);
+            _mm_prefetch((const char *)w + LB_PF + 64, LB_PF_HINT);
+        }
+        __m256 dv, mv;
+        lb_k_scales(sb + j, &dv, &mv);
+        __m256i isum[LB_KTILE_S];
+        for (int t = 0; t < S; t++) isum[t] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
+            const __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int t = 0; t < S; t++) {
+                const int8_t *x = xq + t * Ip + j * LB_QB + 64 * c;
+                isum[t] = lb_idot_acc(isum[t], a, _mm256_loadu_si256((const __m256i *)x));
+                isum[t] = lb_idot_acc(isum[t], b, _mm256_loadu_si256((const __m256i *)(x + 32)));
+            }
+        }
+        for (int t = 0; t < S; t++) {
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(dv, _mm256_loadu_ps(dx + t * nb + j)), acc[t]);
+            off[t] = _mm256_fnmadd_ps(mv, _mm256_loadu_ps(sx + t * nb + j), off[t]);
+        }
+    }
+    for (int t = 0; t < S; t++) out[t] = lb_hsum(acc[t]) + lb_hsum(off[t]);
+}
+
 #ifndef LB_TILE_S
 #define LB_TILE_S 4
 #endif
@@ -383,17 +450,29 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
 /* rows [o0, o1) one at a time, for the B streams in tiles of LB_TILE_S, ..., 1 streams */
 static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     const int64_t nb = p->Ip / LB_QB;
-    float t[4];
+    float t[8];
+    const int64_t tile = p->fmt == LB_Q4_K ? LB_KTILE_S : LB_TILE_S;
     for (int64_t o = o0; o < o1; o++)
         for (int64_t b = 0; b < B;) {
-            const int S = B - b >= LB_TILE_S ? LB_TILE_S : (int)(B - b);
+            const int S = B - b >= tile ? (int)tile : (int)(B - b);
             const int8_t *xq = p->xq + b * p->Ip;
             const float *dx = p->dx + b * nb, *sx = p->sx + b * nb;
             switch (p->fmt) {
             case LB_Q8: LB_TILE_CASES(LB_Q8) break;
             case LB_Q4_0: LB_TILE_CASES(LB_Q4_0) break;
             case LB_Q4_1: LB_TILE_CASES(LB_Q4_1) break;
-            case LB_Q4_K: LB_TILE_CASES(LB_Q4_K) break;
+            case LB_Q4_K:
+                switch (S) {
+                case 8: lb_ktile(8, p, o, xq, dx, sx, t); break;
+                case 7: lb_ktile(7, p, o, xq, dx, sx, t); break;
+                case 6: lb_ktile(6, p, o, xq, dx, sx, t); break;
+                case 5: lb_ktile(5, p, o, xq, dx, sx, t); break;
+                case 4: lb_ktile(4, p, o, xq, dx, sx, t); break;
+                case 3: lb_ktile(3, p, o, xq, dx, sx, t); break;
+                case 2: lb_ktile(2, p, o, xq, dx, sx, t); break;
+                default: lb_ktile(1, p, o, xq, dx, sx, t); break;
+                }
+                break;
             case LB_Q5_0: LB_TILE_CASES(LB_Q5_0) break;
             default: LB_TILE_CASES(LB_Q5_1) break;
             }
@@ -406,7 +485,7 @@ static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1
 }
 
 static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
-    if (LB_ROWS == 1) { lb_rows_tiled(p, B, o0, o1, acc); return; }
+    if (LB_ROWS == 1 || p->fmt == LB_Q4_K) { lb_rows_tiled(p, B, o0, o1, acc); return; }
     const int64_t nb = p->Ip / LB_QB;
     float s[4];
     for (int64_t o = o0; o < o1; o += 4) {
@@ -496,8 +575,10 @@ static int64_t lb_run_products(int64_t n, lb_product *ps, int64_t B, int64_t nth
         p->xq = (int8_t *)at;
         at += B * p->Ip;
         uint64_t t0 = job.prof ? pool_now_ns() : 0;
-        for (int64_t b = 0; b < B; b++)
+        for (int64_t b = 0; b < B; b++) {
             lb_quantize_x(p->x + b * p->I, p->col, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * nb, p->sx + b * nb);
+            if (p->fmt == LB_Q4_K) lb_k_interleave_x(p->xq + b * p->Ip, p->Ip);
+        }
         if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
     }
     uint64_t t1 = job.prof ? pool_now_ns() : 0;
@@ -545,6 +626,10 @@ void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const 
             uint8_t q[LB_QB];
             if (fmt == LB_Q8) {
                 memcpy(q, QS + o * Ip + j * LB_QB, LB_QB);
+            } else if (fmt == LB_Q4_K) {           /* weight 8c + 4h + i of block l: chunk c, byte 4l + i, nibble h */
+                const uint8_t *sbk = QS + o * (Ip / 2) + (j / 8) * 4 * LB_QB;
+                for (int i = 0; i < LB_QB; i++)
+                    q[i] = (sbk[LB_QB * (i / 8) + 4 * (j % 8) + i % 4] >> (4 * ((i / 4) % 2))) & 15;
             } else {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(QS + o * (Ip / 2) + (j / 2) * LB_QB));
                 v = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
