@@ -354,10 +354,7 @@ def _quantize_rows(w, spec, Ip):
 
 
 def _quantize_k(w, layout, col, qs, rows_per_step, after_slice):
-    """`quantize` for a super-block layout: per block of 32, m = min(min w, 0) and d = (max w - m) / 15;
-    per super-block of 8, Dmin = max(-m) / 63 and D = max(d') / 63 rounded up to float16, mn = ceil(-m /
-    Dmin) and sc = ceil(d' / D) with d' = (max w + Dmin mn) / 15, so that the block's range fits its grid
-    (each weight off by at most half a step), then q = round((w - m_j) / d_j)."""
+    """`quantize` for a super-block layout (`_quantize_rows_k_reference` says how), in slices of rows."""
     spec = SPECS[layout]
     O, I = w.shape
     Ip = qs.shape[1] * 2
@@ -367,44 +364,82 @@ def _quantize_k(w, layout, col, qs, rows_per_step, after_slice):
         src = w[r0:r0 + step].detach().float()
         if col is not None:
             src = src / col
-        q, packed = _quantize_rows_k(src, spec, Ip)
-        qs[r0:r0 + step], sb[r0:r0 + step] = _pack_nibbles_k(q), packed
+        qs[r0:r0 + step], sb[r0:r0 + step] = _quantize_rows_k(src.contiguous(), Ip)
         if after_slice is not None:
             after_slice(w[r0:r0 + step])
     return TYPES[layout + OUTLIER_SUFFIX * (col is not None)](qs, sb, *(() if col is None else (col,)), I)
 
 
+K_TOP = 63                      # 6-bit scales and mins
+K_SEARCH = (0, 1, 2)            # steps below the covering sc and mn tried per block
+
+
 def _f16_at_least(v):
-    """float64 tensor -> float16 values >= v (>= MIN_SCALE), as close as float16 allows."""
-    h = v.clamp(min=MIN_SCALE).to(torch.float16)
-    low = h.double() < v
-    return torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    """float32 tensor -> the smallest float16 values >= max(v, MIN_SCALE)."""
+    v = v.clamp(min=MIN_SCALE)
+    h = v.to(torch.float16)
+    return torch.where(h.float() < v, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
-def _quantize_rows_k(w, spec, Ip):
+def _quantize_rows_k(w, Ip):
+    """float32 rows [O, I] -> (nibbles [O, Ip / 2], scales [O, Ip / 16]) of q4_k: the C quantiser
+    (csrc/lowbit_ops.h lowbit_quantize_k) where the library builds, else the reference; the same bits."""
     if not bool(torch.isfinite(w).all()):
         raise ValueError("cannot quantise a matrix with NaN or Inf values")
+    if not cpu_c.available():
+        return _quantize_rows_k_reference(w, Ip)
     O, I = w.shape
-    top = (1 << 6) - 1
-    blocks = F.pad(w, (0, Ip - I)).double().view(O, Ip // (8 * BLOCK), 8, BLOCK)
-    lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1)
-    dmin = _f16_at_least(-lo.amin(-1) / top)                                       # [O, supers]
-    mn = torch.ceil(-lo / dmin.double()[..., None]).clamp_(0, top)
-    m = -dmin.double()[..., None] * mn                                              # <= lo
-    d_need = (hi - m).clamp(min=0) / spec.levels
-    D = _f16_at_least(d_need.amax(-1) / top)
-    if bool((D.double() > torch.finfo(torch.float16).max).any() | (dmin.double() > torch.finfo(torch.float16).max).any()):
+    qs = torch.empty(O, Ip // 2, dtype=torch.uint8)
+    sb = torch.empty(O, Ip // (8 * BLOCK) * SUPER_BYTES, dtype=torch.uint8)
+    if cpu_c.ops().lib.lowbit_quantize_k(w.data_ptr(), O, I, Ip, qs.data_ptr(), sb.data_ptr(), torch.get_num_threads()):
         raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
-    sc = torch.ceil(d_need / D.double()[..., None]).clamp_(1, top)
-    d = D.double()[..., None] * sc
-    q = torch.round((blocks - m[..., None]) / d[..., None]).clamp_(0, spec.levels).to(torch.uint8)
-    sc8, mn8 = sc.to(torch.uint8), mn.to(torch.uint8)
+    return qs, sb
+
+
+def _quantize_rows_k_reference(w, Ip):
+    """q4_k's quantiser in float32 torch. Per block of 32, lo = min(min w, 0), hi = max w; per
+    super-block of 8 blocks Dmin = the smallest float16 >= max(-lo) / 63 and D the smallest >= max(max(hi
+    + Dmin mn0, 0) / 15) / 63, with mn0 = ceil(-lo / Dmin): these cover every block's range. Then per block
+    the pairs mn = mn0 - a (a in K_SEARCH, clamped to [0, 63]), sc = ceil(max(hi + Dmin mn, 0) / 15 / D) - b
+    (b in K_SEARCH, clamped to [1, 63]) are tried in that order (a outer), and the first one with the least
+    sum over the block (in order) of ((q d + m) - w)^2 is kept, q = clamp(round((w - m) / d), 0, 15), d =
+    D sc, m = -(Dmin mn): giving up a little range at either end (clipping) often rounds the rest better.
+    Every operation is one float32 rounding, in the C quantiser's order, so the bits agree."""
+    O, I = w.shape
+    top = float(K_TOP)
+    b = F.pad(w, (0, Ip - I)).view(O, Ip // (8 * BLOCK), 8, BLOCK)
+    lo, hi = b.amin(-1).clamp(max=0), b.amax(-1)
+    dmin = _f16_at_least((-lo).amax(-1) / top)
+    dm = dmin.float()[..., None]
+    mn0 = torch.ceil(-lo / dm).clamp(0, top)
+    D = _f16_at_least(((hi + dm * mn0).clamp(min=0) / 15).amax(-1) / top)
+    if bool(torch.isinf(D).any() | torch.isinf(dmin).any()):
+        raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
+    Df = D.float()[..., None]
+    best = torch.full_like(lo, float("inf"))
+    bsc, bmn = torch.zeros_like(lo), torch.zeros_like(lo)
+    for a in K_SEARCH:
+        mn = (mn0 - a).clamp(0, top)
+        m = -(dm * mn)
+        sc0 = torch.ceil(((hi - m).clamp(min=0) / 15) / Df).clamp(1, top)
+        for s in K_SEARCH:
+            sc = (sc0 - s).clamp(1, top)
+            d = Df * sc
+            q = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15)
+            e = (q * d[..., None] + m[..., None]) - b
+            e = e * e
+            err = torch.zeros_like(lo)
+            for i in range(BLOCK):
+                err = err + e[..., i]
+            better = err < best
+            best, bsc, bmn = torch.where(better, err, best), torch.where(better, sc, bsc), torch.where(better, mn, bmn)
+    m, d = -(dm * bmn), Df * bsc
+    q = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8).view(O, Ip)
+    sc8, mn8 = bsc.to(torch.uint8), bmn.to(torch.uint8)
     head = torch.stack([D, dmin], -1).view(torch.uint8)                              # [O, supers, 4]
-    low = sc8 | ((mn8 & 3) << 6)
     high = mn8 >> 2
-    high = high[..., 0::2] | (high[..., 1::2] << 4)
-    packed = torch.cat([head, low, high], -1).reshape(O, -1)
-    return q.view(O, Ip), packed
+    packed = torch.cat([head, sc8 | ((mn8 & 3) << 6), high[..., 0::2] | (high[..., 1::2] << 4)], -1)
+    return _pack_nibbles_k(q), packed.reshape(O, -1)
 
 
 def _pack_nibbles_k(q):

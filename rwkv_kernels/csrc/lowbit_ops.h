@@ -606,6 +606,114 @@ void lowbit_quantize_rows(const float *x, const float *col, int64_t B, int64_t I
         lb_quantize_x(x + b * I, col, I, Ip, q + b * Ip, d + b * (Ip / LB_QB), s + b * (Ip / LB_QB));
 }
 
+/* ---- quantising q4_k (rwkv_kernels/lowbit.py's _quantize_rows_k_reference, the same bits) ------- */
+
+#define LB_K_TOP 63                 /* 6-bit scales and mins */
+#define LB_K_SEARCH 3               /* steps of sc and of mn tried below the covering ones: 0, -1, -2 */
+
+/* v (finite, > 0) -> the float16 bits of the smallest float16 >= max(v, 2^-14) */
+static inline uint16_t lb_f16_at_least(float v) {
+    if (!(v >= 6.103515625e-05f)) v = 6.103515625e-05f;
+    uint16_t h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (_cvtsh_ss(h) < v) h++;
+    return h;
+}
+
+static inline __m256 lb_clamp(__m256 v, float lo, float hi) {
+    return _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(hi)), _mm256_set1_ps(lo));
+}
+
+static inline __m256 lb_k_levels(__m256 w, __m256 m, __m256 d) {
+    return lb_clamp(_mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(w, m), d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 0.0f, 15.0f);
+}
+
+/* one super-block, wt[i * 8 + l] = weight i of block l (float32) -> its 128 nibble bytes and 16 scale
+ * bytes. Per block lo = min(min w, 0), hi = max w; Dmin = f16_at_least(max(-lo) / 63), mn0 = ceil(-lo /
+ * Dmin); D = f16_at_least(max(max(hi + Dmin mn0, 0) / 15) / 63). Then per block the pairs mn = mn0 - a,
+ * sc = ceil(max(hi + Dmin mn, 0) / 15 / D) - b (a, b = 0, 1, 2; clamped to [0, 63] and [1, 63]) are
+ * tried in that order, and the first with the least sum (i = 0..31 in order, float32) of
+ * ((q d + m) - w)^2 is kept, q = clamp(round((w - m) / d), 0, 15), d = D sc, m = -(Dmin mn). Returns 0,
+ * or -1 when D or Dmin does not fit a float16. Each lane is one block, so every operation is the
+ * reference's, element for element. */
+static int lb_k_quantize_super(const float *wt, uint8_t *qs, uint8_t *sb) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(-INFINITY);
+    for (int i = 0; i < LB_QB; i++) {
+        __m256 v = _mm256_loadu_ps(wt + 8 * i);
+        lo = _mm256_min_ps(lo, v);
+        hi = _mm256_max_ps(hi, v);
+    }
+    float lanes[8], big = 0.0f;
+    _mm256_storeu_ps(lanes, _mm256_sub_ps(_mm256_setzero_ps(), lo));
+    for (int l = 0; l < 8; l++) big = lanes[l] > big ? lanes[l] : big;
+    const uint16_t hdmin = lb_f16_at_least(big / (float)LB_K_TOP);
+    const __m256 dm = _mm256_set1_ps(_cvtsh_ss(hdmin)), zero = _mm256_setzero_ps();
+    const __m256 mn0 = lb_clamp(_mm256_ceil_ps(_mm256_div_ps(_mm256_sub_ps(zero, lo), dm)), 0.0f, (float)LB_K_TOP);
+    _mm256_storeu_ps(lanes, _mm256_div_ps(_mm256_max_ps(_mm256_add_ps(hi, _mm256_mul_ps(dm, mn0)), zero), _mm256_set1_ps(15.0f)));
+    big = 0.0f;
+    for (int l = 0; l < 8; l++) big = lanes[l] > big ? lanes[l] : big;
+    const uint16_t hD = lb_f16_at_least(big / (float)LB_K_TOP);
+    if ((hD & 0x7C00) == 0x7C00 || (hdmin & 0x7C00) == 0x7C00) return -1;
+    const __m256 D = _mm256_set1_ps(_cvtsh_ss(hD));
+    __m256 best = _mm256_set1_ps(INFINITY), bsc = zero, bmn = zero;
+    for (int a = 0; a < LB_K_SEARCH; a++) {
+        const __m256 mn = lb_clamp(_mm256_sub_ps(mn0, _mm256_set1_ps((float)a)), 0.0f, (float)LB_K_TOP);
+        const __m256 m = _mm256_sub_ps(zero, _mm256_mul_ps(dm, mn));
+        const __m256 need = _mm256_div_ps(_mm256_max_ps(_mm256_sub_ps(hi, m), zero), _mm256_set1_ps(15.0f));
+        const __m256 sc0 = lb_clamp(_mm256_ceil_ps(_mm256_div_ps(need, D)), 1.0f, (float)LB_K_TOP);
+        for (int b = 0; b < LB_K_SEARCH; b++) {
+            const __m256 sc = lb_clamp(_mm256_sub_ps(sc0, _mm256_set1_ps((float)b)), 1.0f, (float)LB_K_TOP);
+            const __m256 d = _mm256_mul_ps(D, sc);
+            __m256 err = zero;
+            for (int i = 0; i < LB_QB; i++) {
+                const __m256 w = _mm256_loadu_ps(wt + 8 * i);
+                const __m256 e = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(lb_k_levels(w, m, d), d), m), w);
+                err = _mm256_add_ps(err, _mm256_mul_ps(e, e));
+            }
+            const __m256 better = _mm256_cmp_ps(err, best, _CMP_LT_OQ);
+            best = _mm256_blendv_ps(best, err, better);
+            bsc = _mm256_blendv_ps(bsc, sc, better);
+            bmn = _mm256_blendv_ps(bmn, mn, better);
+        }
+    }
+    const __m256 d = _mm256_mul_ps(D, bsc), m = _mm256_sub_ps(zero, _mm256_mul_ps(dm, bmn));
+    float q[LB_QB][8], scf[8], mnf[8];
+    for (int i = 0; i < LB_QB; i++) _mm256_storeu_ps(q[i], lb_k_levels(_mm256_loadu_ps(wt + 8 * i), m, d));
+    _mm256_storeu_ps(scf, bsc);
+    _mm256_storeu_ps(mnf, bmn);
+    for (int c = 0; c < 4; c++)                 /* byte 4l + i of chunk c: weights 8c + i | 8c + 4 + i << 4 */
+        for (int l = 0; l < 8; l++)
+            for (int i = 0; i < 4; i++)
+                qs[32 * c + 4 * l + i] = (uint8_t)((int)q[8 * c + i][l] | (int)q[8 * c + 4 + i][l] << 4);
+    memcpy(sb, &hD, 2);
+    memcpy(sb + 2, &hdmin, 2);
+    for (int l = 0; l < 8; l++) {
+        int sc = (int)scf[l], mn = (int)mnf[l];
+        sb[4 + l] = (uint8_t)(sc | (mn & 3) << 6);
+        if (l % 2 == 0) sb[12 + l / 2] = (uint8_t)(mn >> 2);
+        else sb[12 + l / 2] |= (uint8_t)((mn >> 2) << 4);
+    }
+    return 0;
+}
+
+/* float32 rows W [O, I] (finite) -> q4_k nibbles qs [O, Ip / 2] and scales sb [O, Ip / 16], rows padded
+ * with zeros to Ip (a multiple of 256). Returns 0, or -1 when a scale does not fit a float16. */
+int64_t lowbit_quantize_k(const float *W, int64_t O, int64_t I, int64_t Ip, uint8_t *QS, uint8_t *SB, int64_t nthreads) {
+    int64_t bad = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|: bad)
+    for (int64_t o = 0; o < O; o++) {
+        float wt[8 * LB_QB];
+        for (int64_t s0 = 0; s0 < Ip; s0 += 8 * LB_QB) {
+            for (int l = 0; l < 8; l++)
+                for (int i = 0; i < LB_QB; i++) {
+                    int64_t at = s0 + l * LB_QB + i;
+                    wt[8 * i + l] = at < I ? W[o * I + at] : 0.0f;
+                }
+            bad |= lb_k_quantize_super(wt, QS + o * (Ip / 2) + s0 / 2, SB + o * (Ip / 16) + s0 / 16) != 0;
+        }
+    }
+    return bad ? -1 : 0;
+}
+
 /* rows [o0, o1) of the stored matrix (without col) -> float32 out [o1 - o0, I]: fl(d q + m) */
 void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const uint16_t *D, const uint16_t *M,
                        float *out, int64_t o0, int64_t o1, int64_t I, int64_t nthreads) {
