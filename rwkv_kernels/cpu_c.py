@@ -200,7 +200,7 @@ class CpuOps:
         lib.lowbit_quantize_rows.argtypes = [_VP, _VP, _I64, _I64, _I64, _VP, _VP, _VP]
         lib.lowbit_dequantize.argtypes = [_I64, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64]
         lib.lowbit_quantize_rows.restype = lib.lowbit_dequantize.restype = None
-        lib.lowbit_quantize_k.argtypes = [_VP, _I64, _I64, _I64, _VP, _VP, _I64]
+        lib.lowbit_quantize_k.argtypes = [_VP, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _I64]
         lib.lowbit_quantize_k.restype = _I64
         self.max_group = lib.matvec_max_group()
 

@@ -64,10 +64,12 @@ class Spec:
 
 
 SUPER_BYTES = 16                # bytes of scales per super-block of 8 blocks ("q4_k": see the module)
-SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41), "q4_k": Spec(4, True, 44, super_block=True)}
+SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41), "q4_k": Spec(4, True, 44, super_block=True),
+         "q5_k": Spec(5, True, 54, super_block=True)}
 # the formats' codes in the C library's format enum (csrc/quant_ops.h FMT_*; checked when it loads): the
 # decode step (csrc/decode_step.h) runs their products through lowbit_ops.h
-C_CODES = {"q5_0": 4, "q5_0+cols": 5, "q4_1": 6, "q4_1+cols": 7, "int8+cols": 8, "q4_k": 9, "q4_k+cols": 10}
+C_CODES = {"q5_0": 4, "q5_0+cols": 5, "q4_1": 6, "q4_1+cols": 7, "int8+cols": 8, "q4_k": 9, "q4_k+cols": 10,
+           "q5_k": 11, "q5_k+cols": 12}
 OUTLIER_SUFFIX = "+cols"
 LB_Q8 = 8                       # csrc/lowbit_ops.h's code of the int8 blocks (int8+cols)
 COL_EXPONENT = 1.0              # col_j = 2^round(a log2(rms_j / median rms)) (docs/lowbit_choice.md)
@@ -169,25 +171,30 @@ class BlockWeight(formats.PackedWeight):
 
 
 class KBlockWeight(BlockWeight):
-    """A super-block format ("q4_k"): W [out, in] ~ d_j q + m_j per block j of 32, where per super-block of
-    8 blocks d_j = D sc_j and m_j = -Dmin mn_j, D and Dmin float16, sc_j and mn_j 6-bit integers (the
-    products are exact in float32). Built from KBlockWeight(qs, sb, [col], in_features); sb uint8
-    [out, (in_padded / 256) * 16], per super-block: D, Dmin (float16, little-endian), then byte k (k < 8)
-    = sc_k | (mn_k & 3) << 6, then nibble k of bytes 12..15 (low nibble first) = mn_k >> 2."""
+    """A super-block format ("q4_k", "q5_k"): W [out, in] ~ d_j q + m_j per block j of 32, where per
+    super-block of 8 blocks d_j = D sc_j and m_j = -Dmin mn_j, D and Dmin float16, sc_j and mn_j 6-bit
+    integers (the products are exact in float32). Built from KBlockWeight(qs, [qh], sb, [col],
+    in_features); qh (5-bit) uint8 [out, in_padded / 8], a 32-byte plane per super-block (`_pack_high_k`);
+    sb uint8 [out, (in_padded / 256) * 16], per super-block:
+    D, Dmin (float16, little-endian), then byte k (k < 8) = sc_k | (mn_k & 3) << 6, then nibble k of
+    bytes 12..15 (low nibble first) = mn_k >> 2."""
 
     def __init__(self, qs, *rest):
         *parts, self.in_features = rest
-        if len(parts) != 1 + self.cols:
-            raise TypeError(f"{self.format} takes {len(parts) + 2} arguments, got {len(rest) + 1}")
-        self.qs, self.sb = qs, parts[0]
-        self.qh, self.col = None, parts[1] if self.cols else None
+        five = self.spec.bits == 5
+        if len(parts) != 1 + five + self.cols:
+            raise TypeError(f"{self.format} takes {3 + five + self.cols} arguments, got {len(rest) + 1}")
+        self.qs, self.qh = qs, parts[0] if five else None
+        self.sb = parts[five]
+        self.col = parts[-1] if self.cols else None
 
     def parts(self):
-        return (self.qs, self.sb) + ((self.col,) if self.col is not None else ())
+        return tuple(t for t in (self.qs, self.qh, self.sb, self.col) if t is not None)
 
     def values(self):
-        """-> q uint8 [out, in_padded] (0 .. 15), from the nibbles interleaved per super-block."""
-        return _unpack_nibbles_k(self.qs)
+        """-> q uint8 [out, in_padded] (0 .. 2^bits - 1), from the nibbles interleaved per super-block."""
+        q = _unpack_nibbles_k(self.qs)
+        return q if self.qh is None else q | (_unpack_high_k(self.qh) << 4)
 
     def _super(self):
         """-> (D, Dmin float32 [out, supers], sc, mn int64 [out, supers, 8])."""
@@ -221,6 +228,9 @@ class KBlockWeight(BlockWeight):
         if self.qs.dtype != torch.uint8 or O is None or Ip % spec.group or not 0 < self.in_features <= Ip < self.in_features + spec.group:
             raise ValueError(f"{name}: {self.format} nibbles must be uint8 [out, (in rounded up to {spec.group}) / 2], "
                              f"got {self.qs.dtype} {list(self.qs.shape)} for in_features {self.in_features}")
+        if spec.bits == 5 and (self.qh.dtype != torch.uint8 or list(self.qh.shape) != [O, Ip // 8]):
+            raise ValueError(f"{name}: {self.format} qh must be torch.uint8 {[O, Ip // 8]}, "
+                             f"got {self.qh.dtype} {list(self.qh.shape)}")
         want = [O, Ip // spec.group * SUPER_BYTES]
         if self.sb.dtype != torch.uint8 or list(self.sb.shape) != want:
             raise ValueError(f"{name}: {self.format} super-block scales must be uint8 {want}, "
@@ -233,8 +243,9 @@ class KBlockWeight(BlockWeight):
         return self
 
     def c_parts(self):
-        """The C decode step's parts: values, the super-block scales (in the scales' place), column scales."""
-        return self.qs, self.sb, None, None, self.col
+        """The C decode step's parts: values, the super-block scales (in the scales' place), 5th bits,
+        column scales."""
+        return self.qs, self.sb, self.qh, None, self.col
 
 
 class Int8ColsWeight(Int8Weight):
@@ -359,15 +370,20 @@ def _quantize_k(w, layout, col, qs, rows_per_step, after_slice):
     O, I = w.shape
     Ip = qs.shape[1] * 2
     sb = torch.empty(O, Ip // spec.group * SUPER_BYTES, dtype=torch.uint8)
+    qh = torch.empty(O, Ip // 8, dtype=torch.uint8) if spec.bits == 5 else None
     step = rows_per_step or max(1, (1 << 20) // Ip)
     for r0 in range(0, O, step):
         src = w[r0:r0 + step].detach().float()
         if col is not None:
             src = src / col
-        qs[r0:r0 + step], sb[r0:r0 + step] = _quantize_rows_k(src.contiguous(), Ip)
+        q, h, b = _quantize_rows_k(src.contiguous(), Ip, spec.bits)
+        qs[r0:r0 + step], sb[r0:r0 + step] = q, b
+        if qh is not None:
+            qh[r0:r0 + step] = h
         if after_slice is not None:
             after_slice(w[r0:r0 + step])
-    return TYPES[layout + OUTLIER_SUFFIX * (col is not None)](qs, sb, *(() if col is None else (col,)), I)
+    parts = [t for t in (qh, sb, col) if t is not None]
+    return TYPES[layout + OUTLIER_SUFFIX * (col is not None)](qs, *parts, I)
 
 
 K_TOP = 63                      # 6-bit scales and mins
@@ -381,38 +397,42 @@ def _f16_at_least(v):
     return torch.where(h.float() < v, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
-def _quantize_rows_k(w, Ip):
-    """float32 rows [O, I] -> (nibbles [O, Ip / 2], scales [O, Ip / 16]) of q4_k: the C quantiser
-    (csrc/lowbit_ops.h lowbit_quantize_k) where the library builds, else the reference; the same bits."""
+def _quantize_rows_k(w, Ip, bits=4):
+    """float32 rows [O, I] -> (nibbles [O, Ip / 2], 5th bits [O, Ip / 8] or None, scales [O, Ip / 16]) of
+    q4_k (bits 4) or q5_k (5): the C quantiser (csrc/lowbit_ops.h lowbit_quantize_k) where the library
+    builds, else the reference; the same bits."""
     if not bool(torch.isfinite(w).all()):
         raise ValueError("cannot quantise a matrix with NaN or Inf values")
     if not cpu_c.available():
-        return _quantize_rows_k_reference(w, Ip)
+        return _quantize_rows_k_reference(w, Ip, bits)
     O, I = w.shape
     qs = torch.empty(O, Ip // 2, dtype=torch.uint8)
+    qh = torch.empty(O, Ip // 8, dtype=torch.uint8) if bits == 5 else None
     sb = torch.empty(O, Ip // (8 * BLOCK) * SUPER_BYTES, dtype=torch.uint8)
-    if cpu_c.ops().lib.lowbit_quantize_k(w.data_ptr(), O, I, Ip, qs.data_ptr(), sb.data_ptr(), torch.get_num_threads()):
+    if cpu_c.ops().lib.lowbit_quantize_k(w.data_ptr(), O, I, Ip, bits, qs.data_ptr(), _ptr(qh), sb.data_ptr(),
+                                         torch.get_num_threads()):
         raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
-    return qs, sb
+    return qs, qh, sb
 
 
-def _quantize_rows_k_reference(w, Ip):
+def _quantize_rows_k_reference(w, Ip, bits=4):
     """q4_k's quantiser in float32 torch. Per block of 32, lo = min(min w, 0), hi = max w; per
     super-block of 8 blocks Dmin = the smallest float16 >= max(-lo) / 63 and D the smallest >= max(max(hi
     + Dmin mn0, 0) / 15) / 63, with mn0 = ceil(-lo / Dmin): these cover every block's range. Then per block
     the pairs mn = mn0 - a (a in K_SEARCH, clamped to [0, 63]), sc = ceil(max(hi + Dmin mn, 0) / 15 / D) - b
     (b in K_SEARCH, clamped to [1, 63]) are tried in that order (a outer), and the first one with the least
     sum over the block (in order) of ((q d + m) - w)^2 is kept, q = clamp(round((w - m) / d), 0, 15), d =
-    D sc, m = -(Dmin mn): giving up a little range at either end (clipping) often rounds the rest better.
+    D sc, m = -(Dmin mn), with 15 (4 bits) or 31 (5 bits) in place of 15: giving up a little range at either
+    end (clipping) often rounds the rest better.
     Every operation is one float32 rounding, in the C quantiser's order, so the bits agree."""
     O, I = w.shape
-    top = float(K_TOP)
+    top, levels = float(K_TOP), float((1 << bits) - 1)
     b = F.pad(w, (0, Ip - I)).view(O, Ip // (8 * BLOCK), 8, BLOCK)
     lo, hi = b.amin(-1).clamp(max=0), b.amax(-1)
     dmin = _f16_at_least((-lo).amax(-1) / top)
     dm = dmin.float()[..., None]
     mn0 = torch.ceil(-lo / dm).clamp(0, top)
-    D = _f16_at_least(((hi + dm * mn0).clamp(min=0) / 15).amax(-1) / top)
+    D = _f16_at_least(((hi + dm * mn0).clamp(min=0) / levels).amax(-1) / top)
     if bool(torch.isinf(D).any() | torch.isinf(dmin).any()):
         raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
     Df = D.float()[..., None]
@@ -421,11 +441,11 @@ def _quantize_rows_k_reference(w, Ip):
     for a in K_SEARCH:
         mn = (mn0 - a).clamp(0, top)
         m = -(dm * mn)
-        sc0 = torch.ceil(((hi - m).clamp(min=0) / 15) / Df).clamp(1, top)
+        sc0 = torch.ceil(((hi - m).clamp(min=0) / levels) / Df).clamp(1, top)
         for s in K_SEARCH:
             sc = (sc0 - s).clamp(1, top)
             d = Df * sc
-            q = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15)
+            q = torch.round((b - m[..., None]) / d[..., None]).clamp(0, levels)
             e = (q * d[..., None] + m[..., None]) - b
             e = e * e
             err = torch.zeros_like(lo)
@@ -434,12 +454,12 @@ def _quantize_rows_k_reference(w, Ip):
             better = err < best
             best, bsc, bmn = torch.where(better, err, best), torch.where(better, sc, bsc), torch.where(better, mn, bmn)
     m, d = -(dm * bmn), Df * bsc
-    q = torch.round((b - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8).view(O, Ip)
+    q = torch.round((b - m[..., None]) / d[..., None]).clamp(0, levels).to(torch.uint8).view(O, Ip)
     sc8, mn8 = bsc.to(torch.uint8), bmn.to(torch.uint8)
     head = torch.stack([D, dmin], -1).view(torch.uint8)                              # [O, supers, 4]
     high = mn8 >> 2
     packed = torch.cat([head, sc8 | ((mn8 & 3) << 6), high[..., 0::2] | (high[..., 1::2] << 4)], -1)
-    return _pack_nibbles_k(q), packed.reshape(O, -1)
+    return _pack_nibbles_k(q), _pack_high_k(q) if bits == 5 else None, packed.reshape(O, -1)
 
 
 def _pack_nibbles_k(q):
@@ -449,6 +469,22 @@ def _pack_nibbles_k(q):
     O, Ip = q.shape
     b = q.view(O, Ip // (8 * BLOCK), 8, 4, 2, 4) & 15                 # [O, super, block l, chunk c, half, i]
     return (b[:, :, :, :, 0] | (b[:, :, :, :, 1] << 4)).transpose(2, 3).reshape(O, Ip // 2)
+
+
+def _pack_high_k(q):
+    """q [O, Ip] (5-bit) -> the super-block 5th-bit planes [O, Ip / 8]: bit 2 c + h of byte 4 l + i = the
+    5th bit of weight 8 c + 4 h + i of block l (the weight whose nibble is byte 4 l + i of chunk c)."""
+    O, Ip = q.shape
+    bits = (q.view(O, Ip // (8 * BLOCK), 8, 4, 2, 4) >> 4) & 1                     # [O, super, l, c, h, i]
+    bits = bits.permute(0, 1, 2, 5, 3, 4).reshape(O, -1, 8, 4, 8)                   # [O, super, l, i, 2c + h]
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).reshape(O, Ip // 8)
+
+
+def _unpack_high_k(qh):
+    """The inverse of `_pack_high_k`: -> the 5th bits [O, Ip] (0 or 1)."""
+    O, n = qh.shape
+    bits = (qh.view(O, n // BLOCK, 8, 4, 1) >> torch.arange(8, dtype=torch.uint8)) & 1   # [O, super, l, i, 2c + h]
+    return bits.view(O, -1, 8, 4, 4, 2).permute(0, 1, 2, 4, 5, 3).reshape(O, 8 * n)
 
 
 def _unpack_nibbles_k(qs):
@@ -611,7 +647,8 @@ def _block_type(layout, cols):
 
 
 def _file_parts(spec, cols):
-    scales = (".sb",) if spec.super_block else (".qh",) * (spec.bits == 5) + (".d",) + (".m",) * spec.has_min
+    scales = ((".qh",) * (spec.bits == 5) + (".sb",) if spec.super_block
+              else (".qh",) * (spec.bits == 5) + (".d",) + (".m",) * spec.has_min)
     return ("",) + scales + (".col",) * cols
 
 

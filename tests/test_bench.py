@@ -338,7 +338,8 @@ def test_sweep_one_line_errors(tmp_path, case):
 
 def test_weight_format_counts_in_the_fit_check_and_the_run_key():
     per_block = {"int8": 32 + 2, "q5_0": 32 * 5 // 8 + 2, "q4_1": 32 * 4 // 8 + 2 + 2,  # values + fp16 scale (+ min)
-                 "q4_k": 32 * 4 // 8 + 16 / 8}      # values + 16 bytes of scales per super-block of 8 blocks
+                 "q4_k": 32 * 4 // 8 + 16 / 8,      # values + 16 bytes of scales per super-block of 8 blocks
+                 "q5_k": 32 * 5 // 8 + 16 / 8}
     expected = {"float32": 4, "float16": 2, "bfloat16": 2, **{k: v / 32 for k, v in per_block.items()}}
     expected.update({f"{k}+cols": v for k, v in expected.items() if k in per_block})   # column scales: O(in), not O(in x out)
     assert models.WEIGHT_BYTES == expected

@@ -99,7 +99,8 @@ def test_values_and_high_bits_round_trip(fmt):
     q = p.values()
     assert torch.equal((lowbit._pack_nibbles_k if lowbit.SPECS[fmt].super_block else lowbit._pack_nibbles)(q), p.qs)
     if p.qh is not None:
-        assert torch.equal(lowbit._pack_high(q), p.qh) and int(q.max()) >= 16       # the 5th bit is used
+        pack_high = lowbit._pack_high_k if lowbit.SPECS[fmt].super_block else lowbit._pack_high
+        assert torch.equal(pack_high(q), p.qh) and int(q.max()) >= 16       # the 5th bit is used
     # the "_0" formats map the block's largest-magnitude weight to q = 0 exactly (ggml's choice)
     if not lowbit.SPECS[fmt].has_min:
         blocks = w.view(3, 3, 32)
@@ -186,8 +187,8 @@ def test_super_block_search_never_does_worse_than_covering_the_range():
     w = torch.randn(48, 1024) * torch.logspace(-2, 0, 1024)
     w[3, 40] = 9.0                      # a heavy weight, the case where clipping the rest pays
     p = lowbit.quantize(w, "q4_k")
-    qs, sb = lowbit._quantize_rows_k_reference(w, 1024)
-    assert torch.equal(qs, p.qs) and torch.equal(sb, p.sb)
+    qs, qh, sb = lowbit._quantize_rows_k_reference(w, 1024)
+    assert torch.equal(qs, p.qs) and torch.equal(sb, p.sb) and qh is None
     blocks = w.double().view(48, 4, 8, 32)
     D, Dmin = (t.double()[..., None] for t in p._super()[:2])
     lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1)
@@ -201,6 +202,27 @@ def test_super_block_search_never_does_worse_than_covering_the_range():
     assert float(kept.sum() / covering.sum()) < 0.95
 
 
+def test_super_block_fifth_bits_read_as_the_layout_says():
+    """q5_k's 5th bits: bit 2c + h of byte 4l + i of a super-block's 32 bytes is weight 8c + 4h + i of
+    block l (one bit set by hand at a time), in the Python reader, the C kernels and the C dequantiser."""
+    sb = torch.tensor([_k_bytes(1.0, 0.5, [1] * 8, [0] * 8)], dtype=torch.uint8)    # d = 1, m = 0
+    qs = torch.zeros(1, 128, dtype=torch.uint8)
+    for c, h, l, i in ((0, 0, 0, 0), (1, 1, 3, 1), (3, 1, 7, 3), (2, 0, 4, 2)):
+        qh = torch.zeros(1, 32, dtype=torch.uint8)
+        qh[0, 4 * l + i] = 1 << (2 * c + h)
+        k = 4 * h + i
+        p = lowbit.TYPES["q5_k"](qs, qh, sb, 256).check()
+        want = torch.zeros(256)
+        want[32 * l + 8 * c + k] = 16.0
+        assert torch.equal(p.dequantize()[0], want)
+        for isa in ISAS:
+            out = torch.empty(1, 256)
+            assert torch.equal(lowbit.dequantize_rows(p, 0, 1, out, isa=isa)[0], want)
+            x = torch.zeros(1, 256)
+            x[0, 32 * l + 8 * c + k] = 1.0                  # d_x = 1 / 127, q = 127: y = 16
+            assert torch.allclose(lowbit.matvec_group([(x, p)], isa=isa)[0][0], torch.tensor([16.0]), rtol=1e-6), isa
+
+
 def test_super_block_corruption_gives_one_line_errors():
     p = lowbit.quantize(torch.randn(4, 256), "q4_k")
     K = lowbit.TYPES["q4_k"]
@@ -208,6 +230,11 @@ def test_super_block_corruption_gives_one_line_errors():
         K(p.qs, p.sb[:, :8], 256).check()
     with pytest.raises(ValueError, match="nibbles must be uint8"):
         K(p.qs[:, :64], p.sb, 256).check()
+    p5 = lowbit.quantize(torch.randn(4, 256), "q5_k")
+    with pytest.raises(ValueError, match="q5_k qh must be torch.uint8 \\[4, 32\\]"):
+        lowbit.TYPES["q5_k"](p5.qs, p5.qh[:, :16], p5.sb, 256).check()
+    with pytest.raises(TypeError, match="q5_k takes 4 arguments"):
+        lowbit.TYPES["q5_k"](p5.qs, p5.sb, 256)
     for D, Dmin in ((float("nan"), 0.1), (0.0, 0.1), (0.5, float("inf")), (0.5, -0.25)):
         sb = p.sb.clone()
         sb[2, :4] = torch.tensor([D, Dmin], dtype=torch.float16).view(torch.uint8)

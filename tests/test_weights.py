@@ -20,9 +20,9 @@ from rwkv_engine.convert import main as convert_main
 # 16-bit, 1e-3 for int8) with bfloat16's 8-bit mantissa given its own 16x looser bound
 KL_MAX = {"float32": 1e-9, "float16": 1e-5, "bfloat16": 1.6e-3, "int8": 1e-3, "int8+cols": 1e-3,
           "q5_0": 8e-3, "q5_0+cols": 8e-3, "q4_1": 2.5e-2, "q4_1+cols": 2.5e-2,    # issue 20's quality targets
-          "q4_k": 2.5e-2, "q4_k+cols": 2.5e-2}
+          "q4_k": 2.5e-2, "q4_k+cols": 2.5e-2, "q5_k": 8e-3, "q5_k+cols": 8e-3}
 REL_MAX = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 5e-2, "int8": 8e-2, "int8+cols": 8e-2,
-           "q5_0": 0.5, "q5_0+cols": 0.5, "q4_1": 1.0, "q4_1+cols": 1.0, "q4_k": 1.0, "q4_k+cols": 1.0}
+           "q5_0": 0.5, "q5_0+cols": 0.5, "q4_1": 1.0, "q4_1+cols": 1.0, "q4_k": 1.0, "q4_k+cols": 1.0, "q5_k": 0.5, "q5_k+cols": 0.5}
 
 
 def kl_per_token(ref, other):

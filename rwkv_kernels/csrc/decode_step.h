@@ -47,6 +47,7 @@ static inline int64_t decode_lowbit_layout(int64_t fmt) {
     case FMT_Q4_1: case FMT_Q4_1C: return LB_Q4_1;
     case FMT_Q8C: return LB_Q8;
     case FMT_Q4_K: case FMT_Q4_KC: return LB_Q4_K;
+    case FMT_Q5_K: case FMT_Q5_KC: return LB_Q5_K;
     default: return -1;
     }
 }

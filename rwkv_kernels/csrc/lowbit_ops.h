@@ -15,6 +15,9 @@
  *            bytes per super-block (the same 2 bytes per block): float16 D, Dmin, then byte k (k < 8) =
  *            sc_k | (mn_k & 3) << 6, then nibble k of the last 4 bytes (low first) = mn_k >> 2, with 6-bit
  *            sc and mn; block k's d = D sc_k, m = -Dmin mn_k (both exact in float32): w = d q + m.
+ *   LB_Q5_K 54: LB_Q4_K's nibbles and scales with 5-bit values (q up to 31), plus qh uint8 [O, Ip / 8]:
+ *            a 32-byte plane per super-block, bit 2c + h of byte 4l + i = the 5th bit of the weight whose
+ *            nibble is byte 4l + i of chunk c (h = 0: low nibble, weight 8c + i of block l; h = 1: high).
  *   LB_Q8 8: int8 values [O, Ip] and float16 d [O, Ip / 32] (rwkv_kernels/quant.py's int8 layout).
  *   col:     NULL, or float32 [I] powers of two: x is multiplied by col before it is quantised (the
  *            outlier treatment; the matrix stored is W diag(1/col)).
@@ -42,7 +45,7 @@
 #include <string.h>
 #include "pool.h"
 
-enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q4_K = 44, LB_Q5_0 = 50, LB_Q5_1 = 51 };
+enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q4_K = 44, LB_Q5_0 = 50, LB_Q5_1 = 51, LB_Q5_K = 54 };
 #define LB_QB 32
 #define LB_MAX_GROUP 16
 /* Weight bytes per claimed chunk of the pool (whole groups of 4 rows): a product's bytes over
@@ -62,21 +65,22 @@ enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q4_K = 44, LB_Q5_0 = 50, LB_Q5_
 #endif
 
 static inline int lb_bits(int64_t fmt) { return fmt == LB_Q8 ? 8 : (int)(fmt / 10); }
-static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1 || fmt == LB_Q4_K; }
+static inline int lb_is_k(int64_t fmt) { return fmt == LB_Q4_K || fmt == LB_Q5_K; }
+static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1 || lb_is_k(fmt); }
 /* rows are padded to this many weights: pairs of blocks, 8 blocks with 5th-bit planes or super-blocks */
 static inline int64_t lb_group(int64_t fmt) {
     return fmt == LB_Q8 ? LB_QB : lb_bits(fmt) == 5 || fmt == LB_Q4_K ? 8 * LB_QB : 2 * LB_QB;
 }
 static inline int64_t lb_padded(int64_t fmt, int64_t I) { return (I + lb_group(fmt) - 1) / lb_group(fmt) * lb_group(fmt); }
 static inline int lb_known(int64_t fmt) {
-    return fmt == LB_Q8 || fmt == LB_Q4_0 || fmt == LB_Q4_1 || fmt == LB_Q4_K || fmt == LB_Q5_0 || fmt == LB_Q5_1;
+    return fmt == LB_Q8 || fmt == LB_Q4_0 || fmt == LB_Q4_1 || lb_is_k(fmt) || fmt == LB_Q5_0 || fmt == LB_Q5_1;
 }
 
 typedef struct {
     int64_t fmt, O, I, Ip;
     const uint8_t *qs;          /* nibbles, or int8 values for LB_Q8 */
     const uint8_t *qh;          /* 5-bit: the 5th-bit planes [O, Ip / 8] */
-    const uint16_t *d, *m;      /* LB_Q4_K: d holds the super-blocks' scales, m is unused */
+    const uint16_t *d, *m;      /* LB_Q4_K, LB_Q5_K: d holds the super-blocks' scales, m is unused */
     const float *col;
     const float *x;             /* [B, I] */
     float *y;                   /* [B, O] */
@@ -409,10 +413,11 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
  * after the 4 chunks; then one convert and one FMA with the 8 blocks' d d_x add the super-block, and one
  * FNMADD its offsets (Dmin mn d_x s). The chunks are loaded and unpacked once for the S streams; each
  * stream's sequence is the same whatever S is (batch invariant). out[t] = hsum(acc) + hsum(off). */
-static inline __attribute__((always_inline)) void lb_ktile(const int S, const lb_product *p, int64_t row,
-        const int8_t *xq, const float *dx, const float *sx, float *out) {
+static inline __attribute__((always_inline)) void lb_ktile(const int S, const int FIVE, const lb_product *p,
+        int64_t row, const int8_t *xq, const float *dx, const float *sx, float *out) {
     const int64_t Ip = p->Ip, nb = Ip / LB_QB;
     const uint8_t *qs = p->qs + row * (Ip / 2);
+    const uint8_t *qh = FIVE ? p->qh + row * (Ip / 8) : NULL;
     const uint16_t *sb = p->d + row * nb;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 acc[LB_KTILE_S], off[LB_KTILE_S];
@@ -427,10 +432,15 @@ static inline __attribute__((always_inline)) void lb_ktile(const int S, const lb
         lb_k_scales(sb + j, &dv, &mv);
         __m256i isum[LB_KTILE_S];
         for (int t = 0; t < S; t++) isum[t] = _mm256_setzero_si256();
+        const __m256i plane = FIVE ? _mm256_loadu_si256((const __m256i *)(qh + j * 4)) : _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
-            const __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            __m256i a = _mm256_and_si256(v, low4), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            if (FIVE) {                         /* bits 2c and 2c + 1 of the plane: one and, shift, or each */
+                a = lb_with_high(a, plane, 2 * c);
+                b = lb_with_high(b, plane, 2 * c + 1);
+            }
             for (int t = 0; t < S; t++) {
                 const int8_t *x = xq + t * Ip + j * LB_QB + 64 * c;
                 isum[t] = lb_idot_acc(isum[t], a, _mm256_loadu_si256((const __m256i *)x));
@@ -459,11 +469,23 @@ static inline __attribute__((always_inline)) void lb_ktile(const int S, const lb
     default: lb_tile1(1, FMT, p, o, xq, dx, sx, t); break;                                   \
     }
 
-/* rows [o0, o1) one at a time, for the B streams in tiles of LB_TILE_S, ..., 1 streams */
+#define LB_KTILE_CASES(FIVE)                                                                 \
+    switch (S) {                                                                             \
+    case 8: lb_ktile(8, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    case 7: lb_ktile(7, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    case 6: lb_ktile(6, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    case 5: lb_ktile(5, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    case 4: lb_ktile(4, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    case 3: lb_ktile(3, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    case 2: lb_ktile(2, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    default: lb_ktile(1, FIVE, p, o, xq, dx, sx, t); break;                                  \
+    }
+
+/* rows [o0, o1) one at a time, for the B streams in tiles of LB_TILE_S (LB_KTILE_S), ..., 1 streams */
 static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
     const int64_t nb = p->Ip / LB_QB;
     float t[8];
-    const int64_t tile = p->fmt == LB_Q4_K ? LB_KTILE_S : LB_TILE_S;
+    const int64_t tile = lb_is_k(p->fmt) ? LB_KTILE_S : LB_TILE_S;
     for (int64_t o = o0; o < o1; o++)
         for (int64_t b = 0; b < B;) {
             const int S = B - b >= tile ? (int)tile : (int)(B - b);
@@ -473,18 +495,8 @@ static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1
             case LB_Q8: LB_TILE_CASES(LB_Q8) break;
             case LB_Q4_0: LB_TILE_CASES(LB_Q4_0) break;
             case LB_Q4_1: LB_TILE_CASES(LB_Q4_1) break;
-            case LB_Q4_K:
-                switch (S) {
-                case 8: lb_ktile(8, p, o, xq, dx, sx, t); break;
-                case 7: lb_ktile(7, p, o, xq, dx, sx, t); break;
-                case 6: lb_ktile(6, p, o, xq, dx, sx, t); break;
-                case 5: lb_ktile(5, p, o, xq, dx, sx, t); break;
-                case 4: lb_ktile(4, p, o, xq, dx, sx, t); break;
-                case 3: lb_ktile(3, p, o, xq, dx, sx, t); break;
-                case 2: lb_ktile(2, p, o, xq, dx, sx, t); break;
-                default: lb_ktile(1, p, o, xq, dx, sx, t); break;
-                }
-                break;
+            case LB_Q4_K: LB_KTILE_CASES(0) break;
+            case LB_Q5_K: LB_KTILE_CASES(1) break;
             case LB_Q5_0: LB_TILE_CASES(LB_Q5_0) break;
             default: LB_TILE_CASES(LB_Q5_1) break;
             }
@@ -497,7 +509,7 @@ static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1
 }
 
 static void lb_rows(const lb_product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
-    if (LB_ROWS == 1 || p->fmt == LB_Q4_K) { lb_rows_tiled(p, B, o0, o1, acc); return; }
+    if (LB_ROWS == 1 || lb_is_k(p->fmt)) { lb_rows_tiled(p, B, o0, o1, acc); return; }
     const int64_t nb = p->Ip / LB_QB;
     float s[4];
     for (int64_t o = o0; o < o1; o += 4) {
@@ -543,7 +555,7 @@ static void lb_chunk(void *ctx, int64_t chunk) {
 static int64_t lb_row_bytes(const lb_product *p) {
     int64_t nb = p->Ip / LB_QB;
     int64_t v = p->fmt == LB_Q8 ? p->Ip : p->Ip / 2;
-    return v + nb * (2 + 2 * (lb_has_min(p->fmt) && p->fmt != LB_Q4_K)) + (p->qh != NULL) * p->Ip / 8;
+    return v + nb * (2 + 2 * (lb_has_min(p->fmt) && !lb_is_k(p->fmt))) + (p->qh != NULL) * p->Ip / 8;
 }
 
 /* a job's times -> quant_ops.h's profile counters of its products' tags */
@@ -589,7 +601,7 @@ static int64_t lb_run_products(int64_t n, lb_product *ps, int64_t B, int64_t nth
         uint64_t t0 = job.prof ? pool_now_ns() : 0;
         for (int64_t b = 0; b < B; b++) {
             lb_quantize_x(p->x + b * p->I, p->col, p->I, p->Ip, p->xq + b * p->Ip, p->dx + b * nb, p->sx + b * nb);
-            if (p->fmt == LB_Q4_K) lb_k_interleave_x(p->xq + b * p->Ip, p->Ip);
+            if (lb_is_k(p->fmt)) lb_k_interleave_x(p->xq + b * p->Ip, p->Ip);
         }
         if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
     }
@@ -635,19 +647,19 @@ static inline __m256 lb_clamp(__m256 v, float lo, float hi) {
     return _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(hi)), _mm256_set1_ps(lo));
 }
 
-static inline __m256 lb_k_levels(__m256 w, __m256 m, __m256 d) {
-    return lb_clamp(_mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(w, m), d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 0.0f, 15.0f);
+static inline __m256 lb_k_levels(__m256 w, __m256 m, __m256 d, float levels) {
+    return lb_clamp(_mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(w, m), d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 0.0f, levels);
 }
 
-/* one super-block, wt[i * 8 + l] = weight i of block l (float32) -> its 128 nibble bytes and 16 scale
- * bytes. Per block lo = min(min w, 0), hi = max w; Dmin = f16_at_least(max(-lo) / 63), mn0 = ceil(-lo /
- * Dmin); D = f16_at_least(max(max(hi + Dmin mn0, 0) / 15) / 63). Then per block the pairs mn = mn0 - a,
- * sc = ceil(max(hi + Dmin mn, 0) / 15 / D) - b (a, b = 0, 1, 2; clamped to [0, 63] and [1, 63]) are
- * tried in that order, and the first with the least sum (i = 0..31 in order, float32) of
- * ((q d + m) - w)^2 is kept, q = clamp(round((w - m) / d), 0, 15), d = D sc, m = -(Dmin mn). Returns 0,
- * or -1 when D or Dmin does not fit a float16. Each lane is one block, so every operation is the
- * reference's, element for element. */
-static int lb_k_quantize_super(const float *wt, uint8_t *qs, uint8_t *sb) {
+/* one super-block, wt[i * 8 + l] = weight i of block l (float32) -> its 128 nibble bytes, 32 bytes of
+ * 5th bits (qh, 5-bit only: levels = 31, else NULL and 15) and 16 scale bytes. Per block lo = min(min w,
+ * 0), hi = max w; Dmin = f16_at_least(max(-lo) / 63), mn0 = ceil(-lo / Dmin); D = f16_at_least(max(max(hi
+ * + Dmin mn0, 0) / levels) / 63). Then per block the pairs mn = mn0 - a, sc = ceil(max(hi + Dmin mn, 0) /
+ * levels / D) - b (a, b = 0, 1, 2; clamped to [0, 63] and [1, 63]) are tried in that order, and the first
+ * with the least sum (i = 0..31 in order, float32) of ((q d + m) - w)^2 is kept, q = clamp(round((w - m)
+ * / d), 0, levels), d = D sc, m = -(Dmin mn). Returns 0, or -1 when D or Dmin does not fit a float16.
+ * Each lane is one block, so every operation is the reference's, element for element. */
+static int lb_k_quantize_super(const float *wt, float levels, uint8_t *qs, uint8_t *qh, uint8_t *sb) {
     __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(-INFINITY);
     for (int i = 0; i < LB_QB; i++) {
         __m256 v = _mm256_loadu_ps(wt + 8 * i);
@@ -660,7 +672,7 @@ static int lb_k_quantize_super(const float *wt, uint8_t *qs, uint8_t *sb) {
     const uint16_t hdmin = lb_f16_at_least(big / (float)LB_K_TOP);
     const __m256 dm = _mm256_set1_ps(_cvtsh_ss(hdmin)), zero = _mm256_setzero_ps();
     const __m256 mn0 = lb_clamp(_mm256_ceil_ps(_mm256_div_ps(_mm256_sub_ps(zero, lo), dm)), 0.0f, (float)LB_K_TOP);
-    _mm256_storeu_ps(lanes, _mm256_div_ps(_mm256_max_ps(_mm256_add_ps(hi, _mm256_mul_ps(dm, mn0)), zero), _mm256_set1_ps(15.0f)));
+    _mm256_storeu_ps(lanes, _mm256_div_ps(_mm256_max_ps(_mm256_add_ps(hi, _mm256_mul_ps(dm, mn0)), zero), _mm256_set1_ps(levels)));
     big = 0.0f;
     for (int l = 0; l < 8; l++) big = lanes[l] > big ? lanes[l] : big;
     const uint16_t hD = lb_f16_at_least(big / (float)LB_K_TOP);
@@ -670,7 +682,7 @@ static int lb_k_quantize_super(const float *wt, uint8_t *qs, uint8_t *sb) {
     for (int a = 0; a < LB_K_SEARCH; a++) {
         const __m256 mn = lb_clamp(_mm256_sub_ps(mn0, _mm256_set1_ps((float)a)), 0.0f, (float)LB_K_TOP);
         const __m256 m = _mm256_sub_ps(zero, _mm256_mul_ps(dm, mn));
-        const __m256 need = _mm256_div_ps(_mm256_max_ps(_mm256_sub_ps(hi, m), zero), _mm256_set1_ps(15.0f));
+        const __m256 need = _mm256_div_ps(_mm256_max_ps(_mm256_sub_ps(hi, m), zero), _mm256_set1_ps(levels));
         const __m256 sc0 = lb_clamp(_mm256_ceil_ps(_mm256_div_ps(need, D)), 1.0f, (float)LB_K_TOP);
         for (int b = 0; b < LB_K_SEARCH; b++) {
             const __m256 sc = lb_clamp(_mm256_sub_ps(sc0, _mm256_set1_ps((float)b)), 1.0f, (float)LB_K_TOP);
@@ -678,7 +690,7 @@ static int lb_k_quantize_super(const float *wt, uint8_t *qs, uint8_t *sb) {
             __m256 err = zero;
             for (int i = 0; i < LB_QB; i++) {
                 const __m256 w = _mm256_loadu_ps(wt + 8 * i);
-                const __m256 e = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(lb_k_levels(w, m, d), d), m), w);
+                const __m256 e = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(lb_k_levels(w, m, d, levels), d), m), w);
                 err = _mm256_add_ps(err, _mm256_mul_ps(e, e));
             }
             const __m256 better = _mm256_cmp_ps(err, best, _CMP_LT_OQ);
@@ -689,13 +701,21 @@ static int lb_k_quantize_super(const float *wt, uint8_t *qs, uint8_t *sb) {
     }
     const __m256 d = _mm256_mul_ps(D, bsc), m = _mm256_sub_ps(zero, _mm256_mul_ps(dm, bmn));
     float q[LB_QB][8], scf[8], mnf[8];
-    for (int i = 0; i < LB_QB; i++) _mm256_storeu_ps(q[i], lb_k_levels(_mm256_loadu_ps(wt + 8 * i), m, d));
+    for (int i = 0; i < LB_QB; i++) _mm256_storeu_ps(q[i], lb_k_levels(_mm256_loadu_ps(wt + 8 * i), m, d, levels));
     _mm256_storeu_ps(scf, bsc);
     _mm256_storeu_ps(mnf, bmn);
     for (int c = 0; c < 4; c++)                 /* byte 4l + i of chunk c: weights 8c + i | 8c + 4 + i << 4 */
         for (int l = 0; l < 8; l++)
             for (int i = 0; i < 4; i++)
-                qs[32 * c + 4 * l + i] = (uint8_t)((int)q[8 * c + i][l] | (int)q[8 * c + 4 + i][l] << 4);
+                qs[32 * c + 4 * l + i] = (uint8_t)(((int)q[8 * c + i][l] & 15) | ((int)q[8 * c + 4 + i][l] & 15) << 4);
+    if (qh)                                     /* byte 4l + i, bit 2c + h: the 5th bit of weight 8c + 4h + i of block l */
+        for (int l = 0; l < 8; l++)
+            for (int i = 0; i < 4; i++) {
+                int bits = 0;
+                for (int c = 0; c < 4; c++)
+                    for (int h = 0; h < 2; h++) bits |= ((int)q[8 * c + 4 * h + i][l] >> 4 & 1) << (2 * c + h);
+                qh[4 * l + i] = (uint8_t)bits;
+            }
     memcpy(sb, &hD, 2);
     memcpy(sb + 2, &hdmin, 2);
     for (int l = 0; l < 8; l++) {
@@ -707,9 +727,13 @@ static int lb_k_quantize_super(const float *wt, uint8_t *qs, uint8_t *sb) {
     return 0;
 }
 
-/* float32 rows W [O, I] (finite) -> q4_k nibbles qs [O, Ip / 2] and scales sb [O, Ip / 16], rows padded
- * with zeros to Ip (a multiple of 256). Returns 0, or -1 when a scale does not fit a float16. */
-int64_t lowbit_quantize_k(const float *W, int64_t O, int64_t I, int64_t Ip, uint8_t *QS, uint8_t *SB, int64_t nthreads) {
+/* float32 rows W [O, I] (finite) -> q4_k (bits 4) or q5_k (bits 5) nibbles qs [O, Ip / 2], 5th bits qh
+ * [O, Ip / 8] (q5_k; else NULL) and scales sb [O, Ip / 16], rows padded with zeros to Ip (a multiple of
+ * 256). Returns 0, -1 when a scale does not fit a float16, -2 for bits other than 4 and 5. */
+int64_t lowbit_quantize_k(const float *W, int64_t O, int64_t I, int64_t Ip, int64_t bits, uint8_t *QS, uint8_t *QH,
+                          uint8_t *SB, int64_t nthreads) {
+    if ((bits != 4 && bits != 5) || (bits == 5) != (QH != NULL)) return -2;
+    const float levels = (float)((1 << bits) - 1);
     int64_t bad = 0;
     #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|: bad)
     for (int64_t o = 0; o < O; o++) {
@@ -720,7 +744,8 @@ int64_t lowbit_quantize_k(const float *W, int64_t O, int64_t I, int64_t Ip, uint
                     int64_t at = s0 + l * LB_QB + i;
                     wt[8 * i + l] = at < I ? W[o * I + at] : 0.0f;
                 }
-            bad |= lb_k_quantize_super(wt, QS + o * (Ip / 2) + s0 / 2, SB + o * (Ip / 16) + s0 / 16) != 0;
+            bad |= lb_k_quantize_super(wt, levels, QS + o * (Ip / 2) + s0 / 2, QH ? QH + o * (Ip / 8) + s0 / 8 : NULL,
+                                       SB + o * (Ip / 16) + s0 / 16) != 0;
         }
     }
     return bad ? -1 : 0;
@@ -737,7 +762,7 @@ void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const 
         float *dst = out + (o - o0) * I;
         for (int64_t j = 0; j < nb; j++) {
             float dd, mm;
-            if (fmt == LB_Q4_K) {
+            if (lb_is_k(fmt)) {
                 lb_k_scale(D + o * nb + j / 8 * 8, (int)(j % 8), &dd, &mm);
             } else {
                 dd = _cvtsh_ss(D[o * nb + j]);
@@ -746,10 +771,13 @@ void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const 
             uint8_t q[LB_QB];
             if (fmt == LB_Q8) {
                 memcpy(q, QS + o * Ip + j * LB_QB, LB_QB);
-            } else if (fmt == LB_Q4_K) {           /* weight 8c + 4h + i of block l: chunk c, byte 4l + i, nibble h */
+            } else if (lb_is_k(fmt)) {       /* weight 8c + 4h + i of block l: chunk c, byte 4l + i, nibble h */
                 const uint8_t *sbk = QS + o * (Ip / 2) + (j / 8) * 4 * LB_QB;
-                for (int i = 0; i < LB_QB; i++)
+                const uint8_t *hk = QH ? QH + o * (Ip / 8) + (j / 8) * LB_QB : NULL;   /* 5th bits: byte 4l + i, bit 2c + h */
+                for (int i = 0; i < LB_QB; i++) {
                     q[i] = (sbk[LB_QB * (i / 8) + 4 * (j % 8) + i % 4] >> (4 * ((i / 4) % 2))) & 15;
+                    if (hk) q[i] |= ((hk[4 * (j % 8) + i % 4] >> (2 * (i / 8) + (i / 4) % 2)) & 1) << 4;
+                }
             } else {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(QS + o * (Ip / 2) + (j / 2) * LB_QB));
                 v = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));

@@ -34,13 +34,14 @@
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3,   /* F32: cpu_ops.c's rows() */
        /* the low-bit formats and int8 with column scales (rwkv_kernels/lowbit.py): their products run the
         * kernels of lowbit_ops.h (decode_step.h maps these codes to its LB_* layouts) */
-       FMT_Q5_0 = 4, FMT_Q5_0C = 5, FMT_Q4_1 = 6, FMT_Q4_1C = 7, FMT_Q8C = 8, FMT_Q4_K = 9, FMT_Q4_KC = 10 };
+       FMT_Q5_0 = 4, FMT_Q5_0C = 5, FMT_Q4_1 = 6, FMT_Q4_1C = 7, FMT_Q8C = 8, FMT_Q4_K = 9, FMT_Q4_KC = 10, FMT_Q5_K = 11, FMT_Q5_KC = 12 };
 /* The enum as data: the format records of rwkv_kernels/formats.py are checked against it when the library
  * loads (format_name(code) for codes 0, 1, ... until NULL). */
 static const char *const FMT_NAMES[] = {[FMT_F32] = "float32", [FMT_F16] = "float16", [FMT_BF16] = "bfloat16",
                                         [FMT_Q8] = "int8", [FMT_Q5_0] = "q5_0", [FMT_Q5_0C] = "q5_0+cols",
                                         [FMT_Q4_1] = "q4_1", [FMT_Q4_1C] = "q4_1+cols", [FMT_Q8C] = "int8+cols",
-                                        [FMT_Q4_K] = "q4_k", [FMT_Q4_KC] = "q4_k+cols"};
+                                        [FMT_Q4_K] = "q4_k", [FMT_Q4_KC] = "q4_k+cols", [FMT_Q5_K] = "q5_k",
+                                        [FMT_Q5_KC] = "q5_k+cols"};
 const char *format_name(int64_t code) {
     return code >= 0 && code < (int64_t)(sizeof FMT_NAMES / sizeof *FMT_NAMES) ? FMT_NAMES[code] : 0;
 }
