@@ -14,7 +14,7 @@ Built in, in this order: "float32", "float16", "bfloat16" (plain torch tensors o
 blocks stored interleaved in groups of 16, `interleave_blocks`, a layout packed files record). Block scales
 keep an outlier weight from flattening its whole row (a per-row scale would), see
 `bench.quality --outliers`. Activations, state and accumulation stay float32 in every format.
-`rwkv_kernels.lowbit` registers the 5- and 4-bit block formats ("q5_0", "q4_1", "q4_k") and the outlier treatment's
+`rwkv_kernels.lowbit` registers the 5- and 4-bit block formats ("q5_0", "q4_1", "q4_k", "q5_k") and the outlier treatment's
 "+cols" variants (also "int8+cols") through the same `register`.
 
 A packed type (a format that is not a plain tensor) has: `shape` (out, in), `device`, `nbytes`,

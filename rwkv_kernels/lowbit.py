@@ -6,7 +6,9 @@ Layouts (`SPECS`), blocks of 32 weights along the input dimension, values unsign
   "q4_1"  5.0 bits/weight: float16 d and m per block, w = d q + m         (ggml's Q4_1)
   "q4_k"  4.5 bits/weight: w = d q + m; per super-block of 8 blocks float16 D and Dmin and per block
           6-bit sc and mn, d = D sc, m = -Dmin mn                          (the k-quant idea, ggml's Q4_K)
-chosen by docs/lowbit_choice.md (q4_0 and q5_1 were measured there and left out: q4_0 misses the 4-bit
+  "q5_k"  5.5 bits/weight: q4_k with 5-bit values (a 5th-bit plane per super-block)  (ggml's Q5_K idea)
+chosen by docs/lowbit_choice.md (the super-block formats quantise each block with a small search for the
+least squared error, in C: `_quantize_rows_k_reference` says how; q4_0 and q5_1 were measured there and left out: q4_0 misses the 4-bit
 quality target, q5_1 costs half a bit more than q5_0 for little). Storage (`BlockWeight`), planar like
 `Int8Weight`, laid out for the AVX2 kernel's unpacking: rows padded with zero weights to a multiple of
 `Spec.group` (64 for 4 bits, 256 for 5 and "q4_k"); qs uint8 [out, in_padded / 2]: blocks in pairs, 32 bytes per
