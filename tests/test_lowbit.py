@@ -393,7 +393,7 @@ def test_dequantise_rows_is_exact(isa, fmt):
 
 
 @needs_c
-@pytest.mark.parametrize("fmt", ("q4_1+cols", "q5_0"))
+@pytest.mark.parametrize("fmt", ("q4_1+cols", "q5_0", "q4_k+cols", "q5_k"))
 def test_gemm_in_slices_matches_the_dequantised_matrix(fmt, monkeypatch):
     x, w = _data(20, 300, 70)
     packed = pack(w, fmt)
@@ -428,7 +428,7 @@ def test_simulated_avx2_only_cpu_runs_the_avx2_build():
 # ---------------------------------------------------------------------------------------------
 # rwkv_kernels.linear dispatches on the weight's format
 
-@pytest.mark.parametrize("fmt", ("q4_1", "q5_0+cols", "int8+cols"))
+@pytest.mark.parametrize("fmt", ("q4_1", "q5_0+cols", "int8+cols", "q4_k", "q5_k+cols"))
 def test_linear_dispatch_decode_and_prompt_shapes(fmt):
     x, w = _data(4, 40, 96)
     packed = pack(w, fmt)
@@ -455,7 +455,7 @@ def _kl(ref, other):
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("fmt", ("q4_1", "q5_0+cols"))
+@pytest.mark.parametrize("fmt", ("q4_1", "q5_0+cols", "q4_k", "q5_k+cols"))
 def test_packed_model_is_near_fp32_and_batch_invariant(tiny_pth, tokens, fmt):
     ref = rwkv_engine.load(str(tiny_pth)).forward(tokens, all_logits=True)[0]
     model = rwkv_engine.load(str(tiny_pth), weights=fmt)
@@ -489,7 +489,7 @@ def test_converted_file_equals_quantised_at_load(tiny_pth, q5_file, tokens):
     assert q5_file.stat().st_size < tiny_pth.stat().st_size * 0.5     # (the float16 embedding dominates here)
 
 
-@pytest.mark.parametrize("fmt", ("int8+cols", "q4_1"))
+@pytest.mark.parametrize("fmt", ("int8+cols", "q4_1", "q4_k", "q5_k+cols"))
 def test_file_round_trip(tiny_pth, tmp_path, tokens, fmt):
     out = tmp_path / f"tiny-{fmt}.safetensors"
     assert convert_main([str(tiny_pth), str(out), "--weights", fmt]) == 0
