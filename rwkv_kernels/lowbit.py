@@ -142,14 +142,20 @@ class BlockWeight(formats.PackedWeight):
         w = self.dequantize_stored()
         return w * self.col if self.col is not None else w
 
-    def check(self, name="weight"):
-        """Raise ValueError (one line) if the tensors cannot be a matrix of this format."""
+    def _check_nibbles(self, name):
+        """-> (out, in_padded) of the nibbles, or ValueError (one line) if they cannot be this format's."""
         spec = self.spec
         O, half = self.qs.shape if self.qs.dim() == 2 else (None, None)
         Ip = None if half is None else 2 * half
         if self.qs.dtype != torch.uint8 or O is None or Ip % spec.group or not 0 < self.in_features <= Ip < self.in_features + spec.group:
             raise ValueError(f"{name}: {self.format} nibbles must be uint8 [out, (in rounded up to {spec.group}) / 2], "
                              f"got {self.qs.dtype} {list(self.qs.shape)} for in_features {self.in_features}")
+        return O, Ip
+
+    def check(self, name="weight"):
+        """Raise ValueError (one line) if the tensors cannot be a matrix of this format."""
+        spec = self.spec
+        O, Ip = self._check_nibbles(name)
         nb = Ip // BLOCK
         want = {"d": (self.d, torch.float16, nb), "m": (self.m, torch.float16 if spec.has_min else None, nb),
                 "qh": (self.qh, torch.uint8 if spec.bits == 5 else None, Ip // 8)}
@@ -225,11 +231,7 @@ class KBlockWeight(BlockWeight):
 
     def check(self, name="weight"):
         spec = self.spec
-        O, half = self.qs.shape if self.qs.dim() == 2 else (None, None)
-        Ip = None if half is None else 2 * half
-        if self.qs.dtype != torch.uint8 or O is None or Ip % spec.group or not 0 < self.in_features <= Ip < self.in_features + spec.group:
-            raise ValueError(f"{name}: {self.format} nibbles must be uint8 [out, (in rounded up to {spec.group}) / 2], "
-                             f"got {self.qs.dtype} {list(self.qs.shape)} for in_features {self.in_features}")
+        O, Ip = self._check_nibbles(name)
         if spec.bits == 5 and (self.qh.dtype != torch.uint8 or list(self.qh.shape) != [O, Ip // 8]):
             raise ValueError(f"{name}: {self.format} qh must be torch.uint8 {[O, Ip // 8]}, "
                              f"got {self.qh.dtype} {list(self.qh.shape)}")
