@@ -76,6 +76,26 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def cpu_id():
+    """The CPU's model name with its family and model numbers (AMD's Zen 3 and Zen 4 share a name:
+    "AMD EPYC (family 25 model 1)" is a Zen 3, model 17 a Zen 4)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    if "cpu family" in fields and "model" in fields:
+        return f"{cpu_model()} (family {fields['cpu family']} model {fields['model']})"
+    return cpu_model()
+
+
 def device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
 

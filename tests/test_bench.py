@@ -599,3 +599,33 @@ def test_a_packed_file_run_without_weights_records_its_own_format(tiny_pth, tmp_
     assert r["status"] == "ok", r
     assert r["weight_format"] == "int8" and r["dtype"] == "float32"
     assert r["provenance"] == str(packed) == r["weights"]                      # the former key stays
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.formats
+
+def test_formats_table_alternates_each_format_with_float32(tmp_path):
+    out, md = tmp_path / "f.json", tmp_path / "f.md"
+    r = cli("bench.formats", "--model", TINY, "--formats", "int8,q4_k", "--batch", "1,3", "--repeats", "1",
+            "--steps", "2", "--json", str(out), "--md", str(md))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["synthetic"] is True and data["model"] == TINY and data["isa"] in ("avx2", "avx512")
+    assert "family" in data["cpu"] or data["cpu"]                     # the CPU is named
+    assert [(row["format"], row["streams"]) for row in data["rows"]] == [("int8", 1), ("int8", 3), ("q4_k", 1), ("q4_k", 3)]
+    for row in data["rows"]:
+        assert row["tokens_per_s"] > 0 and row["float32_tokens_per_s"] > 0 and row["weight_mb_per_step"] > 0
+        assert abs(row["ratio"] - row["tokens_per_s"] / row["float32_tokens_per_s"]) < 1e-9
+    assert "synthetic weights" in r.stdout.splitlines()[0] and "synthetic weights" in md.read_text()
+    table = [line.split() for line in r.stdout.splitlines() if line.split() and line.split()[0] in ("int8", "q4_k")]
+    assert len(table) == 4 and all(abs(float(t[4]) - row["ratio"]) < 0.006 for t, row in zip(table, data["rows"]))
+    assert md.read_text().count("\n| q4_k |") == 2
+
+
+def test_formats_refuses_unknown_formats_and_stream_counts():
+    bad = cli("bench.formats", "--model", TINY, "--formats", "int4")
+    assert bad.returncode == 2 and "--formats" in bad.stderr and "int4" in bad.stderr
+    bad = cli("bench.formats", "--model", TINY, "--batch", "0")
+    assert bad.returncode == 2 and "--batch" in bad.stderr
+    bad = cli("bench.formats", "--model", "pythia-160m")
+    assert bad.returncode == 2 and "RWKV" in bad.stderr
