@@ -275,7 +275,7 @@ print(meter.read()["peak_bytes"])
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs /proc/self/clear_refs")
-@pytest.mark.parametrize("fmt", ["int8", "q4_1+cols"])
+@pytest.mark.parametrize("fmt", ["int8", "q4_1+cols", "q4_k"])
 def test_loading_packed_peak_memory_is_near_the_packed_size(tmp_path, fmt):
     from rwkv_engine.config import RWKVConfig
     cfg = RWKVConfig(n_layer=12, n_embd=512, vocab_size=4096)
