@@ -3,7 +3,8 @@
  * (one library, one thread pool: pool.h); every name here starts with lb_ or lowbit_.
  *
  * Formats (codes as rwkv_kernels/lowbit.py's SPECS), blocks of 32 along i; rows padded with zero weights
- * to Ip = I rounded up to the format's group (64 for 4 bits, 256 for 5, 32 for int8):
+ * to Ip = I rounded up to the format's group (64 for 4 bits, 256 for 5 and the super-block formats, 32
+ * for int8):
  *   LB_Q4_0 40, LB_Q4_1 41, LB_Q5_0 50, LB_Q5_1 51: qs uint8 [O, Ip / 2], blocks in pairs, 32 bytes
  *            per pair: byte k = element k of the first block (low nibble) | element k of the second
  *            (high nibble); qh uint8 [O, Ip / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the
@@ -30,7 +31,10 @@
  * madd sums to int32, and one FMA adds the block's exact integer dot times d * d_x; the offset
  * m * d_x * s is accumulated apart, 8 blocks per FMA. The layouts were chosen for this: with ggml's
  * (16 nibble bytes per block, 4 bytes of 5th bits expanded by shuffle/compare) the 4-bit kernel ran
- * ~30% and the 5-bit ~65% slower per weight on the Zen 3 (docs/lowbit_choice.md).
+ * ~30% and the 5-bit ~65% slower per weight on the Zen 3 (docs/lowbit_choice.md). The super-block
+ * formats (LB_Q4_K, LB_Q5_K: lb_ktile) interleave 8 blocks per load instead, so each 32-bit lane sums one
+ * block over the super-block and one convert and FMA serve 8 blocks; their weights are quantised here
+ * too (lowbit_quantize_k: a small search per block, the same bits as the float32 torch reference).
  * Every (row, stream) result is the same instruction sequence whatever B, the rows around it and the
  * thread count are, so a stream's outputs are bit-identical however many streams share the batch.
  * Sequence mode: lowbit_dequantize (rows -> float32, then torch's GEMM), on OpenMP like quant_ops.h.
