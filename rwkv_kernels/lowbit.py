@@ -11,11 +11,11 @@ chosen by docs/lowbit_choice.md (the super-block formats quantise each block wit
 least squared error, in C: `_quantize_rows_k_reference` says how; q4_0 and q5_1 were measured there and left out: q4_0 misses the 4-bit
 quality target, q5_1 costs half a bit more than q5_0 for little). Storage (`BlockWeight`), planar like
 `Int8Weight`, laid out for the AVX2 kernel's unpacking: rows padded with zero weights to a multiple of
-`Spec.group` (64 for 4 bits, 256 for 5 and "q4_k"); qs uint8 [out, in_padded / 2]: blocks in pairs, 32 bytes per
+`Spec.group` (64 for 4 bits, 256 for 5 and the super-block formats); qs uint8 [out, in_padded / 2]: blocks in pairs, 32 bytes per
 pair, byte k = element k of the first block (low nibble) | element k of the second (high nibble); qh
 uint8 [out, in_padded / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the 5th bit of element k
 of block b of the eight; d float16 [out, blocks] (signed for "_0": ggml's choice, see `quantize`), m
-float16 [out, blocks] ("_1" only); "q4_k": qs interleaved per super-block of 8 blocks so that one 32-byte
+float16 [out, blocks] ("_1" only); "q4_k", "q5_k": qs interleaved per super-block of 8 blocks so that one 32-byte
 load holds 8 weights of each of the 8 (`_pack_nibbles_k`), sb uint8 [out, in_padded / 16] (`KBlockWeight`).
 
 Outlier treatment ("+cols", `col`): trained models have a few input channels whose activations are
@@ -413,21 +413,24 @@ def _quantize_rows_k(w, Ip, bits=4):
     qs = torch.empty(O, Ip // 2, dtype=torch.uint8)
     qh = torch.empty(O, Ip // 8, dtype=torch.uint8) if bits == 5 else None
     sb = torch.empty(O, Ip // (8 * BLOCK) * SUPER_BYTES, dtype=torch.uint8)
-    if cpu_c.ops().lib.lowbit_quantize_k(w.data_ptr(), O, I, Ip, bits, qs.data_ptr(), _ptr(qh), sb.data_ptr(),
-                                         torch.get_num_threads()):
+    rc = cpu_c.ops().lib.lowbit_quantize_k(w.data_ptr(), O, I, Ip, bits, qs.data_ptr(), _ptr(qh), sb.data_ptr(),
+                                           torch.get_num_threads())
+    if rc == -1:
         raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
+    if rc:
+        raise ValueError(f"lowbit_quantize_k: no super-block format of {bits} bits")
     return qs, qh, sb
 
 
 def _quantize_rows_k_reference(w, Ip, bits=4):
-    """q4_k's quantiser in float32 torch. Per block of 32, lo = min(min w, 0), hi = max w; per
-    super-block of 8 blocks Dmin = the smallest float16 >= max(-lo) / 63 and D the smallest >= max(max(hi
-    + Dmin mn0, 0) / 15) / 63, with mn0 = ceil(-lo / Dmin): these cover every block's range. Then per block
-    the pairs mn = mn0 - a (a in K_SEARCH, clamped to [0, 63]), sc = ceil(max(hi + Dmin mn, 0) / 15 / D) - b
-    (b in K_SEARCH, clamped to [1, 63]) are tried in that order (a outer), and the first one with the least
-    sum over the block (in order) of ((q d + m) - w)^2 is kept, q = clamp(round((w - m) / d), 0, 15), d =
-    D sc, m = -(Dmin mn), with 15 (4 bits) or 31 (5 bits) in place of 15: giving up a little range at either
-    end (clipping) often rounds the rest better.
+    """The super-block quantiser (q4_k: bits 4, L = 15; q5_k: bits 5, L = 31) in float32 torch. Per block
+    of 32, lo = min(min w, 0), hi = max w; per super-block of 8 blocks Dmin = the smallest float16 >=
+    max(-lo) / 63 and D the smallest >= max(max(hi + Dmin mn0, 0) / L) / 63, with mn0 = ceil(-lo / Dmin):
+    these cover every block's range. Then per block the pairs mn = mn0 - a (a in K_SEARCH, clamped to
+    [0, 63]), sc = ceil(max(hi + Dmin mn, 0) / L / D) - b (b in K_SEARCH, clamped to [1, 63]) are tried in
+    that order (a outer), and the first one with the least sum over the block (in order) of
+    ((q d + m) - w)^2 is kept, q = clamp(round((w - m) / d), 0, L), d = D sc, m = -(Dmin mn): giving up a
+    little range at either end (clipping) often rounds the rest better.
     Every operation is one float32 rounding, in the C quantiser's order, so the bits agree."""
     O, I = w.shape
     top, levels = float(K_TOP), float((1 << bits) - 1)

@@ -73,7 +73,7 @@ static inline int lb_is_k(int64_t fmt) { return fmt == LB_Q4_K || fmt == LB_Q5_K
 static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1 || lb_is_k(fmt); }
 /* rows are padded to this many weights: pairs of blocks, 8 blocks with 5th-bit planes or super-blocks */
 static inline int64_t lb_group(int64_t fmt) {
-    return fmt == LB_Q8 ? LB_QB : lb_bits(fmt) == 5 || fmt == LB_Q4_K ? 8 * LB_QB : 2 * LB_QB;
+    return fmt == LB_Q8 ? LB_QB : lb_bits(fmt) == 5 || lb_is_k(fmt) ? 8 * LB_QB : 2 * LB_QB;
 }
 static inline int64_t lb_padded(int64_t fmt, int64_t I) { return (I + lb_group(fmt) - 1) / lb_group(fmt) * lb_group(fmt); }
 static inline int lb_known(int64_t fmt) {
@@ -100,7 +100,7 @@ static inline float lb_hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* LB_Q4_K: one super-block's 16 bytes -> its 8 blocks' d = D sc_k and Dmin mn_k (the offset m = -Dmin mn_k)
+/* LB_Q4_K, LB_Q5_K: one super-block's 16 bytes -> its 8 blocks' d = D sc_k and Dmin mn_k (the offset m = -Dmin mn_k)
  * as vectors, exact in float32 (11-bit float16 mantissas times 6-bit integers) */
 static inline void lb_k_scales(const uint16_t *sb, __m256 *dv, __m256 *mv) {
     const uint8_t *b = (const uint8_t *)sb;
@@ -123,7 +123,7 @@ static inline void lb_k_scale(const uint16_t *sb, int k, float *d, float *m) {
     *m = -_cvtsh_ss(sb[1]) * (float)mn;
 }
 
-/* LB_Q4_K: x's int8 blocks in the nibbles' order: per super-block, dword k (bytes 4k..4k+3) of block l
+/* LB_Q4_K, LB_Q5_K: x's int8 blocks in the nibbles' order: per super-block, dword k (bytes 4k..4k+3) of block l
  * moves to dword 8k + l, so that chunk c's low (high) nibbles meet x's dwords 16c + 0..7 (8..15). */
 static void lb_k_interleave_x(int8_t *q, int64_t Ip) {
     for (int64_t s0 = 0; s0 < Ip; s0 += 8 * LB_QB) {
@@ -411,7 +411,7 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
 #if LB_KTILE_S < 1 || LB_KTILE_S > 8
 #error "LB_KTILE_S: 1 to 8 streams per q4_k tile"
 #endif
-/* LB_Q4_K: one row x S streams (S <= LB_KTILE_S), x interleaved as the nibbles (lb_k_interleave_x). Per super-block
+/* LB_Q4_K, LB_Q5_K (FIVE): one row x S streams (S <= LB_KTILE_S), x interleaved as the nibbles (lb_k_interleave_x). Per super-block
  * of 8 blocks, 4 chunks of 32 bytes: lane l of a chunk (bytes 4l..4l+3) holds 8 weights of block l, and
  * two dpbusd (AVX2: maddubs + madd + add) per chunk and stream leave lane l block l's exact integer dot
  * after the 4 chunks; then one convert and one FMA with the 8 blocks' d d_x add the super-block, and one
@@ -634,7 +634,7 @@ void lowbit_quantize_rows(const float *x, const float *col, int64_t B, int64_t I
         lb_quantize_x(x + b * I, col, I, Ip, q + b * Ip, d + b * (Ip / LB_QB), s + b * (Ip / LB_QB));
 }
 
-/* ---- quantising q4_k (rwkv_kernels/lowbit.py's _quantize_rows_k_reference, the same bits) ------- */
+/* ---- quantising q4_k and q5_k (rwkv_kernels/lowbit.py's _quantize_rows_k_reference, the same bits) */
 
 #define LB_K_TOP 63                 /* 6-bit scales and mins */
 #define LB_K_SEARCH 3               /* steps of sc and of mn tried below the covering ones: 0, -1, -2 */
