@@ -129,7 +129,7 @@ static inline vf vexp(vf x) {
 /* R rows (of W, stride I) x S streams (of x, stride I) of dot products, into y (row stride O).
  * Every (row, stream) pair follows the same instruction sequence whatever R and S are. */
 static inline __attribute__((always_inline)) void dot_tile(const int R, const int S, const float *w,
-        const float *x, float *y, int64_t I, int64_t O, int acc, const float *pf, int pk, int l2) {
+        const float *x, float *y, int64_t I, int64_t O, int acc, const float *pf, int pk) {
     vf a[4][4];
     for (int r = 0; r < R; r++) for (int s = 0; s < S; s++) a[r][s] = vzero();
     int64_t i = 0;
@@ -137,7 +137,7 @@ static inline __attribute__((always_inline)) void dot_tile(const int R, const in
         /* pk cache lines of the block to come per vector step (see rows()) */
         if (pf) for (int j = 0; j < pk; j++) {
             const char *line = (const char *)(pf + (i / VW * pk + j) * 16);
-            if (l2) _mm_prefetch(line, _MM_HINT_T1); else _mm_prefetch(line, _MM_HINT_T0);
+            _mm_prefetch(line, _MM_HINT_T1);
         }
         vf xv[4];
         for (int s = 0; s < S; s++) xv[s] = vload(x + s * I + i);
@@ -173,25 +173,27 @@ static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I,
 #endif
     /* with several streams each block of 4 rows is computed on for a while: the block PF_AHEAD blocks
      * ahead (within this chunk) is prefetched meanwhile, spread over the block's tiles, a line or a
-     * few per vector step, so memory requests stay in flight while the core computes; into L2 from 8
-     * streams on (longer ahead of use). Measured on 169m, 16 streams, 2 threads, against the first
-     * tile prefetching the next block into L1: 37 vs 42-50 ms per step (with the larger chunks of
-     * run_products at >= 8 streams); 4 streams unchanged. */
-    const int pk = tiles > 0 ? (int)((4 + tiles - 1) / tiles) : 0, l2 = B >= 8;
+     * few per vector step, so memory requests stay in flight while the core computes; into L2 (longer
+     * ahead of use). Measured on 169m, 16 streams, 2 threads, against the first tile prefetching the
+     * next block into L1: 37 vs 42-50 ms per step (with the larger chunks of run_products at >= 8
+     * streams). Into L2 from 4 streams rather than from 8 (Zen 4, 169m's 85 products, builds
+     * alternating): 4-6 streams 1.12-1.25x in both builds, 8 and 16 unchanged. From 1 or 2 streams it
+     * helped 169m but slowed 1b5's single stream by 1.2x, so fewer than 4 streams do not prefetch. */
+    const int pk = tiles > 0 ? (int)((4 + tiles - 1) / tiles) : 0;
     for (; o + 4 <= o1; o += 4) {
         int64_t b = 0;
         const float *pf = B >= 4 && o + 4 * (PF_AHEAD + 1) <= o1 ? W + (o + 4 * PF_AHEAD) * I : NULL;
         const int64_t step = (I / VW) * pk * 16;       /* floats of the next block each tile covers */
 #if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
-        for (; b + 4 <= B; b += 4, pf = pf ? pf + step : NULL) dot_tile(4, 4, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);
+        for (; b + 4 <= B; b += 4, pf = pf ? pf + step : NULL) dot_tile(4, 4, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
 #else             /* 16 registers: 4 rows x 3 streams of accumulators, 3 x vectors and one w vector */
-        for (; b + 3 <= B; b += 3, pf = pf ? pf + step : NULL) dot_tile(4, 3, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);
+        for (; b + 3 <= B; b += 3, pf = pf ? pf + step : NULL) dot_tile(4, 3, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
 #endif
-        for (; b + 2 <= B; b += 2, pf = pf ? pf + step : NULL) dot_tile(4, 2, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);
-        if (b < B) dot_tile(4, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk, l2);
+        for (; b + 2 <= B; b += 2, pf = pf ? pf + step : NULL) dot_tile(4, 2, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
+        if (b < B) dot_tile(4, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
     }
     for (; o < o1; o++)
-        for (int64_t b = 0; b < B; b++) dot_tile(1, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, NULL, 0, 0);
+        for (int64_t b = 0; b < B; b++) dot_tile(1, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, NULL, 0);
 }
 
 /* xx = LayerNorm(x); out_j = shift + mix_j * (xx - shift) for each mix; then shift = xx.
