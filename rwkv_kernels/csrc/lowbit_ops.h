@@ -473,15 +473,18 @@ static inline __attribute__((always_inline)) void lb_ktile(const int S, const in
     default: lb_tile1(1, FMT, p, o, xq, dx, sx, t); break;                                   \
     }
 
+/* S never exceeds LB_KTILE_S: the cases above it are dead, and clamping their S keeps the compiler from
+ * warning about accumulator arrays that are LB_KTILE_S long */
+#define LB_KS(n) ((n) < LB_KTILE_S ? (n) : LB_KTILE_S)
 #define LB_KTILE_CASES(FIVE)                                                                 \
     switch (S) {                                                                             \
-    case 8: lb_ktile(8, FIVE, p, o, xq, dx, sx, t); break;                                   \
-    case 7: lb_ktile(7, FIVE, p, o, xq, dx, sx, t); break;                                   \
-    case 6: lb_ktile(6, FIVE, p, o, xq, dx, sx, t); break;                                   \
-    case 5: lb_ktile(5, FIVE, p, o, xq, dx, sx, t); break;                                   \
-    case 4: lb_ktile(4, FIVE, p, o, xq, dx, sx, t); break;                                   \
-    case 3: lb_ktile(3, FIVE, p, o, xq, dx, sx, t); break;                                   \
-    case 2: lb_ktile(2, FIVE, p, o, xq, dx, sx, t); break;                                   \
+    case 8: lb_ktile(LB_KS(8), FIVE, p, o, xq, dx, sx, t); break;                            \
+    case 7: lb_ktile(LB_KS(7), FIVE, p, o, xq, dx, sx, t); break;                            \
+    case 6: lb_ktile(LB_KS(6), FIVE, p, o, xq, dx, sx, t); break;                            \
+    case 5: lb_ktile(LB_KS(5), FIVE, p, o, xq, dx, sx, t); break;                            \
+    case 4: lb_ktile(LB_KS(4), FIVE, p, o, xq, dx, sx, t); break;                            \
+    case 3: lb_ktile(LB_KS(3), FIVE, p, o, xq, dx, sx, t); break;                            \
+    case 2: lb_ktile(LB_KS(2), FIVE, p, o, xq, dx, sx, t); break;                            \
     default: lb_ktile(1, FIVE, p, o, xq, dx, sx, t); break;                                  \
     }
 
