@@ -669,47 +669,60 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
  * each for 4 x S sign + maddubs + madd. Each (row, stream) is dotn_q8's arithmetic (the same integers,
  * scale products and FMAs into the same halves, hsum8_fixed(lo + hi)), so its bits do not depend on
  * the batch. */
+/* half h (lanes 8h .. 8h + 7, n of them valid) of the group of m blocks from block j0, into acc[r][t]. Called
+ * with constant n = 8 and m = QG for the full groups, so their loads and offsets are fixed at compile time. */
+static inline __attribute__((always_inline)) void tile_q8_half(const int S, const int n, const int m, const int h,
+        const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx,
+        int64_t Ip, int64_t nb, int64_t j0, int pf, __m256 acc[4][2]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t base = j0 * QB;
+    __m256i a[4][2];
+    for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) a[r][t] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; g++) {
+        const int64_t at = base + 4 * g * m + 32 * h;
+        if (Q8_PF && pf && h == 0) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + Q8_PF, _MM_HINT_T1);
+        __m256i xv[2], av[2];
+        for (int t = 0; t < S; t++) {
+            xv[t] = q8_load_half(xq + t * Ip + at, n);
+            av[t] = q8_load_half(xa + t * Ip + at, n);
+        }
+        for (int r = 0; r < 4; r++) {
+            const __m256i wv = q8_load_half(w[r] + at, n);
+            for (int t = 0; t < S; t++)
+                a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(av[t], _mm256_sign_epi8(wv, xv[t])), ones));
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < S; t++) {
+            __m256 cs;
+            if (n == 8)
+                cs = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0 + 8 * h))),
+                                   _mm256_loadu_ps(dx + t * nb + j0 + 8 * h));
+            else {
+                float c[8];
+                for (int i = 0; i < 8; i++) c[i] = i < n ? _cvtsh_ss(sw[r][j0 + 8 * h + i]) * dx[t * nb + j0 + 8 * h + i] : 0.0f;
+                cs = _mm256_loadu_ps(c);
+            }
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][t]), cs, acc[r][t]);
+        }
+}
+
 static inline __attribute__((always_inline)) void tile_q8(const int S, const int8_t *const *w,
         const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t Ip, int64_t nb,
         int pf, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][4][2];
     for (int h = 0; h < 2; h++) for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[h][r][t] = _mm256_setzero_ps();
     for (int64_t j0 = 0; j0 < nb; j0 += QG) {
         const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
-        const int64_t base = j0 * QB;
+        if (m == QG) {
+            tile_q8_half(S, 8, QG, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
+            tile_q8_half(S, 8, QG, 1, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[1]);
+            continue;
+        }
         for (int h = 0; h < 2; h++) {
             const int n = h ? m - 8 : (m >= 8 ? 8 : m);
             if (n <= 0) break;    /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
-            __m256i a[4][2];
-            for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) a[r][t] = _mm256_setzero_si256();
-            for (int g = 0; g < 8; g++) {
-                const int64_t at = base + 4 * g * m + 32 * h;
-                if (Q8_PF && pf && h == 0) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + Q8_PF, _MM_HINT_T1);
-                __m256i xv[2], av[2];
-                for (int t = 0; t < S; t++) {
-                    xv[t] = q8_load_half(xq + t * Ip + at, n);
-                    av[t] = q8_load_half(xa + t * Ip + at, n);
-                }
-                for (int r = 0; r < 4; r++) {
-                    const __m256i wv = q8_load_half(w[r] + at, n);
-                    for (int t = 0; t < S; t++)
-                        a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(av[t], _mm256_sign_epi8(wv, xv[t])), ones));
-                }
-            }
-            for (int r = 0; r < 4; r++)
-                for (int t = 0; t < S; t++) {
-                    __m256 cs;
-                    if (n == 8)
-                        cs = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sw[r] + j0 + 8 * h))),
-                                           _mm256_loadu_ps(dx + t * nb + j0 + 8 * h));
-                    else {
-                        float c[8];
-                        for (int i = 0; i < 8; i++) c[i] = i < n ? _cvtsh_ss(sw[r][j0 + 8 * h + i]) * dx[t * nb + j0 + 8 * h + i] : 0.0f;
-                        cs = _mm256_loadu_ps(c);
-                    }
-                    acc[h][r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][t]), cs, acc[h][r][t]);
-                }
+            tile_q8_half(S, n, m, h, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[h]);
         }
     }
     for (int t = 0; t < S; t++)
