@@ -51,13 +51,22 @@ const char *format_name(int64_t code) {
  * 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers beyond L3); this
  * distance measured best there (16-bit +18%; int8 +28% with its four-row loop of the time; the int8
  * loops over interleaved groups prefetch into L2 instead: Q8_PF below). */
+/* Where the 16-bit loops' software prefetches land: L2. Zen 4, 2 threads, 169m's 85 products alternating
+ * builds in one process, into L1 -> into L2: AVX2 build 1 stream 12.0 -> 8.6 ms, 4 streams 15.4 -> 10.3,
+ * 16 streams 31.5 -> 26.0 (1b5's: 1 stream 43.8 -> 33.4, 4 streams 59.1 -> 50.3); the 512-bit build,
+ * with AMD's 8 KB (cpu_c.wide16), 4 streams 17.7 -> 11.6, 16 streams 37.7 -> 29.4, 1 stream the same.
+ * The bits do not depend on it. */
+#ifndef PF16_HINT
+#define PF16_HINT _MM_HINT_T1
+#endif
 #ifndef PF_DIST16
 #define PF_DIST16 2048
 #endif
 /* The 256-bit 16-bit loop prefetches too, each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least
  * this distance (AVX2-only Zen 3, one thread, from DRAM: float16 50277 x 768 11.1-12.1 ms at a fixed
  * 2 KB, 9.4-9.7 ms one group ahead; the row-major int8 loop of the time alike, 6.7-8.5 ms without any,
- * 5.1-5.4 with; two groups ahead or into L2 only measured the same). 0 turns it off (a -D for experiments). */
+ * 5.1-5.4 with; two groups ahead or into L2 only measured the same there; on the Zen 4, 2 threads, into L2
+ * is 1.2-1.5x faster: PF16_HINT). 0 turns it off (a -D for experiments). */
 #ifndef PF_DIST16_AVX2
 #define PF_DIST16_AVX2 2048
 #endif
@@ -104,7 +113,9 @@ int64_t get_q8_rows(void) { return WIDE ? q8_rows_wide : Q8_ROWS_AVX2; }
  * 23 / 39; software prefetch 2 KB ahead lowered every shape by 5-15%. `bench.modes --model
  * rwkv-4-pile-169m --profile --weights bfloat16 --against float32 --repeats 5 --steps 32`: 4 rows
  * prefetching 1.25x and 1.32x float32, 1 row without prefetch 1.98x and 1.98x. On the Sapphire Rapids
- * 4 rows prefetching 2 KB ahead measured best (+18%), so Intel CPUs keep that. */
+ * 4 rows prefetching 2 KB ahead measured best (+18%), so Intel CPUs keep that. Those prefetches went into
+ * L1; since they go into L2 (PF16_HINT), AMD prefetches 8 KB ahead: the same single stream, and tiles of
+ * several streams 1.3-1.5x faster. */
 static int64_t one_row16_below = 0;
 static int64_t pf16_wide = PF_DIST16;
 void set_wide16(int64_t one_row_below, int64_t pf_bytes) {
@@ -198,7 +209,7 @@ static inline __attribute__((always_inline)) void NAME(const int R, const uint16
     for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();                                  \
     for (; i + 8 <= I; i += 8) {                                                             \
         if (!WIDE && pf && (i & 31) == 0)            /* a line (32 weights) per row */         \
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0); \
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
         __m256 xv = _mm256_loadu_ps(x + i);                                                  \
         for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(LOAD8(w[r] + i), xv, a[r]);       \
     }                                                                                        \
@@ -212,7 +223,7 @@ static inline __attribute__((always_inline)) void NAME(const int R, const uint16
     __m512 z[4], u[4];                                                                       \
     for (int r = 0; r < R; r++) z[r] = u[r] = _mm512_setzero_ps();                           \
     for (; i + 32 <= I; i += 32) {        /* two accumulators per row: shorter FMA chains */ \
-        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0); \
+        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
         __m512 xv = _mm512_loadu_ps(x + i), xw = _mm512_loadu_ps(x + i + 16);               \
         for (int r = 0; r < R; r++) z[r] = _mm512_fmadd_ps(LOAD16(w[r] + i), xv, z[r]);      \
         for (int r = 0; r < R; r++) u[r] = _mm512_fmadd_ps(LOAD16(w[r] + i + 16), xw, u[r]); \
@@ -241,7 +252,7 @@ static inline __attribute__((always_inline)) void NAME(const int S, const uint16
     int64_t i = 0;                                                                           \
     for (; i + 8 <= I; i += 8) {                                                             \
         if (pf && (i & 31) == 0)                                                             \
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0); \
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
         __m256 xv[3];                                                                        \
         for (int t = 0; t < S; t++) xv[t] = _mm256_loadu_ps(x + t * I + i);                  \
         for (int r = 0; r < 4; r++) {                                                        \
@@ -275,7 +286,7 @@ static inline __attribute__((always_inline)) void NAME(const int S, const uint16
     for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) z[r][t] = u[r][t] = _mm512_setzero_ps(); \
     int64_t i = 0;                                                                           \
     for (; i + 32 <= I; i += 32) {                                                           \
-        if (pf) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, _MM_HINT_T0); \
+        if (pf) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
         __m512 xv[3], xw[3];                                                                 \
         for (int t = 0; t < S; t++) { xv[t] = _mm512_loadu_ps(x + t * I + i); xw[t] = _mm512_loadu_ps(x + t * I + i + 16); } \
         for (int r = 0; r < 4; r++) {                                                        \
