@@ -3,6 +3,7 @@
     block dots and correctly rounded float32 operations, must equal every build's result exactly; so
     the AVX2 and AVX-512 builds (which run the same order by construction) give identical int8 results;
   * a simulated AVX2-only CPU (RWKV_ENGINE_CPU_FEATURES) gets the AVX2 build and the same int8 bits;
+  * 16-bit: a product is the float32 kernel's product of its widened weights, bit for bit;
   * batch invariance at odd shapes (rows not a multiple of the 4-row tile, inputs not a multiple of 32 or
     of the vector width, B from 1 past every stream tile) for every format, thread counts 1 and 2."""
 import os
@@ -139,3 +140,24 @@ def test_each_stream_is_bit_identical_alone_and_in_a_batch_of_17(isa, fmt, O, I,
         torch.set_num_threads(saved)
     ref = quant.matvec_reference(xs, w)
     assert torch.allclose(batched, ref, rtol=1e-4, atol=1e-4 * (1 + float(ref.abs().max())))
+
+
+# rows below and above the 8 KB (4096 16-bit weights) where AMD's 512-bit build walks a single stream's
+# rows one at a time; inputs not a multiple of 8 or 16 (the zero-padded last block); B past every tile
+WIDENED_SHAPES = [(1, 7, 300), (1, 5, 37), (2, 9, 70), (3, 6, 1100), (4, 5, 15), (5, 13, 768), (17, 6, 300),
+                  (1, 6, 4100), (6, 5, 4100)]
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("B, O, I", WIDENED_SHAPES)
+def test_a_16bit_product_is_the_float32_product_of_its_widened_weights_bit_for_bit(isa, fmt, B, O, I):
+    """The 16-bit loops are the float32 tiles with each weight widened (exactly) in registers: the same
+    float order, so the same bits as the float32 kernel run on `w.float()`, in every build."""
+    g = torch.Generator().manual_seed(B * O * I)
+    w = quant.pack(torch.randn(O, I, generator=g) / I ** 0.5, fmt)
+    x = torch.randn(B, I, generator=g) * torch.logspace(-1, 1, I)
+    y16 = _product(fmt, isa)(x, w)
+    y32 = _product("float32", isa)(x, w.float())
+    assert torch.equal(y16, y32)

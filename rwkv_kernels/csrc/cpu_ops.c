@@ -124,76 +124,141 @@ static inline vf vexp(vf x) {
 }
 #endif
 
-#define PF_AHEAD 1                /* rows(): prefetch the block of 4 rows this many blocks ahead */
+#define PF_AHEAD 1                /* rows_*(): prefetch the block of 4 rows this many blocks ahead */
+/* Where the 16-bit products' software prefetches land: L2. Zen 4, 2 threads, 169m's 85 products alternating
+ * builds in one process, into L1 -> into L2: AVX2 build 1 stream 12.0 -> 8.6 ms, 4 streams 15.4 -> 10.3,
+ * 16 streams 31.5 -> 26.0 (1b5's: 1 stream 43.8 -> 33.4, 4 streams 59.1 -> 50.3); the 512-bit build,
+ * with AMD's 8 KB (cpu_c.wide16), 4 streams 17.7 -> 11.6, 16 streams 37.7 -> 29.4, 1 stream the same.
+ * The bits do not depend on it. */
+#ifndef PF16_HINT
+#define PF16_HINT _MM_HINT_T1
+#endif
 
-/* R rows (of W, stride I) x S streams (of x, stride I) of dot products, into y (row stride O).
- * Every (row, stream) pair follows the same instruction sequence whatever R and S are. */
-static inline __attribute__((always_inline)) void dot_tile(const int R, const int S, const float *w,
-        const float *x, float *y, int64_t I, int64_t O, int acc, const float *pf, int pk) {
-    vf a[4][4];
-    for (int r = 0; r < R; r++) for (int s = 0; s < S; s++) a[r][s] = vzero();
-    int64_t i = 0;
-    for (; i + VW <= I; i += VW) {
-        /* pk cache lines of the block to come per vector step (see rows()) */
-        if (pf) for (int j = 0; j < pk; j++) {
-            const char *line = (const char *)(pf + (i / VW * pk + j) * 16);
-            _mm_prefetch(line, _MM_HINT_T1);
-        }
-        vf xv[4];
-        for (int s = 0; s < S; s++) xv[s] = vload(x + s * I + i);
-        for (int r = 0; r < R; r++) {
-            vf wv = vload(w + r * I + i);
-            for (int s = 0; s < S; s++) a[r][s] = vfma(wv, xv[s], a[r][s]);
-        }
-    }
-    if (i < I) {
-        vmask m = vmask_first(I - i);
-        vf xv[4];
-        for (int s = 0; s < S; s++) xv[s] = vload_masked(x + s * I + i, m);
-        for (int r = 0; r < R; r++) {
-            vf wv = vload_masked(w + r * I + i, m);
-            for (int s = 0; s < S; s++) a[r][s] = vfma(wv, xv[s], a[r][s]);
-        }
-    }
-    for (int s = 0; s < S; s++)
-        for (int r = 0; r < R; r++) {
-            float d = vsum(a[r][s]);
-            y[s * O + r] = acc ? y[s * O + r] + d : d;
-        }
+/* One vector step of weights, widened to float32 (exact: every float16 and bfloat16 value is a float32
+ * value); _tail: the first n < VW of them, the other lanes +0.0 (the zero lanes of a masked load). */
+static inline vf wl_f32(const float *p) { return vload(p); }
+static inline vf wl_f32_tail(const float *p, int64_t n) { return vload_masked(p, vmask_first(n)); }
+#if defined(__AVX512F__)
+static inline vf wl_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vf wl_f16_tail(const uint16_t *p, int64_t n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1u), p));
 }
+static inline vf wl_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline vf wl_bf16_tail(const uint16_t *p, int64_t n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1u), p)), 16));
+}
+#else
+static inline vf wl_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vf wl_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf wl_f16_tail(const uint16_t *p, int64_t n) {      /* AVX2 has no 16-bit masked load */
+    uint16_t t[8] = {0};
+    for (int64_t k = 0; k < n; k++) t[k] = p[k];
+    return wl_f16(t);
+}
+static inline vf wl_bf16_tail(const uint16_t *p, int64_t n) {
+    uint16_t t[8] = {0};
+    for (int64_t k = 0; k < n; k++) t[k] = p[k];
+    return wl_bf16(t);
+}
+#endif
 
-/* rows [o0, o1) of one product for all B streams; W [O, I] row-major, x [B, I], y [B, O] */
+/* R rows (of W, row stride Iw) x S streams (of x, stride I) of dot products, into y (row stride O).
+ * Every (row, stream) pair follows the same instruction sequence whatever R and S are, and whatever the
+ * weight type: one accumulator, a vector FMA per full block of VW inputs, one block of the rest with
+ * zero lanes, one horizontal sum. A 16-bit weight is widened exactly before its FMA, so a 16-bit product
+ * is bit for bit the float32 product of its widened weights. Prefetch: `pk` cache lines of the block of
+ * rows to come at `pf` per vector step (see rows_f32()), and/or each row's line `pfd` bytes ahead once
+ * per 64 bytes of the row. */
+#define DOT_TILE(NAME, WT, WL, WL_TAIL)                                                              \
+static inline __attribute__((always_inline)) void NAME(const int R, const int S, const WT *w, int64_t Iw, \
+        const float *x, float *y, int64_t I, int64_t O, int acc, const char *pf, int pk, int64_t pfd) { \
+    vf a[4][4];                                                                                      \
+    for (int r = 0; r < R; r++) for (int s = 0; s < S; s++) a[r][s] = vzero();                      \
+    int64_t i = 0;                                                                                   \
+    for (; i + VW <= I; i += VW) {                                                                   \
+        if (pf) for (int j = 0; j < pk; j++) _mm_prefetch(pf + (i / VW * pk + j) * 64, _MM_HINT_T1); \
+        if (pfd && ((i * (int64_t)sizeof(WT)) & 63) == 0)                                             \
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * Iw + i) + pfd, PF16_HINT); \
+        vf xv[4];                                                                                    \
+        for (int s = 0; s < S; s++) xv[s] = vload(x + s * I + i);                                    \
+        for (int r = 0; r < R; r++) {                                                                \
+            vf wv = WL(w + r * Iw + i);                                                              \
+            for (int s = 0; s < S; s++) a[r][s] = vfma(wv, xv[s], a[r][s]);                          \
+        }                                                                                            \
+    }                                                                                                \
+    if (i < I) {                                                                                     \
+        vmask m = vmask_first(I - i);                                                                \
+        vf xv[4];                                                                                    \
+        for (int s = 0; s < S; s++) xv[s] = vload_masked(x + s * I + i, m);                          \
+        for (int r = 0; r < R; r++) {                                                                \
+            vf wv = WL_TAIL(w + r * Iw + i, I - i);                                                  \
+            for (int s = 0; s < S; s++) a[r][s] = vfma(wv, xv[s], a[r][s]);                          \
+        }                                                                                            \
+    }                                                                                                \
+    for (int s = 0; s < S; s++)                                                                      \
+        for (int r = 0; r < R; r++) {                                                                \
+            float d = vsum(a[r][s]);                                                                 \
+            y[s * O + r] = acc ? y[s * O + r] + d : d;                                               \
+        }                                                                                            \
+}
+DOT_TILE(tile_w32, float, wl_f32, wl_f32_tail)
+DOT_TILE(tile_w16h, uint16_t, wl_f16, wl_f16_tail)
+DOT_TILE(tile_w16b, uint16_t, wl_bf16, wl_bf16_tail)
+
+/* rows [o0, o1) of one product for all B streams; W [O, I] row stride Iw, x [B, I], y [B, O].
+ * ROW16: 16-bit weights, whose loops prefetch each row `pfd` bytes ahead (the first tile of each block of
+ * rows), at every B; one_row: B = 1 walks the rows one at a time (short rows on AMD, see set_wide16). */
+#define ROWS(NAME, WT, TILE, ROW16)                                                                  \
+static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, int64_t I, int64_t B, \
+                 int64_t o0, int64_t o1, int acc, int64_t pfd, int one_row) {                        \
+    int64_t o = o0;                                                                                  \
+    const int64_t tiles = TILES_OF(B);                                                               \
+    const int pk = tiles > 0 ? (int)((4 + tiles - 1) / tiles) : 0;                                   \
+    const int64_t pd = ROW16 ? pfd : 0;                                                              \
+    if (ROW16 && one_row && B == 1) {                                                                \
+        for (; o < o1; o++) TILE(1, 1, W + o * Iw, Iw, x, y + o, I, O, acc, NULL, 0, pd);            \
+        return;                                                                                      \
+    }                                                                                                \
+    for (; o + 4 <= o1; o += 4) {                                                                    \
+        int64_t b = 0;                                                                               \
+        const char *pf = !ROW16 && B >= 4 && o + 4 * (PF_AHEAD + 1) <= o1                            \
+                         ? (const char *)(W + (o + 4 * PF_AHEAD) * Iw) : NULL;                       \
+        const int64_t step = (I / VW) * pk * 64;       /* bytes of the next block each tile covers */ \
+        for (; b + TILE_S <= B; b += TILE_S, pf = pf ? pf + step : NULL)                             \
+            TILE(4, TILE_S, W + o * Iw, Iw, x + b * I, y + b * O + o, I, O, acc, pf, pk, b == 0 ? pd : 0); \
+        for (; b + 2 <= B; b += 2, pf = pf ? pf + step : NULL)                                       \
+            TILE(4, 2, W + o * Iw, Iw, x + b * I, y + b * O + o, I, O, acc, pf, pk, b == 0 ? pd : 0); \
+        if (b < B) TILE(4, 1, W + o * Iw, Iw, x + b * I, y + b * O + o, I, O, acc, pf, pk, b == 0 ? pd : 0); \
+    }                                                                                                \
+    for (; o < o1; o++)                                                                              \
+        for (int64_t b = 0; b < B; b++) TILE(1, 1, W + o * Iw, Iw, x + b * I, y + b * O + o, I, O, acc, NULL, 0, 0); \
+}
+/* with several streams each block of 4 rows is computed on for a while: the block PF_AHEAD blocks
+ * ahead (within this chunk) is prefetched meanwhile, spread over the block's tiles, a line or a
+ * few per vector step, so memory requests stay in flight while the core computes; into L2 (longer
+ * ahead of use). Measured on 169m, 16 streams, 2 threads, against the first tile prefetching the
+ * next block into L1: 37 vs 42-50 ms per step (with the larger chunks of run_products at >= 8
+ * streams). Into L2 from 4 streams rather than from 8 (Zen 4, 169m's 85 products, builds
+ * alternating): 4-6 streams 1.12-1.25x in both builds, 8 and 16 unchanged. From 1 or 2 streams it
+ * helped 169m but slowed 1b5's single stream by 1.2x, so fewer than 4 streams do not prefetch. */
+#if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
+#define TILE_S 4
+#define TILES_OF(B) ((B) / 4 + ((B) % 4) / 2 + ((B) % 2))
+#else             /* 16 registers: 4 rows x 3 streams of accumulators, 3 x vectors and one w vector */
+#define TILE_S 3
+#define TILES_OF(B) ((B) / 3 + ((B) % 3) / 2 + ((B) % 3) % 2)
+#endif
+ROWS(rows_f32, float, tile_w32, 0)
+ROWS(rows_f16, uint16_t, tile_w16h, 1)
+ROWS(rows_bf16, uint16_t, tile_w16b, 1)
+
 static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I, int64_t B,
                  int64_t o0, int64_t o1, int acc) {
-    int64_t o = o0;
-#if defined(__AVX512F__)
-    const int64_t tiles = B / 4 + (B % 4) / 2 + (B % 2);
-#else
-    const int64_t tiles = B / 3 + (B % 3) / 2 + (B % 3) % 2;
-#endif
-    /* with several streams each block of 4 rows is computed on for a while: the block PF_AHEAD blocks
-     * ahead (within this chunk) is prefetched meanwhile, spread over the block's tiles, a line or a
-     * few per vector step, so memory requests stay in flight while the core computes; into L2 (longer
-     * ahead of use). Measured on 169m, 16 streams, 2 threads, against the first tile prefetching the
-     * next block into L1: 37 vs 42-50 ms per step (with the larger chunks of run_products at >= 8
-     * streams). Into L2 from 4 streams rather than from 8 (Zen 4, 169m's 85 products, builds
-     * alternating): 4-6 streams 1.12-1.25x in both builds, 8 and 16 unchanged. From 1 or 2 streams it
-     * helped 169m but slowed 1b5's single stream by 1.2x, so fewer than 4 streams do not prefetch. */
-    const int pk = tiles > 0 ? (int)((4 + tiles - 1) / tiles) : 0;
-    for (; o + 4 <= o1; o += 4) {
-        int64_t b = 0;
-        const float *pf = B >= 4 && o + 4 * (PF_AHEAD + 1) <= o1 ? W + (o + 4 * PF_AHEAD) * I : NULL;
-        const int64_t step = (I / VW) * pk * 16;       /* floats of the next block each tile covers */
-#if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
-        for (; b + 4 <= B; b += 4, pf = pf ? pf + step : NULL) dot_tile(4, 4, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
-#else             /* 16 registers: 4 rows x 3 streams of accumulators, 3 x vectors and one w vector */
-        for (; b + 3 <= B; b += 3, pf = pf ? pf + step : NULL) dot_tile(4, 3, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
-#endif
-        for (; b + 2 <= B; b += 2, pf = pf ? pf + step : NULL) dot_tile(4, 2, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
-        if (b < B) dot_tile(4, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, pf, pk);
-    }
-    for (; o < o1; o++)
-        for (int64_t b = 0; b < B; b++) dot_tile(1, 1, W + o * I, x + b * I, y + b * O + o, I, O, acc, NULL, 0);
+    rows_f32(W, I, x, y, O, I, B, o0, o1, acc, 0, 0);
 }
 
 /* xx = LayerNorm(x); out_j = shift + mix_j * (xx - shift) for each mix; then shift = xx.

@@ -2,7 +2,9 @@
  *
  * Decode reads every weight once per token, so it is bound by memory bandwidth: storing weights in
  * fewer bytes is the speed-up, and each kernel converts them in registers and accumulates in fp32.
- *   FMT_F16   W float16 [O, I]: F16C widening (8 or 16 lanes), FMA with x.
+ *   FMT_F16   W float16 [O, I]: F16C widening (8 or 16 lanes), FMA with x. Both 16-bit formats run
+ *             cpu_ops.c's float32 tiles with the weights widened in registers (rows16 below): the
+ *             float32 kernel's float order, so its bits on the exactly widened weights.
  *   FMT_BF16  W bfloat16 [O, I]: bf16 -> fp32 is a 16-bit left shift of the integer lanes.
  *   FMT_Q8    W int8 [O, Ip] + float16 scale per block of 32 along i (ggml's Q8_0), Ip = I rounded up
  *             to 32 with zero weights, each row's blocks interleaved in groups of 16 (see "int8
@@ -51,14 +53,7 @@ const char *format_name(int64_t code) {
  * 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers beyond L3); this
  * distance measured best there (16-bit +18%; int8 +28% with its four-row loop of the time; the int8
  * loops over interleaved groups prefetch into L2 instead: Q8_PF below). */
-/* Where the 16-bit loops' software prefetches land: L2. Zen 4, 2 threads, 169m's 85 products alternating
- * builds in one process, into L1 -> into L2: AVX2 build 1 stream 12.0 -> 8.6 ms, 4 streams 15.4 -> 10.3,
- * 16 streams 31.5 -> 26.0 (1b5's: 1 stream 43.8 -> 33.4, 4 streams 59.1 -> 50.3); the 512-bit build,
- * with AMD's 8 KB (cpu_c.wide16), 4 streams 17.7 -> 11.6, 16 streams 37.7 -> 29.4, 1 stream the same.
- * The bits do not depend on it. */
-#ifndef PF16_HINT
-#define PF16_HINT _MM_HINT_T1
-#endif
+/* (PF16_HINT, where the 16-bit loops' software prefetches land: cpu_ops.c) */
 #ifndef PF_DIST16
 #define PF_DIST16 2048
 #endif
@@ -181,7 +176,7 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* ---- 16-bit weights: one row . x ---------------------------------------------------------- */
+/* ---- 16-bit weights widened to float32 (dequantisation; the products: rows16) ------------- */
 
 static inline __m256 load8_f16(const uint16_t *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
 static inline __m256 load8_bf16(const uint16_t *w) {
@@ -192,132 +187,6 @@ static inline __m512 load16_f16(const uint16_t *w) { return _mm512_cvtph_ps(_mm2
 static inline __m512 load16_bf16(const uint16_t *w) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
 }
-#endif
-
-/* R rows . x (R = 1 or 4): R weight streams in flight, x loaded once for the R. Rows are passed as
- * pointers, so the last rows of a matrix repeat a row and every row is computed the same way. The
- * float order of a row is the same whatever R is: on AVX-512 two accumulators (weights 0-15 and 16-31
- * of each 32), then one more 16 into the first, their sum reduced; then 8 at a time in 256 bits, hsum256,
- * then the scalar tail. */
-#define DOT16N(NAME, LOAD8, LOAD16, SCALAR)                                                  \
-static inline __attribute__((always_inline)) void NAME(const int R, const uint16_t *const *w, const float *x, \
-        int64_t I, int64_t pf, float *out) {                                                 \
-    int64_t i = 0;                                                                           \
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                   \
-    WIDE_LOOPN(LOAD16)                                                                       \
-    __m256 a[4];                                                                             \
-    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();                                  \
-    for (; i + 8 <= I; i += 8) {                                                             \
-        if (!WIDE && pf && (i & 31) == 0)            /* a line (32 weights) per row */         \
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
-        __m256 xv = _mm256_loadu_ps(x + i);                                                  \
-        for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(LOAD8(w[r] + i), xv, a[r]);       \
-    }                                                                                        \
-    for (int r = 0; r < R; r++) s[r] += hsum256(a[r]);                                       \
-    for (; i < I; i++)                                                                       \
-        for (int r = 0; r < R; r++) s[r] += SCALAR(w[r][i]) * x[i];                          \
-    for (int r = 0; r < R; r++) out[r] = s[r];                                               \
-}
-#if WIDE
-#define WIDE_LOOPN(LOAD16)                                                                   \
-    __m512 z[4], u[4];                                                                       \
-    for (int r = 0; r < R; r++) z[r] = u[r] = _mm512_setzero_ps();                           \
-    for (; i + 32 <= I; i += 32) {        /* two accumulators per row: shorter FMA chains */ \
-        if (pf) for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
-        __m512 xv = _mm512_loadu_ps(x + i), xw = _mm512_loadu_ps(x + i + 16);               \
-        for (int r = 0; r < R; r++) z[r] = _mm512_fmadd_ps(LOAD16(w[r] + i), xv, z[r]);      \
-        for (int r = 0; r < R; r++) u[r] = _mm512_fmadd_ps(LOAD16(w[r] + i + 16), xw, u[r]); \
-    }                                                                                        \
-    for (; i + 16 <= I; i += 16) {                                                           \
-        __m512 xv = _mm512_loadu_ps(x + i);                                                  \
-        for (int r = 0; r < R; r++) z[r] = _mm512_fmadd_ps(LOAD16(w[r] + i), xv, z[r]);      \
-    }                                                                                        \
-    for (int r = 0; r < R; r++) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(z[r], u[r]));
-#else
-#define WIDE_LOOPN(LOAD16)
-#endif
-
-DOT16N(dotn_f16, load8_f16, load16_f16, _cvtsh_ss)
-DOT16N(dotn_bf16, load8_bf16, load16_bf16, bf16_to_f32)
-
-/* AVX2 build, several streams: 4 rows x S streams (S <= 3: 12 accumulators, 3 x vectors, 1 widened w
- * vector in the 16 registers), each 8 weights widened once for the S streams. Each (row, stream) is the
- * instruction sequence of DOT16X4's 256-bit path whatever S is (the same FMAs, hsum256, scalar tail), so
- * a stream's result does not depend on the batch. out[s * 4 + r]. */
-#define DOT16_TILE(NAME, LOAD8, SCALAR)                                                      \
-static inline __attribute__((always_inline)) void NAME(const int S, const uint16_t *const *w, \
-        const float *x, int64_t I, int64_t pf, float *out) {                                 \
-    __m256 a[4][3];                                                                          \
-    for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) a[r][t] = _mm256_setzero_ps();    \
-    int64_t i = 0;                                                                           \
-    for (; i + 8 <= I; i += 8) {                                                             \
-        if (pf && (i & 31) == 0)                                                             \
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
-        __m256 xv[3];                                                                        \
-        for (int t = 0; t < S; t++) xv[t] = _mm256_loadu_ps(x + t * I + i);                  \
-        for (int r = 0; r < 4; r++) {                                                        \
-            __m256 wv = LOAD8(w[r] + i);                                                     \
-            for (int t = 0; t < S; t++) a[r][t] = _mm256_fmadd_ps(wv, xv[t], a[r][t]);        \
-        }                                                                                    \
-    }                                                                                        \
-    for (int t = 0; t < S; t++)                                                              \
-        for (int r = 0; r < 4; r++) {                                                        \
-            float sum = 0.0f;                                                                \
-            sum += hsum256(a[r][t]);                                                         \
-            for (int64_t k = i; k < I; k++) sum += SCALAR(w[r][k]) * x[t * I + k];           \
-            out[t * 4 + r] = sum;                                                            \
-        }                                                                                    \
-}
-#if !WIDE
-DOT16_TILE(tile_f16, load8_f16, _cvtsh_ss)
-DOT16_TILE(tile_bf16, load8_bf16, bf16_to_f32)
-#endif
-
-#if WIDE
-/* 512-bit build, several streams: 4 rows x S streams (S <= 3: 24 accumulators, 6 x vectors and the
- * widened weights in the 32 registers), each 32 weights of a row widened once for the S streams. Each
- * (row, stream) is the instruction sequence of DOT16N's path for that row (the same FMAs into the same
- * two accumulators, the same reductions and tails), so a stream's result does not depend on the batch.
- * out[s * 4 + r]. */
-#define DOT16_TILE_WIDE(NAME, LOAD8, LOAD16, SCALAR)                                         \
-static inline __attribute__((always_inline)) void NAME(const int S, const uint16_t *const *w, \
-        const float *x, int64_t I, int64_t pf, float *out) {                                 \
-    __m512 z[4][3], u[4][3];                                                                 \
-    for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) z[r][t] = u[r][t] = _mm512_setzero_ps(); \
-    int64_t i = 0;                                                                           \
-    for (; i + 32 <= I; i += 32) {                                                           \
-        if (pf) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + i) + pf, PF16_HINT); \
-        __m512 xv[3], xw[3];                                                                 \
-        for (int t = 0; t < S; t++) { xv[t] = _mm512_loadu_ps(x + t * I + i); xw[t] = _mm512_loadu_ps(x + t * I + i + 16); } \
-        for (int r = 0; r < 4; r++) {                                                        \
-            __m512 wv = LOAD16(w[r] + i), ww = LOAD16(w[r] + i + 16);                        \
-            for (int t = 0; t < S; t++) {                                                    \
-                z[r][t] = _mm512_fmadd_ps(wv, xv[t], z[r][t]);                               \
-                u[r][t] = _mm512_fmadd_ps(ww, xw[t], u[r][t]);                               \
-            }                                                                                \
-        }                                                                                    \
-    }                                                                                        \
-    for (; i + 16 <= I; i += 16) {                                                           \
-        __m512 xv[3];                                                                        \
-        for (int t = 0; t < S; t++) xv[t] = _mm512_loadu_ps(x + t * I + i);                  \
-        for (int r = 0; r < 4; r++) {                                                        \
-            __m512 wv = LOAD16(w[r] + i);                                                    \
-            for (int t = 0; t < S; t++) z[r][t] = _mm512_fmadd_ps(wv, xv[t], z[r][t]);       \
-        }                                                                                    \
-    }                                                                                        \
-    for (int t = 0; t < S; t++)                                                              \
-        for (int r = 0; r < 4; r++) {                                                        \
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(z[r][t], u[r][t]));               \
-            int64_t k = i;                                                                   \
-            __m256 a = _mm256_setzero_ps();                                                  \
-            for (; k + 8 <= I; k += 8) a = _mm256_fmadd_ps(LOAD8(w[r] + k), _mm256_loadu_ps(x + t * I + k), a); \
-            sum += hsum256(a);                                                               \
-            for (; k < I; k++) sum += SCALAR(w[r][k]) * x[t * I + k];                        \
-            out[t * 4 + r] = sum;                                                            \
-        }                                                                                    \
-}
-DOT16_TILE_WIDE(tile_f16, load8_f16, load16_f16, _cvtsh_ss)
-DOT16_TILE_WIDE(tile_bf16, load8_bf16, load16_bf16, bf16_to_f32)
 #endif
 
 /* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
@@ -558,42 +427,22 @@ typedef struct {
     int64_t tag;                /* profile counters: 0, or 1 + the matrix of decode_step.h */
 } product;
 
-/* rows r..r+3 (clamped to the last row) . stream b */
+/* int8 rows r..r+3 (clamped to the last row) . stream b */
 static void dot4(const product *p, int64_t r, int64_t b, float *out) {
     int64_t rr[4];
     for (int k = 0; k < 4; k++) rr[k] = r + k < p->O ? r + k : p->O - 1;
-    if (p->fmt == FMT_Q8) {
-        int64_t nb = p->Ip / QB;
-        const int8_t *w[4];
-        const uint16_t *sw[4];
-        for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
-        const int8_t *xq = p->xq + b * p->Ip;
-        const uint8_t *xa = p->xa + b * p->Ip;
-        const int32_t *corr = p->corr + b * q8_corr_len(nb);
-        const int64_t pf = Q8_PF;
-        if (get_q8_rows() == 1)
-            for (int k = 0; k < 4; k++) dotn_q8(1, &w[k], &sw[k], xq, xa, corr, p->dx + b * nb, nb, pf, &out[k]);
-        else
-            dot4_q8(w, sw, xq, xa, corr, p->dx + b * nb, nb, pf, out);
-        return;
-    }
-    const uint16_t *w[4];
-    for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + rr[k] * p->Ip;
-    const float *xb = p->x + b * p->I;
-#if WIDE
-    const int64_t pf = pf16_wide;              /* bytes ahead in the 512-bit loop, the same for each row */
-    if (2 * p->I < one_row16_below) {
-        for (int k = 0; k < 4; k++) {
-            if (p->fmt == FMT_F16) dotn_f16(1, &w[k], xb, p->I, pf, &out[k]);
-            else dotn_bf16(1, &w[k], xb, p->I, pf, &out[k]);
-        }
-        return;
-    }
-#else
-    const int64_t pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
-#endif
-    if (p->fmt == FMT_F16) dotn_f16(4, w, xb, p->I, pf, out);
-    else dotn_bf16(4, w, xb, p->I, pf, out);
+    int64_t nb = p->Ip / QB;
+    const int8_t *w[4];
+    const uint16_t *sw[4];
+    for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
+    const int8_t *xq = p->xq + b * p->Ip;
+    const uint8_t *xa = p->xa + b * p->Ip;
+    const int32_t *corr = p->corr + b * q8_corr_len(nb);
+    const int64_t pf = Q8_PF;
+    if (get_q8_rows() == 1)
+        for (int k = 0; k < 4; k++) dotn_q8(1, &w[k], &sw[k], xq, xa, corr, p->dx + b * nb, nb, pf, &out[k]);
+    else
+        dot4_q8(w, sw, xq, xa, corr, p->dx + b * nb, nb, pf, out);
 }
 
 #if WIDE
@@ -778,35 +627,24 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
     }
 }
 
-/* rows [o0, o1) of a 16-bit product: tiles of 4 rows x 3, 2, 1 streams (tile_f16 / tile_bf16: DOT16_TILE
- * in the AVX2 build, for every B; DOT16_TILE_WIDE in the 512-bit one, from 2 streams on), the first tile
- * of each block of rows prefetching `pf` bytes ahead for the others */
-static void rows16_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc, int64_t pf) {
-    const int64_t I = p->I;
-    float t[12];
-    for (int64_t o = o0; o < o1; o += 4) {
-        const uint16_t *w[4];
-        for (int k = 0; k < 4; k++) w[k] = (const uint16_t *)p->W + (o + k < p->O ? o + k : p->O - 1) * p->Ip;
-        for (int64_t b = 0; b < B;) {
-            const int S = B - b >= 3 ? 3 : (int)(B - b);
-            const float *xb = p->x + b * I;
-            const int64_t pfb = b == 0 ? pf : 0;
-            if (p->fmt == FMT_F16) {
-                if (S == 3) tile_f16(3, w, xb, I, pfb, t);
-                else if (S == 2) tile_f16(2, w, xb, I, pfb, t);
-                else tile_f16(1, w, xb, I, pfb, t);
-            } else {
-                if (S == 3) tile_bf16(3, w, xb, I, pfb, t);
-                else if (S == 2) tile_bf16(2, w, xb, I, pfb, t);
-                else tile_bf16(1, w, xb, I, pfb, t);
-            }
-            for (int u = 0; u < S; u++) {
-                float *yo = p->y + (b + u) * p->O;
-                for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
-            }
-            b += S;
-        }
-    }
+/* rows [o0, o1) of a 16-bit product: cpu_ops.c's float32 tiles with the weights widened in registers
+ * (rows_f16 / rows_bf16: the same float order, so the same bits as float32 on the widened weights),
+ * each row prefetched `pf` bytes ahead; the 512-bit build on AMD walks short rows one at a time at B = 1.
+ * Against the earlier 16-bit loops (two 512-bit accumulators per row, 4 rows x 3 streams), Zen 4, 2
+ * threads, 169m's 85 products, builds alternating in one process: bfloat16 1 stream 11.5 -> 11.1 ms,
+ * 4 streams 18.3 -> 14.1, 16 streams 34.7 -> 27.8; float16 10.5 -> 9.7, 14.3 -> 12.9, 48.3 -> 43.3;
+ * 1b5's bfloat16 1 stream 102.8 -> 95.1, 4 streams 148.3 -> 128.0. The AVX2 build's loop was already
+ * this order (at 8 | I: the same bits and speed). */
+static void rows16(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+#if WIDE
+    const int64_t pf = pf16_wide;
+    const int one_row = 2 * p->I < one_row16_below;
+#else
+    const int64_t pf = PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0;
+    const int one_row = 0;
+#endif
+    if (p->fmt == FMT_F16) rows_f16((const uint16_t *)p->W, p->Ip, p->x, p->y, p->O, p->I, B, o0, o1, acc, pf, one_row);
+    else rows_bf16((const uint16_t *)p->W, p->Ip, p->x, p->y, p->O, p->I, B, o0, o1, acc, pf, one_row);
 }
 
 static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
@@ -814,26 +652,15 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
         rows((const float *)p->W, p->x, p->y, p->O, p->I, B, o0, o1, acc);
         return;
     }
+    if (p->fmt == FMT_F16 || p->fmt == FMT_BF16) {  /* 16-bit weights: the float32 tiles, widened */
+        rows16(p, B, o0, o1, acc);
+        return;
+    }
+    if (B > 1) {                                  /* int8 weights, several streams: tiles */
+        q8_rows_tiled(p, B, o0, o1, acc);
+        return;
+    }
     float s[4];
-#if WIDE
-    if (p->fmt == FMT_Q8 && B > 1) {              /* int8 weights, several streams: tiles */
-        q8_rows_tiled(p, B, o0, o1, acc);
-        return;
-    }
-    if (B > 1) {                                  /* 16-bit weights, several streams */
-        rows16_tiled(p, B, o0, o1, acc, pf16_wide);
-        return;
-    }
-#else
-    if (p->fmt == FMT_Q8 && B > 1) {              /* int8 weights, several streams: tiles */
-        q8_rows_tiled(p, B, o0, o1, acc);
-        return;
-    }
-    if (p->fmt != FMT_Q8) {                       /* 16-bit weights */
-        rows16_tiled(p, B, o0, o1, acc, PF_DIST16_AVX2 ? pf_ahead(2 * p->Ip, PF_DIST16_AVX2) : 0);
-        return;
-    }
-#endif
     for (int64_t o = o0; o < o1; o += 4)
         for (int64_t b = 0; b < B; b++) {
             dot4(p, o, b, s);
