@@ -210,19 +210,15 @@ DOT_TILE(tile_w16h, uint16_t, wl_f16, wl_f16_tail)
 DOT_TILE(tile_w16b, uint16_t, wl_bf16, wl_bf16_tail)
 
 /* rows [o0, o1) of one product for all B streams; W [O, I] row stride Iw, x [B, I], y [B, O].
- * ROW16: 16-bit weights, whose loops prefetch each row `pfd` bytes ahead (the first tile of each block of
- * rows), at every B; one_row: B = 1 walks the rows one at a time (short rows on AMD, see set_wide16). */
+ * Prefetch: each row `pfd` bytes ahead (the first tile of each block of rows) with 16-bit weights (ROW16)
+ * at every B, with float32 below 4 streams; float32 from 4 streams prefetches the next block of rows
+ * (below). one_row: B = 1 walks the rows one at a time (16-bit, short rows on AMD, see set_wide16). */
 #define ROWS(NAME, WT, TILE, ROW16)                                                                  \
-static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, int64_t I, int64_t B, \
-                 int64_t o0, int64_t o1, int acc, int64_t pfd, int one_row) {                        \
+static inline __attribute__((always_inline)) void NAME##_blocks(const WT *W, int64_t Iw, const float *x, \
+        float *y, int64_t O, int64_t I, int64_t B, int64_t o0, int64_t o1, int acc, int64_t pd) {    \
     int64_t o = o0;                                                                                  \
     const int64_t tiles = TILES_OF(B);                                                               \
     const int pk = tiles > 0 ? (int)((4 + tiles - 1) / tiles) : 0;                                   \
-    const int64_t pd = ROW16 ? pfd : 0;                                                              \
-    if (ROW16 && one_row && B == 1) {                                                                \
-        for (; o < o1; o++) TILE(1, 1, W + o * Iw, Iw, x, y + o, I, O, acc, NULL, 0, pd);            \
-        return;                                                                                      \
-    }                                                                                                \
     for (; o + 4 <= o1; o += 4) {                                                                    \
         int64_t b = 0;                                                                               \
         const char *pf = !ROW16 && B >= 4 && o + 4 * (PF_AHEAD + 1) <= o1                            \
@@ -236,6 +232,16 @@ static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, i
     }                                                                                                \
     for (; o < o1; o++)                                                                              \
         for (int64_t b = 0; b < B; b++) TILE(1, 1, W + o * Iw, Iw, x + b * I, y + b * O + o, I, O, acc, NULL, 0, 0); \
+}                                                                                                    \
+static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, int64_t I, int64_t B, \
+                 int64_t o0, int64_t o1, int acc, int64_t pfd, int one_row) {                        \
+    const int64_t pd = ROW16 || B < 4 ? pfd : 0;                                                     \
+    if (ROW16 && one_row && B == 1) {                                                                \
+        for (int64_t o = o0; o < o1; o++) TILE(1, 1, W + o * Iw, Iw, x, y + o, I, O, acc, NULL, 0, pd); \
+        return;                                                                                      \
+    }                                                                                                \
+    if (pd) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, pd);    /* two copies: without a per-row */ \
+    else NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0);        /* prefetch no test in the loop */ \
 }
 /* with several streams each block of 4 rows is computed on for a while: the block PF_AHEAD blocks
  * ahead (within this chunk) is prefetched meanwhile, spread over the block's tiles, a line or a
@@ -244,7 +250,9 @@ static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, i
  * next block into L1: 37 vs 42-50 ms per step (with the larger chunks of run_products at >= 8
  * streams). Into L2 from 4 streams rather than from 8 (Zen 4, 169m's 85 products, builds
  * alternating): 4-6 streams 1.12-1.25x in both builds, 8 and 16 unchanged. From 1 or 2 streams it
- * helped 169m but slowed 1b5's single stream by 1.2x, so fewer than 4 streams do not prefetch. */
+ * helped 169m but slowed 1b5's single stream by 1.2x, so fewer than 4 streams prefetch each row ahead
+ * instead, as the 16-bit loops do (pf_f32_bytes): 169m's 85 products at 1 stream 1.12-1.13x faster in
+ * both builds, 1b5's 1.02-1.03x; the same per-row prefetch from 8 streams on was 0.87-0.93x. */
 #if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
 #define TILE_S 4
 #define TILES_OF(B) ((B) / 4 + ((B) % 4) / 2 + ((B) % 2))
@@ -256,9 +264,11 @@ ROWS(rows_f32, float, tile_w32, 0)
 ROWS(rows_f16, uint16_t, tile_w16h, 1)
 ROWS(rows_bf16, uint16_t, tile_w16b, 1)
 
+static int64_t pf_f32_bytes(int64_t I);      /* quant_ops.h: the 16-bit loops' distance for rows of I floats */
+
 static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I, int64_t B,
                  int64_t o0, int64_t o1, int acc) {
-    rows_f32(W, I, x, y, O, I, B, o0, o1, acc, 0, 0);
+    rows_f32(W, I, x, y, O, I, B, o0, o1, acc, B < 4 ? pf_f32_bytes(I) : 0, 0);
 }
 
 /* xx = LayerNorm(x); out_j = shift + mix_j * (xx - shift) for each mix; then shift = xx.

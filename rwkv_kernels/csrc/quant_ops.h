@@ -119,6 +119,14 @@ void set_wide16(int64_t one_row_below, int64_t pf_bytes) {
 }
 int64_t get_wide16_one_row_below(void) { return WIDE ? one_row16_below : 0; }
 int64_t get_wide16_pf(void) { return WIDE ? pf16_wide : PF_DIST16_AVX2; }
+/* float32 rows below 4 streams (cpu_ops.c's rows()) prefetch each row as far ahead as the 16-bit loops do */
+static int64_t pf_f32_bytes(int64_t I) {
+#if WIDE
+    return pf16_wide;
+#else
+    return PF_DIST16_AVX2 ? pf_ahead(4 * I, PF_DIST16_AVX2) : 0;
+#endif
+}
 
 /* ---- profile counters (bench.modes --profile), off unless profile_enable(1) -------------------
  * Per product tag (0: products outside decode_layers, e.g. the head; 1 + m: matrix m of decode_step.h):
