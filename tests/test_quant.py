@@ -218,6 +218,38 @@ def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
+def test_float32_row_prefetch_setting_gives_the_same_bits(isa):
+    """The 512-bit build's float32 products below 4 streams prefetch each row 8 KB ahead on AMD and not
+    at all elsewhere (cpu_c.f32_prefetch); with or without, every stream's bits are the same, alone or
+    with others (B from 1 to 5: below and past the 4 streams where the prefetch stops)."""
+    from rwkv_kernels import cpu_c
+    assert cpu_c.f32_prefetch("AuthenticAMD") == 8192 and cpu_c.f32_prefetch("GenuineIntel") == 0
+    ops = cpu_c.ops(isa)
+    lib = ops.lib
+    if isa == "avx512":
+        assert lib.get_f32_pf() == cpu_c.f32_prefetch(cpu_c.cpu_vendor())
+    else:
+        assert lib.get_f32_pf() == -1                       # the AVX2 build's distance is fixed
+    before = lib.get_f32_pf()
+    x, w = _data(5, 133, 1000, seed=9)
+    try:
+        ys = []
+        for setting in (0, 8192, 2048):
+            lib.set_f32_pf(setting)
+            if isa == "avx512":
+                assert lib.get_f32_pf() == setting
+            ys.append([ops.matvec_group([(x[:B].contiguous(), w)])[0] for B in range(1, 6)])
+    finally:
+        lib.set_f32_pf(max(before, 0))
+    for run in ys:
+        for B in range(1, 6):
+            assert torch.equal(run[B - 1], ys[0][4][:B]), B
+    ref = x.double() @ w.double().T
+    assert torch.allclose(ys[0][4].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
 def test_16bit_one_row_and_four_row_loops_give_the_same_bits(isa, fmt):
     """The 512-bit 16-bit loop walks rows under 8 KB one at a time, prefetching 8 KB ahead, on AMD and

@@ -251,8 +251,8 @@ static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, i
  * streams). Into L2 from 4 streams rather than from 8 (Zen 4, 169m's 85 products, builds
  * alternating): 4-6 streams 1.12-1.25x in both builds, 8 and 16 unchanged. From 1 or 2 streams it
  * helped 169m but slowed 1b5's single stream by 1.2x, so fewer than 4 streams prefetch each row ahead
- * instead, as the 16-bit loops do (pf_f32_bytes): 169m's 85 products at 1 stream 1.12-1.13x faster in
- * both builds, 1b5's 1.02-1.03x; the same per-row prefetch from 8 streams on was 0.87-0.93x. */
+ * instead, as the 16-bit loops do (pf_f32_bytes; in the 512-bit build on AMD only): 169m's 85 products at
+ * 1 stream 1.14-1.15x faster in both builds, 1b5's 1.01-1.03x; the same from 8 streams on was 0.87-0.93x. */
 #if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
 #define TILE_S 4
 #define TILES_OF(B) ((B) / 4 + ((B) % 4) / 2 + ((B) % 2))
@@ -264,7 +264,7 @@ ROWS(rows_f32, float, tile_w32, 0)
 ROWS(rows_f16, uint16_t, tile_w16h, 1)
 ROWS(rows_bf16, uint16_t, tile_w16b, 1)
 
-static int64_t pf_f32_bytes(int64_t I);      /* quant_ops.h: the 16-bit loops' distance for rows of I floats */
+static int64_t pf_f32_bytes(int64_t I);      /* quant_ops.h: how far ahead rows of I floats are prefetched */
 
 static void rows(const float *W, const float *x, float *y, int64_t O, int64_t I, int64_t B,
                  int64_t o0, int64_t o1, int acc) {

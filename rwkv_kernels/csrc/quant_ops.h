@@ -119,10 +119,17 @@ void set_wide16(int64_t one_row_below, int64_t pf_bytes) {
 }
 int64_t get_wide16_one_row_below(void) { return WIDE ? one_row16_below : 0; }
 int64_t get_wide16_pf(void) { return WIDE ? pf16_wide : PF_DIST16_AVX2; }
-/* float32 rows below 4 streams (cpu_ops.c's rows()) prefetch each row as far ahead as the 16-bit loops do */
+/* float32 rows below 4 streams (cpu_ops.c's rows()): in the 512-bit build each row is prefetched this many
+ * bytes ahead into L2 (set_f32_pf from the CPU's vendor, cpu_c.f32_prefetch: 8 KB on AMD, measured on the
+ * Zen 4; 0, none, elsewhere, as on the Sapphire Rapids where float32 was measured without); the AVX2 build
+ * prefetches 4 rows ahead, at least 2 KB, as its 16-bit loop does. The bits do not depend on it. */
+static int64_t pf32_wide = 0;
+void set_f32_pf(int64_t bytes) { pf32_wide = bytes > 0 ? bytes : 0; }
+int64_t get_f32_pf(void) { return WIDE ? pf32_wide : -1; }
 static int64_t pf_f32_bytes(int64_t I) {
 #if WIDE
-    return pf16_wide;
+    (void)I;
+    return pf32_wide;
 #else
     return PF_DIST16_AVX2 ? pf_ahead(4 * I, PF_DIST16_AVX2) : 0;
 #endif
