@@ -11,6 +11,8 @@
  *    core does not stall the token.
  *    Tiles: 4 rows x 4 streams of accumulators on AVX-512 (32 registers), 4 x 3 on AVX2 (16 registers:
  *    12 accumulators, 3 x vectors, 1 w vector), then 4 x 2 and 4 x 1 for the streams left over.
+ *    The same tiles run float16 and bfloat16 weights, each widened exactly in registers (rows_f16,
+ *    rows_bf16; quant_ops.h's rows16), so a 16-bit product has the float32 product's bits on its widened weights.
  *    Batch invariance: each (row, stream) dot product is one fixed instruction sequence (vector FMAs
  *    over the full blocks of the row, one masked block for the rest, one horizontal sum), the same
  *    whatever B is, whichever thread computes it and however the rows are chunked; so a stream's
