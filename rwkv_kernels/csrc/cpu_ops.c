@@ -153,8 +153,15 @@ static inline vf wl_bf16_tail(const uint16_t *p, int64_t n) {
 }
 #else
 static inline vf wl_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+/* bfloat16 on AVX2: the 8 values broadcast to both lanes, then one pshufb puts value j in the high half of
+ * dword j (zeros below), where zero-extension and a shift took two operations; the same bits. Zen 4, AVX2
+ * build, 169m's 85 products, builds alternating: 16 streams 32.3 -> 28.6 ms, 1-4 streams 1.04-1.05x;
+ * 1b5's 1.01-1.04x (the 512-bit build measured no change from the same idea with vpermw, so it keeps
+ * vpmovzxwd + vpslld). */
 static inline vf wl_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    const __m256i m = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                       -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)), m));
 }
 static inline vf wl_f16_tail(const uint16_t *p, int64_t n) {      /* AVX2 has no 16-bit masked load */
     uint16_t t[8] = {0};
