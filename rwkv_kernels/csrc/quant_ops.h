@@ -176,33 +176,7 @@ int64_t profile_read(int64_t *out) {
     return k;
 }
 
-static inline float hsum256(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_hadd_ps(lo, lo);
-    lo = _mm_hadd_ps(lo, lo);
-    return _mm_cvtss_f32(lo);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* ---- 16-bit weights widened to float32 (dequantisation; the products: rows16) ------------- */
-
-static inline __m256 load8_f16(const uint16_t *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
-static inline __m256 load8_bf16(const uint16_t *w) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
-}
-#if WIDE
-static inline __m512 load16_f16(const uint16_t *w) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w)); }
-static inline __m512 load16_bf16(const uint16_t *w) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
-}
-#endif
+/* (16-bit weights are widened by cpu_ops.c's wl_f16 / wl_bf16, for the products and dequantisation alike) */
 
 /* ---- int8 weights x int8-quantised activations ---------------------------------------------- */
 
@@ -859,11 +833,9 @@ void dequantize(int64_t fmt, const void *W, const void *S, float *out, int64_t o
         } else {
             const uint16_t *w = (const uint16_t *)W + o * Ip;
             int64_t i = 0;
-#if WIDE
-            for (; i + 16 <= I; i += 16) _mm512_storeu_ps(dst + i, fmt == FMT_F16 ? load16_f16(w + i) : load16_bf16(w + i));
-#endif
-            for (; i + 8 <= I; i += 8) _mm256_storeu_ps(dst + i, fmt == FMT_F16 ? load8_f16(w + i) : load8_bf16(w + i));
-            for (; i < I; i++) dst[i] = fmt == FMT_F16 ? _cvtsh_ss(w[i]) : bf16_to_f32(w[i]);
+            for (; i + VW <= I; i += VW) vstore(dst + i, fmt == FMT_F16 ? wl_f16(w + i) : wl_bf16(w + i));
+            if (i < I)
+                vstore_masked(dst + i, vmask_first(I - i), fmt == FMT_F16 ? wl_f16_tail(w + i, I - i) : wl_bf16_tail(w + i, I - i));
         }
     }
 }
