@@ -629,3 +629,28 @@ def test_formats_refuses_unknown_formats_and_stream_counts():
     assert bad.returncode == 2 and "--batch" in bad.stderr
     bad = cli("bench.formats", "--model", "pythia-160m")
     assert bad.returncode == 2 and "RWKV" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.products
+
+def test_products_alternates_two_kernel_sources_and_compares_their_bits():
+    src = REPO / "rwkv_kernels" / "csrc"
+    r = cli("bench.products", "--model", TINY, "--formats", "float32,bfloat16", "--batch", "1,5", "--repeats", "2",
+            "--layers", "1", "--against-src", str(src))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "random weights" in lines[0] and "8 products" in lines[0] and "alternating" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [(row[0], row[1]) for row in rows] == [("float32", "1"), ("float32", "5"), ("bfloat16", "1"), ("bfloat16", "5")]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0
+        assert row[5] == "yes"                                    # the same source gives the same bits
+        assert abs(float(row[4]) - float(row[3]) / float(row[2])) < 0.01 + 0.01 * float(row[4])
+
+
+def test_products_refuses_bad_input_in_one_line(tmp_path):
+    for args, word in ((["--against-src", str(tmp_path)], "cpu_ops.c"), (["--formats", "q4_k"], "--formats"),
+                       (["--model", "pythia-160m"], "RWKV"), (["--batch", "0"], "--batch")):
+        bad = cli("bench.products", "--model", TINY, *args) if "--model" not in args else cli("bench.products", *args)
+        assert bad.returncode == 2 and word in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.stderr)

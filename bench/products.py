@@ -1,0 +1,163 @@
+"""A decode step's matrix products alone, in C, and the same products of another kernel source alternating.
+
+    python -m bench.products --model rwkv-4-pile-169m --formats float32,bfloat16 --batch 1,4,16
+    python -m bench.products ... --against-src /tmp/old/rwkv_kernels/csrc     # A/B two kernel sources
+
+One round runs every product of one decode step of the model's shapes (per layer: key, value and
+receptance as one group, output, the FFN's key and receptance, its value; then the head), through
+`qmatvec_group` on random weights of each format (float32, float16, bfloat16, int8): the kernels
+alone, no element-wise work, no Python between them. The time is the median of --repeats rounds
+after one warm-up. With --against-src the cpu_ops.c of that folder (e.g. a `git worktree` of an
+older commit's rwkv_kernels/csrc) is built for the same instruction set and the two builds
+alternate round by round (in one process, the same minutes), which is how a kernel change is
+measured on a machine whose speed drifts between runs; the ratio is against/current, and the rows
+say whether the two gave the same bits. Weights are random (not a checkpoint): the output says so.
+"""
+import ctypes
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.cli import OneLineParser, command, positive_int, positive_int_list
+from bench.cpuload import OthersMeter
+
+FORMATS = ("float32", "float16", "bfloat16", "int8")
+
+
+def format_list(text):
+    import argparse
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in FORMATS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown format {bad[0] if bad else text!r}; choose from {', '.join(FORMATS)}")
+    return names
+
+
+def build_parser():
+    ap = OneLineParser(prog="python -m bench.products", description=__doc__)
+    ap.add_argument("--model", default="rwkv-4-pile-169m")
+    ap.add_argument("--formats", type=format_list, default=["float32", "bfloat16", "int8"],
+                    help=f"comma-separated, of {', '.join(FORMATS)} (default float32,bfloat16,int8)")
+    ap.add_argument("--batch", type=positive_int_list, default=[1, 4, 16], help="stream counts (default 1,4,16)")
+    ap.add_argument("--repeats", type=positive_int, default=15, help="timed rounds (default 15)")
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--layers", type=positive_int, default=None, help="only this many layers (default: all)")
+    ap.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="build (default: this CPU's best)")
+    ap.add_argument("--against-src", default=None, help="a folder with another cpu_ops.c to alternate with")
+    return ap
+
+
+def _library(source, isa):
+    """The build of `source` for `isa`, configured as cpu_c configures its own (vendor settings that the
+    source has; an older source may lack some)."""
+    from rwkv_kernels import cpu_c
+    lib = cpu_c.build(str(source), isa)
+    lib.qmatvec_group.argtypes = [cpu_c.I64, ctypes.POINTER(cpu_c.I64), ctypes.POINTER(cpu_c.VP)] + [cpu_c.I64] * 3
+    lib.qmatvec_group.restype = cpu_c.I64
+    vendor = cpu_c.cpu_vendor()
+    for name, value in (("set_q8_rows", (cpu_c.int8_rows(vendor),)), ("set_wide16", cpu_c.wide16(vendor)),
+                        ("set_f32_pf", (cpu_c.f32_prefetch(vendor),))):
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            continue
+        fn.argtypes = [cpu_c.I64] * len(value)
+        fn(*value)
+    return lib
+
+
+def step_shapes(cfg, layers=None):
+    """[[(out, in), ...] per group] of one decode step's products."""
+    C, F = cfg.n_embd, cfg.ffn_dim
+    groups = []
+    for _ in range(layers or cfg.n_layer):
+        groups += [[(C, C)] * 3, [(C, C)], [(F, C), (C, C)], [(C, F)]]
+    return groups + [[(cfg.vocab_size, C)]]
+
+
+def prepared_calls(groups, fmt, B, g):
+    """The ctypes arguments of each group's qmatvec_group call, with the tensors they point into."""
+    from rwkv_kernels import cpu_c, quant
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(fmt, torch.float32)
+    calls = []
+    for grp in groups:
+        dims, ptrs, keep, ys = [], [], [], []
+        for o, i in grp:
+            w = torch.randn(o, i, generator=g) / i ** 0.5
+            w = quant.pack(w, "int8") if fmt == "int8" else w.to(dtype)
+            x, y = torch.randn(B, i, generator=g), torch.empty(B, o)
+            code, values, scales, _ = quant._parts(w)
+            keep += [w, x, values] + ([scales] if scales is not None else [])
+            ys.append(y)
+            dims += (code, o, i)
+            ptrs += (values.data_ptr(), None if scales is None else scales.data_ptr(), x.data_ptr(), y.data_ptr())
+        calls.append((len(grp), (cpu_c.I64 * len(dims))(*dims), (cpu_c.VP * len(ptrs))(*ptrs), keep, ys))
+    return calls
+
+
+def time_rounds(libs, calls, B, threads, repeats):
+    """{name: [seconds per round]}, the libraries alternating (order flipped every round), and
+    {name: outputs of its last round}."""
+    times, outs = {k: [] for k in libs}, {}
+    for rep in range(repeats + 1):
+        order = list(libs.items()) if rep % 2 == 0 else list(reversed(libs.items()))
+        for name, lib in order:
+            t0 = time.perf_counter()
+            for n, dims, ptrs, _, _ in calls:
+                lib.qmatvec_group(n, dims, ptrs, B, threads, 0)
+            dt = time.perf_counter() - t0
+            if rep:
+                times[name].append(dt)
+            outs[name] = [y.clone() for *_, ys in calls for y in ys]
+    return times, outs
+
+
+@command("bench.products")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from bench import models
+    from bench.machine import cpu_id
+    from rwkv_kernels import cpu_c
+    kind, _ = models.classify(args.model)
+    if kind != "rwkv":
+        raise ValueError(f"--model {args.model!r}: bench.products times RWKV-4 decode products; give an RWKV model")
+    isa = args.isa or cpu_c.ops().isa
+    libs = {"current": _library(cpu_c.SOURCE, isa)}
+    if args.against_src:
+        src = Path(args.against_src) / "cpu_ops.c"
+        if not src.is_file():
+            raise ValueError(f"--against-src {args.against_src}: no cpu_ops.c there")
+        libs["against"] = _library(src, isa)
+    torch.set_num_threads(args.threads)
+    groups = step_shapes(models.config(args.model), args.layers)
+    n = sum(len(grp) for grp in groups)
+    print(f"{args.model}: {n} products of one decode step, random weights (not a checkpoint); {cpu_id()}, "
+          f"{isa} kernels, {args.threads} threads; median of {args.repeats} rounds"
+          + ("; builds alternating (current, --against-src)" if args.against_src else ""))
+    head = f"{'format':10s} {'streams':>7s} {'current ms':>11s}"
+    if args.against_src:
+        head += f" {'against ms':>11s} {'against/current':>16s} {'same bits':>9s}"
+    print(head + f" {'others CPU':>10s}")
+    g = torch.Generator().manual_seed(0)
+    for fmt in args.formats:
+        for B in args.batch:
+            calls = prepared_calls(groups, fmt, B, g)
+            meter = OthersMeter()
+            meter.start()
+            times, outs = time_rounds(libs, calls, B, args.threads, args.repeats)
+            others = meter.stop()["others_cpu_pct"]
+            cur = statistics.median(times["current"]) * 1e3
+            line = f"{fmt:10s} {B:7d} {cur:11.2f}"
+            if args.against_src:
+                ag = statistics.median(times["against"]) * 1e3
+                same = all(torch.equal(a, b) for a, b in zip(outs["current"], outs["against"]))
+                line += f" {ag:11.2f} {ag / cur:16.2f} {'yes' if same else 'no':>9s}"
+            print(line + (f" {others:9.1f}%" if others is not None else f" {'-':>10s}"), flush=True)
+            del calls
+
+
+if __name__ == "__main__":
+    main()
