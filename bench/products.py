@@ -80,7 +80,7 @@ def step_shapes(cfg, layers=None):
 
 def prepared_calls(groups, fmt, B, g):
     """The ctypes arguments of each group's qmatvec_group call, with the tensors they point into."""
-    from rwkv_kernels import cpu_c, quant
+    from rwkv_kernels import cpu_c, formats, quant
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(fmt, torch.float32)
     calls = []
     for grp in groups:
@@ -89,7 +89,8 @@ def prepared_calls(groups, fmt, B, g):
             w = torch.randn(o, i, generator=g) / i ** 0.5
             w = quant.pack(w, "int8") if fmt == "int8" else w.to(dtype)
             x, y = torch.randn(B, i, generator=g), torch.empty(B, o)
-            code, values, scales, _ = quant._parts(w)
+            record = formats.of(w)
+            code, (values, scales) = record.code, record.c_parts(w)
             keep += [w, x, values] + ([scales] if scales is not None else [])
             ys.append(y)
             dims += (code, o, i)
