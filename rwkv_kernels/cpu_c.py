@@ -125,9 +125,16 @@ def _compiler():
 
 
 def _build_key(source, flags, cc):
+    """The cache key of `source` built with `flags` by `cc`: the source and every header it can include
+    (its own folder's, which `#include "..."` finds first, then csrc/'s), so a source in another folder
+    (bench.products --against-src) with the same text but other headers gets its own build."""
     h = hashlib.sha256()
-    for f in [source, *sorted(CSRC.glob("*.h"))]:
-        h.update(f.read_bytes())
+    folders = dict.fromkeys([Path(source).resolve().parent, CSRC.resolve()])
+    for folder in folders:
+        h.update(b"folder\0")
+        for f in sorted(folder.glob("*.h")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(Path(source).read_bytes())
     h.update(" ".join(flags).encode())
     h.update(f"{cc}:{os.stat(cc).st_mtime_ns}".encode())
     return h.hexdigest()[:16]

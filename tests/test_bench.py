@@ -651,6 +651,23 @@ def test_products_alternates_two_kernel_sources_and_compares_their_bits():
         assert abs(ratio - ag / cur) <= rounding + 1e-9, row
 
 
+def test_products_builds_the_other_folder_with_its_own_headers(tmp_path):
+    # The same cpu_ops.c beside a changed header is another build: the build cache's key covers the
+    # headers of the source's own folder (which its #include "..." finds first), not only csrc/'s.
+    import shutil
+    other = tmp_path / "csrc"
+    shutil.copytree(REPO / "rwkv_kernels" / "csrc", other)
+    header = other / "quant_ops.h"
+    text = header.read_text()
+    assert text.count("return _mm_cvtss_f32(") == 1             # hsum8_fixed, the int8 kernels' last sum
+    header.write_text(text.replace("return _mm_cvtss_f32(", "return 1.0f + _mm_cvtss_f32("))
+    r = cli("bench.products", "--model", TINY, "--formats", "int8", "--batch", "1", "--repeats", "1",
+            "--layers", "1", "--against-src", str(other))
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[2].split()
+    assert row[0] == "int8" and row[5] == "no", r.stdout
+
+
 def test_products_refuses_bad_input_in_one_line(tmp_path):
     for args, word in ((["--against-src", str(tmp_path)], "cpu_ops.c"), (["--formats", "q4_k"], "--formats"),
                        (["--model", "pythia-160m"], "RWKV"), (["--batch", "0"], "--batch")):
