@@ -673,3 +673,55 @@ def test_products_refuses_bad_input_in_one_line(tmp_path):
                        (["--model", "pythia-160m"], "RWKV"), (["--batch", "0"], "--batch")):
         bad = cli("bench.products", "--model", TINY, *args) if "--model" not in args else cli("bench.products", *args)
         assert bad.returncode == 2 and word in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.ceiling
+
+def test_ceiling_kernels_compute_the_products_they_time():
+    # each kernel's accumulators add up to reps x the sum of its rows' dot products with its streams
+    # (numpy, exactly for the integer ones): the timed loops do the work they are said to do
+    from bench import ceiling
+    from rwkv_kernels import cpu_c
+    isas = [i for i in ("avx2", "avx512") if i in cpu_c.supported_isas()]
+    assert isas, "the kernels need AVX2"
+    for isa in isas:
+        lib = ceiling._lib(isa)
+        for build, name, _, rows, streams, kind in ceiling.KERNELS:
+            if build != isa:
+                continue
+            w, x = ceiling.operands(kind, rows, streams, n=128, seed=3)
+            total, sec = ceiling.run_kernel(lib, name, kind, w, x, 3)
+            want = ceiling.expected_sum(kind, w, x, 3)
+            assert sec >= 0
+            if kind == "f32":
+                assert abs(total - want) <= 1e-4 * (1 + abs(want)), (name, total, want)
+            else:
+                assert total == want, (name, total, want)
+
+
+def test_ceiling_prints_every_build_with_float32_as_its_unit():
+    from rwkv_kernels import cpu_c
+    r = cli("bench.ceiling", "--seconds", "0.05", "--rounds", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "one core" in lines[0] and "L1" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    builds = [i for i in ("avx2", "avx512") if i in cpu_c.supported_isas()]
+    assert sorted({row[0] for row in rows}) == sorted(builds) and len(rows) == 2 * len(builds)
+    for row in rows:
+        gmacs, ratio = float(row[-3]), float(row[-2])
+        assert gmacs > 0 and ratio > 0
+        if row[1] == "float32":
+            assert ratio == 1.0
+
+
+def test_ceiling_refuses_bad_input_in_one_line():
+    import os
+    env = {**os.environ, "RWKV_ENGINE_CPU_FEATURES": "avx2,fma,f16c"}     # an AVX2-only CPU
+    r = subprocess.run([sys.executable, "-m", "bench.ceiling", "--isa", "avx512"], capture_output=True, text=True,
+                       cwd=REPO, timeout=120, env=env)
+    assert r.returncode == 2 and "avx512" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for args, word in ((["--seconds", "0"], "--seconds"), (["--rounds", "0"], "--rounds"), (["--isa", "sse"], "--isa")):
+        bad = cli("bench.ceiling", *args)
+        assert bad.returncode == 2 and word in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.stderr)
