@@ -7,8 +7,8 @@ Each row times the inner loop of one multi-stream tile with nothing else (bench/
 FMAs (4 rows x 3 streams on AVX2, 4 x 4 on AVX-512) and the exact int8 dot (AVX2: sign + maddubs +
 madd + add per 32 weights, 4 x 2; AVX-512 VNNI: one vpdpbusd per 64, 4 x 4), operands resident in
 L1, no block scales, conversions or sums. So it is the most weight-streams per second a kernel of that
-form can reach on one core: the bound that says what a compressed format can gain over float32 at
-many streams, where the products stop being memory-bound (e.g. the server at 16 clients). The real
+form can reach on one core: the compute bound on what a compressed format can gain over float32 at
+many streams (e.g. the server at 16 clients), where compute, not only memory, sets the speed. The real
 kernels add their per-block scale work, reductions and the activations' traffic; `bench.products`
 times those. Rows give G multiply-adds per second and the ratio to the same build's float32.
 """
