@@ -16,6 +16,7 @@ any of the component ops (`dispatch.force(linear=...)`, or a `wkv_backend`) sele
 A layer is any object with the attributes named in VECTORS and MATRICES (the model's `Block`).
 """
 import ctypes
+import operator
 
 import torch
 
@@ -27,6 +28,7 @@ VECTORS = ("ln1_w", "ln1_b", "att_mix_k", "att_mix_v", "att_mix_r", "att_w", "at
            "ln2_w", "ln2_b", "ffn_mix_k", "ffn_mix_r")
 MATRICES = ("att_receptance", "att_key", "att_value", "att_output", "ffn_receptance", "ffn_key", "ffn_value")
 _NAMES = VECTORS + MATRICES
+_NAMES_OF = operator.attrgetter(*_NAMES)
 _I64, _VP = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -48,12 +50,12 @@ class DecodeLayers:
         holds the tensors it points into, so none is freed under it). ValueError if a layer does not fit."""
         if self._plan is None or not self._current():
             self._plan = _build_plan(self.layers, self.C, self.F)
-            self._held = [getattr(blk, name) for blk in self.layers for name in _NAMES]
+            self._held = [_NAMES_OF(blk) for blk in self.layers]
         return self._plan
 
     def _current(self):
-        held = iter(self._held)
-        return all(getattr(blk, name) is next(held) for blk in self.layers for name in _NAMES)
+        """Whether every layer still holds the tensors the plan points into (one C-level pass per layer)."""
+        return all(all(map(operator.is_, _NAMES_OF(blk), held)) for blk, held in zip(self.layers, self._held))
 
     def c_usable(self):
         """Whether the C step can run these layers (else `unusable` says why; the composed ops run)."""

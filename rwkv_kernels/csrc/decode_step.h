@@ -52,26 +52,33 @@ static inline int64_t decode_lowbit_layout(int64_t fmt) {
     }
 }
 
-/* n products of one layer (n <= 3) as pool jobs: the low-bit ones through lowbit_ops.h, the rest through
- * quant_ops.h (each product's result is the same whichever job it is in). Returns 0, or -1 when the low-bit
- * kernels' scratch cannot be allocated. */
-static int64_t decode_products(int n, const product *ps, void *const *P, const int64_t *D, int64_t B,
-                               int64_t nthreads, int64_t acc) {
+/* n products (n <= 3) as pool jobs, parts[j] the DECODE_PARTS pointers of product j: the low-bit ones
+ * through lowbit_ops.h, the rest through quant_ops.h (each product's result is the same whichever job it
+ * is in). Returns 0, or -1 when the low-bit kernels' scratch cannot be allocated. */
+static int64_t run_decode_products(int n, const product *ps, void *const *const *parts, int64_t B,
+                                   int64_t nthreads, int64_t acc) {
     product plain[3];
     lb_product low[3];
     int np = 0, nl = 0;
     for (int j = 0; j < n; j++) {
-        int m = (int)ps[j].tag - 1;
         int64_t layout = decode_lowbit_layout(ps[j].fmt);
         if (layout < 0) { plain[np++] = ps[j]; continue; }
-        void *const *q = P + DECODE_VECS + DECODE_PARTS * m;
+        void *const *q = parts[j];
         low[nl++] = (lb_product){.fmt = layout, .O = ps[j].O, .I = ps[j].I, .qs = q[0], .d = q[1], .qh = q[2],
                                  .m = q[3], .col = q[4], .x = ps[j].x, .y = ps[j].y, .tag = ps[j].tag};
     }
     if (np) run_products(np, plain, B, nthreads, acc);
     if (nl && lb_run_products(nl, low, B, nthreads, acc) != 0) return -1;
-    (void)D;
     return 0;
+}
+
+/* n products of one layer (their tags name the matrices of P) */
+static int64_t decode_products(int n, const product *ps, void *const *P, const int64_t *D, int64_t B,
+                               int64_t nthreads, int64_t acc) {
+    void *const *parts[3];
+    for (int j = 0; j < n; j++) parts[j] = P + DECODE_VECS + DECODE_PARTS * (ps[j].tag - 1);
+    (void)D;
+    return run_decode_products(n, ps, parts, B, nthreads, acc);
 }
 
 /* The element-wise work of a layer for several streams runs as a pool job, one chunk per stream
