@@ -21,6 +21,11 @@ spent without work (hand-offs, the wait for the last chunk), each element-wise o
 by round and the step-time ratio is printed; `--json` writes the numbers:
 
     python -m bench.modes --profile --weights int8 --against float32
+    python -m bench.modes --profile --weights int8 --against-step composed
+
+`--against-step composed` alternates instead the same model with its token step run as the model's ops
+one by one (`rwkv_kernels.decode_token`'s "composed": the layers' C call, then the final LayerNorm and
+the head from Python) against the default one call: what the single call saves, in the same minutes.
 """
 import os
 import statistics
@@ -137,6 +142,21 @@ def print_profile(title, rows, step_ms, weight_bytes, B):
           f"   = {1e3 * B / step_ms:.1f} tok/s over {B} stream(s)")
 
 
+class _StepForced:
+    """A model whose token step runs as `decode_token`'s implementation `impl` (--against-step)."""
+
+    def __init__(self, model, impl):
+        self.model, self.impl = model, impl
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, tokens, state):
+        from rwkv_kernels import dispatch
+        with dispatch.force(decode_token=self.impl):
+            return self.model.forward(tokens, state)
+
+
 def profile_main(ap, args, model):
     """--profile: the decode step's parts for --weights (and --against, alternating)."""
     from bench import models
@@ -145,7 +165,9 @@ def profile_main(ap, args, model):
         ap.exit(2, f"bench.modes: error: --profile counts inside the C kernels, which cannot run here: "
                    f"{cpu_c.unavailable_reason()}\n")
     fmts = {args.weights or "float32": model}
-    if args.against and args.against != (args.weights or "float32"):
+    if args.against_step:
+        fmts[f"{args.weights or 'float32'} ({args.against_step} step)"] = _StepForced(model, args.against_step)
+    elif args.against and args.against != (args.weights or "float32"):
         fmts[args.against] = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
     others = OthersMeter().start()
     results = profile_rounds(fmts, args.batch, args.steps, args.repeats)
@@ -196,6 +218,8 @@ def build_parser():
     ap.add_argument("--steps", type=positive_int, default=32, help="--profile: decode steps per round (default 32)")
     ap.add_argument("--batch", type=positive_int, default=1, help="--profile: streams decoded together (default 1)")
     ap.add_argument("--json", default=None, help="--profile: also write the numbers here (JSON)")
+    ap.add_argument("--against-step", default=None, choices=("composed",),
+                    help="--profile: alternate with the same model's token step run op by op (see above)")
     return ap
 
 
@@ -277,6 +301,8 @@ def peer_rows(args, model, ids):
 def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.against_step and (not args.profile or args.against):
+        ap.error("--against-step goes with --profile, and not with --against")
     if args.json:
         check_writable_file(args.json, "--json")           # a ValueError: one line, exit 2 (command)
     torch.set_num_threads(args.threads)

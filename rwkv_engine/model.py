@@ -206,6 +206,7 @@ class RWKV:
         self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]
         self._decode = rwkv_kernels.DecodeLayers(self.blocks, cfg.n_embd, cfg.layer_norm_eps, rescale_every,
                                             self.layers.start)
+        self._token_step = rwkv_kernels.DecodeModel(self._decode, self)
 
     # -- facts the benchmark and the generation loop read -----------------------------------
     @property
@@ -254,7 +255,7 @@ class RWKV:
         if len(self.layers) != self.config.n_layer:
             raise ValueError(f"this model holds layers {self.layers.start}..{self.layers.stop - 1} only "
                              "(a pipeline stage): run it through rwkv_engine.pipeline")
-        tokens = self.check_tokens(tokens)
+        tokens = self._token_batch(tokens)
         B, T = tokens.shape
         if state is None:
             state = self.new_state(B)
@@ -264,6 +265,10 @@ class RWKV:
             state.check(self.config.n_layer, B, self.config.n_embd, self.device, self.dtype)
         state.claim()
         try:
+            if T == 1:          # one token per stream: one call on the CPU path (embedding to logits)
+                logits = rwkv_kernels.decode_token(self._token_step, tokens, (state.att_x, state.att_a, state.att_b,
+                                                   state.att_p, state.ffn_x), self.wkv_backend)
+                return (logits[:, None] if all_logits else logits), state
             if T <= SEQUENCE_CHUNK:
                 return self.head_logits(self.run_blocks(self.embed(tokens), state), all_logits), state
             return self._forward_chunked(tokens, state, all_logits), state
@@ -284,8 +289,8 @@ class RWKV:
     def embed(self, tokens):
         """tokens [B, T] -> x: (B, C) in token mode (T == 1), which the blocks update in place,
         else (B, T, C)."""
-        x = self.emb[tokens[:, 0]] if tokens.shape[1] == 1 else self.emb[tokens]     # a copy: safe to update
-        return x.to(self.dtype)                          # a 16-bit table with packed weights
+        # a copy: safe to update; widened where the table is 16-bit (with packed weights)
+        return rwkv_kernels.decode.embed_rows(self.emb, tokens[:, 0] if tokens.shape[1] == 1 else tokens, self.dtype)
 
     def run_blocks(self, x, state):
         """Run the layers this model holds on x; `state` holds those layers only (in order).
@@ -305,11 +310,19 @@ class RWKV:
             x = x[:, None]
         if not all_logits:
             x = x[:, -1:]
-        x = F.layer_norm(x, (x.shape[-1],), self.ln_out_w, self.ln_out_b, self.config.layer_norm_eps)
+        x = rwkv_kernels.decode.layer_norm(x, self.ln_out_w, self.ln_out_b, self.config.layer_norm_eps)
         logits = rwkv_kernels.linear(x, self.head).float()                 # (B, T or 1, V)
         return logits if all_logits else logits[:, 0]
 
     __call__ = forward
+
+    def _token_batch(self, tokens):
+        """check_tokens, with a cheap path for the decode loop's own input (an int64 [B, 1] tensor on the
+        model's device), whose ids the token step checks (a ValueError, before any change)."""
+        if (type(tokens) is torch.Tensor and tokens.dtype is torch.int64 and tokens.dim() == 2 and tokens.shape[1] == 1
+                and tokens.shape[0] > 0 and tokens.device == self.device):
+            return tokens
+        return self.check_tokens(tokens)
 
     def check_tokens(self, tokens):
         """tokens (ids, a list of lists, or an integer tensor) -> a validated [B, T] int64 batch on the

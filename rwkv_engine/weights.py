@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rwkv_kernels import formats
+from rwkv_kernels.decode import layer_norm
 
 from .files import atomic_write, in_file_mapping, release_pages
 
@@ -78,7 +78,7 @@ def embedding_with_ln0(emb, ln_w, ln_b, eps, weight_format, rows_per_step=2048):
     out = torch.empty(emb.shape, dtype=embedding_dtype(fmt), device=emb.device)
     for r0 in range(0, emb.shape[0], rows_per_step):
         rows = pack_embedding(emb[r0:r0 + rows_per_step], fmt).float()
-        out[r0:r0 + rows_per_step] = F.layer_norm(rows, (emb.shape[1],), ln_w.float(), ln_b.float(), eps)
+        out[r0:r0 + rows_per_step] = layer_norm(rows, ln_w.float(), ln_b.float(), eps)
         release(emb[r0:r0 + rows_per_step])
     return out
 
@@ -103,7 +103,12 @@ class LazyEmbedding:
 
     def __getitem__(self, index):
         rows = pack_embedding(self.raw[index], self.weight_format).float()
-        return F.layer_norm(rows, (self.raw.shape[1],), self.ln_w, self.ln_b, self.eps).to(self.dtype)
+        return layer_norm(rows, self.ln_w, self.ln_b, self.eps).to(self.dtype)
+
+    def ln0_parts(self):
+        """(raw table, row dtype, ln0 weight, bias, eps): what the C token step needs to compute the same
+        rows itself (rwkv_kernels.DecodeModel)."""
+        return self.raw, self.dtype, self.ln_w, self.ln_b, self.eps
 
 
 def ln0_embedding(emb, ln_w, ln_b, eps, weight_format, lazy):

@@ -205,6 +205,10 @@ class CpuOps:
         lib.wkv_seq.argtypes = [_VP] * 8 + [_I64] * 4
         lib.decode_layers.argtypes = [_I64, _P(_I64), _P(_VP)] + [_VP] * 6 + [_I64] * 3 + [ctypes.c_double] + [_I64] * 3
         lib.decode_layers.restype = _I64
+        lib.decode_token.argtypes = ([_I64, _P(_I64), _P(_VP), _VP, _P(_I64), _P(_VP), ctypes.c_double, _VP, _VP, _VP,
+                                      _P(_I64), _P(_VP)] + [_VP] * 6
+                                     + [_I64] * 3 + [ctypes.c_double] + [_I64] * 3)
+        lib.decode_token.restype = _I64
         lib.decode_layout.argtypes = [_I64]
         lib.sample_rows.argtypes = [_VP, _I64, _I64, ctypes.c_double, _VP, _VP, _I64]
         lib.sample_rows.restype = None

@@ -14,6 +14,12 @@ any of the component ops (`dispatch.force(linear=...)`, or a `wkv_backend`) sele
 (e.g. a non-contiguous weight) take the row's fallback, with one warning.
 
 A layer is any object with the attributes named in VECTORS and MATRICES (the model's `Block`).
+
+`decode_token` (op "decode_token") is a whole model's token step, tokens in, logits out: the embedding
+rows, `decode_layers`, the final LayerNorm (`ln_shift_mix` with no mixes: its LayerNorm alone) and the
+head's product; "c" runs it as one C call (`decode_token` in csrc/decode_step.h: the same kernels, so the
+same bits as "composed", which runs those four steps as the model's ops). It is chosen and forced as
+`decode_layers` is, and forcing `decode_layers` itself selects "composed" too.
 """
 import ctypes
 import operator
@@ -144,3 +150,181 @@ def decode_layers_composed(plan, x, state, wkv_backend=None):
 
 dispatch.register_impl("decode_layers", "c", decode_layers_c, needs_c=True)
 dispatch.register_impl("decode_layers", "composed", decode_layers_composed)
+
+
+# -- a whole model's token step ---------------------------------------------------------------------
+
+HEAD = ("emb", "ln_out_w", "ln_out_b", "head")
+EMB_TABLE, EMB_LN0, EMB_GIVEN = 0, 1, 2         # how the C step gets the embedding rows (decode_step.h)
+
+
+class DecodeModel:
+    """A whole model prepared for `decode_token`: `layers` (a DecodeLayers of every layer) and `owner`,
+    any object with the attributes in HEAD (the model: the embedding [V, C], the final LayerNorm's
+    weight and bias [C], the head [V, C]), read again at each step, so a replaced tensor is never
+    bypassed. The embedding is one of:
+      * a float32 or 16-bit table, which the C step reads itself;
+      * an object with `ln0_parts()` -> (raw [V, C] float32/16-bit table, dtype, weight [C], bias [C],
+        eps) whose rows are `layer_norm(raw[ids] rounded to dtype)` rounded to dtype (rwkv_engine's
+        lazily normalised table, from the memory map): the C step computes the same rows;
+      * anything else indexed like a table (`emb[ids]` -> rows [B, C]), looked up in Python first."""
+
+    def __init__(self, layers, owner):
+        self.layers, self.owner = layers, owner
+        self._head = self._held = None
+        self.unusable = None
+
+    @property
+    def vocab_size(self):
+        return self.owner.head.shape[0]
+
+    def weight_format(self):
+        return self.layers.weight_format()
+
+    def c_plan(self):
+        """The head's part of the C plan: (embedding dims, embedding pointers, eps, head dims, head
+        pointers), rebuilt when one of the owner's HEAD tensors was replaced. ValueError if one does not fit."""
+        held = _HEAD_OF(self.owner)
+        if self._head is None or not all(map(operator.is_, held, self._held)):
+            self._head, self._held = _build_head(*held, self.layers.C), held
+        return self._head
+
+    def c_usable(self):
+        """Whether the C step can run this model (else `unusable` says why; the composed ops run)."""
+        try:
+            self.c_plan()
+        except ValueError as e:
+            self.unusable = str(e)
+            return False
+        if not self.layers.c_usable():
+            self.unusable = self.layers.unusable
+            return False
+        return True
+
+
+_HEAD_OF = operator.attrgetter(*HEAD)
+
+
+def _float_code(t, what, C):
+    fmt = formats.of(t) if isinstance(t, torch.Tensor) else None
+    if fmt is None or fmt.dtype is None or fmt.code is None or not t.is_contiguous() or t.dim() != 2 or t.shape[1] != C:
+        raise ValueError(f"decode_token: {what} must be a contiguous float32, float16 or bfloat16 [V, {C}] table, "
+                         f"got {getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', ()))}")
+    return fmt.code
+
+
+def _vector(t, what, C):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != C:
+        raise ValueError(f"decode_token: {what} must be float32 contiguous [{C}]")
+    return t.data_ptr()
+
+
+def _build_head(emb, ln_w, ln_b, head, C):
+    if emb is None or head is None:
+        raise ValueError("decode_token: the model holds no embedding or no head (a pipeline stage)")
+    if tuple(emb.shape)[1:] != (C,):
+        raise ValueError(f"decode_token: the embedding is {list(emb.shape)}, expected [V, {C}]")
+    if isinstance(emb, torch.Tensor):
+        emb_dims, emb_ptrs, emb_eps = (EMB_TABLE, _float_code(emb, "the embedding", C), 0), (emb.data_ptr(), None, None), 0.0
+    elif hasattr(emb, "ln0_parts"):
+        raw, dtype, w0, b0, eps0 = emb.ln0_parts()
+        pack = formats.get(dispatch.dtype_name(dtype))
+        if pack.dtype is None or pack.code is None:
+            raise ValueError(f"decode_token: the embedding's rows are {dtype}, not a float format")
+        emb_dims = (EMB_LN0, _float_code(raw, "the raw embedding", C), pack.code)
+        emb_ptrs = (raw.data_ptr(), _vector(w0, "ln0's weight", C), _vector(b0, "ln0's bias", C))
+        emb_eps = float(eps0)
+    else:
+        emb_dims, emb_ptrs, emb_eps = (EMB_GIVEN, -1, -1), (None, None, None), 0.0
+    _vector(ln_w, "ln_out_w", C), _vector(ln_b, "ln_out_b", C)
+    fmt_h = formats.of(head)
+    if fmt_h is None or fmt_h.code is None or tuple(head.shape) != (emb.shape[0], C):
+        raise ValueError(f"decode_token: the head is {dispatch.format_name(head)} {list(head.shape)}, expected one "
+                         f"of {sorted(formats.c_codes())} [{emb.shape[0]}, {C}]")
+    parts = (*fmt_h.c_parts(head), None, None, None, None)[:5]
+    if not all(t is None or t.is_contiguous() for t in parts):
+        raise ValueError("decode_token: the head is not contiguous")
+    return ((_I64 * 3)(*emb_dims), (_VP * 3)(*emb_ptrs), emb_eps, (_I64 * 3)(fmt_h.code, head.shape[0], C),
+            (_VP * 5)(*(None if t is None else t.data_ptr() for t in parts)))
+
+
+def _token_key(plan, state):
+    return (dispatch.device_of(*state), dispatch.compute_of(*state), plan.weight_format(), dispatch.layout_of(*state))
+
+
+def decode_token(plan, tokens, state, wkv_backend=None, backend=None):
+    """tokens: int64 [B, 1] (one token per stream), already a validated batch; state: the tensors
+    (att_x, att_a, att_b, att_p, ffn_x), each (n_layers, B, C), updated in place. Returns the logits
+    float32 [B, V]. A token outside [0, V) is a ValueError, before anything is changed."""
+    name, fn = dispatch.pick("decode_token", _token_key(plan, state), backend, parts_chosen=wkv_backend is not None)
+    return fn(plan, tokens, state, wkv_backend)
+
+
+def _bad_token(tokens, V):
+    lo, hi = int(tokens.min()), int(tokens.max())
+    return ValueError(f"token id {lo if lo < 0 else hi} out of range [0, {V})")
+
+
+def embed_rows(emb, ids, dtype):
+    """The embedding rows of ids (any shape; a copy, safe to update in place) in the compute dtype."""
+    return emb[ids].to(dtype)
+
+
+def layer_norm(x, w, b, eps):
+    """LayerNorm of x [..., C] over its last dimension (a new tensor): `ln_shift_mix` with no mixes, the
+    kernel the C token step runs for the final LayerNorm and the lazily normalised embedding."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1]).contiguous()
+    out = torch.empty_like(x)
+    ln_shift_mix(x, w, b, eps, out, ())
+    return out.reshape(shape)
+
+
+def decode_token_c(plan, tokens, state, wkv_backend=None, isa=None):
+    if not plan.c_usable():
+        _, fallback = dispatch.fall_back("decode_token", _token_key(plan, state), plan.unusable)
+        return fallback(plan, tokens, state, wkv_backend)
+    if tokens.dtype != torch.int64 or tokens.dim() != 2 or tokens.shape[1] != 1 or not tokens.is_cpu:
+        raise ValueError(f"decode_token: tokens must be an int64 [B, 1] CPU tensor, got {tokens.dtype} "
+                         f"{list(tokens.shape)} on {tokens.device}")
+    if not tokens.is_contiguous():
+        tokens = tokens.contiguous()
+    emb_dims, emb_ptrs, emb_eps, head_dims, head_ptrs = plan._head
+    layers = plan.layers
+    ptrs, dims = layers._plan
+    att_x, att_a, att_b, att_p, ffn_x = state
+    B, V = tokens.shape[0], head_dims[1]
+    x = None
+    if emb_dims[0] == EMB_GIVEN:                       # a table looked up in Python (see DecodeModel)
+        if bool(((tokens < 0) | (tokens >= V)).any()):
+            raise _bad_token(tokens, V)
+        x = embed_rows(plan.owner.emb, tokens[:, 0], torch.float32)
+        if x.shape != (B, layers.C) or x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"decode_token: the embedding gave {x.dtype} {list(x.shape)}, expected float32 "
+                             f"[{B}, {layers.C}]")
+    logits = torch.empty(B, V)
+    rc = cpu_c.ops(isa).lib.decode_token(len(layers.layers), dims, ptrs, tokens.data_ptr(), emb_dims, emb_ptrs, emb_eps,
+                                         None if x is None else x.data_ptr(),
+                                         plan.owner.ln_out_w.data_ptr(), plan.owner.ln_out_b.data_ptr(),
+                                         head_dims, head_ptrs, logits.data_ptr(), att_x.data_ptr(), att_a.data_ptr(),
+                                         att_b.data_ptr(), att_p.data_ptr(), ffn_x.data_ptr(), B, layers.C, layers.F,
+                                         layers.eps, layers.rescale_every, layers.layer0, torch.get_num_threads())
+    if rc == -2:
+        raise _bad_token(tokens, V)
+    if rc != 0:
+        raise MemoryError(f"decode_token: cannot allocate scratch for {B} streams")
+    return logits
+
+
+def decode_token_composed(plan, tokens, state, wkv_backend=None):
+    o = plan.owner
+    V = o.emb.shape[0]
+    if bool(((tokens < 0) | (tokens >= V)).any()):
+        raise _bad_token(tokens, V)
+    x = decode_layers(plan.layers, embed_rows(o.emb, tokens[:, 0], state[0].dtype), state, wkv_backend)
+    xn = layer_norm(x, o.ln_out_w, o.ln_out_b, plan.layers.eps)
+    return linear(xn[:, None], o.head).float()[:, 0]
+
+
+dispatch.register_impl("decode_token", "c", decode_token_c, needs_c=True)
+dispatch.register_impl("decode_token", "composed", decode_token_composed)

@@ -82,21 +82,24 @@ _FIXED = [
     # a whole decode step through a run of layers (rwkv_kernels/decode.py): one C call on the CPU path for
     # every format the C step takes (the per-format rows), the ops composed otherwise
     Rule("decode_layers",   "*",    "*",       "*",       "*",          "composed"),
+    # a whole model's token step (embedding, the layers, the final LayerNorm, the head): the same rows
+    Rule("decode_token",    "*",    "*",       "*",       "*",          "composed"),
 ]
 # An op made of others runs its composed implementation whenever one of its parts is forced or
 # given a backend, so that a chosen implementation is never bypassed.
-COMPOSED_OF = {"decode_layers": ("composed", ("linear", "ln_shift_mix", "wkv_step", "wkv_step_gated",
-                                              "relu_square_", "add_gated_"))}
+_STEP_PARTS = ("linear", "ln_shift_mix", "wkv_step", "wkv_step_gated", "relu_square_", "add_gated_")
+COMPOSED_OF = {"decode_layers": ("composed", _STEP_PARTS),
+               "decode_token": ("composed", _STEP_PARTS + ("decode_layers",))}
 
 
 def _format_rows():
-    rows = {"linear": [], "decode_layers": []}
+    rows = {"linear": [], "decode_layers": [], "decode_token": []}
     for fmt in formats.all_formats():
         rows["linear"] += [Rule("linear", s.device, s.compute, fmt.name, s.shape, s.impl, s.fallback)
                            for s in fmt.serves]
         if fmt.code is not None:
-            rows["decode_layers"].append(Rule("decode_layers", "cpu", "float32", fmt.name, "contiguous",
-                                              "c", "composed"))
+            for op in ("decode_layers", "decode_token"):
+                rows[op].append(Rule(op, "cpu", "float32", fmt.name, "contiguous", "c", "composed"))
     return rows
 
 

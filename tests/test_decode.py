@@ -98,15 +98,102 @@ def test_every_isa_build_agrees_with_the_torch_reference(isa, fmt):
 
 
 @needs_c
-def test_model_token_mode_runs_the_fused_step(monkeypatch):
+def test_model_token_mode_runs_the_whole_step_in_one_call(monkeypatch):
+    """Token mode on the CPU is one decode_token C call: neither the layers' own step nor the head's
+    product runs beside it."""
     model = _model("int8")
     calls = []
-    real = decode.decode_layers_c
-    monkeypatch.setitem(dispatch._impls, ("decode_layers", "c"),
+    real = decode.decode_token_c
+    monkeypatch.setitem(dispatch._impls, ("decode_token", "c"),
                         (lambda *a, **k: calls.append(1) or real(*a, **k), True))
+    for op in ("decode_layers", "linear"):
+        for name in [n for o, n in dispatch._impls if o == op]:
+            monkeypatch.setitem(dispatch._impls, (op, name), (lambda *a, _op=op, **k: pytest.fail(f"{_op} ran"),
+                                                             dispatch._impls[(op, name)][1]))
     dispatch._choice_cache.clear()
-    model.forward(torch.tensor([[5], [7]]))
-    assert calls == [1]
+    logits, _ = model.forward(torch.tensor([[5], [7]]))
+    assert calls == [1] and logits.shape == (2, 300)
+
+
+def _run_tokens(model, tokens, impl, isa=None):
+    """model.forward one token at a time through decode_token's `impl`; -> (logits [T, B, V], state)."""
+    state, out = model.new_state(tokens.shape[0]), []
+    for t in range(tokens.shape[1]):
+        s5 = (state.att_x, state.att_a, state.att_b, state.att_p, state.ffn_x)
+        if impl == "c":
+            out.append(decode.decode_token_c(model._token_step, tokens[:, t:t + 1], s5, isa=isa))
+        else:
+            with dispatch.force(decode_token=impl):
+                out.append(model.forward(tokens[:, t:t + 1], state)[0])
+    return torch.stack(out), state
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("B", [1, 3])
+def test_whole_token_step_is_bit_identical_to_the_composed_ops(fmt, B):
+    """decode_token in C (the embedding rows widened from the format's 16-bit table, the layers, the final
+    LayerNorm, the head) against the same step as the model's ops: every logit and state value."""
+    model = _model(fmt)
+    assert isinstance(model.emb, torch.Tensor) and model.emb.dtype == formats.get(fmt).embedding_dtype
+    tokens = torch.randint(0, 300, (B, 5), generator=torch.Generator().manual_seed(B))
+    got, s_got = _run_tokens(model, tokens, "c")
+    want, s_want = _run_tokens(model, tokens, "composed")
+    assert torch.equal(got, want)
+    for name, t in s_got.tensors().items():
+        assert torch.equal(t, s_want.tensors()[name]), name
+    # and the per-piece path the pipeline stages run (embed, run_blocks, head_logits) has the same bits
+    assert torch.equal(got, _run(model, tokens, "c")[0])
+
+
+@needs_c
+@pytest.mark.parametrize("isa", cpu_c.supported_isas())
+def test_whole_token_step_with_a_lazily_normalised_embedding(isa, tmp_path):
+    """A memory-mapped checkpoint's embedding is looked up row by row (rwkv_engine's LazyEmbedding, ln0
+    applied as it is read): the C step takes the rows from Python, with the same bits as composed."""
+    cfg = RWKVConfig(n_layer=2, n_embd=48, vocab_size=300, name="")
+    path = tmp_path / "tiny.pth"
+    torch.save(synthetic_state_dict(cfg, seed=5), path)
+    model = rwkv_engine.load(str(path), weights="bfloat16")
+    assert not isinstance(model.emb, torch.Tensor)
+    tokens = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(2))
+    got, _ = _run_tokens(model, tokens, "c", isa=isa)
+    with dispatch.force(decode_token="composed"):
+        want, _ = _run_tokens(model, tokens, "composed", isa=isa)
+    if isa == cpu_c.ops().isa:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@needs_c
+@pytest.mark.parametrize("impl", ["c", "composed"])
+@pytest.mark.parametrize("bad", [300, -1])
+def test_whole_token_step_refuses_a_token_outside_the_vocabulary_and_changes_nothing(impl, bad):
+    model = _model("int8")
+    state = model.new_state(2)
+    model.forward(torch.tensor([[3], [4]]), state)
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    with dispatch.force(decode_token=impl), pytest.raises(ValueError, match=f"token id {bad} out of range \\[0, 300\\)"):
+        model.forward(torch.tensor([[5], [bad]]), state)
+    for name, t in state.tensors().items():
+        assert torch.equal(t, before[name]), name
+
+
+@needs_c
+def test_whole_token_step_follows_a_replaced_head_and_embedding():
+    """The C step holds raw pointers to the head and the embedding: replacing either must be seen."""
+    model = _model("float32")
+    tok = torch.tensor([[5], [7]])
+    model.forward(tok)
+    model.head = model.head * 0.5
+    model.emb = model.emb.flip(0).contiguous()
+    with dispatch.force(decode_token="composed"):
+        want, _ = model.forward(tok)
+    got, _ = model.forward(tok)
+    assert torch.equal(got, want)
+    model.ln_out_w = model.ln_out_w.half()                       # not a layout the C step takes
+    assert not model._token_step.c_usable() and "ln_out_w" in model._token_step.unusable
 
 
 @needs_c
@@ -117,8 +204,8 @@ def test_fused_step_is_bypassed_when_it_would_not_honour_the_request(monkeypatch
     model = _model("float32") if how != "bfloat16 compute" else \
         rwkv_engine.RWKV(RWKVConfig(2, 32, vocab_size=300, name=""),
                          synthetic_state_dict(RWKVConfig(2, 32, vocab_size=300, name=""), seed=1), dtype="bfloat16")
-    monkeypatch.setitem(dispatch._impls, ("decode_layers", "c"),
-                        (lambda *a, **k: pytest.fail("the fused C step ran"), True))
+    for op in ("decode_layers", "decode_token"):
+        monkeypatch.setitem(dispatch._impls, (op, "c"), (lambda *a, **k: pytest.fail("the fused C step ran"), True))
     dispatch._choice_cache.clear()
     tok = torch.tensor([[5], [7]])
     if how == "forced linear":
@@ -241,9 +328,60 @@ def test_a_replaced_weight_is_used_and_an_unfit_layer_runs_composed(monkeypatch)
     assert not model._decode.c_usable() and "att_key" in model._decode.unusable
     with dispatch.force(decode_layers="composed"):
         want, _ = model.forward(tok)
-    with pytest.warns(RuntimeWarning, match="decode_layers runs its slower fallback 'composed'.*att_key"):
+    with warnings.catch_warnings(record=True) as caught:      # the whole step's, then the layers' fallback
+        warnings.simplefilter("always")
         got, _ = model.forward(tok)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and all("att_key" in m for m in said), said
+    assert "decode_token runs its slower fallback 'composed'" in said[0]
+    assert "decode_layers runs its slower fallback 'composed'" in said[1]
     assert torch.equal(got, want)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.forward(tok)                                   # once per process
+
+
+@needs_c
+@pytest.mark.parametrize("raw_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weights", ["float32", "float16", "bfloat16"])
+def test_c_step_computes_the_lazy_embedding_rows_bit_for_bit(raw_dtype, weights):
+    """The lazily normalised table (LayerNorm of each raw row rounded to the format's row dtype, rounded
+    again): the C step's rows against rwkv_engine's Python lookup, every raw dtype x row dtype, on
+    values that need rounding (float32 raw rows with 23 significant bits)."""
+    from rwkv_engine.weights import LazyEmbedding
+    model = _model("float32" if weights == "float32" else weights)
+    g = torch.Generator().manual_seed(7)
+    raw = (torch.randn(300, 40, generator=g) * 3 + 0.25).to(raw_dtype)
+    ln_w, ln_b = torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g) * 0.1
+    model.emb = LazyEmbedding(raw, ln_w, ln_b, 1e-5, weights)
+    tokens = torch.randint(0, 300, (3, 3), generator=g)
+    got, _ = _run_tokens(model, tokens, "c")
+    want, _ = _run_tokens(model, tokens, "composed")
+    assert list(model._token_step._head[0])[:1] == [decode.EMB_LN0]
+    assert torch.equal(got, want)
+
+
+@needs_c
+def test_c_step_takes_rows_of_any_indexable_embedding():
+    """An embedding that is neither a table nor lazily normalised is looked up in Python, then the rest
+    of the step is the one call; a lookup that gives the wrong shape is a one-line error."""
+    model = _model("int8")
+    table = model.emb
+
+    class Rows:
+        shape = table.shape
+
+        def __getitem__(self, ids):
+            return table[ids]
+
+    model.emb = Rows()
+    tokens = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(3))
+    got, _ = _run_tokens(model, tokens, "c")
+    assert list(model._token_step._head[0])[:1] == [decode.EMB_GIVEN]
+    model.emb = table
+    want, _ = _run_tokens(model, tokens, "composed")
+    assert torch.equal(got, want)
+    Rows.__getitem__ = lambda self, ids: table[ids][:, :-1]
+    model.emb = Rows()
+    with pytest.raises(ValueError, match=r"the embedding gave torch.float32 \[2, 39\], expected float32 \[2, 40\]"):
+        model.forward(torch.tensor([[1], [2]]))

@@ -114,3 +114,23 @@ def test_modes_profile_prints_and_writes_the_parts_of_the_step(tmp_path):
         assert re.search(rf"{fmt} weights, 2 stream\(s\).*\n.*\n(.*\n)*att k products\s+[\d.]+\s+[\d.]+%", r.stdout)
     bad = _cli("--model", "rwkv-4-tiny", "--profile", "--json", str(tmp_path))          # a directory
     assert bad.returncode == 2 and "--json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@needs_c
+def test_modes_profile_against_the_composed_step(tmp_path):
+    """--against-step composed: the same model with its token step op by op, alternating with the one call;
+    both count the same products (the composed step runs the layers' C call and the head from Python)."""
+    out = tmp_path / "p.json"
+    r = _cli("--model", "rwkv-4-tiny", "--profile", "--weights", "int8", "--against-step", "composed", "--steps", "3",
+             "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["formats"]) == {"int8", "int8 (composed step)"}
+    one, composed = (data["formats"][k]["counters"] for k in ("int8", "int8 (composed step)"))
+    assert one["steps"] == composed["steps"] == 3                               # the warm-up round is not counted
+    assert one["products"]["other"]["bytes"] == composed["products"]["other"]["bytes"] > 0
+    assert re.search(r"step time int8 \(composed step\) / int8: [\d.]+x", r.stdout), r.stdout
+    for args in (("--against-step", "composed"), ("--profile", "--against-step", "composed", "--against", "float32"),
+                 ("--profile", "--against-step", "ops")):
+        bad = _cli("--model", "rwkv-4-tiny", *args)
+        assert bad.returncode == 2 and "--against-step" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

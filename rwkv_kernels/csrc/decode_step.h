@@ -21,6 +21,14 @@
  * through rwkv_kernels/lowbit.py), the others quant_ops.h's.
  *   dims[3m..3m+2]: (format code, rows O, columns I) of matrix m
  * The state tensors are (n_layers, B, C) float32, contiguous; x (B, C) float32 is updated in place.
+ *
+ * decode_token is a whole model's token step in the same one call: the embedding rows of the tokens
+ * (widened from 16 bits where the table is), decode_layers, the final LayerNorm (ln_shift_mix with no
+ * mixes: its LayerNorm alone) and the head's product, the same kernels the per-op path runs
+ * (rwkv_kernels/decode.py: `decode_token`, "composed"), so the logits have the same bits. Why: between
+ * the layers' call and the head's, the per-op path ran ~10 tensor operations in Python; right after a
+ * step has streamed the weights through the caches they cost 0.5-1 ms a token (Zen 4: 169m bfloat16
+ * 10.5 -> 9.4 ms a token with the calls alone).
  */
 #ifndef RWKV_DECODE_STEP_H
 #define RWKV_DECODE_STEP_H
@@ -178,6 +186,79 @@ int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, 
         prof_add(&prof.step_ns, (int64_t)(pool_now_ns() - t_step));
     }
     return 0;
+}
+
+/* float32 -> a 16-bit float format and back, as torch rounds (to nearest, ties to even); FMT_F32: x */
+static inline float round_to_fmt(float x, int64_t fmt) {
+    if (fmt == FMT_F16) return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (fmt == FMT_BF16) {
+        uint32_t u;
+        memcpy(&u, &x, 4);
+        u = (x != x) ? 0x7FC00000u : ((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+        memcpy(&x, &u, 4);
+    }
+    return x;
+}
+
+/* element c of row r of a [*, C] table of a float format, widened exactly */
+static inline float table_at(const void *t, int64_t fmt, int64_t i) {
+    if (fmt == FMT_F32) return ((const float *)t)[i];
+    uint16_t h = ((const uint16_t *)t)[i];
+    if (fmt == FMT_F16) return _cvtsh_ss(h);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline int is_float_fmt(int64_t fmt) { return fmt == FMT_F32 || fmt == FMT_F16 || fmt == FMT_BF16; }
+
+/* A whole model's token step (see the top). tokens [B] int64. The embedding, by emb_dims[0]:
+ *   0: a table emb_ptrs[0] [V, C] of format emb_dims[1] (FMT_F32, FMT_F16 or FMT_BF16), rows widened;
+ *   1: rwkv_engine's lazily normalised table: row = LayerNorm(round(raw row, pack)) with emb_ptrs[1..2]
+ *      the weight and bias and emb_eps, rounded to pack (emb_dims[2]) and widened, where the raw table
+ *      emb_ptrs[0] [V, C] has format emb_dims[1] (the same arithmetic as the Python lookup: the same
+ *      LayerNorm kernel, torch's roundings);
+ *   2: x_given [B, C] float32 holds the rows already (a table the caller looks up itself).
+ * x_given, when not NULL, is the residual stream (updated in place). ln_w, ln_b [C] the final LayerNorm;
+ * head_dims (format code, V, C) and head_ptrs (its DECODE_PARTS parts) the head; logits [B, V] float32.
+ * Returns 0; -1 if the scratch memory cannot be allocated; -2 if a token is outside [0, V) or the
+ * embedding is not one of the above (nothing is changed then). */
+int64_t decode_token(int64_t n_layers, const int64_t *dims, void *const *ptrs, const int64_t *tokens,
+                     const int64_t *emb_dims, void *const *emb_ptrs, double emb_eps, float *x_given,
+                     const float *ln_w, const float *ln_b, const int64_t *head_dims, void *const *head_ptrs,
+                     float *logits, float *att_x, float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B,
+                     int64_t C, int64_t F, double eps, int64_t rescale_every, int64_t layer0, int64_t nthreads) {
+    const int64_t V = head_dims[1], mode = emb_dims[0], raw = emb_dims[1], pack = emb_dims[2];
+    if (mode < 0 || mode > 2 || (mode < 2 && !is_float_fmt(raw)) || (mode == 1 && !is_float_fmt(pack))
+        || (mode == 2 && x_given == NULL))
+        return -2;
+    for (int64_t b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= V) return -2;
+    float *buf = malloc(sizeof(float) * (size_t)((x_given == NULL ? 2 : 1) * B * C));
+    if (buf == NULL) return -1;
+    float *xn = buf, *x = x_given != NULL ? x_given : buf + B * C;
+    for (int64_t b = 0; b < B && mode < 2; b++) {      /* the embedding rows */
+        float *xb = x + b * C;
+        const int64_t at = tokens[b] * C;
+        if (mode == 0) {
+            for (int64_t c = 0; c < C; c++) xb[c] = table_at(emb_ptrs[0], raw, at + c);
+            continue;
+        }
+        for (int64_t c = 0; c < C; c++) xn[c] = round_to_fmt(table_at(emb_ptrs[0], raw, at + c), pack);
+        ln_shift_mix(xn, (const float *)emb_ptrs[1], (const float *)emb_ptrs[2], emb_eps, xb, 0, NULL, NULL, 1, C);
+        for (int64_t c = 0; c < C; c++) xb[c] = round_to_fmt(xb[c], pack);
+    }
+    int64_t rc = decode_layers(n_layers, dims, ptrs, x, att_x, att_a, att_b, att_p, ffn_x, B, C, F, eps,
+                               rescale_every, layer0, nthreads);
+    if (rc == 0) {
+        ln_shift_mix(x, ln_w, ln_b, eps, xn, 0, NULL, NULL, B, C);
+        product h = {.fmt = head_dims[0], .O = V, .I = head_dims[2], .W = head_ptrs[0],
+                     .S = (const uint16_t *)head_ptrs[1], .x = xn, .y = logits, .tag = 0};
+        rc = run_decode_products(1, &h, &head_ptrs, B, nthreads, 0);
+    }
+    free(buf);
+    return rc;
 }
 
 #endif
