@@ -125,7 +125,7 @@ def profile_parts(counts, wall_s, steps):
     inside = sum(prod[t]["wall_ns"] for t, _ in _MATRIX_PARTS if t != "other") + sum(counts["elementwise_ns"].values())
     rows.append(("decode_layers rest (scratch, loops)", max(0, counts["step_ns"] - inside) / per, None))
     step_ms = wall_s * 1e3 / steps
-    rows.append(("Python and the rest (embedding, head LN)", step_ms - counts["step_ns"] / per - prod["other"]["wall_ns"] / per,
+    rows.append(("embedding, final LN and Python", step_ms - counts["step_ns"] / per - prod["other"]["wall_ns"] / per,
                  None))
     weight_bytes = sum(c["bytes"] for c in prod.values()) / steps
     return rows, step_ms, weight_bytes

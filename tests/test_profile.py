@@ -99,7 +99,7 @@ def test_modes_profile_prints_and_writes_the_parts_of_the_step(tmp_path):
     for fmt, f in data["formats"].items():
         parts = {p["part"]: p for p in f["parts"]}
         for name in ("att k products", "ffn v products", "head products", "activation quantisation",
-                     "pool idle (hand-offs, last chunk)", "wkv_step_gated", "Python and the rest (embedding, head LN)"):
+                     "pool idle (hand-offs, last chunk)", "wkv_step_gated", "embedding, final LN and Python"):
             assert name in parts, (fmt, name)
         # the parts add up to the step (the rest is what the counters do not see)
         total = sum(p["ms_per_step"] for p in f["parts"])
