@@ -38,6 +38,16 @@ _NAMES_OF = operator.attrgetter(*_NAMES)
 _I64, _VP = ctypes.c_int64, ctypes.c_void_p
 
 
+def _plan_usable(obj):
+    """Whether obj.c_plan() builds; if not, obj.unusable says why."""
+    try:
+        obj.c_plan()
+    except ValueError as e:
+        obj.unusable = str(e)
+        return False
+    return True
+
+
 class DecodeLayers:
     """A run of layers prepared for `decode_layers`: the C plan (flat pointer and shape arrays) is
     built on first use and kept, as are references to every tensor it points into."""
@@ -65,12 +75,7 @@ class DecodeLayers:
 
     def c_usable(self):
         """Whether the C step can run these layers (else `unusable` says why; the composed ops run)."""
-        try:
-            self.c_plan()
-        except ValueError as e:
-            self.unusable = str(e)
-            return False
-        return True
+        return _plan_usable(self)
 
 
 def _build_plan(layers, C, F):
@@ -191,10 +196,7 @@ class DecodeModel:
 
     def c_usable(self):
         """Whether the C step can run this model (else `unusable` says why; the composed ops run)."""
-        try:
-            self.c_plan()
-        except ValueError as e:
-            self.unusable = str(e)
+        if not _plan_usable(self):
             return False
         if not self.layers.c_usable():
             self.unusable = self.layers.unusable
