@@ -17,7 +17,7 @@ process: where the two cross is where `rwkv_kernels.dispatch.SHORT_ROWS` belongs
 rounds) into its parts, counted inside the C kernels decode runs (`rwkv_kernels.profile`): per matrix the
 product time with its weight bytes and GB/s, the activation quantisation (int8), the time pool threads
 spent without work (hand-offs, the wait for the last chunk), each element-wise op, the head and the rest
-(Python: embedding, the head's LayerNorm, bookkeeping); with `--against` the two formats alternate round
+(the embedding and the final LayerNorm, in C, and Python's bookkeeping); with `--against` the two formats alternate round
 by round and the step-time ratio is printed; `--json` writes the numbers:
 
     python -m bench.modes --profile --weights int8 --against float32
@@ -26,11 +26,19 @@ by round and the step-time ratio is printed; `--json` writes the numbers:
 `--against-step composed` alternates instead the same model with its token step run as the model's ops
 one by one (`rwkv_kernels.decode_token`'s "composed": the layers' C call, then the final LayerNorm and
 the head from Python) against the default one call: what the single call saves, in the same minutes.
+`--against-src DIR` alternates instead the same model on the kernels built from DIR/cpu_ops.c (with
+DIR's headers; e.g. `git worktree add /tmp/old HEAD~1` and DIR = /tmp/old/rwkv_kernels/csrc), for the
+same instruction set: a kernel change measured on the whole step, in one process. Both of these say
+whether the last step's logits were identical.
+
+    python -m bench.modes --profile --weights int8 --batch 16 --against-src /tmp/old/rwkv_kernels/csrc
 """
+import contextlib
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -75,29 +83,33 @@ _MATRIX_PARTS = (("att_receptance", "att r"), ("att_key", "att k"), ("att_value"
                  ("ffn_receptance", "ffn r"), ("ffn_key", "ffn k"), ("ffn_value", "ffn v"), ("other", "head"))
 
 
-def profile_rounds(models, B, steps, repeats):
-    """models: {name: model}. Alternating rounds of `steps` decode steps per model (one warm-up round
-    first); -> {name: (counters summed over the timed rounds, wall seconds, steps)}."""
-    from rwkv_kernels import profile
+def profile_rounds(models, B, steps, repeats, kernels=None):
+    """models: {name: model}; kernels: {name: CpuOps} for names whose rounds run on another kernel build
+    (--against-src). Alternating rounds of `steps` decode steps per model (one warm-up round first);
+    -> ({name: (counters summed over the timed rounds, wall seconds, steps)}, {name: last logits})."""
+    from rwkv_kernels import cpu_c, profile
     ids = torch.randint(0, min(m.vocab_size for m in models.values()), (B, steps),
                         generator=torch.Generator().manual_seed(0))
+    kernels = kernels or {}
     totals = {name: None for name in models}
     wall = {name: 0.0 for name in models}
+    logits = {}
     for rnd in range(repeats + 1):
         for name, m in models.items():
-            state = m.new_state(B)
-            profile.enable()
-            t0 = time.perf_counter()
-            for t in range(steps):
-                m.forward(ids[:, t:t + 1], state)
-            dt = time.perf_counter() - t0
-            counts = profile.read()
-            profile.enable(False)
+            with cpu_c.routed(kernels[name]) if name in kernels else contextlib.nullcontext():
+                state = m.new_state(B)
+                profile.enable()
+                t0 = time.perf_counter()
+                for t in range(steps):
+                    logits[name], _ = m.forward(ids[:, t:t + 1], state)
+                dt = time.perf_counter() - t0
+                counts = profile.read()
+                profile.enable(False)
             if rnd == 0:
                 continue                                           # warm-up
             wall[name] += dt
             totals[name] = counts if totals[name] is None else _add_counts(totals[name], counts)
-    return {name: (totals[name], wall[name], steps * repeats) for name in models}
+    return {name: (totals[name], wall[name], steps * repeats) for name in models}, logits
 
 
 def _add_counts(a, b):
@@ -142,6 +154,19 @@ def print_profile(title, rows, step_ms, weight_bytes, B):
           f"   = {1e3 * B / step_ms:.1f} tok/s over {B} stream(s)")
 
 
+def against_build(folder):
+    """The kernel build of `folder`/cpu_ops.c (with that folder's headers), e.g. a `git worktree` of an older
+    commit's rwkv_kernels/csrc, for the default build's instruction set; ValueError if there is none."""
+    from rwkv_kernels import cpu_c
+    src = Path(folder) / "cpu_ops.c"
+    if not src.is_file():
+        raise ValueError(f"--against-src {folder}: no cpu_ops.c there")
+    try:
+        return cpu_c.other_build(src)
+    except cpu_c.BuildError as e:
+        raise ValueError(f"--against-src {folder}: cannot build it: {str(e).splitlines()[0]}") from None
+
+
 class _StepForced:
     """A model whose token step runs as `decode_token`'s implementation `impl` (--against-step)."""
 
@@ -164,13 +189,17 @@ def profile_main(ap, args, model):
     if not cpu_c.available():
         ap.exit(2, f"bench.modes: error: --profile counts inside the C kernels, which cannot run here: "
                    f"{cpu_c.unavailable_reason()}\n")
-    fmts = {args.weights or "float32": model}
+    fmt = args.weights or "float32"
+    fmts, kernels = {fmt: model}, {}
     if args.against_step:
-        fmts[f"{args.weights or 'float32'} ({args.against_step} step)"] = _StepForced(model, args.against_step)
-    elif args.against and args.against != (args.weights or "float32"):
+        fmts[f"{fmt} ({args.against_step} step)"] = _StepForced(model, args.against_step)
+    elif args.against_src:
+        name = f"{fmt} ({args.against_src} kernels)"
+        fmts[name], kernels[name] = model, against_build(args.against_src)
+    elif args.against and args.against != fmt:
         fmts[args.against] = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
     others = OthersMeter().start()
-    results = profile_rounds(fmts, args.batch, args.steps, args.repeats)
+    results, logits = profile_rounds(fmts, args.batch, args.steps, args.repeats, kernels)
     load = others.stop()
     weights = "synthetic weights" if model.synthetic else str(model.source)
     out = {"model": args.model, "synthetic": bool(model.synthetic), "batch": args.batch, "threads": args.threads,
@@ -193,8 +222,12 @@ def profile_main(ap, args, model):
         print()
     if len(results) > 1:
         (a, ra), (b, rb) = list(out["formats"].items())[:2]
-        print(f"step time {b} / {a}: {rb['step_ms'] / ra['step_ms']:.2f}x ({a} {ra['tokens_per_s']:.1f} tok/s, "
+        print(f"step time {b} / {a}: {rb['step_ms'] / ra['step_ms']:.3f}x ({a} {ra['tokens_per_s']:.1f} tok/s, "
               f"{b} {rb['tokens_per_s']:.1f} tok/s)")
+        if args.against_step or args.against_src:           # the same model and weights: the same bits expected
+            same = torch.equal(logits[a], logits[b])
+            out["same_logits"] = same
+            print(f"last step's logits: {'identical' if same else 'DIFFERENT'} ({a} vs {b})")
     report_load(load)
     if args.json:
         write_json_atomic(args.json, out)
@@ -220,6 +253,8 @@ def build_parser():
     ap.add_argument("--json", default=None, help="--profile: also write the numbers here (JSON)")
     ap.add_argument("--against-step", default=None, choices=("composed",),
                     help="--profile: alternate with the same model's token step run op by op (see above)")
+    ap.add_argument("--against-src", default=None, metavar="DIR",
+                    help="--profile: alternate with the same model on the kernels built from DIR/cpu_ops.c (see above)")
     return ap
 
 
@@ -303,6 +338,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.against_step and (not args.profile or args.against):
         ap.error("--against-step goes with --profile, and not with --against")
+    if args.against_src and (not args.profile or args.against or args.against_step):
+        ap.error("--against-src goes with --profile, and not with --against or --against-step")
     if args.json:
         check_writable_file(args.json, "--json")           # a ValueError: one line, exit 2 (command)
     torch.set_num_threads(args.threads)

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -339,6 +340,27 @@ def ops(isa=None):
     if isinstance(result, BuildError):
         raise result
     return result
+
+
+def other_build(source, isa=None):
+    """CpuOps of another kernel source file (e.g. an older commit's cpu_ops.c), built for `isa` (default:
+    the default build's level) and configured like the default build: for A/B harnesses (bench.modes
+    --against-src), which route calls to it with `routed`."""
+    return CpuOps(build(str(source), isa or ops().isa), isa or ops().isa)
+
+
+@contextmanager
+def routed(build_ops):
+    """Within this block `ops()` (the default build, which every kernel call without an explicit isa
+    uses) is `build_ops`."""
+    global _default, _default_ops
+    ops()                                         # the default decided first, so it is what comes back
+    saved = _default, _default_ops
+    _default = _default_ops = build_ops
+    try:
+        yield build_ops
+    finally:
+        _default, _default_ops = saved
 
 
 def unavailable_reason():

@@ -215,3 +215,15 @@ def test_sampler_uses_the_c_rows_and_draws_from_the_softmax():
     counts = torch.bincount(torch.cat([sample(logits, SamplingParams(temperature=0.8), generator=g)
                                        for _ in range(n)]), minlength=5).double() / n
     assert (counts - p).abs().max() < 0.015, (counts, p)
+
+
+def test_routed_sends_default_calls_to_another_build_and_restores_the_default(ops):
+    """cpu_c.routed (bench.modes --against-src): inside the block ops() is the given build, after it (also
+    after an exception) the default again."""
+    default = cpu_c.ops()
+    other = cpu_c.CpuOps(ops.lib, ops.isa)                # another CpuOps object over a build of this CPU
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu_c.routed(other):
+            assert cpu_c.ops() is other
+            raise RuntimeError("inside")
+    assert cpu_c.ops() is default

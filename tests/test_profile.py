@@ -134,3 +134,38 @@ def test_modes_profile_against_the_composed_step(tmp_path):
                  ("--profile", "--against-step", "ops")):
         bad = _cli("--model", "rwkv-4-tiny", *args)
         assert bad.returncode == 2 and "--against-step" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@needs_c
+def test_modes_profile_against_another_kernel_source(tmp_path):
+    """--against-src DIR: the same model on the kernels built from DIR (here a copy of csrc), alternating
+    with the current build; the parts of both are counted and the last logits compared."""
+    import shutil
+    src = tmp_path / "csrc"
+    shutil.copytree(Path(REPO) / "rwkv_kernels" / "csrc", src)
+    out = tmp_path / "p.json"
+    r = _cli("--model", "rwkv-4-tiny", "--profile", "--weights", "int8", "--against-src", str(src), "--steps", "3",
+             "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    other = f"int8 ({src} kernels)"
+    assert set(data["formats"]) == {"int8", other} and data["same_logits"] is True
+    for name in ("int8", other):
+        assert data["formats"][name]["counters"]["steps"] == 3
+    assert "last step's logits: identical" in r.stdout, r.stdout
+    # a copy whose relu_square adds 1e-3: the rounds on it run its code (other logits), not the current build's
+    kernel = src / "cpu_ops.c"
+    text = kernel.read_text()
+    assert text.count("vstore_n(k + i, n - i, vmul(t, t));") == 1
+    kernel.write_text(text.replace("vstore_n(k + i, n - i, vmul(t, t));",
+                                   "vstore_n(k + i, n - i, vadd(vmul(t, t), vset1(1e-3f)));"))
+    r = _cli("--model", "rwkv-4-tiny", "--profile", "--weights", "int8", "--against-src", str(src), "--steps", "3",
+             "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["same_logits"] is False and "last step's logits: DIFFERENT" in r.stdout
+    for args in (("--profile", "--against-src", str(tmp_path / "nowhere")),
+                 ("--against-src", str(src)),
+                 ("--profile", "--against-src", str(src), "--against", "float32")):
+        bad = _cli("--model", "rwkv-4-tiny", *args)
+        assert bad.returncode == 2 and "--against-src" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
