@@ -61,7 +61,7 @@ def measure(models_by_name, batch, steps, repeats):
     """{format: model} (float32 and one other) -> ({format: tokens/s}, {format: weight bytes/step}, load)."""
     from bench.modes import profile_parts, profile_rounds
     others = OthersMeter().start()
-    results = profile_rounds(models_by_name, batch, steps, repeats)
+    results, _ = profile_rounds(models_by_name, batch, steps, repeats)
     load = others.stop()
     rates, nbytes = {}, {}
     for fmt, (counts, wall_s, n) in results.items():
