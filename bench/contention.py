@@ -16,7 +16,6 @@ and each quiet row records the CPU time other processes (and, in a VM, the hyper
 during it (`others_cpu_pct`, bench.cpuload).
 """
 import functools
-import json
 import os
 import signal
 import statistics

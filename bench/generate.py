@@ -41,7 +41,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench import DRAGON_PROMPT, PROMPT_TOKENS
+from bench import DRAGON_PROMPT
 from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, fail, fmt_bytes, fmt_params,
                        positive_float, positive_int, write_json_atomic)
 from bench.cpuload import busy_warning

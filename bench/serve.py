@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from bench import DRAGON_PROMPT
 from bench.cli import (OneLineParser, check_writable_file, command, fail, nonnegative_float, save_figure_atomic,
