@@ -658,11 +658,23 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
         }
 }
 
-#ifndef CHUNK_BYTES
-#define CHUNK_BYTES 65536         /* weight bytes per claimed chunk of the pool (whole groups of 4 rows) */
+/* Weight bytes per claimed chunk of the pool (whole groups of 4 rows): as lowbit_ops.h's chunks, a
+ * product's bytes over CHUNKS_PER_THREAD chunks per thread within [CHUNK_MIN, CHUNK_MAX], and from 8
+ * streams on at least CHUNK_MANY (whole blocks to prefetch within). Long chunks let the hardware
+ * prefetchers run: each chunk starts new streams. */
+#ifndef CHUNK_MIN
+#define CHUNK_MIN 32768
+#endif
+#ifndef CHUNK_MAX
+#define CHUNK_MAX 262144
+#endif
+#ifndef CHUNKS_PER_THREAD
+#define CHUNKS_PER_THREAD 4
+#endif
+#ifndef CHUNK_MANY
+#define CHUNK_MANY 262144
 #endif
 #define MAX_GROUP 16
-#define CHUNK_MULT_MANY 4         /* chunks 4x larger from 8 streams on (whole blocks to prefetch within) */
 
 typedef struct {
     int64_t n, B, acc;
@@ -740,7 +752,10 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
         if (p->fmt == FMT_Q8)
             scratch += 3 * B * p->Ip + B * (p->Ip / QB) * (int64_t)sizeof(float) + B * q8_corr_len(p->Ip / QB) * 4;
         int64_t row_bytes = row_bytes_of(p);
-        int64_t r = CHUNK_BYTES * (B >= 8 ? CHUNK_MULT_MANY : 1) / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
+        int64_t want = p->O * row_bytes / (CHUNKS_PER_THREAD * (nthreads > 0 ? nthreads : 1));
+        want = want < CHUNK_MIN ? CHUNK_MIN : want > CHUNK_MAX ? CHUNK_MAX : want;
+        if (B >= 8 && want < CHUNK_MANY) want = CHUNK_MANY;
+        int64_t r = want / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
         job.chunk_rows[j] = r < 4 ? 4 : r;
         job.first_chunk[j + 1] = job.first_chunk[j] + (p->O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
     }
