@@ -267,6 +267,12 @@ def _bad_token(tokens, V):
     return ValueError(f"token id {lo if lo < 0 else hi} out of range [0, {V})")
 
 
+def _check_ids(tokens, V):
+    """The token step's ids check where C does not make it (the composed step, a table looked up in Python)."""
+    if bool(((tokens < 0) | (tokens >= V)).any()):
+        raise _bad_token(tokens, V)
+
+
 def embed_rows(emb, ids, dtype):
     """The embedding rows of ids (any shape; a copy, safe to update in place) in the compute dtype."""
     return emb[ids].to(dtype)
@@ -298,8 +304,7 @@ def decode_token_c(plan, tokens, state, wkv_backend=None, isa=None):
     B, V = tokens.shape[0], head_dims[1]
     x = None
     if emb_dims[0] == EMB_GIVEN:                       # a table looked up in Python (see DecodeModel)
-        if bool(((tokens < 0) | (tokens >= V)).any()):
-            raise _bad_token(tokens, V)
+        _check_ids(tokens, V)
         x = embed_rows(plan.owner.emb, tokens[:, 0], torch.float32)
         if x.shape != (B, layers.C) or x.dtype != torch.float32 or not x.is_contiguous():
             raise ValueError(f"decode_token: the embedding gave {x.dtype} {list(x.shape)}, expected float32 "
@@ -320,9 +325,7 @@ def decode_token_c(plan, tokens, state, wkv_backend=None, isa=None):
 
 def decode_token_composed(plan, tokens, state, wkv_backend=None):
     o = plan.owner
-    V = o.emb.shape[0]
-    if bool(((tokens < 0) | (tokens >= V)).any()):
-        raise _bad_token(tokens, V)
+    _check_ids(tokens, o.emb.shape[0])
     x = decode_layers(plan.layers, embed_rows(o.emb, tokens[:, 0], state[0].dtype), state, wkv_backend)
     xn = layer_norm(x, o.ln_out_w, o.ln_out_b, plan.layers.eps)
     return linear(xn[:, None], o.head).float()[:, 0]

@@ -589,10 +589,8 @@ static int64_t lb_run_products(int64_t n, lb_product *ps, int64_t B, int64_t nth
         if (!lb_known(p->fmt)) return -1;
         p->Ip = lb_padded(p->fmt, p->I);
         scratch += B * p->Ip + 2 * B * (p->Ip / LB_QB) * (int64_t)sizeof(float);
-        int64_t want = p->O * lb_row_bytes(p) / (LB_CHUNKS_PER_THREAD * (nthreads > 0 ? nthreads : 1));
-        want = want < LB_CHUNK_MIN ? LB_CHUNK_MIN : want > LB_CHUNK_MAX ? LB_CHUNK_MAX : want;
-        int64_t r = want / lb_row_bytes(p) / 4 * 4;
-        job.chunk_rows[j] = r < 4 ? 4 : r;
+        job.chunk_rows[j] = chunk_rows_for(p->O, lb_row_bytes(p), nthreads, LB_CHUNKS_PER_THREAD, LB_CHUNK_MIN,
+                                           LB_CHUNK_MAX, 0);
         job.first_chunk[j + 1] = job.first_chunk[j] + (p->O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
     }
     char *buf = malloc(scratch), *at = buf;

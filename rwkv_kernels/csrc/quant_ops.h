@@ -676,6 +676,17 @@ static void qrows(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) 
 #endif
 #define MAX_GROUP 16
 
+/* Rows per chunk (a multiple of 4, at least 4) of an O-row product of row_bytes bytes a row: its bytes
+ * over per_thread chunks per thread, within [lo, hi], and at least at_least. Shared with lowbit_ops.h. */
+static int64_t chunk_rows_for(int64_t O, int64_t row_bytes, int64_t nthreads, int64_t per_thread, int64_t lo,
+                              int64_t hi, int64_t at_least) {
+    int64_t want = O * row_bytes / (per_thread * (nthreads > 0 ? nthreads : 1));
+    want = want < lo ? lo : want > hi ? hi : want;
+    if (want < at_least) want = at_least;
+    int64_t r = want / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
+    return r < 4 ? 4 : r;
+}
+
 typedef struct {
     int64_t n, B, acc;
     product ps[MAX_GROUP];
@@ -751,12 +762,8 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
         p->Ip = p->fmt == FMT_Q8 ? (p->I + QB - 1) / QB * QB : p->I;
         if (p->fmt == FMT_Q8)
             scratch += 3 * B * p->Ip + B * (p->Ip / QB) * (int64_t)sizeof(float) + B * q8_corr_len(p->Ip / QB) * 4;
-        int64_t row_bytes = row_bytes_of(p);
-        int64_t want = p->O * row_bytes / (CHUNKS_PER_THREAD * (nthreads > 0 ? nthreads : 1));
-        want = want < CHUNK_MIN ? CHUNK_MIN : want > CHUNK_MAX ? CHUNK_MAX : want;
-        if (B >= 8 && want < CHUNK_MANY) want = CHUNK_MANY;
-        int64_t r = want / (row_bytes > 0 ? row_bytes : 1) / 4 * 4;
-        job.chunk_rows[j] = r < 4 ? 4 : r;
+        job.chunk_rows[j] = chunk_rows_for(p->O, row_bytes_of(p), nthreads, CHUNKS_PER_THREAD, CHUNK_MIN, CHUNK_MAX,
+                                           B >= 8 ? CHUNK_MANY : 0);
         job.first_chunk[j + 1] = job.first_chunk[j] + (p->O + job.chunk_rows[j] - 1) / job.chunk_rows[j];
     }
     char *buf = scratch ? malloc(scratch) : NULL, *at = buf;
