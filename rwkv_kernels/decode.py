@@ -318,6 +318,8 @@ def decode_token_c(plan, tokens, state, wkv_backend=None, isa=None):
                                          layers.eps, layers.rescale_every, layers.layer0, torch.get_num_threads())
     if rc == -2:
         raise _bad_token(tokens, V)
+    if rc == -3:
+        raise ValueError(f"decode_token: the C step refused the embedding's description {list(emb_dims)}")
     if rc != 0:
         raise MemoryError(f"decode_token: cannot allocate scratch for {B} streams")
     return logits

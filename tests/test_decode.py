@@ -385,3 +385,22 @@ def test_c_step_takes_rows_of_any_indexable_embedding():
     model.emb = Rows()
     with pytest.raises(ValueError, match=r"the embedding gave torch.float32 \[2, 39\], expected float32 \[2, 40\]"):
         model.forward(torch.tensor([[1], [2]]))
+
+
+@needs_c
+def test_whole_token_step_reports_an_embedding_plan_the_c_step_refuses():
+    """A corrupt embedding description reaching C is its own one-line error (not a token id error), and
+    nothing changes."""
+    model = _model("int8")
+    state = model.new_state(1)
+    model.forward(torch.tensor([[3]]), state)
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    plan = model._token_step
+    plan.c_plan()[0][0] = 7                                      # an embedding mode decode_step.h does not know
+    try:
+        with dispatch.force(decode_token="c"), pytest.raises(ValueError, match="refused the embedding"):
+            model.forward(torch.tensor([[5]]), state)
+    finally:
+        plan._head = None                                       # rebuilt at the next step
+    for k, v in state.tensors().items():
+        assert torch.equal(v, before[k]), k

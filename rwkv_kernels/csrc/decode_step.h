@@ -222,8 +222,8 @@ static inline int is_float_fmt(int64_t fmt) { return fmt == FMT_F32 || fmt == FM
  *   2: x_given [B, C] float32 holds the rows already (a table the caller looks up itself).
  * x_given, when not NULL, is the residual stream (updated in place). ln_w, ln_b [C] the final LayerNorm;
  * head_dims (format code, V, C) and head_ptrs (its DECODE_PARTS parts) the head; logits [B, V] float32.
- * Returns 0; -1 if the scratch memory cannot be allocated; -2 if a token is outside [0, V) or the
- * embedding is not one of the above (nothing is changed then). */
+ * Returns 0; -1 if the scratch memory cannot be allocated; -2 if a token is outside [0, V); -3 if the
+ * embedding is not one of the above (nothing is changed for -2 and -3). */
 int64_t decode_token(int64_t n_layers, const int64_t *dims, void *const *ptrs, const int64_t *tokens,
                      const int64_t *emb_dims, void *const *emb_ptrs, double emb_eps, float *x_given,
                      const float *ln_w, const float *ln_b, const int64_t *head_dims, void *const *head_ptrs,
@@ -232,7 +232,7 @@ int64_t decode_token(int64_t n_layers, const int64_t *dims, void *const *ptrs, c
     const int64_t V = head_dims[1], mode = emb_dims[0], raw = emb_dims[1], pack = emb_dims[2];
     if (mode < 0 || mode > 2 || (mode < 2 && !is_float_fmt(raw)) || (mode == 1 && !is_float_fmt(pack))
         || (mode == 2 && x_given == NULL))
-        return -2;
+        return -3;
     for (int64_t b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= V) return -2;
     float *buf = malloc(sizeof(float) * (size_t)((x_given == NULL ? 2 : 1) * B * C));
