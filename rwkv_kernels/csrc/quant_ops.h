@@ -391,7 +391,10 @@ static inline __attribute__((always_inline)) void dotn_q8(const int R, const int
     __m256 lo[4], hi[4];
     for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
     for (; j0 + QG <= nb; j0 += QG) q8_group_rows(R, QG, w, sw, xq, xa, dx, j0, pf, lo, hi);
-    if (j0 < nb) q8_group_rows(R, (int)(nb - j0), w, sw, xq, xa, dx, j0, pf, lo, hi);
+    /* a last group of exactly 8 blocks (169m's rows of 24) with its size known at compile time: plain
+     * loads and no per-load tests (the same arithmetic as the general call) */
+    if (nb - j0 == QG / 2) q8_group_rows(R, QG / 2, w, sw, xq, xa, dx, j0, pf, lo, hi);
+    else if (j0 < nb) q8_group_rows(R, (int)(nb - j0), w, sw, xq, xa, dx, j0, pf, lo, hi);
     for (int r = 0; r < R; r++) out[r] = hsum8_fixed(_mm256_add_ps(lo[r], hi[r]));
 #endif
 }
@@ -566,6 +569,11 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
         if (m == QG) {
             tile_q8_half(S, 8, QG, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
             tile_q8_half(S, 8, QG, 1, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[1]);
+            continue;
+        }
+        if (m == QG / 2) {      /* a last group of exactly 8 blocks (169m's rows of 24): sizes known at
+                                 * compile time, so plain loads and no per-load tests; the same arithmetic */
+            tile_q8_half(S, 8, QG / 2, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
             continue;
         }
         for (int h = 0; h < 2; h++) {
