@@ -193,6 +193,27 @@ def test_int8_stream_tiles_give_each_stream_its_single_stream_bits(isa, O, I):
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("O, I", [(9, 77), (37, 768), (13, 3072)])
+def test_int8_stream_tiles_of_non_negative_x_give_the_single_stream_bits(isa, negative, O, I):
+    """Where no stream's x is negative (the FFN's value product: a squared ReLU, with exact zeros) the
+    AVX2 tiles leave out the sign step: every stream still gets its single-stream bits (the one-stream
+    loop keeps the sign step) and the reference's value; with one negative value in one stream (the
+    check is over the whole batch) the tiles take the signed path, with the same bits."""
+    x, w = _data(17, O, I, seed=8)
+    x = torch.relu(x) ** 2
+    x[5, : min(I, 40)] *= 30                                   # blocks whose x quantises to 127
+    if negative:
+        x[11, I // 2] = -0.5
+    packed = quant.pack(w, "int8")
+    alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(17)])
+    for B in (2, 3, 16, 17):
+        assert torch.equal(quant.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), B
+    assert bool(((alone - quant.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed)).all())
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
 def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
     """The 512-bit int8 single-stream loop walks 1 row at a time on AMD and 4 elsewhere (cpu_c.int8_rows):
     the float order per row is the same, so each stream's outputs alone are bitwise the same either way,

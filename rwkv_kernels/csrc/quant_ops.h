@@ -417,6 +417,7 @@ typedef struct {
     uint8_t *xa;                /* Q8 scratch: |xq| [B, Ip] */
     int32_t *corr;              /* Q8 scratch: [B, q8_corr_len(Ip / 32)] */
     int64_t tag;                /* profile counters: 0, or 1 + the matrix of decode_step.h */
+    int64_t xpos;               /* Q8: set by run_products when no stream's xq is negative (AVX2 tiles) */
 } product;
 
 /* int8 rows r..r+3 (clamped to the last row) . stream b */
@@ -520,11 +521,14 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
  * (lanes 0-7, 8-15) of a group in turn: per dword, the 4 rows' and the S streams' 32-byte loads once
  * each for 4 x S sign + maddubs + madd. Each (row, stream) is dotn_q8's arithmetic (the same integers,
  * scale products and FMAs into the same halves, hsum8_fixed(lo + hi)), so its bits do not depend on
- * the batch. */
+ * the batch. POS: no stream's x is negative (run_products checks; the FFN's value product, whose input
+ * is a squared ReLU): then |x| = x and maddubs(|x|, w) is the same integer dot without the sign step,
+ * 3 instructions per 32 weights instead of 4. Against the sign step there, AVX2 build on Zen 4, 169m,
+ * 16 streams (bench.modes --profile --against-src): the value products 4.99 -> 3.50 ms, the step 1.10x. */
 /* half h (lanes 8h .. 8h + 7, n of them valid) of the group of m blocks from block j0, into acc[r][t]. Called
  * with constant n = 8 and m = QG for the full groups, so their loads and offsets are fixed at compile time. */
-static inline __attribute__((always_inline)) void tile_q8_half(const int S, const int n, const int m, const int h,
-        const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx,
+static inline __attribute__((always_inline)) void tile_q8_half(const int POS, const int S, const int n, const int m,
+        const int h, const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx,
         int64_t Ip, int64_t nb, int64_t j0, int pf, __m256 acc[4][2]) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t base = j0 * QB;
@@ -535,13 +539,14 @@ static inline __attribute__((always_inline)) void tile_q8_half(const int S, cons
         if (Q8_PF && pf && h == 0) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + Q8_PF, _MM_HINT_T1);
         __m256i xv[2], av[2];
         for (int t = 0; t < S; t++) {
-            xv[t] = q8_load_half(xq + t * Ip + at, n);
+            xv[t] = POS ? _mm256_setzero_si256() : q8_load_half(xq + t * Ip + at, n);
             av[t] = q8_load_half(xa + t * Ip + at, n);
         }
         for (int r = 0; r < 4; r++) {
             const __m256i wv = q8_load_half(w[r] + at, n);
-            for (int t = 0; t < S; t++)
-                a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(av[t], _mm256_sign_epi8(wv, xv[t])), ones));
+            for (int t = 0; t < S; t++)     /* POS: x >= 0, so |x| = x and sign(w, x) . |x| = w . x without the sign */
+                a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(av[t],
+                                           POS ? wv : _mm256_sign_epi8(wv, xv[t])), ones));
         }
     }
     for (int r = 0; r < 4; r++)
@@ -559,7 +564,7 @@ static inline __attribute__((always_inline)) void tile_q8_half(const int S, cons
         }
 }
 
-static inline __attribute__((always_inline)) void tile_q8(const int S, const int8_t *const *w,
+static inline __attribute__((always_inline)) void tile_q8(const int POS, const int S, const int8_t *const *w,
         const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t Ip, int64_t nb,
         int pf, float *out) {
     __m256 acc[2][4][2];
@@ -567,19 +572,19 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
     for (int64_t j0 = 0; j0 < nb; j0 += QG) {
         const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
         if (m == QG) {
-            tile_q8_half(S, 8, QG, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
-            tile_q8_half(S, 8, QG, 1, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[1]);
+            tile_q8_half(POS, S, 8, QG, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
+            tile_q8_half(POS, S, 8, QG, 1, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[1]);
             continue;
         }
         if (m == QG / 2) {      /* a last group of exactly 8 blocks (169m's rows of 24): sizes known at
                                  * compile time, so plain loads and no per-load tests; the same arithmetic */
-            tile_q8_half(S, 8, QG / 2, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
+            tile_q8_half(POS, S, 8, QG / 2, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
             continue;
         }
         for (int h = 0; h < 2; h++) {
             const int n = h ? m - 8 : (m >= 8 ? 8 : m);
             if (n <= 0) break;    /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
-            tile_q8_half(S, n, m, h, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[h]);
+            tile_q8_half(POS, S, n, m, h, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[h]);
         }
     }
     for (int t = 0; t < S; t++)
@@ -613,8 +618,15 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
             const void *xs = p->xa + b * Ip;
             (void)nc;
 #endif
+#if WIDE
             if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
             else tile_q8(1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+#else       /* x >= 0 in every stream (the FFN's value product, after the squared ReLU): no sign step */
+            if (S == 2 && p->xpos) tile_q8(1, 2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+            else if (S == 2) tile_q8(0, 2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+            else if (p->xpos) tile_q8(1, 1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+            else tile_q8(0, 1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+#endif
             for (int u = 0; u < S; u++) {
                 float *yo = p->y + (b + u) * p->O;
                 for (int64_t r = o; r < o + 4 && r < o1; r++) yo[r] = acc ? yo[r] + t[u * 4 + r - o] : t[u * 4 + r - o];
@@ -797,8 +809,13 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
             q8_interleave(q, p->xq + b * p->Ip, nb);
             q8_corrections(p->xq + b * p->Ip, nb, c);
         }
-        for (int64_t i = 0; i < B * p->Ip; i += QB)      /* |x| once per stream, for the sign trick */
-            _mm256_storeu_si256((__m256i *)(p->xa + i), _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)(p->xq + i))));
+        __m256i any = _mm256_setzero_si256();            /* the OR of every xq: its sign bits say if one is < 0 */
+        for (int64_t i = 0; i < B * p->Ip; i += QB) {    /* |x| once per stream, for the sign trick */
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(p->xq + i));
+            any = _mm256_or_si256(any, q);
+            _mm256_storeu_si256((__m256i *)(p->xa + i), _mm256_abs_epi8(q));
+        }
+        p->xpos = _mm256_movemask_epi8(any) == 0;
         if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
     }
     uint64_t t1 = job.prof ? pool_now_ns() : 0;
