@@ -10,6 +10,8 @@
  *   f32_avx2      float32 weights: 4 rows x 3 streams of 8-lane FMAs (cpu_ops.c's AVX2 tile)
  *   i8_avx2       int8 x int8 exact: 4 rows x 2 streams of sign + maddubs + madd + add per 32 weights
  *                 (quant_ops.h's AVX2 tile; AVX2 has no signed x signed byte multiply)
+ *   i8pos_avx2    int8 weights x non-negative int8 x (the FFN's value product): 4 x 2 of maddubs + madd +
+ *                 add per 32 weights, the sign step left out (quant_ops.h's AVX2 tile where x >= 0)
  *   f32_avx512    float32: 4 rows x 4 streams of 16-lane FMAs (cpu_ops.c's 512-bit tile)
  *   i8_vnni       int8 exact: 4 rows x 4 streams of one vpdpbusd per 64 weights, unsigned offset
  *                 weights (quant_ops.h's 512-bit tile)
@@ -68,6 +70,35 @@ double i8_avx2(const int8_t *w, const int8_t *x, const uint8_t *xa, int64_t n, i
             I8_STEP(c20, wv, 0); I8_STEP(c21, wv, 1);
             wv = _mm256_loadu_si256((const __m256i *)(w + 3 * n + i));
             I8_STEP(c30, wv, 0); I8_STEP(c31, wv, 1);
+        }
+    *sec = now_s() - t0;
+    const __m256i all[8] = {c00, c01, c10, c11, c20, c21, c30, c31};
+    int32_t out[8];
+    double s = 0;
+    for (int k = 0; k < 8; k++) {
+        _mm256_storeu_si256((__m256i *)out, all[k]);
+        for (int l = 0; l < 8; l++) s += out[l];
+    }
+    return s;
+}
+
+/* x >= 0 (so x = |x|): maddubs(x, w) is the exact dot without the sign step; x is the unsigned operand */
+#define I8P_STEP(acc, wv, t) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a##t, wv), ones))
+double i8pos_avx2(const int8_t *w, const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    const double t0 = now_s();
+    for (int64_t k = 0; k < reps; k++)
+        for (int64_t i = 0; i < n; i += 32) {
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + i)), a1 = _mm256_loadu_si256((const __m256i *)(xa + n + i));
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
+            I8P_STEP(c00, wv, 0); I8P_STEP(c01, wv, 1);
+            wv = _mm256_loadu_si256((const __m256i *)(w + n + i));
+            I8P_STEP(c10, wv, 0); I8P_STEP(c11, wv, 1);
+            wv = _mm256_loadu_si256((const __m256i *)(w + 2 * n + i));
+            I8P_STEP(c20, wv, 0); I8P_STEP(c21, wv, 1);
+            wv = _mm256_loadu_si256((const __m256i *)(w + 3 * n + i));
+            I8P_STEP(c30, wv, 0); I8P_STEP(c31, wv, 1);
         }
     *sec = now_s() - t0;
     const __m256i all[8] = {c00, c01, c10, c11, c20, c21, c30, c31};

@@ -5,7 +5,8 @@
 
 Each row times the inner loop of one multi-stream tile with nothing else (bench/ceiling.c): float32
 FMAs (4 rows x 3 streams on AVX2, 4 x 4 on AVX-512) and the exact int8 dot (AVX2: sign + maddubs +
-madd + add per 32 weights, 4 x 2; AVX-512 VNNI: one vpdpbusd per 64, 4 x 4), operands resident in
+madd + add per 32 weights, 4 x 2, and without the sign step where x >= 0, as in the FFN's value
+product; AVX-512 VNNI: one vpdpbusd per 64, 4 x 4), operands resident in
 L1, no block scales, conversions or sums. So it is the most weight-streams per second a kernel of that
 form can reach on one core: the compute bound on what a compressed format can gain over float32 at
 many streams (e.g. the server at 16 clients), where compute, not only memory, sets the speed. The real
@@ -25,6 +26,7 @@ N = 1024                        # weights per row: 4 rows of int8 (4 KB) or floa
 # (build, kernel, label, rows, streams, weight kind)
 KERNELS = (("avx2", "f32_avx2", "float32 FMA, 4 rows x 3 streams", 4, 3, "f32"),
            ("avx2", "i8_avx2", "int8 sign+maddubs+madd, 4 x 2", 4, 2, "i8"),
+           ("avx2", "i8pos_avx2", "int8, x >= 0: maddubs+madd, 4 x 2", 4, 2, "i8pos"),
            ("avx512", "f32_avx512", "float32 FMA (512-bit), 4 x 4", 4, 4, "f32"),
            ("avx512", "i8_vnni", "int8 vpdpbusd (VNNI), 4 x 4", 4, 4, "vnni"))
 
@@ -49,10 +51,13 @@ def _lib(isa):
 
 
 def operands(kind, rows, streams, n=N, seed=0):
-    """Weights [rows, n] and activations [streams, n] (int8 in [-127, 127] or float32 in [-1, 1))."""
+    """Weights [rows, n] and activations [streams, n] (int8 in [-127, 127], x in [0, 127] for "i8pos",
+    or float32 in [-1, 1))."""
     g = np.random.default_rng(seed)
     if kind == "f32":
         return (g.uniform(-1, 1, (rows, n)).astype(np.float32), g.uniform(-1, 1, (streams, n)).astype(np.float32))
+    if kind == "i8pos":
+        return (g.integers(-127, 128, (rows, n), dtype=np.int8), g.integers(0, 128, (streams, n), dtype=np.int8))
     return (g.integers(-127, 128, (rows, n), dtype=np.int8), g.integers(-127, 128, (streams, n), dtype=np.int8))
 
 
