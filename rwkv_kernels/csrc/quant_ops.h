@@ -260,8 +260,9 @@ static inline float hsum8_fixed(__m256 v) {
 #define Q8_PF 8192
 #endif
 
-/* stream scratch: xq (int8, the row layout above), xa = |xq| (AVX2's sign trick), dx [nb] the block
- * scales, corr [nb rounded up to 16] = -128 x (the block's sum of xq) (vpdpbusd's unsigned offset) */
+/* stream scratch: xq (int8, the row layout above), xa = |xq| (AVX2's unsigned operand), dx [nb] the
+ * block scales, corr [nb rounded up to 16]: 512-bit, -128 x (the block's sum of xq) (vpdpbusd's
+ * unsigned offset); AVX2, the block's sum of |xq| over its negative xq (the tiles' XOR, see there) */
 static inline int64_t q8_corr_len(int64_t nb) { return (nb + QG - 1) / QG * QG; }
 
 /* row-major int8 [nb * 32] -> the interleaved layout (for x; the weights are laid out in Python) */
@@ -276,7 +277,16 @@ static void q8_interleave(const int8_t *src, int8_t *dst, int64_t nb) {
     }
 }
 
-/* corr[j] = -128 x (the sum of block j of x), from x in the interleaved layout; 0 past the last block */
+#if !WIDE
+/* the lanes [8h, 8h + 8) of a group's dword g, n of them valid (the others read as 0) */
+static inline __m256i q8_load_half(const void *p, int n) {
+    if (n >= 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_epi32((const int *)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+}
+#endif
+
+/* 512-bit: corr[j] = -128 x (the sum of block j of x), from x in the interleaved layout; 0 past the last block */
 static void q8_corrections(const int8_t *xq, int64_t nb, int32_t *corr) {
 #if WIDE
     const __m512i ones = _mm512_set1_epi8(1);
@@ -288,7 +298,22 @@ static void q8_corrections(const int8_t *xq, int64_t nb, int32_t *corr) {
         _mm512_storeu_si512(corr + j0, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(a, 7)));
     }
 #else
-    (void)xq; (void)nb; (void)corr;            /* the AVX2 build's sign trick needs none */
+    /* AVX2: corr[j] = the sum of |x| over block j's negative x. The tiles multiply |x| by w XOR (x's
+     * sign mask), which is -w - 1 where x < 0: each block's integer dot comes out short by exactly
+     * that sum, so their accumulators start at it (exact integers: the same dot as the sign step) */
+    const __m256i zero = _mm256_setzero_si256(), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int64_t j0 = 0; j0 < nb; j0 += QG) {
+        const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
+        for (int h = 0; h < 2; h++) {
+            const int n = h ? m - 8 : (m >= 8 ? 8 : m);
+            __m256i a = zero;
+            for (int g = 0; g < 8 && n > 0; g++) {
+                const __m256i neg = _mm256_abs_epi8(_mm256_min_epi8(q8_load_half(xq + j0 * QB + 4 * g * m + 32 * h, n), zero));
+                a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(neg, ones8), ones16));
+            }
+            _mm256_storeu_si256((__m256i *)(corr + j0 + 8 * h), a);
+        }
+    }
 #endif
 }
 
@@ -327,12 +352,6 @@ static inline float q8_reduce(__m512 acc) {
                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
 }
 #else
-/* the lanes [8h, 8h + 8) of a group's dword g, n of them valid (the others read as 0) */
-static inline __m256i q8_load_half(const void *p, int n) {
-    if (n >= 8) return _mm256_loadu_si256((const __m256i *)p);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_epi32((const int *)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
-}
 
 /* one group of R rows . one stream in 256-bit halves: lo[r] takes lanes 0-7, hi[r] lanes 8-15. Each
  * row is read in order (both halves of a dword's 64 bytes, then the next dword), its integer dots
@@ -519,7 +538,11 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
 #else
 /* Several streams, AVX2 build: 4 rows x S streams (S <= 2), dword-major like the 512-bit tile, each half
  * (lanes 0-7, 8-15) of a group in turn: per dword, the 4 rows' and the S streams' 32-byte loads once
- * each for 4 x S sign + maddubs + madd. Each (row, stream) is dotn_q8's arithmetic (the same integers,
+ * each for 4 x S XOR + maddubs + madd. In place of the one-stream loop's sign step (vpsignb, slow on
+ * AMD: bench.ceiling) w is XORed with x's sign mask, which gives -w - 1 where x < 0, and the integer
+ * accumulators start at corr (the sum of |x| over the block's negative x) to make up the -1s: the same
+ * integers. Zen 4, AVX2 build, 169m, 16 streams, against the sign step: the signed products 1.05-1.10x,
+ * the step 1.06x (bench.modes --profile --against-src). Each (row, stream) is dotn_q8's arithmetic (the same integers,
  * scale products and FMAs into the same halves, hsum8_fixed(lo + hi)), so its bits do not depend on
  * the batch. POS: no stream's x is negative (run_products checks; the FFN's value product, whose input
  * is a squared ReLU): then |x| = x and maddubs(|x|, w) is the same integer dot without the sign step,
@@ -528,25 +551,30 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
 /* half h (lanes 8h .. 8h + 7, n of them valid) of the group of m blocks from block j0, into acc[r][t]. Called
  * with constant n = 8 and m = QG for the full groups, so their loads and offsets are fixed at compile time. */
 static inline __attribute__((always_inline)) void tile_q8_half(const int POS, const int S, const int n, const int m,
-        const int h, const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx,
-        int64_t Ip, int64_t nb, int64_t j0, int pf, __m256 acc[4][2]) {
-    const __m256i ones = _mm256_set1_epi16(1);
+        const int h, const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa,
+        const int32_t *corr, int64_t nc, const float *dx, int64_t Ip, int64_t nb, int64_t j0, int pf, __m256 acc[4][2]) {
+    const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
     const int64_t base = j0 * QB;
     __m256i a[4][2];
-    for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) a[r][t] = _mm256_setzero_si256();
+    for (int t = 0; t < S; t++) {
+        const __m256i c = POS ? zero : _mm256_loadu_si256((const __m256i *)(corr + t * nc + j0 + 8 * h));
+        for (int r = 0; r < 4; r++) a[r][t] = c;
+    }
     for (int g = 0; g < 8; g++) {
         const int64_t at = base + 4 * g * m + 32 * h;
         if (Q8_PF && pf && h == 0) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + Q8_PF, _MM_HINT_T1);
-        __m256i xv[2], av[2];
+        __m256i sm[2], av[2];               /* x's sign masks (0 or -1 per byte), |x| */
         for (int t = 0; t < S; t++) {
-            xv[t] = POS ? _mm256_setzero_si256() : q8_load_half(xq + t * Ip + at, n);
+            sm[t] = POS ? zero : _mm256_cmpgt_epi8(zero, q8_load_half(xq + t * Ip + at, n));
             av[t] = q8_load_half(xa + t * Ip + at, n);
         }
         for (int r = 0; r < 4; r++) {
             const __m256i wv = q8_load_half(w[r] + at, n);
-            for (int t = 0; t < S; t++)     /* POS: x >= 0, so |x| = x and sign(w, x) . |x| = w . x without the sign */
+            /* |x| . (w XOR mask): w where x >= 0, -w - 1 where x < 0 (corr makes up the -1s); POS: x >= 0,
+             * so |x| = x and no mask. |w XOR mask| <= 128, so a pair of products fits maddubs' int16 */
+            for (int t = 0; t < S; t++)
                 a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(av[t],
-                                           POS ? wv : _mm256_sign_epi8(wv, xv[t])), ones));
+                                           POS ? wv : _mm256_xor_si256(wv, sm[t])), ones));
         }
     }
     for (int r = 0; r < 4; r++)
@@ -565,26 +593,27 @@ static inline __attribute__((always_inline)) void tile_q8_half(const int POS, co
 }
 
 static inline __attribute__((always_inline)) void tile_q8(const int POS, const int S, const int8_t *const *w,
-        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t Ip, int64_t nb,
-        int pf, float *out) {
+        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const int32_t *corr, const float *dx,
+        int64_t Ip, int64_t nb, int pf, float *out) {
+    const int64_t nc = q8_corr_len(nb);
     __m256 acc[2][4][2];
     for (int h = 0; h < 2; h++) for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[h][r][t] = _mm256_setzero_ps();
     for (int64_t j0 = 0; j0 < nb; j0 += QG) {
         const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
         if (m == QG) {
-            tile_q8_half(POS, S, 8, QG, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
-            tile_q8_half(POS, S, 8, QG, 1, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[1]);
+            tile_q8_half(POS, S, 8, QG, 0, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[0]);
+            tile_q8_half(POS, S, 8, QG, 1, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[1]);
             continue;
         }
         if (m == QG / 2) {      /* a last group of exactly 8 blocks (169m's rows of 24): sizes known at
                                  * compile time, so plain loads and no per-load tests; the same arithmetic */
-            tile_q8_half(POS, S, 8, QG / 2, 0, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[0]);
+            tile_q8_half(POS, S, 8, QG / 2, 0, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[0]);
             continue;
         }
         for (int h = 0; h < 2; h++) {
             const int n = h ? m - 8 : (m >= 8 ? 8 : m);
             if (n <= 0) break;    /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
-            tile_q8_half(POS, S, n, m, h, w, sw, xq, xa, dx, Ip, nb, j0, pf, acc[h]);
+            tile_q8_half(POS, S, n, m, h, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[h]);
         }
     }
     for (int t = 0; t < S; t++)
@@ -616,16 +645,16 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
             const void *xs = p->corr + b * nc;           /* the 512-bit build's offsets; AVX2: |x| */
 #else
             const void *xs = p->xa + b * Ip;
-            (void)nc;
 #endif
 #if WIDE
             if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
             else tile_q8(1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
 #else       /* x >= 0 in every stream (the FFN's value product, after the squared ReLU): no sign step */
-            if (S == 2 && p->xpos) tile_q8(1, 2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
-            else if (S == 2) tile_q8(0, 2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
-            else if (p->xpos) tile_q8(1, 1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
-            else tile_q8(0, 1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+            const int32_t *cb = p->corr + b * nc;
+            if (S == 2 && p->xpos) tile_q8(1, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
+            else if (S == 2) tile_q8(0, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
+            else if (p->xpos) tile_q8(1, 1, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
+            else tile_q8(0, 1, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
 #endif
             for (int u = 0; u < S; u++) {
                 float *yo = p->y + (b + u) * p->O;
