@@ -18,6 +18,7 @@
  * Weights and activations are bytes / floats the caller provides ([R][n] and [S][n], n a multiple of 64).
  */
 #include <immintrin.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -51,17 +52,22 @@ double f32_avx2(const float *w, const float *x, int64_t n, int64_t reps, double 
     return s;
 }
 
-/* xa = |x| (the tile's precomputed unsigned operand). The 8 accumulators are named variables, not an
- * array, so that gcc keeps them all in registers (it spills an array's elements here). */
-#define I8_STEP(acc, wv, t) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a##t, _mm256_sign_epi8(wv, x##t)), ones))
-double i8_avx2(const int8_t *w, const int8_t *x, const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
+/* xa = |x| (the tile's precomputed unsigned operand); POS: x >= 0, so xa = x and no sign step. The 8
+ * accumulators are named variables, not an array, so that gcc keeps them all in registers (it spills an
+ * array's elements here). */
+#define I8_STEP(acc, wv, t) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a##t, \
+                                                   POS ? wv : _mm256_sign_epi8(wv, x##t)), ones))
+static inline __attribute__((always_inline)) double i8_mix(const int POS, const int8_t *w, const int8_t *x,
+        const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     const double t0 = now_s();
     for (int64_t k = 0; k < reps; k++)
         for (int64_t i = 0; i < n; i += 32) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + i)), x1 = _mm256_loadu_si256((const __m256i *)(x + n + i));
+            const __m256i x0 = POS ? ones : _mm256_loadu_si256((const __m256i *)(x + i));
+            const __m256i x1 = POS ? ones : _mm256_loadu_si256((const __m256i *)(x + n + i));
             const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + i)), a1 = _mm256_loadu_si256((const __m256i *)(xa + n + i));
+            (void)x0; (void)x1;
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
             I8_STEP(c00, wv, 0); I8_STEP(c01, wv, 1);
             wv = _mm256_loadu_si256((const __m256i *)(w + n + i));
@@ -82,33 +88,12 @@ double i8_avx2(const int8_t *w, const int8_t *x, const uint8_t *xa, int64_t n, i
     return s;
 }
 
-/* x >= 0 (so x = |x|): maddubs(x, w) is the exact dot without the sign step; x is the unsigned operand */
-#define I8P_STEP(acc, wv, t) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a##t, wv), ones))
+double i8_avx2(const int8_t *w, const int8_t *x, const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
+    return i8_mix(0, w, x, xa, n, reps, sec);
+}
+
 double i8pos_avx2(const int8_t *w, const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-    const double t0 = now_s();
-    for (int64_t k = 0; k < reps; k++)
-        for (int64_t i = 0; i < n; i += 32) {
-            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + i)), a1 = _mm256_loadu_si256((const __m256i *)(xa + n + i));
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i));
-            I8P_STEP(c00, wv, 0); I8P_STEP(c01, wv, 1);
-            wv = _mm256_loadu_si256((const __m256i *)(w + n + i));
-            I8P_STEP(c10, wv, 0); I8P_STEP(c11, wv, 1);
-            wv = _mm256_loadu_si256((const __m256i *)(w + 2 * n + i));
-            I8P_STEP(c20, wv, 0); I8P_STEP(c21, wv, 1);
-            wv = _mm256_loadu_si256((const __m256i *)(w + 3 * n + i));
-            I8P_STEP(c30, wv, 0); I8P_STEP(c31, wv, 1);
-        }
-    *sec = now_s() - t0;
-    const __m256i all[8] = {c00, c01, c10, c11, c20, c21, c30, c31};
-    int32_t out[8];
-    double s = 0;
-    for (int k = 0; k < 8; k++) {
-        _mm256_storeu_si256((__m256i *)out, all[k]);
-        for (int l = 0; l < 8; l++) s += out[l];
-    }
-    return s;
+    return i8_mix(1, w, NULL, xa, n, reps, sec);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
