@@ -10,6 +10,9 @@
  *   f32_avx2      float32 weights: 4 rows x 3 streams of 8-lane FMAs (cpu_ops.c's AVX2 tile)
  *   i8_avx2       int8 x int8 exact: 4 rows x 2 streams of sign + maddubs + madd + add per 32 weights
  *                 (quant_ops.h's AVX2 tile; AVX2 has no signed x signed byte multiply)
+ *   i8xor_avx2    int8 exact, the several-stream tile's form: 4 x 2 of XOR (w with x's sign mask) +
+ *                 maddubs + madd + add per 32 weights (quant_ops.h's AVX2 tile; the caller adds the
+ *                 blocks' sums of |x| over negative x, which the loop leaves out)
  *   i8pos_avx2    int8 weights x non-negative int8 x (the FFN's value product): 4 x 2 of maddubs + madd +
  *                 add per 32 weights, the sign step left out (quant_ops.h's AVX2 tile where x >= 0)
  *   f32_avx512    float32: 4 rows x 4 streams of 16-lane FMAs (cpu_ops.c's 512-bit tile)
@@ -52,12 +55,14 @@ double f32_avx2(const float *w, const float *x, int64_t n, int64_t reps, double 
     return s;
 }
 
-/* xa = |x| (the tile's precomputed unsigned operand); POS: x >= 0, so xa = x and no sign step. The 8
- * accumulators are named variables, not an array, so that gcc keeps them all in registers (it spills an
- * array's elements here). */
+/* xa = |x| (the tile's precomputed unsigned operand). MODE 0: the sign step, vpsignb(w, x); 1 (POS):
+ * x >= 0, so xa = x and no sign step; 2: w XOR x (x holding x's sign masks, 0 or -1 per byte), the
+ * tiles' form, whose per-block correction is outside the loop. The 8 accumulators are named variables,
+ * not an array, so that gcc keeps them all in registers (it spills an array's elements here). */
+#define POS (MODE == 1)
 #define I8_STEP(acc, wv, t) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a##t, \
-                                                   POS ? wv : _mm256_sign_epi8(wv, x##t)), ones))
-static inline __attribute__((always_inline)) double i8_mix(const int POS, const int8_t *w, const int8_t *x,
+        MODE == 1 ? wv : MODE == 2 ? _mm256_xor_si256(wv, x##t) : _mm256_sign_epi8(wv, x##t)), ones))
+static inline __attribute__((always_inline)) double i8_mix(const int MODE, const int8_t *w, const int8_t *x,
         const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
@@ -95,6 +100,11 @@ double i8_avx2(const int8_t *w, const int8_t *x, const uint8_t *xa, int64_t n, i
 double i8pos_avx2(const int8_t *w, const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
     return i8_mix(1, w, NULL, xa, n, reps, sec);
 }
+
+double i8xor_avx2(const int8_t *w, const int8_t *mask, const uint8_t *xa, int64_t n, int64_t reps, double *sec) {
+    return i8_mix(2, w, mask, xa, n, reps, sec);
+}
+#undef POS
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 double f32_avx512(const float *w, const float *x, int64_t n, int64_t reps, double *sec) {

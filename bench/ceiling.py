@@ -5,8 +5,9 @@
 
 Each row times the inner loop of one multi-stream tile with nothing else (bench/ceiling.c): float32
 FMAs (4 rows x 3 streams on AVX2, 4 x 4 on AVX-512) and the exact int8 dot (AVX2: sign + maddubs +
-madd + add per 32 weights, 4 x 2, and without the sign step where x >= 0, as in the FFN's value
-product; AVX-512 VNNI: one vpdpbusd per 64, 4 x 4), operands resident in
+madd + add per 32 weights, 4 x 2, as the one-stream loop does; XOR + maddubs + madd + add, the
+several-stream tiles' form; and without the sign step where x >= 0, as in the FFN's value product;
+AVX-512 VNNI: one vpdpbusd per 64, 4 x 4), operands resident in
 L1, no block scales, conversions or sums. So it is the most weight-streams per second a kernel of that
 form can reach on one core: the compute bound on what a compressed format can gain over float32 at
 many streams (e.g. the server at 16 clients), where compute, not only memory, sets the speed. The real
@@ -26,6 +27,7 @@ N = 1024                        # weights per row: 4 rows of int8 (4 KB) or floa
 # (build, kernel, label, rows, streams, weight kind)
 KERNELS = (("avx2", "f32_avx2", "float32 FMA, 4 rows x 3 streams", 4, 3, "f32"),
            ("avx2", "i8_avx2", "int8 sign+maddubs+madd, 4 x 2", 4, 2, "i8"),
+           ("avx2", "i8xor_avx2", "int8 xor+maddubs+madd, 4 x 2", 4, 2, "i8xor"),
            ("avx2", "i8pos_avx2", "int8, x >= 0: maddubs+madd, 4 x 2", 4, 2, "i8pos"),
            ("avx512", "f32_avx512", "float32 FMA (512-bit), 4 x 4", 4, 4, "f32"),
            ("avx512", "i8_vnni", "int8 vpdpbusd (VNNI), 4 x 4", 4, 4, "vnni"))
@@ -46,7 +48,7 @@ def _lib(isa):
     for name, kind in ((k[1], k[5]) for k in KERNELS if k[0] == isa):
         fn = getattr(lib, name)
         fn.restype = d
-        fn.argtypes = [p, p] + ([p] if kind == "i8" else []) + [i64, i64, ctypes.POINTER(d)]
+        fn.argtypes = [p, p] + ([p] if kind in ("i8", "i8xor") else []) + [i64, i64, ctypes.POINTER(d)]
     return lib
 
 
@@ -65,7 +67,10 @@ def run_kernel(lib, name, kind, w, x, reps):
     """(the kernel's sum of its accumulators, seconds) for `reps` passes over n = w.shape[1] weights."""
     sec = ctypes.c_double()
     args = [w.ctypes.data, x.ctypes.data]
-    if kind == "i8":
+    if kind in ("i8", "i8xor"):
+        if kind == "i8xor":                        # x's sign masks in place of x
+            mask = np.where(x < 0, -1, 0).astype(np.int8)
+            args[1] = mask.ctypes.data
         xa = np.abs(x.astype(np.int16)).astype(np.uint8)
         args.append(xa.ctypes.data)
     total = getattr(lib, name)(*args, w.shape[1], reps, ctypes.byref(sec))
@@ -76,7 +81,10 @@ def expected_sum(kind, w, x, reps):
     """What the kernel's accumulators add up to: reps x sum over rows and streams of w . x."""
     if kind == "f32":
         return reps * float(np.sum(w.astype(np.float64) @ x.astype(np.float64).T))
-    return reps * int(np.sum(w.astype(np.int64) @ x.astype(np.int64).T))
+    exact = int(np.sum(w.astype(np.int64) @ x.astype(np.int64).T))
+    if kind == "i8xor":                            # the loop leaves out each negative x's |x| once per row
+        exact -= w.shape[0] * int(np.sum(np.where(x < 0, -x.astype(np.int64), 0)))
+    return reps * exact
 
 
 def rates(lib, kernels, seconds, rounds):
