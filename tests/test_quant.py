@@ -213,6 +213,29 @@ def test_int8_stream_tiles_of_non_negative_x_give_the_single_stream_bits(isa, ne
 
 
 @needs_c
+@pytest.mark.parametrize("O, I", [(9, 768), (6, 77)])
+def test_int8_weights_of_minus_128_are_exact_in_every_build_and_batch(O, I):
+    """Our quantiser writes int8 values in [-127, 127], but a packed file may hold -128 (the check does
+    not scan every value). Every kernel still computes it exactly: against the reference, one stream and
+    every tile give the same bits, and the builds agree (the AVX2 sign step's -(-128) would wrap to
+    -128 where x < 0, a silently wrong product)."""
+    x, w = _data(17, O, I, seed=9)
+    packed = quant.pack(w, "int8")
+    q = packed.q.clone()
+    q.view(-1)[::7] = -128                                     # every 7th value, where x is of either sign
+    packed = type(packed)(q, packed.scale, packed.in_features).check()
+    ref = quant.matvec_reference(x, packed)
+    got = {}
+    for isa in ISAS:
+        alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(17)])
+        assert bool(((alone - ref).abs() <= _accumulation_bound(x, packed)).all()), isa
+        for B in (2, 3, 16, 17):
+            assert torch.equal(quant.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), (isa, B)
+        got[isa] = alone
+    assert all(torch.equal(v, got[ISAS[0]]) for v in got.values())
+
+
+@needs_c
 @pytest.mark.parametrize("isa", ISAS)
 def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
     """The 512-bit int8 single-stream loop walks 1 row at a time on AMD and 4 elsewhere (cpu_c.int8_rows):

@@ -355,23 +355,26 @@ static inline float q8_reduce(__m512 acc) {
 
 /* one group of R rows . one stream in 256-bit halves: lo[r] takes lanes 0-7, hi[r] lanes 8-15. Each
  * row is read in order (both halves of a dword's 64 bytes, then the next dword), its integer dots
- * summed in ah / al, then converted and FMA'd as in the 512-bit build. */
+ * summed in ah / al, then converted and FMA'd as in the 512-bit build. Each dword is |x| . (w XOR x's
+ * sign mask), as in the tiles below, the sums starting at corr: exact for every int8 w, -128 included,
+ * where vpsignb's -(-128) would wrap. */
 static inline __attribute__((always_inline)) void q8_group_rows(const int R, const int m, const int8_t *const *w,
-        const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const float *dx, int64_t j0, int64_t pf,
-        __m256 *lo, __m256 *hi) {
+        const uint16_t *const *sw, const int8_t *xm, const uint8_t *xa, const int32_t *corr, const float *dx,
+        int64_t j0, int64_t pf, __m256 *lo, __m256 *hi) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t base = j0 * QB;
     const int n0 = m >= 8 ? 8 : m, n1 = m - 8;          /* valid lanes of each half (n1 <= 0: none) */
+    const __m256i c0 = _mm256_loadu_si256((const __m256i *)(corr + j0)), c1 = _mm256_loadu_si256((const __m256i *)(corr + j0 + 8));
     for (int r = 0; r < R; r++) {
-        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+        __m256i a0 = c0, a1 = c1;
         for (int g = 0; g < 8; g++) {
             const int64_t at = base + 4 * g * m;
             if (pf) _mm_prefetch((const char *)(w[r] + base + 64 * g) + pf, _MM_HINT_T1);
             a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(q8_load_half(xa + at, n0),
-                     _mm256_sign_epi8(q8_load_half(w[r] + at, n0), q8_load_half(xq + at, n0))), ones));
+                     _mm256_xor_si256(q8_load_half(w[r] + at, n0), q8_load_half(xm + at, n0))), ones));
             if (n1 > 0)
                 a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(q8_load_half(xa + at + 32, n1),
-                         _mm256_sign_epi8(q8_load_half(w[r] + at + 32, n1), q8_load_half(xq + at + 32, n1))), ones));
+                         _mm256_xor_si256(q8_load_half(w[r] + at + 32, n1), q8_load_half(xm + at + 32, n1))), ones));
         }
         for (int h = 0; h < 2; h++) {
             const int n = h ? n1 : n0;
@@ -406,14 +409,13 @@ static inline __attribute__((always_inline)) void dotn_q8(const int R, const int
     if (j0 < nb) q8_group_rows(R, 1, (int)(nb - j0), w, sw, xq, corr, dx, j0, acc);
     for (int r = 0; r < R; r++) out[r] = q8_reduce(acc[r]);
 #else
-    (void)corr;
     __m256 lo[4], hi[4];
     for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
-    for (; j0 + QG <= nb; j0 += QG) q8_group_rows(R, QG, w, sw, xq, xa, dx, j0, pf, lo, hi);
+    for (; j0 + QG <= nb; j0 += QG) q8_group_rows(R, QG, w, sw, xq, xa, corr, dx, j0, pf, lo, hi);
     /* a last group of exactly 8 blocks (169m's rows of 24) with its size known at compile time: plain
      * loads and no per-load tests (the same arithmetic as the general call) */
-    if (nb - j0 == QG / 2) q8_group_rows(R, QG / 2, w, sw, xq, xa, dx, j0, pf, lo, hi);
-    else if (j0 < nb) q8_group_rows(R, (int)(nb - j0), w, sw, xq, xa, dx, j0, pf, lo, hi);
+    if (nb - j0 == QG / 2) q8_group_rows(R, QG / 2, w, sw, xq, xa, corr, dx, j0, pf, lo, hi);
+    else if (j0 < nb) q8_group_rows(R, (int)(nb - j0), w, sw, xq, xa, corr, dx, j0, pf, lo, hi);
     for (int r = 0; r < R; r++) out[r] = hsum8_fixed(_mm256_add_ps(lo[r], hi[r]));
 #endif
 }
@@ -437,6 +439,9 @@ typedef struct {
     int32_t *corr;              /* Q8 scratch: [B, q8_corr_len(Ip / 32)] */
     int64_t tag;                /* profile counters: 0, or 1 + the matrix of decode_step.h */
     int64_t xpos;               /* Q8: set by run_products when no stream's xq is negative (AVX2 tiles) */
+    int8_t *xm;                 /* Q8 scratch, AVX2: xq's sign masks (-1 where xq < 0, else 0) [B, Ip], for
+                                 * the one-stream loop (the tiles compare x with 0 themselves: as fast, and
+                                 * once per stream for 4 rows) */
 } product;
 
 /* int8 rows r..r+3 (clamped to the last row) . stream b */
@@ -447,7 +452,11 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
     const int8_t *w[4];
     const uint16_t *sw[4];
     for (int k = 0; k < 4; k++) { w[k] = (const int8_t *)p->W + rr[k] * p->Ip; sw[k] = p->S + rr[k] * nb; }
+#if WIDE
     const int8_t *xq = p->xq + b * p->Ip;
+#else
+    const int8_t *xq = p->xm + b * p->Ip;         /* the AVX2 loop reads x's sign masks, not x */
+#endif
     const uint8_t *xa = p->xa + b * p->Ip;
     const int32_t *corr = p->corr + b * q8_corr_len(nb);
     const int64_t pf = Q8_PF;
@@ -839,10 +848,12 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
             q8_corrections(p->xq + b * p->Ip, nb, c);
         }
         __m256i any = _mm256_setzero_si256();            /* the OR of every xq: its sign bits say if one is < 0 */
-        for (int64_t i = 0; i < B * p->Ip; i += QB) {    /* |x| once per stream, for the sign trick */
+        p->xm = rowq;                                    /* free now: the sign masks go there */
+        for (int64_t i = 0; i < B * p->Ip; i += QB) {    /* |x| and x's sign masks once per stream */
             const __m256i q = _mm256_loadu_si256((const __m256i *)(p->xq + i));
             any = _mm256_or_si256(any, q);
             _mm256_storeu_si256((__m256i *)(p->xa + i), _mm256_abs_epi8(q));
+            if (!WIDE) _mm256_storeu_si256((__m256i *)(p->xm + i), _mm256_cmpgt_epi8(_mm256_setzero_si256(), q));
         }
         p->xpos = _mm256_movemask_epi8(any) == 0;
         if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
