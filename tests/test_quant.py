@@ -197,9 +197,9 @@ def test_int8_stream_tiles_give_each_stream_its_single_stream_bits(isa, O, I):
 @pytest.mark.parametrize("O, I", [(9, 77), (37, 768), (13, 3072)])
 def test_int8_stream_tiles_of_non_negative_x_give_the_single_stream_bits(isa, negative, O, I):
     """Where no stream's x is negative (the FFN's value product: a squared ReLU, with exact zeros) the
-    AVX2 tiles leave out the sign step: every stream still gets its single-stream bits (the one-stream
-    loop keeps the sign step) and the reference's value; with one negative value in one stream (the
-    check is over the whole batch) the tiles take the signed path, with the same bits."""
+    AVX2 tiles leave out the sign handling: every stream still gets its single-stream bits (the
+    one-stream loop keeps its XOR with x's sign masks) and the reference's value; with one negative value
+    in one stream (the check is over the whole batch) the tiles take the signed path, with the same bits."""
     x, w = _data(17, O, I, seed=8)
     x = torch.relu(x) ** 2
     x[5, : min(I, 40)] *= 30                                   # blocks whose x quantises to 127

@@ -547,15 +547,15 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
 #else
 /* Several streams, AVX2 build: 4 rows x S streams (S <= 2), dword-major like the 512-bit tile, each half
  * (lanes 0-7, 8-15) of a group in turn: per dword, the 4 rows' and the S streams' 32-byte loads once
- * each for 4 x S XOR + maddubs + madd. In place of the one-stream loop's sign step (vpsignb, slow on
- * AMD: bench.ceiling) w is XORed with x's sign mask, which gives -w - 1 where x < 0, and the integer
+ * each for 4 x S XOR + maddubs + madd. In place of a sign step (vpsignb: slow on AMD, bench.ceiling,
+ * and -(-128) wraps) w is XORed with x's sign mask, which gives -w - 1 where x < 0, and the integer
  * accumulators start at corr (the sum of |x| over the block's negative x) to make up the -1s: the same
  * integers. Zen 4, AVX2 build, 169m, 16 streams, against the sign step: the signed products 1.05-1.10x,
  * the step 1.06x (bench.modes --profile --against-src). Each (row, stream) is dotn_q8's arithmetic (the same integers,
  * scale products and FMAs into the same halves, hsum8_fixed(lo + hi)), so its bits do not depend on
  * the batch. POS: no stream's x is negative (run_products checks; the FFN's value product, whose input
- * is a squared ReLU): then |x| = x and maddubs(|x|, w) is the same integer dot without the sign step,
- * 3 instructions per 32 weights instead of 4. Against the sign step there, AVX2 build on Zen 4, 169m,
+ * is a squared ReLU): then |x| = x and maddubs(|x|, w) is the same integer dot without a sign step or
+ * XOR, 3 instructions per 32 weights instead of 4. Against the sign step there, AVX2 build on Zen 4, 169m,
  * 16 streams (bench.modes --profile --against-src): the value products 4.99 -> 3.50 ms, the step 1.10x. */
 /* half h (lanes 8h .. 8h + 7, n of them valid) of the group of m blocks from block j0, into acc[r][t]. Called
  * with constant n = 8 and m = QG for the full groups, so their loads and offsets are fixed at compile time. */
