@@ -658,7 +658,7 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
 #if WIDE
             if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
             else tile_q8(1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
-#else       /* x >= 0 in every stream (the FFN's value product, after the squared ReLU): no sign step */
+#else       /* the XOR form; where no stream's x is negative (the FFN's value product) neither XOR nor mask */
             const int32_t *cb = p->corr + b * nc;
             if (S == 2 && p->xpos) tile_q8(1, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
             else if (S == 2) tile_q8(0, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
