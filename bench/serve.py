@@ -18,6 +18,9 @@ each request generates exactly M tokens) and the benchmark reports:
     processes, and in a VM the hypervisor's steal) as a share of the machine; above 5% the phase is
     flagged, as its numbers are not quiet-machine numbers. --wait-quiet S waits (at most S seconds)
     before each phase for the machine to be quiet.
+  * "clients %": the load-generating clients' own CPU time (this process) as a share of the machine.
+    They run on the server's cores, so on a small machine they take time the server would have: a
+    client on another machine would not.
 Beside them, in the same run: the library's single-stream decode tokens/s (`bench.generate`'s
 measurement in a fresh process, same prompt, sampling and thread count) -- the server's overhead at N=1.
 The server is started on a free port and always stopped (also on an error or Ctrl-C).
@@ -196,12 +199,13 @@ def table(result):
     rows = [f"library single-stream decode: {lib:.1f} tok/s   (state {result['state_bytes'] / 1024:.0f} KiB "
             f"per stream, idle server RSS {result['idle_rss_bytes'] / 2**20:.0f} MiB, RSS via {result['rss_method']})",
             f"{'N':>4} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
-            f"{'peak RSS MiB':>13} {'- idle MiB':>11} {'prefix cache MiB':>17} {'others %':>9}"]
+            f"{'peak RSS MiB':>13} {'- idle MiB':>11} {'prefix cache MiB':>17} {'others %':>9} {'clients %':>10}"]
     for p in result["phases"]:
         rows.append(f"{p['clients']:>4} {p['aggregate_tok_s']:>16.1f} {p['per_stream_tok_s']:>17.1f} "
                     f"{1000 * p['ttft_p50_s']:>12.0f} {1000 * p['ttft_p99_s']:>12.0f} "
                     f"{p['peak_rss_bytes'] / 2**20:>13.0f} {(p['peak_rss_bytes'] - result['idle_rss_bytes']) / 2**20:>11.1f} "
-                    f"{p['prefix_cache_bytes'] / 2**20:>17.1f} {_pct(p.get('others_cpu_pct')):>9}")
+                    f"{p['prefix_cache_bytes'] / 2**20:>17.1f} {_pct(p.get('others_cpu_pct')):>9} "
+                    f"{_pct(p.get('clients_cpu_pct')):>10}")
     return "\n".join(rows)
 
 
@@ -379,6 +383,7 @@ def main(argv=None, prog="python -m bench.serve"):
             busy1 = read_proc_stat()
             p["others_cpu_pct"] = None if busy0 is None or busy1 is None else others_share(
                 busy0, busy1, 0.0, p["server_cpu_s"] + p["client_cpu_s"], p["wall_s"], n_cpus())["others_cpu_pct"]
+            p["clients_cpu_pct"] = 100 * p["client_cpu_s"] / (p["wall_s"] * n_cpus())
             if busy_warning(p["others_cpu_pct"]):
                 print(f"  N={n}: {busy_warning(p['others_cpu_pct'])}", flush=True)
             p["prefix_cache_bytes"] = prefix_cache_bytes(server.url)

@@ -30,10 +30,12 @@ def test_bench_serve_smoke(tmp_path):
     assert cache[0] < cache[1] < cache[2], cache
     assert all(p["server_cpu_s"] > 0 and p["client_cpu_s"] > 0 for p in result["phases"])
     assert all(0 <= p["others_cpu_pct"] <= 100 for p in result["phases"])     # steal and other processes
+    assert all(0 < p["clients_cpu_pct"] <= 100 for p in result["phases"])      # the load generator's own share
     assert all(p["aggregate_tok_s"] > 0 and p["ttft_p99_s"] >= p["ttft_p50_s"] > 0 for p in result["phases"])
     assert result["library_decode_tok_s"] > 0 and result["server_exit_code"] == 0
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert "aggregate tok/s" in r.stdout and "others %" in r.stdout and "server N=1 per-stream / library decode" in r.stdout
+    assert "clients %" in r.stdout
     # the run says its weights are synthetic (JSON, the line above the table, the figure's title) and names the CPU
     assert result["synthetic"] is True and result["provenance"] == "synthetic"
     assert result["device_name"] and result["kernels"] in ("avx2", "avx512", None)
