@@ -286,6 +286,27 @@ def test_column_scales_shrink_the_error_on_outlier_channels(fmt):
 # C kernels against the references, on every build this CPU runs
 
 @needs_c
+def test_int8_cols_weights_of_minus_128_are_exact_in_every_build_and_batch():
+    """As for plain int8 (tests/test_quant.py): a packed file may hold -128, which our quantiser never
+    writes; the int8+cols kernels (|w| from vpsignb(w, w), which reads 0x80 as 128 unsigned, times x
+    with w's sign) compute it exactly: the reference, one stream against the tiles, the builds alike."""
+    x, w = _data(9, 11, 300, seed=4)
+    packed = pack(w, "int8+cols")
+    q = packed.q.clone()
+    q.view(-1)[::5] = -128
+    packed = type(packed)(q, packed.scale, packed.col, packed.in_features).check()
+    ref = lowbit.matvec_reference(x, packed)
+    got = {}
+    for isa in ISAS:
+        alone = torch.cat([lowbit.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(9)])
+        assert bool(((alone - ref).abs() <= _accumulation_bound(x, packed)).all()), isa
+        for B in (2, 4, 5, 9):
+            assert torch.equal(lowbit.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), (isa, B)
+        got[isa] = alone
+    assert all(torch.equal(v, got[ISAS[0]]) for v in got.values())
+
+
+@needs_c
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("B, O, I", SHAPES)
