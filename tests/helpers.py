@@ -36,3 +36,18 @@ def fake_machine_cache(folder, **fields):
             os.environ.pop("BENCH_MACHINE_CACHE", None)
         else:
             os.environ["BENCH_MACHINE_CACHE"] = old
+
+
+def assert_exact_in_every_build_and_batch(matvec_group, x, packed, ref, bound, isas, batches):
+    """Each stream of x [S, in] through `matvec_group` alone is within `bound` of `ref` on every build
+    in `isas`; every batch of the first B streams (B in `batches`) gives those streams' one-stream bits;
+    the builds give the same bits."""
+    import torch
+    got = {}
+    for isa in isas:
+        alone = torch.cat([matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(x.shape[0])])
+        assert bool(((alone - ref).abs() <= bound).all()), isa
+        for B in batches:
+            assert torch.equal(matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), (isa, B)
+        got[isa] = alone
+    assert all(torch.equal(v, got[isas[0]]) for v in got.values())

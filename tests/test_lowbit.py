@@ -16,6 +16,7 @@ from rwkv_kernels import cpu_c, dispatch, formats, lowbit, quant
 from rwkv_engine import CheckpointError
 from rwkv_engine.checkpoint import synthetic_state_dict
 from rwkv_engine.convert import main as convert_main
+from helpers import assert_exact_in_every_build_and_batch
 
 ISAS = cpu_c.supported_isas() if cpu_c.available() else []
 BLOCKS = tuple(lowbit.SPECS)
@@ -295,15 +296,8 @@ def test_int8_cols_weights_of_minus_128_are_exact_in_every_build_and_batch():
     q = packed.q.clone()
     q.view(-1)[::5] = -128
     packed = type(packed)(q, packed.scale, packed.col, packed.in_features).check()
-    ref = lowbit.matvec_reference(x, packed)
-    got = {}
-    for isa in ISAS:
-        alone = torch.cat([lowbit.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(9)])
-        assert bool(((alone - ref).abs() <= _accumulation_bound(x, packed)).all()), isa
-        for B in (2, 4, 5, 9):
-            assert torch.equal(lowbit.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), (isa, B)
-        got[isa] = alone
-    assert all(torch.equal(v, got[ISAS[0]]) for v in got.values())
+    assert_exact_in_every_build_and_batch(lowbit.matvec_group, x, packed, lowbit.matvec_reference(x, packed),
+                                          _accumulation_bound(x, packed), ISAS, (2, 4, 5, 9))
 
 
 @needs_c

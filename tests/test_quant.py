@@ -5,6 +5,7 @@ import torch
 
 import rwkv_kernels
 from rwkv_kernels import cpu_c, formats, quant
+from helpers import assert_exact_in_every_build_and_batch
 
 ISAS = quant.supported_isas() if cpu_c.available() else []
 FORMATS16 = ("float16", "bfloat16")
@@ -224,15 +225,8 @@ def test_int8_weights_of_minus_128_are_exact_in_every_build_and_batch(O, I):
     q = packed.q.clone()
     q.view(-1)[::7] = -128                                     # every 7th value, where x is of either sign
     packed = type(packed)(q, packed.scale, packed.in_features).check()
-    ref = quant.matvec_reference(x, packed)
-    got = {}
-    for isa in ISAS:
-        alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(17)])
-        assert bool(((alone - ref).abs() <= _accumulation_bound(x, packed)).all()), isa
-        for B in (2, 3, 16, 17):
-            assert torch.equal(quant.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), (isa, B)
-        got[isa] = alone
-    assert all(torch.equal(v, got[ISAS[0]]) for v in got.values())
+    assert_exact_in_every_build_and_batch(quant.matvec_group, x, packed, quant.matvec_reference(x, packed),
+                                          _accumulation_bound(x, packed), ISAS, (2, 3, 16, 17))
 
 
 @needs_c
