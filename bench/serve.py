@@ -2,6 +2,7 @@
 
     python -m bench.serve --model rwkv-4-pile-169m
     python -m bench.serve --model rwkv-4-pile-169m --clients 1,2,4 --requests-per-client 2 --max-tokens 32
+    python -m bench.serve --model rwkv-4-pile-169m --clients 1,16 --weights int8 --against float32
 
 For each N in --clients, N clients each send K streaming completion requests one after another
 (distinct prompts: the paper's prompt plus a request number; temperature 1, seeded, `ignore_eos`, so
@@ -25,7 +26,13 @@ Beside them, in the same run: the library's single-stream decode tokens/s (`benc
 measurement in a fresh process, same prompt, sampling and thread count) -- the server's overhead at N=1.
 The server is started on a free port and always stopped (also on an error or Ctrl-C).
 Outputs: a table, JSON (--json) and a PNG plot (--plot).
+With --against W2 a second server with weights W2 runs beside the first (both loaded at once: the
+memory of both), the phases alternating between them at each N (so a slower spell of the machine falls
+on both), and the run prints W2's table too and, per N, the aggregate of --weights over W2's: the
+comparison of two formats' servers in the same minutes. The JSON holds W2's result under "against" and
+the ratios under "aggregate_ratio"; the plot is --weights'.
 """
+import argparse
 import asyncio
 import json
 import os
@@ -282,6 +289,8 @@ def parse_args(argv, prog):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--weights", default=None, help="weight format for server and library run (as load(weights=))")
+    p.add_argument("--against", default=None, metavar="WEIGHTS",
+                   help="also a server with these weights, phases alternating; prints the aggregate ratio per N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of server and library run (default: all)")
     p.add_argument("--clients", default="1,2,4,8,16,32", help="comma-separated N (default 1,2,4,8,16,32)")
     p.add_argument("--requests-per-client", type=int, default=3)
@@ -305,6 +314,8 @@ def parse_args(argv, prog):
             fail(prog, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         fail(prog, f"--threads must be >= 1, got {args.threads}")
+    if args.against is not None and args.against == (args.weights or args.dtype):
+        fail(prog, f"--against {args.against}: the same weights as the run itself (use another format)")
     check_writable_file(args.json, "--json")          # before any work (the top level makes it one line)
     check_writable_file(args.plot, "--plot")
     return args
@@ -343,61 +354,96 @@ def state_bytes(args):
     return State.zeros(cfg.n_layer, 1, cfg.n_embd, "meta", as_dtype(args.dtype)).nbytes
 
 
-@command("bench.serve")
-def main(argv=None, prog="python -m bench.serve"):
-    args = parse_args(argv, prog)
-    result = {"model": args.model, "device": args.device, "device_name": device_name(args.device),
-              "kernels": kernel_isa(args.device), "dtype": args.dtype, "weights": args.weights,
-              "threads": args.threads,
-              "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-              "prefix_cache_mb": args.prefix_cache_mb, "phases": []}
-    try:
-        result["state_bytes"] = state_bytes(args)
-        print(f"library single-stream decode ({args.max_tokens} tokens, median of {args.library_repeats} "
-              "fresh processes)...", flush=True)
-        result["library_decode_tok_s"], facts = library_decode(args)
-        result.update(facts)
-    except (ValueError, RuntimeError, OSError) as e:
-        fail(prog, str(e).splitlines()[0])
-    server = None
-    try:
-        server = ServerProcess(args, max(args.client_counts))
-        asyncio.run(phase(server.url, args.model, 1, 1, min(8, args.max_tokens)))     # warm-up
-        rss = PeakRss(server.proc.pid)
-        result["idle_rss_bytes"], result["rss_method"] = rss.rss(), rss.method
-        result["idle_prefix_cache_bytes"] = prefix_cache_bytes(server.url)
-        for n in args.client_counts:
-            print(f"N={n}: {n} clients x {args.requests_per_client} requests x {args.max_tokens} tokens...",
-                  flush=True)
-            if args.wait_quiet:
-                quiet, pct = wait_quiet(args.wait_quiet)
-                if not quiet:
-                    print(f"  machine still busy after --wait-quiet {args.wait_quiet:.0f} s ({pct:.0f}% others): "
-                          "running", flush=True)
-            rss.reset()
-            cpu0, busy0 = cpu_seconds(server.proc.pid), read_proc_stat()
-            p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
-            p["peak_rss_bytes"] = rss.read()
-            # CPU seconds over the phase: the server, and this process (the clients share the cores)
-            p["server_cpu_s"], p["client_cpu_s"] = (b - a for a, b in zip(cpu0, cpu_seconds(server.proc.pid)))
-            busy1 = read_proc_stat()
-            p["others_cpu_pct"] = None if busy0 is None or busy1 is None else others_share(
-                busy0, busy1, 0.0, p["server_cpu_s"] + p["client_cpu_s"], p["wall_s"], n_cpus())["others_cpu_pct"]
-            p["clients_cpu_pct"] = 100 * p["client_cpu_s"] / (p["wall_s"] * n_cpus())
-            if busy_warning(p["others_cpu_pct"]):
-                print(f"  N={n}: {busy_warning(p['others_cpu_pct'])}", flush=True)
-            p["prefix_cache_bytes"] = prefix_cache_bytes(server.url)
-            result["phases"].append(p)
-    except Exception as e:                     # noqa: BLE001 - one line, exit 2; the server is stopped below
-        fail(prog, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    finally:
-        if server is not None:
-            result["server_exit_code"] = server.stop()
+def new_result(args):
+    return {"model": args.model, "device": args.device, "device_name": device_name(args.device),
+            "kernels": kernel_isa(args.device), "dtype": args.dtype, "weights": args.weights,
+            "threads": args.threads,
+            "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
+            "prefix_cache_mb": args.prefix_cache_mb, "phases": []}
+
+
+def measure_phase(server, rss, args, n):
+    """One phase of n clients against `server`, with its memory and CPU accounting."""
+    if args.wait_quiet:
+        quiet, pct = wait_quiet(args.wait_quiet)
+        if not quiet:
+            print(f"  machine still busy after --wait-quiet {args.wait_quiet:.0f} s ({pct:.0f}% others): "
+                  "running", flush=True)
+    rss.reset()
+    cpu0, busy0 = cpu_seconds(server.proc.pid), read_proc_stat()
+    p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
+    p["peak_rss_bytes"] = rss.read()
+    # CPU seconds over the phase: the server, and this process (the clients share the cores)
+    p["server_cpu_s"], p["client_cpu_s"] = (b - a for a, b in zip(cpu0, cpu_seconds(server.proc.pid)))
+    busy1 = read_proc_stat()
+    p["others_cpu_pct"] = None if busy0 is None or busy1 is None else others_share(
+        busy0, busy1, 0.0, p["server_cpu_s"] + p["client_cpu_s"], p["wall_s"], n_cpus())["others_cpu_pct"]
+    p["clients_cpu_pct"] = 100 * p["client_cpu_s"] / (p["wall_s"] * n_cpus())
+    if busy_warning(p["others_cpu_pct"]):
+        print(f"  N={n}: {busy_warning(p['others_cpu_pct'])}", flush=True)
+    p["prefix_cache_bytes"] = prefix_cache_bytes(server.url)
+    return p
+
+
+def report(result):
     result["targets"] = [{"target": t, "value": v, "ok": ok} for t, v, ok in target_checks(result)]
     print(weights_line(result))
     print(table(result))
     for t in result["targets"]:
         print(f"  {'ok ' if t['ok'] else 'MISS'} {t['target']}: {t['value']}")
+
+
+def aggregate_ratios(result, other):
+    """{N: aggregate of result's server / other's} for the N both measured."""
+    theirs = {p["clients"]: p["aggregate_tok_s"] for p in other["phases"]}
+    return {p["clients"]: p["aggregate_tok_s"] / theirs[p["clients"]] for p in result["phases"] if p["clients"] in theirs}
+
+
+@command("bench.serve")
+def main(argv=None, prog="python -m bench.serve"):
+    args = parse_args(argv, prog)
+    runs = [args] + ([argparse.Namespace(**{**vars(args), "weights": args.against})] if args.against else [])
+    results = [new_result(a) for a in runs]
+    try:
+        for a, result in zip(runs, results):
+            result["state_bytes"] = state_bytes(a)
+            print(f"library single-stream decode{f' ({a.weights or a.dtype})' if args.against else ''} ({args.max_tokens} "
+                  f"tokens, median of {args.library_repeats} fresh processes)...", flush=True)
+            result["library_decode_tok_s"], facts = library_decode(a)
+            result.update(facts)
+    except (ValueError, RuntimeError, OSError) as e:
+        fail(prog, str(e).splitlines()[0])
+    servers = []
+    try:
+        rsss = []
+        for a, result in zip(runs, results):
+            server = ServerProcess(a, max(args.client_counts))
+            servers.append(server)
+            asyncio.run(phase(server.url, args.model, 1, 1, min(8, args.max_tokens)))     # warm-up
+            rss = PeakRss(server.proc.pid)
+            rsss.append(rss)
+            result["idle_rss_bytes"], result["rss_method"] = rss.rss(), rss.method
+            result["idle_prefix_cache_bytes"] = prefix_cache_bytes(server.url)
+        for n in args.client_counts:
+            for a, result, server, rss in zip(runs, results, servers, rsss):
+                print(f"N={n}{f' ({a.weights or a.dtype})' if args.against else ''}: {n} clients x {args.requests_per_client} "
+                      f"requests x {args.max_tokens} tokens...", flush=True)
+                result["phases"].append(measure_phase(server, rss, a, n))
+    except Exception as e:                     # noqa: BLE001 - one line, exit 2; the servers are stopped below
+        fail(prog, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        for server, result in zip(servers, results):
+            result["server_exit_code"] = server.stop()
+    result = results[0]
+    report(result)
+    if args.against:
+        other = results[1]
+        report(other)
+        result["against"] = other
+        result["aggregate_ratio"] = {str(n): x for n, x in aggregate_ratios(result, other).items()}
+        for n, x in aggregate_ratios(result, other).items():
+            print(f"  aggregate at N={n}: {result['weights'] or result['dtype']} / {other['weights'] or other['dtype']} "
+                  f"= {x:.2f}x (phases alternating)")
     write_json_atomic(args.json, result)
     plot(result, args.plot)
     print(f"JSON: {args.json}   plot: {args.plot}")

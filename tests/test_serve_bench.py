@@ -55,8 +55,29 @@ def test_bench_serve_weights_line_names_real_weights_and_never_says_synthetic():
 def test_bench_serve_rejects_bad_arguments(capsys):
     from bench.serve import main
     for args in (["--clients", "0,2"], ["--clients", "a"], ["--max-tokens", "0"], ["--library-repeats", "0"],
-                 ["--wait-quiet", "-1"]):
+                 ["--wait-quiet", "-1"], ["--weights", "int8", "--against", "int8"], ["--against", "float32"]):
         with pytest.raises(SystemExit) as e:
             main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and "error" in err, (args, err)
+
+
+def test_bench_serve_against_runs_both_servers_alternating_and_prints_the_ratio(tmp_path):
+    out = tmp_path / "serve.json"
+    r = run_bench("--model", "rwkv-4-tiny", "--clients", "1,2", "--requests-per-client", "1", "--max-tokens", "4",
+                  "--library-repeats", "1", "--weights", "int8", "--against", "float32", "--json", str(out),
+                  "--plot", str(tmp_path / "serve.png"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    other = result["against"]
+    assert result["weights"] == "int8" and other["weights"] == "float32"
+    for res in (result, other):
+        assert [p["clients"] for p in res["phases"]] == [1, 2] and res["server_exit_code"] == 0
+        assert all(p["tokens"] == 4 * p["requests"] for p in res["phases"])
+    # the phases alternate: N=1 of int8, N=1 of float32, N=2 of int8, ... (the order of the progress lines)
+    order = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("N=")]
+    assert order == ["N=1 (int8)", "N=1 (float32)", "N=2 (int8)", "N=2 (float32)"], order
+    for n, p, q in zip(("1", "2"), result["phases"], other["phases"]):
+        assert abs(result["aggregate_ratio"][n] - p["aggregate_tok_s"] / q["aggregate_tok_s"]) < 1e-9
+        assert f"aggregate at N={n}: int8 / float32 = " in r.stdout
+    assert r.stdout.count("aggregate tok/s") == 2                 # both tables
