@@ -399,6 +399,15 @@ def aggregate_ratios(result, other):
     return {p["clients"]: p["aggregate_tok_s"] / theirs[p["clients"]] for p in result["phases"] if p["clients"] in theirs}
 
 
+def against_checks(result, other):
+    """The targets that compare two servers, as (description, value, ok): the int8 server's aggregate at
+    N=16 against the float32 server's (issue 20: >= 1.5x)."""
+    x16 = aggregate_ratios(result, other).get(16)
+    if result["weights"] == "int8" and (other["weights"] or other["dtype"]) == "float32" and x16 is not None:
+        return [("int8 aggregate N=16 >= 1.5x float32's", f"{x16:.2f}x", x16 >= 1.5)]
+    return []
+
+
 @command("bench.serve")
 def main(argv=None, prog="python -m bench.serve"):
     args = parse_args(argv, prog)
@@ -444,6 +453,9 @@ def main(argv=None, prog="python -m bench.serve"):
         for n, x in aggregate_ratios(result, other).items():
             print(f"  aggregate at N={n}: {result['weights'] or result['dtype']} / {other['weights'] or other['dtype']} "
                   f"= {x:.2f}x (phases alternating)")
+        for t, v, ok in against_checks(result, other):
+            result["targets"].append({"target": t, "value": v, "ok": ok})
+            print(f"  {'ok ' if ok else 'MISS'} {t}: {v}")
     write_json_atomic(args.json, result)
     plot(result, args.plot)
     print(f"JSON: {args.json}   plot: {args.plot}")

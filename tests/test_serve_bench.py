@@ -81,3 +81,16 @@ def test_bench_serve_against_runs_both_servers_alternating_and_prints_the_ratio(
         assert abs(result["aggregate_ratio"][n] - p["aggregate_tok_s"] / q["aggregate_tok_s"]) < 1e-9
         assert f"aggregate at N={n}: int8 / float32 = " in r.stdout
     assert r.stdout.count("aggregate tok/s") == 2                 # both tables
+
+
+def test_bench_serve_against_checks_the_int8_server_target_only_where_it_applies():
+    from bench.serve import against_checks
+
+    def res(weights, rates):
+        return {"weights": weights, "dtype": "float32", "phases": [{"clients": n, "aggregate_tok_s": r} for n, r in rates]}
+    f32 = res(None, [(1, 50.0), (16, 400.0)])
+    assert against_checks(res("int8", [(1, 150.0), (16, 620.0)]), f32) == [("int8 aggregate N=16 >= 1.5x float32's", "1.55x", True)]
+    assert against_checks(res("int8", [(1, 150.0), (16, 560.0)]), f32) == [("int8 aggregate N=16 >= 1.5x float32's", "1.40x", False)]
+    assert against_checks(res("int8", [(1, 150.0)]), f32) == []                 # no N=16 phase
+    assert against_checks(res("q4_k", [(1, 150.0), (16, 620.0)]), f32) == []    # the target is int8's
+    assert against_checks(res("int8", [(16, 620.0)]), res("bfloat16", [(16, 400.0)])) == []
