@@ -439,9 +439,9 @@ typedef struct {
     int32_t *corr;              /* Q8 scratch: [B, q8_corr_len(Ip / 32)] */
     int64_t tag;                /* profile counters: 0, or 1 + the matrix of decode_step.h */
     int64_t xpos;               /* Q8: set by run_products when no stream's xq is negative (AVX2 tiles) */
-    int8_t *xm;                 /* Q8 scratch, AVX2: xq's sign masks (-1 where xq < 0, else 0) [B, Ip], for
-                                 * the one-stream loop (the tiles compare x with 0 themselves: as fast, and
-                                 * once per stream for 4 rows) */
+    int8_t *xm;                 /* Q8 scratch, AVX2, B = 1: xq's sign masks (-1 where xq < 0, else 0) [Ip],
+                                 * for the one-stream loop (the tiles, B > 1, compare x with 0 themselves:
+                                 * as fast, once per stream for 4 rows; so they are not stored then) */
 } product;
 
 /* int8 rows r..r+3 (clamped to the last row) . stream b */
@@ -853,7 +853,8 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
             const __m256i q = _mm256_loadu_si256((const __m256i *)(p->xq + i));
             any = _mm256_or_si256(any, q);
             _mm256_storeu_si256((__m256i *)(p->xa + i), _mm256_abs_epi8(q));
-            if (!WIDE) _mm256_storeu_si256((__m256i *)(p->xm + i), _mm256_cmpgt_epi8(_mm256_setzero_si256(), q));
+            if (!WIDE && B == 1)                         /* only the one-stream loop reads them */
+                _mm256_storeu_si256((__m256i *)(p->xm + i), _mm256_cmpgt_epi8(_mm256_setzero_si256(), q));
         }
         p->xpos = _mm256_movemask_epi8(any) == 0;
         if (job.prof) quant_ns[j] = (int64_t)(pool_now_ns() - t0);
