@@ -20,7 +20,7 @@ import torch
 from rwkv_kernels import formats
 from rwkv_kernels.decode import layer_norm
 
-from .files import atomic_write, in_file_mapping, release_pages
+from .files import atomic_write, in_file_mapping, page_dropper, release_pages
 
 META_FORMAT = "rwkv_engine.weights"         # the file's weight format (the key's name predates the word)
 META_SHAPES = "rwkv_engine.in_features"
@@ -54,7 +54,7 @@ def pack_matrix(t, weight_format, scale=1):
         return t
     fmt = formats.get(weight_format)
     if scale == 1:
-        return fmt.pack(t, after_slice=release)                # source pages dropped once packed
+        return fmt.pack(t, after_slice=page_dropper(t))        # source pages dropped slice by slice once packed
     packed = fmt.pack(t.float() / scale)
     release(t)
     return packed
@@ -76,10 +76,11 @@ def embedding_with_ln0(emb, ln_w, ln_b, eps, weight_format, rows_per_step=2048):
     slices of rows so that no float32 copy of the whole table (1 GB at 14B) is ever made."""
     fmt = weight_format
     out = torch.empty(emb.shape, dtype=embedding_dtype(fmt), device=emb.device)
+    drop = page_dropper(emb)
     for r0 in range(0, emb.shape[0], rows_per_step):
         rows = pack_embedding(emb[r0:r0 + rows_per_step], fmt).float()
         out[r0:r0 + rows_per_step] = layer_norm(rows, ln_w.float(), ln_b.float(), eps)
-        release(emb[r0:r0 + rows_per_step])
+        drop(emb[r0:r0 + rows_per_step])
     return out
 
 
@@ -124,11 +125,12 @@ def ln0_embedding(emb, ln_w, ln_b, eps, weight_format, lazy):
 def all_finite(t, step=1 << 22):
     """torch.isfinite(t).all() in slices (no whole-tensor temporaries), dropping mapped pages as it goes."""
     flat = t.reshape(-1)
+    drop = page_dropper(flat)
     for i in range(0, flat.numel(), step):
         part = flat[i:i + step]
         if not bool(torch.isfinite(part).all()):
             return False
-        release(part)
+        drop(part)
     return True
 
 

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 BLOCK = 32
 BLOCK_VALUES = torch.int8       # Q8_0's values, and the activation blocks its kernel multiplies them with
 MIN_SCALE = 2.0 ** -14          # smallest normal float16: an all-zero block still gets a scale > 0
+# The quantisers read a matrix in slices of about this many weights (1 MB of float32), so that the few
+# float32 temporaries of a slice stay a few MB, whatever the matrix (a 14B head is 1 GB in float32).
+PACK_SLICE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,7 @@ def quantize_int8(w, rows_per_step=None, after_slice=None, row_order=False):
     Ip = -(-I // BLOCK) * BLOCK
     q = torch.empty(O, Ip, dtype=torch.int8)
     scale = torch.empty(O, Ip // BLOCK, dtype=torch.float16)
-    step = rows_per_step or max(1, (1 << 20) // Ip)
+    step = rows_per_step or max(1, PACK_SLICE // Ip)
     for r0 in range(0, O, step):
         rows, scale[r0:r0 + step] = _quantize_rows(w[r0:r0 + step].detach().float(), Ip)
         q[r0:r0 + step] = rows if row_order else interleave_blocks(rows)
@@ -327,12 +330,12 @@ def _quantize_rows(w, Ip):
     if not bool(torch.isfinite(w).all()):
         raise ValueError("cannot quantise a matrix with NaN or Inf values")
     O, I = w.shape
-    blocks = F.pad(w, (0, Ip - I)).view(O, Ip // BLOCK, BLOCK)
+    blocks = (F.pad(w, (0, Ip - I)) if Ip != I else w).reshape(O, Ip // BLOCK, BLOCK)
     scale = (blocks.abs().amax(-1) / 127).clamp_(min=MIN_SCALE)
     if bool((scale > torch.finfo(torch.float16).max).any()):
         raise ValueError(f"weights too large for {Q8_0.name} blocks with float16 scales (|w| > 8e6)")
     scale16 = scale.to(torch.float16)
-    q = torch.round(blocks / scale16.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    q = (blocks / scale16.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)   # one float32 temporary
     return q.view(O, Ip), scale16
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_c, dispatch, formats
-from .formats import BLOCK, MIN_SCALE, Int8Weight, quantize_int8, quantize_rows_reference
+from .formats import BLOCK, MIN_SCALE, PACK_SLICE, Int8Weight, quantize_int8, quantize_rows_reference
 from .linear import write_outputs
 from .quant import sliced_gemm
 
@@ -293,13 +293,13 @@ def column_scales(w, exponent=COL_EXPONENT, rows_per_step=None, after_slice=None
     column (measured, docs/lowbit_choice.md). A power of two within 2^+-COL_MAX_SHIFT; W read in slices
     of rows (`after_slice(rows)` after each)."""
     O, I = w.shape
-    step = rows_per_step or max(1, (1 << 20) // max(1, I))
+    step = rows_per_step or max(1, PACK_SLICE // max(1, I))
     sumsq = torch.zeros(I, dtype=torch.float64)
     for r0 in range(0, O, step):
         part = w[r0:r0 + step].detach()
         if not bool(torch.isfinite(part).all()):
             raise ValueError("cannot quantise a matrix with NaN or Inf values")
-        sumsq += part.double().pow(2).sum(0)
+        sumsq += part.double().pow_(2).sum(0)                     # in place: one float64 slice at a time
         if after_slice is not None:
             after_slice(part)
     rms = (sumsq / O).sqrt().float()
@@ -325,7 +325,7 @@ def quantize(w, layout, cols=False, rows_per_step=None, after_slice=None):
     qh = torch.empty(O, Ip // 8, dtype=torch.uint8) if spec.bits == 5 else None
     d = torch.empty(O, nb, dtype=torch.float16)
     m = torch.empty(O, nb, dtype=torch.float16) if spec.has_min else None
-    step = rows_per_step or max(1, (1 << 20) // Ip)
+    step = rows_per_step or max(1, PACK_SLICE // Ip)
     for r0 in range(0, O, step):
         src = w[r0:r0 + step].detach().float()
         if col is not None:
@@ -346,7 +346,7 @@ def _quantize_rows(w, spec, Ip):
     if not bool(torch.isfinite(w).all()):
         raise ValueError("cannot quantise a matrix with NaN or Inf values")
     O, I = w.shape
-    blocks = F.pad(w, (0, Ip - I)).view(O, Ip // BLOCK, BLOCK)
+    blocks = (F.pad(w, (0, Ip - I)) if Ip != I else w).reshape(O, Ip // BLOCK, BLOCK)
     if spec.has_min:
         lo, hi = blocks.amin(-1), blocks.amax(-1)
         d = ((hi - lo) / spec.levels).clamp_(min=MIN_SCALE)
@@ -361,10 +361,11 @@ def _quantize_rows(w, spec, Ip):
     if bool((d.abs() > torch.finfo(torch.float16).max).any()) or (m16 is not None and not bool(torch.isfinite(m16).all())):
         raise ValueError("weights too large for float16 block scales (|w| > 6e4)")
     d16 = d.to(torch.float16)
+    # one float32 temporary of the slice's size, the rest in place (the same operations, the same bits)
     if spec.has_min:
-        q = torch.round((blocks - mf[..., None]) / d16.float()[..., None])
+        q = (blocks - mf[..., None]).div_(d16.float()[..., None]).round_()
     else:
-        q = torch.round(blocks / d16.float()[..., None]) + half
+        q = (blocks / d16.float()[..., None]).round_().add_(half)
     return q.clamp_(0, spec.levels).to(torch.uint8).view(O, Ip), d16, m16
 
 
@@ -375,7 +376,7 @@ def _quantize_k(w, layout, col, qs, rows_per_step, after_slice):
     Ip = qs.shape[1] * 2
     sb = torch.empty(O, Ip // spec.group * SUPER_BYTES, dtype=torch.uint8)
     qh = torch.empty(O, Ip // 8, dtype=torch.uint8) if spec.bits == 5 else None
-    step = rows_per_step or max(1, (1 << 20) // Ip)
+    step = rows_per_step or max(1, PACK_SLICE // Ip)
     for r0 in range(0, O, step):
         src = w[r0:r0 + step].detach().float()
         if col is not None:

@@ -158,6 +158,25 @@ def test_release_pages_drops_only_file_mapped_pages(tmp_path):
     assert torch.equal(mapped, copy)                                              # re-read from the file
 
 
+def test_page_dropper_drops_slices_of_a_mapped_tensor_and_never_heap_memory(tmp_path):
+    from bench.memory import rss_bytes
+    from rwkv_engine.files import page_dropper
+    anonymous = torch.randn(1 << 20)
+    copy = anonymous.clone()
+    drop = page_dropper(anonymous)
+    assert drop(anonymous[: 1 << 19]) == 0 and torch.equal(anonymous, copy)      # never zeroes memory
+    torch.save({"t": copy}, tmp_path / "t.pth")
+    mapped = torch.load(tmp_path / "t.pth", mmap=True, weights_only=True)["t"]
+    assert torch.equal(mapped, copy)                                              # 4 MB now resident
+    drop = page_dropper(mapped)
+    before = rss_bytes()
+    dropped = sum(drop(mapped[i:i + (1 << 18)]) for i in range(0, mapped.numel(), 1 << 18))
+    assert dropped > 3 * (1 << 20) and before - rss_bytes() > 3 * (1 << 20)
+    assert torch.equal(mapped, copy)                                              # re-read from the file
+    with pytest.raises(ValueError, match="outside the tensor"):
+        drop(copy)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real ranks
 
