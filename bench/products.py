@@ -2,6 +2,7 @@
 
     python -m bench.products --model rwkv-4-pile-169m --formats float32,bfloat16 --batch 1,4,16
     python -m bench.products ... --against-src /tmp/old/rwkv_kernels/csrc     # A/B two kernel sources
+    python -m bench.products --formats float32,int8 --batch 16 --per-shape     # cache against memory
 
 One round runs every product of one decode step of the model's shapes (per layer: key, value and
 receptance as one group, output, the FFN's key and receptance, its value; then the head), through
@@ -12,6 +13,10 @@ older commit's rwkv_kernels/csrc) is built for the same instruction set and the 
 alternate round by round (in one process, the same minutes), which is how a kernel change is
 measured on a machine whose speed drifts between runs; the ratio is against/current, and the rows
 say whether the two gave the same bits. Weights are random (not a checkpoint): the output says so.
+With --per-shape each distinct shape is timed alone, twice: its weights resident in cache (one copy
+called repeatedly) and streamed from memory (distinct copies past twice the L3), in ms per product
+and G multiply-adds per second; the gap between the two rows is what memory costs that kernel, and
+`bench.ceiling` gives the instruction mix's bound for the resident row.
 """
 import ctypes
 import os
@@ -47,7 +52,73 @@ def build_parser():
     ap.add_argument("--layers", type=positive_int, default=None, help="only this many layers (default: all)")
     ap.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="build (default: this CPU's best)")
     ap.add_argument("--against-src", default=None, help="a folder with another cpu_ops.c to alternate with")
+    ap.add_argument("--per-shape", action="store_true",
+                    help="time each distinct product shape alone, its weights resident in cache and streamed "
+                         "from memory (copies past twice the L3)")
     return ap
+
+
+def l3_bytes():
+    """This CPU's last-level cache (the largest a core sees), from sysfs; 64 MB if it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        try:
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (ValueError, KeyError):
+            continue
+    return max(sizes) if sizes else 64 << 20
+
+
+def shape_calls(shape, fmt, B, g, where):
+    """(calls, products per round) for one product shape alone: `resident`, one weight copy called
+    repeatedly (about 8 MB of weights' reads per round, so the call's fixed cost is small); `streamed`,
+    enough distinct copies that together they exceed twice the L3, each called once per round."""
+    from rwkv_kernels import formats
+    nbytes = shape[0] * shape[1] * formats.get(fmt).bytes_per_weight
+    if where == "resident":
+        reps = max(1, int((8 << 20) // nbytes))
+        calls = prepared_calls([[shape]], fmt, B, g)
+        return calls * reps, reps
+    copies = max(2, -(-2 * l3_bytes() // int(nbytes)))
+    from rwkv_kernels import cpu_c
+    (n, dims, ptrs, keep, ys), = prepared_calls([[shape]], fmt, B, g)
+    values, scales = keep[2], (keep[3] if len(keep) > 3 else None)
+    calls = []
+    for _ in range(copies):         # the same weights at other addresses: clones, not new random ones
+        v, sc = values.clone(), None if scales is None else scales.clone()
+        p = (cpu_c.VP * 4)(v.data_ptr(), None if sc is None else sc.data_ptr(), ptrs[2], ptrs[3])
+        calls.append((n, dims, p, keep + [v, sc], ys))
+    return calls, copies
+
+
+def per_shape(args, libs, groups, g):
+    """--per-shape: one row per (format, streams, shape, where): ms per product and G multiply-adds/s."""
+    head = f"{'format':10s} {'streams':>7s} {'shape':>12s} {'weights':>9s} {'current ms':>11s} {'G MAC/s':>8s}"
+    if args.against_src:
+        head += f" {'against ms':>11s} {'against/current':>16s} {'same bits':>9s}"
+    print(head)
+    # one meter over the whole table: a row lasts milliseconds, and /proc/stat counts 10 ms jiffies
+    meter = OthersMeter()
+    meter.start()
+    shapes = list(dict.fromkeys(shape for grp in groups for shape in grp))
+    for fmt in args.formats:
+        for B in args.batch:
+            for shape in shapes:
+                for where in ("resident", "streamed"):
+                    calls, n = shape_calls(shape, fmt, B, g, where)
+                    times, outs = time_rounds(libs, calls, B, args.threads, args.repeats)
+                    cur = statistics.median(times["current"]) / n
+                    line = (f"{fmt:10s} {B:7d} {f'{shape[0]}x{shape[1]}':>12s} {where:>9s} {cur * 1e3:11.3f} "
+                            f"{shape[0] * shape[1] * B / cur / 1e9:8.1f}")
+                    if args.against_src:
+                        ag = statistics.median(times["against"]) / n
+                        same = all(torch.equal(a, b) for a, b in zip(outs["current"], outs["against"]))
+                        line += f" {ag * 1e3:11.3f} {ag / cur:16.2f} {'yes' if same else 'no':>9s}"
+                    print(line, flush=True)
+                    del calls
+    others = meter.stop()["others_cpu_pct"]
+    print("others' CPU over the whole table: " + (f"{others:.1f}%" if others is not None else "unknown (no /proc/stat)"))
 
 
 def _library(source, isa):
@@ -137,12 +208,17 @@ def main(argv=None):
     n = sum(len(grp) for grp in groups)
     print(f"{args.model}: {n} products of one decode step, random weights (not a checkpoint); {cpu_id()}, "
           f"{isa} kernels, {args.threads} threads; median of {args.repeats} rounds"
-          + ("; builds alternating (current, --against-src)" if args.against_src else ""))
+          + ("; builds alternating (current, --against-src)" if args.against_src else "")
+          + (f"; each shape alone, resident in cache or streamed past 2 x L3 ({l3_bytes() >> 20} MB)"
+             if args.per_shape else ""))
+    g = torch.Generator().manual_seed(0)
+    if args.per_shape:
+        per_shape(args, libs, groups, g)
+        return
     head = f"{'format':10s} {'streams':>7s} {'current ms':>11s}"
     if args.against_src:
         head += f" {'against ms':>11s} {'against/current':>16s} {'same bits':>9s}"
     print(head + f" {'others CPU':>10s}")
-    g = torch.Generator().manual_seed(0)
     for fmt in args.formats:
         for B in args.batch:
             calls = prepared_calls(groups, fmt, B, g)

@@ -668,6 +668,25 @@ def test_products_builds_the_other_folder_with_its_own_headers(tmp_path):
     assert row[0] == "int8" and row[5] == "no", r.stdout
 
 
+def test_products_per_shape_times_each_shape_resident_and_streamed():
+    src = REPO / "rwkv_kernels" / "csrc"
+    r = cli("bench.products", "--model", TINY, "--formats", "int8", "--batch", "2", "--repeats", "1",
+            "--layers", "1", "--per-shape", "--against-src", str(src))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "random weights" in lines[0] and "streamed past 2 x L3" in lines[0]
+    assert lines[-1].startswith("others' CPU over the whole table: ")
+    rows = [line.split() for line in lines[2:-1]]
+    C, F, V = 64, 256, 50277                                        # rwkv-4-tiny: n_embd, ffn, vocab
+    shapes = [f"{C}x{C}", f"{F}x{C}", f"{C}x{F}", f"{V}x{C}"]
+    assert [(row[2], row[3]) for row in rows] == [(s, w) for s in shapes for w in ("resident", "streamed")]
+    for row in rows:
+        o, i = map(int, row[2].split("x"))
+        ms, gmac = float(row[4]), float(row[5])
+        assert ms > 0 and abs(gmac - o * i * 2 / (ms * 1e-3) / 1e9) <= 0.051 + gmac * 0.0005 / ms, row
+        assert row[8] == "yes"                                          # clones of one copy: the same bits
+
+
 def test_products_refuses_bad_input_in_one_line(tmp_path):
     for args, word in ((["--against-src", str(tmp_path)], "cpu_ops.c"), (["--formats", "q4_k"], "--formats"),
                        (["--model", "pythia-160m"], "RWKV"), (["--batch", "0"], "--batch")):
