@@ -568,9 +568,9 @@ def in_file_mapping(t):
 def page_dropper(t):
     """-> a function that drops the resident pages of slices of `t` (as `release_pages` does), with
     /proc/self/maps read once here rather than once per slice: the quantisers call it after every
-    slice of ~1 MB, hundreds of times per matrix. A no-op function when `t` is not wholly inside a
-    private file mapping (a tensor in the heap must keep its pages). Linux only."""
-    if not in_file_mapping(t):
+    slice of ~1 MB, hundreds of times per matrix. A no-op function when `t` is not contiguous or not
+    wholly inside a private file mapping (a tensor in the heap must keep its pages). Linux only."""
+    if not t.is_contiguous() or not in_file_mapping(t):
         return lambda part: 0
     import ctypes
     import mmap

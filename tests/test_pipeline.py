@@ -175,6 +175,7 @@ def test_page_dropper_drops_slices_of_a_mapped_tensor_and_never_heap_memory(tmp_
     assert torch.equal(mapped, copy)                                              # re-read from the file
     with pytest.raises(ValueError, match="outside the tensor"):
         drop(copy)
+    assert page_dropper(mapped.view(1024, 1024).t())(mapped[:1024]) == 0       # not contiguous: keeps its pages
 
 
 # ---------------------------------------------------------------------------------------------
