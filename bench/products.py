@@ -60,13 +60,13 @@ def build_parser():
 
 def l3_bytes():
     """This CPU's last-level cache (the largest a core sees), from sysfs; 64 MB if it cannot be read."""
+    units = {"K": 1 << 10, "M": 1 << 20}
     sizes = []
     for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip().upper()
-        try:
-            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
-        except (ValueError, KeyError):
-            continue
+        text = f.read_text().strip().upper()                    # e.g. "32768K"
+        number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+        if number.isdigit():
+            sizes.append(int(number) * unit)
     return max(sizes) if sizes else 64 << 20
 
 
@@ -80,10 +80,10 @@ def shape_calls(shape, fmt, B, g, where):
         reps = max(1, int((8 << 20) // nbytes))
         calls = prepared_calls([[shape]], fmt, B, g)
         return calls * reps, reps
-    copies = max(2, -(-2 * l3_bytes() // int(nbytes)))
     from rwkv_kernels import cpu_c
+    copies = max(2, -(-2 * l3_bytes() // int(nbytes)))
     (n, dims, ptrs, keep, ys), = prepared_calls([[shape]], fmt, B, g)
-    values, scales = keep[2], (keep[3] if len(keep) > 3 else None)
+    values, scales = formats.of(keep[0]).c_parts(keep[0])          # keep[0]: the weight of the one product
     calls = []
     for _ in range(copies):         # the same weights at other addresses: clones, not new random ones
         v, sc = values.clone(), None if scales is None else scales.clone()

@@ -565,6 +565,23 @@ def in_file_mapping(t):
     return any(a <= start and end <= b for a, b in _private_file_maps())
 
 
+def _whole_pages(t):
+    """(a, b): the whole pages inside CPU tensor t's bytes (b <= a when there are none)."""
+    import mmap
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _dontneed(a, b):
+    """madvise(MADV_DONTNEED) on [a, b) -> the bytes dropped (0 if none or it failed)."""
+    import ctypes
+    if b <= a:
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    return b - a if madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0 else 0     # 4: MADV_DONTNEED
+
+
 def page_dropper(t):
     """-> a function that drops the resident pages of slices of `t` (as `release_pages` does), with
     /proc/self/maps read once here rather than once per slice: the quantisers call it after every
@@ -572,21 +589,12 @@ def page_dropper(t):
     wholly inside a private file mapping (a tensor in the heap must keep its pages). Linux only."""
     if not t.is_contiguous() or not in_file_mapping(t):
         return lambda part: 0
-    import ctypes
-    import mmap
-    page = mmap.PAGESIZE
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
     lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
     def drop(part):
-        start = part.data_ptr()
-        end = start + part.numel() * part.element_size()
-        if not (lo <= start and end <= hi):
+        if not (lo <= part.data_ptr() and part.data_ptr() + part.numel() * part.element_size() <= hi):
             raise ValueError("page_dropper: a slice outside the tensor it was made for")
-        a, b = -(-start // page) * page, end // page * page          # whole pages inside the slice
-        if b > a and madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:     # 4: MADV_DONTNEED
-            return b - a
-        return 0
+        return _dontneed(*_whole_pages(part))
     return drop
 
 
@@ -598,23 +606,17 @@ def release_pages(tensors, keep=None):
     and never a page that overlaps a tensor reachable from `keep` (the model). Linux only."""
     if not sys.platform.startswith("linux"):
         return 0
-    import ctypes
-    import mmap
-    page = mmap.PAGESIZE
     span = lambda t: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
     kept = [span(t) for t in _tensors_in(keep) if t.device.type == "cpu"] if keep is not None else []
     files = _private_file_maps()
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
     released = 0
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
             continue
-        start, end = span(t)
-        a, b = -(-start // page) * page, end // page * page          # whole pages inside the tensor
+        a, b = _whole_pages(t)
         if b <= a or any(s < b and a < e for s, e in kept):
             continue
         if not any(s <= a and b <= e for s, e in files):
             continue
-        if madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:     # 4: MADV_DONTNEED
-            released += b - a
+        released += _dontneed(a, b)
     return released
