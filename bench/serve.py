@@ -31,6 +31,14 @@ memory of both), the phases alternating between them at each N (so a slower spel
 on both), and the run prints W2's table too and, per N, the aggregate of --weights over W2's: the
 comparison of two formats' servers in the same minutes. The JSON holds W2's result under "against" and
 the ratios under "aggregate_ratio"; the plot is --weights'.
+--rounds R runs the whole sequence of phases R times (both servers alternating within each round). A
+machine whose speed drifts by 20-30% over minutes (a VM beside other tenants) moves one round's ratio
+by as much: R rounds give each N's median and range. The tables then show, per N, the round with the
+median aggregate; the ratios and the N=16 / N=1 scaling are medians of the rounds' own ratios, printed
+with their range; the JSON holds every round's phases under "rounds" and the ratios per round under
+"aggregate_ratio_rounds".
+
+    python -m bench.serve --model rwkv-4-pile-169m --clients 1,16 --weights int8 --against float32 --rounds 3
 """
 import argparse
 import asyncio
@@ -220,16 +228,40 @@ def _pct(x):
     return "-" if x is None else f"{x:.1f}"
 
 
+def rounds_of(result):
+    """Every round's phases (a result without "rounds": its phases, one round)."""
+    return result.get("rounds") or [result["phases"]]
+
+
+def spread(values, fmt):
+    """" (median of R rounds: lo-hi)" for several values, "" for one."""
+    if len(values) < 2:
+        return ""
+    return f" (median of {len(values)} rounds: {fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def scaling_rounds(result, n=16, base=1):
+    """Aggregate at N=n over N=base, per round where both ran."""
+    out = []
+    for phases in rounds_of(result):
+        by_n = {p["clients"]: p["aggregate_tok_s"] for p in phases}
+        if n in by_n and base in by_n:
+            out.append(by_n[n] / by_n[base])
+    return out
+
+
 def target_checks(result):
-    """The issue's targets, each as (description, value, ok) where the data allows."""
+    """The issue's targets, each as (description, value, ok) where the data allows (over several rounds:
+    the median round's phase, and the median of the rounds' own N=16 / N=1 ratios)."""
     by_n = {p["clients"]: p for p in result["phases"]}
     lib, checks = result["library_decode_tok_s"], []
     if 1 in by_n:
         share = by_n[1]["per_stream_tok_s"] / lib
         checks.append(("server N=1 per-stream / library decode >= 90%", f"{100 * share:.0f}%", share >= 0.9))
-    if 1 in by_n and 16 in by_n:
-        x = by_n[16]["aggregate_tok_s"] / by_n[1]["aggregate_tok_s"]
-        checks.append(("aggregate N=16 >= 8x N=1", f"{x:.1f}x", x >= 8))
+    xs = scaling_rounds(result)
+    if xs:
+        x = statistics.median(xs)
+        checks.append(("aggregate N=16 >= 8x N=1", f"{x:.1f}x{spread(xs, '{:.1f}')}", x >= 8))
     if 16 in by_n and 32 in by_n:
         ok = by_n[32]["aggregate_tok_s"] >= by_n[16]["aggregate_tok_s"]
         checks.append(("aggregate N=32 >= N=16", f"{by_n[32]['aggregate_tok_s']:.0f} vs "
@@ -298,6 +330,9 @@ def parse_args(argv, prog):
     p.add_argument("--prefix-cache-mb", type=nonnegative_float, default=32,
                    help="server's prefix-state cache (default 32; it fills during the run and counts in RSS)")
     p.add_argument("--library-repeats", type=int, default=3, help="library decode runs (median; default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every phase this many times, the servers alternating within each round; tables show "
+                        "each N's median round, ratios the median of the rounds' ratios with their range (default 1)")
     p.add_argument("--wait-quiet", type=nonnegative_float, default=0, metavar="SECONDS",
                    help="before each phase, wait up to this long for other processes to go quiet (default 0)")
     p.add_argument("--json", default="results/serve.json")
@@ -309,7 +344,7 @@ def parse_args(argv, prog):
         fail(prog, f"--clients must be comma-separated integers, got {args.clients!r}")
     if not args.client_counts or args.client_counts[0] < 1:
         fail(prog, f"--clients must all be >= 1, got {args.clients!r}")
-    for name in ("requests_per_client", "max_tokens", "library_repeats"):
+    for name in ("requests_per_client", "max_tokens", "library_repeats", "rounds"):
         if getattr(args, name) < 1:
             fail(prog, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
@@ -359,7 +394,7 @@ def new_result(args):
             "kernels": kernel_isa(args.device), "dtype": args.dtype, "weights": args.weights,
             "threads": args.threads,
             "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-            "prefix_cache_mb": args.prefix_cache_mb, "phases": []}
+            "prefix_cache_mb": args.prefix_cache_mb, "phases": [], "rounds": []}
 
 
 def measure_phase(server, rss, args, n):
@@ -393,18 +428,36 @@ def report(result):
         print(f"  {'ok ' if t['ok'] else 'MISS'} {t['target']}: {t['value']}")
 
 
+def round_ratios(result, other):
+    """{N: [aggregate of result's server / other's, one per round]} for the N both measured, each
+    ratio of two phases of the same round (run back to back)."""
+    out = {}
+    for mine, theirs in zip(rounds_of(result), rounds_of(other)):
+        rate = {p["clients"]: p["aggregate_tok_s"] for p in theirs}
+        for p in mine:
+            if p["clients"] in rate:
+                out.setdefault(p["clients"], []).append(p["aggregate_tok_s"] / rate[p["clients"]])
+    return out
+
+
 def aggregate_ratios(result, other):
-    """{N: aggregate of result's server / other's} for the N both measured."""
-    theirs = {p["clients"]: p["aggregate_tok_s"] for p in other["phases"]}
-    return {p["clients"]: p["aggregate_tok_s"] / theirs[p["clients"]] for p in result["phases"] if p["clients"] in theirs}
+    """{N: the median over rounds of the aggregate of result's server / other's} for the N both measured."""
+    return {n: statistics.median(xs) for n, xs in round_ratios(result, other).items()}
+
+
+def median_round(phases_per_round):
+    """Per N (in order), the phase of the round whose aggregate is the median (the lower one of an even
+    count): a phase that was measured, not an average of several."""
+    return [sorted(ps, key=lambda p: p["aggregate_tok_s"])[(len(ps) - 1) // 2] for ps in zip(*phases_per_round)]
 
 
 def against_checks(result, other):
     """The targets that compare two servers, as (description, value, ok): the int8 server's aggregate at
     N=16 against the float32 server's (issue 20: >= 1.5x)."""
-    x16 = aggregate_ratios(result, other).get(16)
-    if result["weights"] == "int8" and (other["weights"] or other["dtype"]) == "float32" and x16 is not None:
-        return [("int8 aggregate N=16 >= 1.5x float32's", f"{x16:.2f}x", x16 >= 1.5)]
+    xs = round_ratios(result, other).get(16)
+    if result["weights"] == "int8" and (other["weights"] or other["dtype"]) == "float32" and xs:
+        x16 = statistics.median(xs)
+        return [("int8 aggregate N=16 >= 1.5x float32's", f"{x16:.2f}x{spread(xs, '{:.2f}')}", x16 >= 1.5)]
     return []
 
 
@@ -433,11 +486,17 @@ def main(argv=None, prog="python -m bench.serve"):
             rsss.append(rss)
             result["idle_rss_bytes"], result["rss_method"] = rss.rss(), rss.method
             result["idle_prefix_cache_bytes"] = prefix_cache_bytes(server.url)
-        for n in args.client_counts:
-            for a, result, server, rss in zip(runs, results, servers, rsss):
-                print(f"N={n}{f' ({a.weights or a.dtype})' if args.against else ''}: {n} clients x {args.requests_per_client} "
-                      f"requests x {args.max_tokens} tokens...", flush=True)
-                result["phases"].append(measure_phase(server, rss, a, n))
+        for k in range(args.rounds):
+            for result in results:
+                result["rounds"].append([])
+            for n in args.client_counts:
+                for a, result, server, rss in zip(runs, results, servers, rsss):
+                    print(f"N={n}{f' ({a.weights or a.dtype})' if args.against else ''}"
+                          f"{f' round {k + 1}/{args.rounds}' if args.rounds > 1 else ''}: {n} clients x "
+                          f"{args.requests_per_client} requests x {args.max_tokens} tokens...", flush=True)
+                    result["rounds"][k].append(measure_phase(server, rss, a, n))
+        for result in results:
+            result["phases"] = median_round(result["rounds"])
     except Exception as e:                     # noqa: BLE001 - one line, exit 2; the servers are stopped below
         fail(prog, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     finally:
@@ -450,9 +509,10 @@ def main(argv=None, prog="python -m bench.serve"):
         report(other)
         result["against"] = other
         result["aggregate_ratio"] = {str(n): x for n, x in aggregate_ratios(result, other).items()}
-        for n, x in aggregate_ratios(result, other).items():
+        result["aggregate_ratio_rounds"] = {str(n): xs for n, xs in round_ratios(result, other).items()}
+        for n, xs in round_ratios(result, other).items():
             print(f"  aggregate at N={n}: {result['weights'] or result['dtype']} / {other['weights'] or other['dtype']} "
-                  f"= {x:.2f}x (phases alternating)")
+                  f"= {statistics.median(xs):.2f}x{spread(xs, '{:.2f}')} (phases alternating)")
         for t, v, ok in against_checks(result, other):
             result["targets"].append({"target": t, "value": v, "ok": ok})
             print(f"  {'ok ' if ok else 'MISS'} {t}: {v}")

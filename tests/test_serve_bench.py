@@ -55,7 +55,8 @@ def test_bench_serve_weights_line_names_real_weights_and_never_says_synthetic():
 def test_bench_serve_rejects_bad_arguments(capsys):
     from bench.serve import main
     for args in (["--clients", "0,2"], ["--clients", "a"], ["--max-tokens", "0"], ["--library-repeats", "0"],
-                 ["--wait-quiet", "-1"], ["--weights", "int8", "--against", "int8"], ["--against", "float32"]):
+                 ["--wait-quiet", "-1"], ["--weights", "int8", "--against", "int8"], ["--against", "float32"],
+                 ["--rounds", "0"]):
         with pytest.raises(SystemExit) as e:
             main(args)
         err = capsys.readouterr().err
@@ -94,3 +95,45 @@ def test_bench_serve_against_checks_the_int8_server_target_only_where_it_applies
     assert against_checks(res("int8", [(1, 150.0)]), f32) == []                 # no N=16 phase
     assert against_checks(res("q4_k", [(1, 150.0), (16, 620.0)]), f32) == []    # the target is int8's
     assert against_checks(res("int8", [(16, 620.0)]), res("bfloat16", [(16, 400.0)])) == []
+
+
+def test_bench_serve_rounds_repeat_every_phase_and_report_each_ratio_per_round(tmp_path):
+    """--rounds 2: the whole sequence of phases twice, the two servers alternating within each round;
+    the JSON keeps every round, the table's phase per N is one of them, and the ratios are per round."""
+    out = tmp_path / "serve.json"
+    r = run_bench("--model", "rwkv-4-tiny", "--clients", "1,2", "--requests-per-client", "1", "--max-tokens", "4",
+                  "--library-repeats", "1", "--weights", "int8", "--against", "float32", "--rounds", "2",
+                  "--json", str(out), "--plot", str(tmp_path / "serve.png"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    order = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("N=")]
+    assert order == [f"N={n} ({w}) round {k}/2" for k in (1, 2) for n in (1, 2) for w in ("int8", "float32")], order
+    for res in (result, result["against"]):
+        assert len(res["rounds"]) == 2 and all([p["clients"] for p in ps] == [1, 2] for ps in res["rounds"])
+        for j, p in enumerate(res["phases"]):
+            assert p in (res["rounds"][0][j], res["rounds"][1][j])
+    for n in ("1", "2"):
+        j = int(n) - 1
+        xs = [result["rounds"][k][j]["aggregate_tok_s"] / result["against"]["rounds"][k][j]["aggregate_tok_s"]
+              for k in (0, 1)]
+        assert result["aggregate_ratio_rounds"][n] == pytest.approx(xs, rel=1e-12)
+        assert result["aggregate_ratio"][n] == pytest.approx(sum(xs) / 2, rel=1e-12)
+        assert f"aggregate at N={n}: int8 / float32 = " in r.stdout
+    assert r.stdout.count("(median of 2 rounds: ") == 2
+
+
+def test_bench_serve_median_round_and_round_ratios():
+    from bench.serve import median_round, round_ratios, scaling_rounds, spread
+
+    def ph(n, rate):
+        return {"clients": n, "aggregate_tok_s": rate}
+    rounds = [[ph(1, 10.0), ph(16, 90.0)], [ph(1, 12.0), ph(16, 70.0)], [ph(1, 11.0), ph(16, 80.0)]]
+    assert median_round(rounds) == [ph(1, 11.0), ph(16, 80.0)]          # each N's own median round
+    assert median_round(rounds[:2]) == [ph(1, 10.0), ph(16, 70.0)]      # an even count: the lower one
+    mine = {"phases": median_round(rounds), "rounds": rounds}
+    theirs = {"rounds": [[ph(1, 5.0), ph(16, 30.0)], [ph(1, 4.0), ph(16, 35.0)], [ph(1, 5.5), ph(16, 40.0)]]}
+    assert round_ratios(mine, theirs) == {1: [2.0, 3.0, 2.0], 16: [3.0, 2.0, 2.0]}     # round k against round k
+    assert scaling_rounds(mine) == [9.0, 70.0 / 12.0, 80.0 / 11.0]
+    assert spread([2.0, 3.0, 2.0], "{:.2f}") == " (median of 3 rounds: 2.00-3.00)" and spread([2.0], "{:.2f}") == ""
+    # one round, as a result written before --rounds existed: its phases
+    assert round_ratios({"phases": [ph(16, 60.0)]}, {"phases": [ph(16, 40.0)]}) == {16: [1.5]}
