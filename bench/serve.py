@@ -31,7 +31,8 @@ memory of both), the phases alternating between them at each N (so a slower spel
 on both), and the run prints W2's table too and, per N, the aggregate of --weights over W2's: the
 comparison of two formats' servers in the same minutes. The JSON holds W2's result under "against" and
 the ratios under "aggregate_ratio"; the plot is --weights'.
---rounds R runs the whole sequence of phases R times (both servers alternating within each round). A
+--rounds R runs the whole sequence of phases R times (both servers alternating within each round; each
+round's requests have new numbers, so its prompts are new to the prefix cache, as the first round's). A
 machine whose speed drifts by 20-30% over minutes (a VM beside other tenants) moves one round's ratio
 by as much: R rounds give each N's median and range. The tables then show, per N, the round with the
 median aggregate; the ratios and the N=16 / N=1 scaling are medians of the rounds' own ratios, printed
@@ -168,13 +169,16 @@ async def one_request(client, model, prompt, max_tokens, seed):
     return tokens, first - t0, per_stream
 
 
-async def phase(url, model, n_clients, requests_per_client, max_tokens):
+async def phase(url, model, n_clients, requests_per_client, max_tokens, first_request=0):
+    """n_clients clients, each sending requests first_request .. first_request + requests_per_client - 1
+    one after another (a later round starts past the earlier rounds' numbers: its prompts are new to
+    the prefix cache, as round 1's were)."""
     import httpx
     limits = httpx.Limits(max_connections=n_clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def client_loop(c):
             return [await one_request(client, model, f"{DRAGON_PROMPT} ({c}.{k})", max_tokens, 1000 * c + k)
-                    for k in range(requests_per_client)]
+                    for k in range(first_request, first_request + requests_per_client)]
         t0 = time.perf_counter()
         per_client = await asyncio.gather(*(client_loop(c) for c in range(n_clients)))
         wall = time.perf_counter() - t0
@@ -397,7 +401,7 @@ def new_result(args):
             "prefix_cache_mb": args.prefix_cache_mb, "phases": [], "rounds": []}
 
 
-def measure_phase(server, rss, args, n):
+def measure_phase(server, rss, args, n, first_request=0):
     """One phase of n clients against `server`, with its memory and CPU accounting."""
     if args.wait_quiet:
         quiet, pct = wait_quiet(args.wait_quiet)
@@ -406,7 +410,7 @@ def measure_phase(server, rss, args, n):
                   "running", flush=True)
     rss.reset()
     cpu0, busy0 = cpu_seconds(server.proc.pid), read_proc_stat()
-    p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens))
+    p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens, first_request))
     p["peak_rss_bytes"] = rss.read()
     # CPU seconds over the phase: the server, and this process (the clients share the cores)
     p["server_cpu_s"], p["client_cpu_s"] = (b - a for a, b in zip(cpu0, cpu_seconds(server.proc.pid)))
@@ -494,7 +498,7 @@ def main(argv=None, prog="python -m bench.serve"):
                     print(f"N={n}{f' ({a.weights or a.dtype})' if args.against else ''}"
                           f"{f' round {k + 1}/{args.rounds}' if args.rounds > 1 else ''}: {n} clients x "
                           f"{args.requests_per_client} requests x {args.max_tokens} tokens...", flush=True)
-                    result["rounds"][k].append(measure_phase(server, rss, a, n))
+                    result["rounds"][k].append(measure_phase(server, rss, a, n, k * args.requests_per_client))
         for result in results:
             result["phases"] = median_round(result["rounds"])
     except Exception as e:                     # noqa: BLE001 - one line, exit 2; the servers are stopped below

@@ -112,6 +112,9 @@ def test_bench_serve_rounds_repeat_every_phase_and_report_each_ratio_per_round(t
         assert len(res["rounds"]) == 2 and all([p["clients"] for p in ps] == [1, 2] for ps in res["rounds"])
         for j, p in enumerate(res["phases"]):
             assert p in (res["rounds"][0][j], res["rounds"][1][j])
+        # round 2's prompts are new to the server: its prefix cache grows again (it would hold still if
+        # round 2 repeated round 1's requests, whose states it has)
+        assert res["rounds"][1][-1]["prefix_cache_bytes"] > res["rounds"][0][-1]["prefix_cache_bytes"]
     for n in ("1", "2"):
         j = int(n) - 1
         xs = [result["rounds"][k][j]["aggregate_tok_s"] / result["against"]["rounds"][k][j]["aggregate_tok_s"]
