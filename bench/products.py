@@ -12,7 +12,11 @@ after one warm-up. With --against-src the cpu_ops.c of that folder (e.g. a `git 
 older commit's rwkv_kernels/csrc) is built for the same instruction set and the two builds
 alternate round by round (in one process, the same minutes), which is how a kernel change is
 measured on a machine whose speed drifts between runs; the ratio is against/current, and the rows
-say whether the two gave the same bits. Weights are random (not a checkpoint): the output says so.
+say whether the two gave the same bits. Beside the ratio of the two medians, "paired" is the median
+of the rounds' own ratios (the two builds run back to back within a round) with its quartiles: a
+spell of a slower machine moves both halves of a pair, so it is the steadier of the two on a VM
+whose speed moves over minutes (more rounds narrow it: --repeats 61). Weights are random (not a
+checkpoint): the output says so.
 With --per-shape each distinct shape is timed alone, twice: its weights resident in cache (one copy
 called repeatedly) and streamed from memory (distinct copies past twice the L3), in ms per product
 and G multiply-adds per second; the gap between the two rows is what memory costs that kernel, and
@@ -187,6 +191,13 @@ def time_rounds(libs, calls, B, threads, repeats):
     return times, outs
 
 
+def paired(times):
+    """The median of the rounds' against/current ratios and their quartiles, "1.031 (1.012-1.049)"."""
+    ratios = [a / c for a, c in zip(times["against"], times["current"])]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f})"
+
+
 @command("bench.products")
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -217,7 +228,7 @@ def main(argv=None):
         return
     head = f"{'format':10s} {'streams':>7s} {'current ms':>11s}"
     if args.against_src:
-        head += f" {'against ms':>11s} {'against/current':>16s} {'same bits':>9s}"
+        head += f" {'against ms':>11s} {'against/current':>16s} {'same bits':>9s} {'paired (q1-q3)':>21s}"
     print(head + f" {'others CPU':>10s}")
     for fmt in args.formats:
         for B in args.batch:
@@ -231,7 +242,7 @@ def main(argv=None):
             if args.against_src:
                 ag = statistics.median(times["against"]) * 1e3
                 same = all(torch.equal(a, b) for a, b in zip(outs["current"], outs["against"]))
-                line += f" {ag:11.2f} {ag / cur:16.2f} {'yes' if same else 'no':>9s}"
+                line += f" {ag:11.2f} {ag / cur:16.2f} {'yes' if same else 'no':>9s} {paired(times):>21s}"
             print(line + (f" {others:9.1f}%" if others is not None else f" {'-':>10s}"), flush=True)
             del calls
 

@@ -649,6 +649,17 @@ def test_products_alternates_two_kernel_sources_and_compares_their_bits():
         cur, ag, ratio = float(row[2]), float(row[3]), float(row[4])
         rounding = 0.005 + ratio * (0.005 / cur + 0.005 / ag)             # the ms columns have 2 decimals
         assert abs(ratio - ag / cur) <= rounding + 1e-9, row
+        mid, (q1, q3) = float(row[6]), map(float, row[7].strip("()").split("-"))
+        assert 0 < q1 <= mid <= q3, row                              # the rounds' own ratios and quartiles
+
+
+def test_products_paired_ratio_is_the_median_of_the_rounds_own_ratios():
+    from bench.products import paired
+    # round ratios 1.1, 0.9, 1.3, 1.0, 1.2: median 1.1; quartiles (inclusive) 1.0 and 1.2. The ratio of
+    # the medians (1.1 / 1.0 here) can differ from it: a slow round moves both halves of its pair.
+    times = {"current": [1.0, 2.0, 1.0, 3.0, 1.0], "against": [1.1, 1.8, 1.3, 3.0, 1.2]}
+    assert paired(times) == "1.100 (1.000-1.200)"
+    assert paired({"current": [2.0], "against": [3.0]}) == "1.500 (1.500-1.500)"
 
 
 def test_products_builds_the_other_folder_with_its_own_headers(tmp_path):
