@@ -1,10 +1,12 @@
 """What every `python -m bench.<name>` command shares: one-line argument errors, argument types that
 reject nonsense (0 tokens, negative timeouts), the top level that turns the project's own errors
 into one line and exit 2 (`command`, from `rwkv_engine.cli`), checking an output path before any
-work, atomic writes of JSON, text and figures (both through `rwkv_engine.files`), and number
-formatting. Nothing here imports another bench module."""
+work, atomic writes of JSON, text and figures (both through `rwkv_engine.files`), number
+formatting, and the paired ratio of two things timed round by round. Nothing here imports another
+bench module."""
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -95,3 +97,20 @@ def fmt_bytes(n):
 
 def fmt_params(n):
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"
+
+
+def paired_ratio(num, den):
+    """(median, q1, q3) of num[k] / den[k] over the rounds k (quartiles inclusive of the extremes).
+    Two things timed back to back within each round share that round's speed of the machine, so
+    their ratio round by round is steadier than the ratio of their medians on a machine whose speed
+    drifts over minutes (a VM beside other tenants)."""
+    ratios = [a / b for a, b in zip(num, den)]
+    if not ratios:
+        raise ValueError("paired_ratio: no rounds")
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return statistics.median(ratios), q1, q3
+
+
+def fmt_paired(r):
+    """paired_ratio's result as "1.031 (1.012-1.049)"."""
+    return f"{r[0]:.3f} ({r[1]:.3f}-{r[2]:.3f})"

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, positive_int,
-                       positive_int_list, write_json_atomic)
+from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, fmt_paired, paired_ratio,
+                       positive_int, positive_int_list, write_json_atomic)
 from bench.cpuload import OthersMeter, busy_warning
 
 
@@ -83,10 +83,11 @@ _MATRIX_PARTS = (("att_receptance", "att r"), ("att_key", "att k"), ("att_value"
                  ("ffn_receptance", "ffn r"), ("ffn_key", "ffn k"), ("ffn_value", "ffn v"), ("other", "head"))
 
 
-def profile_rounds(models, B, steps, repeats, kernels=None):
+def profile_rounds(models, B, steps, repeats, kernels=None, round_walls=None):
     """models: {name: model}; kernels: {name: CpuOps} for names whose rounds run on another kernel build
     (--against-src). Alternating rounds of `steps` decode steps per model (one warm-up round first);
-    -> ({name: (counters summed over the timed rounds, wall seconds, steps)}, {name: last logits})."""
+    -> ({name: (counters summed over the timed rounds, wall seconds, steps)}, {name: last logits}).
+    round_walls, a dict, gets {name: [wall seconds of each timed round]}."""
     from rwkv_kernels import cpu_c, profile
     ids = torch.randint(0, min(m.vocab_size for m in models.values()), (B, steps),
                         generator=torch.Generator().manual_seed(0))
@@ -107,6 +108,8 @@ def profile_rounds(models, B, steps, repeats, kernels=None):
                 profile.enable(False)
             if rnd == 0:
                 continue                                           # warm-up
+            if round_walls is not None:
+                round_walls.setdefault(name, []).append(dt)
             wall[name] += dt
             totals[name] = counts if totals[name] is None else _add_counts(totals[name], counts)
     return {name: (totals[name], wall[name], steps * repeats) for name in models}, logits
@@ -199,7 +202,8 @@ def profile_main(ap, args, model):
     elif args.against and args.against != fmt:
         fmts[args.against] = models.load(args.model, checkpoint=args.checkpoint, weights=args.against)
     others = OthersMeter().start()
-    results, logits = profile_rounds(fmts, args.batch, args.steps, args.repeats, kernels)
+    walls = {}
+    results, logits = profile_rounds(fmts, args.batch, args.steps, args.repeats, kernels, walls)
     load = others.stop()
     weights = "synthetic weights" if model.synthetic else str(model.source)
     out = {"model": args.model, "synthetic": bool(model.synthetic), "batch": args.batch, "threads": args.threads,
@@ -222,8 +226,10 @@ def profile_main(ap, args, model):
         print()
     if len(results) > 1:
         (a, ra), (b, rb) = list(out["formats"].items())[:2]
+        pair = paired_ratio(walls[b], walls[a])
+        out["step_ratio_paired"] = {"median": pair[0], "q1": pair[1], "q3": pair[2], "rounds": len(walls[a])}
         print(f"step time {b} / {a}: {rb['step_ms'] / ra['step_ms']:.3f}x ({a} {ra['tokens_per_s']:.1f} tok/s, "
-              f"{b} {rb['tokens_per_s']:.1f} tok/s)")
+              f"{b} {rb['tokens_per_s']:.1f} tok/s); round by round {fmt_paired(pair)} (median, quartiles)")
         if args.against_step or args.against_src:           # the same model and weights: the same bits expected
             same = torch.equal(logits[a], logits[b])
             out["same_logits"] = same

@@ -30,7 +30,14 @@ from pathlib import Path
 
 import torch
 
-from bench.cli import OneLineParser, command, positive_int, positive_int_list
+from bench.cli import (
+    OneLineParser,
+    command,
+    fmt_paired,
+    paired_ratio,
+    positive_int,
+    positive_int_list,
+)
 from bench.cpuload import OthersMeter
 
 FORMATS = ("float32", "float16", "bfloat16", "int8")
@@ -193,9 +200,7 @@ def time_rounds(libs, calls, B, threads, repeats):
 
 def paired(times):
     """The median of the rounds' against/current ratios and their quartiles, "1.031 (1.012-1.049)"."""
-    ratios = [a / c for a, c in zip(times["against"], times["current"])]
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-    return f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f})"
+    return fmt_paired(paired_ratio(times["against"], times["current"]))
 
 
 @command("bench.products")

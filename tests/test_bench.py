@@ -660,6 +660,9 @@ def test_products_paired_ratio_is_the_median_of_the_rounds_own_ratios():
     times = {"current": [1.0, 2.0, 1.0, 3.0, 1.0], "against": [1.1, 1.8, 1.3, 3.0, 1.2]}
     assert paired(times) == "1.100 (1.000-1.200)"
     assert paired({"current": [2.0], "against": [3.0]}) == "1.500 (1.500-1.500)"
+    from bench.cli import paired_ratio
+    with pytest.raises(ValueError):
+        paired_ratio([], [])
 
 
 def test_products_builds_the_other_folder_with_its_own_headers(tmp_path):

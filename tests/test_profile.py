@@ -109,7 +109,9 @@ def test_modes_profile_prints_and_writes_the_parts_of_the_step(tmp_path):
         assert parts["att k products"]["bytes_per_step"] == 2 * per_layer
         assert parts["activation quantisation"]["ms_per_step"] > 0 if fmt == "int8" else \
             parts["activation quantisation"]["ms_per_step"] == 0
-    assert re.search(r"step time float32 / int8: [\d.]+x", r.stdout), r.stdout
+    assert re.search(r"step time float32 / int8: [\d.]+x .*; round by round [\d.]+ \([\d.]+-[\d.]+\)", r.stdout), r.stdout
+    pair = data["step_ratio_paired"]                               # float32 / int8 round by round
+    assert pair["rounds"] == data["repeats"] and 0 < pair["q1"] <= pair["median"] <= pair["q3"]
     for fmt in ("int8", "float32"):
         assert re.search(rf"{fmt} weights, 2 stream\(s\).*\n.*\n(.*\n)*att k products\s+[\d.]+\s+[\d.]+%", r.stdout)
     bad = _cli("--model", "rwkv-4-tiny", "--profile", "--json", str(tmp_path))          # a directory
