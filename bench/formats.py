@@ -9,8 +9,10 @@ memory bandwidth, AVX-512 and VNNI or only AVX2) and on how many streams decode 
 format and each stream count in --batch, the format and float32 decode in one process with their rounds
 alternating (`bench.modes --profile`'s rounds: a warm-up round, then --repeats rounds of --steps decode
 steps each), so both see the same machine in the same minutes; the ratio is float32's step time over
-the format's. Absolute rates move between runs on a shared or virtual machine; the ratios within a row
-are what to compare. float32 stays loaded; each other format is loaded (quantised at load, or from a
+the format's. "round by round" is the median of the rounds' own ratios with their quartiles (the two
+formats run back to back within a round): the steadier figure where the machine's speed drifts.
+Absolute rates move between runs on a shared or virtual machine; the ratios within a row are what to
+compare. float32 stays loaded; each other format is loaded (quantised at load, or from a
 packed --checkpoint of its own format) in turn and dropped after its rows.
 
 Each row records the CPU share other processes took meanwhile (flagged above 5%). The table names the
@@ -23,8 +25,8 @@ import sys
 
 import torch
 
-from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, positive_int,
-                       positive_int_list, write_json_atomic)
+from bench.cli import (WEIGHT_FORMATS, OneLineParser, check_writable_file, command, fmt_paired, paired_ratio,
+                       positive_int, positive_int_list, write_json_atomic)
 from bench.cpuload import BUSY_PCT, OthersMeter, busy_warning
 
 BASE = "float32"
@@ -58,16 +60,19 @@ def build_parser():
 
 
 def measure(models_by_name, batch, steps, repeats):
-    """{format: model} (float32 and one other) -> ({format: tokens/s}, {format: weight bytes/step}, load)."""
+    """{format: model} (float32 and one other) -> ({format: tokens/s}, {format: weight bytes/step}, load,
+    the other format's speed over float32's round by round: (median, q1, q3))."""
     from bench.modes import profile_parts, profile_rounds
     others = OthersMeter().start()
-    results, _ = profile_rounds(models_by_name, batch, steps, repeats)
+    walls = {}
+    results, _ = profile_rounds(models_by_name, batch, steps, repeats, round_walls=walls)
     load = others.stop()
     rates, nbytes = {}, {}
     for fmt, (counts, wall_s, n) in results.items():
         _, step_ms, weight_bytes = profile_parts(counts, wall_s, n)
         rates[fmt], nbytes[fmt] = 1e3 * batch / step_ms, weight_bytes
-    return rates, nbytes, load
+    other = next(f for f in models_by_name if f != BASE)
+    return rates, nbytes, load, paired_ratio(walls[BASE], walls[other])
 
 
 def run(args):
@@ -84,9 +89,11 @@ def run(args):
     for fmt in fmts:
         model = models.load(args.model, checkpoint=args.checkpoint, weights=fmt)
         for B in args.batch:
-            rates, nbytes, load = measure({fmt: model, BASE: base}, B, args.steps, args.repeats)
+            rates, nbytes, load, pair = measure({fmt: model, BASE: base}, B, args.steps, args.repeats)
             row = {"format": fmt, "streams": B, "tokens_per_s": rates[fmt], "float32_tokens_per_s": rates[BASE],
-                   "ratio": rates[fmt] / rates[BASE], "weight_mb_per_step": nbytes[fmt] / 1e6,
+                   "ratio": rates[fmt] / rates[BASE],
+                   "ratio_rounds": {"median": pair[0], "q1": pair[1], "q3": pair[2]},
+                   "weight_mb_per_step": nbytes[fmt] / 1e6,
                    "others_cpu_pct": load["others_cpu_pct"], "busy": bool(busy_warning(load["others_cpu_pct"]))}
             out["rows"].append(row)
             print(line(row), flush=True)
@@ -104,11 +111,18 @@ def title(out):
             f"each format alternating with float32 ({out['repeats']} rounds of {out['steps']} steps)")
 
 
-COLUMNS = ("format", "streams", "tok/s", "float32 tok/s", "x float32", "weights MB/step", "others' CPU")
+COLUMNS = ("format", "streams", "tok/s", "float32 tok/s", "x float32", "round by round (q1-q3)", "weights MB/step",
+           "others' CPU")
 
 
 def header():
-    return f"{COLUMNS[0]:<12}{COLUMNS[1]:>8}{COLUMNS[2]:>10}{COLUMNS[3]:>15}{COLUMNS[4]:>11}{COLUMNS[5]:>17}{COLUMNS[6]:>13}"
+    return (f"{COLUMNS[0]:<12}{COLUMNS[1]:>8}{COLUMNS[2]:>10}{COLUMNS[3]:>15}{COLUMNS[4]:>11}{COLUMNS[5]:>24}"
+            f"{COLUMNS[6]:>17}{COLUMNS[7]:>13}")
+
+
+def _rounds(row):
+    r = row["ratio_rounds"]
+    return fmt_paired((r["median"], r["q1"], r["q3"]))
 
 
 def _others(row):
@@ -118,14 +132,14 @@ def _others(row):
 
 def line(row):
     return (f"{row['format']:<12}{row['streams']:>8}{row['tokens_per_s']:>10.1f}{row['float32_tokens_per_s']:>15.1f}"
-            f"{row['ratio']:>11.2f}{row['weight_mb_per_step']:>17.1f}{_others(row):>13}")
+            f"{row['ratio']:>11.2f}{_rounds(row):>24}{row['weight_mb_per_step']:>17.1f}{_others(row):>13}")
 
 
 def markdown(out):
     lines = [title(out), "", "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     for r in out["rows"]:
         lines.append(f"| {r['format']} | {r['streams']} | {r['tokens_per_s']:.1f} | {r['float32_tokens_per_s']:.1f} | "
-                     f"{r['ratio']:.2f} | {r['weight_mb_per_step']:.1f} | {_others(r)} |")
+                     f"{r['ratio']:.2f} | {_rounds(r)} | {r['weight_mb_per_step']:.1f} | {_others(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -616,6 +616,8 @@ def test_formats_table_alternates_each_format_with_float32(tmp_path):
     for row in data["rows"]:
         assert row["tokens_per_s"] > 0 and row["float32_tokens_per_s"] > 0 and row["weight_mb_per_step"] > 0
         assert abs(row["ratio"] - row["tokens_per_s"] / row["float32_tokens_per_s"]) < 1e-9
+        pair = row["ratio_rounds"]                                # one round: its own ratio, the same as the row's
+        assert pair["q1"] == pair["median"] == pair["q3"] == pytest.approx(row["ratio"], rel=1e-9)
     assert "synthetic weights" in r.stdout.splitlines()[0] and "synthetic weights" in md.read_text()
     table = [line.split() for line in r.stdout.splitlines() if line.split() and line.split()[0] in ("int8", "q4_k")]
     assert len(table) == 4 and all(abs(float(t[4]) - row["ratio"]) < 0.006 for t, row in zip(table, data["rows"]))
