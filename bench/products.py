@@ -30,14 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cli import (
-    OneLineParser,
-    command,
-    fmt_paired,
-    paired_ratio,
-    positive_int,
-    positive_int_list,
-)
+from bench.cli import OneLineParser, command, fmt_paired, paired_ratio, positive_int, positive_int_list
 from bench.cpuload import OthersMeter
 
 FORMATS = ("float32", "float16", "bfloat16", "int8")

@@ -232,7 +232,7 @@ static inline float hsum8_fixed(__m256 v) {
 }
 
 /* hsum8_fixed of 8 vectors at once, into out[0..7]: the same additions in the same order for each
- * (u = lo + hi, then (u0 + u2) + (u1 + u3)), done on the 8 side by side, so 31 shuffles and adds
+ * (u = lo + hi, then (u0 + u2) + (u1 + u3)), done on the 8 side by side, so 22 shuffles and adds
  * instead of 48 and 8 scalar stores. */
 static inline void hsum8_fixed_x8(const __m256 v[8], float *out) {
     __m256 u[4], z[2];
