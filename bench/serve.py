@@ -19,6 +19,11 @@ each request generates exactly M tokens) and the benchmark reports:
     processes, and in a VM the hypervisor's steal) as a share of the machine; above 5% the phase is
     flagged, as its numbers are not quiet-machine numbers. --wait-quiet S waits (at most S seconds)
     before each phase for the machine to be quiet.
+  * what the server's scheduler thread did in the phase, from its own /metrics counters: decode steps,
+    mean streams per step, mean ms per decode forward (to set beside the library's step at that batch:
+    `bench.modes --profile --batch N`), and the shares of the phase's wall time in decode forwards,
+    prompt-chunk forwards and the output step (sampling, stop checks, text, events); the rest is the
+    thread waiting for work (between a client's requests, the phase's ramp and tail) and its bookkeeping.
   * "clients %": the load-generating clients' own CPU time (this process) as a share of the machine.
     They run on the server's cores, so on a small machine they take time the server would have: a
     client on another machine would not.
@@ -203,13 +208,43 @@ def cpu_seconds(server_pid):
     return server.user + server.system, me.user + me.system
 
 
+SERVER_COUNTERS = {"prefix_cache_bytes": "rwkv_prefix_cache_bytes",
+                   "decode_s": "rwkv_decode_forward_seconds_total",
+                   "prefill_s": "rwkv_prefill_forward_seconds_total",
+                   "output_s": "rwkv_output_seconds_total",
+                   "decode_steps": "rwkv_decode_batch_size_count",
+                   "decode_rows": "rwkv_decode_batch_size_sum"}
+
+
+def server_counters(url):
+    """The server's own counts from its /metrics: the bytes in its prefix-state cache, and the wall
+    seconds its scheduler thread spent so far in decode forwards, prompt-chunk forwards and the output
+    step (sampling, the streams' loops), with its decode steps and the streams they stepped."""
+    import httpx
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    missing = [m for m in SERVER_COUNTERS.values() if m not in values]
+    if missing:
+        raise RuntimeError(f"the server's /metrics has no {', '.join(missing)}")
+    return {k: float(values[m]) for k, m in SERVER_COUNTERS.items()}
+
+
 def prefix_cache_bytes(url):
     """The server's own count of bytes in its prefix-state cache (`rwkv_prefix_cache_bytes` of /metrics)."""
-    import httpx
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith("rwkv_prefix_cache_bytes "):
-            return int(float(line.split()[1]))
-    raise RuntimeError("the server's /metrics has no rwkv_prefix_cache_bytes")
+    return int(server_counters(url)["prefix_cache_bytes"])
+
+
+def server_time(before, after, wall_s):
+    """What the server's scheduler did over a phase, from its counters before and after: decode steps,
+    mean streams per step, mean ms per decode forward, and the shares of the phase's wall time spent in
+    decode forwards, prompt-chunk forwards and the output step (the rest: waiting for requests, HTTP)."""
+    d = {k: after[k] - before[k] for k in SERVER_COUNTERS if k != "prefix_cache_bytes"}
+    steps = d["decode_steps"]
+    return {"decode_steps": int(steps), "streams_per_step": d["decode_rows"] / steps if steps else None,
+            "step_ms": 1000 * d["decode_s"] / steps if steps else None,
+            **{f"{k[:-2]}_pct": 100 * d[k] / wall_s for k in ("decode_s", "prefill_s", "output_s")}}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -225,7 +260,23 @@ def table(result):
                     f"{p['peak_rss_bytes'] / 2**20:>13.0f} {(p['peak_rss_bytes'] - result['idle_rss_bytes']) / 2**20:>11.1f} "
                     f"{p['prefix_cache_bytes'] / 2**20:>17.1f} {_pct(p.get('others_cpu_pct')):>9} "
                     f"{_pct(p.get('clients_cpu_pct')):>10}")
+    timed = [p for p in result["phases"] if p.get("server_time")]
+    if timed:
+        rows.append(f"the server's scheduler thread, per phase (its /metrics): {'N':>4} {'decode steps':>13} "
+                    f"{'streams/step':>13} {'ms/step':>8} {'decode %':>9} {'prompts %':>10} {'output %':>9} "
+                    f"{'rest %':>7}")
+        pad = " " * len("the server's scheduler thread, per phase (its /metrics): ")
+        for p in timed:
+            t = p["server_time"]
+            rest = 100 - t["decode_pct"] - t["prefill_pct"] - t["output_pct"]
+            rows.append(f"{pad}{p['clients']:>4} {t['decode_steps']:>13} {_num(t['streams_per_step'], 1):>13} "
+                        f"{_num(t['step_ms'], 2):>8} {t['decode_pct']:>9.1f} {t['prefill_pct']:>10.1f} "
+                        f"{t['output_pct']:>9.1f} {rest:>7.1f}")
     return "\n".join(rows)
+
+
+def _num(x, digits):
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _pct(x):
@@ -409,6 +460,7 @@ def measure_phase(server, rss, args, n, first_request=0):
             print(f"  machine still busy after --wait-quiet {args.wait_quiet:.0f} s ({pct:.0f}% others): "
                   "running", flush=True)
     rss.reset()
+    counters0 = server_counters(server.url)
     cpu0, busy0 = cpu_seconds(server.proc.pid), read_proc_stat()
     p = asyncio.run(phase(server.url, args.model, n, args.requests_per_client, args.max_tokens, first_request))
     p["peak_rss_bytes"] = rss.read()
@@ -420,7 +472,9 @@ def measure_phase(server, rss, args, n, first_request=0):
     p["clients_cpu_pct"] = 100 * p["client_cpu_s"] / (p["wall_s"] * n_cpus())
     if busy_warning(p["others_cpu_pct"]):
         print(f"  N={n}: {busy_warning(p['others_cpu_pct'])}", flush=True)
-    p["prefix_cache_bytes"] = prefix_cache_bytes(server.url)
+    counters1 = server_counters(server.url)
+    p["prefix_cache_bytes"] = int(counters1["prefix_cache_bytes"])
+    p["server_time"] = server_time(counters0, counters1, p["wall_s"])
     return p
 
 

@@ -36,10 +36,31 @@ def test_bench_serve_smoke(tmp_path):
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert "aggregate tok/s" in r.stdout and "others %" in r.stdout and "server N=1 per-stream / library decode" in r.stdout
     assert "clients %" in r.stdout
+    # the server's own account of its scheduler thread, per phase (read from its /metrics around the phase)
+    for p in result["phases"]:
+        t, n = p["server_time"], p["clients"]
+        assert t["decode_steps"] >= 3 * p["requests"] // n        # 4 tokens: the first from the prompt's logits
+        assert 1 <= t["streams_per_step"] <= n and t["step_ms"] > 0
+        assert t["decode_pct"] > 0 and t["prefill_pct"] > 0 and t["output_pct"] > 0
+        assert t["decode_pct"] + t["prefill_pct"] + t["output_pct"] <= 100
+    assert "the server's scheduler thread, per phase" in r.stdout
     # the run says its weights are synthetic (JSON, the line above the table, the figure's title) and names the CPU
     assert result["synthetic"] is True and result["provenance"] == "synthetic"
     assert result["device_name"] and result["kernels"] in ("avx2", "avx512", None)
     assert "rwkv-4-tiny, float32, synthetic weights (the release's shapes); cpu: " + result["device_name"] in r.stdout
+
+
+def test_server_time_is_the_counters_difference_over_the_phase():
+    from bench.serve import server_time
+    before = {"prefix_cache_bytes": 0, "decode_s": 10.0, "prefill_s": 2.0, "output_s": 1.0,
+              "decode_steps": 100, "decode_rows": 400}
+    after = {"prefix_cache_bytes": 9, "decode_s": 14.0, "prefill_s": 2.5, "output_s": 1.25,
+             "decode_steps": 300, "decode_rows": 3400}
+    t = server_time(before, after, wall_s=5.0)
+    assert t == {"decode_steps": 200, "streams_per_step": 15.0, "step_ms": 20.0,
+                 "decode_pct": 80.0, "prefill_pct": 10.0, "output_pct": 5.0}
+    idle = server_time(before, before, wall_s=5.0)
+    assert idle["decode_steps"] == 0 and idle["streams_per_step"] is None and idle["step_ms"] is None
 
 
 def test_bench_serve_weights_line_names_real_weights_and_never_says_synthetic():

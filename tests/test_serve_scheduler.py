@@ -1,6 +1,7 @@
 """The serving scheduler and prefix cache in-process (no HTTP): batch invariance of logits and
 tokens, prefix-cache hits equal to cold runs, load-independent prompt chunking, failures."""
 import threading
+import time
 
 import pytest
 import torch
@@ -120,6 +121,35 @@ def test_same_tokens_and_logits_alone_or_among_15_others(scheduler_factory, samp
     hist = s.metrics.registry.get_sample_value("rwkv_decode_batch_size_bucket", {"le": "8.0"})
     total = s.metrics.registry.get_sample_value("rwkv_decode_batch_size_count")
     assert total > hist, "no decode step ran with more than 8 streams"
+
+
+class Slowed(Recorder):
+    """The model, each decode forward (T = 1) taking 15 ms more and each prompt chunk's 40 ms more."""
+
+    def forward(self, tokens, state):
+        time.sleep(0.015 if tokens.shape[1] == 1 else 0.040)
+        return super().forward(tokens, state)
+
+
+def test_metrics_split_the_scheduler_time_into_decode_prompts_and_output(scheduler_factory, tiny_model):
+    """rwkv_decode_forward_seconds, rwkv_prefill_forward_seconds and rwkv_output_seconds sum the wall
+    time of each part: at least the known delay of every forward of that kind, and together no more
+    than the run's wall time."""
+    model = Slowed(tiny_model)
+    s = scheduler_factory(model=model, max_batch=4, chunk=16)
+    t0 = time.perf_counter()
+    run(s, [job(p, max_tokens=6, seed=k) for k, p in enumerate(prompts(3, lengths=(20, 30)))])
+    wall = time.perf_counter() - t0
+    get = s.metrics.registry.get_sample_value
+    decode, prefill, output = (get(f"rwkv_{name}_total") for name in
+                               ("decode_forward_seconds", "prefill_forward_seconds", "output_seconds"))
+    n_decode = sum(1 for shape in model.calls if shape[1] == 1)
+    n_prefill = sum(1 for shape in model.calls if shape[1] > 1)
+    assert n_decode == get("rwkv_decode_batch_size_count") and n_decode >= 5 and n_prefill >= 2
+    assert decode >= 0.015 * n_decode and prefill >= 0.040 * n_prefill
+    assert decode < 0.015 * n_decode + 0.5 * wall, "the decode time holds more than its forwards"
+    assert 0 < output < decode
+    assert decode + prefill + output <= wall
 
 
 def test_rows_are_sampled_together_only_where_the_dispatch_table_says(scheduler_factory, monkeypatch):

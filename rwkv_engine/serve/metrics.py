@@ -29,6 +29,14 @@ class Metrics:
         self.cache_misses = Counter("rwkv_prefix_cache_misses", "Prompts that found no cached state",
                                     registry=r)
         self.cache_bytes = Gauge("rwkv_prefix_cache_bytes", "Bytes held by the prefix-state cache", registry=r)
+        # where the scheduler thread's time goes (wall seconds of each part, summed; on a GPU a forward's
+        # part ends once its kernels are queued, and the sampling that reads the logits waits for them)
+        self.decode_seconds = Counter("rwkv_decode_forward_seconds", "Wall seconds in the decode steps' "
+                                      "batched forwards", registry=r)
+        self.prefill_seconds = Counter("rwkv_prefill_forward_seconds", "Wall seconds in the prompt chunks' "
+                                       "forwards", registry=r)
+        self.output_seconds = Counter("rwkv_output_seconds", "Wall seconds sampling the decode steps' rows and "
+                                      "applying each stream's loop (stop, text, events)", registry=r)
         self.ttft = Histogram("rwkv_time_to_first_token_seconds", "Submission to first token",
                               buckets=TTFT_BUCKETS, registry=r)
 

@@ -320,7 +320,9 @@ class Scheduler:
         group, length = self.planner.chunk_group(self.prefilling)
         if not group:
             return
+        t0 = time.perf_counter()
         logits = self._guarded("prefill", lambda: self.executor.run_chunks(group, length), jobs=group)
+        self.metrics.prefill_seconds.inc(time.perf_counter() - t0)
         if logits is FAILED:
             return
         for i, job in enumerate(group):
@@ -346,10 +348,14 @@ class Scheduler:
         self._retire()
         if not self.decoding:
             return
+        t0 = time.perf_counter()
         logits = self.executor.decode([s.next_token for s in self.decoding], self.batch_state)
+        t1 = time.perf_counter()
+        self.metrics.decode_seconds.inc(t1 - t0)
         self.metrics.batch_size.set(len(self.decoding))
         self.metrics.decode_batch.observe(len(self.decoding))
         self._sample_rows(logits)
+        self.metrics.output_seconds.inc(time.perf_counter() - t1)
 
     # -- 3. output: sample, apply each stream's loop, emit, retire ----------------------------
     def _start_streams(self, job):
