@@ -152,6 +152,50 @@ def test_metrics_split_the_scheduler_time_into_decode_prompts_and_output(schedul
     assert decode + prefill + output <= wall
 
 
+def test_hand_off_gets_each_steps_events_in_one_call_and_the_same_tokens(scheduler_factory):
+    """With hand_off set, the events of each step arrive in one call (every decoding stream's token of a
+    decode step together), in the order the streams emitted them; the tokens are those of per-event
+    emits."""
+    jobs = lambda: [job(p, max_tokens=10, seed=k) for k, p in enumerate(prompts(4))]
+    plain, _ = run(scheduler_factory(max_batch=4), jobs())
+    s = scheduler_factory(max_batch=4)
+    batches = []
+
+    def hand_off(batch):
+        batches.append([(j, e.index, e.token) for j, e in batch])
+        for j, e in batch:
+            j.emit(e)
+    s.hand_off = hand_off
+    handed, _ = run(s, jobs())
+    assert handed == plain
+    assert max(len({id(j) for j, _, _ in b}) for b in batches) == 4, "no step handed over all 4 streams' events"
+    assert len(batches) < sum(len(b) for b in batches) / 2        # per-event emits: one call each
+
+
+def test_api_hand_off_wakes_each_event_loop_once_per_batch():
+    from rwkv_engine.serve.api import hand_off
+    from rwkv_engine.serve.scheduler import Event
+
+    class Loop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.calls.append((fn, args))
+
+    loop_a, loop_b, got, direct = Loop(), Loop(), [], []
+    a, b, c, other = (job([1, 2]) for _ in range(4))
+    a.deliver, b.deliver, c.deliver = (loop_a, got.append), (loop_a, got.append), (loop_b, got.append)
+    other.emit = direct.append
+    events = [Event(0, "x", 5), Event(0, "y", 6), Event(0, "z", 7), Event(0, "w", 8), Event(0, "v", 9)]
+    hand_off([(a, events[0]), (b, events[1]), (other, events[2]), (a, events[3]), (c, events[4])])
+    assert len(loop_a.calls) == 1 and len(loop_b.calls) == 1 and direct == [events[2]]
+    for loop in (loop_a, loop_b):
+        fn, args = loop.calls[0]
+        fn(*args)
+    assert got == [events[0], events[1], events[3], events[4]]
+
+
 def test_rows_are_sampled_together_only_where_the_dispatch_table_says(scheduler_factory, monkeypatch):
     """The scheduler asks rwkv_kernels.sample_rows_serves (the table's answer) whether temperature-alone
     rows go to one sample_rows call; where the table has no kernel for the logits, each row is sampled

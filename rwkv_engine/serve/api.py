@@ -8,6 +8,7 @@ the scheduler and turns the scheduler's events into responses. Errors use OpenAI
 """
 import asyncio
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -24,6 +25,8 @@ from starlette.requests import ClientDisconnect
 
 from ..sampling import MIN_TEMPERATURE, SamplingParams
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+
+log = logging.getLogger("rwkv_engine.serve")
 
 CHAT_STOP = ("\n\nUser:", "\n\nSystem:")
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -434,10 +437,38 @@ async def watch_disconnect(request: Request, job: Job, scheduler: Scheduler):
             return
 
 
+def hand_off(batch):
+    """The scheduler's hand-off of one step's events [(job, event)]: one call_soon_threadsafe per event
+    loop for the whole batch (one wake-up of the loop after the step's sampling, where one per event
+    woke it 16 times a step at 16 streams, each time contending with the scheduler thread for the GIL);
+    a job from elsewhere (no loop of ours) gets its emit as before."""
+    by_loop = {}
+    for job, event in batch:
+        target = getattr(job, "deliver", None)
+        if target is None:
+            try:
+                job.emit(event)
+            except Exception:                             # noqa: BLE001 - as the scheduler's _emit
+                log.debug("emit failed", exc_info=True)
+        else:
+            by_loop.setdefault(target[0], []).append((target[1], event))
+    for loop, puts in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, puts)
+        except RuntimeError:                              # the loop is closed: its clients are gone
+            log.debug("hand-off to a closed loop", exc_info=True)
+
+
+def _put_all(puts):
+    for put, event in puts:
+        put(event)
+
+
 def submit(scheduler, job):
     """Queue `job` and return the asyncio queue its events arrive on."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    job.deliver = (loop, events.put_nowait)               # what hand_off uses: the queue, on its loop
     try:
         scheduler.submit(job)
     except QueueFull as e:
@@ -505,6 +536,7 @@ def create_app(scheduler: Scheduler, model_name, limits: Limits = None, on_ready
     """The FastAPI app serving `scheduler`'s model under `model_name`. The scheduler is started on
     startup and stopped (in-flight requests cancelled, thread joined) on shutdown."""
     limits = limits or Limits()
+    scheduler.hand_off = hand_off
     app = FastAPI(title="rwkv_engine", lifespan=lifespan(scheduler, on_ready))
     add_error_handlers(app, scheduler.metrics)
     add_generation_routes(app, scheduler, model_name, limits)

@@ -211,6 +211,12 @@ class Scheduler:
         self.batch_state: Optional[State] = None       # rows in the order of self.decoding
         self._cond = threading.Condition()
         self._held = None               # events held back while streams join the batch
+        # hand_off(batch): where set, the events of each prefill step and each decode step are collected
+        # ([(job, event)], in order) and handed over in one call once the step's sampling is done, not
+        # by one job.emit per event; the server hands them to its event loop in one wake-up, so that
+        # loop does not contend for the GIL with the step's output work (see serve.api.hand_off)
+        self.hand_off: Optional[Callable[[list], None]] = None
+        self._outbox = None             # the step's events while hand_off collects them
         self._stopping = self._closed = self._cancel_requested = False
         self._drain_timer = None
         self._thread = threading.Thread(target=self._run, name="rwkv-scheduler", daemon=True)
@@ -288,11 +294,26 @@ class Scheduler:
                     for job in list(self.waiting) + self.prefilling + [s.job for s in self.decoding]:
                         job.cancel()
                 self._admit()
+            self._collect()
             self._guarded("prefill step", self._prefill_step, jobs=lambda: self.prefilling)
+            self._collect()                                  # the first tokens go out before the decode step
             self._guarded("decode step", self._decode_step, streams=lambda: self.decoding)
             if self._guarded("retiring", self._retire, streams=lambda: self.decoding) is FAILED:
                 self.decoding, self.batch_state = [], None          # their rows cannot be taken out
+            self._collect(last=True)
+        self._collect()
         self._cancel_all()
+        self._collect(last=True)
+
+    def _collect(self, last=False):
+        """Hand the events collected so far over in one call (where hand_off is set), and collect the
+        next step's unless `last`."""
+        batch, self._outbox = self._outbox, (None if last or self.hand_off is None else [])
+        if batch:
+            try:
+                self.hand_off(batch)
+            except Exception:                             # noqa: BLE001 - as a failed emit: never stop the loop
+                log.debug("hand-off failed", exc_info=True)
 
     def _admit(self):
         """Drop cancelled waiting jobs; move waiting jobs into prefill while slots are free."""
@@ -523,6 +544,9 @@ class Scheduler:
     def _emit(self, job, event):
         if self._held is not None:                        # see _start_streams
             self._held.append((job, event))
+            return
+        if self._outbox is not None:                      # see hand_off
+            self._outbox.append((job, event))
             return
         try:
             job.emit(event)
