@@ -216,7 +216,7 @@ class Scheduler:
         # by one job.emit per event; the server hands them to its event loop in one wake-up, so that
         # loop does not contend for the GIL with the step's output work (see serve.api.hand_off)
         self.hand_off: Optional[Callable[[list], None]] = None
-        self._outbox = None             # the step's events while hand_off collects them
+        self._outbox = []               # the step's events, collected where hand_off is set
         self._stopping = self._closed = self._cancel_requested = False
         self._drain_timer = None
         self._thread = threading.Thread(target=self._run, name="rwkv-scheduler", daemon=True)
@@ -294,22 +294,19 @@ class Scheduler:
                     for job in list(self.waiting) + self.prefilling + [s.job for s in self.decoding]:
                         job.cancel()
                 self._admit()
-            self._collect()
             self._guarded("prefill step", self._prefill_step, jobs=lambda: self.prefilling)
-            self._collect()                                  # the first tokens go out before the decode step
+            self._hand_off()                                 # the first tokens go out before the decode step
             self._guarded("decode step", self._decode_step, streams=lambda: self.decoding)
             if self._guarded("retiring", self._retire, streams=lambda: self.decoding) is FAILED:
                 self.decoding, self.batch_state = [], None          # their rows cannot be taken out
-            self._collect(last=True)
-        self._collect()
+            self._hand_off()
         self._cancel_all()
-        self._collect(last=True)
+        self._hand_off()
 
-    def _collect(self, last=False):
-        """Hand the events collected so far over in one call (where hand_off is set), and collect the
-        next step's unless `last`."""
-        batch, self._outbox = self._outbox, (None if last or self.hand_off is None else [])
-        if batch:
+    def _hand_off(self):
+        """The events collected since the last hand-off, to hand_off in one call."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
             try:
                 self.hand_off(batch)
             except Exception:                             # noqa: BLE001 - as a failed emit: never stop the loop
@@ -545,7 +542,7 @@ class Scheduler:
         if self._held is not None:                        # see _start_streams
             self._held.append((job, event))
             return
-        if self._outbox is not None:                      # see hand_off
+        if self.hand_off is not None:                     # collected, handed off after the step
             self._outbox.append((job, event))
             return
         try:
