@@ -126,21 +126,14 @@ def per_shape(args, libs, groups, g):
 
 
 def _library(source, isa):
-    """The build of `source` for `isa`, configured as cpu_c configures its own (vendor settings that the
-    source has; an older source may lack some)."""
+    """The build of `source` for `isa`, with the loop settings of this code's own build of `isa`
+    (cpu_c.copy_loop_settings: an older source may lack some)."""
     from rwkv_kernels import cpu_c
     lib = cpu_c.build(str(source), isa)
     lib.qmatvec_group.argtypes = [cpu_c.I64, ctypes.POINTER(cpu_c.I64), ctypes.POINTER(cpu_c.VP)] + [cpu_c.I64] * 3
     lib.qmatvec_group.restype = cpu_c.I64
-    vendor = cpu_c.cpu_vendor()
-    for name, value in (("set_q8_rows", (cpu_c.int8_rows(vendor),)), ("set_wide16", cpu_c.wide16(vendor)),
-                        ("set_f32_pf", (cpu_c.f32_prefetch(vendor),))):
-        try:
-            fn = getattr(lib, name)
-        except AttributeError:
-            continue
-        fn.argtypes = [cpu_c.I64] * len(value)
-        fn(*value)
+    lib.isa_level.restype = ctypes.c_int
+    cpu_c.copy_loop_settings(cpu_c.ops(isa).lib, lib)
     return lib
 
 

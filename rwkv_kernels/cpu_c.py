@@ -57,44 +57,6 @@ def cpu_features():
     return set()
 
 
-def cpu_vendor():
-    """The CPU's vendor_id from /proc/cpuinfo ('AuthenticAMD', 'GenuineIntel'), or '' where unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
-def int8_rows(vendor):
-    """Rows the 512-bit int8 decode loop walks at once on this vendor's CPUs (quant_ops.h's set_q8_rows;
-    the bits are the same either way): one row at a time on AMD (Zen 4: 1.2-1.4x faster), four on the
-    others (Sapphire Rapids, where four were measured)."""
-    return 1 if vendor == "AuthenticAMD" else 4
-
-
-def wide16(vendor):
-    """(rows shorter than this many bytes walked one at a time, software prefetch bytes) of the 512-bit
-    16-bit decode loop on this vendor's CPUs (quant_ops.h's set_wide16; the bits are the same either
-    way): on AMD one row for rows under 8 KB, four for longer ones, prefetching 8 KB ahead into L2 (Zen 4,
-    169m bfloat16: one row without prefetch took it from 1.25-1.32x float32 to 1.98x; the prefetch into L2
-    leaves one stream as it was and makes the several-stream tiles 1.3-1.5x faster: 169m's products at 4
-    streams 17.7 -> 11.6 ms); four rows prefetching 2 KB ahead on the others (Sapphire Rapids, where that
-    was measured best, into L1 at the time)."""
-    return (8192, 8192) if vendor == "AuthenticAMD" else (0, 2048)
-
-
-def f32_prefetch(vendor):
-    """Bytes ahead that the 512-bit build's float32 products below 4 streams prefetch each row into L2 on this
-    vendor's CPUs (quant_ops.h's set_f32_pf; the bits are the same either way): 8 KB on AMD (Zen 4, 169m's
-    products at 1 stream 1.14x, 3 streams 1.15x faster; 1b5's 1.02-1.03x); none elsewhere, as measured on
-    the Sapphire Rapids before it existed."""
-    return 8192 if vendor == "AuthenticAMD" else 0
-
-
 def supported_isas(features=None):
     """ISA levels this CPU runs, best first."""
     features = cpu_features() if features is None else set(features)
@@ -190,12 +152,8 @@ class CpuOps:
         lib.set_wide16.argtypes = [_I64, _I64]
         lib.get_wide16_one_row_below.restype = _I64
         lib.get_wide16_pf.restype = _I64
-        vendor = cpu_vendor()
-        lib.set_q8_rows(int8_rows(vendor))
-        lib.set_wide16(*wide16(vendor))
         lib.set_f32_pf.argtypes = [_I64]
         lib.get_f32_pf.restype = _I64
-        lib.set_f32_pf(f32_prefetch(vendor))
         lib.matvec_group.argtypes = [_I64, _P(_VP), _P(_VP), _P(_VP), _P(_I64), _P(_I64), _I64, _I64, _I64]
         lib.matvec_group.restype = _I64
         lib.matvec_max_group.restype = _I64
@@ -342,11 +300,40 @@ def ops(isa=None):
     return result
 
 
+# The 512-bit loops' run-time settings (quant_ops.h: rows walked at once, prefetch distances; the bits do not
+# depend on them): each setter and the getters that read its arguments back.
+LOOP_SETTINGS = {"set_q8_rows": ("get_q8_rows",),
+                 "set_wide16": ("get_wide16_one_row_below", "get_wide16_pf"),
+                 "set_f32_pf": ("get_f32_pf",)}
+
+
+def copy_loop_settings(src, dst):
+    """Give the library `dst` (another build, e.g. an older commit's) the loop settings `src` runs with,
+    where both are 512-bit builds and `dst` has the setter (an older source may lack some), so that an A/B
+    of the two times their code, not their settings."""
+    if src.isa_level() != 512 or dst.isa_level() != 512:
+        return
+    for setter, getters in LOOP_SETTINGS.items():
+        if not hasattr(dst, setter):
+            continue
+        values = []
+        for name in getters:
+            get = getattr(src, name)
+            get.restype = _I64
+            values.append(get())
+        fn = getattr(dst, setter)
+        fn.argtypes = [_I64] * len(values)
+        fn(*values)
+
+
 def other_build(source, isa=None):
     """CpuOps of another kernel source file (e.g. an older commit's cpu_ops.c), built for `isa` (default:
-    the default build's level) and configured like the default build: for A/B harnesses (bench.modes
-    --against-src), which route calls to it with `routed`."""
-    return CpuOps(build(str(source), isa or ops().isa), isa or ops().isa)
+    the default build's level) and given the default build's loop settings (copy_loop_settings): for A/B
+    harnesses (bench.modes --against-src), which route calls to it with `routed`."""
+    isa = isa or ops().isa
+    other = CpuOps(build(str(source), isa), isa)
+    copy_loop_settings(ops(isa).lib, other.lib)
+    return other
 
 
 @contextmanager

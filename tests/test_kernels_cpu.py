@@ -227,3 +227,44 @@ def test_routed_sends_default_calls_to_another_build_and_restores_the_default(op
             assert cpu_c.ops() is other
             raise RuntimeError("inside")
     assert cpu_c.ops() is default
+
+
+@pytest.mark.skipif("avx512" not in ISAS_HERE, reason="the loop settings exist in the 512-bit build only")
+def test_another_sources_build_runs_with_this_builds_loop_settings(tmp_path):
+    """cpu_c.other_build (bench.modes --against-src; bench.products uses the same copy): the other source's
+    512-bit build gets the loop settings this code's build runs with, not the defaults written in its
+    own source, so an A/B of two sources times their code, not their settings."""
+    import shutil
+    src = tmp_path / "csrc"
+    shutil.copytree(cpu_c.CSRC, src)
+    header = src / "quant_ops.h"
+    text = header.read_text()
+    for old, new in (("static int q8_rows_wide = 1;", "static int q8_rows_wide = 4;"),
+                     ("static int64_t one_row16_below = 8192;", "static int64_t one_row16_below = 0;"),
+                     ("static int64_t pf16_wide = 8192;", "static int64_t pf16_wide = 0;"),
+                     ("static int64_t pf32_wide = 8192;", "static int64_t pf32_wide = 0;")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    header.write_text(text)
+    def settings(lib):
+        for name in ("get_q8_rows", "get_wide16_one_row_below", "get_wide16_pf", "get_f32_pf"):
+            getattr(lib, name).restype = cpu_c.I64
+        return lib.get_q8_rows(), lib.get_wide16_one_row_below(), lib.get_wide16_pf(), lib.get_f32_pf()
+
+    raw = cpu_c.build(str(src / "cpu_ops.c"), "avx512")
+    assert settings(raw) == (4, 0, 0, 0)                      # the copy's own defaults, before any copy
+    lib = cpu_c.ops("avx512").lib
+    before = settings(lib)
+    assert before == (1, 8192, 8192, 8192)
+    try:
+        lib.set_q8_rows(4)
+        lib.set_wide16(1 << 20, 4096)
+        lib.set_f32_pf(2048)
+        other = cpu_c.other_build(src / "cpu_ops.c", "avx512").lib
+        assert other is not lib
+        assert settings(other) == (4, 1 << 20, 4096, 2048)
+    finally:
+        lib.set_q8_rows(before[0])
+        lib.set_wide16(*before[1:3])
+        lib.set_f32_pf(before[3])
+    assert settings(lib) == before

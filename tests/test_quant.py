@@ -232,13 +232,13 @@ def test_int8_weights_of_minus_128_are_exact_in_every_build_and_batch(O, I):
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
 def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
-    """The 512-bit int8 single-stream loop walks 1 row at a time on AMD and 4 elsewhere (cpu_c.int8_rows):
-    the float order per row is the same, so each stream's outputs alone are bitwise the same either way,
-    and the same as in a batch (the stream tiles); on AVX2 the setting is ignored."""
+    """The 512-bit int8 single-stream loop walks 1 row at a time on every CPU (quant_ops.h's default;
+    set_q8_rows(4) walks 4): the float order per row is the same, so each stream's outputs alone are
+    bitwise the same either way, and the same as in a batch (the stream tiles); on AVX2 the setting is
+    ignored."""
     from rwkv_kernels import cpu_c
-    assert cpu_c.int8_rows("AuthenticAMD") == 1 and cpu_c.int8_rows("GenuineIntel") == 4
     lib = cpu_c.ops(isa).lib
-    assert lib.get_q8_rows() == (cpu_c.int8_rows(cpu_c.cpu_vendor()) if isa == "avx512" else 1)
+    assert lib.get_q8_rows() == 1
     x, w = _data(5, 131, 1000, seed=4)
     packed = quant.pack(w, "int8")
     before = lib.get_q8_rows()
@@ -259,15 +259,14 @@ def test_int8_one_row_and_four_row_loops_give_the_same_bits(isa):
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
 def test_float32_row_prefetch_setting_gives_the_same_bits(isa):
-    """The 512-bit build's float32 products below 4 streams prefetch each row 8 KB ahead on AMD and not
-    at all elsewhere (cpu_c.f32_prefetch); with or without, every stream's bits are the same, alone or
-    with others (B from 1 to 5: below and past the 4 streams where the prefetch stops)."""
+    """The 512-bit build's float32 products below 4 streams prefetch each row 8 KB ahead on every CPU
+    (quant_ops.h's default; set_f32_pf changes it); with or without, every stream's bits are the same,
+    alone or with others (B from 1 to 5: below and past the 4 streams where the prefetch stops)."""
     from rwkv_kernels import cpu_c
-    assert cpu_c.f32_prefetch("AuthenticAMD") == 8192 and cpu_c.f32_prefetch("GenuineIntel") == 0
     ops = cpu_c.ops(isa)
     lib = ops.lib
     if isa == "avx512":
-        assert lib.get_f32_pf() == cpu_c.f32_prefetch(cpu_c.cpu_vendor())
+        assert lib.get_f32_pf() == 8192
     else:
         assert lib.get_f32_pf() == -1                       # the AVX2 build's distance is fixed
     before = lib.get_f32_pf()
@@ -292,14 +291,14 @@ def test_float32_row_prefetch_setting_gives_the_same_bits(isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
 def test_16bit_one_row_and_four_row_loops_give_the_same_bits(isa, fmt):
-    """The 512-bit 16-bit loop walks rows under 8 KB one at a time, prefetching 8 KB ahead, on AMD and
-    4 rows prefetching 2 KB ahead elsewhere (cpu_c.wide16): the float order per row is the same, so the
-    outputs are bitwise the same, for one stream and several; on AVX2 the setting is ignored."""
+    """The 512-bit 16-bit loop walks rows under 8 KB one at a time, prefetching 8 KB ahead, on every CPU
+    (quant_ops.h's defaults; set_wide16 changes them, e.g. to 4 rows prefetching 2 KB ahead): the float
+    order per row is the same, so the outputs are bitwise the same, for one stream and several; on AVX2
+    the setting is ignored."""
     from rwkv_kernels import cpu_c
-    assert cpu_c.wide16("AuthenticAMD") == (8192, 8192) and cpu_c.wide16("GenuineIntel") == (0, 2048)
     lib = cpu_c.ops(isa).lib
     if isa == "avx512":
-        assert (lib.get_wide16_one_row_below(), lib.get_wide16_pf()) == cpu_c.wide16(cpu_c.cpu_vendor())
+        assert (lib.get_wide16_one_row_below(), lib.get_wide16_pf()) == (8192, 8192)
     before = lib.get_wide16_one_row_below(), lib.get_wide16_pf()
     x, w = _data(5, 133, 1000, seed=7)
     packed = quant.pack(w, fmt)

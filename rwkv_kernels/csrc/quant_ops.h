@@ -48,15 +48,10 @@ const char *format_name(int64_t code) {
     return code >= 0 && code < (int64_t)(sizeof FMT_NAMES / sizeof *FMT_NAMES) ? FMT_NAMES[code] : 0;
 }
 #define QB 32
-/* Software prefetch distance (bytes ahead in each row) of the 512-bit 16-bit loop. Decode streams each
- * weight once; with four rows in flight per thread the hardware prefetchers alone left the int8 and
- * 16-bit kernels at ~15 GB/s where float32 reached ~23 (2 threads, 169m-shaped layers beyond L3); this
- * distance measured best there (16-bit +18%; int8 +28% with its four-row loop of the time; the int8
- * loops over interleaved groups prefetch into L2 instead: Q8_PF below). */
-/* (PF16_HINT, where the 16-bit loops' software prefetches land: cpu_ops.c) */
-#ifndef PF_DIST16
-#define PF_DIST16 2048
-#endif
+/* The 512-bit 16-bit loop's software prefetch distance is pf16_wide below (PF16_HINT, where the 16-bit
+ * loops' prefetches land: cpu_ops.c). Decode streams each weight once; with four rows in flight per
+ * thread the hardware prefetchers alone left the int8 and 16-bit kernels at ~15 GB/s where float32
+ * reached ~23 (Sapphire Rapids, 2 threads, 169m-shaped layers beyond L3). */
 /* The 256-bit 16-bit loop prefetches too, each row PF_GROUPS_AVX2 groups of 4 rows ahead but at least
  * this distance (AVX2-only Zen 3, one thread, from DRAM: float16 50277 x 768 11.1-12.1 ms at a fixed
  * 2 KB, 9.4-9.7 ms one group ahead; the row-major int8 loop of the time alike, 6.7-8.5 ms without any,
@@ -91,12 +86,14 @@ static inline int64_t pf_ahead(int64_t row_bytes, int64_t dist) {
 
 int isa_level(void) { return WIDE ? 512 : 256; }
 
-/* The same choice for the 512-bit loop, made at run time (set_q8_rows, by rwkv_kernels/cpu_c.py from the
- * CPU's vendor): 2 threads, `bench.modes --profile --weights int8 --against float32`, builds alternating,
- * on the Zen 4: 169m 2.29x and 2.35x float32 with 4 rows, 2.83x and 3.32x with 1 (1b5: 11.9 and 14.7
- * int8 tok/s with 4, 17.6 and 18.8 with 1); on the Sapphire Rapids 4 rows measured 3.44x (169m), and 1
- * was not measured there, so Intel CPUs keep 4. */
-static int q8_rows_wide = 4;
+/* The same choice for the 512-bit loop (set_q8_rows changes it at run time, for tests and experiments; the
+ * bits are the same either way): one row at a time on every CPU. 2 threads, `bench.modes --profile
+ * --weights int8 --against float32`, builds alternating, on the Zen 4: 169m 2.29x and 2.35x float32 with
+ * 4 rows, 2.83x and 3.32x with 1 (1b5: 11.9 and 14.7 int8 tok/s with 4, 17.6 and 18.8 with 1); on an
+ * Intel Xeon with AMX and a 480 MB L3 (family 6 model 167, 2026-12-07, `--against-src` a build with the
+ * other setting): 1 row 1.02x (169m) and 1.04x, 1.04x (1b5) 4 rows' speed. The Sapphire Rapids measured
+ * 3.44x float32 with 4 rows and never ran 1. */
+static int q8_rows_wide = 1;
 void set_q8_rows(int64_t rows) { q8_rows_wide = rows == 1 ? 1 : 4; }
 int64_t get_q8_rows(void) { return WIDE ? q8_rows_wide : Q8_ROWS_AVX2; }
 
@@ -105,14 +102,16 @@ int64_t get_q8_rows(void) { return WIDE ? q8_rows_wide : Q8_ROWS_AVX2; }
  * same either way). On the Zen 4 (2 threads, 24-96 bfloat16 matrices of one shape from DRAM, GB/s
  * one row / four rows, no prefetch): 3072x768 30 / 16, 2048x2048 30 / 22, 2560x2560 34 / 24,
  * 10240x2560 29 / 24, 4096x4096 19-27 / 22-26, 5120x5120 27 / 28, 2048x8192 23 / 30, 5120x20480
- * 23 / 39; software prefetch 2 KB ahead lowered every shape by 5-15%. `bench.modes --model
+ * 23 / 39; software prefetch 2 KB ahead into L1 lowered every shape by 5-15%. `bench.modes --model
  * rwkv-4-pile-169m --profile --weights bfloat16 --against float32 --repeats 5 --steps 32`: 4 rows
- * prefetching 1.25x and 1.32x float32, 1 row without prefetch 1.98x and 1.98x. On the Sapphire Rapids
- * 4 rows prefetching 2 KB ahead measured best (+18%), so Intel CPUs keep that. Those prefetches went into
- * L1; since they go into L2 (PF16_HINT), AMD prefetches 8 KB ahead: the same single stream, and tiles of
- * several streams 1.3-1.5x faster. */
-static int64_t one_row16_below = 0;
-static int64_t pf16_wide = PF_DIST16;
+ * prefetching 1.25x and 1.32x float32, 1 row without prefetch 1.98x and 1.98x; since the prefetches go
+ * into L2 (PF16_HINT), 8 KB ahead: the same single stream, and tiles of several streams 1.3-1.5x faster.
+ * The Sapphire Rapids had measured 4 rows prefetching 2 KB ahead into L1 best (+18%); on an Intel Xeon
+ * with AMX and a 480 MB L3 (2026-12-07, `--against-src` a build with that setting), these settings
+ * made 169m bfloat16 1.17x and 1.20x faster at one stream (float16 1.15x), 1.10x at 16 streams and
+ * 1b5 1.04x; 4 rows with the 8 KB prefetch gave the same as 1 row at 169m. So every CPU uses them. */
+static int64_t one_row16_below = 8192;
+static int64_t pf16_wide = 8192;
 void set_wide16(int64_t one_row_below, int64_t pf_bytes) {
     one_row16_below = one_row_below > 0 ? one_row_below : 0;
     pf16_wide = pf_bytes > 0 ? pf_bytes : 0;
@@ -120,10 +119,11 @@ void set_wide16(int64_t one_row_below, int64_t pf_bytes) {
 int64_t get_wide16_one_row_below(void) { return WIDE ? one_row16_below : 0; }
 int64_t get_wide16_pf(void) { return WIDE ? pf16_wide : PF_DIST16_AVX2; }
 /* float32 rows below 4 streams (cpu_ops.c's rows()): in the 512-bit build each row is prefetched this many
- * bytes ahead into L2 (set_f32_pf from the CPU's vendor, cpu_c.f32_prefetch: 8 KB on AMD, measured on the
- * Zen 4; 0, none, elsewhere, as on the Sapphire Rapids where float32 was measured without); the AVX2 build
- * prefetches 4 rows ahead, at least 2 KB, as its 16-bit loop does. The bits do not depend on it. */
-static int64_t pf32_wide = 0;
+ * bytes ahead into L2 (set_f32_pf changes it, for tests and experiments): 8 KB, measured on the Zen 4
+ * (169m's products at 1 stream 1.14x, 3 streams 1.15x faster; 1b5's 1.02-1.03x) and on the Intel Xeon
+ * with AMX (169m 1.02x, 1b5 1.03x: at least no loss); the AVX2 build prefetches 4 rows ahead, at least
+ * 2 KB, as its 16-bit loop does. The bits do not depend on it. */
+static int64_t pf32_wide = 8192;
 void set_f32_pf(int64_t bytes) { pf32_wide = bytes > 0 ? bytes : 0; }
 int64_t get_f32_pf(void) { return WIDE ? pf32_wide : -1; }
 static int64_t pf_f32_bytes(int64_t I) {
