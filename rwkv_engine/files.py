@@ -555,14 +555,24 @@ def _private_file_maps():
     return spans
 
 
-def in_file_mapping(t):
-    """Whether CPU tensor t lies wholly inside one private file mapping (a memory-mapped checkpoint).
-    Linux only (False elsewhere)."""
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+def private_file_maps():
+    """(start, end) of this process's private file-backed mappings; [] where not Linux."""
+    return _private_file_maps() if sys.platform.startswith("linux") else []
+
+
+def in_maps(t, maps):
+    """Whether CPU tensor t lies wholly inside one of `maps` (private_file_maps())."""
+    if t.device.type != "cpu" or t.numel() == 0:
         return False
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
-    return any(a <= start and end <= b for a, b in _private_file_maps())
+    return any(a <= start and end <= b for a, b in maps)
+
+
+def in_file_mapping(t):
+    """Whether CPU tensor t lies wholly inside one private file mapping (a memory-mapped checkpoint).
+    Linux only (False elsewhere)."""
+    return in_maps(t, private_file_maps())
 
 
 def _whole_pages(t):
@@ -580,6 +590,20 @@ def _dontneed(a, b):
         return 0
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     return b - a if madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0 else 0     # 4: MADV_DONTNEED
+
+
+def populate(t):
+    """madvise(MADV_POPULATE_READ) on CPU tensor t's whole pages: map a memory-mapped tensor's pages in
+    one call before it is read through (copying 1b5's matrices out of the mapping: 1.2 -> 3.7 GB/s,
+    where each page was faulted in on first touch). Returns whether it was done (Linux 5.14 and later)."""
+    import ctypes
+    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+        return False
+    a, b = _whole_pages(t)
+    if b <= a:
+        return False
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    return madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 22) == 0          # 22: MADV_POPULATE_READ
 
 
 def page_dropper(t):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import rwkv_kernels
 
-from . import generation, process
+from . import files, generation, process
 from . import weights as wformat
 from .config import RWKVConfig
 from .contract import DTYPES, as_dtype, as_token_batch  # noqa: F401  (DTYPES, as_dtype: old import path)
@@ -43,11 +43,52 @@ class Block:
     ffn_receptance: torch.Tensor
 
 
-def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layers=None, weights=None, progress=None):
+# Memory a load leaves free when it copies memory-mapped matrices (copies_fit): at least this share of
+# the machine's RAM, and at least COPY_RESERVE_MIN bytes.
+COPY_RESERVE_SHARE = 0.10
+COPY_RESERVE_MIN = 1 << 30
+
+
+def copies_fit(nbytes, available=None, total=None):
+    """Whether copying `nbytes` of memory-mapped matrices into the process leaves the reserve free:
+    nbytes <= available - max(COPY_RESERVE_SHARE x total RAM, COPY_RESERVE_MIN). Copied matrices are
+    anonymous memory, which the kernel cannot drop and re-read as it can a file's clean pages, so a model
+    that does not fit keeps its mapping (it then runs as before, at the mapping's speed)."""
+    if available is None or total is None:
+        import psutil
+        vm = psutil.virtual_memory()
+        available, total = vm.available if available is None else available, vm.total if total is None else total
+    return nbytes <= available - max(COPY_RESERVE_SHARE * total, COPY_RESERVE_MIN)
+
+
+def _mapped_matrices(sd, cfg, layers, last, device, dtype):
+    """The checkpoint's matrices that would be used as they are (already stored as `dtype`, on the CPU)
+    and lie in a memory-mapped file: {key: tensor}."""
+    if torch.device(device).type != "cpu" or dtype is None:
+        return {}
+    names = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
+             "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
+    keys = [f"blocks.{i}.{n}" for i in layers for n in names] + (["head.weight"] if last else [])
+    maps = files.private_file_maps()
+    out = {}
+    for k in keys:
+        t = sd[k]
+        if (isinstance(t, torch.Tensor) and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+                and files.in_maps(t, maps)):
+            out[k] = t
+    return out
+
+
+def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layers=None, weights=None, progress=None,
+                      copy_weights=None):
     """The one place raw checkpoint tensors become what the forward reads.
 
-    Float32 tensors already on the target device are used as they are (memory-mapped files
-    stay memory-mapped); others are converted once. With `weights` (a format of `rwkv_kernels.quant`),
+    Tensors already of the target dtype on the target device are used as they are, except the float
+    matrices of a memory-mapped checkpoint on the CPU, which are copied into the process's memory one
+    at a time, each one's file pages dropped as it is copied (`copy_weights`: True, False, None: when
+    they fit, `copies_fit`). Read from the mapping, 1b5's float32 and bfloat16 matrices streamed 1.3x
+    slower than the same bytes copied (Intel Xeon, family 6 model 167, 2 threads, decode steps
+    alternating in one process; 169m: 0.95x, within that run's spread). Others are converted once. With `weights` (a format of `rwkv_kernels.quant`),
     the matrices are packed into it one at a time and the embedding is kept in 16 bits
     (`rwkv_engine.weights`); `progress` wraps the layer loop (a tqdm). With `rescale_every` R > 0, the output
     matrices of layer i are divided by 2^(i // R) and the forward halves x after every R-th layer:
@@ -62,14 +103,28 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
     def vec(t, dt=dtype):
         return cast(t.reshape(-1), dt)
 
-    def mat(t, scale=1):
-        if weights is not None:
-            return wformat.pack_matrix(t, weights, scale)
-        return cast(t.float() / scale) if scale != 1 else cast(t)
-
     eps = cfg.layer_norm_eps
     layers = range(cfg.n_layer) if layers is None else layers
     first, last = layers.start == 0, layers.stop == cfg.n_layer
+    # float matrices stored as they are: a float format's dtype (weights="bfloat16"), or the compute dtype
+    stored = dtype if weights is None else wformat.float_format_dtype(weights)
+    mapped = {} if copy_weights is False else _mapped_matrices(sd, cfg, layers, last, device, stored)
+    if copy_weights is None and mapped and not copies_fit(sum(t.numel() * t.element_size() for t in mapped.values())):
+        mapped = {}
+    copy_at = {t.data_ptr() for t in mapped.values()}        # by address: a lazy state dict may give new views
+
+    def mat(t, scale=1):
+        if weights is not None:
+            m = wformat.pack_matrix(t, weights, scale)
+        else:
+            m = cast(t.float() / scale) if scale != 1 else cast(t)
+        if isinstance(m, torch.Tensor) and m.data_ptr() in copy_at and m.data_ptr() == t.data_ptr():
+            drop = files.page_dropper(t)          # the mapping's pages, dropped once copied
+            files.populate(t)
+            m = m.clone()
+            drop(t)
+        return m
+
     emb = None
     if first:   # ln0 is applied to the embedding table once here instead of to x at every step.
         ln0_w, ln0_b = sd["blocks.0.ln0.weight"].reshape(-1).float(), sd["blocks.0.ln0.bias"].reshape(-1).float()
@@ -141,18 +196,24 @@ class LoadOptions:
     format of the large matrices (a name of `rwkv_kernels.formats.names()`; None: as dtype, or a packed
     file's own). rescale_every: halve the residual every N layers (None: 6 for float16, else 0).
     layers: a range of layers to build (a pipeline stage; None: all). wkv_backend: None (chosen by
-    device in rwkv_kernels.wkv) or a backend name."""
+    device in rwkv_kernels.wkv) or a backend name. copy_weights: whether float matrices that would be
+    read from the memory-mapped checkpoint as they are (CPU, the checkpoint's own dtype) are copied into
+    the process's memory, matrix by matrix with each one's file pages dropped: True, False, or None
+    (default: when they fit in the memory available, see `copies_fit`)."""
     device: "str | torch.device" = "cpu"
     dtype: "str | torch.dtype" = "float32"
     weights: "str | None" = None
     rescale_every: "int | None" = None
     layers: "range | None" = None
     wkv_backend: "str | None" = None
+    copy_weights: "bool | None" = None
 
     def __post_init__(self):
         r = self.rescale_every
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"rescale_every must be an int >= 0 (0: off), got {r!r}")
+        if self.copy_weights not in (None, True, False):
+            raise ValueError(f"copy_weights must be True, False or None (when they fit), got {self.copy_weights!r}")
 
     @classmethod
     def of(cls, options=None, **keywords):
@@ -200,7 +261,8 @@ class RWKV:
         packed = wformat.pack_target(options.weights, self.dtype, self.device)
         if packed is not None and rescale_every:
             raise ValueError("rescale_every applies to float16 compute only, not to packed weights")
-        w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers, packed, progress)
+        w = to_inference_form(sd, cfg, self.device, self.dtype, rescale_every, self.layers, packed, progress,
+                              options.copy_weights)
         self.weights = packed or next(k for k, v in rwkv_kernels.quant.FLOAT_FORMATS.items() if v == self.dtype)
         self.emb, self.blocks, self.head = w["emb"], w["blocks"], w["head"]
         self.ln_out_w, self.ln_out_b = w["ln_out_w"], w["ln_out_b"]

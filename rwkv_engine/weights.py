@@ -60,6 +60,12 @@ def pack_matrix(t, weight_format, scale=1):
     return packed
 
 
+def float_format_dtype(weight_format):
+    """The dtype a float weight format stores its matrices in (float32, float16, bfloat16); None for the
+    packed formats."""
+    return formats.get(weight_format).dtype
+
+
 def embedding_dtype(weight_format):
     return formats.get(weight_format).embedding_dtype
 

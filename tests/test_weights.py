@@ -327,3 +327,85 @@ def test_int8_file_in_an_unknown_layout_is_refused_in_one_line(int8_file, tmp_pa
     with pytest.raises((ValueError, CheckpointError), match=r"layout 'g32'") as e:
         rwkv_engine.load(str(bad))
     assert "\n" not in str(e.value)
+
+
+# float matrices of a memory-mapped checkpoint, copied into the process at load (LoadOptions.copy_weights)
+
+_MATRICES = ("att_key", "att_value", "att_receptance", "att_output", "ffn_key", "ffn_value", "ffn_receptance")
+
+
+def _matrices(model):
+    return [getattr(b, n) for b in model.blocks for n in _MATRICES] + [model.head]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc/self/maps")
+@pytest.mark.parametrize("weights", [None, "bfloat16"])
+def test_float_matrices_of_a_mapped_checkpoint_are_copied_at_load_with_the_same_logits(tiny_pth, tmp_path,
+                                                                                       tokens, weights):
+    """By default (copy_weights=None, when they fit) a float model's matrices that would be read from
+    the memory-mapped checkpoint as they are are copies in the process's memory; copy_weights=False
+    keeps them mapped. The same values, so the same logits; a bfloat16 checkpoint with weights="bfloat16"
+    likewise."""
+    from rwkv_engine import files
+    from rwkv_engine.model import LoadOptions
+    path = tiny_pth
+    if weights == "bfloat16":
+        sd = torch.load(tiny_pth, weights_only=True)
+        path = tmp_path / "tiny-bf16.pth"
+        torch.save({k: v.bfloat16() if v.dim() == 2 else v for k, v in sd.items()}, path)
+    copied = rwkv_engine.load(str(path), weights=weights)
+    mapped = rwkv_engine.load(str(path), options=LoadOptions(weights=weights, copy_weights=False))
+    forced = rwkv_engine.load(str(path), options=LoadOptions(weights=weights, copy_weights=True))
+    assert all(files.in_file_mapping(t) for t in _matrices(mapped))
+    for model in (copied, forced):
+        assert not any(files.in_file_mapping(t) for t in _matrices(model))
+        for a, b in zip(_matrices(model), _matrices(mapped)):
+            assert a.dtype == b.dtype == (torch.float32 if weights is None else torch.bfloat16)
+            assert torch.equal(a, b)
+    want = mapped.forward(tokens, all_logits=True)[0]
+    assert torch.equal(copied.forward(tokens, all_logits=True)[0], want)
+    assert torch.equal(forced.forward(tokens, all_logits=True)[0], want)
+
+
+def test_copies_fit_leaves_the_reserve_free():
+    from rwkv_engine.model import COPY_RESERVE_MIN, copies_fit
+    G = 1 << 30
+    assert copies_fit(10 * G, available=22 * G, total=24 * G)          # 22 - 2.4 = 19.6 GiB free for copies
+    assert not copies_fit(20 * G, available=22 * G, total=24 * G)
+    assert copies_fit(2 * G, available=3 * G + 1, total=8 * G)          # the reserve is at least 1 GiB
+    assert not copies_fit(2 * G + 1, available=3 * G, total=8 * G)
+    assert COPY_RESERVE_MIN == G
+
+
+def test_a_model_whose_copies_do_not_fit_keeps_its_mapping(tiny_pth, tokens, monkeypatch):
+    from rwkv_engine import files, model as model_module
+    from rwkv_engine.model import LoadOptions
+    asked = []
+    monkeypatch.setattr(model_module, "copies_fit", lambda n: asked.append(n) or False)
+    kept = rwkv_engine.load(str(tiny_pth))
+    assert asked and asked[0] == sum(t.numel() * 4 for t in _matrices(kept))
+    assert all(files.in_file_mapping(t) for t in _matrices(kept))
+    forced = rwkv_engine.load(str(tiny_pth), options=LoadOptions(copy_weights=True))   # asked for: copied anyway
+    assert not any(files.in_file_mapping(t) for t in _matrices(forced))
+    assert torch.equal(kept.forward(tokens)[0], forced.forward(tokens)[0])
+    with pytest.raises(ValueError, match="copy_weights"):
+        LoadOptions(copy_weights="yes")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs /proc/self/clear_refs")
+def test_copying_a_mapped_float32_model_at_load_adds_about_its_size_not_twice(tmp_path):
+    """The copies are made matrix by matrix and each one's file pages dropped once copied, so loading
+    adds about the model's size to the peak RSS (the copies), not the copies plus the mapped file."""
+    from rwkv_engine.config import RWKVConfig
+    cfg = RWKVConfig(n_layer=12, n_embd=512, vocab_size=4096)
+    path = tmp_path / "mid.pth"
+    torch.save(synthetic_state_dict(cfg), path)
+    file_bytes = path.stat().st_size
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(path), "float32"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.split()[-1])
+    # the file is ~181 MB (the embedding and head 8 MB each, 12 layers of 7 matrices); with the mapped
+    # pages kept beside the copies the peak would be near twice that
+    assert file_bytes * 0.8 < peak < file_bytes * 1.35, (peak, file_bytes)
