@@ -9,7 +9,7 @@
  * test checks the sum against numpy) and leaves its seconds in *sec.
  *   f32_avx2      float32 weights: 4 rows x 3 streams of 8-lane FMAs (cpu_ops.c's AVX2 tile)
  *   i8_avx2       int8 x int8 exact: 4 rows x 2 streams of sign + maddubs + madd + add per 32 weights
- *                 (quant_ops.h's AVX2 tile; AVX2 has no signed x signed byte multiply)
+ *                 (the AVX2 loops' form before the XOR; AVX2 has no signed x signed byte multiply)
  *   i8xor_avx2    int8 exact, the several-stream tile's form: 4 x 2 of XOR (w with x's sign mask) +
  *                 maddubs + madd + add per 32 weights (quant_ops.h's AVX2 tile; the caller adds the
  *                 blocks' sums of |x| over negative x, which the loop leaves out)
@@ -17,7 +17,7 @@
  *                 add per 32 weights, the sign step left out (quant_ops.h's AVX2 tile where x >= 0)
  *   f32_avx512    float32: 4 rows x 4 streams of 16-lane FMAs (cpu_ops.c's 512-bit tile)
  *   i8_vnni       int8 exact: 4 rows x 4 streams of one vpdpbusd per 64 weights, unsigned offset
- *                 weights (quant_ops.h's 512-bit tile)
+ *                 weights (the arithmetic of quant_ops.h's 512-bit loops; their tile is 4 rows x 2 streams)
  * Weights and activations are bytes / floats the caller provides ([R][n] and [S][n], n a multiple of 64).
  */
 #include <immintrin.h>

@@ -5,8 +5,8 @@
 
 Each row times the inner loop of one multi-stream tile with nothing else (bench/ceiling.c): float32
 FMAs (4 rows x 3 streams on AVX2, 4 x 4 on AVX-512) and the exact int8 dot (AVX2: sign + maddubs +
-madd + add per 32 weights, 4 x 2, as the one-stream loop does; XOR + maddubs + madd + add, the
-several-stream tiles' form; and without the sign step where x >= 0, as in the FFN's value product;
+madd + add per 32 weights, 4 x 2, the form the kernels used before the XOR; XOR + maddubs + madd + add,
+the form every int8 loop uses now; and without the sign step where x >= 0, as in the FFN's value product;
 AVX-512 VNNI: one vpdpbusd per 64, 4 x 4), operands resident in
 L1, no block scales, conversions or sums. So it is the most weight-streams per second a kernel of that
 form can reach on one core: the compute bound on what a compressed format can gain over float32 at

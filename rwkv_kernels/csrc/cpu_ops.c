@@ -140,7 +140,7 @@ static inline void vstore_n(float *p, int64_t n, vf v) {
 /* Where the 16-bit products' software prefetches land: L2. Zen 4, 2 threads, 169m's 85 products alternating
  * builds in one process, into L1 -> into L2: AVX2 build 1 stream 12.0 -> 8.6 ms, 4 streams 15.4 -> 10.3,
  * 16 streams 31.5 -> 26.0 (1b5's: 1 stream 43.8 -> 33.4, 4 streams 59.1 -> 50.3); the 512-bit build,
- * with AMD's 8 KB (cpu_c.wide16), 4 streams 17.7 -> 11.6, 16 streams 37.7 -> 29.4, 1 stream the same.
+ * prefetching 8 KB ahead (set_wide16), 4 streams 17.7 -> 11.6, 16 streams 37.7 -> 29.4, 1 stream the same.
  * The bits do not depend on it. */
 #ifndef PF16_HINT
 #define PF16_HINT _MM_HINT_T1
@@ -231,7 +231,7 @@ DOT_TILE(tile_w16b, uint16_t, wl_bf16, wl_bf16_tail)
 /* rows [o0, o1) of one product for all B streams; W [O, I] row stride Iw, x [B, I], y [B, O].
  * Prefetch: each row `pfd` bytes ahead (the first tile of each block of rows) with 16-bit weights (ROW16)
  * at every B, with float32 below 4 streams; float32 from 4 streams prefetches the next block of rows
- * (below). one_row: B = 1 walks the rows one at a time (16-bit, short rows on AMD, see set_wide16). */
+ * (below). one_row: B = 1 walks the rows one at a time (16-bit rows under set_wide16's length). */
 #define ROWS(NAME, WT, TILE, ROW16)                                                                  \
 static inline __attribute__((always_inline)) void NAME##_blocks(const WT *W, int64_t Iw, const float *x, \
         float *y, int64_t O, int64_t I, int64_t B, int64_t o0, int64_t o1, int acc, int64_t pd) {    \
@@ -270,7 +270,7 @@ static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, i
  * streams). Into L2 from 4 streams rather than from 8 (Zen 4, 169m's 85 products, builds
  * alternating): 4-6 streams 1.12-1.25x in both builds, 8 and 16 unchanged. From 1 or 2 streams it
  * helped 169m but slowed 1b5's single stream by 1.2x, so fewer than 4 streams prefetch each row ahead
- * instead, as the 16-bit loops do (pf_f32_bytes; in the 512-bit build on AMD only): 169m's 85 products at
+ * instead, as the 16-bit loops do (pf_f32_bytes; set_f32_pf in the 512-bit build): 169m's 85 products at
  * 1 stream 1.14-1.15x faster in both builds, 1b5's 1.01-1.03x; the same from 8 streams on was 0.87-0.93x. */
 #if defined(__AVX512F__)          /* 32 vector registers: 4 rows x 4 streams of accumulators fit */
 #define TILE_S 4

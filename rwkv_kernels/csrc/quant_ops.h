@@ -695,7 +695,7 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
 
 /* rows [o0, o1) of a 16-bit product: cpu_ops.c's float32 tiles with the weights widened in registers
  * (rows_f16 / rows_bf16: the same float order, so the same bits as float32 on the widened weights),
- * each row prefetched `pf` bytes ahead; the 512-bit build on AMD walks short rows one at a time at B = 1.
+ * each row prefetched `pf` bytes ahead; the 512-bit build walks short rows one at a time at B = 1 (set_wide16).
  * Against the earlier 16-bit loops (two 512-bit accumulators per row, 4 rows x 3 streams), Zen 4, 2
  * threads, 169m's 85 products, builds alternating in one process: bfloat16 1 stream 11.5 -> 11.1 ms,
  * 4 streams 18.3 -> 14.1, 16 streams 34.7 -> 27.8; float16 10.5 -> 9.7, 14.3 -> 12.9, 48.3 -> 43.3;
