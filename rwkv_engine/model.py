@@ -86,9 +86,10 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
     Tensors already of the target dtype on the target device are used as they are, except the float
     matrices of a memory-mapped checkpoint on the CPU, which are copied into the process's memory one
     at a time, each one's file pages dropped as it is copied (`copy_weights`: True, False, None: when
-    they fit, `copies_fit`). Read from the mapping, 1b5's float32 and bfloat16 matrices streamed 1.3x
-    slower than the same bytes copied (Intel Xeon, family 6 model 167, 2 threads, decode steps
-    alternating in one process; 169m: 0.95x, within that run's spread). Others are converted once. With `weights` (a format of `rwkv_kernels.quant`),
+    they fit, `copies_fit`). Read from the mapping, 1b5's float32 and bfloat16 decode steps took 1.25x
+    and 1.235x the copies' time (Intel Xeon, family 6 model 167, 2 threads, the two loads alternating in
+    one process; 169m 1.00-1.05x; docs/results.md). Others are converted once. With `weights` (a format
+    of `rwkv_kernels.quant`),
     the matrices are packed into it one at a time and the embedding is kept in 16 bits
     (`rwkv_engine.weights`); `progress` wraps the layer loop (a tqdm). With `rescale_every` R > 0, the output
     matrices of layer i are divided by 2^(i // R) and the forward halves x after every R-th layer:
