@@ -199,7 +199,10 @@ static inline __attribute__((always_inline)) void NAME(const int R, const int S,
     for (int r = 0; r < R; r++) for (int s = 0; s < S; s++) a[r][s] = vzero();                      \
     int64_t i = 0;                                                                                   \
     for (; i + VW <= I; i += VW) {                                                                   \
-        if (pf) for (int j = 0; j < pk; j++) _mm_prefetch(pf + (i / VW * pk + j) * 64, _MM_HINT_T1); \
+        if (pf) {                                                                                    \
+            if (pk > 0) for (int j = 0; j < pk; j++) _mm_prefetch(pf + (i / VW * pk + j) * 64, _MM_HINT_T1); \
+            else if ((i / VW) % -pk == 0) _mm_prefetch(pf + (i / VW / -pk) * 64, _MM_HINT_T1);        \
+        }                                                                                            \
         if (pfd && ((i * (int64_t)sizeof(WT)) & 63) == 0)                                             \
             for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + r * Iw + i) + pfd, PF16_HINT); \
         vf xv[4];                                                                                    \
@@ -232,15 +235,29 @@ DOT_TILE(tile_w16b, uint16_t, wl_bf16, wl_bf16_tail)
  * Prefetch: each row `pfd` bytes ahead (the first tile of each block of rows) with 16-bit weights (ROW16)
  * at every B, with float32 below 4 streams; float32 from 4 streams prefetches the next block of rows
  * (below). one_row: B = 1 walks the rows one at a time (16-bit rows under set_wide16's length). */
+/* The block prefetch's rate: pk > 0 lines of the next block per vector step of each tile, or pk < 0 one
+ * line every -pk vector steps, so that the block's tiles together prefetch the next block once (4 rows x
+ * VW weights are 4 * VW * wbytes / 64 lines per vector step; AVX2 float32: 2). Before, every build
+ * prefetched ceil(4 / tiles) lines per step: twice the block in the AVX2 build, and from 17 streams
+ * several blocks in both. Intel Xeon (AMX), 169m's 85 products, 2 threads, builds alternating, this rate
+ * against that one at 4 / 6 / 8 / 12 / 16 / 32 streams: AVX2 1.09x / 1.12x / 1.16x / 1.10x / 1.16x /
+ * 1.19x, 512-bit the same up to 16 streams and 1.13x at 32. A prefetch of twice the block, or of half
+ * of it, was 1.03-1.19x slower in both builds (the half 0.99x at 4 streams in the 512-bit build); the
+ * block two blocks ahead 1.00-1.03x slower. */
+static int block_pf_rate(int64_t tiles, int64_t wbytes) {
+    const int64_t need = 4 * VW * wbytes / 64;
+    if (tiles <= need) return (int)((need + tiles - 1) / tiles);
+    return tiles / need == 1 ? 1 : -(int)(tiles / need);
+}
 #define ROWS(NAME, WT, TILE, ROW16)                                                                  \
 static inline __attribute__((always_inline)) void NAME##_blocks(const WT *W, int64_t Iw, const float *x, \
         float *y, int64_t O, int64_t I, int64_t B, int64_t o0, int64_t o1, int acc, int64_t pd, const int pk) { \
     int64_t o = o0;                                                                                  \
     for (; o + 4 <= o1; o += 4) {                                                                    \
         int64_t b = 0;                                                                               \
-        const char *pf = pk && o + 4 * (PF_AHEAD + 1) <= o1                                          \
+        const char *pf = pk != 0 && o + 4 * (PF_AHEAD + 1) <= o1                                     \
                          ? (const char *)(W + (o + 4 * PF_AHEAD) * Iw) : NULL;                       \
-        const int64_t step = (I / VW) * pk * 64;       /* bytes of the next block each tile covers */ \
+        const int64_t step = 64 * (pk > 0 ? (I / VW) * pk : (I / VW - pk - 1) / -pk);  /* bytes per tile */ \
         for (; b + TILE_S <= B; b += TILE_S, pf = pf ? pf + step : NULL)                             \
             TILE(4, TILE_S, W + o * Iw, Iw, x + b * I, y + b * O + o, I, O, acc, pf, pk, b == 0 ? pd : 0); \
         for (; b + 2 <= B; b += 2, pf = pf ? pf + step : NULL)                                       \
@@ -258,17 +275,19 @@ static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, i
         return;                                                                                      \
     }                                                                                                \
     /* copies of the loop for each prefetch form, so none has a run-time count or test in its loop: */ \
-    /* a per-row prefetch, or pk lines of the next block per vector step (pk = 4 / tiles, rounded up). */ \
+    /* a per-row prefetch, or the next block at block_pf_rate's rate.                                  */ \
     /* With pk a run-time value the AVX2 4 x 3 loop carried ~20 instructions of address arithmetic   */ \
     /* (an imul, an inner loop) per 12 FMAs; as constants, 7: Intel Xeon (AMX), 169m's 85 products,  */ \
     /* 2 threads, builds alternating, 4 / 8 / 16 streams: AVX2 1.06x / 1.09x / 1.07x, 512-bit 1.03x / */ \
     /* 1.09x / 1.01x; one thread, a 768x768 product in L2 at 16 streams 37 -> 43 G multiply-adds/s.  */ \
-    const int64_t tiles = TILES_OF(B);                                                               \
-    const int pk = ROW16 || B < 4 ? 0 : (int)((4 + tiles - 1) / tiles);                              \
+    const int pk = ROW16 || B < 4 ? 0 : block_pf_rate(TILES_OF(B), sizeof(WT));                     \
     if (pd) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, pd, 0);                                 \
-    else if (pk == 1) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, 1);                        \
-    else if (pk == 2) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, 2);                        \
     else if (pk >= 3) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, 4);                        \
+    else if (pk == 2) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, 2);                        \
+    else if (pk == 1) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, 1);                        \
+    else if (pk == -2) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, -2);                      \
+    else if (pk == -3) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, -3);                      \
+    else if (pk <= -4) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, -4);                      \
     else NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, 0);                                     \
 }
 /* with several streams each block of 4 rows is computed on for a while: the block PF_AHEAD blocks
