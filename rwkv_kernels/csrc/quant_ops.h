@@ -493,7 +493,7 @@ static void dot4(const product *p, int64_t r, int64_t b, float *out) {
  * 24) is read as 4 loads of dwords (g, g + 1) and folded; its lanes 8-15 would add 0 * 0 (see above). */
 static inline __attribute__((always_inline)) void q8_tile_group(const int S, const int masked, const int m,
         const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx,
-        int64_t Ip, int64_t nc, int64_t nb, int64_t j0, int pf, __m512 acc[4][2]) {
+        int64_t Ip, int64_t nc, int64_t nb, int64_t j0, int pf, const char *pq, __m512 acc[4][2]) {
     const __mmask16 k = (__mmask16)((1u << m) - 1);
     const __m512i off = _mm512_set1_epi8((char)0x80);
     const int64_t base = j0 * QB;
@@ -504,6 +504,7 @@ static inline __attribute__((always_inline)) void q8_tile_group(const int S, con
     }
     for (int g = 0; g < 8; g++) {
         if (Q8_PF && pf) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g + Q8_PF), _MM_HINT_T1);
+        if (pq) _mm_prefetch(pq + (j0 / 2 + g) * 64, _MM_HINT_T1);
         __m512i xv[2];
         for (int t = 0; t < S; t++) xv[t] = q8_load(xq + t * Ip + base + 4 * g * m, masked, k);
         for (int r = 0; r < 4; r++) {
@@ -523,15 +524,15 @@ static inline __attribute__((always_inline)) void q8_tile_group(const int S, con
 
 static inline __attribute__((always_inline)) void tile_q8(const int S, const int8_t *const *w,
         const uint16_t *const *sw, const int8_t *xq, const int32_t *corr, const float *dx, int64_t Ip, int64_t nb,
-        int pf, float *out) {
+        int pf, const char *pq, float *out) {
     const int64_t nc = q8_corr_len(nb);
     __m512 acc[4][2];
     for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[r][t] = _mm512_setzero_ps();
     int64_t j0 = 0;
-    for (; j0 + QG <= nb; j0 += QG) q8_tile_group(S, 0, QG, w, sw, xq, corr, dx, Ip, nc, nb, j0, pf, acc);
+    for (; j0 + QG <= nb; j0 += QG) q8_tile_group(S, 0, QG, w, sw, xq, corr, dx, Ip, nc, nb, j0, pf, pq, acc);
     const int m = (int)(nb - j0);
     if (m != QG / 2) {
-        if (m) q8_tile_group(S, 1, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, pf, acc);
+        if (m) q8_tile_group(S, 1, m, w, sw, xq, corr, dx, Ip, nc, nb, j0, pf, pq, acc);
         for (int t = 0; t < S; t++) for (int r = 0; r < 4; r++) out[t * 4 + r] = q8_reduce(acc[r][t]);
         return;
     }
@@ -578,7 +579,8 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
  * with constant n = 8 and m = QG for the full groups, so their loads and offsets are fixed at compile time. */
 static inline __attribute__((always_inline)) void tile_q8_half(const int POS, const int S, const int n, const int m,
         const int h, const int8_t *const *w, const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa,
-        const int32_t *corr, int64_t nc, const float *dx, int64_t Ip, int64_t nb, int64_t j0, int pf, __m256 acc[4][2]) {
+        const int32_t *corr, int64_t nc, const float *dx, int64_t Ip, int64_t nb, int64_t j0, int pf, const char *pq,
+        __m256 acc[4][2]) {
     const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
     const int64_t base = j0 * QB;
     __m256i a[4][2];
@@ -589,6 +591,7 @@ static inline __attribute__((always_inline)) void tile_q8_half(const int POS, co
     for (int g = 0; g < 8; g++) {
         const int64_t at = base + 4 * g * m + 32 * h;
         if (Q8_PF && pf && h == 0) for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + base + 64 * g) + Q8_PF, _MM_HINT_T1);
+        if (pq && h == 0) _mm_prefetch(pq + (j0 / 2 + g) * 64, _MM_HINT_T1);
         __m256i sm[2], av[2];               /* x's sign masks (0 or -1 per byte), |x| */
         for (int t = 0; t < S; t++) {
             sm[t] = POS ? zero : _mm256_cmpgt_epi8(zero, q8_load_half(xq + t * Ip + at, n));
@@ -620,26 +623,26 @@ static inline __attribute__((always_inline)) void tile_q8_half(const int POS, co
 
 static inline __attribute__((always_inline)) void tile_q8(const int POS, const int S, const int8_t *const *w,
         const uint16_t *const *sw, const int8_t *xq, const uint8_t *xa, const int32_t *corr, const float *dx,
-        int64_t Ip, int64_t nb, int pf, float *out) {
+        int64_t Ip, int64_t nb, int pf, const char *pq, float *out) {
     const int64_t nc = q8_corr_len(nb);
     __m256 acc[2][4][2];
     for (int h = 0; h < 2; h++) for (int r = 0; r < 4; r++) for (int t = 0; t < S; t++) acc[h][r][t] = _mm256_setzero_ps();
     for (int64_t j0 = 0; j0 < nb; j0 += QG) {
         const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
         if (m == QG) {
-            tile_q8_half(POS, S, 8, QG, 0, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[0]);
-            tile_q8_half(POS, S, 8, QG, 1, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[1]);
+            tile_q8_half(POS, S, 8, QG, 0, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, pq, acc[0]);
+            tile_q8_half(POS, S, 8, QG, 1, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, pq, acc[1]);
             continue;
         }
         if (m == QG / 2) {      /* a last group of exactly 8 blocks (169m's rows of 24): sizes known at
                                  * compile time, so plain loads and no per-load tests; the same arithmetic */
-            tile_q8_half(POS, S, 8, QG / 2, 0, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[0]);
+            tile_q8_half(POS, S, 8, QG / 2, 0, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, pq, acc[0]);
             continue;
         }
         for (int h = 0; h < 2; h++) {
             const int n = h ? m - 8 : (m >= 8 ? 8 : m);
             if (n <= 0) break;    /* lanes 8-15 of a group of <= 8 blocks: 0 * 0 would leave them as they are */
-            tile_q8_half(POS, S, n, m, h, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, acc[h]);
+            tile_q8_half(POS, S, n, m, h, w, sw, xq, xa, corr, nc, dx, Ip, nb, j0, pf, pq, acc[h]);
         }
     }
     __m256 v[8];
@@ -656,10 +659,12 @@ static inline __attribute__((always_inline)) void tile_q8(const int POS, const i
 #if Q8_TILE_S < 1 || Q8_TILE_S > 2
 #error "Q8_TILE_S: 1 or 2 streams per tile (tile_q8's accumulators are [4][2])"
 #endif
-static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+static inline __attribute__((always_inline)) void q8_rows_tiled_(const product *p, int64_t B, int64_t o0, int64_t o1,
+                                                                  int acc, const int spread) {
     const int64_t Ip = p->Ip, nb = Ip / QB, nc = q8_corr_len(nb);
     float t[8];
     for (int64_t o = o0; o < o1; o += 4) {
+        const char *ahead = spread && o + 8 <= o1 ? (const char *)p->W + (o + 4) * Ip : NULL;
         const int8_t *w[4];
         const uint16_t *sw[4];
         for (int k = 0; k < 4; k++) {
@@ -669,20 +674,22 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
         }
         for (int64_t b = 0; b < B;) {
             const int S = B - b >= Q8_TILE_S ? Q8_TILE_S : (int)(B - b);
+            const int k = (int)(b / Q8_TILE_S), pf = !spread && b == 0;
+            const char *pq = ahead && k < 4 ? ahead + k * Ip : NULL;
 #if WIDE
             const void *xs = p->corr + b * nc;           /* the 512-bit build's offsets; AVX2: |x| */
 #else
             const void *xs = p->xa + b * Ip;
 #endif
 #if WIDE
-            if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
-            else tile_q8(1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, b == 0, t);
+            if (S == 2) tile_q8(2, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, pf, pq, t);
+            else tile_q8(1, w, sw, p->xq + b * Ip, xs, p->dx + b * nb, Ip, nb, pf, pq, t);
 #else       /* the XOR form; where no stream's x is negative (the FFN's value product) neither XOR nor mask */
             const int32_t *cb = p->corr + b * nc;
-            if (S == 2 && p->xpos) tile_q8(1, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
-            else if (S == 2) tile_q8(0, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
-            else if (p->xpos) tile_q8(1, 1, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
-            else tile_q8(0, 1, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, b == 0, t);
+            if (S == 2 && p->xpos) tile_q8(1, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, pf, pq, t);
+            else if (S == 2) tile_q8(0, 2, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, pf, pq, t);
+            else if (p->xpos) tile_q8(1, 1, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, pf, pq, t);
+            else tile_q8(0, 1, w, sw, p->xq + b * Ip, xs, cb, p->dx + b * nb, Ip, nb, pf, pq, t);
 #endif
             for (int u = 0; u < S; u++) {
                 float *yo = p->y + (b + u) * p->O;
@@ -691,6 +698,18 @@ static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, i
             b += S;
         }
     }
+}
+/* The prefetch: with fewer than 4 tiles per block of rows, the first tile prefetches each of its rows
+ * Q8_PF bytes ahead; from 4 tiles (8 streams) each of the first 4 prefetches a quarter of the next block,
+ * a line per dword step, so the requests are spread over the block's work rather than bunched in its
+ * first tile (the float32 tiles' lesson, cpu_ops.c block_pf_rate). The AVX2 build spreads only from 4 to
+ * 7 tiles. Intel Xeon (AMX), 2 threads, builds alternating, against the first tile's prefetch at 2 / 4 / 8
+ * / 16 / 32 streams: 169m's 85 products, 512-bit 1.00x / 0.99x / 1.04x / 1.11x / 1.03x, AVX2 1.01x / 1.01x /
+ * 1.09x / 1.00x / 0.96x; 1b5's at 8 / 16 / 32, 512-bit 1.12x / 1.10x / 1.04x, AVX2 1.09x / 0.99x / 0.95x. */
+static void q8_rows_tiled(const product *p, int64_t B, int64_t o0, int64_t o1, int acc) {
+    const int64_t tiles = (B + Q8_TILE_S - 1) / Q8_TILE_S;
+    if (tiles >= 4 && (WIDE || tiles < 8)) q8_rows_tiled_(p, B, o0, o1, acc, 1);
+    else q8_rows_tiled_(p, B, o0, o1, acc, 0);
 }
 
 /* rows [o0, o1) of a 16-bit product: cpu_ops.c's float32 tiles with the weights widened in registers
