@@ -158,12 +158,12 @@ def test_16bit_stream_tiles_give_each_stream_its_single_stream_bits(isa, fmt, O,
     """Several streams run tiles of 4 rows x up to 3 streams that widen each weight once for the tile:
     every stream's output is bitwise its output alone, whatever the batch size, with every tail of the
     row loop (91 = 2 x 32 + 16 + 8 + 3; 1000 ends in 8; 2067 in 16 + 3) and partial tiles of rows."""
-    x, w = _data(11, O, I, seed=6)
+    x, w = _data(33, O, I, seed=6)
     packed = quant.pack(w, fmt)
-    alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(11)])
-    for B in (2, 3, 4, 5, 7, 11):
+    alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(33)])
+    for B in (2, 3, 4, 5, 7, 11, 13, 33):         # from 4 streams: each copy of the block-prefetch loop
         assert torch.equal(quant.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), B
-    y0 = torch.randn(11, O)
+    y0 = torch.randn(33, O)
     y = quant.matvec_group([(x, packed)], out=[y0.clone()], accumulate=True, isa=isa)[0]
     assert torch.equal(y, y0 + alone)
     assert bool(((alone - quant.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed)).all())
@@ -183,7 +183,7 @@ def test_int8_stream_tiles_give_each_stream_its_single_stream_bits(isa, O, I):
     x[3, : min(I, 40)] *= 30                                  # blocks whose x quantises to +-127
     packed = quant.pack(w, "int8")
     alone = torch.cat([quant.matvec_group([(x[b:b + 1].contiguous(), packed)], isa=isa)[0] for b in range(17)])
-    for B in (2, 3, 4, 5, 8, 16, 17):
+    for B in (2, 3, 4, 5, 8, 12, 16, 17):            # 8 and 12: the prefetch spread over 4 tiles
         batched = quant.matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0]
         assert torch.equal(batched, alone[:B]), B
     y0 = torch.randn(17, O)
