@@ -231,14 +231,6 @@ DOT_TILE(tile_w32, float, wl_f32, wl_f32_tail)
 DOT_TILE(tile_w16h, uint16_t, wl_f16, wl_f16_tail)
 DOT_TILE(tile_w16b, uint16_t, wl_bf16, wl_bf16_tail)
 
-/* rows [o0, o1) of one product for all B streams; W [O, I] row stride Iw, x [B, I], y [B, O].
- * Prefetch: below 4 streams each row `pfd` bytes ahead (the first tile of each block of rows); from 4
- * streams the next block of rows (below), for every weight type. 16-bit weights had kept the per-row
- * prefetch at every B; the block prefetch at block_pf_rate's rate against it (Intel Xeon (AMX), 169m's
- * 85 products, 2 threads, builds alternating, 4 / 8 / 16 / 32 streams): bfloat16 AVX2 1.14x / 1.19x /
- * 1.22x / 1.14x, 512-bit 1.11x / 1.21x / 1.18x / 1.11x; float16 within 0.04 of those; 1b5's bfloat16 at
- * 4 / 16 streams 1.05x / 1.09x (AVX2), 1.02x / 1.14x (512-bit). one_row: B = 1 walks the rows one at a
- * time (16-bit rows under set_wide16's length). */
 /* The block prefetch's rate: pk > 0 lines of the next block per vector step of each tile, or pk < 0 one
  * line every -pk vector steps, so that the block's tiles together prefetch the next block once (4 rows x
  * VW weights are 4 * VW * wbytes / 64 lines per vector step; AVX2 float32: 2). Before, every build
@@ -247,12 +239,25 @@ DOT_TILE(tile_w16b, uint16_t, wl_bf16, wl_bf16_tail)
  * against that one at 4 / 6 / 8 / 12 / 16 / 32 streams: AVX2 1.09x / 1.12x / 1.16x / 1.10x / 1.16x /
  * 1.19x, 512-bit the same up to 16 streams and 1.13x at 32. A prefetch of twice the block, or of half
  * of it, was 1.03-1.19x slower in both builds (the half 0.99x at 4 streams in the 512-bit build); the
- * block two blocks ahead 1.00-1.03x slower. */
+ * block two blocks ahead 1.00-1.03x slower. Each rate has its own copy of the loop (ROWS), the line count
+ * a constant there: as a run-time value it cost the AVX2 4 x 3 loop ~20 instructions of address
+ * arithmetic (an imul, an inner loop) per 12 FMAs, against 7 (the same A/B, 4 / 8 / 16 streams: AVX2
+ * 1.06x / 1.09x / 1.07x, 512-bit 1.03x / 1.09x / 1.01x; one thread, a 768x768 product in L2 at 16 streams
+ * 37 -> 43 G multiply-adds/s). Rates of one line every 4 or more steps all run the every-4 copy. */
 static int block_pf_rate(int64_t tiles, int64_t wbytes) {
     const int64_t need = 4 * VW * wbytes / 64;
     if (tiles <= need) return (int)((need + tiles - 1) / tiles);
     return tiles / need == 1 ? 1 : -(int)(tiles / need);
 }
+
+/* rows [o0, o1) of one product for all B streams; W [O, I] row stride Iw, x [B, I], y [B, O].
+ * Prefetch: below 4 streams each row `pfd` bytes ahead (the first tile of each block of rows); from 4
+ * streams the next block of rows (below), for every weight type. 16-bit weights had kept the per-row
+ * prefetch at every B; the block prefetch at block_pf_rate's rate against it (Intel Xeon (AMX), 169m's
+ * 85 products, 2 threads, builds alternating, 4 / 8 / 16 / 32 streams): bfloat16 AVX2 1.14x / 1.19x /
+ * 1.22x / 1.14x, 512-bit 1.11x / 1.21x / 1.18x / 1.11x; float16 within 0.04 of those; 1b5's bfloat16 at
+ * 4 / 16 streams 1.05x / 1.09x (AVX2), 1.02x / 1.14x (512-bit). one_row: B = 1 walks the rows one at a
+ * time (16-bit rows under set_wide16's length). */
 #define ROWS(NAME, WT, TILE, ROW16)                                                                  \
 static inline __attribute__((always_inline)) void NAME##_blocks(const WT *W, int64_t Iw, const float *x, \
         float *y, int64_t O, int64_t I, int64_t B, int64_t o0, int64_t o1, int acc, int64_t pd, const int pk) { \
@@ -278,12 +283,7 @@ static void NAME(const WT *W, int64_t Iw, const float *x, float *y, int64_t O, i
         for (int64_t o = o0; o < o1; o++) TILE(1, 1, W + o * Iw, Iw, x, y + o, I, O, acc, NULL, 0, pd); \
         return;                                                                                      \
     }                                                                                                \
-    /* copies of the loop for each prefetch form, so none has a run-time count or test in its loop: */ \
-    /* a per-row prefetch, or the next block at block_pf_rate's rate.                                  */ \
-    /* With pk a run-time value the AVX2 4 x 3 loop carried ~20 instructions of address arithmetic   */ \
-    /* (an imul, an inner loop) per 12 FMAs; as constants, 7: Intel Xeon (AMX), 169m's 85 products,  */ \
-    /* 2 threads, builds alternating, 4 / 8 / 16 streams: AVX2 1.06x / 1.09x / 1.07x, 512-bit 1.03x / */ \
-    /* 1.09x / 1.01x; one thread, a 768x768 product in L2 at 16 streams 37 -> 43 G multiply-adds/s.  */ \
+    /* one copy of the loop per prefetch form (block_pf_rate), so none has a run-time count in it */ \
     const int pk = B < 4 ? 0 : block_pf_rate(TILES_OF(B), sizeof(WT));                              \
     if (pd) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, pd, 0);                                 \
     else if (pk >= 3) NAME##_blocks(W, Iw, x, y, O, I, B, o0, o1, acc, 0, 4);                        \
