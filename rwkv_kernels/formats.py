@@ -307,12 +307,11 @@ class Int8Weight(PackedWeight):
         return self
 
 
-def quantize_int8(w, rows_per_step=None, after_slice=None, row_order=False):
+def quantize_int8(w, rows_per_step=None, after_slice=None):
     """float W [out, in] -> Int8Weight: per block of 32, scale = max|w| / 127 (stored as float16, at
     least MIN_SCALE), q = round(w / scale) in [-127, 127]. Works through slices of rows so that the
     float32 temporaries stay small whatever the matrix (a 14B head is 1 GB in float32);
-    `after_slice(rows)` is called with each source slice once it is done. `row_order`: return the
-    (values in row order, scales) instead (what "int8+cols" stores)."""
+    `after_slice(rows)` is called with each source slice once it is done."""
     O, I = w.shape
     Ip = -(-I // BLOCK) * BLOCK
     q = torch.empty(O, Ip, dtype=torch.int8)
@@ -320,10 +319,10 @@ def quantize_int8(w, rows_per_step=None, after_slice=None, row_order=False):
     step = rows_per_step or max(1, PACK_SLICE // Ip)
     for r0 in range(0, O, step):
         rows, scale[r0:r0 + step] = _quantize_rows(w[r0:r0 + step].detach().float(), Ip)
-        q[r0:r0 + step] = rows if row_order else interleave_blocks(rows)
+        q[r0:r0 + step] = interleave_blocks(rows)
         if after_slice is not None:
             after_slice(w[r0:r0 + step])
-    return (q, scale) if row_order else Int8Weight(q, scale, I)
+    return Int8Weight(q, scale, I)
 
 
 def _quantize_rows(w, Ip):
@@ -351,14 +350,15 @@ def quantize_rows_reference(x):
     return q.view(B, Ip), d
 
 
-def _int8_from_layout(parts, layout):
-    """A packed file's int8 parts -> the current layout: files written before the interleaved groups
-    (no layout recorded) hold the values in row order."""
+def int8_from_layout(parts, layout):
+    """A packed file's int8 parts (values, then scales and any others, as they are) -> the current
+    layout: files written before the interleaved groups (no layout recorded) hold the values in row order
+    ("int8" files until 2026-12-04, "int8+cols" files until 2026-12-07)."""
     if layout == INT8_LAYOUT:
         return parts
     if layout is None:
-        q, scale = parts
-        return (interleave_blocks(q) if q.dim() == 2 and q.shape[1] % BLOCK == 0 else q), scale
+        q, *rest = parts
+        return ((interleave_blocks(q) if q.dim() == 2 and q.shape[1] % BLOCK == 0 else q), *rest)
     raise ValueError(f"int8 values in layout {layout!r}, which this version cannot read (it writes {INT8_LAYOUT!r})")
 
 
@@ -380,4 +380,4 @@ Q8_0 = register(WeightFormat(
     pack=lambda w, after_slice=None: quantize_int8(w, after_slice=after_slice),
     dequantize=Int8Weight.dequantize, reference=block_matvec_reference, serves=PACKED_SERVES, block=BLOCK,
     packed_type=Int8Weight, file_parts=("", ".scale"), c_parts=lambda w: (w.q, w.scale),
-    layout=INT8_LAYOUT, from_layout=lambda parts, layout: _int8_from_layout(parts, layout)))
+    layout=INT8_LAYOUT, from_layout=int8_from_layout))

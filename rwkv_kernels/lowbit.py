@@ -23,7 +23,8 @@ Outlier treatment ("+cols", `col`): trained models have a few input channels who
 [in], powers of two, chosen from the weights alone: `column_scales`), the matrix stored is W diag(1/col)
 and the kernels multiply x by col before they quantise it: y = (x diag(col)) (W diag(1/col))^T = x W^T;
 powers of two make both scalings exact. "int8+cols" is the int8 blocks of `formats.Int8Weight` with it,
-kept in row order (not in Int8Weight's interleaved groups: the low-bit kernels read it).
+in Int8Weight's interleaved layout: its products run the int8 kernels (`csrc/quant_ops.h`), x times col
+quantised in their activation blocks.
 
 Decode (token mode and short prompts): `csrc/lowbit_ops.h` quantises x (times col) to int8 blocks of 32
 once per product, unpacks each block's nibbles into bytes and multiplies them with x's bytes (maddubs),
@@ -253,8 +254,8 @@ class KBlockWeight(BlockWeight):
 
 
 class Int8ColsWeight(Int8Weight):
-    """The int8 blocks of `formats.Int8Weight` holding W diag(1/col), with the column scales col. Its
-    values are stored in row order (the low-bit kernels' int8 path reads them so), not interleaved."""
+    """The int8 blocks of `formats.Int8Weight` holding W diag(1/col), in its layout (values interleaved
+    in groups of 16 blocks per row, `rows()` in row order), with the column scales col."""
 
     def __init__(self, q, scale, col, in_features):
         super().__init__(q, scale, in_features)
@@ -262,9 +263,6 @@ class Int8ColsWeight(Int8Weight):
 
     def parts(self):
         return self.q, self.scale, self.col
-
-    def rows(self):
-        return self.q
 
     def dequantize_stored(self):
         """The stored matrix (W diag(1/col)) -> float32 [out, in]."""
@@ -519,9 +517,9 @@ def _pack_high(q):
 def quantize_int8_cols(w, rows_per_step=None, after_slice=None):
     """float W -> Int8ColsWeight: column scales from the weights, then the int8 blocks of W diag(1/col)."""
     col = column_scales(w, rows_per_step=rows_per_step, after_slice=after_slice)
-    q, scale = quantize_int8(_ScaledRows(w, col), rows_per_step, row_order=True,
-                             after_slice=after_slice and (lambda part: after_slice(part.source)))
-    return Int8ColsWeight(q, scale, col, w.shape[1])
+    q8 = quantize_int8(_ScaledRows(w, col), rows_per_step,
+                       after_slice=after_slice and (lambda part: after_slice(part.source)))
+    return Int8ColsWeight(q8.q, q8.scale, col, w.shape[1])
 
 
 class _ScaledRows:
@@ -677,4 +675,5 @@ RECORDS[_name] = formats.register(formats.WeightFormat(
     _name, C_CODES[_name], formats.Q8_0.bytes_per_weight, torch.float16,
     pack=lambda w, after_slice=None: quantize_int8_cols(w, after_slice=after_slice),
     dequantize=Int8ColsWeight.dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
-    packed_type=Int8ColsWeight, file_parts=("", ".scale", ".col"), c_parts=Int8ColsWeight.c_parts))
+    packed_type=Int8ColsWeight, file_parts=("", ".scale", ".col"), c_parts=Int8ColsWeight.c_parts,
+    layout=formats.INT8_LAYOUT, from_layout=formats.int8_from_layout))

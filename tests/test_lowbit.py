@@ -302,6 +302,26 @@ def test_int8_cols_weights_of_minus_128_are_exact_in_every_build_and_batch():
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("B, O, I", [(1, 13, 300), (5, 9, 768), (16, 8, 1100)])
+def test_int8_cols_is_the_int8_kernel_on_x_times_col(isa, B, O, I):
+    """int8+cols runs the int8 kernels with x multiplied by the column scales as it is quantised: its
+    products have the bits of the int8 product of x col (computed apart, exact: powers of two) with the
+    same stored blocks, alone and in a group beside a low-bit product (the decode step's one call gives
+    the per-op bits: tests/test_decode.py)."""
+    x, w = _outlier_matrix(O, I, seed=B)
+    x = torch.cat([x] * 4)[:B].contiguous()
+    packed = pack(w, "int8+cols")
+    assert not bool((packed.col == 1).all())
+    plain = formats.Int8Weight(packed.q, packed.scale, I)
+    want = quant.matvec_group([((x * packed.col).contiguous(), plain)], isa=isa)[0]
+    assert torch.equal(lowbit.matvec_group([(x, packed)], isa=isa)[0], want)
+    other = pack(w, "q4_1")
+    got = lowbit.matvec_group([(x, other), (x, packed)], isa=isa)
+    assert torch.equal(got[1], want) and torch.equal(got[0], lowbit.matvec_group([(x, other)], isa=isa)[0])
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("B, O, I", SHAPES)
 def test_matvec_matches_reference(isa, fmt, B, O, I):

@@ -303,17 +303,26 @@ def test_int8_file_records_its_layout(int8_file):
     assert read_metadata(int8_file)[wformat.META_LAYOUT] == formats.INT8_LAYOUT == "g16"
 
 
-def test_int8_file_in_row_order_from_before_the_layout_loads_the_same(int8_file, tmp_path, tokens):
-    """A file written before the interleaved groups (values in row order, no layout recorded) is laid
-    out at load: the same weights and logits as the current file."""
+@pytest.mark.parametrize("fmt", ["int8", "int8+cols"])
+def test_int8_file_in_row_order_from_before_the_layout_loads_the_same(fmt, int8_file, tiny_pth, tmp_path, tokens):
+    """A file written before the interleaved groups (values in row order, no layout recorded: int8 until
+    2026-12-04, int8+cols until 2026-12-07) is laid out at load: the same weights and logits as the
+    current file."""
     from rwkv_engine import weights as wformat
+    current = int8_file
+    if fmt != "int8":
+        current = tmp_path / "cols.safetensors"
+        assert convert_main([str(tiny_pth), str(current), "--weights", fmt]) == 0
+    assert read_metadata(current)[wformat.META_LAYOUT] == formats.INT8_LAYOUT
+
     def to_row_order(sd, meta):
         meta.pop(wformat.META_LAYOUT)
         for k, t in sd.items():
             if t.dtype == torch.int8 and t.dim() == 2:
                 sd[k] = formats.deinterleave_blocks(t)
-    old = _rewrite(int8_file, tmp_path / "old-int8.safetensors", to_row_order)
-    a, b = rwkv_engine.load(str(int8_file)), rwkv_engine.load(str(old))
+    old = _rewrite(current, tmp_path / "old-int8.safetensors", to_row_order)
+    a, b = rwkv_engine.load(str(current)), rwkv_engine.load(str(old))
+    assert a.weights == b.weights == fmt
     for name in ("att_key", "ffn_value"):
         wa, wb = getattr(a.blocks[0], name), getattr(b.blocks[0], name)
         assert torch.equal(wa.q, wb.q) and torch.equal(wa.rows(), wb.rows())

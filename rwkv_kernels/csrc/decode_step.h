@@ -53,7 +53,6 @@ static inline int64_t decode_lowbit_layout(int64_t fmt) {
     switch (fmt) {
     case FMT_Q5_0: case FMT_Q5_0C: return LB_Q5_0;
     case FMT_Q4_1: case FMT_Q4_1C: return LB_Q4_1;
-    case FMT_Q8C: return LB_Q8;
     case FMT_Q4_K: case FMT_Q4_KC: return LB_Q4_K;
     case FMT_Q5_K: case FMT_Q5_KC: return LB_Q5_K;
     default: return -1;
@@ -61,8 +60,9 @@ static inline int64_t decode_lowbit_layout(int64_t fmt) {
 }
 
 /* n products (n <= 3) as pool jobs, parts[j] the DECODE_PARTS pointers of product j: the low-bit ones
- * through lowbit_ops.h, the rest through quant_ops.h (each product's result is the same whichever job it
- * is in). Returns 0, or -1 when the low-bit kernels' scratch cannot be allocated. */
+ * through lowbit_ops.h, the rest through quant_ops.h, int8+cols as int8 with its column scales (each
+ * product's result is the same whichever job it is in). Returns 0, or -1 when the low-bit kernels'
+ * scratch cannot be allocated. */
 static int64_t run_decode_products(int n, const product *ps, void *const *const *parts, int64_t B,
                                    int64_t nthreads, int64_t acc) {
     product plain[3];
@@ -70,8 +70,16 @@ static int64_t run_decode_products(int n, const product *ps, void *const *const 
     int np = 0, nl = 0;
     for (int j = 0; j < n; j++) {
         int64_t layout = decode_lowbit_layout(ps[j].fmt);
-        if (layout < 0) { plain[np++] = ps[j]; continue; }
         void *const *q = parts[j];
+        if (layout < 0) {
+            plain[np] = ps[j];
+            if (ps[j].fmt == FMT_Q8C) {
+                plain[np].fmt = FMT_Q8;
+                plain[np].col = (const float *)q[4];
+            }
+            np++;
+            continue;
+        }
         low[nl++] = (lb_product){.fmt = layout, .O = ps[j].O, .I = ps[j].I, .qs = q[0], .d = q[1], .qh = q[2],
                                  .m = q[3], .col = q[4], .x = ps[j].x, .y = ps[j].y, .tag = ps[j].tag};
     }

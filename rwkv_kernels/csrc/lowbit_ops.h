@@ -617,16 +617,27 @@ static int64_t lb_run_products(int64_t n, lb_product *ps, int64_t B, int64_t nth
     return 0;
 }
 
-/* dims[3j..3j+2] = (format, O, I); ptrs[7j..7j+6] = (qs, qh, d, m, col, x, y), NULL where absent. */
+/* dims[3j..3j+2] = (format, O, I); ptrs[7j..7j+6] = (qs, qh, d, m, col, x, y), NULL where absent.
+ * LB_Q8 (int8+cols: int8 values in quant_ops.h's interleaved layout, float16 scales, col) runs quant_ops.h's
+ * int8 kernels, x times col quantised (the decode step does the same, decode_step.h). */
 int64_t lowbit_matvec_group(int64_t n, const int64_t *dims, void *const *ptrs, int64_t B, int64_t nthreads, int64_t acc) {
     if (n < 1 || n > LB_MAX_GROUP) return -1;
     lb_product ps[LB_MAX_GROUP];
+    product q8[LB_MAX_GROUP];
+    int64_t nl = 0, n8 = 0;
     for (int64_t j = 0; j < n; j++) {
         void *const *q = ptrs + 7 * j;
-        ps[j] = (lb_product){.fmt = dims[3 * j], .O = dims[3 * j + 1], .I = dims[3 * j + 2], .qs = q[0], .qh = q[1],
-                             .d = q[2], .m = q[3], .col = q[4], .x = q[5], .y = q[6]};
+        if (dims[3 * j] == LB_Q8) {
+            q8[n8++] = (product){.fmt = FMT_Q8, .O = dims[3 * j + 1], .I = dims[3 * j + 2], .W = q[0],
+                                 .S = (const uint16_t *)q[2], .x = (const float *)q[5], .y = (float *)q[6],
+                                 .col = (const float *)q[4]};
+            continue;
+        }
+        ps[nl++] = (lb_product){.fmt = dims[3 * j], .O = dims[3 * j + 1], .I = dims[3 * j + 2], .qs = q[0], .qh = q[1],
+                                .d = q[2], .m = q[3], .col = q[4], .x = q[5], .y = q[6]};
     }
-    return lb_run_products(n, ps, B, nthreads, acc);
+    if (n8) run_products(n8, q8, B, nthreads, acc);
+    return nl ? lb_run_products(nl, ps, B, nthreads, acc) : 0;
 }
 
 /* x [B, I] -> q [B, Ip], d and s [B, Ip / 32]: exposed so tests can check it against torch */
@@ -760,6 +771,10 @@ int64_t lowbit_quantize_k(const float *W, int64_t O, int64_t I, int64_t Ip, int6
 void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const uint16_t *D, const uint16_t *M,
                        float *out, int64_t o0, int64_t o1, int64_t I, int64_t nthreads) {
     const int64_t Ip = lb_padded(fmt, I), nb = Ip / LB_QB;
+    if (fmt == LB_Q8) {                     /* int8+cols: quant_ops.h's layout, its dequantisation */
+        dequantize(FMT_Q8, QS, D, out, o0, o1, I, Ip, nthreads);
+        return;
+    }
     const int has_min = lb_has_min(fmt);
     const float half = (float)(1 << (lb_bits(fmt) - 1));
     #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -34,8 +34,9 @@
 #include <string.h>
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3,   /* F32: cpu_ops.c's rows() */
-       /* the low-bit formats and int8 with column scales (rwkv_kernels/lowbit.py): their products run the
-        * kernels of lowbit_ops.h (decode_step.h maps these codes to its LB_* layouts) */
+       /* the low-bit formats (rwkv_kernels/lowbit.py): their products run the kernels of lowbit_ops.h
+        * (decode_step.h maps these codes to its LB_* layouts); int8 with column scales (FMT_Q8C) runs
+        * this file's int8 kernels, its x multiplied by the column scales as it is quantised */
        FMT_Q5_0 = 4, FMT_Q5_0C = 5, FMT_Q4_1 = 6, FMT_Q4_1C = 7, FMT_Q8C = 8, FMT_Q4_K = 9, FMT_Q4_KC = 10, FMT_Q5_K = 11, FMT_Q5_KC = 12 };
 /* The enum as data: the format records of rwkv_kernels/formats.py are checked against it when the library
  * loads (format_name(code) for codes 0, 1, ... until NULL). */
@@ -459,6 +460,7 @@ typedef struct {
     int8_t *xm;                 /* Q8 scratch, AVX2, B = 1: xq's sign masks (-1 where xq < 0, else 0) [Ip],
                                  * for the one-stream loop (the tiles, B > 1, compare x with 0 themselves:
                                  * as fast, once per stream for 4 rows; so they are not stored then) */
+    const float *col;           /* Q8: NULL, or float32 [I] column scales ("int8+cols"): x col is quantised */
 } product;
 
 /* int8 rows r..r+3 (clamped to the last row) . stream b */
@@ -841,7 +843,7 @@ static void prof_job(job_t *job, const int64_t *quant_ns, int64_t wall_ns) {
     int64_t tags[MAX_GROUP], bytes[MAX_GROUP];
     for (int64_t j = 0; j < job->n; j++) {
         tags[j] = job->ps[j].tag;
-        bytes[j] = job->ps[j].O * row_bytes_of(&job->ps[j]);
+        bytes[j] = job->ps[j].O * row_bytes_of(&job->ps[j]) + (job->ps[j].col ? job->ps[j].I * (int64_t)sizeof(float) : 0);
     }
     prof_count_job(job->n, tags, bytes, quant_ns, job->work_ns, atomic_load(&job->threads), wall_ns);
 }
@@ -881,7 +883,7 @@ static void run_products(int64_t n, const product *ps, int64_t B, int64_t nthrea
         for (int64_t b = 0; b < B; b++) {
             int8_t *q = rowq + b * p->Ip;
             int32_t *c = p->corr + b * nc;
-            quantize_x(p->x + b * p->I, p->I, p->Ip, q, p->dx + b * nb);
+            quantize_x_col(p->x + b * p->I, p->col, p->I, p->Ip, q, p->dx + b * nb);
             q8_interleave(q, p->xq + b * p->Ip, nb);
             q8_corrections(p->xq + b * p->Ip, nb, c);
         }
