@@ -1,10 +1,10 @@
-/* CPU kernels for the 5- and 4-bit block weight formats of rwkv_kernels/lowbit.py (and int8 with
- * per-column scales): y[b, o] (+)= sum_i W[o, i] x[b, i], x and y float32. Included by cpu_ops.c
+/* CPU kernels for the 5- and 4-bit block weight formats of rwkv_kernels/lowbit.py (int8 with per-column
+ * scales passes through to quant_ops.h): y[b, o] (+)= sum_i W[o, i] x[b, i], x and y float32. Included by cpu_ops.c
  * (one library, one thread pool: pool.h); every name here starts with lb_ or lowbit_.
  *
  * Formats (codes as rwkv_kernels/lowbit.py's SPECS), blocks of 32 along i; rows padded with zero weights
  * to Ip = I rounded up to the format's group (64 for 4 bits, 256 for 5 and the super-block formats, 32
- * for int8):
+ * for int8+cols):
  *   LB_Q4_0 40, LB_Q4_1 41, LB_Q5_0 50, LB_Q5_1 51: qs uint8 [O, Ip / 2], blocks in pairs, 32 bytes
  *            per pair: byte k = element k of the first block (low nibble) | element k of the second
  *            (high nibble); qh uint8 [O, Ip / 8] (5-bit): 32 bytes per 8 blocks, bit b of byte k = the
@@ -19,7 +19,8 @@
  *   LB_Q5_K 54: LB_Q4_K's nibbles and scales with 5-bit values (q up to 31), plus qh uint8 [O, Ip / 8]:
  *            a 32-byte plane per super-block, bit 2c + h of byte 4l + i = the 5th bit of the weight whose
  *            nibble is byte 4l + i of chunk c (h = 0: low nibble, weight 8c + i of block l; h = 1: high).
- *   LB_Q8 8: int8 values [O, Ip] and float16 d [O, Ip / 32] (rwkv_kernels/quant.py's int8 layout).
+ *   LB_Q8 8: int8+cols, int8 values in quant_ops.h's interleaved layout [O, Ip] and float16 d [O, Ip / 32]:
+ *            lowbit_matvec_group and lowbit_dequantize hand it to quant_ops.h's int8 kernels.
  *   col:     NULL, or float32 [I] powers of two: x is multiplied by col before it is quantised (the
  *            outlier treatment; the matrix stored is W diag(1/col)).
  *
@@ -68,21 +69,21 @@ enum { LB_Q8 = 8, LB_Q4_0 = 40, LB_Q4_1 = 41, LB_Q4_K = 44, LB_Q5_0 = 50, LB_Q5_
 #define LB_CHUNKS_PER_THREAD 4
 #endif
 
-static inline int lb_bits(int64_t fmt) { return fmt == LB_Q8 ? 8 : (int)(fmt / 10); }
+static inline int lb_bits(int64_t fmt) { return (int)(fmt / 10); }
 static inline int lb_is_k(int64_t fmt) { return fmt == LB_Q4_K || fmt == LB_Q5_K; }
 static inline int lb_has_min(int64_t fmt) { return fmt == LB_Q4_1 || fmt == LB_Q5_1 || lb_is_k(fmt); }
 /* rows are padded to this many weights: pairs of blocks, 8 blocks with 5th-bit planes or super-blocks */
 static inline int64_t lb_group(int64_t fmt) {
-    return fmt == LB_Q8 ? LB_QB : lb_bits(fmt) == 5 || lb_is_k(fmt) ? 8 * LB_QB : 2 * LB_QB;
+    return lb_bits(fmt) == 5 || lb_is_k(fmt) ? 8 * LB_QB : 2 * LB_QB;
 }
 static inline int64_t lb_padded(int64_t fmt, int64_t I) { return (I + lb_group(fmt) - 1) / lb_group(fmt) * lb_group(fmt); }
 static inline int lb_known(int64_t fmt) {
-    return fmt == LB_Q8 || fmt == LB_Q4_0 || fmt == LB_Q4_1 || lb_is_k(fmt) || fmt == LB_Q5_0 || fmt == LB_Q5_1;
+    return fmt == LB_Q4_0 || fmt == LB_Q4_1 || lb_is_k(fmt) || fmt == LB_Q5_0 || fmt == LB_Q5_1;
 }
 
 typedef struct {
     int64_t fmt, O, I, Ip;
-    const uint8_t *qs;          /* nibbles, or int8 values for LB_Q8 */
+    const uint8_t *qs;          /* nibbles */
     const uint8_t *qh;          /* 5-bit: the 5th-bit planes [O, Ip / 8] */
     const uint16_t *d, *m;      /* LB_Q4_K, LB_Q5_K: d holds the super-blocks' scales, m is unused */
     const float *col;
@@ -197,21 +198,16 @@ static inline __m256i lb_idot_acc(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-static inline __m256 lb_dot_s8(const int8_t *w, __m256i xv) {
-    __m256i qw = _mm256_loadu_si256((const __m256i *)w);
-    return _mm256_cvtepi32_ps(lb_idot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(xv, qw)));
-}
-
 /* R rows . one stream's quantised x, for one format FMT (a constant: each format's loop is compiled
  * on its own). Row r: sum over blocks of dot * (d * d_x), plus offset_scale * sum over blocks of
  * m' * s_x (m' = m, or d for the "_0" formats: offset_scale = -2^(bits-1)). Blocks go 8 at a time
  * (their d * d_x and offsets as vectors; the nibbles one pair of blocks per load), then the tail
- * (4-bit: pairs; int8: single blocks) with scalar scales. */
+ * (pairs) with scalar scales. */
 static inline __attribute__((always_inline)) void lb_dotn(const int R, const int64_t FMT, const lb_product *p,
         const int64_t *rr, const int8_t *xq, const float *dx, const float *sx, float *out) {
     const int64_t nb = p->Ip / LB_QB;
-    const int q8 = FMT == LB_Q8, has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
-    const int64_t row_bytes = q8 ? p->Ip : p->Ip / 2;
+    const int has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
+    const int64_t row_bytes = p->Ip / 2;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     const uint8_t *qs[4], *qh[4];
     const uint16_t *d[4], *m[4];
@@ -232,18 +228,8 @@ static inline __attribute__((always_inline)) void lb_dotn(const int R, const int
         __m256i plane[4];
         for (int r = 0; r < R; r++) {
             _mm256_storeu_ps(ds[r], _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d[r] + j))), dxv));
-            if (!q8)
-                off[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m[r] + j))), sxv, off[r]);
+            off[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m[r] + j))), sxv, off[r]);
             if (five) plane[r] = _mm256_loadu_si256((const __m256i *)(qh[r] + j * 4));
-        }
-        if (q8) {
-            for (int k = 0; k < 8; k++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (j + k) * LB_QB));
-                for (int r = 0; r < R; r++)
-                    acc[r] = _mm256_fmadd_ps(lb_dot_s8((const int8_t *)qs[r] + (j + k) * LB_QB, xv),
-                                             _mm256_broadcast_ss(&ds[r][k]), acc[r]);
-            }
-            continue;
         }
 #pragma GCC unroll 4
         for (int k = 0; k < 8; k += 2) {
@@ -262,30 +248,24 @@ static inline __attribute__((always_inline)) void lb_dotn(const int R, const int
         }
     }
     /* the tail: 5-bit rows have none (a multiple of 8 blocks); 4-bit rows end in pairs */
-    for (; j < nb; j += q8 ? 1 : 2) {
-        for (int h = 0; h < (q8 ? 1 : 2); h++) {
+    for (; j < nb; j += 2) {
+        for (int h = 0; h < 2; h++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (j + h) * LB_QB));
             for (int r = 0; r < R; r++) {
-                __m256 dot;
-                if (q8) {
-                    dot = lb_dot_s8((const int8_t *)qs[r] + j * LB_QB, xv);
-                } else {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(qs[r] + j * (LB_QB / 2)));
-                    dot = lb_dot_u8(_mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4), xv);
-                    offs[r] = fmaf(_cvtsh_ss(m[r][j + h]), sx[j + h], offs[r]);
-                }
+                __m256i v = _mm256_loadu_si256((const __m256i *)(qs[r] + j * (LB_QB / 2)));
+                __m256 dot = lb_dot_u8(_mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4), xv);
+                offs[r] = fmaf(_cvtsh_ss(m[r][j + h]), sx[j + h], offs[r]);
                 acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(d[r][j + h]) * dx[j + h]), acc[r]);
             }
         }
     }
     const float scale = has_min ? 1.0f : -(float)(1 << (lb_bits(FMT) - 1));
     for (int r = 0; r < R; r++)
-        out[r] = lb_hsum(acc[r]) + (q8 ? 0.0f : scale * (lb_hsum(off[r]) + offs[r]));
+        out[r] = lb_hsum(acc[r]) + scale * (lb_hsum(off[r]) + offs[r]);
 }
 
 static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, const float *dx, const float *sx, float *out) {
     switch (p->fmt) {
-    case LB_Q8: lb_dotn(4, LB_Q8, p, rr, xq, dx, sx, out); break;
     case LB_Q4_0: lb_dotn(4, LB_Q4_0, p, rr, xq, dx, sx, out); break;
     case LB_Q4_1: lb_dotn(4, LB_Q4_1, p, rr, xq, dx, sx, out); break;
     case LB_Q5_0: lb_dotn(4, LB_Q5_0, p, rr, xq, dx, sx, out); break;
@@ -316,16 +296,16 @@ static void lb_dot4(const lb_product *p, const int64_t *rr, const int8_t *xq, co
 #endif
 
 /* One row x S streams (S <= LB_TILE_S; one stream: S = 1). Per stream the blocks go in pairs into two
- * accumulators (block a, block b of each pair) so that no FMA waits on the one before it (int8: one
- * accumulator, lb_dotn's order with R = 1), the offsets apart; the row's bytes LB_PF ahead are
- * prefetched. The row's bytes are loaded and unpacked (nibbles, 5th bits; int8: |w|) once for the S
+ * accumulators (block a, block b of each pair) so that no FMA waits on the one before it, the offsets
+ * apart; the row's bytes LB_PF ahead are prefetched. The row's bytes are loaded and unpacked (nibbles,
+ * 5th bits) once for the S
  * streams; each stream has its own scales d * d_x, offsets and accumulators, and its instruction
  * sequence is the same whatever S is, so its bits do not depend on the batch. out[t] for stream t. */
 static inline __attribute__((always_inline)) void lb_tile1(const int S, const int64_t FMT, const lb_product *p,
         int64_t row, const int8_t *xq, const float *dx, const float *sx, float *out) {
     const int64_t Ip = p->Ip, nb = Ip / LB_QB;
-    const int q8 = FMT == LB_Q8, has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
-    const uint8_t *qs = p->qs + row * (q8 ? Ip : Ip / 2);
+    const int has_min = lb_has_min(FMT), five = lb_bits(FMT) == 5;
+    const uint8_t *qs = p->qs + row * (Ip / 2);
     const uint8_t *qh = five ? p->qh + row * (Ip / 8) : NULL;
     const uint16_t *d = p->d + row * nb, *m = has_min ? p->m + row * nb : d;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -338,18 +318,6 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + j)));
         for (int t = 0; t < S; t++)
             _mm256_store_ps(ds[t], _mm256_mul_ps(dv, _mm256_loadu_ps(dx + t * nb + j)));
-        if (q8) {
-            for (int k = 0; k < 8; k++) {
-                const __m256i qw = _mm256_loadu_si256((const __m256i *)(qs + (j + k) * LB_QB));
-                const __m256i aw = _mm256_sign_epi8(qw, qw);
-                for (int t = 0; t < S; t++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + t * Ip + (j + k) * LB_QB));
-                    ea[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lb_idot(aw, _mm256_sign_epi8(xv, qw))),
-                                            _mm256_broadcast_ss(&ds[t][k]), ea[t]);
-                }
-            }
-            continue;
-        }
         const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j)));
         for (int t = 0; t < S; t++) off[t] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + t * nb + j), off[t]);
         __m256i plane = five ? _mm256_loadu_si256((const __m256i *)(qh + j * 4)) : _mm256_setzero_si256();
@@ -373,19 +341,6 @@ static inline __attribute__((always_inline)) void lb_tile1(const int S, const in
                 eb[t] = _mm256_fmadd_ps(lb_dot_u8(b, xb), _mm256_broadcast_ss(&ds[t][k + 1]), eb[t]);
             }
         }
-    }
-    if (q8) {                                   /* int8 tail: single blocks, as lb_dotn */
-        for (; j < nb; j++) {
-            const __m256i qw = _mm256_loadu_si256((const __m256i *)(qs + j * LB_QB));
-            const __m256i aw = _mm256_sign_epi8(qw, qw);
-            for (int t = 0; t < S; t++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + t * Ip + j * LB_QB));
-                ea[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lb_idot(aw, _mm256_sign_epi8(xv, qw))),
-                                        _mm256_set1_ps(_cvtsh_ss(d[j]) * dx[t * nb + j]), ea[t]);
-            }
-        }
-        for (int t = 0; t < S; t++) out[t] = lb_hsum(ea[t]) + 0.0f;     /* as lb_dotn: -0 becomes +0 */
-        return;
     }
     for (; j < nb; j += 2) {                    /* 4-bit rows end in pairs; 5-bit rows have no tail */
         __m256i v = _mm256_loadu_si256((const __m256i *)(qs + j * (LB_QB / 2)));
@@ -499,7 +454,6 @@ static void lb_rows_tiled(const lb_product *p, int64_t B, int64_t o0, int64_t o1
             const int8_t *xq = p->xq + b * p->Ip;
             const float *dx = p->dx + b * nb, *sx = p->sx + b * nb;
             switch (p->fmt) {
-            case LB_Q8: LB_TILE_CASES(LB_Q8) break;
             case LB_Q4_0: LB_TILE_CASES(LB_Q4_0) break;
             case LB_Q4_1: LB_TILE_CASES(LB_Q4_1) break;
             case LB_Q4_K: LB_KTILE_CASES(0) break;
@@ -561,8 +515,7 @@ static void lb_chunk(void *ctx, int64_t chunk) {
 
 static int64_t lb_row_bytes(const lb_product *p) {
     int64_t nb = p->Ip / LB_QB;
-    int64_t v = p->fmt == LB_Q8 ? p->Ip : p->Ip / 2;
-    return v + nb * (2 + 2 * (lb_has_min(p->fmt) && !lb_is_k(p->fmt))) + (p->qh != NULL) * p->Ip / 8;
+    return p->Ip / 2 + nb * (2 + 2 * (lb_has_min(p->fmt) && !lb_is_k(p->fmt))) + (p->qh != NULL) * p->Ip / 8;
 }
 
 /* a job's times -> quant_ops.h's profile counters of its products' tags */
@@ -770,11 +723,11 @@ int64_t lowbit_quantize_k(const float *W, int64_t O, int64_t I, int64_t Ip, int6
 /* rows [o0, o1) of the stored matrix (without col) -> float32 out [o1 - o0, I]: fl(d q + m) */
 void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const uint16_t *D, const uint16_t *M,
                        float *out, int64_t o0, int64_t o1, int64_t I, int64_t nthreads) {
-    const int64_t Ip = lb_padded(fmt, I), nb = Ip / LB_QB;
     if (fmt == LB_Q8) {                     /* int8+cols: quant_ops.h's layout, its dequantisation */
-        dequantize(FMT_Q8, QS, D, out, o0, o1, I, Ip, nthreads);
+        dequantize(FMT_Q8, QS, D, out, o0, o1, I, (I + LB_QB - 1) / LB_QB * LB_QB, nthreads);
         return;
     }
+    const int64_t Ip = lb_padded(fmt, I), nb = Ip / LB_QB;
     const int has_min = lb_has_min(fmt);
     const float half = (float)(1 << (lb_bits(fmt) - 1));
     #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -786,12 +739,10 @@ void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const 
                 lb_k_scale(D + o * nb + j / 8 * 8, (int)(j % 8), &dd, &mm);
             } else {
                 dd = _cvtsh_ss(D[o * nb + j]);
-                mm = fmt == LB_Q8 ? 0.0f : has_min ? _cvtsh_ss(M[o * nb + j]) : -half * dd;
+                mm = has_min ? _cvtsh_ss(M[o * nb + j]) : -half * dd;
             }
             uint8_t q[LB_QB];
-            if (fmt == LB_Q8) {
-                memcpy(q, QS + o * Ip + j * LB_QB, LB_QB);
-            } else if (lb_is_k(fmt)) {       /* weight 8c + 4h + i of block l: chunk c, byte 4l + i, nibble h */
+            if (lb_is_k(fmt)) {       /* weight 8c + 4h + i of block l: chunk c, byte 4l + i, nibble h */
                 const uint8_t *sbk = QS + o * (Ip / 2) + (j / 8) * 4 * LB_QB;
                 const uint8_t *hk = QH ? QH + o * (Ip / 8) + (j / 8) * LB_QB : NULL;   /* 5th bits: byte 4l + i, bit 2c + h */
                 for (int i = 0; i < LB_QB; i++) {
@@ -810,7 +761,7 @@ void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const 
                 _mm256_storeu_si256((__m256i *)q, v);
             }
             int64_t i0 = j * LB_QB, k = 0;
-            if (fmt != LB_Q8 && i0 + LB_QB <= I) {
+            if (i0 + LB_QB <= I) {
                 __m256 vd = _mm256_set1_ps(dd), vm = _mm256_set1_ps(mm);
                 for (; k < LB_QB; k += 8) {
                     __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k))));
@@ -818,7 +769,7 @@ void lowbit_dequantize(int64_t fmt, const uint8_t *QS, const uint8_t *QH, const 
                 }
             }
             for (; k < LB_QB && i0 + k < I; k++)
-                dst[i0 + k] = fmt == LB_Q8 ? (float)(int8_t)q[k] * dd : (float)q[k] * dd + mm;
+                dst[i0 + k] = (float)q[k] * dd + mm;
         }
     }
 }
