@@ -330,9 +330,14 @@ def test_int8_file_in_row_order_from_before_the_layout_loads_the_same(fmt, int8_
     assert torch.equal(a.forward(tokens, all_logits=True)[0], b.forward(tokens, all_logits=True)[0])
 
 
-def test_int8_file_in_an_unknown_layout_is_refused_in_one_line(int8_file, tmp_path):
+@pytest.mark.parametrize("fmt", ["int8", "int8+cols"])
+def test_int8_file_in_an_unknown_layout_is_refused_in_one_line(fmt, int8_file, tiny_pth, tmp_path):
     from rwkv_engine import weights as wformat
-    bad = _rewrite(int8_file, tmp_path / "bad-int8.safetensors", lambda sd, meta: meta.update({wformat.META_LAYOUT: "g32"}))
+    src = int8_file
+    if fmt != "int8":
+        src = tmp_path / "cols.safetensors"
+        assert convert_main([str(tiny_pth), str(src), "--weights", fmt]) == 0
+    bad = _rewrite(src, tmp_path / "bad-int8.safetensors", lambda sd, meta: meta.update({wformat.META_LAYOUT: "g32"}))
     with pytest.raises((ValueError, CheckpointError), match=r"layout 'g32'") as e:
         rwkv_engine.load(str(bad))
     assert "\n" not in str(e.value)
