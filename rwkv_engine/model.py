@@ -9,7 +9,6 @@ update `state` in place and return it, so a prompt can be fed in chunks with the
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 
 import rwkv_kernels
 
@@ -357,15 +356,12 @@ class RWKV:
 
     def run_blocks(self, x, state):
         """Run the layers this model holds on x; `state` holds those layers only (in order).
-        Token mode is one `rwkv_kernels.decode_layers` step (one C call on the CPU)."""
+        Token mode is one `rwkv_kernels.decode_layers` step (one C call on the CPU); sequence mode is
+        `rwkv_kernels.sequence_layers`."""
+        tensors = (state.att_x, state.att_a, state.att_b, state.att_p, state.ffn_x)
         if x.dim() == 2:
-            return rwkv_kernels.decode_layers(self._decode, x, (state.att_x, state.att_a, state.att_b, state.att_p,
-                                                           state.ffn_x), self.wkv_backend)
-        for j, blk in enumerate(self.blocks):
-            x = self._sequence_block(x, blk, state, j)
-            if self.rescale_every and (self.layers.start + j + 1) % self.rescale_every == 0:
-                x = x / 2
-        return x
+            return rwkv_kernels.decode_layers(self._decode, x, tensors, self.wkv_backend)
+        return rwkv_kernels.sequence_layers(self._decode, x, tensors, self.wkv_backend)
 
     def head_logits(self, x, all_logits=False):
         """x from the last layer -> float32 logits [B, V] of the last position ([B, T, V] with all_logits)."""
@@ -391,33 +387,6 @@ class RWKV:
         """tokens (ids, a list of lists, or an integer tensor) -> a validated [B, T] int64 batch on the
         model's device; ValueError in one line for ids outside the vocabulary, bad shapes or dtypes."""
         return as_token_batch(tokens, self.vocab_size, self.device)
-
-    def _ln(self, x, w, b):
-        return F.layer_norm(x, (x.shape[-1],), w, b, self.config.layer_norm_eps)
-
-    def _sequence_block(self, x, blk: Block, s: State, i):
-        """T tokens per stream: x (B, T, C); the token shift takes position -1 from the state."""
-        xx = self._ln(x, blk.ln1_w, blk.ln1_b)
-        sx = torch.cat([s.att_x[i][:, None], xx[:, :-1]], dim=1)     # (B, T, C) shifted by one
-        kx = torch.lerp(sx, xx, blk.att_mix_k)
-        vx = torch.lerp(sx, xx, blk.att_mix_v)
-        rx = torch.lerp(sx, xx, blk.att_mix_r)
-        s.att_x[i] = xx[:, -1]
-        r, k, v = rwkv_kernels.linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
-        r, k, v = torch.sigmoid(r), k.float(), v.float()
-        y, (a, b, p) = rwkv_kernels.wkv(blk.att_w, blk.att_u, k, v, (s.att_a[i], s.att_b[i], s.att_p[i]),
-                                   self.wkv_backend)
-        s.att_a[i], s.att_b[i], s.att_p[i] = a, b, p
-        x = x + rwkv_kernels.linear(r * y.to(x.dtype), blk.att_output)
-
-        xx = self._ln(x, blk.ln2_w, blk.ln2_b)
-        sx = torch.cat([s.ffn_x[i][:, None], xx[:, :-1]], dim=1)
-        kx = torch.lerp(sx, xx, blk.ffn_mix_k)
-        rx = torch.lerp(sx, xx, blk.ffn_mix_r)
-        s.ffn_x[i] = xx[:, -1]
-        r, k = rwkv_kernels.linear_group((rx, blk.ffn_receptance), (kx, blk.ffn_key))
-        r, k = torch.sigmoid(r), torch.square(torch.relu(k))
-        return x + r * rwkv_kernels.linear(k, blk.ffn_value)
 
     # -- generation (the loop shared with the baselines) --------------------------------------
     def generate(self, prompt, max_new_tokens=64, **kwargs):

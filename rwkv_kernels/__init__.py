@@ -28,7 +28,7 @@ SPIN_SET_HERE = spin.set_here       # bench.contention's competitors get it remo
 
 from . import dispatch, formats, quant
 from . import lowbit  # noqa: F401  (registers the low-bit formats)
-from .decode import DecodeLayers, DecodeModel, decode_layers, decode_token
+from .decode import DecodeLayers, DecodeModel, decode_layers, decode_token, sequence_layers
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group, linear_reference
 from .sampling import sample_rows, sample_rows_reference, sample_rows_serves

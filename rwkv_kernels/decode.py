@@ -25,10 +25,12 @@ import ctypes
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_c, dispatch, formats
 from .fused import add_gated_, ln_shift_mix, relu_square_, wkv_step_gated
 from .linear import linear, linear_accumulate_, linear_group
+from .wkv_ops import wkv
 
 VECTORS = ("ln1_w", "ln1_b", "att_mix_k", "att_mix_v", "att_mix_r", "att_w", "att_u",
            "ln2_w", "ln2_b", "ffn_mix_k", "ffn_mix_r")
@@ -155,6 +157,62 @@ def decode_layers_composed(plan, x, state, wkv_backend=None):
 
 dispatch.register_impl("decode_layers", "c", decode_layers_c, needs_c=True)
 dispatch.register_impl("decode_layers", "composed", decode_layers_composed)
+
+
+# -- several tokens per stream through a run of layers (sequence mode) --------------------------------
+
+def _sequence_key(plan, x, state):
+    tensors = (x, *state)
+    return (dispatch.device_of(*tensors), dispatch.compute_of(*tensors), plan.weight_format(),
+            dispatch.product_shape(x))
+
+
+def sequence_layers(plan, x, state, wkv_backend=None, backend=None):
+    """T tokens per stream through the layers of `plan` (a DecodeLayers): x (B, T, C) in the compute
+    dtype; state (att_x, att_a, att_b, att_p, ffn_x), each (n_layers, B, C), updated in place (the
+    token shift takes position -1 from it). Returns x after the layers, (B, T, C)."""
+    name, fn = dispatch.pick("sequence_layers", _sequence_key(plan, x, state), backend,
+                             parts_chosen=wkv_backend is not None)
+    return fn(plan, x, state, wkv_backend)
+
+
+def sequence_layers_composed(plan, x, state, wkv_backend=None):
+    """The layers as the model's ops on whole sequences: matrix-matrix products (`linear_group`, whose
+    table row for the shape picks the decode kernels or the GEMM) and one WKV scan over time per layer."""
+    att_x, att_a, att_b, att_p, ffn_x = state
+    for i, blk in enumerate(plan.layers):
+        x = _sequence_block(x, blk, plan.eps, i, att_x, att_a, att_b, att_p, ffn_x, wkv_backend)
+        if plan.rescale_every and (plan.layer0 + i + 1) % plan.rescale_every == 0:
+            x = x / 2
+    return x
+
+
+def _sequence_block(x, blk, eps, i, att_x, att_a, att_b, att_p, ffn_x, wkv_backend):
+    """T tokens per stream: x (B, T, C); the token shift takes position -1 from the state (layer i)."""
+    C = x.shape[-1]
+    xx = F.layer_norm(x, (C,), blk.ln1_w, blk.ln1_b, eps)
+    sx = torch.cat([att_x[i][:, None], xx[:, :-1]], dim=1)          # (B, T, C) shifted by one
+    kx = torch.lerp(sx, xx, blk.att_mix_k)
+    vx = torch.lerp(sx, xx, blk.att_mix_v)
+    rx = torch.lerp(sx, xx, blk.att_mix_r)
+    att_x[i] = xx[:, -1]
+    r, k, v = linear_group((rx, blk.att_receptance), (kx, blk.att_key), (vx, blk.att_value))
+    r, k, v = torch.sigmoid(r), k.float(), v.float()
+    y, (a, b, p) = wkv(blk.att_w, blk.att_u, k, v, (att_a[i], att_b[i], att_p[i]), wkv_backend)
+    att_a[i], att_b[i], att_p[i] = a, b, p
+    x = x + linear(r * y.to(x.dtype), blk.att_output)
+
+    xx = F.layer_norm(x, (C,), blk.ln2_w, blk.ln2_b, eps)
+    sx = torch.cat([ffn_x[i][:, None], xx[:, :-1]], dim=1)
+    kx = torch.lerp(sx, xx, blk.ffn_mix_k)
+    rx = torch.lerp(sx, xx, blk.ffn_mix_r)
+    ffn_x[i] = xx[:, -1]
+    r, k = linear_group((rx, blk.ffn_receptance), (kx, blk.ffn_key))
+    r, k = torch.sigmoid(r), torch.square(torch.relu(k))
+    return x + r * linear(k, blk.ffn_value)
+
+
+dispatch.register_impl("sequence_layers", "composed", sequence_layers_composed)
 
 
 # -- a whole model's token step ---------------------------------------------------------------------

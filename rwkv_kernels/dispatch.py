@@ -84,6 +84,8 @@ _FIXED = [
     Rule("decode_layers",   "*",    "*",       "*",       "*",          "composed"),
     # a whole model's token step (embedding, the layers, the final LayerNorm, the head): the same rows
     Rule("decode_token",    "*",    "*",       "*",       "*",          "composed"),
+    # several tokens per stream through a run of layers (sequence mode): the model's ops on whole sequences
+    Rule("sequence_layers", "*",    "*",       "*",       "*",          "composed"),
 ]
 # An op made of others runs its composed implementation whenever one of its parts is forced or
 # given a backend, so that a chosen implementation is never bypassed.
