@@ -10,9 +10,10 @@ JIT on) on the same checkpoint and prompt, sequence mode (its whole prompt in on
 alternates the two models' sequence-mode runs (same process, same minutes), printing both prompt
 rates and their ratio: on a machine whose speed drifts by 10-20% between runs, that ratio is what
 a separate run per format cannot give.
-`--chunks 2,4,8,16,32,48` times one sequence-mode forward of a chunk of T tokens (from a state) with
+`--chunks 2,4,8,16,32,48` times one sequence-mode forward of a chunk of T tokens (from a state): as one C
+call (the decode kernels for all its rows, `rwkv_kernels.sequence_layers`), and per op with
 the products on the decode kernels ("short" in rwkv_kernels.dispatch) and on the GEMM, alternating in one
-process: where the two cross is where `rwkv_kernels.dispatch.SHORT_ROWS` belongs.
+process: where the C step and the GEMM cross is where `rwkv_kernels.dispatch.SHORT_ROWS` belongs.
 `--profile` splits the decode step (token mode, `--batch` streams, `--steps` tokens per round, `--repeats`
 rounds) into its parts, counted inside the C kernels decode runs (`rwkv_kernels.profile`): per matrix the
 product time with its weight bytes and GB/s, the activation quantisation (int8), the time pool threads
@@ -58,25 +59,29 @@ def _median_time(fn, repeats):
 
 
 def chunk_table(model, args):
-    """ms per forward of a T-token chunk, products on the decode kernels vs the GEMM, alternating."""
+    """ms per forward of a T-token chunk, three ways alternating: the C sequence step (the decode kernels
+    for all the chunk's rows, one call: `rwkv_kernels.sequence_layers` "c"), the per-op sequence path with
+    its products on the decode kernels, and the per-op path with the GEMM."""
     from rwkv_kernels import dispatch
     gemm = "torch" if (args.weights or "float32") == "float32" else "quant_gemm"
     short = "c" if gemm == "torch" else "quant_c"
+    ways = {"step": dict(sequence_layers="c"), "ops": dict(linear=short), "gemm": dict(linear=gemm)}
     print(f"{args.model}, {args.weights or 'float32'} weights, {args.threads} threads: one sequence-mode forward "
-          f"of a T-token chunk, median of {args.repeats} (alternating); SHORT_ROWS = {dispatch.SHORT_ROWS}")
-    print(f"{'T':>5}{'decode kernels (ms)':>22}{'GEMM (ms)':>12}{'GEMM / kernels':>16}")
+          f"of a T-token chunk, median of {args.repeats} (alternating); SHORT_ROWS = {dispatch.SHORT_ROWS} "
+          f"(at most that many rows take the C step)")
+    print(f"{'T':>5}{'C step (ms)':>14}{'per-op, decode kernels (ms)':>30}{'per-op, GEMM (ms)':>20}{'GEMM / C step':>16}")
     for T in args.chunks:
         ids = torch.randint(0, model.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
-        times = {short: [], gemm: []}
+        times = {name: [] for name in ways}
         for _ in range(args.repeats + 1):
-            for name in (short, gemm):
-                with dispatch.force(linear=name):
+            for name, forced in ways.items():
+                with dispatch.force(**forced):
                     state = model.new_state(1)
                     t0 = time.perf_counter()
                     model.forward(ids, state)
                     times[name].append(time.perf_counter() - t0)
-        a, b = (statistics.median(times[n][1:]) * 1e3 for n in (short, gemm))   # first round: warm-up
-        print(f"{T:>5}{a:>22.1f}{b:>12.1f}{b / a:>16.2f}")
+        a, b, c = (statistics.median(times[n][1:]) * 1e3 for n in ways)   # first round: warm-up
+        print(f"{T:>5}{a:>14.1f}{b:>30.1f}{c:>20.1f}{c / a:>16.2f}")
 
 
 _MATRIX_PARTS = (("att_receptance", "att r"), ("att_key", "att k"), ("att_value", "att v"), ("att_output", "att o"),

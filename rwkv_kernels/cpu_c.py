@@ -168,6 +168,10 @@ class CpuOps:
                                       _P(_I64), _P(_VP)] + [_VP] * 6
                                      + [_I64] * 3 + [ctypes.c_double] + [_I64] * 3)
         lib.decode_token.restype = _I64
+        if hasattr(lib, "sequence_layers"):       # an older kernel source (the A/B harnesses) may not have it
+            lib.sequence_layers.argtypes = ([_I64, _P(_I64), _P(_VP)] + [_VP] * 6 + [_I64] * 4 + [ctypes.c_double]
+                                            + [_I64] * 3)
+            lib.sequence_layers.restype = _I64
         lib.decode_layout.argtypes = [_I64]
         lib.sample_rows.argtypes = [_VP, _I64, _I64, ctypes.c_double, _VP, _VP, _I64]
         lib.sample_rows.restype = None

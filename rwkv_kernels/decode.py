@@ -1,4 +1,5 @@
-"""One decode step (token mode) through a run of RWKV-4 layers: `decode_layers`.
+"""One decode step (token mode) through a run of RWKV-4 layers: `decode_layers`; several tokens per
+stream (sequence mode): `sequence_layers`.
 
 Two implementations of one signature, chosen by `rwkv_kernels.dispatch` (op "decode_layers"):
   * "composed": the step written as the model's ops (`ln_shift_mix`, `linear_group`,
@@ -14,6 +15,14 @@ any of the component ops (`dispatch.force(linear=...)`, or a `wkv_backend`) sele
 (e.g. a non-contiguous weight) take the row's fallback, with one warning.
 
 A layer is any object with the attributes named in VECTORS and MATRICES (the model's `Block`).
+
+`sequence_layers` (op "sequence_layers") runs T tokens per stream through the layers: "c" (one C call,
+`sequence_layers` in csrc/decode_step.h) gives each token a decode step's element-wise work in its
+stream's order and runs the products over all B * T rows at once on the decode kernels (which compute
+each row alone), so its result is that of T decode steps bit for bit; the table takes it for "short"
+sequences (at most SHORT_ROWS rows, or any within `dispatch.rows_independent()`, the server's prefill).
+"composed" is the model's ops on whole sequences (a GEMM past SHORT_ROWS, one WKV scan per layer), for
+longer prompts, other devices and dtypes, and whenever a part is forced.
 
 `decode_token` (op "decode_token") is a whole model's token step, tokens in, logits out: the embedding
 rows, `decode_layers`, the final LayerNorm (`ln_shift_mix` with no mixes: its LayerNorm alone) and the
@@ -176,6 +185,34 @@ def sequence_layers(plan, x, state, wkv_backend=None, backend=None):
     return fn(plan, x, state, wkv_backend)
 
 
+def sequence_layers_c(plan, x, state, wkv_backend=None, isa=None):
+    """The layers as one C call (`sequence_layers` in csrc/decode_step.h): each token gets exactly the
+    work of a decode step, the products over all B * T rows at once (the decode kernels compute each row
+    alone), so the result is bit for bit that of T `decode_layers` steps. For "short" sequences (at most
+    SHORT_ROWS rows, or any within `dispatch.rows_independent()`): beyond, the GEMM of the composed
+    implementation is faster."""
+    B, T, C = x.shape
+    if not plan.c_usable():
+        _, fallback = dispatch.fall_back("sequence_layers", _sequence_key(plan, x, state), plan.unusable)
+        return fallback(plan, x, state, wkv_backend)
+    if dispatch.layout_of(*state) != "contiguous":       # rows of a larger state (a pipeline's micro-batch)
+        rows = tuple(t.contiguous() for t in state)
+        x = sequence_layers_c(plan, x, rows, wkv_backend, isa)
+        for t, r in zip(state, rows):
+            t.copy_(r)
+        return x
+    x = x.contiguous().clone()                                 # updated in place by the C call
+    ptrs, dims = plan._plan
+    att_x, att_a, att_b, att_p, ffn_x = state
+    rc = cpu_c.ops(isa).lib.sequence_layers(len(plan.layers), dims, ptrs, x.data_ptr(), att_x.data_ptr(),
+                                            att_a.data_ptr(), att_b.data_ptr(), att_p.data_ptr(), ffn_x.data_ptr(),
+                                            B, T, C, plan.F, plan.eps, plan.rescale_every, plan.layer0,
+                                            torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"sequence_layers: cannot allocate scratch for {B} x {T} tokens")
+    return x
+
+
 def sequence_layers_composed(plan, x, state, wkv_backend=None):
     """The layers as the model's ops on whole sequences: matrix-matrix products (`linear_group`, whose
     table row for the shape picks the decode kernels or the GEMM) and one WKV scan over time per layer."""
@@ -212,6 +249,7 @@ def _sequence_block(x, blk, eps, i, att_x, att_a, att_b, att_p, ffn_x, wkv_backe
     return x + r * linear(k, blk.ffn_value)
 
 
+dispatch.register_impl("sequence_layers", "c", sequence_layers_c, needs_c=True)
 dispatch.register_impl("sequence_layers", "composed", sequence_layers_composed)
 
 

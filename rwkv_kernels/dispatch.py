@@ -84,24 +84,27 @@ _FIXED = [
     Rule("decode_layers",   "*",    "*",       "*",       "*",          "composed"),
     # a whole model's token step (embedding, the layers, the final LayerNorm, the head): the same rows
     Rule("decode_token",    "*",    "*",       "*",       "*",          "composed"),
-    # several tokens per stream through a run of layers (sequence mode): the model's ops on whole sequences
+    # several tokens per stream through a run of layers (sequence mode): one C call for short sequences of
+    # every format the C step takes (the per-format rows), else the model's ops on whole sequences
     Rule("sequence_layers", "*",    "*",       "*",       "*",          "composed"),
 ]
 # An op made of others runs its composed implementation whenever one of its parts is forced or
 # given a backend, so that a chosen implementation is never bypassed.
 _STEP_PARTS = ("linear", "ln_shift_mix", "wkv_step", "wkv_step_gated", "relu_square_", "add_gated_")
 COMPOSED_OF = {"decode_layers": ("composed", _STEP_PARTS),
-               "decode_token": ("composed", _STEP_PARTS + ("decode_layers",))}
+               "decode_token": ("composed", _STEP_PARTS + ("decode_layers",)),
+               "sequence_layers": ("composed", _STEP_PARTS + ("wkv",))}
 
 
 def _format_rows():
-    rows = {"linear": [], "decode_layers": [], "decode_token": []}
+    rows = {"linear": [], "decode_layers": [], "decode_token": [], "sequence_layers": []}
     for fmt in formats.all_formats():
         rows["linear"] += [Rule("linear", s.device, s.compute, fmt.name, s.shape, s.impl, s.fallback)
                            for s in fmt.serves]
         if fmt.code is not None:
             for op in ("decode_layers", "decode_token"):
                 rows[op].append(Rule(op, "cpu", "float32", fmt.name, "contiguous", "c", "composed"))
+            rows["sequence_layers"].append(Rule("sequence_layers", "cpu", "float32", fmt.name, "short", "c", "composed"))
     return rows
 
 

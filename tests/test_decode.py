@@ -404,3 +404,103 @@ def test_whole_token_step_reports_an_embedding_plan_the_c_step_refuses():
         plan._head = None                                       # rebuilt at the next step
     for k, v in state.tensors().items():
         assert torch.equal(v, before[k]), k
+
+
+# -- sequence mode: a short chunk through the layers in one C call ------------------------------------
+
+@needs_c
+@pytest.mark.parametrize("isa", cpu_c.supported_isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("B, T", [(1, 2), (3, 7), (5, 4)])
+def test_short_sequence_in_c_is_its_decode_steps_bit_for_bit(isa, fmt, B, T):
+    """sequence_layers in C: each token gets a decode step's work (the products over all B * T rows at
+    once): x after the layers and the state are exactly those of T decode_layers steps."""
+    model = _model(fmt, rescale_every=2 if fmt == "float32" else 0)
+    tokens = torch.randint(0, 300, (B, T), generator=torch.Generator().manual_seed(B * T))
+    state = model.new_state(B)
+    s5 = (state.att_x, state.att_a, state.att_b, state.att_p, state.ffn_x)
+    x = model.embed(tokens)
+    got = decode.sequence_layers_c(model._decode, x, s5, isa=isa)
+    assert got.shape == (B, T, model.config.n_embd) and not torch.equal(got, x)
+    steps = model.new_state(B)
+    s5_steps = (steps.att_x, steps.att_a, steps.att_b, steps.att_p, steps.ffn_x)
+    want = torch.stack([decode.decode_layers_c(model._decode, model.embed(tokens[:, t:t + 1]), s5_steps, isa=isa)
+                        for t in range(T)], 1)
+    assert torch.equal(got, want)
+    for name, t in state.tensors().items():
+        assert torch.equal(t, steps.tensors()[name]), name
+
+
+@needs_c
+@pytest.mark.parametrize("fmt", ["float32", "int8", "q4_k"])
+def test_short_prompt_gives_the_logits_and_state_of_its_tokens_one_by_one(fmt):
+    """model.forward on a prompt of at most SHORT_ROWS tokens (the C sequence step, then the head on the
+    decode kernels): every position's logits and the final state have the bits of token-by-token decode."""
+    model = _model(fmt)
+    tokens = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    assert dispatch.choose("sequence_layers", ("cpu", "float32", fmt, "short")) == "c"
+    logits, state = model.forward(tokens, all_logits=True)
+    one = model.new_state(2)
+    want = torch.stack([model.forward(tokens[:, t:t + 1], one)[0] for t in range(9)], 1)
+    assert torch.equal(logits, want)
+    for name, t in state.tensors().items():
+        assert torch.equal(t, one.tensors()[name]), name
+
+
+@needs_c
+def test_sequence_layers_takes_c_for_short_chunks_only_and_composed_when_a_part_is_forced():
+    model = _model("int8")
+    key = lambda T: decode._sequence_key(model._decode, torch.zeros(2, T, 40),
+                                         tuple(model.new_state(2).tensors().values()))
+    assert dispatch.choose("sequence_layers", key(16)) == "c"                    # 32 rows: short
+    assert dispatch.choose("sequence_layers", key(17)) == "composed"             # 34 rows: the GEMM's
+    with dispatch.rows_independent():
+        assert dispatch.choose("sequence_layers", key(40)) == "c"                # the server's prefill
+    seen = []
+    real = dispatch.implementation("sequence_layers", "composed")
+    with dispatch.registered("sequence_layers", "composed", lambda *a: seen.append(1) or real(*a)):
+        tokens = torch.randint(0, 300, (2, 5))
+        model.forward(tokens)
+        assert seen == []
+        with dispatch.force(linear="quant_torch"):
+            model.forward(tokens)
+        assert seen == [1]
+        model.forward(torch.randint(0, 300, (1, 40)))                            # a long prompt: GEMM
+        assert seen == [1, 1]
+
+
+@needs_c
+def test_composed_sequence_is_close_to_the_c_one():
+    """The two sequence implementations compute the same function (the composed one with torch's
+    LayerNorm and one WKV scan): logits within float32 rounding of each other."""
+    model = _model("float32")
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(7))       # 24 rows: short
+    assert dispatch.choose("sequence_layers", decode._sequence_key(model._decode, model.embed(tokens),
+                                                                   tuple(model.new_state(2).tensors().values()))) == "c"
+    got, _ = model.forward(tokens, all_logits=True)
+    with dispatch.force(sequence_layers="composed"):
+        want, _ = model.forward(tokens, all_logits=True)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@needs_c
+def test_short_sequence_on_rows_of_a_larger_state_writes_them_back():
+    """A pipeline stage's micro-batch is rows of the batch's state (strided views): the C sequence step
+    runs on contiguous copies and writes them back, with the bits of a contiguous state."""
+    model = _model("bfloat16")
+    tokens = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(9))
+    big = model.new_state(4)
+    model.forward(torch.randint(0, 300, (4, 3)), big)                       # a state that is not all zeros
+    rows = tuple(t[:, 1:3] for t in (big.att_x, big.att_a, big.att_b, big.att_p, big.ffn_x))
+    assert not rows[0].is_contiguous()
+    alone = tuple(t.clone().contiguous() for t in rows)
+    others = tuple(t[:, [0, 3]].clone() for t in (big.att_x, big.att_a, big.att_b, big.att_p, big.ffn_x))
+    x = model.embed(tokens)
+    got = decode.sequence_layers_c(model._decode, x, rows)
+    want = decode.sequence_layers_c(model._decode, x, alone)
+    assert torch.equal(got, want)
+    for r, a in zip(rows, alone):
+        assert torch.equal(r, a)
+    for t, o in zip((big.att_x, big.att_a, big.att_b, big.att_p, big.ffn_x), others):
+        assert torch.equal(t[:, [0, 3]], o)                                  # the other rows untouched

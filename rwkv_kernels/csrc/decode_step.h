@@ -98,42 +98,47 @@ static int64_t decode_products(int n, const product *ps, void *const *P, const i
 }
 
 /* The element-wise work of a layer for several streams runs as a pool job, one chunk per stream
- * (each op is independent across streams, so the result is the same as one call over all of them). */
+ * (each op is independent across streams, so the result is the same as one call over all of them).
+ * With T tokens per stream (sequence_layers) a stream's chunk does its tokens in order, each token the
+ * work of one decode step: the token shift and the WKV state carried from one to the next. */
 enum { EW_LN_ATT, EW_WKV, EW_LN_FFN, EW_RELU, EW_GATE };
 typedef struct {
     int op;
     void *const *P;
     float *x, *shift, *kx, *vx, *rx, *r, *k, *v, *y, *fk, *a, *b, *p;
-    int64_t C, F;
+    int64_t C, F, T;
     double eps;
 } ew_job;
 
 static void ew_stream(void *ctx, int64_t s) {
     const ew_job *e = ctx;
     const float *const *V = (const float *const *)e->P;
-    int64_t o = s * e->C;
-    switch (e->op) {
-    case EW_LN_ATT: {
-        const float *mix[3] = {V[2], V[3], V[4]};
-        float *out[3] = {e->kx + o, e->vx + o, e->rx + o};
-        ln_shift_mix(e->x + o, V[0], V[1], e->eps, e->shift + o, 3, mix, out, 1, e->C);
-        break;
-    }
-    case EW_WKV:
-        wkv_step_gated(V[5], V[6], e->r + o, e->k + o, e->v + o, e->a + o, e->b + o, e->p + o, e->y + o, 1, e->C);
-        break;
-    case EW_LN_FFN: {
-        const float *mix[2] = {V[9], V[10]};
-        float *out[2] = {e->kx + o, e->rx + o};
-        ln_shift_mix(e->x + o, V[7], V[8], e->eps, e->shift + o, 2, mix, out, 1, e->C);
-        break;
-    }
-    case EW_RELU:
-        relu_square(e->fk + s * e->F, e->F);
-        break;
-    case EW_GATE:
-        add_gated(e->x + o, e->r + o, e->v + o, e->C);
-        break;
+    const int64_t so = s * e->C;                       /* the stream's row of the state */
+    for (int64_t t = 0; t < e->T; t++) {
+        const int64_t row = s * e->T + t, o = row * e->C;    /* token t of stream s: its row of x */
+        switch (e->op) {
+        case EW_LN_ATT: {
+            const float *mix[3] = {V[2], V[3], V[4]};
+            float *out[3] = {e->kx + o, e->vx + o, e->rx + o};
+            ln_shift_mix(e->x + o, V[0], V[1], e->eps, e->shift + so, 3, mix, out, 1, e->C);
+            break;
+        }
+        case EW_WKV:
+            wkv_step_gated(V[5], V[6], e->r + o, e->k + o, e->v + o, e->a + so, e->b + so, e->p + so, e->y + o, 1, e->C);
+            break;
+        case EW_LN_FFN: {
+            const float *mix[2] = {V[9], V[10]};
+            float *out[2] = {e->kx + o, e->rx + o};
+            ln_shift_mix(e->x + o, V[7], V[8], e->eps, e->shift + so, 2, mix, out, 1, e->C);
+            break;
+        }
+        case EW_RELU:
+            relu_square(e->fk + row * e->F, e->F);
+            break;
+        case EW_GATE:
+            add_gated(e->x + o, e->r + o, e->v + o, e->C);
+            break;
+        }
     }
 }
 
@@ -147,44 +152,49 @@ static void ew_run(ew_job *e, int op, int64_t B, int64_t nthreads) {
     if (t0) prof_add(&prof.ew[op], (int64_t)(pool_now_ns() - t0));
 }
 
-/* Returns 0, or -1 if the scratch memory cannot be allocated (nothing is changed then). */
-int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, float *x, float *att_x,
-                      float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B, int64_t C, int64_t F,
-                      double eps, int64_t rescale_every, int64_t layer0, int64_t nthreads) {
-    const int64_t BC = B * C;
+/* T tokens of each of B streams through the layers: x [B * T, C] (stream-major), the state [n_layers, B,
+ * C]. Each token gets exactly the work of a decode step in its stream's order (the element-wise ops
+ * per token, the products over all B * T rows, whose rows are computed alone), so the result is that of
+ * T decode steps bit for bit. Returns 0, or -1 if the scratch memory cannot be allocated (nothing is
+ * changed then). */
+static int64_t run_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, float *x, float *att_x,
+                          float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B, int64_t T, int64_t C,
+                          int64_t F, double eps, int64_t rescale_every, int64_t layer0, int64_t nthreads) {
+    const int64_t BC = B * C, R = B * T, RC = R * C;
     const uint64_t t_step = prof_on() ? pool_now_ns() : 0;
-    float *buf = malloc(sizeof(float) * (size_t)(7 * BC + B * F));
+    float *buf = malloc(sizeof(float) * (size_t)(7 * RC + R * F));
     if (buf == NULL) return -1;
-    float *kx = buf, *vx = kx + BC, *rx = vx + BC, *r = rx + BC, *k = r + BC, *v = k + BC, *y = v + BC;
-    float *fk = y + BC;                                        /* [B, F] */
+    float *kx = buf, *vx = kx + RC, *rx = vx + RC, *r = rx + RC, *k = r + RC, *v = k + RC, *y = v + RC;
+    float *fk = y + RC;                                        /* [B * T, F] */
     for (int64_t j = 0; j < n_layers; j++) {
         void *const *P = ptrs + j * DECODE_PTRS;
         const int64_t *D = dims + j * DECODE_DIMS;
         ew_job e = {.P = P, .x = x, .kx = kx, .vx = vx, .rx = rx, .r = r, .k = k, .v = v, .y = y, .fk = fk,
-                    .a = att_a + j * BC, .b = att_b + j * BC, .p = att_p + j * BC, .C = C, .F = F, .eps = eps};
+                    .a = att_a + j * BC, .b = att_b + j * BC, .p = att_p + j * BC, .C = C, .F = F, .T = T,
+                    .eps = eps};
 
         /* attention: r, k, v = products of the token-shift mixes; x += (sigmoid(r) * wkv) W_o^T */
         e.shift = att_x + j * BC;
         ew_run(&e, EW_LN_ATT, B, nthreads);
         product g3[3] = {decode_product(P, D, M_ATT_R, rx, r), decode_product(P, D, M_ATT_K, kx, k),
                          decode_product(P, D, M_ATT_V, vx, v)};
-        if (decode_products(3, g3, P, D, B, nthreads, 0)) { free(buf); return -1; }
+        if (decode_products(3, g3, P, D, R, nthreads, 0)) { free(buf); return -1; }
         ew_run(&e, EW_WKV, B, nthreads);
         product o = decode_product(P, D, M_ATT_O, y, x);
-        if (decode_products(1, &o, P, D, B, nthreads, 1)) { free(buf); return -1; }
+        if (decode_products(1, &o, P, D, R, nthreads, 1)) { free(buf); return -1; }
 
         /* channel mix: x += sigmoid(x_r W_r^T) * (relu(x_k W_k^T)^2 W_v^T) */
         e.shift = ffn_x + j * BC;
         ew_run(&e, EW_LN_FFN, B, nthreads);
         product g2[2] = {decode_product(P, D, M_FFN_R, rx, r), decode_product(P, D, M_FFN_K, kx, fk)};
-        if (decode_products(2, g2, P, D, B, nthreads, 0)) { free(buf); return -1; }
+        if (decode_products(2, g2, P, D, R, nthreads, 0)) { free(buf); return -1; }
         ew_run(&e, EW_RELU, B, nthreads);
         product fv = decode_product(P, D, M_FFN_V, fk, v);
-        if (decode_products(1, &fv, P, D, B, nthreads, 0)) { free(buf); return -1; }
+        if (decode_products(1, &fv, P, D, R, nthreads, 0)) { free(buf); return -1; }
         ew_run(&e, EW_GATE, B, nthreads);
         if (rescale_every > 0 && (layer0 + j + 1) % rescale_every == 0) {
             uint64_t t0 = prof_on() ? pool_now_ns() : 0;
-            for (int64_t i = 0; i < BC; i++) x[i] *= 0.5f;
+            for (int64_t i = 0; i < RC; i++) x[i] *= 0.5f;
             if (t0) prof_add(&prof.ew[PROF_EW - 1], (int64_t)(pool_now_ns() - t0));
         }
     }
@@ -194,6 +204,23 @@ int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, 
         prof_add(&prof.step_ns, (int64_t)(pool_now_ns() - t_step));
     }
     return 0;
+}
+
+/* One decode step: one token per stream, x [B, C] updated in place. */
+int64_t decode_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, float *x, float *att_x,
+                      float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B, int64_t C, int64_t F,
+                      double eps, int64_t rescale_every, int64_t layer0, int64_t nthreads) {
+    return run_layers(n_layers, dims, ptrs, x, att_x, att_a, att_b, att_p, ffn_x, B, 1, C, F, eps, rescale_every,
+                      layer0, nthreads);
+}
+
+/* T tokens per stream (a short prompt chunk, sequence mode), x [B * T, C] updated in place: the same as T
+ * decode_layers calls, token by token, with the products of all B * T rows in one job per group. */
+int64_t sequence_layers(int64_t n_layers, const int64_t *dims, void *const *ptrs, float *x, float *att_x,
+                        float *att_a, float *att_b, float *att_p, float *ffn_x, int64_t B, int64_t T, int64_t C,
+                        int64_t F, double eps, int64_t rescale_every, int64_t layer0, int64_t nthreads) {
+    return run_layers(n_layers, dims, ptrs, x, att_x, att_a, att_b, att_p, ffn_x, B, T, C, F, eps, rescale_every,
+                      layer0, nthreads);
 }
 
 /* float32 -> a 16-bit float format and back, as torch rounds (to nearest, ties to even); FMT_F32: x */
