@@ -63,8 +63,8 @@ def chunk_table(model, args):
     for all the chunk's rows, one call: `rwkv_kernels.sequence_layers` "c"), the per-op sequence path with
     its products on the decode kernels, and the per-op path with the GEMM."""
     from rwkv_kernels import dispatch
-    gemm = "torch" if (args.weights or "float32") == "float32" else "quant_gemm"
-    short = "c" if gemm == "torch" else "quant_c"
+    fmt = model.weight_format
+    short, gemm = (dispatch.choose("linear", ("cpu", "float32", fmt, shape)) for shape in ("short", "sequence"))
     ways = {"step": dict(sequence_layers="c"), "ops": dict(linear=short), "gemm": dict(linear=gemm)}
     print(f"{args.model}, {args.weights or 'float32'} weights, {args.threads} threads: one sequence-mode forward "
           f"of a T-token chunk, median of {args.repeats} (alternating); SHORT_ROWS = {dispatch.SHORT_ROWS} "

@@ -233,12 +233,15 @@ def layout_of(*tensors):
     return "contiguous" if all(t.is_contiguous() for t in tensors) else "strided"
 
 
-# A sequence product of at most this many rows streams the weights once through the decode kernels
-# instead of a GEMM, which packs the whole weight matrix for a handful of rows. Measured with
-# `python -m bench.modes --chunks 2,4,8,16,24,32,48,64` (169m, 2 threads; GEMM time / kernels time
-# per forward): float32 0.91 at 2 rows, 1.38 at 8, 1.10 at 32, 0.93 at 48; Q8_0 blocks 3.0 at 2, 1.32 at 32,
-# 1.08 at 48.
-SHORT_ROWS = 32
+# A sequence of at most this many rows in all runs as one C call on the decode kernels
+# (`sequence_layers` "c"; per op, its products too) instead of a GEMM, which packs the whole weight matrix
+# for a handful of rows. `python -m bench.modes --chunks ...` (169m, 2 threads, one stream; GEMM time / C
+# step time per forward), Intel Xeon (AMX), 2026-12-07: 512-bit build float32 1.50 at 32 rows, 1.20 at 48,
+# 1.14 at 64, 0.99 at 96; bfloat16 2.09 at 32, 1.88 at 64, 1.47 at 96, 0.95 at 128; int8 4.72 at 32, 3.61
+# at 64, 1.37 at 384; q4_k 5.43 at 32, 2.00 at 128, 0.93 at 256; AVX2 build float32 1.28 at 32, 1.22 at 48,
+# 0.98 at 64; int8 2.42 at 32, 1.43 at 64, 0.96 at 128. 48 is where every format still gains in both builds.
+# (Per op, before the C step, SPR: products on the decode kernels 1.10x the GEMM at 32 rows, 0.93 at 48.)
+SHORT_ROWS = 48
 
 
 _local = threading.local()

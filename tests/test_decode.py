@@ -452,10 +452,11 @@ def test_sequence_layers_takes_c_for_short_chunks_only_and_composed_when_a_part_
     model = _model("int8")
     key = lambda T: decode._sequence_key(model._decode, torch.zeros(2, T, 40),
                                          tuple(model.new_state(2).tensors().values()))
-    assert dispatch.choose("sequence_layers", key(16)) == "c"                    # 32 rows: short
-    assert dispatch.choose("sequence_layers", key(17)) == "composed"             # 34 rows: the GEMM's
+    S = dispatch.SHORT_ROWS
+    assert dispatch.choose("sequence_layers", key(S // 2)) == "c"                # S rows: short
+    assert dispatch.choose("sequence_layers", key(S // 2 + 1)) == "composed"     # S + 2 rows: the GEMM's
     with dispatch.rows_independent():
-        assert dispatch.choose("sequence_layers", key(40)) == "c"                # the server's prefill
+        assert dispatch.choose("sequence_layers", key(S)) == "c"                 # the server's prefill
     seen = []
     real = dispatch.implementation("sequence_layers", "composed")
     with dispatch.registered("sequence_layers", "composed", lambda *a: seen.append(1) or real(*a)):
@@ -465,7 +466,7 @@ def test_sequence_layers_takes_c_for_short_chunks_only_and_composed_when_a_part_
         with dispatch.force(linear="quant_torch"):
             model.forward(tokens)
         assert seen == [1]
-        model.forward(torch.randint(0, 300, (1, 40)))                            # a long prompt: GEMM
+        model.forward(torch.randint(0, 300, (1, dispatch.SHORT_ROWS + 1)))      # a long prompt: GEMM
         assert seen == [1, 1]
 
 

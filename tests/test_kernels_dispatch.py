@@ -26,9 +26,10 @@ def test_table_picks_by_shape_dtype_and_format():
     assert dispatch.choose("linear", linear_key(torch.randn(3, 16), W)) == "c"          # token, [B, in]
     assert dispatch.choose("linear", linear_key(torch.randn(40, 1, 16), W)) == "c"      # token, [B, 1, in]
     assert dispatch.choose("linear", linear_key(torch.randn(2, 5, 16), W)) == "c"       # 10 prompt rows: short
-    assert dispatch.choose("linear", linear_key(torch.randn(1, 32, 16), W)) == "c"      # 32 rows: still short
-    assert dispatch.choose("linear", linear_key(torch.randn(1, 33, 16), W)) == "torch"  # a prompt: GEMM
-    assert dispatch.choose("linear", linear_key(torch.randn(2, 17, 16), W)) == "torch"  # 34 rows
+    S = dispatch.SHORT_ROWS
+    assert dispatch.choose("linear", linear_key(torch.randn(1, S, 16), W)) == "c"       # SHORT_ROWS rows: still short
+    assert dispatch.choose("linear", linear_key(torch.randn(1, S + 1, 16), W)) == "torch"   # a prompt: GEMM
+    assert dispatch.choose("linear", linear_key(torch.randn(2, S // 2 + 1, 16), W)) == "torch"  # S + 2 rows
     assert dispatch.choose("linear", linear_key(torch.randn(3, 16).half(), W.half())) == "torch"
     for fmt in ("float16", "bfloat16", "int8"):
         assert dispatch.choose("linear", ("cpu", "float32", fmt, "short")) == "quant_c"

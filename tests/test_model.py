@@ -38,8 +38,9 @@ def test_chunked_prompt_with_carried_state_equals_one_call(tiny_model):
 @pytest.mark.skipif(not cpu_c.available(), reason="C kernels unavailable")
 def test_short_prompt_chunk_runs_the_c_products_and_matches_the_gemm(tiny_model, monkeypatch):
     """A chunk of at most dispatch.SHORT_ROWS rows streams the weights through the C products (no
-    GEMM packing); the same chunk through the GEMM agrees, and with more rows in the call (a longer
-    chunk holding it) each row's products are unchanged: the C products are row-invariant."""
+    GEMM packing: its layers in the C sequence step, its head on the C linear kernel); the same chunk
+    through the GEMM agrees, and with more rows in the call (a longer chunk holding it) each row's
+    products are unchanged: the C products are row-invariant."""
     fn, needs = dispatch._impls[("linear", "c")]
     rows_seen = []
 
@@ -49,7 +50,8 @@ def test_short_prompt_chunk_runs_the_c_products_and_matches_the_gemm(tiny_model,
     monkeypatch.setitem(dispatch._impls, ("linear", "c"), (spy, needs))
     x = ids(1, 20, seed=3)
     short, s_short = tiny_model.forward(x, all_logits=True)
-    assert 20 in rows_seen                                  # the block products ran on the C kernel
+    assert 20 in rows_seen                                  # the head's product of 20 rows ran on the C kernel
+    assert dispatch.choose("sequence_layers", ("cpu", "float32", "float32", "short")) == "c"
     with dispatch.force(linear="torch"):
         gemm, s_gemm = tiny_model.forward(x, all_logits=True)
     torch.testing.assert_close(short, gemm, rtol=1e-5, atol=1e-5)
