@@ -188,9 +188,10 @@ def sequence_layers(plan, x, state, wkv_backend=None, backend=None):
 def sequence_layers_c(plan, x, state, wkv_backend=None, isa=None):
     """The layers as one C call (`sequence_layers` in csrc/decode_step.h): each token gets exactly the
     work of a decode step, the products over all B * T rows at once (the decode kernels compute each row
-    alone), so the result is bit for bit that of T `decode_layers` steps. For "short" sequences (at most
-    SHORT_ROWS rows, or any within `dispatch.rows_independent()`): beyond, the GEMM of the composed
-    implementation is faster."""
+    alone), so the result is bit for bit that of T `decode_layers` steps. The table takes it for "short"
+    sequences (at most SHORT_ROWS rows, or any within `dispatch.rows_independent()`); past SHORT_ROWS the
+    composed implementation's GEMM is faster for the float formats (the packed ones cross later:
+    docs/results.md, Prompts), and SHORT_ROWS is one threshold for all."""
     B, T, C = x.shape
     if not plan.c_usable():
         _, fallback = dispatch.fall_back("sequence_layers", _sequence_key(plan, x, state), plan.unusable)
