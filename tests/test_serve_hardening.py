@@ -22,6 +22,10 @@ MAX_PROMPT_TOKENS = 8000           # body limit: 1 MiB + 64 bytes a token = 1.5 
 def server():
     s = Server("--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--read-timeout", str(READ_TIMEOUT),
                "--max-connections", str(MAX_CONNECTIONS), "--max-batch", "4")
+    # idle connections close at READ_TIMEOUT here: the client's pool must drop them well before, or a
+    # request may go out on a connection the server is closing (no response: RemoteProtocolError)
+    s.http.close()
+    s.http = httpx.Client(base_url=s.url, timeout=30, limits=httpx.Limits(keepalive_expiry=READ_TIMEOUT / 4))
     yield s
     s.http.close()
     assert s.stop() == 0
