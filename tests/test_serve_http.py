@@ -5,7 +5,9 @@ import json
 import os
 import queue
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -80,7 +82,9 @@ class Server:
 @pytest.fixture(scope="module")
 def server():
     s = Server("--max-tokens", "100000", "--max-prompt-tokens", "64", "--max-batch", "16", "--prefill-chunk", "8")
+    s.idle = keep_alive_connection(s), time.monotonic()    # left idle while the module's tests run
     yield s
+    s.idle[0].close()
     s.http.close()
     assert s.stop() == 0
 
@@ -92,6 +96,30 @@ def small_server():
     yield s
     s.http.close()
     s.stop()
+
+
+def keep_alive_connection(server):
+    """A raw connection to `server` that has been answered one /health request."""
+    host, port = re.match(r"http://([^:/]+):(\d+)", server.url).groups()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    assert read_response(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def read_response(sock, request):
+    """Send `request` on `sock`; the whole response (headers and a Content-Length body), b"" if closed."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
 
 
 def body(**kw):
@@ -324,6 +352,18 @@ def test_metrics_are_prometheus_text(server):
                  "rwkv_time_to_first_token_seconds_bucket", "rwkv_time_to_first_token_seconds_count"):
         assert re.search(rf"^{name}(\{{.*\}})? \d", text, re.M), name
     assert server.metric("rwkv_generated_tokens_total") >= 8
+
+
+def test_an_idle_keep_alive_connection_stays_open_until_the_read_timeout(server):
+    """The server closes an idle connection at --read-timeout (30 s), not at uvicorn's 5 s: a client
+    pool that keeps connections 5 s (httpx's and the OpenAI client's default) would otherwise send
+    on a connection the server is closing at that moment and get no response."""
+    sock, since = server.idle
+    time.sleep(max(0.0, 6.0 - (time.monotonic() - since)))   # ~0 in a full run of this module
+    assert time.monotonic() - since > 6.0
+    readable, _, _ = select.select([sock], [], [], 0)
+    assert not readable, "the server closed (or wrote to) an idle keep-alive connection"
+    assert read_response(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
 
 
 def test_sigterm_finishes_cleanly_with_exit_0(small_server):

@@ -74,7 +74,9 @@ def add_connection_options(p):
                    help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
     p.add_argument("--read-timeout", default="30",
                    help="seconds a client has to send a request's headers and body, from when it connects "
-                        "or its previous response ended (default 30); then 408 and the connection is closed")
+                        "or its previous response ended (default 30); then 408 and the connection is closed. "
+                        "An idle keep-alive connection is closed silently after it: keep it above your "
+                        "clients' keep-alive expiry (5 s for httpx and the OpenAI client)")
     p.add_argument("--max-connections", default=str(MAX_CONNECTIONS),
                    help=f"open client connections; one more is answered 503 and closed (default {MAX_CONNECTIONS})")
 
@@ -315,6 +317,9 @@ def main(argv=None):
     app = create_app(scheduler, args.model, Limits(args.max_prompt_tokens, args.max_tokens), on_ready=ready)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
                             http=guarded_protocol(args.read_timeout, args.max_connections),
+                            # the guard closes idle connections at read_timeout; uvicorn's own 5 s
+                            # would race clients that keep a connection for 5 s (httpx, OpenAI's)
+                            timeout_keep_alive=args.read_timeout + 1,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
     server = DrainingServer(config, scheduler, args.shutdown_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn re-raises the signal it shut down on
