@@ -13,7 +13,7 @@ a separate run per format cannot give.
 `--chunks 2,4,8,16,32,48` times one sequence-mode forward of a chunk of T tokens (from a state): as one C
 call (the decode kernels for all its rows, `rwkv_kernels.sequence_layers`), and per op with
 the products on the decode kernels ("short" in rwkv_kernels.dispatch) and on the GEMM, alternating in one
-process: where the C step and the GEMM cross is where `rwkv_kernels.dispatch.SHORT_ROWS` belongs.
+process: where the C step and the GEMM cross is where the format record's `short_rows` belongs.
 `--profile` splits the decode step (token mode, `--batch` streams, `--steps` tokens per round, `--repeats`
 rounds) into its parts, counted inside the C kernels decode runs (`rwkv_kernels.profile`): per matrix the
 product time with its weight bytes and GB/s, the activation quantisation (int8), the time pool threads
@@ -62,13 +62,16 @@ def chunk_table(model, args):
     """ms per forward of a T-token chunk, three ways alternating: the C sequence step (the decode kernels
     for all the chunk's rows, one call: `rwkv_kernels.sequence_layers` "c"), the per-op sequence path with
     its products on the decode kernels, and the per-op path with the GEMM."""
-    from rwkv_kernels import dispatch
+    from rwkv_kernels import cpu_c, decode, dispatch
     fmt = model.weight_format
+    limit = dispatch.short_rows(fmt)
+    limit = "any number" if limit is None else f"at most {limit}"
     short, gemm = (dispatch.choose("linear", ("cpu", "float32", fmt, shape)) for shape in ("short", "sequence"))
     ways = {"step": dict(sequence_layers="c"), "ops": dict(linear=short), "gemm": dict(linear=gemm)}
-    print(f"{args.model}, {args.weights or 'float32'} weights, {args.threads} threads: one sequence-mode forward "
-          f"of a T-token chunk, median of {args.repeats} (alternating); SHORT_ROWS = {dispatch.SHORT_ROWS} "
-          f"(at most that many rows take the C step)")
+    weights = "synthetic weights" if model.synthetic else model.source
+    print(f"{args.model} ({weights}, {args.weights or 'float32'} weights), {args.threads} threads: one sequence-mode forward "
+          f"of a T-token chunk, median of {args.repeats} (alternating); {fmt}'s short rows for the "
+          f"{cpu_c.best_isa()} build: {limit} (the C step's sequences; it runs {decode.STEP_ROWS} rows a call)")
     print(f"{'T':>5}{'C step (ms)':>14}{'per-op, decode kernels (ms)':>30}{'per-op, GEMM (ms)':>20}{'GEMM / C step':>16}")
     for T in args.chunks:
         ids = torch.randint(0, model.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
@@ -293,7 +296,8 @@ def against_main(args, model, ids, others):
             runs[key].append(time.perf_counter() - t0)
     a, b = statistics.median(runs["ours"]), statistics.median(runs["other"])
     n = args.prompt_tokens
-    print(f"{args.model}, {n}-token prompt, sequence mode, {args.threads} threads, runs alternating, "
+    weights = "synthetic weights" if model.synthetic else model.source
+    print(f"{args.model} ({weights}), {n}-token prompt, sequence mode, {args.threads} threads, runs alternating, "
           f"median of {args.repeats}")
     print(f"{args.weights or 'float32'} weights: {n / a:.1f} tok/s; {args.against} weights: {n / b:.1f} tok/s; "
           f"ratio {b / a:.3f}")
@@ -366,6 +370,7 @@ def main(argv=None):
     others = OthersMeter().start()
     if args.chunks:
         chunk_table(model, args)
+        report_load(others.stop())
         return 0
     if args.against:
         return against_main(args, model, ids, others)

@@ -3,8 +3,8 @@
     logits, state = model.forward(tokens [B, T], state)
 
 T == 1 is token mode (one decode step per stream); T > 1 is sequence mode: on the CPU a short
-sequence (at most `rwkv_kernels.dispatch.SHORT_ROWS` rows) is one C call with the bits of its tokens
-fed one by one, a longer one matrix-matrix products and one WKV scan over time (a long prompt in chunks
+sequence (at most `rwkv_kernels.dispatch.short_rows(format)` rows: 48 for float32, any number for int8
+on the 512-bit build) is C calls with the bits of its tokens fed one by one, a longer one matrix-matrix products and one WKV scan over time (a long prompt in chunks
 of SEQUENCE_CHUNK tokens); `rwkv_kernels.sequence_layers` decides. Both modes update `state` in place
 and return it, so a prompt can be fed in chunks with the state carried.
 """
@@ -167,7 +167,8 @@ def to_inference_form(sd, cfg: RWKVConfig, device, dtype, rescale_every=0, layer
 # Sequence mode runs a prompt of more than SEQUENCE_CHUNK tokens per stream in chunks, the state
 # carried from one to the next, so its working memory (the [B, T, ffn_dim] activations of a layer)
 # is that of one chunk whatever the prompt's length. Chunks are near-equal (never a short tail), so
-# every chunk's products stay on the GEMM rows of rwkv_kernels.dispatch ("sequence", > SHORT_ROWS rows):
+# every chunk's products stay on the rows of rwkv_kernels.dispatch a whole prompt takes (> 2048 rows, past
+# every finite `short_rows`: the GEMM; the C step for a format without a limit, which is chunk-invariant):
 # on the CPU (MKL) the logits are bit-identical to one call over the whole prompt, and prompts up
 # to SEQUENCE_CHUNK tokens run exactly as before on every device.
 SEQUENCE_CHUNK = 4096

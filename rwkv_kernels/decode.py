@@ -20,8 +20,9 @@ A layer is any object with the attributes named in VECTORS and MATRICES (the mod
 `sequence_layers` in csrc/decode_step.h) gives each token a decode step's element-wise work in its
 stream's order and runs the products over all B * T rows at once on the decode kernels (which compute
 each row alone), so its result is that of T decode steps bit for bit; the table takes it for "short"
-sequences (at most SHORT_ROWS rows, or any within `dispatch.rows_independent()`, the server's prefill).
-"composed" is the model's ops on whole sequences (a GEMM past SHORT_ROWS, one WKV scan per layer), for
+sequences (at most `dispatch.short_rows(format)` rows, or any within `dispatch.rows_independent()`, the
+server's prefill), in calls of at most STEP_ROWS rows. "composed" is the model's ops on whole sequences
+(a GEMM past the format's short rows, one WKV scan per layer), for
 longer prompts, other devices and dtypes, and whenever a part is forced.
 
 `decode_token` (op "decode_token") is a whole model's token step, tokens in, logits out: the embedding
@@ -172,8 +173,8 @@ dispatch.register_impl("decode_layers", "composed", decode_layers_composed)
 
 def _sequence_key(plan, x, state):
     tensors = (x, *state)
-    return (dispatch.device_of(*tensors), dispatch.compute_of(*tensors), plan.weight_format(),
-            dispatch.product_shape(x))
+    fmt = plan.weight_format()
+    return dispatch.device_of(*tensors), dispatch.compute_of(*tensors), fmt, dispatch.product_shape(x, fmt)
 
 
 def sequence_layers(plan, x, state, wkv_backend=None, backend=None):
@@ -185,13 +186,22 @@ def sequence_layers(plan, x, state, wkv_backend=None, backend=None):
     return fn(plan, x, state, wkv_backend)
 
 
+# The C step runs a long sequence in calls of at most this many rows (streams x tokens): its products
+# compute each row alone, so the bits do not depend on it, but past ~100 rows the rows' activations
+# fall out of the L2 cache and every row costs more (`python -m bench.modes --chunks`, 169m int8, Intel
+# Xeon 512-bit build, 2026-12-07: 0.65 ms a row at 48-128 rows, 0.72 at 384, 0.86 at 512).
+STEP_ROWS = 64
+
+
 def sequence_layers_c(plan, x, state, wkv_backend=None, isa=None):
     """The layers as one C call (`sequence_layers` in csrc/decode_step.h): each token gets exactly the
     work of a decode step, the products over all B * T rows at once (the decode kernels compute each row
     alone), so the result is bit for bit that of T `decode_layers` steps. The table takes it for "short"
-    sequences (at most SHORT_ROWS rows, or any within `dispatch.rows_independent()`); past SHORT_ROWS the
-    composed implementation's GEMM is faster for the float formats (the packed ones cross later:
-    docs/results.md, Prompts), and SHORT_ROWS is one threshold for all."""
+    sequences (at most `dispatch.short_rows(format)` rows, or any within `dispatch.rows_independent()`):
+    past them the composed implementation's GEMM is faster (each record's crossover, per build: 48 rows
+    for float32, 64-192 for the packed formats on AVX2, none for int8 on the 512-bit build, whose VNNI
+    products beat the GEMM at every length; docs/results.md, Prompts). A sequence of more than STEP_ROWS
+    rows runs in calls of STEP_ROWS rows (whole tokens per stream), the state carried."""
     B, T, C = x.shape
     if not plan.c_usable():
         _, fallback = dispatch.fall_back("sequence_layers", _sequence_key(plan, x, state), plan.unusable)
@@ -202,6 +212,12 @@ def sequence_layers_c(plan, x, state, wkv_backend=None, isa=None):
         for t, r in zip(state, rows):
             t.copy_(r)
         return x
+    step = max(1, STEP_ROWS // B)                              # tokens per stream in one C call
+    if T > step:                                               # in turn, the state carried: the same bits
+        out = torch.empty(B, T, C, dtype=x.dtype)
+        for t in range(0, T, step):
+            out[:, t:t + step] = sequence_layers_c(plan, x[:, t:t + step], state, wkv_backend, isa)
+        return out
     x = x.contiguous().clone()                                 # updated in place by the C call
     ptrs, dims = plan._plan
     att_x, att_a, att_b, att_p, ffn_x = state

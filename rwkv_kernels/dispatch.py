@@ -10,8 +10,8 @@ Both model modes go through it: token mode (one token per stream) and sequence m
   * weight_format: `format_name(w)`: a tensor's dtype name, or a packed weight object's `.format`
     (the name of its record in `rwkv_kernels.formats`); "-" for ops without a weight matrix.
   * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
-    "short" for a sequence of at most SHORT_ROWS rows in all (a prompt chunk or a few prompt tokens),
-    and "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
+    "short" for a sequence of at most `short_rows(format)` rows in all (its record's crossover for the
+    build in use, SHORT_ROWS by default; a prompt chunk or a few prompt tokens), and "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
 The first matching row of TABLE wins ("*" matches anything). A row whose implementation needs the
 C build names a fallback, used (with one warning per process) when the build is unavailable. An op
 made of others (`COMPOSED_OF`: the decode step) runs composed when any of its parts is forced.
@@ -117,6 +117,7 @@ def _rebuild():
         table.append(rule)
     TABLE[:] = table
     _choice_cache.clear()
+    _short_rows.clear()
 
 
 TABLE = []
@@ -126,6 +127,8 @@ ALIASES = {"cpu": ("c", "numpy")}       # backend="cpu": the first of these the 
 _impls = {}                             # (op, name) -> (callable, needs_c)
 _forced = {}                            # op -> impl name
 _choice_cache = {}
+_short_rows = {}                        # format name -> short_rows(name)
+_UNSET = object()
 _warned = set()
 _rebuild()
 formats.on_change(_rebuild)
@@ -233,15 +236,14 @@ def layout_of(*tensors):
     return "contiguous" if all(t.is_contiguous() for t in tensors) else "strided"
 
 
-# A sequence of at most this many rows in all runs as one C call on the decode kernels
+# A sequence of at most `short_rows(format)` rows in all runs as one C step on the decode kernels
 # (`sequence_layers` "c"; per op, its products too) instead of a GEMM, which packs the whole weight matrix
-# for a handful of rows. `python -m bench.modes --chunks ...` (169m, 2 threads, one stream; GEMM time / C
-# step time per forward), Intel Xeon (AMX), 2026-12-07: 512-bit build float32 1.50 at 32 rows, 1.20 at 48,
-# 1.14 at 64, 0.99 at 96; bfloat16 2.09 at 32, 1.88 at 64, 1.47 at 96, 0.95 at 128; int8 4.72 at 32, 3.61
-# at 64, 1.37 at 384; q4_k 5.43 at 32, 2.00 at 128, 0.93 at 256; AVX2 build float32 1.28 at 32, 1.22 at 48,
-# 0.98 at 64; int8 2.42 at 32, 1.43 at 64, 0.96 at 128. 48 is where every format still gains in both builds.
-# (Per op, before the C step, SPR: products on the decode kernels 1.10x the GEMM at 32 rows, 0.93 at 48.)
-SHORT_ROWS = 48
+# for a handful of rows: SHORT_ROWS (48) unless the format's record says otherwise for the build in use.
+# `python -m bench.modes --chunks ...` (169m, 2 threads, one stream; GEMM time / C step time per forward),
+# Intel Xeon (AMX), 2026-12-07, 512-bit build: float32 1.18 at 48 rows, 1.04 at 64, 0.92 at 96; int8 3.30
+# at 48, 1.50 at 512, 1.36 at 2048 (never crossing); q4_k 1.18 at 512, 1.03 at 1024, 0.92 at 2048; AVX2
+# build: float32 1.15 at 48, 0.96 at 64; int8 1.18 at 96, 0.93 at 128; q4_k 1.04 at 192, 0.87 at 256.
+SHORT_ROWS = formats.SHORT_ROWS
 
 
 _local = threading.local()
@@ -261,12 +263,23 @@ def rows_independent():
         _local.rows_independent = before
 
 
-def product_shape(x):
+def short_rows(fmt_name):
+    """The most rows (streams x tokens) a sequence with weights of `fmt_name` may have and still be
+    "short" (the C step, the decode kernels), for the build the C kernels run by default
+    (`cpu_c.best_isa()`); None: any number."""
+    rows = _short_rows.get(fmt_name, _UNSET)
+    if rows is _UNSET:
+        rows = _short_rows[fmt_name] = formats.get(fmt_name).short_rows_for(cpu_c.best_isa())
+    return rows
+
+
+def product_shape(x, fmt_name="float32"):
     """"token" for one token per stream (x [B, in] or [B, 1, in]); "short" for a sequence of at most
-    SHORT_ROWS rows in all (any length within `rows_independent()`); else "sequence"."""
+    `short_rows(fmt_name)` rows in all (any length within `rows_independent()`); else "sequence"."""
     if x.dim() <= 2 or (x.dim() == 3 and x.shape[1] == 1):
         return "token"
-    if x.numel() // x.shape[-1] <= SHORT_ROWS or getattr(_local, "rows_independent", False):
+    limit = short_rows(fmt_name)
+    if limit is None or x.numel() // x.shape[-1] <= limit or getattr(_local, "rows_independent", False):
         return "short"
     return "sequence"
 

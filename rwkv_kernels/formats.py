@@ -35,6 +35,9 @@ MIN_SCALE = 2.0 ** -14          # smallest normal float16: an all-zero block sti
 # The quantisers read a matrix in slices of about this many weights (1 MB of float32), so that the few
 # float32 temporaries of a slice stay a few MB, whatever the matrix (a 14B head is 1 GB in float32).
 PACK_SLICE = 1 << 18
+# A sequence of at most this many rows (streams x tokens) in all runs the C step on the decode kernels
+# rather than the GEMM, unless its format's record says otherwise for the build (`short_rows`).
+SHORT_ROWS = 48
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,13 @@ class WeightFormat:
     layout: Optional[str] = None            # the parts' byte layout, recorded in packed files (None: the plain one)
     from_layout: Optional[Callable] = field(default=None, compare=False)  # (parts, a file's layout or None)
                                             # -> parts in `layout`; ValueError for a layout it cannot read
+    short_rows: Tuple[Tuple[str, Optional[int]], ...] = ()   # (ISA build, rows): the most rows a sequence
+                                            # may have and still run the C step rather than the GEMM (None:
+                                            # any, the C step being the faster at every length); else SHORT_ROWS
+
+    def short_rows_for(self, isa):
+        """The most rows (streams x tokens) of a sequence that runs the C step on `isa`'s build (None: any)."""
+        return dict(self.short_rows).get(isa, SHORT_ROWS)
 
 
 _FORMATS = {}
@@ -195,7 +205,7 @@ def check_c_enum(format_name):
 # ---------------------------------------------------------------------------------------------
 # Plain tensor formats
 
-def _plain(name, code, dtype, embedding_dtype, serves):
+def _plain(name, code, dtype, embedding_dtype, serves, short_rows=()):
     def pack(w, after_slice=None):
         out = w.detach().to(dtype).contiguous()
         if after_slice is not None:
@@ -203,7 +213,7 @@ def _plain(name, code, dtype, embedding_dtype, serves):
         return out
     return WeightFormat(name, code, dtype.itemsize, embedding_dtype, pack, lambda w: w.float(),
                         lambda x, w: (x.double() @ w.double().T).float(), serves, dtype=dtype,
-                        c_parts=lambda w: (w, None))
+                        c_parts=lambda w: (w, None), short_rows=short_rows)
 
 
 # float32 weights: the batched C kernel of cpu_ops for token mode and short prompts, torch's GEMM else
@@ -372,12 +382,20 @@ def block_matvec_reference(x, w):
     return (dots * dx.double()[:, None, :] * w.scale.double()[None]).sum(-1).float()
 
 
+# Each record's `short_rows`: where its C step (in calls of at most rwkv_kernels.decode.STEP_ROWS rows) and
+# the GEMM cross, from `python -m bench.modes --model rwkv-4-pile-169m --weights F --chunks
+# 48,64,96,128,192,256,384,512[,1024,2048]` (GEMM time / C step time per forward), Intel Xeon (AMX),
+# 2 threads, 2026-12-07, both builds (RWKV_ENGINE_ISA=avx2): docs/results.md, Prompts.
 FLOAT32 = register(_plain("float32", 0, torch.float32, torch.float32, _F32_SERVES))
-FLOAT16 = register(_plain("float16", 1, torch.float16, torch.float16, PACKED_SERVES))
-BFLOAT16 = register(_plain("bfloat16", 2, torch.bfloat16, torch.bfloat16, PACKED_SERVES))
+FLOAT16 = register(_plain("float16", 1, torch.float16, torch.float16, PACKED_SERVES,
+                          short_rows=(("avx2", 96), ("avx512", 96))))
+BFLOAT16 = register(_plain("bfloat16", 2, torch.bfloat16, torch.bfloat16, PACKED_SERVES,
+                           short_rows=(("avx2", 64), ("avx512", 96))))
+# the 512-bit build's int8 products (VNNI) beat the GEMM at every length: 1.36x at 2048 rows
+INT8_SHORT_ROWS = (("avx2", 96), ("avx512", None))
 Q8_0 = register(WeightFormat(
     "int8", 3, 1 + 2 / BLOCK, torch.float16,
     pack=lambda w, after_slice=None: quantize_int8(w, after_slice=after_slice),
     dequantize=Int8Weight.dequantize, reference=block_matvec_reference, serves=PACKED_SERVES, block=BLOCK,
     packed_type=Int8Weight, file_parts=("", ".scale"), c_parts=lambda w: (w.q, w.scale),
-    layout=INT8_LAYOUT, from_layout=int8_from_layout))
+    layout=INT8_LAYOUT, from_layout=int8_from_layout, short_rows=INT8_SHORT_ROWS))

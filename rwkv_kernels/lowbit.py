@@ -69,6 +69,10 @@ class Spec:
 SUPER_BYTES = 16                # bytes of scales per super-block of 8 blocks ("q4_k": see the module)
 SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41), "q4_k": Spec(4, True, 44, super_block=True),
          "q5_k": Spec(5, True, 54, super_block=True)}
+# each layout's record's `short_rows` (rwkv_kernels.formats: where its C step and the GEMM cross, per build;
+# the "+cols" variant takes its layout's)
+SHORT_ROWS = {"q5_0": (("avx2", 64), ("avx512", 96)), "q4_1": (("avx2", 64), ("avx512", 128)),
+              "q4_k": (("avx2", 192), ("avx512", 768)), "q5_k": (("avx2", 192), ("avx512", 1024))}
 # the formats' codes in the C library's format enum (csrc/quant_ops.h FMT_*; checked when it loads): the
 # decode step (csrc/decode_step.h) runs their products through lowbit_ops.h
 C_CODES = {"q5_0": 4, "q5_0+cols": 5, "q4_1": 6, "q4_1+cols": 7, "int8+cols": 8, "q4_k": 9, "q4_k+cols": 10,
@@ -668,7 +672,8 @@ for _layout, _spec in SPECS.items():
             _name, C_CODES[_name], _spec.bytes_per_weight, torch.float16,
             pack=lambda w, after_slice=None, _l=_layout, _c=_cols: quantize(w, _l, _c, after_slice=after_slice),
             dequantize=TYPES[_name].dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
-            packed_type=TYPES[_name], c_parts=TYPES[_name].c_parts, file_parts=_file_parts(_spec, _cols)))
+            packed_type=TYPES[_name], c_parts=TYPES[_name].c_parts, file_parts=_file_parts(_spec, _cols),
+            short_rows=SHORT_ROWS[_layout]))
 _name = formats.Q8_0.name + OUTLIER_SUFFIX             # "int8+cols"
 TYPES[_name] = Int8ColsWeight
 RECORDS[_name] = formats.register(formats.WeightFormat(
@@ -676,4 +681,4 @@ RECORDS[_name] = formats.register(formats.WeightFormat(
     pack=lambda w, after_slice=None: quantize_int8_cols(w, after_slice=after_slice),
     dequantize=Int8ColsWeight.dequantize, reference=matvec_reference, serves=SERVES, block=BLOCK,
     packed_type=Int8ColsWeight, file_parts=("", ".scale", ".col"), c_parts=Int8ColsWeight.c_parts,
-    layout=formats.INT8_LAYOUT, from_layout=formats.int8_from_layout))
+    layout=formats.INT8_LAYOUT, from_layout=formats.int8_from_layout, short_rows=formats.INT8_SHORT_ROWS))

@@ -568,9 +568,10 @@ def test_modes_against_alternates_two_formats_and_prints_their_ratio(monkeypatch
     assert modes.main(["--model", TINY, "--weights", "int8", "--against", "float32", "--prompt-tokens", "16",
                        "--repeats", "3"]) == 0
     assert calls == ["int8", "float32"] + ["int8", "float32"] * 3          # warm-ups, then alternating
-    m = re.search(r"int8 weights: ([\d.]+) tok/s; float32 weights: ([\d.]+) tok/s; ratio ([\d.]+)",
-                  capsys.readouterr().out)
+    out = capsys.readouterr().out
+    m = re.search(r"int8 weights: ([\d.]+) tok/s; float32 weights: ([\d.]+) tok/s; ratio ([\d.]+)", out)
     assert m and [float(v) for v in m.groups()] == [16.0, 4.0, 4.0]
+    assert f"{TINY} (synthetic weights), 16-token prompt" in out, out
     bad = cli("bench.modes", "--model", TINY, "--against", "int4")
     assert bad.returncode == 2 and "--against" in bad.stderr
 
@@ -583,8 +584,9 @@ def test_modes_chunks_times_short_chunk_kernels_against_the_gemm():
     for _, a, per_op, b, ratio in rows:                              # C step, per-op kernels, GEMM, GEMM / C step
         a, per_op, b, ratio = float(a), float(per_op), float(b), float(ratio)   # printed to 0.1 ms and 0.01
         assert a > 0 and per_op > 0 and b > 0 and abs(ratio * a - b) <= 0.06 * (1 + ratio) + 0.01 * a
-    from rwkv_kernels import dispatch
-    assert f"SHORT_ROWS = {dispatch.SHORT_ROWS}" in r.stdout
+    from rwkv_kernels import cpu_c, dispatch
+    assert f"float32's short rows for the {cpu_c.best_isa()} build: at most {dispatch.short_rows('float32')} (" in r.stdout
+    assert f"{TINY} (synthetic weights, float32 weights)" in r.stdout and "of the CPU meanwhile" in r.stdout
     bad = cli("bench.modes", "--model", TINY, "--chunks", "0,4")
     assert bad.returncode == 2 and "--chunks" in bad.stderr
 

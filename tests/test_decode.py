@@ -411,10 +411,11 @@ def test_whole_token_step_reports_an_embedding_plan_the_c_step_refuses():
 @needs_c
 @pytest.mark.parametrize("isa", cpu_c.supported_isas())
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("B, T", [(1, 2), (3, 7), (5, 4)])
+@pytest.mark.parametrize("B, T", [(1, 2), (3, 7), (5, 4), (3, 50), (decode.STEP_ROWS + 1, 2)])
 def test_short_sequence_in_c_is_its_decode_steps_bit_for_bit(isa, fmt, B, T):
     """sequence_layers in C: each token gets a decode step's work (the products over all B * T rows at
-    once): x after the layers and the state are exactly those of T decode_layers steps."""
+    once, in calls of at most STEP_ROWS rows, the state carried): x after the layers and the state are
+    exactly those of T decode_layers steps."""
     model = _model(fmt, rescale_every=2 if fmt == "float32" else 0)
     tokens = torch.randint(0, 300, (B, T), generator=torch.Generator().manual_seed(B * T))
     state = model.new_state(B)
@@ -449,10 +450,11 @@ def test_short_prompt_gives_the_logits_and_state_of_its_tokens_one_by_one(fmt):
 
 @needs_c
 def test_sequence_layers_takes_c_for_short_chunks_only_and_composed_when_a_part_is_forced():
-    model = _model("int8")
+    model = _model("q4_k")
     key = lambda T: decode._sequence_key(model._decode, torch.zeros(2, T, 40),
                                          tuple(model.new_state(2).tensors().values()))
-    S = dispatch.SHORT_ROWS
+    S = dispatch.short_rows("q4_k")                                              # the record's, for this build
+    assert S == dict(formats.get("q4_k").short_rows)[cpu_c.best_isa()] >= dispatch.SHORT_ROWS
     assert dispatch.choose("sequence_layers", key(S // 2)) == "c"                # S rows: short
     assert dispatch.choose("sequence_layers", key(S // 2 + 1)) == "composed"     # S + 2 rows: the GEMM's
     with dispatch.rows_independent():
@@ -466,7 +468,7 @@ def test_sequence_layers_takes_c_for_short_chunks_only_and_composed_when_a_part_
         with dispatch.force(linear="quant_torch"):
             model.forward(tokens)
         assert seen == [1]
-        model.forward(torch.randint(0, 300, (1, dispatch.SHORT_ROWS + 1)))      # a long prompt: GEMM
+        model.forward(torch.randint(0, 300, (1, S + 1)))                        # a long prompt: GEMM
         assert seen == [1, 1]
 
 

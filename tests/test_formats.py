@@ -143,3 +143,33 @@ def test_the_c_enum_is_checked_against_the_records():
             cpu_c.CpuOps(cpu_c.build(cpu_c.SOURCE, cpu_c.ops().isa), cpu_c.ops().isa)
     finally:
         formats.unregister(TOY)
+
+
+def test_a_record_sets_where_its_sequences_leave_the_c_step_for_the_gemm_per_build(monkeypatch):
+    """`short_rows` in a record: a sequence of up to its rows for the build in use is "short" (the C step,
+    the decode kernels), one more row "sequence" (the GEMM); None keeps every length on the C step; an
+    ISA it does not name gets SHORT_ROWS. RWKV_ENGINE_ISA picks the build, so the build's rows."""
+    shape = lambda rows, name=TOY: dispatch.product_shape(torch.zeros(1, rows, 8), name)
+    for isa in cpu_c.supported_isas():
+        monkeypatch.setenv("RWKV_ENGINE_ISA", isa)
+        rows = {"avx2": 5, "avx512": 7}
+        formats.register(dataclasses.replace(toy_record(), short_rows=tuple(rows.items())))
+        try:
+            assert dispatch.short_rows(TOY) == rows[isa]
+            assert shape(rows[isa]) == "short" and shape(rows[isa] + 1) == "sequence"
+            assert dispatch.product_shape(torch.zeros(3, 8), TOY) == "token"
+            with dispatch.rows_independent():
+                assert shape(1000) == "short"
+        finally:
+            formats.unregister(TOY)
+        formats.register(dataclasses.replace(toy_record(), short_rows=((isa, None),)))
+        try:
+            assert shape(100_000) == "short"
+        finally:
+            formats.unregister(TOY)
+        formats.register(toy_record())                      # no rows for any build
+        try:
+            S = dispatch.SHORT_ROWS
+            assert shape(S) == "short" and shape(S + 1) == "sequence"
+        finally:
+            formats.unregister(TOY)

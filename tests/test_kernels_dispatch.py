@@ -17,7 +17,7 @@ needs_c = pytest.mark.skipif(not cpu_c.available(), reason=f"C kernels unavailab
 
 def linear_key(x, w):
     return (dispatch.device_of(x, w), dispatch.dtype_name(x.dtype), dispatch.format_name(w),
-            dispatch.product_shape(x))
+            dispatch.product_shape(x, dispatch.format_name(w)))
 
 
 @needs_c
