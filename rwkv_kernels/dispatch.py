@@ -239,10 +239,11 @@ def layout_of(*tensors):
 # A sequence of at most `short_rows(format)` rows in all runs as one C step on the decode kernels
 # (`sequence_layers` "c"; per op, its products too) instead of a GEMM, which packs the whole weight matrix
 # for a handful of rows: SHORT_ROWS (48) unless the format's record says otherwise for the build in use.
-# `python -m bench.modes --chunks ...` (169m, 2 threads, one stream; GEMM time / C step time per forward),
-# Intel Xeon (AMX), 2026-12-07, 512-bit build: float32 1.18 at 48 rows, 1.04 at 64, 0.92 at 96; int8 3.30
-# at 48, 1.50 at 512, 1.36 at 2048 (never crossing); q4_k 1.18 at 512, 1.03 at 1024, 0.92 at 2048; AVX2
-# build: float32 1.15 at 48, 0.96 at 64; int8 1.18 at 96, 0.93 at 128; q4_k 1.04 at 192, 0.87 at 256.
+# `python -m bench.modes --chunks ...` (169m, 2 threads, one stream; GEMM time / C step time per forward,
+# the C step in calls of 64 rows), Intel Xeon (AMX), 2026-12-07, 512-bit build: float32 1.08 at 48 rows,
+# 1.05 at 64, 0.90 at 96; int8 1.58 at 256, 1.50 at 512, 1.28 at 2048 (never crossing); q4_k 1.14 at 512,
+# 1.00 at 768, 0.93 at 1536; AVX2 build: float32 1.01 at 48, 0.94 at 64; int8 1.10 at 96, 0.90 at 128;
+# q4_k 1.04 at 192, 0.93 at 256. Every format's figures: docs/results.md, Prompts.
 SHORT_ROWS = formats.SHORT_ROWS
 
 

@@ -388,7 +388,7 @@ def block_matvec_reference(x, w):
 # 2 threads, 2026-12-07, both builds (RWKV_ENGINE_ISA=avx2): docs/results.md, Prompts.
 FLOAT32 = register(_plain("float32", 0, torch.float32, torch.float32, _F32_SERVES))
 FLOAT16 = register(_plain("float16", 1, torch.float16, torch.float16, PACKED_SERVES,
-                          short_rows=(("avx2", 96), ("avx512", 96))))
+                          short_rows=(("avx2", 64), ("avx512", 96))))
 BFLOAT16 = register(_plain("bfloat16", 2, torch.bfloat16, torch.bfloat16, PACKED_SERVES,
                            short_rows=(("avx2", 64), ("avx512", 96))))
 # the 512-bit build's int8 products (VNNI) beat the GEMM at every length: 1.36x at 2048 rows

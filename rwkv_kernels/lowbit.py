@@ -71,7 +71,7 @@ SPECS = {"q5_0": Spec(5, False, 50), "q4_1": Spec(4, True, 41), "q4_k": Spec(4, 
          "q5_k": Spec(5, True, 54, super_block=True)}
 # each layout's record's `short_rows` (rwkv_kernels.formats: where its C step and the GEMM cross, per build;
 # the "+cols" variant takes its layout's)
-SHORT_ROWS = {"q5_0": (("avx2", 64), ("avx512", 96)), "q4_1": (("avx2", 64), ("avx512", 128)),
+SHORT_ROWS = {"q5_0": (("avx2", 64), ("avx512", 96)), "q4_1": (("avx2", 64), ("avx512", 96)),
               "q4_k": (("avx2", 192), ("avx512", 768)), "q5_k": (("avx2", 192), ("avx512", 1024))}
 # the formats' codes in the C library's format enum (csrc/quant_ops.h FMT_*; checked when it loads): the
 # decode step (csrc/decode_step.h) runs their products through lowbit_ops.h
