@@ -14,6 +14,8 @@ a separate run per format cannot give.
 call (the decode kernels for all its rows, `rwkv_kernels.sequence_layers`), and per op with
 the products on the decode kernels ("short" in rwkv_kernels.dispatch) and on the GEMM, alternating in one
 process: where the C step and the GEMM cross is where the format record's `short_rows` belongs.
+`--step-rows 16,64,100000` adds a column per value: the C step with that many rows a call
+(`rwkv_kernels.decode.STEP_ROWS`, 64; the bits do not depend on it), alternating with the rest.
 `--profile` splits the decode step (token mode, `--batch` streams, `--steps` tokens per round, `--repeats`
 rounds) into its parts, counted inside the C kernels decode runs (`rwkv_kernels.profile`): per matrix the
 product time with its weight bytes and GB/s, the activation quantisation (int8), the time pool threads
@@ -68,23 +70,32 @@ def chunk_table(model, args):
     limit = "any number" if limit is None else f"at most {limit}"
     short, gemm = (dispatch.choose("linear", ("cpu", "float32", fmt, shape)) for shape in ("short", "sequence"))
     ways = {"step": dict(sequence_layers="c"), "ops": dict(linear=short), "gemm": dict(linear=gemm)}
+    ways.update({rows: dict(sequence_layers="c") for rows in args.step_rows or ()})   # the C step, `rows` a call
     weights = "synthetic weights" if model.synthetic else model.source
     print(f"{args.model} ({weights}, {args.weights or 'float32'} weights), {args.threads} threads: one sequence-mode forward "
           f"of a T-token chunk, median of {args.repeats} (alternating); {fmt}'s short rows for the "
           f"{cpu_c.best_isa()} build: {limit} (the C step's sequences; it runs {decode.STEP_ROWS} rows a call)")
-    print(f"{'T':>5}{'C step (ms)':>14}{'per-op, decode kernels (ms)':>30}{'per-op, GEMM (ms)':>20}{'GEMM / C step':>16}")
+    extra = [f"C step, {rows} a call (ms)" for rows in args.step_rows or ()]
+    print(f"{'T':>5}{'C step (ms)':>14}{'per-op, decode kernels (ms)':>30}{'per-op, GEMM (ms)':>20}{'GEMM / C step':>16}"
+          + "".join(f"{h:>{len(h) + 3}}" for h in extra))
     for T in args.chunks:
         ids = torch.randint(0, model.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
         times = {name: [] for name in ways}
         for _ in range(args.repeats + 1):
             for name, forced in ways.items():
-                with dispatch.force(**forced):
-                    state = model.new_state(1)
-                    t0 = time.perf_counter()
-                    model.forward(ids, state)
-                    times[name].append(time.perf_counter() - t0)
-        a, b, c = (statistics.median(times[n][1:]) * 1e3 for n in ways)   # first round: warm-up
-        print(f"{T:>5}{a:>14.1f}{b:>30.1f}{c:>20.1f}{c / a:>16.2f}")
+                step_rows = decode.STEP_ROWS
+                decode.STEP_ROWS = name if isinstance(name, int) else step_rows
+                try:
+                    with dispatch.force(**forced):
+                        state = model.new_state(1)
+                        t0 = time.perf_counter()
+                        model.forward(ids, state)
+                        times[name].append(time.perf_counter() - t0)
+                finally:
+                    decode.STEP_ROWS = step_rows
+        a, b, c, *more = (statistics.median(times[n][1:]) * 1e3 for n in ways)   # first round: warm-up
+        print(f"{T:>5}{a:>14.1f}{b:>30.1f}{c:>20.1f}{c / a:>16.2f}"
+              + "".join(f"{v:>{len(h) + 3}.1f}" for v, h in zip(more, extra)))
 
 
 _MATRIX_PARTS = (("att_receptance", "att r"), ("att_key", "att k"), ("att_value", "att v"), ("att_output", "att o"),
@@ -261,6 +272,8 @@ def build_parser():
     ap.add_argument("--peer", action="store_true", help="also time BlinkDL's rwkv package")
     ap.add_argument("--chunks", default=None, type=positive_int_list,
                     help="comma-separated chunk lengths: time the short-chunk products against the GEMM")
+    ap.add_argument("--step-rows", default=None, type=positive_int_list,
+                    help="--chunks: also time the C step with each of these rows per call (see above)")
     ap.add_argument("--profile", action="store_true", help="split the decode step into its parts (see above)")
     ap.add_argument("--steps", type=positive_int, default=32, help="--profile: decode steps per round (default 32)")
     ap.add_argument("--batch", type=positive_int, default=1, help="--profile: streams decoded together (default 1)")
@@ -355,6 +368,8 @@ def main(argv=None):
         ap.error("--against-step goes with --profile, and not with --against")
     if args.against_src and (not args.profile or args.against or args.against_step):
         ap.error("--against-src goes with --profile, and not with --against or --against-step")
+    if args.step_rows and not args.chunks:
+        ap.error("--step-rows goes with --chunks")
     if args.json:
         check_writable_file(args.json, "--json")           # a ValueError: one line, exit 2 (command)
     torch.set_num_threads(args.threads)

@@ -591,6 +591,27 @@ def test_modes_chunks_times_short_chunk_kernels_against_the_gemm():
     assert bad.returncode == 2 and "--chunks" in bad.stderr
 
 
+def test_modes_step_rows_times_the_c_step_at_each_rows_per_call(monkeypatch, capsys):
+    from bench import modes
+    from rwkv_kernels import decode
+    seen, real = [], decode.sequence_layers_c
+
+    def spy(plan, x, *a, **kw):                    # the calls the C step makes for its pieces
+        seen.append((decode.STEP_ROWS, x.shape[1]))
+        return real(plan, x, *a, **kw)
+    monkeypatch.setattr(decode, "sequence_layers_c", spy)
+    before = decode.STEP_ROWS
+    assert modes.main(["--model", TINY, "--chunks", "40", "--step-rows", "8,1000", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "C step, 8 a call (ms)" in out and "C step, 1000 a call (ms)" in out
+    row = re.search(r"^\s+40((?:\s+[\d.]+){6})$", out, re.M)
+    assert row and all(float(v) > 0 for v in row.group(1).split()), out
+    assert (8, 8) in seen and not any(rows == 1000 for rows, _ in seen)     # 40 rows: 5 calls of 8, or one
+    assert decode.STEP_ROWS == before
+    bad = cli("bench.modes", "--model", TINY, "--step-rows", "8")
+    assert bad.returncode == 2 and "--step-rows goes with --chunks" in bad.stderr
+
+
 def test_a_packed_file_run_without_weights_records_its_own_format(tiny_pth, tmp_path):
     """The runner records the model's own format (before: spec["weights"] or the dtype, so a packed
     int8 file run without --weights was labelled float32); provenance has a word of its own."""
