@@ -51,3 +51,21 @@ def assert_exact_in_every_build_and_batch(matvec_group, x, packed, ref, bound, i
             assert torch.equal(matvec_group([(x[:B].contiguous(), packed)], isa=isa)[0], alone[:B]), (isa, B)
         got[isa] = alone
     assert all(torch.equal(v, got[isas[0]]) for v in got.values())
+
+
+def assert_prompt_products(xs, packed, gemm):
+    """A prompt's product [B, T, in] x packed: on the path the table picks for its shape (bit-equal to
+    the decode kernels on its B * T rows when "short", else the GEMM's), and with the GEMM (`gemm`, an
+    implementation name) forced, the dequantised product within float32 rounding."""
+    import rwkv_kernels
+    import torch
+    from rwkv_kernels import dispatch, quant
+    B, T, I = xs.shape
+    ys = rwkv_kernels.linear(xs, packed)
+    assert ys.shape == (B, T, packed.shape[0])
+    if dispatch.product_shape(xs, dispatch.format_name(packed)) == "short":
+        assert torch.equal(ys, rwkv_kernels.linear(xs.reshape(B * T, I), packed).reshape(B, T, -1))
+    else:
+        assert torch.allclose(ys, quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)
+    with dispatch.force(linear=gemm):
+        assert torch.allclose(rwkv_kernels.linear(xs, packed), quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)

@@ -12,11 +12,11 @@ import torch
 
 import rwkv_engine
 import rwkv_kernels
-from rwkv_kernels import cpu_c, dispatch, formats, lowbit, quant
+from rwkv_kernels import cpu_c, formats, lowbit, quant
 from rwkv_engine import CheckpointError
 from rwkv_engine.checkpoint import synthetic_state_dict
 from rwkv_engine.convert import main as convert_main
-from helpers import assert_exact_in_every_build_and_batch
+from helpers import assert_exact_in_every_build_and_batch, assert_prompt_products
 
 ISAS = cpu_c.supported_isas() if cpu_c.available() else []
 BLOCKS = tuple(lowbit.SPECS)
@@ -471,13 +471,7 @@ def test_linear_dispatch_decode_and_prompt_shapes(fmt):
     assert y.shape == (4, 40)
     assert bool(((y - lowbit.matvec_reference(x, packed)).abs() <= _accumulation_bound(x, packed) + 1e-6).all())
     xs = torch.randn(2, 100, 96)                                 # a prompt: [B, T, C]
-    ys = rwkv_kernels.linear(xs, packed)
-    if dispatch.product_shape(xs, fmt) == "short":               # within the record's short rows: the
-        assert torch.equal(ys, rwkv_kernels.linear(xs.reshape(200, 96), packed).reshape(2, 100, 40))  # decode kernels
-    else:
-        assert torch.allclose(ys, quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)
-    with dispatch.force(linear="lowbit_gemm"):                   # the GEMM over dequantised slices
-        assert torch.allclose(rwkv_kernels.linear(xs, packed), quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)
+    assert_prompt_products(xs, packed, "lowbit_gemm")
     out = torch.ones(4, 40)
     rwkv_kernels.linear_accumulate_(x, packed, out)
     assert torch.allclose(out, 1 + y, atol=1e-6)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import rwkv_kernels
-from rwkv_kernels import cpu_c, dispatch, formats, quant
-from helpers import assert_exact_in_every_build_and_batch
+from rwkv_kernels import cpu_c, formats, quant
+from helpers import assert_exact_in_every_build_and_batch, assert_prompt_products
 
 ISAS = quant.supported_isas() if cpu_c.available() else []
 FORMATS16 = ("float16", "bfloat16")
@@ -414,14 +414,7 @@ def test_linear_dispatch_decode_and_prompt_shapes(fmt):
     y = rwkv_kernels.linear(x, packed)                                # token mode: [B, C]
     assert y.shape == (4, 40) and bool(((y - exact).abs() <= tol).all())
     xs = torch.randn(2, 100, 96)                                 # a prompt: [B, T, C]
-    ys = rwkv_kernels.linear(xs, packed)
-    assert ys.shape == (2, 100, 40)
-    if dispatch.product_shape(xs, fmt) == "short":               # within the record's short rows: the
-        assert torch.equal(ys, rwkv_kernels.linear(xs.reshape(200, 96), packed).reshape(2, 100, 40))  # decode kernels
-    else:
-        assert torch.allclose(ys, quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)
-    with dispatch.force(linear="quant_gemm"):                    # the GEMM over dequantised slices
-        assert torch.allclose(rwkv_kernels.linear(xs, packed), quant.dequantized_linear(xs, packed), rtol=1e-4, atol=1e-4)
+    assert_prompt_products(xs, packed, "quant_gemm")
     r, k = rwkv_kernels.linear_group((x, packed), (x, packed))
     assert torch.equal(r, k) and torch.equal(r, y)
     out = torch.ones(4, 40)
