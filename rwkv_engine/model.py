@@ -4,9 +4,10 @@
 
 T == 1 is token mode (one decode step per stream); T > 1 is sequence mode: on the CPU a short
 sequence (at most `rwkv_kernels.dispatch.short_rows(format)` rows: 48 for float32, any number for int8
-on the 512-bit build) is C calls with the bits of its tokens fed one by one, a longer one matrix-matrix products and one WKV scan over time (a long prompt in chunks
-of SEQUENCE_CHUNK tokens); `rwkv_kernels.sequence_layers` decides. Both modes update `state` in place
-and return it, so a prompt can be fed in chunks with the state carried.
+on the 512-bit build) is C calls with the bits of its tokens fed one by one, a longer one matrix-matrix
+products and one WKV scan over time (a long prompt in chunks of SEQUENCE_CHUNK tokens);
+`rwkv_kernels.sequence_layers` decides. Both modes update `state` in place and return it, so a prompt
+can be fed in chunks with the state carried.
 """
 from dataclasses import dataclass, fields
 

@@ -11,7 +11,8 @@ Both model modes go through it: token mode (one token per stream) and sequence m
     (the name of its record in `rwkv_kernels.formats`); "-" for ops without a weight matrix.
   * shape: for products, "token" when x holds one token per stream (x [B, in] or [B, 1, in]),
     "short" for a sequence of at most `short_rows(format)` rows in all (its record's crossover for the
-    build in use, SHORT_ROWS by default; a prompt chunk or a few prompt tokens), and "sequence" otherwise; for element-wise ops, "contiguous" or "strided".
+    build in use, SHORT_ROWS by default; a prompt chunk or a few prompt tokens), and "sequence"
+    otherwise; for element-wise ops, "contiguous" or "strided".
 The first matching row of TABLE wins ("*" matches anything). A row whose implementation needs the
 C build names a fallback, used (with one warning per process) when the build is unavailable. An op
 made of others (`COMPOSED_OF`: the decode step) runs composed when any of its parts is forced.
@@ -274,7 +275,7 @@ def short_rows(fmt_name):
     return rows
 
 
-def product_shape(x, fmt_name="float32"):
+def product_shape(x, fmt_name):
     """"token" for one token per stream (x [B, in] or [B, 1, in]); "short" for a sequence of at most
     `short_rows(fmt_name)` rows in all (any length within `rows_independent()`); else "sequence"."""
     if x.dim() <= 2 or (x.dim() == 3 and x.shape[1] == 1):

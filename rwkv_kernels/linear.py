@@ -52,8 +52,8 @@ dispatch.register_impl("linear", "reference", linear_reference_impl)
 
 
 def _key(x, weight):
-    return (dispatch.device_of(x, weight), dispatch.dtype_name(x.dtype), dispatch.format_name(weight),
-            dispatch.product_shape(x, dispatch.format_name(weight)))
+    fmt = dispatch.format_name(weight)
+    return dispatch.device_of(x, weight), dispatch.dtype_name(x.dtype), fmt, dispatch.product_shape(x, fmt)
 
 
 def _run(pairs, out=None, accumulate=False, backend=None):

@@ -16,8 +16,8 @@ needs_c = pytest.mark.skipif(not cpu_c.available(), reason=f"C kernels unavailab
 
 
 def linear_key(x, w):
-    return (dispatch.device_of(x, w), dispatch.dtype_name(x.dtype), dispatch.format_name(w),
-            dispatch.product_shape(x, dispatch.format_name(w)))
+    fmt = dispatch.format_name(w)
+    return dispatch.device_of(x, w), dispatch.dtype_name(x.dtype), fmt, dispatch.product_shape(x, fmt)
 
 
 @needs_c
