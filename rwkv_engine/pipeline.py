@@ -35,7 +35,7 @@ from .contract import as_dtype
 from .model import LoadOptions
 from .process import usable_cores
 from .sampling import SamplingParams
-from .stage import TAG_LOGITS, TAG_X, Boundary, Header, PipelineError, hostname, init
+from .stage import TAG_LOGITS, TAG_X, Boundary, Header, PipelineError, hostname, init, process_token
 from .state import State
 
 OP_FORWARD, OP_NEW_STATE, OP_FREE_STATE, OP_CLONE_STATE, OP_SELECT_STATE, OP_CAT_STATES, OP_PING, OP_SHUTDOWN = range(1, 9)
@@ -650,10 +650,12 @@ def _load_stage(name_or_path, checkpoint, seed, options, store, run):
     """Load this rank's layers (every rank learns whether all loaded) -> its Stage."""
     try:
         model = load_model(name_or_path, checkpoint=checkpoint, seed=seed, options=options)
-        info = {"host": hostname(), "error": None}
+        info = {"host": hostname(), "process": process_token(), "error": None}
     except (ValueError, OSError, RuntimeError, MemoryError) as e:
-        info = {"host": hostname(), "error": f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)}
+        info = {"host": hostname(), "process": process_token(),
+                "error": f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)}
     infos = _agree(info, "load")
     boundary = Boundary(store, options.device, run.load_timeout_s)
     boundary.hosts = {r: i["host"] for r, i in enumerate(infos)}
+    boundary.processes = {r: i["process"] for r, i in enumerate(infos)}
     return Stage(model, boundary)

@@ -8,7 +8,9 @@ rank 0 (`TAG_LOGITS`). Each (peer, tag) channel is FIFO, so items are matched by
 Every wait is bounded by `timeout`, a worker's wait for the next operation too (rank 0 pings idle
 workers well within it); start-up collectives by the process group's (longer) timeout. A failure
 becomes one `PipelineError` that names the rank at fault, decided from the reports every rank that
-noticed the failure leaves in the rendezvous store (see `Boundary.fail`).
+noticed the failure leaves in the rendezvous store (see `Boundary.fail`). gloo does not always see
+a killed peer's socket close; a rank that times out first looks the ranks of its own machine up in
+/proc (`process_gone`), so a dead local rank is reported as dead, not as hung.
 
 gloo (CPU) is what this has run on. With NCCL the same calls carry CUDA tensors, and `init` sets
 TORCH_NCCL_BLOCKING_WAIT=1 so that `work.wait(timeout)` blocks and times out on the host
@@ -68,6 +70,7 @@ class Boundary:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.store = store
         self.hosts = {}          # rank -> hostname, filled by the start-up check
+        self.processes = {}      # rank -> process_token(), filled by the start-up check
 
     # -- headers: rank 0 -> every worker ----------------------------------------------------
     def send_header(self, header: Header, payload=()):
@@ -133,6 +136,8 @@ class Boundary:
     def describe(self, peer, kind, idle=False):
         if kind == "died":
             return f"{self.where(peer)} died: its connection to {self.where(self.rank)} closed"
+        if kind == "exited":
+            return f"{self.where(peer)} died: its process (pid {self.processes[peer].split(':')[2]}) has exited"
         what = "sent nothing (not even a keep-alive) for" if idle else "did not answer within"
         return f"{self.where(peer)} {what} {self.timeout.total_seconds():g} s (hung or unreachable)"
 
@@ -143,7 +148,14 @@ class Boundary:
         closed; "timeout": `peer` did not answer in time. The verdict prefers a rank's own error,
         then a closed connection (first-hand), then the earliest rank in the chain that timed out
         waiting for its predecessor (the ranks after it were only waiting on it)."""
+        if kind == "timeout":            # gloo can miss a dead peer's closed socket: ask this machine
+            gone = next((r for r in sorted(self.processes, key=lambda r: (r != peer, r))
+                         if r != self.rank and process_gone(self.processes[r])), None)
+            if gone is not None:
+                peer, kind = gone, "exited"
         own = f"{self.where(self.rank)} failed: {detail}" if kind == "error" else self.describe(peer, kind, idle)
+        if kind == "exited":
+            kind = "died"
         reports = {self.rank: (kind, peer, own)}
         try:
             self.store.set(f"fault/{self.rank}", f"{kind}|{peer}|{own}")
@@ -221,3 +233,47 @@ def init(backend=None, timeout_s=60.0):
 
 def hostname():
     return socket.gethostname()
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _start_time(stat):
+    """/proc/PID/stat -> (state, start time in clock ticks); the name (field 2) may hold spaces."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], fields[19]
+
+
+def process_token(pid=None):
+    """This process (or `pid`) as "boot id:pid namespace:pid:start time", or "" where /proc does not
+    say (not Linux). Two tokens with the same boot id and pid namespace name processes another
+    process can look up in its own /proc; the start time tells a reused pid from the original."""
+    pid = os.getpid() if pid is None else pid
+    boot, stat = _read("/proc/sys/kernel/random/boot_id"), _read(f"/proc/{pid}/stat")
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    if not boot or not stat:
+        return ""
+    return f"{boot.strip()}:{ns}:{pid}:{_start_time(stat)[1]}"
+
+
+def process_gone(token):
+    """True when `token` (process_token) names a process of this machine and pid namespace that has
+    exited (gone, or a zombie not yet reaped); False when it runs or when this machine cannot tell
+    (another machine or namespace, no /proc)."""
+    mine = process_token()
+    if not token or not mine or token.split(":")[:2] != mine.split(":")[:2]:
+        return False
+    pid, started = token.split(":")[2:]
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return True
+    state, start = _start_time(stat)
+    return state in ("Z", "X") or start != started

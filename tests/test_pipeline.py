@@ -147,6 +147,63 @@ def test_a_stage_reads_only_its_tensors(ckpt):
         stage.forward([[1]])
 
 
+def test_process_tokens_tell_a_running_process_from_an_exited_one_on_this_machine_only():
+    from rwkv_engine.stage import process_gone, process_token
+    me = process_token()
+    boot, ns, pid, started = me.split(":")
+    assert pid == str(os.getpid()) and not process_gone(me)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    token = process_token(child.pid)
+    try:
+        assert not process_gone(token)
+        os.kill(child.pid, signal.SIGSTOP)                   # stopped (hung) is not gone
+        assert not process_gone(token)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not process_gone(token) and time.monotonic() < deadline:   # a zombie counts as gone
+            time.sleep(0.01)
+        assert process_gone(token)
+    finally:
+        child.kill()
+        child.wait()
+    assert process_gone(token)                                # reaped
+    assert process_gone(f"{boot}:{ns}:{pid}:{int(started) + 1}")       # the pid reused by another process
+    assert not process_gone(f"another-boot:{ns}:{pid}:{started}")     # another machine: cannot tell
+    assert not process_gone(f"{boot}:{int(ns) + 1}:{child.pid}:{started}") and not process_gone("")
+
+
+@pytest.mark.parametrize("peer", ["running", "exited"])
+def test_a_timeout_on_a_rank_whose_process_exited_is_reported_as_its_death(store, peer):
+    """gloo does not always see a killed peer's socket close (CI once timed out on one instead):
+    a rank that times out asks its own /proc about the ranks on its machine before reporting."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from rwkv_engine.stage import Boundary, process_token
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    boundary = Boundary.__new__(Boundary)
+    boundary.rank, boundary.world, boundary.timeout = 0, 3, datetime.timedelta(seconds=3)
+    boundary.store = dist.PrefixStore("fault_test/", store)
+    boundary.store.set_timeout(datetime.timedelta(seconds=2))
+    boundary.hosts = {0: "h0", 1: "h1", 2: "h2"}
+    boundary.processes = {0: process_token(), 1: "", 2: process_token(child.pid)}   # rank 1: another machine
+    if peer == "exited":
+        child.kill()
+        child.wait()
+    try:
+        with pytest.raises(PipelineError) as e:
+            boundary.fail(1, "timeout")
+    finally:
+        child.kill()
+        child.wait()
+    if peer == "exited":
+        assert str(e.value) == f"rank 2 (h2) died: its process (pid {child.pid}) has exited"
+        assert boundary.store.get("fault/0").decode().startswith("died|2|")
+    else:
+        assert str(e.value) == "rank 1 (h1) did not answer within 3 s (hung or unreachable)"
+
+
 def test_release_pages_drops_only_file_mapped_pages(tmp_path):
     anonymous = torch.randn(1 << 18)
     copy = anonymous.clone()
