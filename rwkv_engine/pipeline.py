@@ -648,12 +648,11 @@ def _agree_on_checkpoint(path, options, run, world):
 
 def _load_stage(name_or_path, checkpoint, seed, options, store, run):
     """Load this rank's layers (every rank learns whether all loaded) -> its Stage."""
+    info = {"host": hostname(), "process": process_token(), "error": None}
     try:
         model = load_model(name_or_path, checkpoint=checkpoint, seed=seed, options=options)
-        info = {"host": hostname(), "process": process_token(), "error": None}
     except (ValueError, OSError, RuntimeError, MemoryError) as e:
-        info = {"host": hostname(), "process": process_token(),
-                "error": f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)}
+        info["error"] = f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)
     infos = _agree(info, "load")
     boundary = Boundary(store, options.device, run.load_timeout_s)
     boundary.hosts = {r: i["host"] for r, i in enumerate(infos)}

@@ -136,8 +136,6 @@ class Boundary:
     def describe(self, peer, kind, idle=False):
         if kind == "died":
             return f"{self.where(peer)} died: its connection to {self.where(self.rank)} closed"
-        if kind == "exited":
-            return f"{self.where(peer)} died: its process (pid {self.processes[peer].split(':')[2]}) has exited"
         what = "sent nothing (not even a keep-alive) for" if idle else "did not answer within"
         return f"{self.where(peer)} {what} {self.timeout.total_seconds():g} s (hung or unreachable)"
 
@@ -148,14 +146,13 @@ class Boundary:
         closed; "timeout": `peer` did not answer in time. The verdict prefers a rank's own error,
         then a closed connection (first-hand), then the earliest rank in the chain that timed out
         waiting for its predecessor (the ranks after it were only waiting on it)."""
+        own = f"{self.where(self.rank)} failed: {detail}" if kind == "error" else self.describe(peer, kind, idle)
         if kind == "timeout":            # gloo can miss a dead peer's closed socket: ask this machine
             gone = next((r for r in sorted(self.processes, key=lambda r: (r != peer, r))
                          if r != self.rank and process_gone(self.processes[r])), None)
             if gone is not None:
-                peer, kind = gone, "exited"
-        own = f"{self.where(self.rank)} failed: {detail}" if kind == "error" else self.describe(peer, kind, idle)
-        if kind == "exited":
-            kind = "died"
+                pid = self.processes[gone].split(":")[2]
+                peer, kind, own = gone, "died", f"{self.where(gone)} died: its process (pid {pid}) has exited"
         reports = {self.rank: (kind, peer, own)}
         try:
             self.store.set(f"fault/{self.rank}", f"{kind}|{peer}|{own}")
