@@ -171,14 +171,15 @@ def test_16bit_stream_tiles_give_each_stream_its_single_stream_bits(isa, fmt, O,
 
 @needs_c
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("O, I", [(9, 77), (37, 1000), (130, 2080), (11, 1270)])
+@pytest.mark.parametrize("O, I", [(9, 77), (37, 1000), (130, 2080), (11, 1270), (6, 411)])
 def test_int8_stream_tiles_give_each_stream_its_single_stream_bits(isa, O, I):
     """Several streams run tiles of 4 rows x up to 4 streams (512-bit build) that share each weight load
     and each stream's x across the tile: every stream's output is bitwise its output alone, whatever the
     batch size and the stream's place in a tile, with odd block counts (77 and 2080 in), a last group of
     exactly 8 blocks (1270 in: 2 groups of 16 and one of 8, its last block padded; 169m's rows of 768
-    end so, and both builds give that group its own path) and rows that do not fill a tile of 4 (9, 37,
-    130, 11 out)."""
+    end so, and both builds give that group its own path), a group of 13 blocks (411 in: x's interleave
+    moves 8 blocks in registers and 5 a dword at a time) and rows that do not fill a tile of 4 (9, 37,
+    130, 11, 6 out)."""
     x, w = _data(17, O, I, seed=5)
     x[3, : min(I, 40)] *= 30                                  # blocks whose x quantises to +-127
     packed = quant.pack(w, "int8")
