@@ -127,13 +127,7 @@ static inline void lb_k_scale(const uint16_t *sb, int k, float *d, float *m) {
 /* LB_Q4_K, LB_Q5_K: x's int8 blocks in the nibbles' order: per super-block, dword k (bytes 4k..4k+3) of block l
  * moves to dword 8k + l, so that chunk c's low (high) nibbles meet x's dwords 16c + 0..7 (8..15). */
 static void lb_k_interleave_x(int8_t *q, int64_t Ip) {
-    for (int64_t s0 = 0; s0 < Ip; s0 += 8 * LB_QB) {
-        uint32_t in[64], out[64];
-        memcpy(in, q + s0, sizeof in);
-        for (int l = 0; l < 8; l++)
-            for (int k = 0; k < 8; k++) out[8 * k + l] = in[8 * l + k];
-        memcpy(q + s0, out, sizeof out);
-    }
+    for (int64_t s0 = 0; s0 < Ip; s0 += 8 * LB_QB) dw_transpose8(q + s0, q + s0, 32);
 }
 
 /* ---- activations ---------------------------------------------------------------------------- */
