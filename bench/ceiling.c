@@ -13,6 +13,8 @@
  *   i8xor_avx2    int8 exact, the several-stream tile's form: 4 x 2 of XOR (w with x's sign mask) +
  *                 maddubs + madd + add per 32 weights (quant_ops.h's AVX2 tile; the caller adds the
  *                 blocks' sums of |x| over negative x, which the loop leaves out)
+ *   i8xor_scaled_avx2  i8xor_avx2 plus the int8 format's per-8-block work (convert, scale product, FMA
+ *                 into float accumulators), as quant_ops.h's AVX2 tile: the format's bound at many streams
  *   i8pos_avx2    int8 weights x non-negative int8 x (the FFN's value product): 4 x 2 of maddubs + madd +
  *                 add per 32 weights, the sign step left out (quant_ops.h's AVX2 tile where x >= 0)
  *   f32_avx512    float32: 4 rows x 4 streams of 16-lane FMAs (cpu_ops.c's 512-bit tile)
@@ -106,6 +108,7 @@ double i8xor_avx2(const int8_t *w, const int8_t *mask, const uint8_t *xa, int64_
 }
 #undef POS
 
+
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 double f32_avx512(const float *w, const float *x, int64_t n, int64_t reps, double *sec) {
     __m512 a[4][4];
@@ -151,3 +154,63 @@ double i8_vnni(const int8_t *w, const int8_t *x, int64_t n, int64_t reps, double
     return s;
 }
 #endif
+
+/* i8xor_avx2's loop plus the int8 format's work per 8 blocks, as quant_ops.h's AVX2 tile does it after
+ * each 8 steps of 32 bytes (one half group: 8 blocks of each row): per (row, stream) the integer sums
+ * converted to float, times the blocks' scale products (the row's float16 scales widened, times the
+ * stream's float scales), FMA'd into float accumulators kept in memory (as the tile's are), and the integer
+ * sums restarted from the blocks' corrections. The scales are `scale` (1 makes the sum checkable), the
+ * corrections 0; both are loaded from memory each time, as in the tile. n: a multiple of 256. So its
+ * rate is the most an int8 kernel of the format's float order can reach, where i8xor_avx2 is the mix's. */
+#define I8S_STEP(r, t, wv)                                                                               \
+    do {                                                                                                 \
+        c[r][t] = _mm256_add_epi32(c[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(a##t,                  \
+                                                                _mm256_xor_si256(wv, x##t)), ones));    \
+        __asm__("" : "+x"(c[r][t]));                                                                      \
+    } while (0)
+double i8xor_scaled_avx2(const int8_t *w, const int8_t *x, const uint8_t *xa, int64_t n, int64_t reps,
+                         double scale, double *sec) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    uint16_t sw[4][8];
+    float dx[2][8];
+    int32_t corr[2][8] = {{0}};
+    float acc[4][2][8] = {{{0}}};
+    for (int l = 0; l < 8; l++) {
+        for (int r = 0; r < 4; r++) sw[r][l] = _cvtss_sh((float)scale, 0);
+        for (int t = 0; t < 2; t++) dx[t][l] = (float)scale;
+    }
+    __m256i c[4][2];
+    const double t0 = now_s();
+    for (int64_t k = 0; k < reps; k++)
+        for (int64_t i0 = 0; i0 < n; i0 += 256) {
+            for (int t = 0; t < 2; t++) {
+                const __m256i c0 = _mm256_loadu_si256((const __m256i *)corr[t]);
+                for (int r = 0; r < 4; r++) c[r][t] = c0;
+            }
+            for (int64_t i = i0; i < i0 + 256; i += 32) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + i));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + n + i));
+                const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xa + i));
+                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xa + n + i));
+                for (int r = 0; r < 4; r++) {
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * n + i));
+                    I8S_STEP(r, 0, wv);
+                    I8S_STEP(r, 1, wv);
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sw[r]));
+                for (int t = 0; t < 2; t++)
+                    _mm256_storeu_ps(acc[r][t], _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[r][t]),
+                                                                _mm256_mul_ps(s, _mm256_loadu_ps(dx[t])),
+                                                                _mm256_loadu_ps(acc[r][t])));
+            }
+        }
+    *sec = now_s() - t0;
+    double total = 0;
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 2; t++)
+            for (int l = 0; l < 8; l++) total += acc[r][t][l];
+    return total;
+}
+#undef I8S_STEP
