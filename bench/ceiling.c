@@ -108,7 +108,6 @@ double i8xor_avx2(const int8_t *w, const int8_t *mask, const uint8_t *xa, int64_
 }
 #undef POS
 
-
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 double f32_avx512(const float *w, const float *x, int64_t n, int64_t reps, double *sec) {
     __m512 a[4][4];
@@ -164,12 +163,12 @@ double i8_vnni(const int8_t *w, const int8_t *x, int64_t n, int64_t reps, double
  * rate is the most an int8 kernel of the format's float order can reach, where i8xor_avx2 is the mix's. */
 #define I8S_STEP(r, t, wv)                                                                               \
     do {                                                                                                 \
-        c[r][t] = _mm256_add_epi32(c[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(a##t,                  \
-                                                                _mm256_xor_si256(wv, x##t)), ones));    \
-        __asm__("" : "+x"(c[r][t]));                                                                      \
+        I8_STEP(c[r][t], wv, t);                                                                         \
+        __asm__("" : "+x"(c[r][t]));              /* kept in a register, as the tile's (b4560c6) */      \
     } while (0)
 double i8xor_scaled_avx2(const int8_t *w, const int8_t *x, const uint8_t *xa, int64_t n, int64_t reps,
                          double scale, double *sec) {
+    const int MODE = 2;                           /* I8_STEP's XOR form */
     const __m256i ones = _mm256_set1_epi16(1);
     uint16_t sw[4][8];
     float dx[2][8];

@@ -594,8 +594,9 @@ static inline __attribute__((always_inline)) void tile_q8(const int S, const int
 
 #else
 /* Several streams, AVX2 build: 4 rows x S streams (S <= 2), dword-major like the 512-bit tile, each half
- * (lanes 0-7, 8-15) of a group in turn: per dword, the 4 rows' and the S streams' 32-byte loads once
- * each for 4 x S XOR + maddubs + madd. In place of a sign step (vpsignb: slow on AMD, bench.ceiling,
+ * (lanes 0-7, 8-15) of a group in turn: per dword, the S streams' 32-byte loads once each and each
+ * row's once per stream (an XOR's memory operand: 1.02-1.03x against one register per row, which costs
+ * a register the chains need) for 4 x S XOR + maddubs + madd. In place of a sign step (vpsignb: slow on AMD, bench.ceiling,
  * and -(-128) wraps) w is XORed with x's sign mask, which gives -w - 1 where x < 0, and the integer
  * accumulators start at corr (the sum of |x| over the block's negative x) to make up the -1s: the same
  * integers. Zen 4, AVX2 build, 169m, 16 streams, against the sign step: the signed products 1.05-1.10x,
