@@ -308,9 +308,9 @@ static inline void dw_transpose8(const int8_t *src, int8_t *dst, int64_t dstride
 
 /* row-major int8 [nb * 32] -> the interleaved layout (for x; the weights are laid out in Python). Each
  * 8 blocks of a group are a dw_transpose8 (block l's dword g to dword g m + l); blocks past the last 8
- * of a group go one dword at a time. Against the dword-at-a-time loop (Zen 4, AVX2 build, one thread,
- * 16 streams): 768 inputs 2.5 -> 0.34 us, 3072 8.5 -> 0.95 us: from 40% of the activation quantisation
- * to 8%. */
+ * of a group go one dword at a time. Against the dword-at-a-time loop (a scratch harness; Zen 4, AVX2
+ * build, one thread, 16 streams): 768 inputs 2.5 -> 0.34 us, 3072 8.5 -> 0.95 us, from 40% of the
+ * activation quantisation to 8%; the 16-stream step's quantisation 1.20 -> 0.98 ms (bench.modes). */
 static void q8_interleave(const int8_t *src, int8_t *dst, int64_t nb) {
     for (int64_t j0 = 0; j0 < nb; j0 += QG) {
         const int m = nb - j0 >= QG ? QG : (int)(nb - j0);
