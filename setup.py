@@ -11,6 +11,7 @@ setup(
     package_data={"rwkv_engine": ["data/20B_tokenizer.json"], "rwkv_kernels": ["csrc/*.c", "csrc/*.h"]},
     install_requires=["torch>=2.1", "numpy", "triton", "tokenizers", "safetensors", "psutil",
                       "threadpoolctl", "matplotlib", "tqdm",
-                      "fastapi", "uvicorn", "prometheus_client"],         # fastapi..: rwkv_engine.serve
+                      "fastapi", "uvicorn", "prometheus_client",          # fastapi..: rwkv_engine.serve
+                      "aiohttp"],                                          # bench.serve's clients
     extras_require={"test": ["pytest", "rwkv==0.8.32", "transformers>=4.40", "openai", "httpx"]},
 )
