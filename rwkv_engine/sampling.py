@@ -144,7 +144,7 @@ def sample_temperature_rows(logits, temperature, generators):
                          f"temperature > 0; got {tuple(logits.shape)} {logits.dtype} on {logits.device}, "
                          f"{len(generators)} generators, temperature {temperature}")
     SamplingParams(temperature=temperature)                            # validates it
-    u = torch.cat([_uniform(1, g, logits.device) for g in generators])
+    u = _uniform_rows(generators, logits.device)
     tokens = _sample_rows(logits, temperature, u).tolist()
     return [_no_token_error(logits[i:i + 1]) if token < 0 else token for i, token in enumerate(tokens)]
 
@@ -152,6 +152,12 @@ def sample_temperature_rows(logits, temperature, generators):
 def _uniform(n, generator, device):
     """n draws in (0, 1], float64: sample()'s u, from torch.rand of the generator."""
     return (1.0 - torch.rand(n, generator=generator, device=device)).double()
+
+
+def _uniform_rows(generators, device):
+    """One draw per generator: row i is _uniform(1, generators[i], device), the same float32 operations
+    done once for all rows (3 torch calls a row cost ~9 us each in a 16-stream output step)."""
+    return (1.0 - torch.cat([torch.rand(1, generator=g, device=device) for g in generators])).double()
 
 
 def _sample_rows(logits, temperature, u):

@@ -252,6 +252,17 @@ def test_invalid_arguments_fail_when_stream_is_called(model):
         stream(model, [1], stop_tokens=[1.5])
 
 
+def test_the_rows_draws_are_each_generators_own_draw_bit_for_bit():
+    """The batched sampler's u (one torch.rand per generator, the arithmetic once for all rows) is, row by
+    row, the u that sample() draws alone from the same generator."""
+    from rwkv_engine.sampling import _uniform, _uniform_rows
+    for step in range(20):
+        together = _uniform_rows([torch.Generator().manual_seed(100 * step + i) for i in range(7)], "cpu")
+        alone = torch.cat([_uniform(1, torch.Generator().manual_seed(100 * step + i), "cpu") for i in range(7)])
+        assert together.dtype == torch.float64 and torch.equal(together, alone)
+        assert bool((together > 0).all() and (together <= 1).all())
+
+
 def test_temperature_rows_sampled_together_equal_each_row_alone():
     """sample_temperature_rows (the server's batched sampling) gives each row the token sample()
     draws for it alone with the same generator; a NaN row gets sample()'s error, the rest go on."""
