@@ -78,7 +78,7 @@ static inline vf vexp(vf x) {
     __mmask16 lo = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
     __mmask16 hi = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72283f), _CMP_GT_OQ);
     /* below the bound the lane is 0 (lo); computing it from the bound keeps scalef's n >= -126, as
-     * from x itself scalef makes subnormals or underflows there, which cost this CPU ~9x a call
+     * from x itself scalef makes subnormals or underflows there, ~9x a call on an Intel Xeon (AMX)
      * (max(bound, x) is x for NaN and for every x at or above the bound: the same bits there) */
     vf xc = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
     vf n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
