@@ -270,3 +270,36 @@ def test_another_sources_build_runs_with_this_builds_loop_settings(tmp_path):
         lib.set_wide16(*before[1:3])
         lib.set_f32_pf(before[3])
     assert settings(lib) == before
+
+
+# -- the vector exp (cpu_ops.c `vexp`, and the sampler's `weight_exp` in sample.h) --------------------------
+
+def _exp_lanes(ops, x, variant):
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ops.lib.exp_lanes(x.data_ptr(), out.data_ptr(), x.numel(), variant)
+    return out
+
+
+def test_vector_exp_is_within_2_ulp_and_saturates_as_documented(ops):
+    """vexp: |relative error| < 2 ulp on [-87.3, 88.7] against float64, 0 below, +inf above, NaN stays NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-87.33, 88.72, 160000), torch.empty(16000).uniform_(-87.33, 88.72, generator=g)])
+    y, want = _exp_lanes(ops, x, 0).double(), torch.exp(x.double())
+    ulp = torch.abs(y - want) / (torch.finfo(torch.float32).eps * want.abs())
+    assert float(ulp.max()) < 2.0, float(ulp.max())
+    edges = torch.tensor([-87.34, -88.0, -100.0, -200.0, -1e30, float("-inf"), 88.73, 100.0, 1e30, float("inf"),
+                          float("nan"), 0.0, -0.0, 1.0, -1.0, 2.0])
+    got = _exp_lanes(ops, edges, 0)
+    assert (got[:6] == 0).all() and torch.isinf(got[6:10]).all() and (got[6:10] > 0).all()
+    assert torch.isnan(got[10]) and got[11] == 1 and got[12] == 1
+
+
+def test_the_samplers_exp_gives_vexps_bits_where_it_is_used(ops):
+    """weight_exp (the sampler's, for (x - max) / temperature: <= 0 or -inf, never NaN) gives exactly vexp's
+    value for every such lane: the tokens do not depend on which of the two computes the weights."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([-torch.linspace(0, 200, 400000), -torch.empty(40000).exponential_(0.05, generator=g),
+                   torch.tensor([0.0, -0.0, float("-inf"), -87.33654, -87.3365, -87.3366, -1e38, -3e38] * 2)])
+    x = x[: x.numel() // 16 * 16]
+    assert torch.equal(_exp_lanes(ops, x, 1).view(torch.int32), _exp_lanes(ops, x, 0).view(torch.int32))

@@ -14,6 +14,53 @@ typedef struct {
     int64_t *out;          /* token per row; -1 - (first non-finite index) for a row with one */
 } sample_job;
 
+#if VW == 8
+/* vexp's value for lanes that are <= 0 or -inf, never NaN (a row's (x - max) / temperature once it is
+ * known finite): the same reduction and polynomial, without the checks for the lanes this never has
+ * (above 88.7, NaN), and 2^n as one factor, exact here where n <= 0 (vexp's two factors keep n = 128
+ * finite): the same bits as vexp (tests/test_kernels_cpu.py compares them) in ~3/4 of its work. */
+static inline vf weight_exp(vf x) {
+    vf lo = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+    vf xc = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+    vf n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    vf f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    return _mm256_andnot_ps(lo, _mm256_mul_ps(p, f));
+}
+
+/* vsum of four vectors at once, each in vsum's order (lanes j and j + 4, then pairs, then halves) */
+static inline void vsum4(vf a, vf b, vf c, vf d, float *out) {
+    __m128 la = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 lb = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+    __m128 lc = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+    __m128 ld = _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+    _mm_storeu_ps(out, _mm_hadd_ps(_mm_hadd_ps(la, lb), _mm_hadd_ps(lc, ld)));
+}
+#else
+static inline vf weight_exp(vf x) { return vexp(x); }
+static inline void vsum4(vf a, vf b, vf c, vf d, float *out) {
+    out[0] = vsum(a); out[1] = vsum(b); out[2] = vsum(c); out[3] = vsum(d);
+}
+#endif
+
+/* For tests: out = vexp(x) (variant 0) or weight_exp(x) (variant 1), lane by lane; n a multiple of VW. */
+void exp_lanes(const float *x, float *out, int64_t n, int64_t variant) {
+    for (int64_t i = 0; i + VW <= n; i += VW)
+        vstore(out + i, variant ? weight_exp(vload(x + i)) : vexp(vload(x + i)));
+}
+
+static inline vf block_weights(const float *src, vf mxv, vf itv) {
+    return weight_exp(vmul(vsub(vload(src), mxv), itv));
+}
+
 static void sample_block(const float *x, int64_t i, int64_t V, vf mxv, vf itv, float *w) {
     float buf[VW];
     const float *src = x + i;
@@ -21,7 +68,7 @@ static void sample_block(const float *x, int64_t i, int64_t V, vf mxv, vf itv, f
         for (int j = 0; j < VW; j++) buf[j] = i + j < V ? x[i + j] : -INFINITY;
         src = buf;
     }
-    vstore(w, vexp(vmul(vsub(vload(src), mxv), itv)));
+    vstore(w, block_weights(src, mxv, itv));
 }
 
 static void sample_row(void *ctx, int64_t b) {
@@ -52,7 +99,18 @@ static void sample_row(void *ctx, int64_t b) {
     double *bs = malloc((size_t)nblk * sizeof(double)), total = 0.0;
     float w[VW];
     if (!bs) { J->out[b] = -1 - V; return; }
-    for (int64_t k = 0; k < nblk; k++) {
+    int64_t k0 = 0;
+    for (; (k0 + 4) * VW <= V; k0 += 4) {               /* four whole blocks at a time: their sums at once */
+        const float *p = x + k0 * VW;
+        float s[4];
+        vsum4(block_weights(p, mxv, itv), block_weights(p + VW, mxv, itv), block_weights(p + 2 * VW, mxv, itv),
+              block_weights(p + 3 * VW, mxv, itv), s);
+        for (int j = 0; j < 4; j++) {
+            bs[k0 + j] = s[j];
+            total += s[j];
+        }
+    }
+    for (int64_t k = k0; k < nblk; k++) {
         sample_block(x, k * VW, V, mxv, itv, w);
         float s = vsum(vload(w));
         bs[k] = s;
