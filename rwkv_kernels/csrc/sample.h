@@ -16,22 +16,12 @@ typedef struct {
 
 #if VW == 8
 /* vexp's value for lanes that are <= 0 or -inf, never NaN (a row's (x - max) / temperature once it is
- * known finite): the same reduction and polynomial, without the checks for the lanes this never has
- * (above 88.7, NaN), and 2^n as one factor, exact here where n <= 0 (vexp's two factors keep n = 128
- * finite): the same bits as vexp (tests/test_kernels_cpu.py compares them) in ~3/4 of its work. */
+ * known finite): the same reduction and polynomial (exp_reduced), without the checks for the lanes this
+ * never has (above 88.7, NaN), and 2^n as one factor, exact here where n <= 0 (vexp's two factors keep
+ * n = 128 finite): the same bits as vexp (tests/test_kernels_cpu.py compares them) in ~3/4 of its work. */
 static inline vf weight_exp(vf x) {
     vf lo = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
-    vf xc = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
-    vf n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    vf p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    vf n, p = exp_reduced(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), &n);
     vf f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
     return _mm256_andnot_ps(lo, _mm256_mul_ps(p, f));
 }
